@@ -1,0 +1,288 @@
+//! The VaultGuard Rust SDK.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), vaultguard_client::ClientError> {
+//! use vaultguard_client::VaultGuardClient;
+//! let client = VaultGuardClient::connect("http://127.0.0.1:50051")
+//!     .await?
+//!     .with_client_credentials("agt_…", "vgs_…");
+//! let me = client.who_am_i().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The client holds one HTTP/2 channel. With client credentials it obtains an
+//! access token on first use and refreshes it shortly before it expires; with
+//! a static bearer (an admin's token) it sends that. Every service client
+//! returned by this type shares the channel; [`VaultGuardClient::request`]
+//! wraps a message with the current bearer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+pub use vaultguard_proto::v1 as pb;
+use vaultguard_proto::v1::{
+    agent_service_client::AgentServiceClient, audit_service_client::AuditServiceClient,
+    auth_service_client::AuthServiceClient, delegation_service_client::DelegationServiceClient,
+    issuer_key_service_client::IssuerKeyServiceClient, policy_service_client::PolicyServiceClient,
+    step_up_service_client::StepUpServiceClient, tenant_service_client::TenantServiceClient,
+    vault_service_client::VaultServiceClient,
+};
+
+/// A refused or failed call, with VaultGuard's error details decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The channel could not be set up.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server answered with an error status.
+    #[error("{code:?}: {message}")]
+    Status {
+        code: Code,
+        message: String,
+        /// The `google.rpc.ErrorInfo` reason, when the server sent one.
+        reason: Option<pb::ErrorReason>,
+        /// The `google.rpc.ErrorInfo` metadata.
+        metadata: HashMap<String, String>,
+        /// `google.rpc.BadRequest` violations: field name and description.
+        field_violations: Vec<(String, String)>,
+    },
+    /// The client is not configured to authenticate.
+    #[error("no credentials configured")]
+    NoCredentials,
+}
+
+impl ClientError {
+    /// The gRPC code, for status errors.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Self::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The ErrorInfo reason, for status errors that carry one.
+    pub fn reason(&self) -> Option<pb::ErrorReason> {
+        match self {
+            Self::Status { reason, .. } => *reason,
+            _ => None,
+        }
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        let details = status.get_error_details();
+        let (reason, metadata) = details
+            .error_info()
+            .map(|info| {
+                (
+                    pb::ErrorReason::from_str_name(&info.reason),
+                    info.metadata.clone(),
+                )
+            })
+            .unwrap_or_default();
+        let field_violations = details
+            .bad_request()
+            .map(|bad| {
+                bad.field_violations
+                    .iter()
+                    .map(|v| (v.field.clone(), v.description.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self::Status {
+            code: status.code(),
+            message: status.message().to_owned(),
+            reason,
+            metadata,
+            field_violations,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Credentials {
+    None,
+    Bearer(String),
+    Client {
+        client_id: String,
+        client_secret: String,
+    },
+}
+
+struct CachedToken {
+    token: String,
+    refresh_at: Instant,
+}
+
+/// A connection to VaultGuard and the credentials to use on it.
+#[derive(Clone)]
+pub struct VaultGuardClient {
+    channel: Channel,
+    credentials: Credentials,
+    cached: Arc<Mutex<Option<CachedToken>>>,
+}
+
+impl std::fmt::Debug for VaultGuardClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultGuardClient").finish_non_exhaustive()
+    }
+}
+
+impl VaultGuardClient {
+    /// Connects to `endpoint` (for example `http://127.0.0.1:50051`).
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
+        let channel = Endpoint::from_shared(endpoint.into())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Uses an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            channel,
+            credentials: Credentials::None,
+            cached: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Authenticates as an agent with client credentials.
+    pub fn with_client_credentials(
+        self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            credentials: Credentials::Client {
+                client_id: client_id.into(),
+                client_secret: client_secret.into(),
+            },
+            cached: Arc::new(Mutex::new(None)),
+            ..self
+        }
+    }
+
+    /// Authenticates with a fixed bearer token (an admin's or operator's).
+    pub fn with_bearer(self, token: impl Into<String>) -> Self {
+        Self {
+            credentials: Credentials::Bearer(token.into()),
+            cached: Arc::new(Mutex::new(None)),
+            ..self
+        }
+    }
+
+    /// The channel, for callers that build their own stubs.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The current bearer token, obtaining or refreshing it when needed
+    /// (client credentials: refreshed when 80% of its lifetime has passed).
+    pub async fn bearer(&self) -> Result<String, ClientError> {
+        match &self.credentials {
+            Credentials::None => Err(ClientError::NoCredentials),
+            Credentials::Bearer(token) => Ok(token.clone()),
+            Credentials::Client {
+                client_id,
+                client_secret,
+            } => {
+                let mut cached = self.cached.lock().await;
+                if let Some(current) = cached.as_ref()
+                    && Instant::now() < current.refresh_at
+                {
+                    return Ok(current.token.clone());
+                }
+                let issued = self.issue_token(client_id, client_secret).await?;
+                let lifetime = Duration::from_secs(u64::from(issued.expires_in));
+                let token = issued.access_token;
+                *cached = Some(CachedToken {
+                    token: token.clone(),
+                    refresh_at: Instant::now() + lifetime * 4 / 5,
+                });
+                Ok(token)
+            }
+        }
+    }
+
+    /// Forgets the cached access token, so the next call obtains a new one.
+    pub async fn invalidate_token(&self) {
+        *self.cached.lock().await = None;
+    }
+
+    /// Runs the client-credentials grant.
+    pub async fn issue_token(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<pb::IssueTokenResponse, ClientError> {
+        let response = AuthServiceClient::new(self.channel.clone())
+            .issue_token(pb::IssueTokenRequest {
+                grant_type: "client_credentials".to_owned(),
+                client_id: client_id.to_owned(),
+                client_secret: client_secret.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Wraps `message` in a request carrying the bearer token.
+    pub async fn request<T>(&self, message: T) -> Result<Request<T>, ClientError> {
+        let token = self.bearer().await?;
+        let mut request = Request::new(message);
+        let value = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| ClientError::NoCredentials)?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+
+    /// Who the server thinks this client is.
+    pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse, ClientError> {
+        let request = self.request(pb::WhoAmIRequest {}).await?;
+        Ok(self.auth().who_am_i(request).await?.into_inner())
+    }
+
+    pub fn tenants(&self) -> TenantServiceClient<Channel> {
+        TenantServiceClient::new(self.channel.clone())
+    }
+
+    pub fn agents(&self) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel.clone())
+    }
+
+    pub fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel.clone())
+    }
+
+    pub fn issuer_keys(&self) -> IssuerKeyServiceClient<Channel> {
+        IssuerKeyServiceClient::new(self.channel.clone())
+    }
+
+    pub fn policies(&self) -> PolicyServiceClient<Channel> {
+        PolicyServiceClient::new(self.channel.clone())
+    }
+
+    pub fn delegations(&self) -> DelegationServiceClient<Channel> {
+        DelegationServiceClient::new(self.channel.clone())
+    }
+
+    pub fn step_ups(&self) -> StepUpServiceClient<Channel> {
+        StepUpServiceClient::new(self.channel.clone())
+    }
+
+    pub fn vault(&self) -> VaultServiceClient<Channel> {
+        VaultServiceClient::new(self.channel.clone())
+    }
+
+    pub fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel.clone())
+    }
+}

@@ -1,0 +1,32 @@
+//! SeaORM migrations for every VaultGuard table, on PostgreSQL and SQLite.
+//!
+//! The DDL is written once as portable SQL; [`sql::run`] substitutes the few
+//! per-backend types (`{BYTES}`, `{SERIAL}`) before executing it. Triggers are
+//! written per backend because their languages differ.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_create_identity;
+mod m20261122_000002_create_audit;
+mod m20261122_000003_create_policies;
+mod m20261122_000004_create_delegations;
+mod m20261122_000005_create_vault;
+mod sql;
+
+pub use sea_orm_migration::MigratorTrait;
+
+/// Applies and reverts VaultGuard's schema, in date order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261122_000001_create_identity::Migration),
+            Box::new(m20261122_000002_create_audit::Migration),
+            Box::new(m20261122_000003_create_policies::Migration),
+            Box::new(m20261122_000004_create_delegations::Migration),
+            Box::new(m20261122_000005_create_vault::Migration),
+        ]
+    }
+}

@@ -1,0 +1,339 @@
+//! The audit writer and the chain sealer.
+//!
+//! Every state change calls [`append`] with its own open transaction, so the
+//! event commits or rolls back with the change it records. `append` takes no
+//! per-tenant lock: it inserts the event and a row in `audit_pending`.
+//!
+//! The [`Sealer`] then links pending events into each tenant's hash chain,
+//! shortly after they commit: under the tenant's `audit_heads` row lock it
+//! gives each event the next gapless sequence number and
+//! `hash = SHA-256(canonical event ‖ prev_hash)`, inserts the `audit_chain`
+//! row and deletes the pending row. Only the sealer serializes per tenant,
+//! and it seals in batches, so audited requests never queue behind each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement,
+    TransactionTrait,
+};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use vaultguard_proto::v1::{Actor, PrincipalKind};
+
+use crate::clock::Clock;
+use crate::crypto::sha256_hex;
+use crate::error::{Error, Result};
+use crate::ids::{IdKind, new_id};
+use crate::store::entities::audit_event;
+use crate::store::is_postgres;
+
+/// The pseudo-tenant whose log records platform events (tenant lifecycle is
+/// also written to the tenant's own log; issuer key rotation only here).
+pub const PLATFORM_LOG: &str = "platform";
+
+/// The `prev_hash` of a tenant's first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// How an audited operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Denied,
+    Failure,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Denied => "denied",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+/// One event to append. `details` must never hold a secret: callers put
+/// hashes or ids there instead.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub tenant_id: String,
+    pub actor: Actor,
+    pub event_type: &'static str,
+    pub subject_ids: Vec<String>,
+    pub outcome: Outcome,
+    pub request_id: String,
+    pub details: Value,
+}
+
+/// Who did something and under which request id: the part of an audit event
+/// that comes from the request.
+#[derive(Debug, Clone)]
+pub struct AuditCtx {
+    pub actor: Actor,
+    pub request_id: String,
+}
+
+impl AuditCtx {
+    /// VaultGuard itself (sweeper, startup).
+    pub fn system(request_id: impl Into<String>) -> Self {
+        Self {
+            actor: Actor {
+                kind: PrincipalKind::System as i32,
+                subject: "system".to_owned(),
+                tenant_id: String::new(),
+            },
+            request_id: request_id.into(),
+        }
+    }
+
+    /// An event of this context in `tenant_id`'s log.
+    pub fn event(
+        &self,
+        tenant_id: &str,
+        event_type: &'static str,
+        subject_ids: Vec<String>,
+        outcome: Outcome,
+        details: Value,
+    ) -> NewEvent {
+        NewEvent {
+            tenant_id: tenant_id.to_owned(),
+            actor: self.actor.clone(),
+            event_type,
+            subject_ids,
+            outcome,
+            request_id: self.request_id.clone(),
+            details,
+        }
+    }
+}
+
+fn actor_kind_name(kind: i32) -> &'static str {
+    match PrincipalKind::try_from(kind) {
+        Ok(PrincipalKind::Operator) => "operator",
+        Ok(PrincipalKind::Human) => "human",
+        Ok(PrincipalKind::Agent) => "agent",
+        Ok(PrincipalKind::System) => "system",
+        _ => "unspecified",
+    }
+}
+
+/// Appends `event` inside the caller's transaction `txn`.
+pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEvent) -> Result<()> {
+    let row = audit_event::ActiveModel {
+        event_id: Set(new_id(IdKind::AuditEvent)),
+        tenant_id: Set(event.tenant_id.clone()),
+        occurred_at: Set(clock.now_millis()),
+        actor_kind: Set(actor_kind_name(event.actor.kind).to_owned()),
+        actor_subject: Set(event.actor.subject),
+        actor_tenant_id: Set(event.actor.tenant_id),
+        event_type: Set(event.event_type.to_owned()),
+        subject_ids: Set(serde_json::to_string(&event.subject_ids).map_err(Error::internal)?),
+        outcome: Set(event.outcome.as_str().to_owned()),
+        request_id: Set(event.request_id),
+        details: Set(serde_json::to_string(&event.details).map_err(Error::internal)?),
+        ..Default::default()
+    };
+    let inserted = audit_event::Entity::insert(row).exec(txn).await?;
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        placeholders(
+            backend,
+            "INSERT INTO audit_pending (event_row_id, tenant_id) VALUES (?, ?)",
+        ),
+        [inserted.last_insert_id.into(), event.tenant_id.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Appends several events in one transaction.
+pub async fn append_all<C: ConnectionTrait>(
+    txn: &C,
+    clock: &dyn Clock,
+    events: Vec<NewEvent>,
+) -> Result<()> {
+    for event in events {
+        append(txn, clock, event).await?;
+    }
+    Ok(())
+}
+
+/// Rewrites `?` placeholders as `$1, $2, …` for PostgreSQL.
+pub fn placeholders(backend: DbBackend, sql: &str) -> String {
+    if backend != DbBackend::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut index = 0;
+    for ch in sql.chars() {
+        if ch == '?' {
+            index += 1;
+            out.push('$');
+            out.push_str(&index.to_string());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The bytes hashed for one chain link: every field of the event, its
+/// sequence number and the previous hash, as a JSON array (field order fixed).
+pub fn chain_hash(event: &audit_event::Model, seq: i64, prev_hash: &str) -> String {
+    let canonical = json!([
+        event.tenant_id,
+        seq,
+        event.event_id,
+        event.occurred_at,
+        event.actor_kind,
+        event.actor_subject,
+        event.actor_tenant_id,
+        event.event_type,
+        event.subject_ids,
+        event.outcome,
+        event.request_id,
+        event.details,
+        prev_hash,
+    ]);
+    sha256_hex(canonical.to_string().as_bytes())
+}
+
+/// Links committed events into each tenant's chain, in the background.
+#[derive(Debug)]
+pub struct Sealer {
+    db: DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    wake: Arc<Notify>,
+}
+
+const SEAL_BATCH: u64 = 500;
+
+impl Sealer {
+    pub fn new(db: DatabaseConnection, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
+        Self { db, clock, wake }
+    }
+
+    /// Seals until `shutdown` resolves: whenever woken, and every 200 ms.
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.changed() => {
+                    let _ = self.seal_all().await;
+                    return;
+                }
+            }
+            if let Err(err) = self.seal_all().await {
+                tracing::warn!(error = %err, "audit sealing failed; will retry");
+            }
+        }
+    }
+
+    /// Seals every pending event of every tenant; returns how many it sealed.
+    pub async fn seal_all(&self) -> Result<u64> {
+        let backend = self.db.get_database_backend();
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                backend,
+                "SELECT DISTINCT tenant_id FROM audit_pending",
+            ))
+            .await?;
+        let mut sealed = 0;
+        for row in rows {
+            let tenant_id: String = row.try_get("", "tenant_id")?;
+            loop {
+                let count = self.seal_tenant(&tenant_id).await?;
+                sealed += count;
+                if count < SEAL_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(sealed)
+    }
+
+    async fn seal_tenant(&self, tenant_id: &str) -> Result<u64> {
+        let txn = self.db.begin().await?;
+        let backend = txn.get_database_backend();
+        let now = self.clock.now_millis();
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "INSERT INTO audit_heads (tenant_id, seq, hash, updated_at) VALUES (?, 0, ?, ?) ON CONFLICT (tenant_id) DO NOTHING",
+            ),
+            [tenant_id.into(), GENESIS_HASH.into(), now.into()],
+        ))
+        .await?;
+        let lock = if is_postgres(&txn) { " FOR UPDATE" } else { "" };
+        let head = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(
+                    backend,
+                    &format!("SELECT seq, hash FROM audit_heads WHERE tenant_id = ?{lock}"),
+                ),
+                [tenant_id.into()],
+            ))
+            .await?
+            .ok_or_else(|| Error::internal("audit head vanished"))?;
+        let mut seq: i64 = head.try_get("", "seq")?;
+        let mut prev_hash: String = head.try_get("", "hash")?;
+
+        let events = audit_event::Entity::find()
+            .from_raw_sql(Statement::from_sql_and_values(
+                backend,
+                placeholders(
+                    backend,
+                    "SELECT e.* FROM audit_pending p JOIN audit_events e ON e.id = p.event_row_id \
+                     WHERE p.tenant_id = ? ORDER BY e.id LIMIT ?",
+                ),
+                [
+                    tenant_id.into(),
+                    i64::try_from(SEAL_BATCH).unwrap_or(500).into(),
+                ],
+            ))
+            .all(&txn)
+            .await?;
+        if events.is_empty() {
+            txn.rollback().await?;
+            return Ok(0);
+        }
+        for event in &events {
+            seq += 1;
+            let hash = chain_hash(event, seq, &prev_hash);
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(
+                    backend,
+                    "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                ),
+                [tenant_id.into(), seq.into(), event.id.into(), prev_hash.clone().into(), hash.clone().into(), now.into()],
+            ))
+            .await?;
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(backend, "DELETE FROM audit_pending WHERE event_row_id = ?"),
+                [event.id.into()],
+            ))
+            .await?;
+            prev_hash = hash;
+        }
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "UPDATE audit_heads SET seq = ?, hash = ?, updated_at = ? WHERE tenant_id = ?",
+            ),
+            [seq.into(), prev_hash.into(), now.into(), tenant_id.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(u64::try_from(events.len()).unwrap_or(0))
+    }
+}

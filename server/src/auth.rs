@@ -1,0 +1,246 @@
+//! Who is calling: bearer-token authentication and the caller's standing.
+//!
+//! A bearer is either a VaultGuard access token (agents, CLI-minted admin and
+//! operator tokens) or a JWT of a trusted OIDC issuer (tenant humans). The
+//! unverified `iss` only chooses which verifier runs; nothing else in the
+//! token is trusted before its signature is checked. The caller's tenant
+//! comes from the verified credential only.
+
+use serde::{Deserialize, Serialize};
+use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
+
+use crate::audit::AuditCtx;
+use crate::error::{Error, Result};
+use crate::state::AppState;
+use crate::store::entities::{agent, external_org, tenant};
+
+/// The `aud` of VaultGuard API access tokens. Delegation tokens carry the
+/// receiving tenant's audience instead, so one can never stand for the other.
+pub const API_AUDIENCE: &str = "vaultguard";
+
+/// Tokens longer than this are refused before any parsing.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims of a VaultGuard API access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    pub jti: String,
+    /// The tenant of the principal; absent for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tid: Option<String>,
+    /// Role names: `operator`, `admin`, `approver`, `auditor`, `agent`.
+    pub roles: Vec<String>,
+    /// The agent's client id, for agent tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub kind: PrincipalKind,
+    pub subject: String,
+    pub tenant_id: Option<String>,
+    pub roles: Vec<Role>,
+    pub issuer: String,
+    pub expires_at: i64,
+}
+
+impl Principal {
+    /// The caller as audit events record it.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            kind: self.kind as i32,
+            subject: self.subject.clone(),
+            tenant_id: self.tenant_id.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The caller's tenant; a principal without one (the operator) is refused.
+    pub fn tenant_id(&self) -> Result<&str> {
+        self.tenant_id.as_deref().ok_or_else(|| {
+            Error::denied(
+                ErrorReason::RoleRequired,
+                "this call needs a tenant principal",
+            )
+        })
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// The agent id when the caller is an agent.
+    pub fn agent_id(&self) -> Option<&str> {
+        (self.kind == PrincipalKind::Agent).then_some(self.subject.as_str())
+    }
+}
+
+/// The principal and request id of one call, placed in request extensions by
+/// the authentication layer.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub principal: Principal,
+    pub request_id: String,
+}
+
+impl CallContext {
+    pub fn audit(&self) -> AuditCtx {
+        AuditCtx {
+            actor: self.principal.actor(),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// Parses a role name as used in tokens.
+pub fn parse_role(name: &str) -> Option<Role> {
+    match name {
+        "operator" => Some(Role::Operator),
+        "admin" => Some(Role::Admin),
+        "approver" => Some(Role::Approver),
+        "auditor" => Some(Role::Auditor),
+        "agent" => Some(Role::Agent),
+        _ => None,
+    }
+}
+
+/// The name of a role as used in tokens.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Operator => "operator",
+        Role::Admin => "admin",
+        Role::Approver => "approver",
+        Role::Auditor => "auditor",
+        Role::Agent => "agent",
+        Role::Unspecified => "unspecified",
+    }
+}
+
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("iss")?.as_str().map(str::to_owned)
+}
+
+/// Authenticates a bearer token and checks the caller's standing (tenant
+/// active, agent enabled).
+pub async fn authenticate(state: &AppState, token: &str) -> Result<Principal> {
+    if token.is_empty() || token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
+        return Err(Error::Unauthenticated("malformed bearer token"));
+    }
+    let issuer = unverified_issuer(token).ok_or(Error::Unauthenticated("token has no issuer"))?;
+    let principal = if issuer == state.keys.issuer() {
+        principal_from_access_token(state, token).await?
+    } else if state.oidc.is_trusted(&issuer) {
+        principal_from_oidc(state, token, &issuer).await?
+    } else {
+        return Err(Error::Unauthenticated("issuer not trusted"));
+    };
+    check_standing(state, &principal).await?;
+    Ok(principal)
+}
+
+async fn principal_from_access_token(state: &AppState, token: &str) -> Result<Principal> {
+    let verified = state
+        .keys
+        .verify::<AccessClaims>(token, API_AUDIENCE)
+        .await?;
+    let claims = verified.claims;
+    let roles: Vec<Role> = claims.roles.iter().filter_map(|r| parse_role(r)).collect();
+    let kind = if roles.contains(&Role::Operator) {
+        PrincipalKind::Operator
+    } else if roles.contains(&Role::Agent) {
+        PrincipalKind::Agent
+    } else {
+        PrincipalKind::Human
+    };
+    if kind != PrincipalKind::Operator && claims.tid.is_none() {
+        return Err(Error::Unauthenticated("tenant principal without tenant"));
+    }
+    Ok(Principal {
+        kind,
+        subject: claims.sub,
+        tenant_id: if kind == PrincipalKind::Operator {
+            None
+        } else {
+            claims.tid
+        },
+        roles,
+        issuer: claims.iss,
+        expires_at: claims.exp,
+    })
+}
+
+async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Result<Principal> {
+    use sea_orm::EntityTrait;
+    let identity = state.oidc.verify(token, issuer).await?;
+    let binding = external_org::Entity::find_by_id((
+        identity.issuer.clone(),
+        identity.organization_id.clone(),
+    ))
+    .one(&state.db)
+    .await?
+    .ok_or(Error::UnauthenticatedReason {
+        reason: ErrorReason::UnknownOrganization,
+        detail: "organisation not bound to a tenant",
+    })?;
+    // Humans from an external issuer get tenant roles only, never operator or agent.
+    let roles: Vec<Role> = identity
+        .roles
+        .iter()
+        .filter_map(|r| parse_role(r))
+        .filter(|r| matches!(r, Role::Admin | Role::Approver | Role::Auditor))
+        .collect();
+    Ok(Principal {
+        kind: PrincipalKind::Human,
+        subject: identity.subject,
+        tenant_id: Some(binding.tenant_id),
+        roles,
+        issuer: identity.issuer,
+        expires_at: identity.expires_at,
+    })
+}
+
+/// Refuses principals of a suspended or unknown tenant, and disabled or
+/// deleted agents, on every call.
+async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
+    use sea_orm::EntityTrait;
+    let Some(tenant_id) = principal.tenant_id.as_deref() else {
+        return Ok(());
+    };
+    let tenant = tenant::Entity::find_by_id(tenant_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::Unauthenticated("token names an unknown tenant"))?;
+    if tenant.status != crate::domain::tenants::STATUS_ACTIVE {
+        return Err(Error::denied(
+            ErrorReason::TenantSuspended,
+            "tenant is suspended",
+        ));
+    }
+    if let Some(agent_id) = principal.agent_id() {
+        let agent = agent::Entity::find_by_id(agent_id.to_owned())
+            .one(&state.db)
+            .await?
+            .filter(|agent| agent.tenant_id == tenant_id)
+            .ok_or(Error::Unauthenticated("token names an unknown agent"))?;
+        if agent.status != crate::domain::agents::STATUS_ACTIVE {
+            return Err(Error::denied(
+                ErrorReason::AgentDisabled,
+                "agent is disabled",
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! The domain layer: validation, authorization within a tenant, state
+//! changes and their audit events, each in one transaction. No tonic types
+//! here; the gRPC adapters in `crate::grpc` translate.
+
+pub mod agents;
+pub mod page;
+pub mod tenants;
+pub mod tokens;

@@ -1,0 +1,60 @@
+//! Opaque page tokens: base64url JSON naming the last key returned and the
+//! scope (tenant and filters) it belongs to. A token presented under another
+//! scope is INVALID_ARGUMENT, so one tenant's cursor never pages another's.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::sha256_hex;
+use crate::error::{Error, Result};
+
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    after: String,
+    scope: String,
+}
+
+/// Encodes a token that resumes after `last_key` within `scope`.
+pub fn encode(scope: &str, last_key: &str) -> String {
+    let cursor = Cursor {
+        after: last_key.to_owned(),
+        scope: sha256_hex(scope.as_bytes())[..16].to_owned(),
+    };
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&cursor).unwrap_or_default())
+}
+
+/// Decodes a token for `scope`; an empty token means the first page.
+pub fn decode(field: &str, scope: &str, token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || Error::invalid(field, "is not a page token of this listing");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    if cursor.scope != sha256_hex(scope.as_bytes())[..16] {
+        return Err(invalid());
+    }
+    Ok(Some(cursor.after))
+}
+
+/// Splits one extra fetched row off a page: returns the rows to show and the
+/// next page token.
+pub fn finish<T>(
+    mut rows: Vec<T>,
+    page_size: u64,
+    scope: &str,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    let size = usize::try_from(page_size).unwrap_or(usize::MAX);
+    if rows.len() > size {
+        rows.truncate(size);
+        let next = rows
+            .last()
+            .map(|row| encode(scope, &key(row)))
+            .unwrap_or_default();
+        (rows, next)
+    } else {
+        (rows, String::new())
+    }
+}

@@ -1,0 +1,472 @@
+//! Tenants: creation, suspension, external organisation bindings, settings.
+
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
+};
+use serde_json::json;
+use vaultguard_proto::v1::{ErrorReason, Role, TenantStatus, TokenAlgorithm};
+
+use crate::audit::{self, Outcome, PLATFORM_LOG};
+use crate::auth::CallContext;
+use crate::domain::page;
+use crate::error::{Error, Result, Violations, is_unique_violation};
+use crate::ids::{IdKind, check_id, new_id};
+use crate::issuer::{algorithm_name, parse_algorithm};
+use crate::state::AppState;
+use crate::store::entities::{external_org, tenant};
+use crate::validate;
+
+pub const STATUS_ACTIVE: &str = "active";
+pub const STATUS_SUSPENDED: &str = "suspended";
+
+/// A tenant with its external organisation bindings.
+#[derive(Debug, Clone)]
+pub struct TenantView {
+    pub tenant: tenant::Model,
+    pub organizations: Vec<external_org::Model>,
+}
+
+impl TenantView {
+    pub fn status(&self) -> TenantStatus {
+        if self.tenant.status == STATUS_ACTIVE {
+            TenantStatus::Active
+        } else {
+            TenantStatus::Suspended
+        }
+    }
+
+    pub fn token_algorithm(&self) -> TokenAlgorithm {
+        parse_algorithm(&self.tenant.token_algorithm).unwrap_or(TokenAlgorithm::Rs256)
+    }
+}
+
+/// The audience of delegation tokens addressed to a tenant.
+pub fn audience(tenant_id: &str) -> String {
+    format!("urn:vaultguard:tenant:{tenant_id}")
+}
+
+fn check_algorithm(
+    field: &str,
+    raw: i32,
+) -> std::result::Result<TokenAlgorithm, crate::error::FieldViolation> {
+    validate::enum_value::<TokenAlgorithm>(field, raw, true)
+        .map(|alg| alg.unwrap_or(TokenAlgorithm::Rs256))
+}
+
+async fn view(state: &AppState, model: tenant::Model) -> Result<TenantView> {
+    let organizations = external_org::Entity::find()
+        .filter(external_org::Column::TenantId.eq(model.id.clone()))
+        .order_by_asc(external_org::Column::Issuer)
+        .order_by_asc(external_org::Column::OrganizationId)
+        .all(&state.db)
+        .await?;
+    Ok(TenantView {
+        tenant: model,
+        organizations,
+    })
+}
+
+async fn find(state: &AppState, tenant_id: &str) -> Result<tenant::Model> {
+    tenant::Entity::find_by_id(tenant_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))
+}
+
+/// Creates an ACTIVE tenant (operator).
+pub async fn create(
+    state: &AppState,
+    ctx: &CallContext,
+    slug: &str,
+    display_name: &str,
+    token_algorithm: i32,
+) -> Result<TenantView> {
+    let mut violations = Violations::new();
+    violations.check(validate::slug("slug", slug));
+    violations.check(validate::required_text("display_name", display_name, 200));
+    let algorithm = check_algorithm("settings.token_algorithm", token_algorithm);
+    if let Err(violation) = &algorithm {
+        violations.add(violation.field.clone(), violation.description.clone());
+    }
+    violations.finish()?;
+    let algorithm = algorithm.map_err(|v| Error::invalid(v.field, v.description))?;
+
+    let now = state.clock.now_millis();
+    let id = new_id(IdKind::Tenant);
+    let txn = state.db.begin().await?;
+    let inserted = tenant::ActiveModel {
+        id: Set(id.clone()),
+        slug: Set(slug.to_owned()),
+        display_name: Set(display_name.to_owned()),
+        status: Set(STATUS_ACTIVE.to_owned()),
+        token_algorithm: Set(algorithm_name(algorithm).to_owned()),
+        outbound_default: Set("allow".to_owned()),
+        policy_version: Set(0),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+    .insert(&txn)
+    .await;
+    let model = match inserted {
+        Ok(model) => model,
+        Err(err) if is_unique_violation(&err) => {
+            return Err(Error::already_exists("a tenant with this slug exists"));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let details = json!({"slug": slug, "display_name": display_name, "token_algorithm": algorithm_name(algorithm)});
+    let audit_ctx = ctx.audit();
+    audit::append_all(
+        &txn,
+        state.clock.as_ref(),
+        vec![
+            audit_ctx.event(
+                &id,
+                "tenant.created",
+                vec![id.clone()],
+                Outcome::Success,
+                details.clone(),
+            ),
+            audit_ctx.event(
+                PLATFORM_LOG,
+                "tenant.created",
+                vec![id.clone()],
+                Outcome::Success,
+                details,
+            ),
+        ],
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(TenantView {
+        tenant: model,
+        organizations: Vec::new(),
+    })
+}
+
+/// Returns a tenant: any tenant for the operator, the caller's own for
+/// tenant principals (an empty id means their own). Another tenant's id
+/// answers NOT_FOUND.
+pub async fn get(state: &AppState, ctx: &CallContext, tenant_id: &str) -> Result<TenantView> {
+    let principal = &ctx.principal;
+    let wanted = if tenant_id.is_empty() {
+        principal.tenant_id()?.to_owned()
+    } else {
+        check_id("tenant_id", tenant_id, IdKind::Tenant)
+            .map_err(|v| Error::invalid(v.field, v.description))?;
+        tenant_id.to_owned()
+    };
+    if !principal.has_role(Role::Operator)
+        && principal.tenant_id.as_deref() != Some(wanted.as_str())
+    {
+        return Err(Error::NotFound("tenant"));
+    }
+    let model = find(state, &wanted).await?;
+    view(state, model).await
+}
+
+/// Lists tenants in creation order (operator).
+pub async fn list(
+    state: &AppState,
+    status: i32,
+    page_size: u32,
+    page_token: &str,
+) -> Result<(Vec<TenantView>, String)> {
+    let mut violations = Violations::new();
+    let size = validate::page_size("page.page_size", page_size);
+    let status = validate::enum_value::<TenantStatus>("status", status, true);
+    if let Err(v) = &size {
+        violations.add(v.field.clone(), v.description.clone());
+    }
+    if let Err(v) = &status {
+        violations.add(v.field.clone(), v.description.clone());
+    }
+    violations.finish()?;
+    let size = size.map_err(|v| Error::invalid(v.field, v.description))?;
+    let status = status.map_err(|v| Error::invalid(v.field, v.description))?;
+    let scope = format!("tenants|{status:?}");
+    let after = page::decode("page.page_token", &scope, page_token)?;
+
+    let mut query = tenant::Entity::find()
+        .order_by_asc(tenant::Column::Id)
+        .limit(size + 1);
+    if let Some(after) = after {
+        query = query.filter(tenant::Column::Id.gt(after));
+    }
+    match status {
+        Some(TenantStatus::Active) => {
+            query = query.filter(tenant::Column::Status.eq(STATUS_ACTIVE))
+        }
+        Some(TenantStatus::Suspended) => {
+            query = query.filter(tenant::Column::Status.eq(STATUS_SUSPENDED))
+        }
+        _ => {}
+    }
+    let rows = query.all(&state.db).await?;
+    let (rows, next) = page::finish(rows, size, &scope, |row| row.id.clone());
+    let mut views = Vec::with_capacity(rows.len());
+    for row in rows {
+        views.push(view(state, row).await?);
+    }
+    Ok((views, next))
+}
+
+/// Suspends (`suspend = true`) or reactivates a tenant (operator). The
+/// change is a conditional update, so concurrent calls change it once.
+pub async fn set_suspended(
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+    suspend: bool,
+    reason: &str,
+) -> Result<TenantView> {
+    let mut violations = Violations::new();
+    violations.check(check_id("tenant_id", tenant_id, IdKind::Tenant));
+    violations.check(validate::optional_text("reason", reason, 500));
+    violations.finish()?;
+    let (from, to, event_type) = if suspend {
+        (STATUS_ACTIVE, STATUS_SUSPENDED, "tenant.suspended")
+    } else {
+        (STATUS_SUSPENDED, STATUS_ACTIVE, "tenant.reactivated")
+    };
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let updated = tenant::Entity::update_many()
+        .col_expr(tenant::Column::Status, sea_orm::sea_query::Expr::value(to))
+        .col_expr(
+            tenant::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::value(now),
+        )
+        .filter(tenant::Column::Id.eq(tenant_id))
+        .filter(tenant::Column::Status.eq(from))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        let current = find(state, tenant_id).await?;
+        return Err(Error::invalid_state(
+            format!("tenant is already {}", current.status),
+            &current.status,
+        ));
+    }
+    let details = json!({"reason": reason});
+    let audit_ctx = ctx.audit();
+    audit::append_all(
+        &txn,
+        state.clock.as_ref(),
+        vec![
+            audit_ctx.event(
+                tenant_id,
+                event_type,
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details.clone(),
+            ),
+            audit_ctx.event(
+                PLATFORM_LOG,
+                event_type,
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details,
+            ),
+        ],
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    let model = find(state, tenant_id).await?;
+    view(state, model).await
+}
+
+fn check_org(
+    violations: &mut Violations,
+    state: &AppState,
+    issuer: Option<&str>,
+    organization_id: Option<&str>,
+) {
+    match issuer {
+        None | Some("") => violations.add("organization.issuer", "is required"),
+        Some(issuer) if !state.oidc.is_trusted(issuer) => {
+            violations.add(
+                "organization.issuer",
+                "is not one of the server's trusted issuers",
+            );
+        }
+        Some(_) => {}
+    }
+    match organization_id {
+        None => violations.add("organization.organization_id", "is required"),
+        Some(org) => violations.check(validate::required_text(
+            "organization.organization_id",
+            org,
+            200,
+        )),
+    }
+}
+
+/// Binds an external organisation to a tenant (operator).
+pub async fn bind_org(
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+    issuer: Option<&str>,
+    organization_id: Option<&str>,
+) -> Result<TenantView> {
+    let mut violations = Violations::new();
+    violations.check(check_id("tenant_id", tenant_id, IdKind::Tenant));
+    check_org(&mut violations, state, issuer, organization_id);
+    violations.finish()?;
+    let issuer = issuer.unwrap_or_default().trim_end_matches('/').to_owned();
+    let organization_id = organization_id.unwrap_or_default().to_owned();
+    find(state, tenant_id).await?;
+    let txn = state.db.begin().await?;
+    let inserted = external_org::ActiveModel {
+        issuer: Set(issuer.clone()),
+        organization_id: Set(organization_id.clone()),
+        tenant_id: Set(tenant_id.to_owned()),
+        created_at: Set(state.clock.now_millis()),
+    }
+    .insert(&txn)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            return Err(Error::already_exists(
+                "this organisation is already bound to a tenant",
+            ));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let details = json!({"issuer": issuer, "organization_id": organization_id});
+    let audit_ctx = ctx.audit();
+    audit::append_all(
+        &txn,
+        state.clock.as_ref(),
+        vec![
+            audit_ctx.event(
+                tenant_id,
+                "tenant.organization_bound",
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details.clone(),
+            ),
+            audit_ctx.event(
+                PLATFORM_LOG,
+                "tenant.organization_bound",
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details,
+            ),
+        ],
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    let model = find(state, tenant_id).await?;
+    view(state, model).await
+}
+
+/// Removes an external organisation binding (operator).
+pub async fn unbind_org(
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+    issuer: Option<&str>,
+    organization_id: Option<&str>,
+) -> Result<TenantView> {
+    let mut violations = Violations::new();
+    violations.check(check_id("tenant_id", tenant_id, IdKind::Tenant));
+    if issuer.is_none_or(str::is_empty) {
+        violations.add("organization.issuer", "is required");
+    }
+    if organization_id.is_none_or(str::is_empty) {
+        violations.add("organization.organization_id", "is required");
+    }
+    violations.finish()?;
+    let issuer = issuer.unwrap_or_default().trim_end_matches('/').to_owned();
+    let organization_id = organization_id.unwrap_or_default().to_owned();
+    let txn = state.db.begin().await?;
+    let deleted = external_org::Entity::delete_many()
+        .filter(external_org::Column::Issuer.eq(issuer.clone()))
+        .filter(external_org::Column::OrganizationId.eq(organization_id.clone()))
+        .filter(external_org::Column::TenantId.eq(tenant_id))
+        .exec(&txn)
+        .await?;
+    if deleted.rows_affected == 0 {
+        return Err(Error::NotFound("organisation binding"));
+    }
+    let details = json!({"issuer": issuer, "organization_id": organization_id});
+    let audit_ctx = ctx.audit();
+    audit::append_all(
+        &txn,
+        state.clock.as_ref(),
+        vec![
+            audit_ctx.event(
+                tenant_id,
+                "tenant.organization_unbound",
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details.clone(),
+            ),
+            audit_ctx.event(
+                PLATFORM_LOG,
+                "tenant.organization_unbound",
+                vec![tenant_id.to_owned()],
+                Outcome::Success,
+                details,
+            ),
+        ],
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    let model = find(state, tenant_id).await?;
+    view(state, model).await
+}
+
+/// Replaces the caller's own tenant settings (tenant admin).
+pub async fn update_settings(
+    state: &AppState,
+    ctx: &CallContext,
+    token_algorithm: Option<i32>,
+) -> Result<TenantView> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let Some(raw) = token_algorithm else {
+        return Err(Error::invalid("settings", "is required"));
+    };
+    let algorithm = check_algorithm("settings.token_algorithm", raw)
+        .map_err(|v| Error::invalid(v.field, v.description))?;
+    let txn = state.db.begin().await?;
+    let current = tenant::Entity::find_by_id(tenant_id.clone())
+        .one(&txn)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    if current.status != STATUS_ACTIVE {
+        return Err(Error::denied(
+            ErrorReason::TenantSuspended,
+            "tenant is suspended",
+        ));
+    }
+    let previous = current.token_algorithm.clone();
+    let mut active: tenant::ActiveModel = current.into();
+    active.token_algorithm = Set(algorithm_name(algorithm).to_owned());
+    active.updated_at = Set(state.clock.now_millis());
+    let model = active.update(&txn).await?;
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "tenant.settings_updated",
+            vec![tenant_id.clone()],
+            Outcome::Success,
+            json!({"token_algorithm": {"from": previous, "to": algorithm_name(algorithm)}}),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    view(state, model).await
+}

@@ -1,0 +1,36 @@
+//! Services whose domain layer is not built yet. Their RPCs are part of the
+//! contract (and of the role matrix) but answer UNIMPLEMENTED through the
+//! generated default stubs, after authentication and authorization.
+
+use vaultguard_proto::v1::audit_service_server::AuditService;
+use vaultguard_proto::v1::delegation_service_server::DelegationService;
+use vaultguard_proto::v1::policy_service_server::PolicyService;
+use vaultguard_proto::v1::step_up_service_server::StepUpService;
+use vaultguard_proto::v1::vault_service_server::VaultService;
+
+use crate::state::AppState;
+
+/// PolicyService: issue "Delegations and two-sided policies".
+#[derive(Debug, Clone)]
+pub struct PolicyApi(pub AppState);
+impl PolicyService for PolicyApi {}
+
+/// DelegationService: issue "Delegations and two-sided policies".
+#[derive(Debug, Clone)]
+pub struct DelegationApi(pub AppState);
+impl DelegationService for DelegationApi {}
+
+/// StepUpService: issue "StepUp".
+#[derive(Debug, Clone)]
+pub struct StepUpApi(pub AppState);
+impl StepUpService for StepUpApi {}
+
+/// VaultService: issue "Vault".
+#[derive(Debug, Clone)]
+pub struct VaultApi(pub AppState);
+impl VaultService for VaultApi {}
+
+/// AuditService: issue "Audit service".
+#[derive(Debug, Clone)]
+pub struct AuditApi(pub AppState);
+impl AuditService for AuditApi {}

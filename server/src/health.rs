@@ -1,0 +1,76 @@
+//! Database-driven health: every service is SERVING while the database
+//! answers and NOT_SERVING while it does not, per `grpc.health.v1`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sea_orm::DatabaseConnection;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::store;
+
+/// The fully qualified names of every VaultGuard service.
+pub const SERVICE_NAMES: [&str; 9] = [
+    "vaultguard.v1.TenantService",
+    "vaultguard.v1.AgentService",
+    "vaultguard.v1.AuthService",
+    "vaultguard.v1.IssuerKeyService",
+    "vaultguard.v1.PolicyService",
+    "vaultguard.v1.DelegationService",
+    "vaultguard.v1.StepUpService",
+    "vaultguard.v1.VaultService",
+    "vaultguard.v1.AuditService",
+];
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Probes the database every `interval` until `shutdown` flips, updating the
+/// reporter and `healthy` on every change. On shutdown every service turns
+/// NOT_SERVING, so load balancers stop routing before the listener closes.
+pub async fn run_probe(
+    db: DatabaseConnection,
+    reporter: HealthReporter,
+    healthy: Arc<AtomicBool>,
+    interval: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last: Option<bool> = None;
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(interval.max(Duration::from_millis(500)), store::ping(&db)).await,
+            Ok(Ok(()))
+        );
+        if last != Some(ok) {
+            if ok {
+                tracing::info!("database reachable; services SERVING");
+            } else {
+                tracing::error!("database unreachable; services NOT_SERVING");
+            }
+            healthy.store(ok, Ordering::SeqCst);
+            set_all(
+                &reporter,
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+            last = Some(ok);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {
+                set_all(&reporter, ServingStatus::NotServing).await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Opaque, prefixed identifiers (`tnt_…`, `agt_…`). The prefix names the kind
+//! of object, so an id of one kind is never mistaken for another; the body is
+//! a UUIDv7 in lowercase hex, so ids sort by creation time.
+
+use crate::error::FieldViolation;
+
+/// The kinds of object that have ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    Tenant,
+    Agent,
+    Rule,
+    Delegation,
+    StepUp,
+    Provider,
+    Connection,
+    SigningKey,
+    Signature,
+    AuditEvent,
+    IssuerKey,
+}
+
+impl IdKind {
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            Self::Tenant => "tnt",
+            Self::Agent => "agt",
+            Self::Rule => "rul",
+            Self::Delegation => "dlg",
+            Self::StepUp => "stp",
+            Self::Provider => "prv",
+            Self::Connection => "con",
+            Self::SigningKey => "key",
+            Self::Signature => "sig",
+            Self::AuditEvent => "evt",
+            Self::IssuerKey => "kid",
+        }
+    }
+}
+
+/// A new id of the given kind.
+pub fn new_id(kind: IdKind) -> String {
+    format!("{}_{}", kind.prefix(), uuid::Uuid::now_v7().simple())
+}
+
+/// Checks that `value` is a well-formed id of `kind`; `field` names the
+/// request field in the violation.
+pub fn check_id(field: &str, value: &str, kind: IdKind) -> Result<(), FieldViolation> {
+    let well_formed = value
+        .strip_prefix(kind.prefix())
+        .and_then(|rest| rest.strip_prefix('_'))
+        .is_some_and(|body| {
+            body.len() == 32
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    if well_formed {
+        Ok(())
+    } else if value.is_empty() {
+        Err(FieldViolation {
+            field: field.to_owned(),
+            description: "is required".to_owned(),
+        })
+    } else {
+        Err(FieldViolation {
+            field: field.to_owned(),
+            description: format!(
+                "must be a {} id ({}_ followed by 32 hex digits)",
+                kind.prefix(),
+                kind.prefix()
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_ids_are_well_formed_and_kind_checked() {
+        let id = new_id(IdKind::Tenant);
+        assert!(check_id("tenant_id", &id, IdKind::Tenant).is_ok());
+        assert!(check_id("agent_id", &id, IdKind::Agent).is_err());
+        assert!(check_id("tenant_id", "tnt_XYZ", IdKind::Tenant).is_err());
+        assert!(check_id("tenant_id", "", IdKind::Tenant).is_err());
+    }
+}

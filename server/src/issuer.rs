@@ -1,0 +1,543 @@
+//! VaultGuard's own token-signing keys and the JWTs it signs with them.
+//!
+//! Keys are generated here (aws-lc-rs), stored as PKCS#8 sealed under the
+//! master key, and held in memory already parsed, so signing never re-parses
+//! a private key. One key per algorithm is ACTIVE; rotation retires the old
+//! one, which stays in the JWKS until every token it signed has expired
+//! (`publish_until` = retirement + the longest token lifetime).
+//!
+//! Verification of VaultGuard tokens pins the algorithm to the key named by
+//! `kid` (no algorithm confusion, no `none`), checks `typ`, issuer and
+//! audience with jsonwebtoken, and checks time against the injected clock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RSA_PKCS1_SHA256,
+    RsaKeyPair,
+};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, TransactionTrait,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::RwLock;
+use vaultguard_proto::v1::TokenAlgorithm;
+
+use crate::audit::{self, AuditCtx, Outcome, PLATFORM_LOG};
+use crate::clock::{Clock, Millis};
+use crate::crypto::{MasterKey, SealContext, random_token};
+use crate::error::{Error, Result, is_unique_violation};
+use crate::store::entities::issuer_key;
+
+/// Every algorithm VaultGuard signs with.
+pub const ALGORITHMS: [TokenAlgorithm; 3] = [
+    TokenAlgorithm::Rs256,
+    TokenAlgorithm::Es256,
+    TokenAlgorithm::Eddsa,
+];
+
+const STATUS_ACTIVE: &str = "active";
+const STATUS_RETIRED: &str = "retired";
+
+/// The stored name of an algorithm.
+pub fn algorithm_name(algorithm: TokenAlgorithm) -> &'static str {
+    match algorithm {
+        TokenAlgorithm::Es256 => "ES256",
+        TokenAlgorithm::Eddsa => "EdDSA",
+        TokenAlgorithm::Rs256 | TokenAlgorithm::Unspecified => "RS256",
+    }
+}
+
+/// Parses a stored algorithm name.
+pub fn parse_algorithm(name: &str) -> Option<TokenAlgorithm> {
+    ALGORITHMS
+        .into_iter()
+        .find(|alg| algorithm_name(*alg) == name)
+}
+
+fn jwt_algorithm(algorithm: TokenAlgorithm) -> Algorithm {
+    match algorithm {
+        TokenAlgorithm::Es256 => Algorithm::ES256,
+        TokenAlgorithm::Eddsa => Algorithm::EdDSA,
+        TokenAlgorithm::Rs256 | TokenAlgorithm::Unspecified => Algorithm::RS256,
+    }
+}
+
+enum Signer {
+    Rsa(RsaKeyPair),
+    Ecdsa(EcdsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+}
+
+impl Signer {
+    fn from_pkcs8(algorithm: TokenAlgorithm, der: &[u8]) -> Result<Self> {
+        let rejected = |_| Error::internal("stored issuer key rejected");
+        Ok(match algorithm {
+            TokenAlgorithm::Es256 => Self::Ecdsa(
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
+                    .map_err(rejected)?,
+            ),
+            TokenAlgorithm::Eddsa => {
+                Self::Ed25519(Ed25519KeyPair::from_pkcs8(der).map_err(rejected)?)
+            }
+            TokenAlgorithm::Rs256 | TokenAlgorithm::Unspecified => {
+                Self::Rsa(RsaKeyPair::from_pkcs8(der).map_err(rejected)?)
+            }
+        })
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        match self {
+            Self::Rsa(pair) => {
+                let mut signature = vec![0u8; pair.public_modulus_len()];
+                pair.sign(&RSA_PKCS1_SHA256, &rng, message, &mut signature)
+                    .map_err(|_| Error::internal("RS256 signing failed"))?;
+                Ok(signature)
+            }
+            Self::Ecdsa(pair) => pair
+                .sign(&rng, message)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| Error::internal("ES256 signing failed")),
+            Self::Ed25519(pair) => Ok(pair.sign(message).as_ref().to_vec()),
+        }
+    }
+
+    /// The public JWK (without `kid`) and the matching decoding key.
+    fn public_parts(&self) -> Result<(Value, DecodingKey)> {
+        let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+        match self {
+            Self::Rsa(pair) => {
+                let public = pair.public_key();
+                let n = public.modulus().big_endian_without_leading_zero().to_vec();
+                let e = public.exponent().big_endian_without_leading_zero().to_vec();
+                let jwk =
+                    json!({"kty": "RSA", "alg": "RS256", "use": "sig", "n": b64(&n), "e": b64(&e)});
+                Ok((jwk, DecodingKey::from_rsa_raw_components(&n, &e)))
+            }
+            Self::Ecdsa(pair) => {
+                let point = pair.public_key().as_ref();
+                if point.len() != 65 || point[0] != 4 {
+                    return Err(Error::internal("unexpected P-256 public key encoding"));
+                }
+                let (x, y) = (b64(&point[1..33]), b64(&point[33..65]));
+                let decoding = DecodingKey::from_ec_components(&x, &y).map_err(Error::internal)?;
+                Ok((
+                    json!({"kty": "EC", "alg": "ES256", "use": "sig", "crv": "P-256", "x": x, "y": y}),
+                    decoding,
+                ))
+            }
+            Self::Ed25519(pair) => {
+                let x = b64(pair.public_key().as_ref());
+                let decoding = DecodingKey::from_ed_components(&x).map_err(Error::internal)?;
+                Ok((
+                    json!({"kty": "OKP", "alg": "EdDSA", "use": "sig", "crv": "Ed25519", "x": x}),
+                    decoding,
+                ))
+            }
+        }
+    }
+}
+
+fn generate_pkcs8(algorithm: TokenAlgorithm) -> Result<Vec<u8>> {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let failed = |_| Error::internal("issuer key generation failed");
+    Ok(match algorithm {
+        TokenAlgorithm::Es256 => {
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map_err(failed)?
+                .as_ref()
+                .to_vec()
+        }
+        TokenAlgorithm::Eddsa => Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(failed)?
+            .as_ref()
+            .to_vec(),
+        TokenAlgorithm::Rs256 | TokenAlgorithm::Unspecified => {
+            let pair = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).map_err(failed)?;
+            pair.as_der().map_err(failed)?.as_ref().to_vec()
+        }
+    })
+}
+
+struct ActiveKey {
+    kid: String,
+    signer: Signer,
+}
+
+struct PublishedKey {
+    algorithm: TokenAlgorithm,
+    decoding: DecodingKey,
+    jwk: Value,
+    publish_until: Option<Millis>,
+}
+
+#[derive(Default)]
+struct Ring {
+    active: HashMap<i32, Arc<ActiveKey>>,
+    published: HashMap<String, Arc<PublishedKey>>,
+    loaded_at: Millis,
+}
+
+/// The key ring of this process, reloaded from the database when a token
+/// names an unknown `kid` (a key rotated by another replica) and every
+/// 30 seconds, so that every replica signs with the current key.
+pub struct IssuerKeys {
+    db: DatabaseConnection,
+    master: Arc<MasterKey>,
+    clock: Arc<dyn Clock>,
+    issuer: String,
+    max_token_ttl_millis: Millis,
+    ring: RwLock<Ring>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for IssuerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuerKeys")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+const RING_MAX_AGE_MILLIS: Millis = 30_000;
+
+/// What a verified VaultGuard token says, with its raw claims.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken<C> {
+    pub kid: String,
+    pub claims: C,
+}
+
+impl IssuerKeys {
+    /// Loads the ring, generating the ACTIVE key of each algorithm that has none.
+    pub async fn load(
+        db: DatabaseConnection,
+        master: Arc<MasterKey>,
+        clock: Arc<dyn Clock>,
+        issuer: String,
+        max_token_ttl_seconds: u32,
+    ) -> Result<Self> {
+        let keys = Self {
+            db,
+            master,
+            clock,
+            issuer,
+            max_token_ttl_millis: Millis::from(max_token_ttl_seconds) * 1000,
+            ring: RwLock::new(Ring::default()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        };
+        keys.reload().await?;
+        let missing: Vec<TokenAlgorithm> = {
+            let ring = keys.ring.read().await;
+            ALGORITHMS
+                .into_iter()
+                .filter(|alg| !ring.active.contains_key(&(*alg as i32)))
+                .collect()
+        };
+        for algorithm in missing {
+            keys.create_active(algorithm, &AuditCtx::system("startup"))
+                .await?;
+        }
+        Ok(keys)
+    }
+
+    /// The `iss` of every VaultGuard token.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Generates and stores a new ACTIVE key for `algorithm`, retiring the
+    /// current one in the same transaction. Returns the new and retired rows.
+    pub async fn rotate(
+        &self,
+        algorithm: TokenAlgorithm,
+        ctx: &AuditCtx,
+    ) -> Result<(issuer_key::Model, Option<issuer_key::Model>)> {
+        let rotated = self.create_active(algorithm, ctx).await?;
+        self.reload().await?;
+        Ok(rotated)
+    }
+
+    async fn create_active(
+        &self,
+        algorithm: TokenAlgorithm,
+        ctx: &AuditCtx,
+    ) -> Result<(issuer_key::Model, Option<issuer_key::Model>)> {
+        let pkcs8 = tokio::task::spawn_blocking(move || generate_pkcs8(algorithm))
+            .await
+            .map_err(Error::internal)??;
+        let signer = Signer::from_pkcs8(algorithm, &pkcs8)?;
+        let kid = format!(
+            "{}-{}",
+            algorithm_name(algorithm).to_lowercase(),
+            random_token(12)?
+        );
+        let (mut jwk, _) = signer.public_parts()?;
+        jwk["kid"] = Value::String(kid.clone());
+        let sealed = self.master.seal(
+            SealContext {
+                table: "issuer_keys",
+                tenant_id: PLATFORM_LOG,
+                record_id: &kid,
+            },
+            &pkcs8,
+        )?;
+        let now = self.clock.now_millis();
+        let alg_name = algorithm_name(algorithm);
+
+        let txn = self.db.begin().await?;
+        let current = issuer_key::Entity::find()
+            .filter(issuer_key::Column::Algorithm.eq(alg_name))
+            .filter(issuer_key::Column::Status.eq(STATUS_ACTIVE))
+            .one(&txn)
+            .await?;
+        let retired = match current {
+            Some(current) => {
+                let mut retiring: issuer_key::ActiveModel = current.into();
+                retiring.status = Set(STATUS_RETIRED.to_owned());
+                retiring.retired_at = Set(Some(now));
+                retiring.publish_until = Set(Some(now + self.max_token_ttl_millis));
+                Some(retiring.update(&txn).await?)
+            }
+            None => None,
+        };
+        let inserted = issuer_key::ActiveModel {
+            kid: Set(kid.clone()),
+            algorithm: Set(alg_name.to_owned()),
+            status: Set(STATUS_ACTIVE.to_owned()),
+            private_key_ciphertext: Set(sealed),
+            public_jwk: Set(jwk.to_string()),
+            created_at: Set(now),
+            retired_at: Set(None),
+            publish_until: Set(None),
+        }
+        .insert(&txn)
+        .await;
+        let inserted = match inserted {
+            Ok(row) => row,
+            Err(err) if is_unique_violation(&err) => {
+                // Another replica created the active key first: use its key.
+                txn.rollback().await?;
+                self.reload().await?;
+                return Err(Error::FailedPrecondition {
+                    reason: vaultguard_proto::v1::ErrorReason::StorageConflict,
+                    message: "another replica rotated this key at the same time; retry".to_owned(),
+                    metadata: HashMap::new(),
+                });
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut subjects = vec![kid.clone()];
+        if let Some(old) = &retired {
+            subjects.push(old.kid.clone());
+        }
+        audit::append(
+            &txn,
+            self.clock.as_ref(),
+            ctx.event(
+                PLATFORM_LOG,
+                "issuer_key.rotated",
+                subjects,
+                Outcome::Success,
+                json!({"algorithm": alg_name, "kid": kid, "retired_kid": retired.as_ref().map(|r| r.kid.clone())}),
+            ),
+        )
+        .await?;
+        txn.commit().await?;
+        self.reload().await?;
+        tracing::info!(kid = %inserted.kid, algorithm = alg_name, "issuer key activated");
+        Ok((inserted, retired))
+    }
+
+    /// Re-reads every published key from the database.
+    pub async fn reload(&self) -> Result<()> {
+        let _guard = self.reload_lock.lock().await;
+        let now = self.clock.now_millis();
+        let rows = issuer_key::Entity::find().all(&self.db).await?;
+        let mut ring = Ring {
+            loaded_at: now,
+            ..Ring::default()
+        };
+        for row in rows {
+            if row.publish_until.is_some_and(|until| until <= now) {
+                continue;
+            }
+            let Some(algorithm) = parse_algorithm(&row.algorithm) else {
+                continue;
+            };
+            let pkcs8 = self.master.open(
+                SealContext {
+                    table: "issuer_keys",
+                    tenant_id: PLATFORM_LOG,
+                    record_id: &row.kid,
+                },
+                &row.private_key_ciphertext,
+            )?;
+            let signer = Signer::from_pkcs8(algorithm, &pkcs8)?;
+            let (_, decoding) = signer.public_parts()?;
+            let jwk: Value = serde_json::from_str(&row.public_jwk).map_err(Error::internal)?;
+            ring.published.insert(
+                row.kid.clone(),
+                Arc::new(PublishedKey {
+                    algorithm,
+                    decoding,
+                    jwk,
+                    publish_until: row.publish_until,
+                }),
+            );
+            if row.status == STATUS_ACTIVE {
+                ring.active.insert(
+                    algorithm as i32,
+                    Arc::new(ActiveKey {
+                        kid: row.kid,
+                        signer,
+                    }),
+                );
+            }
+        }
+        *self.ring.write().await = ring;
+        Ok(())
+    }
+
+    async fn reload_if_stale(&self) -> Result<()> {
+        let stale =
+            self.clock.now_millis() - self.ring.read().await.loaded_at > RING_MAX_AGE_MILLIS;
+        if stale { self.reload().await } else { Ok(()) }
+    }
+
+    /// Signs `claims` as a JWT with header `typ: at+jwt` and the active key of
+    /// `algorithm`. Returns the token and the `kid` used.
+    pub async fn sign(
+        &self,
+        algorithm: TokenAlgorithm,
+        claims: &Value,
+    ) -> Result<(String, String)> {
+        self.reload_if_stale().await?;
+        let key = self
+            .ring
+            .read()
+            .await
+            .active
+            .get(&(algorithm as i32))
+            .cloned()
+            .ok_or_else(|| Error::internal("no active issuer key"))?;
+        let header = json!({"alg": algorithm_name(algorithm), "typ": "at+jwt", "kid": key.kid});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature = key.signer.sign(signing_input.as_bytes())?;
+        Ok((
+            format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)),
+            key.kid.clone(),
+        ))
+    }
+
+    /// Verifies a VaultGuard token: known `kid`, the algorithm of that key,
+    /// `typ: at+jwt`, our issuer, `audience`, and `nbf <= now < exp` on the
+    /// injected clock (30 s leeway on `nbf` only).
+    pub async fn verify<C: DeserializeOwned>(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<VerifiedToken<C>> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Error::Unauthenticated("malformed token header"))?;
+        if header.typ.as_deref() != Some("at+jwt") {
+            return Err(Error::Unauthenticated("token typ is not at+jwt"));
+        }
+        let kid = header
+            .kid
+            .ok_or(Error::Unauthenticated("token has no kid"))?;
+        let key = match self.published_key(&kid).await {
+            Some(key) => key,
+            None => {
+                self.reload().await?;
+                self.published_key(&kid)
+                    .await
+                    .ok_or(Error::Unauthenticated("unknown kid"))?
+            }
+        };
+        let algorithm = jwt_algorithm(key.algorithm);
+        if header.alg != algorithm {
+            return Err(Error::Unauthenticated("token alg does not match its key"));
+        }
+        let now = self.clock.now_millis();
+        if key.publish_until.is_some_and(|until| until <= now) {
+            return Err(Error::Unauthenticated("signing key no longer published"));
+        }
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
+            .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))?;
+        check_time_claims(&data.claims, self.clock.now_seconds())?;
+        let claims = serde_json::from_value(data.claims)
+            .map_err(|_| Error::Unauthenticated("token claims malformed"))?;
+        Ok(VerifiedToken { kid, claims })
+    }
+
+    async fn published_key(&self, kid: &str) -> Option<Arc<PublishedKey>> {
+        self.ring.read().await.published.get(kid).cloned()
+    }
+
+    /// The JWK Set of every published key, newest first by `kid` order of
+    /// insertion is not guaranteed; consumers select by `kid`.
+    pub async fn jwks_json(&self) -> Result<String> {
+        self.reload_if_stale().await?;
+        let now = self.clock.now_millis();
+        let ring = self.ring.read().await;
+        let mut keys: Vec<&Value> = ring
+            .published
+            .values()
+            .filter(|key| key.publish_until.is_none_or(|until| until > now))
+            .map(|key| &key.jwk)
+            .collect();
+        keys.sort_by_key(|jwk| jwk["kid"].as_str().unwrap_or_default().to_owned());
+        Ok(json!({ "keys": keys }).to_string())
+    }
+
+    /// Every key row that is still published, newest first.
+    pub async fn list(&self) -> Result<Vec<issuer_key::Model>> {
+        let now = self.clock.now_millis();
+        let rows = issuer_key::Entity::find()
+            .order_by_desc(issuer_key::Column::CreatedAt)
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|row| row.publish_until.is_none_or(|until| until > now))
+            .collect())
+    }
+}
+
+/// Checks `exp` (required, strictly in the future) and `nbf` (if present,
+/// not more than 30 s ahead) against `now` in seconds.
+pub fn check_time_claims(claims: &Value, now: i64) -> Result<()> {
+    const LEEWAY: i64 = 30;
+    let exp = claims["exp"]
+        .as_i64()
+        .ok_or(Error::Unauthenticated("token has no exp"))?;
+    if exp <= now {
+        return Err(Error::Unauthenticated("token expired"));
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(Value::as_i64)
+        && nbf > now + LEEWAY
+    {
+        return Err(Error::Unauthenticated("token not yet valid"));
+    }
+    Ok(())
+}

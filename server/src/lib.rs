@@ -1,0 +1,21 @@
+//! VaultGuard: a gRPC authorization broker for AI agents in multi-tenant
+//! systems. See ARCHITECTURE.md for the map of this crate.
+
+pub mod audit;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod health;
+pub mod http;
+pub mod ids;
+pub mod issuer;
+pub mod oidc;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,226 @@
+//! The `vaultguard` binary: `serve`, `migrate`, and `token` (mints bootstrap
+//! tokens for the operator and tenant admins, for first use and grpcurl).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vaultguard_proto::v1::Role;
+use vaultguard_server::clock::{Clock, SystemClock};
+use vaultguard_server::config::Config;
+use vaultguard_server::domain::tokens;
+use vaultguard_server::{server, store, telemetry};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vaultguard",
+    version,
+    about = "gRPC authorization broker for AI agents"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings shared by every subcommand; each overrides the config file.
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// A TOML config file (see README.md for its keys).
+    #[arg(long, global = true, env = "VAULTGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where SQLite data and the dev master key live.
+    #[arg(long, global = true, env = "VAULTGUARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `postgres://…` or `sqlite://…`; default: SQLite in the data dir.
+    #[arg(long, global = true, env = "VAULTGUARD_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Base64 of the 32-byte master key (prefer --master-key-file).
+    #[arg(
+        long,
+        global = true,
+        env = "VAULTGUARD_MASTER_KEY",
+        hide_env_values = true
+    )]
+    master_key: Option<String>,
+    /// File holding the base64 master key.
+    #[arg(long, global = true, env = "VAULTGUARD_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+    /// The `iss` of tokens VaultGuard signs (its public HTTP base URL).
+    #[arg(long, global = true, env = "VAULTGUARD_ISSUER")]
+    issuer: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "VAULTGUARD_LOG_FORMAT")]
+    log_format: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the server (migrating the database first).
+    Serve(ServeArgs),
+    /// Applies (or reverts) database migrations, then exits.
+    Migrate {
+        /// `up` applies every pending migration; `down` reverts the last one.
+        #[arg(value_enum, default_value = "up")]
+        direction: Direction,
+    },
+    /// Mints a bootstrap access token and prints it on stdout.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "VAULTGUARD_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// HTTP listen address (JWKS, discovery, /healthz, /metrics).
+    #[arg(long, env = "VAULTGUARD_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The role the token carries.
+    #[arg(long, value_enum)]
+    role: CliRole,
+    /// The tenant id, for admin, approver and auditor tokens.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The token's subject (who it stands for).
+    #[arg(long, default_value = "bootstrap")]
+    subject: String,
+    /// Lifetime in seconds (at most the server's max token TTL).
+    #[arg(long, default_value_t = 3600)]
+    ttl: u32,
+    /// The HTTP address the server publishes its issuer at, when no --issuer
+    /// is configured (must match the running server's issuer).
+    #[arg(long, env = "VAULTGUARD_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Direction {
+    Up,
+    Down,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CliRole {
+    Operator,
+    Admin,
+    Approver,
+    Auditor,
+}
+
+fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = &common.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = &common.database_url {
+        config.database_url = v.clone();
+    }
+    if let Some(v) = &common.master_key {
+        config.master_key = v.clone();
+    }
+    if let Some(v) = &common.master_key_file {
+        config.master_key_file = v.clone();
+    }
+    if let Some(v) = &common.issuer {
+        config.issuer = v.clone();
+    }
+    if let Some(v) = &common.log_format {
+        config.log_format = v.clone();
+    }
+    if let Ok(json) = std::env::var("VAULTGUARD_TRUSTED_ISSUERS") {
+        config.trusted_issuers = serde_json::from_str(&json).map_err(|e| {
+            anyhow::anyhow!("VAULTGUARD_TRUSTED_ISSUERS is not a JSON list of issuers: {e}")
+        })?;
+    }
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = load_config(&cli.common)?;
+    telemetry::init(&config.log_format);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    match cli.command {
+        Command::Serve(args) => {
+            if let Some(addr) = args.grpc_addr {
+                config.grpc_addr = addr;
+            }
+            if let Some(addr) = args.http_addr {
+                config.http_addr = addr;
+            }
+            let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await?;
+            let http = tokio::net::TcpListener::bind(config.http_addr).await?;
+            server::serve(config, clock, grpc, http, shutdown_signal()).await
+        }
+        Command::Migrate { direction } => {
+            let db = store::connect(&config).await?;
+            match direction {
+                Direction::Up => store::migrate(&db).await?,
+                Direction::Down => {
+                    use vaultguard_migrations::MigratorTrait;
+                    vaultguard_migrations::Migrator::down(&db, Some(1)).await?;
+                }
+            }
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Token(args) => {
+            if let Some(addr) = args.http_addr {
+                config.http_addr = addr;
+            }
+            anyhow::ensure!(
+                args.ttl > 0 && args.ttl <= config.max_token_ttl_seconds,
+                "--ttl must be 1..={}",
+                config.max_token_ttl_seconds
+            );
+            let issuer = config.effective_issuer(config.http_addr);
+            let state = server::prepare(config, clock, issuer, true).await?;
+            let (role, tenant) = match args.role {
+                CliRole::Operator => (Role::Operator, None),
+                CliRole::Admin => (Role::Admin, args.tenant.as_deref()),
+                CliRole::Approver => (Role::Approver, args.tenant.as_deref()),
+                CliRole::Auditor => (Role::Auditor, args.tenant.as_deref()),
+            };
+            if role != Role::Operator {
+                anyhow::ensure!(tenant.is_some(), "--tenant is required for tenant roles");
+            }
+            let issued = tokens::mint(&state, &args.subject, tenant, &[role], None, args.ttl)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot mint token: {e}"))?;
+            println!("{}", issued.access_token);
+            Ok(())
+        }
+    }
+}

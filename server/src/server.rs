@@ -1,0 +1,176 @@
+//! Assembles and runs one server process: storage, keys, the gRPC server on
+//! one listener and the HTTP surface on another, background tasks, and
+//! graceful shutdown. Listeners are passed in already bound, so tests run on
+//! port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use vaultguard_proto::v1::agent_service_server::AgentServiceServer;
+use vaultguard_proto::v1::audit_service_server::AuditServiceServer;
+use vaultguard_proto::v1::auth_service_server::AuthServiceServer;
+use vaultguard_proto::v1::delegation_service_server::DelegationServiceServer;
+use vaultguard_proto::v1::issuer_key_service_server::IssuerKeyServiceServer;
+use vaultguard_proto::v1::policy_service_server::PolicyServiceServer;
+use vaultguard_proto::v1::step_up_service_server::StepUpServiceServer;
+use vaultguard_proto::v1::tenant_service_server::TenantServiceServer;
+use vaultguard_proto::v1::vault_service_server::VaultServiceServer;
+
+use crate::audit::Sealer;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::grpc;
+use crate::issuer::IssuerKeys;
+use crate::oidc::OidcVerifier;
+use crate::state::AppState;
+use crate::{health, http, store};
+
+/// Opens storage (migrating it first when `migrate` is set), loads the master
+/// key and the issuer keys, and returns the shared state. The CLI uses this
+/// too, to mint bootstrap tokens.
+pub async fn prepare(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    issuer: String,
+    migrate: bool,
+) -> anyhow::Result<AppState> {
+    let key_file = if config.master_key_file.as_os_str().is_empty() {
+        config.data_dir.join("master.key")
+    } else {
+        config.master_key_file.clone()
+    };
+    let master = Arc::new(MasterKey::load_or_generate(&config.master_key, &key_file)?);
+    let db = store::connect(&config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open database: {e}"))?;
+    if migrate {
+        store::migrate(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!("migration failed: {e}"))?;
+    }
+    let keys = IssuerKeys::load(
+        db.clone(),
+        master.clone(),
+        clock.clone(),
+        issuer,
+        config.max_token_ttl_seconds,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot load issuer keys: {e}"))?;
+    let oidc = OidcVerifier::new(
+        &config.trusted_issuers,
+        clock.clone(),
+        config.jwks_min_refresh_seconds,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot build OIDC verifier: {e}"))?;
+    Ok(AppState {
+        db,
+        clock,
+        master,
+        keys: Arc::new(keys),
+        oidc: Arc::new(oidc),
+        config: Arc::new(config),
+        audit_wake: Arc::new(Notify::new()),
+    })
+}
+
+/// Runs the server on the given listeners until `shutdown` resolves, then
+/// drains: health turns NOT_SERVING, in-flight calls finish, the sealer
+/// seals what is pending.
+pub async fn serve(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let issuer = config.effective_issuer(http_addr);
+    let probe_interval = Duration::from_millis(config.health_probe_interval_ms);
+    let state = prepare(config, clock.clone(), issuer, true).await?;
+    let _ = http::metrics_handle();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sealer = Sealer::new(state.db.clone(), clock, state.audit_wake.clone());
+    let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let probe_task = tokio::spawn(health::run_probe(
+        state.db.clone(),
+        reporter,
+        healthy.clone(),
+        probe_interval,
+        stop_rx.clone(),
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaultguard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaultguard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(grpc::layer::AuthLayer::new(state.clone()))
+        .into_inner();
+
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(TenantServiceServer::new(grpc::TenantApi(state.clone())))
+        .add_service(AgentServiceServer::new(grpc::AgentApi(state.clone())))
+        .add_service(AuthServiceServer::new(grpc::AuthApi(state.clone())))
+        .add_service(IssuerKeyServiceServer::new(grpc::IssuerKeyApi(
+            state.clone(),
+        )))
+        .add_service(PolicyServiceServer::new(grpc::PolicyApi(state.clone())))
+        .add_service(DelegationServiceServer::new(grpc::DelegationApi(
+            state.clone(),
+        )))
+        .add_service(StepUpServiceServer::new(grpc::StepUpApi(state.clone())))
+        .add_service(VaultServiceServer::new(grpc::VaultApi(state.clone())))
+        .add_service(AuditServiceServer::new(grpc::AuditApi(state.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            let _ = grpc_stop.changed().await;
+        });
+
+    let mut http_stop = stop_rx.clone();
+    let http_server = axum::serve(http_listener, http::router(state.clone(), healthy))
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        })
+        .into_future();
+
+    tracing::info!(%grpc_addr, %http_addr, issuer = %state.keys.issuer(), "vaultguard serving");
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining calls");
+        let _ = stop_tx.send(true);
+    });
+
+    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    signal.abort();
+    let _ = tokio::join!(sealer_task, probe_task);
+    grpc_result?;
+    http_result?;
+    tracing::info!("vaultguard stopped");
+    Ok(())
+}

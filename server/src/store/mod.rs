@@ -1,0 +1,66 @@
+//! Storage: the database connection and the SeaORM entities. Only the domain
+//! layer uses this module; gRPC adapters never see an entity.
+
+pub mod entities;
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DbErr,
+    Statement,
+};
+use vaultguard_migrations::{Migrator, MigratorTrait};
+
+use crate::config::Config;
+
+/// Opens the configured database. SQLite gets WAL, a busy timeout, foreign
+/// keys, and one pooled connection (SQLite serializes writers anyway; one
+/// connection turns lock contention into queueing instead of SQLITE_BUSY).
+pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
+    let url = config.effective_database_url();
+    let is_sqlite = url.starts_with("sqlite:");
+    if is_sqlite {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| DbErr::Custom(format!("cannot create data dir: {e}")))?;
+    }
+    let mut options = ConnectOptions::new(url);
+    options
+        .sqlx_logging(false)
+        .connect_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
+        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
+        .test_before_acquire(false);
+    if is_sqlite {
+        options
+            .max_connections(1)
+            .min_connections(1)
+            .map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true)
+            });
+    } else {
+        options
+            .max_connections(config.database_max_connections)
+            .min_connections(1);
+    }
+    Database::connect(options).await
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    Migrator::up(db, None).await
+}
+
+/// True when the backend is PostgreSQL (advisory locks, LISTEN/NOTIFY).
+pub fn is_postgres(db: &impl ConnectionTrait) -> bool {
+    db.get_database_backend() == DatabaseBackend::Postgres
+}
+
+/// A cheap liveness query for the health service.
+pub async fn ping(db: &DatabaseConnection) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_string(backend, "SELECT 1"))
+        .await
+        .map(|_| ())
+}

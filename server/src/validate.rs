@@ -1,0 +1,108 @@
+//! Field checks shared by every service. Each returns the violation for the
+//! named field, so handlers can report every bad field at once.
+
+use crate::error::FieldViolation;
+
+fn violation(field: &str, description: impl Into<String>) -> FieldViolation {
+    FieldViolation {
+        field: field.to_owned(),
+        description: description.into(),
+    }
+}
+
+/// A slug: 3 to 63 characters of `[a-z0-9-]`, starting with a letter, not
+/// ending with a hyphen.
+pub fn slug(field: &str, value: &str) -> Result<(), FieldViolation> {
+    if value.is_empty() {
+        return Err(violation(field, "is required"));
+    }
+    let valid = (3..=63).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && !value.ends_with('-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "must be 3 to 63 characters of a-z, 0-9 and '-', starting with a letter",
+        ))
+    }
+}
+
+/// A required free-text field of at most `max` characters, without control
+/// characters.
+pub fn required_text(field: &str, value: &str, max: usize) -> Result<(), FieldViolation> {
+    if value.trim().is_empty() {
+        return Err(violation(field, "is required"));
+    }
+    optional_text(field, value, max)
+}
+
+/// An optional free-text field of at most `max` characters, without control
+/// characters.
+pub fn optional_text(field: &str, value: &str, max: usize) -> Result<(), FieldViolation> {
+    if value.chars().count() > max {
+        return Err(violation(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(violation(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A proto3 enum field: known, and not `*_UNSPECIFIED` unless allowed.
+pub fn enum_value<E: TryFrom<i32>>(
+    field: &str,
+    raw: i32,
+    allow_unspecified: bool,
+) -> Result<Option<E>, FieldViolation> {
+    if raw == 0 {
+        return if allow_unspecified {
+            Ok(None)
+        } else {
+            Err(violation(field, "is required"))
+        };
+    }
+    E::try_from(raw)
+        .map(Some)
+        .map_err(|_| violation(field, format!("unknown enum value {raw}")))
+}
+
+/// Page size: 0 means the default of 50, at most 500.
+pub fn page_size(field: &str, requested: u32) -> Result<u64, FieldViolation> {
+    match requested {
+        0 => Ok(50),
+        1..=500 => Ok(u64::from(requested)),
+        _ => Err(violation(field, "must be at most 500")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs() {
+        assert!(slug("slug", "acme-corp").is_ok());
+        for bad in ["", "ab", "Acme", "1acme", "acme-", "ac me", &"a".repeat(64)] {
+            assert!(slug("slug", bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn texts() {
+        assert!(required_text("name", " ", 10).is_err());
+        assert!(required_text("name", "hello", 3).is_err());
+        assert!(optional_text("name", "bell\u{7}", 10).is_err());
+        assert!(optional_text("name", "", 10).is_ok());
+    }
+}
