@@ -1,1 +1,402 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+//! The integration-test harness: starts the real server on 127.0.0.1:0 with
+//! a fresh database of the backend named by `VAULTGUARD_TEST_DB` (`sqlite`,
+//! the default, or `postgres` at `VAULTGUARD_TEST_PG_URL`), and hands out
+//! generated clients authenticated as the operator, tenant admins or agents.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_server::clock::{Clock, OffsetClock};
+use vaultguard_server::config::{Config, TrustedIssuer};
+use vaultguard_server::domain::tokens;
+use vaultguard_server::state::AppState;
+
+pub use vaultguard_client::ClientError;
+
+/// The database backend under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("VAULTGUARD_TEST_DB").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        _ => Backend::Sqlite,
+    }
+}
+
+/// The PostgreSQL server URL without a database name.
+pub fn pg_base_url() -> String {
+    std::env::var("VAULTGUARD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// Everything the server logged in this test process (debug level for
+/// VaultGuard's crates), for the secret scan.
+pub fn captured_logs() -> String {
+    let buffer = log_buffer().lock().map(|b| b.clone()).unwrap_or_default();
+    String::from_utf8_lossy(&buffer).into_owned()
+}
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUFFER.get_or_init(|| Arc::new(Mutex::new(Vec::new())))
+}
+
+#[derive(Clone)]
+struct BufferWriter;
+
+impl Write for BufferWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = log_buffer().lock() {
+            buffer.extend_from_slice(data);
+        }
+        // Mirror to stderr so failing tests show the server's log.
+        std::io::stderr().write(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logging() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::new(
+            "info,vaultguard_server=debug,vaultguard_client=debug",
+        );
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(|| BufferWriter)
+            .try_init();
+    });
+}
+
+/// Options for one test server.
+#[derive(Debug, Clone, Default)]
+pub struct TestOptions {
+    pub trusted_issuers: Vec<TrustedIssuer>,
+    /// Connect through this URL instead of the test database's own (for a
+    /// proxy the test controls); the database is still created and dropped.
+    pub database_url_override: Option<String>,
+    pub health_probe_interval_ms: Option<u64>,
+}
+
+/// A running server and its fresh database.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The test database's URL (direct, not through any proxy).
+    pub database_url: String,
+    pub clock: Arc<OffsetClock>,
+    /// State on the same database and master key as the server, for minting
+    /// tokens and inspecting rows directly.
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    pg_database: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn create_pg_database() -> (String, String) {
+    let name = format!("vg_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(format!("{}/postgres", pg_base_url()))
+        .await
+        .expect("connect to postgres");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    (format!("{}/{name}", pg_base_url()), name)
+}
+
+async fn drop_pg_database(name: &str) {
+    if let Ok(admin) = Database::connect(format!("{}/postgres", pg_base_url())).await {
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+        admin.close().await.ok();
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(TestOptions::default()).await
+    }
+
+    pub async fn start_with(options: TestOptions) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (database_url, pg_database) = match backend() {
+            Backend::Sqlite => (
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("vaultguard.db").display()
+                ),
+                None,
+            ),
+            Backend::Postgres => {
+                let (url, name) = create_pg_database().await;
+                (url, Some(name))
+            }
+        };
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let grpc_addr = grpc.local_addr().expect("grpc addr");
+        let http_addr = http.local_addr().expect("http addr");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            database_url: options
+                .database_url_override
+                .clone()
+                .unwrap_or_else(|| database_url.clone()),
+            trusted_issuers: options.trusted_issuers.clone(),
+            jwks_min_refresh_seconds: 0,
+            health_probe_interval_ms: options.health_probe_interval_ms.unwrap_or(200),
+            database_acquire_timeout_ms: 1_000,
+            ..Config::default()
+        };
+        let clock = OffsetClock::new();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let server_clock: Arc<dyn Clock> = clock.clone();
+        let task = tokio::spawn(vaultguard_server::server::serve(
+            config.clone(),
+            server_clock,
+            grpc,
+            http,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        // Wait until the server answers, so its migrations and keys exist.
+        let url = format!("http://{grpc_addr}");
+        let mut ready = false;
+        for _ in 0..200 {
+            if let Ok(client) = VaultGuardClient::connect(url.clone()).await
+                && client
+                    .issuer_keys()
+                    .get_jwks(pb::GetJwksRequest {})
+                    .await
+                    .is_ok()
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "server did not start");
+        let mut direct = config.clone();
+        direct.database_url = database_url.clone();
+        let state_clock: Arc<dyn Clock> = clock.clone();
+        let state = vaultguard_server::server::prepare(
+            direct,
+            state_clock,
+            format!("http://{http_addr}"),
+            false,
+        )
+        .await
+        .expect("test state");
+        Self {
+            grpc_addr,
+            http_addr,
+            database_url,
+            clock,
+            state,
+            shutdown: Some(shutdown_tx),
+            task: Some(task),
+            pg_database,
+            _dir: dir,
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// The server's data directory (it holds the generated `master.key`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// A client without credentials.
+    pub async fn anonymous(&self) -> VaultGuardClient {
+        VaultGuardClient::connect(self.grpc_url())
+            .await
+            .expect("connect")
+    }
+
+    /// A client with a fixed bearer token.
+    pub async fn with_bearer(&self, token: &str) -> VaultGuardClient {
+        self.anonymous().await.with_bearer(token)
+    }
+
+    /// Mints a token as the `vaultguard token` CLI does.
+    pub async fn mint(&self, subject: &str, tenant: Option<&str>, roles: &[pb::Role]) -> String {
+        tokens::mint(&self.state, subject, tenant, roles, None, 3600)
+            .await
+            .expect("mint token")
+            .access_token
+    }
+
+    /// A client authenticated as the platform operator.
+    pub async fn operator(&self) -> VaultGuardClient {
+        let token = self.mint("operator", None, &[pb::Role::Operator]).await;
+        self.with_bearer(&token).await
+    }
+
+    /// A client authenticated as a human of `tenant_id` with `roles`.
+    pub async fn human(
+        &self,
+        tenant_id: &str,
+        subject: &str,
+        roles: &[pb::Role],
+    ) -> VaultGuardClient {
+        let token = self.mint(subject, Some(tenant_id), roles).await;
+        self.with_bearer(&token).await
+    }
+
+    /// Creates a tenant as the operator and returns it.
+    pub async fn create_tenant(&self, slug: &str) -> pb::Tenant {
+        let operator = self.operator().await;
+        let request = operator
+            .request(pb::CreateTenantRequest {
+                slug: slug.to_owned(),
+                display_name: slug.to_owned(),
+                settings: None,
+            })
+            .await
+            .expect("request");
+        operator
+            .tenants()
+            .create_tenant(request)
+            .await
+            .expect("create tenant")
+            .into_inner()
+            .tenant
+            .expect("tenant")
+    }
+
+    /// Creates an agent in `tenant_id` as that tenant's admin; returns the
+    /// agent, its secret, and a client authenticated with its credentials.
+    pub async fn create_agent(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> (pb::Agent, String, VaultGuardClient) {
+        let admin = self
+            .human(tenant_id, "admin@test", &[pb::Role::Admin])
+            .await;
+        let request = admin
+            .request(pb::CreateAgentRequest {
+                name: name.to_owned(),
+                description: String::new(),
+            })
+            .await
+            .expect("request");
+        let created = admin
+            .agents()
+            .create_agent(request)
+            .await
+            .expect("create agent")
+            .into_inner();
+        let agent = created.agent.expect("agent");
+        let client = self
+            .anonymous()
+            .await
+            .with_client_credentials(agent.id.clone(), created.client_secret.clone());
+        (agent, created.client_secret, client)
+    }
+
+    /// Counts rows of a table (for "nothing was written" checks).
+    pub async fn count(&self, table: &str) -> i64 {
+        count_rows(&self.state.db, table).await
+    }
+
+    /// Waits until the sealer has linked every committed audit event.
+    pub async fn wait_sealed(&self) {
+        for _ in 0..100 {
+            if count_rows(&self.state.db, "audit_pending").await == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("audit events were not sealed");
+    }
+
+    /// Stops the server and drops its database.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        self.state.db.clone().close().await.ok();
+        if let Some(name) = self.pg_database.take() {
+            drop_pg_database(&name).await;
+        }
+    }
+}
+
+pub async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            backend,
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await
+        .expect("count query")
+        .expect("count row");
+    row.try_get::<i64>("", "n").expect("count value")
+}
+
+/// Asserts that `result` failed with `code`; returns the error.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, impl Into<ClientError>>,
+    code: tonic::Code,
+) -> ClientError {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got Ok({value:?})"),
+        Err(err) => {
+            let err: ClientError = err.into();
+            assert_eq!(err.code(), Some(code), "unexpected error: {err:?}");
+            err
+        }
+    }
+}
+
+/// Asserts INVALID_ARGUMENT naming `field` among its violations.
+#[track_caller]
+pub fn expect_invalid<T: std::fmt::Debug>(result: Result<T, impl Into<ClientError>>, field: &str) {
+    let err = expect_code(result, tonic::Code::InvalidArgument);
+    let ClientError::Status {
+        field_violations, ..
+    } = &err
+    else {
+        panic!("not a status: {err:?}")
+    };
+    assert!(
+        field_violations.iter().any(|(f, _)| f == field),
+        "expected a violation on {field}, got {field_violations:?}"
+    );
+}
