@@ -90,6 +90,27 @@ impl MigrationTrait for Migration {
                 }
             }
             _ => {
+                // `INSERT OR REPLACE` deletes the conflicting row without firing
+                // DELETE triggers (recursive_triggers is off by default), so an
+                // insert that would replace an existing row is refused too.
+                let replace_guards = [
+                    ("audit_events", "id = NEW.id OR event_id = NEW.event_id"),
+                    (
+                        "audit_chain",
+                        "(tenant_id = NEW.tenant_id AND seq = NEW.seq) OR event_row_id = NEW.event_row_id",
+                    ),
+                ];
+                for (table, conflict) in replace_guards {
+                    sql::run_verbatim(
+                        manager,
+                        &format!(
+                            "CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} \
+                             WHEN EXISTS (SELECT 1 FROM {table} WHERE {conflict}) \
+                             BEGIN SELECT RAISE(ABORT, 'audit log is append-only: REPLACE on {table} refused'); END"
+                        ),
+                    )
+                    .await?;
+                }
                 for table in APPEND_ONLY_TABLES {
                     for operation in ["UPDATE", "DELETE"] {
                         let lower = operation.to_lowercase();

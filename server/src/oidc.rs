@@ -115,6 +115,15 @@ impl OidcVerifier {
         self.issuers.contains_key(issuer.trim_end_matches('/'))
     }
 
+    /// The issuer exactly as configured (and as its tokens' `iss` and the
+    /// stored organisation bindings spell it), for an issuer given with or
+    /// without a trailing slash.
+    pub fn canonical_issuer(&self, issuer: &str) -> Option<&str> {
+        self.issuers
+            .get(issuer.trim_end_matches('/'))
+            .map(|state| state.config.issuer.as_str())
+    }
+
     /// Verifies a token whose unverified `iss` is `issuer`.
     pub async fn verify(&self, token: &str, issuer: &str) -> Result<ExternalIdentity> {
         let state = self

@@ -1,7 +1,12 @@
 //! VaultGuard's integration tests: one test binary, one module per area.
 //! Every test starts the real server on 127.0.0.1:0 with a fresh database of
 //! the backend named by `VAULTGUARD_TEST_DB` and talks to it over real gRPC.
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
 
 mod audit_store;
 mod grpcurl;

@@ -89,9 +89,6 @@ fn init_logging() {
 #[derive(Debug, Clone, Default)]
 pub struct TestOptions {
     pub trusted_issuers: Vec<TrustedIssuer>,
-    /// Connect through this URL instead of the test database's own (for a
-    /// proxy the test controls); the database is still created and dropped.
-    pub database_url_override: Option<String>,
     pub health_probe_interval_ms: Option<u64>,
 }
 
@@ -160,10 +157,7 @@ impl TestServer {
         let http_addr = http.local_addr().expect("http addr");
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            database_url: options
-                .database_url_override
-                .clone()
-                .unwrap_or_else(|| database_url.clone()),
+            database_url: database_url.clone(),
             trusted_issuers: options.trusted_issuers.clone(),
             jwks_min_refresh_seconds: 0,
             health_probe_interval_ms: options.health_probe_interval_ms.unwrap_or(200),

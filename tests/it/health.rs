@@ -1,0 +1,404 @@
+//! Database-driven health: `grpc.health.v1` and `/healthz` follow the
+//! database. On PostgreSQL the server connects through a TCP proxy the test
+//! cuts and restores; on SQLite (no outage to simulate) every service simply
+//! reports SERVING.
+//!
+//! The PostgreSQL test runs its own server instead of `TestServer`, because
+//! the server must reach its database through the proxy while the test
+//! reaches the same database directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, Database};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_server::clock::{Clock, OffsetClock};
+use vaultguard_server::config::Config;
+use vaultguard_server::domain::tokens;
+use vaultguard_server::health::SERVICE_NAMES;
+use vaultguard_server::state::AppState;
+use vaultguard_tests::{Backend, TestServer, backend, pg_base_url};
+
+const POLL: Duration = Duration::from_millis(100);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn health_client(grpc_addr: SocketAddr) -> HealthClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+}
+
+async fn status_of(health: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
+    let response = health
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("health check of {service:?} failed: {status:?}"))
+        .into_inner();
+    ServingStatus::try_from(response.status).expect("known serving status")
+}
+
+/// Polls until every one of `services` reports `wanted`; panics after
+/// [`DEADLINE`] naming the last statuses seen.
+async fn wait_for_status(
+    health: &mut HealthClient<Channel>,
+    services: &[&str],
+    wanted: ServingStatus,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for service in services {
+            seen.push((*service, status_of(health, service).await));
+        }
+        if seen.iter().all(|(_, status)| *status == wanted) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "health did not turn {wanted:?} within {DEADLINE:?}: {seen:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn healthz(http_addr: SocketAddr) -> reqwest::StatusCode {
+    reqwest::get(format!("http://{http_addr}/healthz"))
+        .await
+        .expect("GET /healthz")
+        .status()
+}
+
+async fn create_tenant(
+    client: &VaultGuardClient,
+    slug: &str,
+) -> Result<pb::Tenant, vaultguard_client::ClientError> {
+    let request = client
+        .request(pb::CreateTenantRequest {
+            slug: slug.to_owned(),
+            display_name: slug.to_owned(),
+            settings: None,
+        })
+        .await?;
+    Ok(client
+        .tenants()
+        .create_tenant(request)
+        .await?
+        .into_inner()
+        .tenant
+        .expect("tenant"))
+}
+
+#[tokio::test]
+async fn health_follows_the_database() {
+    if backend() == Backend::Sqlite {
+        let server = TestServer::start().await;
+        let mut health = health_client(server.grpc_addr).await;
+        let mut services = vec![""];
+        services.extend(SERVICE_NAMES);
+        for service in services {
+            assert_eq!(
+                status_of(&mut health, service).await,
+                ServingStatus::Serving,
+                "service {service:?}"
+            );
+        }
+        assert_eq!(healthz(server.http_addr).await, reqwest::StatusCode::OK);
+        server.stop().await;
+        return;
+    }
+    postgres_outage_is_detected().await;
+}
+
+async fn postgres_outage_is_detected() {
+    let base = reqwest::Url::parse(&pg_base_url()).expect("pg_base_url is a URL");
+    let upstream = format!(
+        "{}:{}",
+        base.host_str().expect("pg host"),
+        base.port().unwrap_or(5432)
+    );
+    let database = ScratchDatabase::create().await;
+    let proxy = Proxy::start(upstream).await;
+    let mut proxied = base.clone();
+    proxied
+        .set_ip_host(proxy.addr.ip())
+        .expect("set proxy host");
+    proxied
+        .set_port(Some(proxy.addr.port()))
+        .expect("set proxy port");
+    proxied.set_path(&database.name);
+    let server = ProxiedServer::start(proxied.to_string(), database.direct_url()).await;
+    let operator = server.operator().await;
+    let mut health = health_client(server.grpc_addr).await;
+    let services = ["", "vaultguard.v1.TenantService"];
+
+    // Healthy to begin with.
+    wait_for_status(&mut health, &services, ServingStatus::Serving).await;
+    assert_eq!(healthz(server.http_addr).await, reqwest::StatusCode::OK);
+    create_tenant(&operator, "before")
+        .await
+        .expect("create tenant while healthy");
+
+    // Outage.
+    proxy.cut();
+    wait_for_status(&mut health, &services, ServingStatus::NotServing).await;
+    let mut all = vec![""];
+    all.extend(SERVICE_NAMES);
+    wait_for_status(&mut health, &all, ServingStatus::NotServing).await;
+    assert_eq!(
+        healthz(server.http_addr).await,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE
+    );
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            create_tenant(&operator, &format!("during-{attempt}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CreateTenant attempt {attempt} hung during the outage"));
+        let err = result.expect_err("CreateTenant succeeded while the database was unreachable");
+        assert_eq!(
+            err.code(),
+            Some(tonic::Code::Unavailable),
+            "CreateTenant attempt {attempt} during the outage: {err:?} after {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Recovery.
+    proxy.restore();
+    wait_for_status(&mut health, &all, ServingStatus::Serving).await;
+    assert_eq!(healthz(server.http_addr).await, reqwest::StatusCode::OK);
+    let tenant = create_tenant(&operator, "after")
+        .await
+        .expect("create tenant after recovery");
+    assert_eq!(tenant.slug, "after");
+    for n in 0..5 {
+        create_tenant(&operator, &format!("after-{n}"))
+            .await
+            .expect("every call succeeds after recovery");
+    }
+    assert_eq!(
+        vaultguard_tests::count_rows(&server.state.db, "tenants").await,
+        7,
+        "before, after, after-0..4"
+    );
+
+    server.stop().await;
+    proxy.stop();
+    drop(database);
+}
+
+/// A TCP proxy to PostgreSQL that can be cut (every forwarded connection
+/// closed, new ones closed on accept) and restored.
+struct Proxy {
+    addr: SocketAddr,
+    cut: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (cut, _) = watch::channel(false);
+        let switch = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *switch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut_rx = switch.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut, task }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+
+    fn stop(self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// A database of this test's own, dropped (with its connections) on drop.
+struct ScratchDatabase {
+    name: String,
+}
+
+impl ScratchDatabase {
+    async fn create() -> Self {
+        let name = format!("vg_health_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(format!("{}/postgres", pg_base_url()))
+            .await
+            .expect("connect to postgres");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        admin.close().await.ok();
+        Self { name }
+    }
+
+    fn direct_url(&self) -> String {
+        format!("{}/{}", pg_base_url(), self.name)
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run on the test's runtime thread: drop the database from
+        // a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(admin) = Database::connect(format!("{}/postgres", pg_base_url())).await {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    admin.close().await.ok();
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The real server on 127.0.0.1:0, connected to `database_url` (through the
+/// proxy), with state for minting tokens on the direct URL.
+struct ProxiedServer {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxiedServer {
+    async fn start(database_url: String, direct_url: String) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let grpc_addr = grpc.local_addr().expect("grpc addr");
+        let http_addr = http.local_addr().expect("http addr");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            database_url,
+            jwks_min_refresh_seconds: 0,
+            health_probe_interval_ms: 200,
+            database_acquire_timeout_ms: 1_000,
+            ..Config::default()
+        };
+        let clock: Arc<dyn Clock> = OffsetClock::new();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(vaultguard_server::server::serve(
+            config.clone(),
+            clock.clone(),
+            grpc,
+            http,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let url = format!("http://{grpc_addr}");
+        let mut ready = false;
+        for _ in 0..200 {
+            if let Ok(client) = VaultGuardClient::connect(url.clone()).await
+                && client
+                    .issuer_keys()
+                    .get_jwks(pb::GetJwksRequest {})
+                    .await
+                    .is_ok()
+            {
+                ready = true;
+                break;
+            }
+            assert!(!task.is_finished(), "server exited during startup");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "server did not start");
+        let mut direct = config;
+        direct.database_url = direct_url;
+        let state =
+            vaultguard_server::server::prepare(direct, clock, format!("http://{http_addr}"), false)
+                .await
+                .expect("test state");
+        Self {
+            grpc_addr,
+            http_addr,
+            state,
+            shutdown: Some(shutdown_tx),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn operator(&self) -> VaultGuardClient {
+        let token = tokens::mint(
+            &self.state,
+            "operator",
+            None,
+            &[pb::Role::Operator],
+            None,
+            3600,
+        )
+        .await
+        .expect("mint")
+        .access_token;
+        VaultGuardClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .expect("connect")
+            .with_bearer(token)
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        self.state.db.clone().close().await.ok();
+    }
+}

@@ -1,0 +1,1171 @@
+//! Trusted OIDC issuers: tenant humans authenticated by a third-party issuer.
+//!
+//! Each test stands up a real local issuer (axum on 127.0.0.1:0) serving a
+//! discovery document and a JWKS with a real RSA-2048 key, configures it as
+//! the server's trusted issuer, binds the issuer's organisation `org_acme` to
+//! a tenant and signs its own JWTs (RS256, by hand) so that every header
+//! field, claim and signature byte is under the test's control.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_server::config::TrustedIssuer;
+use vaultguard_tests::{ClientError, TestOptions, TestServer, expect_code};
+
+const AUDIENCE: &str = "vaultguard-test";
+const ORG_ACME: &str = "org_acme";
+const ORG_BETA: &str = "org_beta";
+
+// ---------------------------------------------------------------------------
+// Keys and hand-made JWTs
+// ---------------------------------------------------------------------------
+
+fn b64url(bytes: impl AsRef<[u8]>) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now() -> i64 {
+    let elapsed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(elapsed.as_secs()).expect("seconds fit i64")
+}
+
+/// `base64url(header).base64url(claims)`, the JWS signing input.
+fn signing_input(header: &Value, claims: &Value) -> String {
+    format!(
+        "{}.{}",
+        b64url(header.to_string()),
+        b64url(claims.to_string())
+    )
+}
+
+/// An RSA-2048 signing key of the local issuer and its `kid`.
+struct SigningKey {
+    kid: String,
+    pair: RsaKeyPair,
+}
+
+impl SigningKey {
+    fn generate(kid: &str) -> Self {
+        let pair = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).expect("generate RSA key");
+        Self {
+            kid: kid.to_owned(),
+            pair,
+        }
+    }
+
+    fn modulus(&self) -> Vec<u8> {
+        self.pair
+            .public_key()
+            .modulus()
+            .big_endian_without_leading_zero()
+            .to_vec()
+    }
+
+    /// The public key as a JWK, as an issuer publishes it.
+    fn jwk(&self) -> Value {
+        let public = self.pair.public_key();
+        json!({
+            "kty": "RSA",
+            "kid": self.kid,
+            "alg": "RS256",
+            "use": "sig",
+            "n": b64url(public.modulus().big_endian_without_leading_zero()),
+            "e": b64url(public.exponent().big_endian_without_leading_zero()),
+        })
+    }
+
+    /// The RS256 signature of `input`.
+    fn sign(&self, input: &str) -> Vec<u8> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let mut signature = vec![0u8; self.pair.public_modulus_len()];
+        self.pair
+            .sign(&RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut signature)
+            .expect("RS256 signing");
+        signature
+    }
+
+    /// A complete RS256 JWT with this key's `kid`.
+    fn token(&self, claims: &Value) -> String {
+        self.token_with_kid(&self.kid, claims)
+    }
+
+    /// A complete RS256 JWT naming `kid` (which may not be this key's).
+    fn token_with_kid(&self, kid: &str, claims: &Value) -> String {
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+        let input = signing_input(&header, claims);
+        format!("{input}.{}", b64url(self.sign(&input)))
+    }
+
+    /// The public key in the encodings an attacker would try as an HMAC
+    /// secret: PKCS#1 DER, SubjectPublicKeyInfo DER, SPKI PEM (with and
+    /// without the final newline), the raw modulus and the JWK's `n`.
+    fn public_key_encodings(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let public = self.pair.public_key();
+        let pkcs1 = public.as_ref().to_vec();
+        let spki = public.as_der().expect("SPKI DER").as_ref().to_vec();
+        let body = STANDARD.encode(&spki);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
+            .collect();
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            lines.join("\n")
+        );
+        let pkcs1_body = STANDARD.encode(&pkcs1);
+        let pkcs1_lines: Vec<&str> = pkcs1_body
+            .as_bytes()
+            .chunks(64)
+            .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
+            .collect();
+        let pkcs1_pem = format!(
+            "-----BEGIN RSA PUBLIC KEY-----\n{}\n-----END RSA PUBLIC KEY-----\n",
+            pkcs1_lines.join("\n")
+        );
+        vec![
+            ("PKCS#1 DER", pkcs1),
+            ("SPKI DER", spki),
+            ("SPKI PEM", pem.clone().into_bytes()),
+            (
+                "SPKI PEM without final newline",
+                pem.trim_end().as_bytes().to_vec(),
+            ),
+            ("PKCS#1 PEM", pkcs1_pem.into_bytes()),
+            ("raw modulus", self.modulus()),
+            ("JWK n", b64url(self.modulus()).into_bytes()),
+        ]
+    }
+}
+
+/// A JWT with an arbitrary header and an HMAC-SHA256 signature under `secret`.
+fn hs256_token(kid: &str, secret: &[u8], claims: &Value) -> String {
+    let header = json!({"alg": "HS256", "typ": "JWT", "kid": kid});
+    let input = signing_input(&header, claims);
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    let tag = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", b64url(tag.as_ref()))
+}
+
+/// An unsigned JWT (`alg` as given, empty signature).
+fn unsigned_token(alg: &str, kid: &str, claims: &Value) -> String {
+    let header = json!({"alg": alg, "typ": "JWT", "kid": kid});
+    format!("{}.", signing_input(&header, claims))
+}
+
+/// Replaces the payload of a signed token, keeping its header and signature.
+fn with_payload(token: &str, claims: &Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "a JWS has three parts");
+    format!("{}.{}.{}", parts[0], b64url(claims.to_string()), parts[2])
+}
+
+// ---------------------------------------------------------------------------
+// The local issuer
+// ---------------------------------------------------------------------------
+
+/// What the issuer serves and how often it was asked.
+struct IssuerShared {
+    base_url: String,
+    /// The `issuer` the discovery document names (normally `base_url`).
+    discovery_issuer: Mutex<String>,
+    jwks: Mutex<Value>,
+    /// When set, both endpoints answer 503.
+    failing: AtomicBool,
+    discovery_fetches: AtomicUsize,
+    jwks_fetches: AtomicUsize,
+}
+
+async fn discovery_document(
+    State(shared): State<Arc<IssuerShared>>,
+) -> Result<Json<Value>, StatusCode> {
+    shared.discovery_fetches.fetch_add(1, Ordering::SeqCst);
+    if shared.failing.load(Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let issuer = shared
+        .discovery_issuer
+        .lock()
+        .expect("discovery lock")
+        .clone();
+    Ok(Json(json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{}/jwks", shared.base_url),
+        "id_token_signing_alg_values_supported": ["RS256"],
+    })))
+}
+
+async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Result<Json<Value>, StatusCode> {
+    shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    if shared.failing.load(Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let jwks = shared.jwks.lock().expect("jwks lock").clone();
+    Ok(Json(jwks))
+}
+
+/// A real OIDC issuer on 127.0.0.1 with one RSA key published.
+struct LocalIssuer {
+    url: String,
+    key: SigningKey,
+    shared: Arc<IssuerShared>,
+    task: JoinHandle<()>,
+}
+
+impl LocalIssuer {
+    async fn start(kid: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind issuer");
+        let url = format!("http://{}", listener.local_addr().expect("issuer addr"));
+        let key = SigningKey::generate(kid);
+        let shared = Arc::new(IssuerShared {
+            base_url: url.clone(),
+            discovery_issuer: Mutex::new(url.clone()),
+            failing: AtomicBool::new(false),
+            jwks: Mutex::new(json!({ "keys": [key.jwk()] })),
+            discovery_fetches: AtomicUsize::new(0),
+            jwks_fetches: AtomicUsize::new(0),
+        });
+        let router = Router::new()
+            .route("/.well-known/openid-configuration", get(discovery_document))
+            .route("/jwks", get(jwks_document))
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Self {
+            url,
+            key,
+            shared,
+            task,
+        }
+    }
+
+    /// The server configuration trusting this issuer.
+    fn trusted(&self) -> TrustedIssuer {
+        TrustedIssuer {
+            issuer: self.url.clone(),
+            audience: AUDIENCE.to_owned(),
+            tenant_claim: "org_id".to_owned(),
+            roles_claim: "roles".to_owned(),
+            role_prefix: String::new(),
+        }
+    }
+
+    /// Publishes exactly `keys` from now on.
+    fn publish(&self, keys: &[&SigningKey]) {
+        let jwks: Vec<Value> = keys.iter().map(|key| key.jwk()).collect();
+        *self.shared.jwks.lock().expect("jwks lock") = json!({ "keys": jwks });
+    }
+
+    /// Makes both endpoints answer 503 (or serve again).
+    fn set_failing(&self, failing: bool) {
+        self.shared.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes the discovery document name `issuer` as its issuer.
+    fn set_discovery_issuer(&self, issuer: &str) {
+        *self.shared.discovery_issuer.lock().expect("discovery lock") = issuer.to_owned();
+    }
+
+    fn jwks_fetches(&self) -> usize {
+        self.shared.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    fn discovery_fetches(&self) -> usize {
+        self.shared.discovery_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Fresh, valid claims of a user of `org` with `roles`.
+    fn claims(&self, org: &str, roles: &[&str]) -> Value {
+        let now = now();
+        json!({
+            "iss": self.url,
+            "aud": AUDIENCE,
+            "sub": "auth0|alice",
+            "iat": now,
+            "exp": now + 3600,
+            "org_id": org,
+            "roles": roles,
+        })
+    }
+
+    /// A valid token of an admin of `org_acme`.
+    fn admin_token(&self) -> String {
+        self.key.token(&self.claims(ORG_ACME, &["admin"]))
+    }
+}
+
+impl Drop for LocalIssuer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server fixtures
+// ---------------------------------------------------------------------------
+
+/// A server trusting a local issuer, with tenant `acme` bound to `org_acme`.
+struct Fixture {
+    issuer: LocalIssuer,
+    server: TestServer,
+    acme: pb::Tenant,
+}
+
+async fn start() -> Fixture {
+    let issuer = LocalIssuer::start("key-1").await;
+    let server = TestServer::start_with(TestOptions {
+        trusted_issuers: vec![issuer.trusted()],
+        ..Default::default()
+    })
+    .await;
+    let acme = server.create_tenant("acme").await;
+    let tenant = bind(&server, &acme.id, &issuer.url, ORG_ACME).await;
+    assert!(
+        tenant
+            .external_organizations
+            .iter()
+            .any(|org| org.issuer == issuer.url && org.organization_id == ORG_ACME),
+        "binding not reflected: {tenant:?}"
+    );
+    Fixture {
+        issuer,
+        server,
+        acme,
+    }
+}
+
+/// Binds `issuer`'s organisation `org` to `tenant_id` as the operator.
+async fn bind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) -> pb::Tenant {
+    let operator = server.operator().await;
+    let request = operator
+        .request(pb::BindExternalOrganizationRequest {
+            tenant_id: tenant_id.to_owned(),
+            organization: Some(pb::ExternalOrganization {
+                issuer: issuer.to_owned(),
+                organization_id: org.to_owned(),
+            }),
+        })
+        .await
+        .expect("request");
+    operator
+        .tenants()
+        .bind_external_organization(request)
+        .await
+        .expect("bind external organisation")
+        .into_inner()
+        .tenant
+        .expect("tenant")
+}
+
+async fn who_am_i(server: &TestServer, token: &str) -> Result<pb::WhoAmIResponse, ClientError> {
+    let client = server.with_bearer(token).await;
+    let request = client.request(pb::WhoAmIRequest {}).await?;
+    Ok(client.auth().who_am_i(request).await?.into_inner())
+}
+
+async fn list_agents(client: &VaultGuardClient) -> Result<pb::ListAgentsResponse, ClientError> {
+    let request = client.request(pb::ListAgentsRequest::default()).await?;
+    Ok(client.agents().list_agents(request).await?.into_inner())
+}
+
+async fn get_agent(
+    client: &VaultGuardClient,
+    agent_id: &str,
+) -> Result<pb::GetAgentResponse, ClientError> {
+    let request = client
+        .request(pb::GetAgentRequest {
+            agent_id: agent_id.to_owned(),
+        })
+        .await?;
+    Ok(client.agents().get_agent(request).await?.into_inner())
+}
+
+async fn list_tenants(client: &VaultGuardClient) -> Result<pb::ListTenantsResponse, ClientError> {
+    let request = client.request(pb::ListTenantsRequest::default()).await?;
+    Ok(client.tenants().list_tenants(request).await?.into_inner())
+}
+
+/// Asserts that `token` is refused with UNAUTHENTICATED and the generic
+/// ERROR_REASON_UNAUTHENTICATED.
+#[track_caller]
+fn assert_refused(case: &str, result: Result<pb::WhoAmIResponse, ClientError>) {
+    let err = match result {
+        Ok(response) => panic!("{case}: expected UNAUTHENTICATED, got Ok({response:?})"),
+        Err(err) => err,
+    };
+    assert_eq!(
+        err.code(),
+        Some(Code::Unauthenticated),
+        "{case}: unexpected error {err:?}"
+    );
+    assert_eq!(
+        err.reason(),
+        Some(pb::ErrorReason::Unauthenticated),
+        "{case}: unexpected reason {err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn valid_issuer_token_authenticates_a_tenant_admin() {
+    let Fixture {
+        issuer,
+        server,
+        acme,
+    } = start().await;
+    let token = issuer.admin_token();
+
+    let me = who_am_i(&server, &token)
+        .await
+        .expect("WhoAmI with the issuer's token");
+    let actor = me.actor.clone().expect("actor");
+    assert_eq!(actor.kind(), pb::PrincipalKind::Human);
+    assert_eq!(actor.tenant_id, acme.id);
+    assert_eq!(actor.subject, "auth0|alice");
+    assert!(
+        me.roles().any(|role| role == pb::Role::Admin),
+        "roles: {:?}",
+        me.roles
+    );
+    assert!(
+        !me.roles().any(|role| role == pb::Role::Operator),
+        "roles: {:?}",
+        me.roles
+    );
+    assert_eq!(me.issuer.trim_end_matches('/'), issuer.url);
+    assert!(me.expire_time.is_some(), "expire_time missing");
+    assert_eq!(issuer.discovery_fetches(), 1, "discovery fetched once");
+    assert_eq!(issuer.jwks_fetches(), 1, "JWKS fetched once");
+
+    // The admin may call admin RPCs of its tenant, and sees that tenant's agents.
+    let (agent, _, _) = server.create_agent(&acme.id, "bot").await;
+    let admin = server.with_bearer(&token).await;
+    let listed = list_agents(&admin)
+        .await
+        .expect("ListAgents as the issuer's admin");
+    assert!(
+        listed.agents.iter().any(|a| a.id == agent.id),
+        "agents: {:?}",
+        listed.agents
+    );
+    let got = get_agent(&admin, &agent.id)
+        .await
+        .expect("GetAgent as the issuer's admin");
+    assert_eq!(got.agent.expect("agent").id, agent.id);
+
+    // The key is cached: further calls do not fetch the JWKS again.
+    assert_eq!(issuer.jwks_fetches(), 1, "the JWKS is cached between calls");
+
+    // Roles given as one space-separated string work as well.
+    let mut claims = issuer.claims(ORG_ACME, &[]);
+    claims["roles"] = json!("auditor admin");
+    let me = who_am_i(&server, &issuer.key.token(&claims))
+        .await
+        .expect("space-separated roles");
+    assert!(
+        me.roles().any(|role| role == pb::Role::Admin),
+        "roles: {:?}",
+        me.roles
+    );
+    assert!(
+        me.roles().any(|role| role == pb::Role::Auditor),
+        "roles: {:?}",
+        me.roles
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_of_an_untrusted_issuer_is_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+    // A second, fully working issuer that the server does not trust.
+    let stranger = LocalIssuer::start("key-1").await;
+    let token = stranger.key.token(&stranger.claims(ORG_ACME, &["admin"]));
+    assert_refused("untrusted issuer", who_am_i(&server, &token).await);
+    assert_eq!(
+        stranger.discovery_fetches(),
+        0,
+        "an untrusted issuer is never contacted"
+    );
+    assert_eq!(
+        stranger.jwks_fetches(),
+        0,
+        "an untrusted issuer is never contacted"
+    );
+
+    // The trusted issuer's `iss`, `kid` and claims, signed by another key.
+    let forged = stranger
+        .key
+        .token_with_kid(&issuer.key.kid, &issuer.claims(ORG_ACME, &["admin"]));
+    assert_refused(
+        "trusted iss signed by another key",
+        who_am_i(&server, &forged).await,
+    );
+
+    // No `iss` at all.
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims.as_object_mut().expect("object").remove("iss");
+    assert_refused(
+        "no iss",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    // The genuine token still works.
+    who_am_i(&server, &issuer.admin_token())
+        .await
+        .expect("genuine token");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_audience_and_expired_tokens_are_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims["aud"] = json!("another-api");
+    assert_refused(
+        "wrong audience",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    claims["aud"] = json!(["another-api", "yet-another"]);
+    assert_refused(
+        "audience list without ours",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    claims.as_object_mut().expect("object").remove("aud");
+    assert_refused(
+        "no audience",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims["iat"] = json!(now() - 3_700);
+    claims["exp"] = json!(now() - 100);
+    assert_refused(
+        "expired 100 s ago",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    claims.as_object_mut().expect("object").remove("exp");
+    assert_refused(
+        "no exp",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims.as_object_mut().expect("object").remove("sub");
+    assert_refused(
+        "no sub",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims["iss"] = json!(format!("{}/other", issuer.url));
+    assert_refused(
+        "iss with a different path",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    // An audience list containing ours is fine.
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims["aud"] = json!(["another-api", AUDIENCE]);
+    who_am_i(&server, &issuer.key.token(&claims))
+        .await
+        .expect("audience list with ours");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unsigned_and_algorithm_confusion_tokens_are_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+    let claims = issuer.claims(ORG_ACME, &["admin"]);
+    let kid = issuer.key.kid.clone();
+
+    for alg in ["none", "None", "NONE", "nOnE"] {
+        let token = unsigned_token(alg, &kid, &claims);
+        assert_refused(&format!("alg {alg}"), who_am_i(&server, &token).await);
+    }
+    // `alg: none` carrying the genuine RS256 signature of the same payload.
+    let genuine = issuer.key.token(&claims);
+    let signature = genuine.rsplit('.').next().expect("signature");
+    let token = format!("{}{signature}", unsigned_token("none", &kid, &claims));
+    assert_refused("alg none with a signature", who_am_i(&server, &token).await);
+
+    // HS256 "signed" with the public key, in every encoding an attacker
+    // could fetch from the JWKS.
+    for (encoding, secret) in issuer.key.public_key_encodings() {
+        let token = hs256_token(&kid, &secret, &claims);
+        assert_refused(
+            &format!("HS256 with the public key as {encoding}"),
+            who_am_i(&server, &token).await,
+        );
+    }
+    // Other symmetric algorithms, too.
+    for alg in ["HS384", "HS512"] {
+        let header = json!({"alg": alg, "typ": "JWT", "kid": kid});
+        let input = signing_input(&header, &claims);
+        let algorithm = if alg == "HS384" {
+            aws_lc_rs::hmac::HMAC_SHA384
+        } else {
+            aws_lc_rs::hmac::HMAC_SHA512
+        };
+        let key = aws_lc_rs::hmac::Key::new(algorithm, &issuer.key.modulus());
+        let tag = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+        let token = format!("{input}.{}", b64url(tag.as_ref()));
+        assert_refused(
+            &format!("{alg} with the modulus"),
+            who_am_i(&server, &token).await,
+        );
+    }
+    // An RS256 signature under an ES256 / PS256 header does not verify either.
+    for alg in ["ES256", "PS256", "RS384"] {
+        let header = json!({"alg": alg, "typ": "JWT", "kid": kid});
+        let input = signing_input(&header, &claims);
+        let token = format!("{input}.{}", b64url(issuer.key.sign(&input)));
+        assert_refused(
+            &format!("RS256 signature under alg {alg}"),
+            who_am_i(&server, &token).await,
+        );
+    }
+
+    // The genuine token still works.
+    who_am_i(&server, &genuine).await.expect("genuine token");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tampered_payload_is_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+    let claims = issuer.claims(ORG_ACME, &["approver"]);
+    let token = issuer.key.token(&claims);
+    let me = who_am_i(&server, &token).await.expect("untampered token");
+    assert!(
+        me.roles().any(|role| role == pb::Role::Approver),
+        "roles: {:?}",
+        me.roles
+    );
+
+    let mut escalated = claims.clone();
+    escalated["roles"] = json!(["admin"]);
+    assert_refused(
+        "roles changed after signing",
+        who_am_i(&server, &with_payload(&token, &escalated)).await,
+    );
+
+    let mut other_user = claims.clone();
+    other_user["sub"] = json!("auth0|mallory");
+    assert_refused(
+        "sub changed after signing",
+        who_am_i(&server, &with_payload(&token, &other_user)).await,
+    );
+
+    let mut longer = claims.clone();
+    longer["exp"] = json!(now() + 86_400 * 365);
+    assert_refused(
+        "exp changed after signing",
+        who_am_i(&server, &with_payload(&token, &longer)).await,
+    );
+
+    // A flipped bit in the signature.
+    let mut bytes = URL_SAFE_NO_PAD
+        .decode(token.rsplit('.').next().expect("signature"))
+        .expect("signature b64");
+    bytes[10] ^= 0x01;
+    let (input, _) = token.rsplit_once('.').expect("three parts");
+    let flipped = format!("{input}.{}", b64url(&bytes));
+    assert_refused("flipped signature bit", who_am_i(&server, &flipped).await);
+
+    // An empty signature on an RS256 header.
+    assert_refused(
+        "empty signature",
+        who_am_i(&server, &format!("{input}.")).await,
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn organisation_not_bound_to_a_tenant_is_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+
+    let token = issuer.key.token(&issuer.claims("org_nobody", &["admin"]));
+    let err = expect_code(who_am_i(&server, &token).await, Code::Unauthenticated);
+    assert_eq!(
+        err.reason(),
+        Some(pb::ErrorReason::UnknownOrganization),
+        "{err:?}"
+    );
+
+    // The organisation claim is case-sensitive.
+    let token = issuer.key.token(&issuer.claims("ORG_ACME", &["admin"]));
+    let err = expect_code(who_am_i(&server, &token).await, Code::Unauthenticated);
+    assert_eq!(
+        err.reason(),
+        Some(pb::ErrorReason::UnknownOrganization),
+        "{err:?}"
+    );
+
+    // No organisation claim, or an empty one: refused too.
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims.as_object_mut().expect("object").remove("org_id");
+    assert_refused(
+        "no org_id",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+    claims["org_id"] = json!("");
+    assert_refused(
+        "empty org_id",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+    claims["org_id"] = json!(["org_acme"]);
+    assert_refused(
+        "org_id not a string",
+        who_am_i(&server, &issuer.key.token(&claims)).await,
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_kid_is_refused() {
+    let Fixture { issuer, server, .. } = start().await;
+    let claims = issuer.claims(ORG_ACME, &["admin"]);
+
+    // The published key's signature under a kid the JWKS does not contain.
+    let token = issuer.key.token_with_kid("no-such-kid", &claims);
+    assert_refused(
+        "unknown kid, published key",
+        who_am_i(&server, &token).await,
+    );
+    let fetches = issuer.jwks_fetches();
+    assert!(
+        fetches >= 1,
+        "the unknown kid made the server fetch the JWKS"
+    );
+
+    // An unpublished key with its own kid.
+    let rogue = SigningKey::generate("rogue-key");
+    assert_refused(
+        "unknown kid, unpublished key",
+        who_am_i(&server, &rogue.token(&claims)).await,
+    );
+    assert!(
+        issuer.jwks_fetches() > fetches,
+        "an unknown kid triggers a re-fetch"
+    );
+
+    // No kid at all.
+    let header = json!({"alg": "RS256", "typ": "JWT"});
+    let input = signing_input(&header, &claims);
+    let token = format!("{input}.{}", b64url(issuer.key.sign(&input)));
+    assert_refused("no kid", who_am_i(&server, &token).await);
+
+    // The genuine token still works.
+    who_am_i(&server, &issuer.key.token(&claims))
+        .await
+        .expect("genuine token");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn key_rotation_at_the_issuer_is_picked_up() {
+    let Fixture { issuer, server, .. } = start().await;
+    let old_token = issuer.admin_token();
+    who_am_i(&server, &old_token)
+        .await
+        .expect("token of the first key");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    // The issuer rotates: a new key with a new kid, published alongside the old.
+    let rotated = SigningKey::generate("key-2");
+    issuer.publish(&[&issuer.key, &rotated]);
+    let new_token = rotated.token(&issuer.claims(ORG_ACME, &["admin"]));
+    let me = who_am_i(&server, &new_token)
+        .await
+        .expect("token of the rotated key");
+    assert!(
+        me.roles().any(|role| role == pb::Role::Admin),
+        "roles: {:?}",
+        me.roles
+    );
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "the unknown kid made the server re-fetch the JWKS"
+    );
+    // Both keys now come from the cache.
+    who_am_i(&server, &old_token)
+        .await
+        .expect("old key still published");
+    who_am_i(&server, &new_token).await.expect("new key cached");
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "known kids are served from the cache"
+    );
+
+    // The issuer retires the old key: only the new one is published. Known
+    // kids stay cached until an unknown kid forces a refresh.
+    issuer.publish(&[&rotated]);
+    let third = SigningKey::generate("key-3");
+    assert_refused(
+        "unpublished third key",
+        who_am_i(&server, &third.token(&issuer.claims(ORG_ACME, &["admin"]))).await,
+    );
+    assert_eq!(
+        issuer.jwks_fetches(),
+        3,
+        "the unknown kid made the server re-fetch the JWKS"
+    );
+    assert_refused(
+        "retired key after a refresh",
+        who_am_i(&server, &old_token).await,
+    );
+    who_am_i(&server, &new_token)
+        .await
+        .expect("current key after the refresh");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn key_swapped_without_overlap_is_picked_up() {
+    let Fixture { issuer, server, .. } = start().await;
+    who_am_i(&server, &issuer.admin_token())
+        .await
+        .expect("token of the first key");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    // The JWKS is swapped to a brand-new key only.
+    let rotated = SigningKey::generate("key-2");
+    issuer.publish(&[&rotated]);
+    let token = rotated.token(&issuer.claims(ORG_ACME, &["admin"]));
+    let me = who_am_i(&server, &token)
+        .await
+        .expect("token of the rotated key");
+    assert_eq!(me.actor.expect("actor").kind(), pb::PrincipalKind::Human);
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "the unknown kid made the server re-fetch the JWKS"
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn issuer_roles_map_to_tenant_roles_only() {
+    let Fixture {
+        issuer,
+        server,
+        acme,
+    } = start().await;
+
+    // An approver is not an admin.
+    let approver_token = issuer.key.token(&issuer.claims(ORG_ACME, &["approver"]));
+    let me = who_am_i(&server, &approver_token)
+        .await
+        .expect("approver WhoAmI");
+    assert_eq!(me.actor.clone().expect("actor").tenant_id, acme.id);
+    assert_eq!(me.roles, vec![pb::Role::Approver as i32]);
+    let approver = server.with_bearer(&approver_token).await;
+    let err = expect_code(list_agents(&approver).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+
+    // "operator" from an external issuer grants nothing.
+    let operator_token = issuer.key.token(&issuer.claims(ORG_ACME, &["operator"]));
+    let pretender = server.with_bearer(&operator_token).await;
+    let err = expect_code(list_tenants(&pretender).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+
+    // Nor does "agent"; alongside a tenant role the principal stays a human.
+    let mixed_token = issuer
+        .key
+        .token(&issuer.claims(ORG_ACME, &["operator", "agent", "auditor"]));
+    let me = who_am_i(&server, &mixed_token)
+        .await
+        .expect("mixed roles WhoAmI");
+    let actor = me.actor.clone().expect("actor");
+    assert_eq!(actor.kind(), pb::PrincipalKind::Human);
+    assert_eq!(actor.tenant_id, acme.id);
+    assert_eq!(
+        me.roles,
+        vec![pb::Role::Auditor as i32],
+        "only tenant roles survive"
+    );
+    let mixed = server.with_bearer(&mixed_token).await;
+    let err = expect_code(list_tenants(&mixed).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+    let err = expect_code(list_agents(&mixed).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+
+    // Unknown role names are ignored.
+    let token = issuer
+        .key
+        .token(&issuer.claims(ORG_ACME, &["superuser", "Admin", "root"]));
+    let client = server.with_bearer(&token).await;
+    let err = expect_code(list_agents(&client).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn role_prefix_is_required_and_stripped() {
+    let issuer = LocalIssuer::start("key-1").await;
+    let trusted = TrustedIssuer {
+        role_prefix: "vaultguard:".to_owned(),
+        ..issuer.trusted()
+    };
+    let server = TestServer::start_with(TestOptions {
+        trusted_issuers: vec![trusted],
+        ..Default::default()
+    })
+    .await;
+    let acme = server.create_tenant("acme").await;
+    bind(&server, &acme.id, &issuer.url, ORG_ACME).await;
+
+    let token = issuer
+        .key
+        .token(&issuer.claims(ORG_ACME, &["vaultguard:admin", "approver"]));
+    let me = who_am_i(&server, &token).await.expect("prefixed roles");
+    assert_eq!(
+        me.roles,
+        vec![pb::Role::Admin as i32],
+        "only prefixed roles count"
+    );
+    list_agents(&server.with_bearer(&token).await)
+        .await
+        .expect("prefixed admin lists agents");
+
+    let token = issuer.key.token(&issuer.claims(ORG_ACME, &["admin"]));
+    let client = server.with_bearer(&token).await;
+    let err = expect_code(list_agents(&client).await, Code::PermissionDenied);
+    assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired), "{err:?}");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn organisation_of_another_tenant_cannot_reach_acme() {
+    let Fixture {
+        issuer,
+        server,
+        acme,
+    } = start().await;
+    let beta = server.create_tenant("beta").await;
+    bind(&server, &beta.id, &issuer.url, ORG_BETA).await;
+    let (acme_agent, _, _) = server.create_agent(&acme.id, "bot").await;
+
+    let beta_token = issuer.key.token(&issuer.claims(ORG_BETA, &["admin"]));
+    let me = who_am_i(&server, &beta_token)
+        .await
+        .expect("beta admin WhoAmI");
+    assert_eq!(me.actor.expect("actor").tenant_id, beta.id);
+
+    let beta_admin = server.with_bearer(&beta_token).await;
+    expect_code(get_agent(&beta_admin, &acme_agent.id).await, Code::NotFound);
+    let listed = list_agents(&beta_admin)
+        .await
+        .expect("beta lists its agents");
+    assert!(
+        listed.agents.iter().all(|agent| agent.id != acme_agent.id),
+        "acme's agent leaked: {:?}",
+        listed.agents
+    );
+
+    // Acme's own admin sees it.
+    let acme_admin = server.with_bearer(&issuer.admin_token()).await;
+    get_agent(&acme_admin, &acme_agent.id)
+        .await
+        .expect("acme admin reads its agent");
+
+    // An organisation maps to one tenant only.
+    let operator = server.operator().await;
+    let request = operator
+        .request(pb::BindExternalOrganizationRequest {
+            tenant_id: beta.id.clone(),
+            organization: Some(pb::ExternalOrganization {
+                issuer: issuer.url.clone(),
+                organization_id: ORG_ACME.to_owned(),
+            }),
+        })
+        .await
+        .expect("request");
+    expect_code(
+        operator.tenants().bind_external_organization(request).await,
+        Code::AlreadyExists,
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn issuer_outage_refuses_new_kids_but_keeps_cached_keys() {
+    let Fixture { issuer, server, .. } = start().await;
+    let token = issuer.admin_token();
+    who_am_i(&server, &token)
+        .await
+        .expect("token of the published key");
+
+    // The issuer goes down: an unknown kid cannot be resolved, and the failed
+    // re-fetch does not throw away the keys already cached.
+    issuer.set_failing(true);
+    let rotated = SigningKey::generate("key-2");
+    issuer.publish(&[&issuer.key, &rotated]);
+    let new_token = rotated.token(&issuer.claims(ORG_ACME, &["admin"]));
+    assert_refused("issuer unreachable", who_am_i(&server, &new_token).await);
+    who_am_i(&server, &token)
+        .await
+        .expect("cached key survives a failed re-fetch");
+
+    // A discovery document naming another issuer is not followed.
+    issuer.set_failing(false);
+    issuer.set_discovery_issuer("http://evil.invalid");
+    let fetches = issuer.jwks_fetches();
+    assert_refused(
+        "discovery names another issuer",
+        who_am_i(&server, &new_token).await,
+    );
+    assert_eq!(
+        issuer.jwks_fetches(),
+        fetches,
+        "the JWKS of a mismatched discovery is not fetched"
+    );
+
+    // Back to normal: the new key is picked up.
+    issuer.set_discovery_issuer(&issuer.url);
+    who_am_i(&server, &new_token)
+        .await
+        .expect("rotated key after the outage");
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unbinding_and_suspension_take_effect_immediately() {
+    let Fixture {
+        issuer,
+        server,
+        acme,
+    } = start().await;
+    let token = issuer.admin_token();
+    who_am_i(&server, &token).await.expect("bound organisation");
+    let operator = server.operator().await;
+
+    // Suspending the tenant refuses its OIDC humans.
+    let request = operator
+        .request(pb::SuspendTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: "test".to_owned(),
+        })
+        .await
+        .expect("request");
+    operator
+        .tenants()
+        .suspend_tenant(request)
+        .await
+        .expect("suspend acme");
+    let err = expect_code(who_am_i(&server, &token).await, Code::PermissionDenied);
+    assert_eq!(
+        err.reason(),
+        Some(pb::ErrorReason::TenantSuspended),
+        "{err:?}"
+    );
+    let request = operator
+        .request(pb::ReactivateTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: "test".to_owned(),
+        })
+        .await
+        .expect("request");
+    operator
+        .tenants()
+        .reactivate_tenant(request)
+        .await
+        .expect("reactivate acme");
+    who_am_i(&server, &token).await.expect("reactivated tenant");
+
+    // Unbinding the organisation refuses the same, still valid, token.
+    let request = operator
+        .request(pb::UnbindExternalOrganizationRequest {
+            tenant_id: acme.id.clone(),
+            organization: Some(pb::ExternalOrganization {
+                issuer: issuer.url.clone(),
+                organization_id: ORG_ACME.to_owned(),
+            }),
+        })
+        .await
+        .expect("request");
+    operator
+        .tenants()
+        .unbind_external_organization(request)
+        .await
+        .expect("unbind org_acme");
+    let err = expect_code(who_am_i(&server, &token).await, Code::Unauthenticated);
+    assert_eq!(
+        err.reason(),
+        Some(pb::ErrorReason::UnknownOrganization),
+        "{err:?}"
+    );
+
+    server.stop().await;
+}
+
+/// Auth0 and others put a trailing slash on `iss` (`https://x.auth0.com/`),
+/// so the issuer is configured with it. The binding is stored without the
+/// slash (domain/tenants.rs `bind_org` trims it) but looked up with the
+/// configured issuer verbatim (auth.rs `principal_from_oidc` uses
+/// `ExternalIdentity::issuer` = `TrustedIssuer::issuer`), so every such
+/// token is refused with ERROR_REASON_UNKNOWN_ORGANIZATION.
+#[tokio::test]
+async fn issuer_configured_with_trailing_slash_authenticates() {
+    let issuer = LocalIssuer::start("key-1").await;
+    let configured = format!("{}/", issuer.url);
+    let trusted = TrustedIssuer {
+        issuer: configured.clone(),
+        ..issuer.trusted()
+    };
+    let server = TestServer::start_with(TestOptions {
+        trusted_issuers: vec![trusted],
+        ..Default::default()
+    })
+    .await;
+    let acme = server.create_tenant("acme").await;
+    bind(&server, &acme.id, &configured, ORG_ACME).await;
+
+    let mut claims = issuer.claims(ORG_ACME, &["admin"]);
+    claims["iss"] = json!(configured);
+    let me = who_am_i(&server, &issuer.key.token(&claims))
+        .await
+        .expect("token with the configured iss");
+    assert_eq!(me.actor.expect("actor").tenant_id, acme.id);
+
+    server.stop().await;
+}
