@@ -341,23 +341,7 @@ impl ProxiedServer {
                 let _ = shutdown_rx.await;
             },
         ));
-        let url = format!("http://{grpc_addr}");
-        let mut ready = false;
-        for _ in 0..200 {
-            if let Ok(client) = VaultGuardClient::connect(url.clone()).await
-                && client
-                    .issuer_keys()
-                    .get_jwks(pb::GetJwksRequest {})
-                    .await
-                    .is_ok()
-            {
-                ready = true;
-                break;
-            }
-            assert!(!task.is_finished(), "server exited during startup");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(ready, "server did not start");
+        vaultguard_tests::wait_ready(grpc_addr).await;
         let mut direct = config;
         direct.database_url = direct_url;
         let state =

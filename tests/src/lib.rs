@@ -176,23 +176,7 @@ impl TestServer {
                 let _ = shutdown_rx.await;
             },
         ));
-        // Wait until the server answers, so its migrations and keys exist.
-        let url = format!("http://{grpc_addr}");
-        let mut ready = false;
-        for _ in 0..200 {
-            if let Ok(client) = VaultGuardClient::connect(url.clone()).await
-                && client
-                    .issuer_keys()
-                    .get_jwks(pb::GetJwksRequest {})
-                    .await
-                    .is_ok()
-            {
-                ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(ready, "server did not start");
+        wait_ready(grpc_addr).await;
         let mut direct = config.clone();
         direct.database_url = database_url.clone();
         let state_clock: Arc<dyn Clock> = clock.clone();
@@ -348,6 +332,25 @@ impl TestServer {
             drop_pg_database(&name).await;
         }
     }
+}
+
+/// Waits until the server on `grpc_addr` answers (its migrations ran and its
+/// issuer keys exist); panics after 10 seconds.
+pub async fn wait_ready(grpc_addr: SocketAddr) {
+    let url = format!("http://{grpc_addr}");
+    for _ in 0..200 {
+        if let Ok(client) = VaultGuardClient::connect(url.clone()).await
+            && client
+                .issuer_keys()
+                .get_jwks(pb::GetJwksRequest {})
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not start");
 }
 
 pub async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
