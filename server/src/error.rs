@@ -55,6 +55,9 @@ pub enum Error {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// A concurrent change won; nothing was written and a retry may succeed.
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
     #[error("unimplemented: {0}")]
     Unimplemented(&'static str),
     #[error("storage: {0}")]
@@ -250,6 +253,12 @@ impl From<Error> for Status {
                 message,
                 metadata,
             } => status_with_info(Code::FailedPrecondition, message, reason, metadata),
+            Error::Conflict(detail) => status_with_info(
+                Code::Aborted,
+                format!("{detail}; retry"),
+                ErrorReason::StorageConflict,
+                HashMap::new(),
+            ),
             Error::Unimplemented(what) => {
                 Status::unimplemented(format!("{what} is not implemented yet"))
             }

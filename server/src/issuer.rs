@@ -262,9 +262,7 @@ impl IssuerKeys {
         algorithm: TokenAlgorithm,
         ctx: &AuditCtx,
     ) -> Result<(issuer_key::Model, Option<issuer_key::Model>)> {
-        let rotated = self.create_active(algorithm, ctx).await?;
-        self.reload().await?;
-        Ok(rotated)
+        self.create_active(algorithm, ctx).await
     }
 
     async fn create_active(
@@ -328,11 +326,9 @@ impl IssuerKeys {
                 // Another replica created the active key first: use its key.
                 txn.rollback().await?;
                 self.reload().await?;
-                return Err(Error::FailedPrecondition {
-                    reason: vaultguard_proto::v1::ErrorReason::StorageConflict,
-                    message: "another replica rotated this key at the same time; retry".to_owned(),
-                    metadata: HashMap::new(),
-                });
+                return Err(Error::Conflict(
+                    "another replica rotated this key at the same time",
+                ));
             }
             Err(err) => return Err(err.into()),
         };
@@ -494,8 +490,8 @@ impl IssuerKeys {
         self.ring.read().await.published.get(kid).cloned()
     }
 
-    /// The JWK Set of every published key, newest first by `kid` order of
-    /// insertion is not guaranteed; consumers select by `kid`.
+    /// The JWK Set of every published key, sorted by `kid` (consumers select
+    /// keys by `kid`, not by position).
     pub async fn jwks_json(&self) -> Result<String> {
         self.reload_if_stale().await?;
         let now = self.clock.now_millis();
