@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::{ConnectionTrait, Database};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -262,15 +261,7 @@ struct ScratchDatabase {
 
 impl ScratchDatabase {
     async fn create() -> Self {
-        let name = format!("vg_health_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(format!("{}/postgres", pg_base_url()))
-            .await
-            .expect("connect to postgres");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        admin.close().await.ok();
+        let (_, name) = vaultguard_tests::create_pg_database().await;
         Self { name }
     }
 
@@ -291,14 +282,7 @@ impl Drop for ScratchDatabase {
             else {
                 return;
             };
-            runtime.block_on(async {
-                if let Ok(admin) = Database::connect(format!("{}/postgres", pg_base_url())).await {
-                    let _ = admin
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    admin.close().await.ok();
-                }
-            });
+            runtime.block_on(vaultguard_tests::drop_pg_database(&name));
         })
         .join();
     }

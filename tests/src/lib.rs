@@ -108,7 +108,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
 }
 
-async fn create_pg_database() -> (String, String) {
+/// Creates a fresh PostgreSQL database; returns its URL and name.
+pub async fn create_pg_database() -> (String, String) {
     let name = format!("vg_test_{}", uuid::Uuid::new_v4().simple());
     let admin = Database::connect(format!("{}/postgres", pg_base_url()))
         .await
@@ -121,7 +122,8 @@ async fn create_pg_database() -> (String, String) {
     (format!("{}/{name}", pg_base_url()), name)
 }
 
-async fn drop_pg_database(name: &str) {
+/// Drops a database made by [`create_pg_database`], closing its connections.
+pub async fn drop_pg_database(name: &str) {
     if let Ok(admin) = Database::connect(format!("{}/postgres", pg_base_url())).await {
         let _ = admin
             .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
