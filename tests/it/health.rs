@@ -2,29 +2,20 @@
 //! database. On PostgreSQL the server connects through a TCP proxy the test
 //! cuts and restores; on SQLite (no outage to simulate) every service simply
 //! reports SERVING.
-//!
-//! The PostgreSQL test runs its own server instead of `TestServer`, because
-//! the server must reach its database through the proxy while the test
-//! reaches the same database directly.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use vaultguard_client::{VaultGuardClient, pb};
-use vaultguard_server::clock::{Clock, OffsetClock};
-use vaultguard_server::config::Config;
-use vaultguard_server::domain::tokens;
 use vaultguard_server::health::SERVICE_NAMES;
-use vaultguard_server::state::AppState;
-use vaultguard_tests::{Backend, TestServer, backend, pg_base_url};
+use vaultguard_tests::{Backend, TestOptions, TestServer, backend, pg_base_url};
 
 const POLL: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -128,17 +119,12 @@ async fn postgres_outage_is_detected() {
         base.host_str().expect("pg host"),
         base.port().unwrap_or(5432)
     );
-    let database = ScratchDatabase::create().await;
     let proxy = Proxy::start(upstream).await;
-    let mut proxied = base.clone();
-    proxied
-        .set_ip_host(proxy.addr.ip())
-        .expect("set proxy host");
-    proxied
-        .set_port(Some(proxy.addr.port()))
-        .expect("set proxy port");
-    proxied.set_path(&database.name);
-    let server = ProxiedServer::start(proxied.to_string(), database.direct_url()).await;
+    let server = TestServer::start_with(TestOptions {
+        database_proxy: Some(proxy.addr),
+        ..TestOptions::default()
+    })
+    .await;
     let operator = server.operator().await;
     let mut health = health_client(server.grpc_addr).await;
     let services = ["", "vaultguard.v1.TenantService"];
@@ -198,7 +184,6 @@ async fn postgres_outage_is_detected() {
 
     server.stop().await;
     proxy.stop();
-    drop(database);
 }
 
 /// A TCP proxy to PostgreSQL that can be cut (every forwarded connection
@@ -251,122 +236,5 @@ impl Proxy {
     fn stop(self) {
         self.cut();
         self.task.abort();
-    }
-}
-
-/// A database of this test's own, dropped (with its connections) on drop.
-struct ScratchDatabase {
-    name: String,
-}
-
-impl ScratchDatabase {
-    async fn create() -> Self {
-        let (_, name) = vaultguard_tests::create_pg_database().await;
-        Self { name }
-    }
-
-    fn direct_url(&self) -> String {
-        format!("{}/{}", pg_base_url(), self.name)
-    }
-}
-
-impl Drop for ScratchDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop may run on the test's runtime thread: drop the database from
-        // a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(vaultguard_tests::drop_pg_database(&name));
-        })
-        .join();
-    }
-}
-
-/// The real server on 127.0.0.1:0, connected to `database_url` (through the
-/// proxy), with state for minting tokens on the direct URL.
-struct ProxiedServer {
-    grpc_addr: SocketAddr,
-    http_addr: SocketAddr,
-    state: AppState,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl ProxiedServer {
-    async fn start(database_url: String, direct_url: String) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc_addr = grpc.local_addr().expect("grpc addr");
-        let http_addr = http.local_addr().expect("http addr");
-        let config = Config {
-            data_dir: dir.path().to_path_buf(),
-            database_url,
-            jwks_min_refresh_seconds: 0,
-            health_probe_interval_ms: 200,
-            database_acquire_timeout_ms: 1_000,
-            ..Config::default()
-        };
-        let clock: Arc<dyn Clock> = OffsetClock::new();
-        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(vaultguard_server::server::serve(
-            config.clone(),
-            clock.clone(),
-            grpc,
-            http,
-            async move {
-                let _ = shutdown_rx.await;
-            },
-        ));
-        vaultguard_tests::wait_ready(grpc_addr).await;
-        let mut direct = config;
-        direct.database_url = direct_url;
-        let state =
-            vaultguard_server::server::prepare(direct, clock, format!("http://{http_addr}"), false)
-                .await
-                .expect("test state");
-        Self {
-            grpc_addr,
-            http_addr,
-            state,
-            shutdown: Some(shutdown_tx),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn operator(&self) -> VaultGuardClient {
-        let token = tokens::mint(
-            &self.state,
-            "operator",
-            None,
-            &[pb::Role::Operator],
-            None,
-            3600,
-        )
-        .await
-        .expect("mint")
-        .access_token;
-        VaultGuardClient::connect(format!("http://{}", self.grpc_addr))
-            .await
-            .expect("connect")
-            .with_bearer(token)
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
-        self.state.db.clone().close().await.ok();
     }
 }

@@ -89,7 +89,17 @@ fn init_logging() {
 #[derive(Debug, Clone, Default)]
 pub struct TestOptions {
     pub trusted_issuers: Vec<TrustedIssuer>,
-    pub health_probe_interval_ms: Option<u64>,
+    /// The server reaches PostgreSQL through this address (a proxy the test
+    /// controls) instead of directly; the test's own state stays direct.
+    pub database_proxy: Option<SocketAddr>,
+}
+
+/// `url` with its host and port replaced by `proxy`.
+fn through_proxy(url: &str, proxy: SocketAddr) -> String {
+    let mut url = reqwest::Url::parse(url).expect("database url");
+    url.set_ip_host(proxy.ip()).expect("proxy host");
+    url.set_port(Some(proxy.port())).expect("proxy port");
+    url.to_string()
 }
 
 /// A running server and its fresh database.
@@ -159,10 +169,13 @@ impl TestServer {
         let http_addr = http.local_addr().expect("http addr");
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            database_url: database_url.clone(),
+            database_url: match options.database_proxy {
+                Some(proxy) => through_proxy(&database_url, proxy),
+                None => database_url.clone(),
+            },
             trusted_issuers: options.trusted_issuers.clone(),
             jwks_min_refresh_seconds: 0,
-            health_probe_interval_ms: options.health_probe_interval_ms.unwrap_or(200),
+            health_probe_interval_ms: 200,
             database_acquire_timeout_ms: 1_000,
             ..Config::default()
         };
