@@ -110,6 +110,12 @@ impl Error {
     }
 }
 
+impl From<FieldViolation> for Error {
+    fn from(violation: FieldViolation) -> Self {
+        Self::InvalidArgument(vec![violation])
+    }
+}
+
 /// Collects field violations while a request is validated.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
@@ -130,6 +136,18 @@ impl Violations {
     pub fn check(&mut self, result: std::result::Result<(), FieldViolation>) {
         if let Err(violation) = result {
             self.0.push(violation);
+        }
+    }
+
+    /// Records the error of a check that yields a value; `None` then, and
+    /// [`Violations::finish`] fails.
+    pub fn take<T>(&mut self, result: std::result::Result<T, FieldViolation>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(violation) => {
+                self.0.push(violation);
+                None
+            }
         }
     }
 

@@ -40,8 +40,7 @@ pub fn status_of(model: &agent::Model) -> AgentStatus {
 }
 
 async fn find_own(state: &AppState, tenant_id: &str, agent_id: &str) -> Result<agent::Model> {
-    check_id("agent_id", agent_id, IdKind::Agent)
-        .map_err(|v| Error::invalid(v.field, v.description))?;
+    check_id("agent_id", agent_id, IdKind::Agent)?;
     agent::Entity::find_by_id(agent_id.to_owned())
         .filter(agent::Column::TenantId.eq(tenant_id))
         .one(&state.db)
@@ -119,10 +118,11 @@ pub async fn list(
     page_token: &str,
 ) -> Result<(Vec<agent::Model>, String)> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
-    let size = validate::page_size("page.page_size", page_size)
-        .map_err(|v| Error::invalid(v.field, v.description))?;
-    let status = validate::enum_value::<AgentStatus>("status", status, true)
-        .map_err(|v| Error::invalid(v.field, v.description))?;
+    let mut violations = Violations::new();
+    let size = violations.take(validate::page_size("page.page_size", page_size));
+    let status = violations.take(validate::enum_value::<AgentStatus>("status", status, true));
+    violations.finish()?;
+    let (size, status) = (size.unwrap_or(50), status.flatten());
     let scope = format!("agents|{tenant_id}|{status:?}");
     let after = page::decode("page.page_token", &scope, page_token)?;
     let mut query = agent::Entity::find()

@@ -67,6 +67,37 @@ async fn view(state: &AppState, model: tenant::Model) -> Result<TenantView> {
     })
 }
 
+/// Records an operator action on a tenant in the tenant's own log and in
+/// the platform log, inside the caller's transaction.
+async fn record_operator_action<C: sea_orm::ConnectionTrait>(
+    txn: &C,
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+    event_type: &'static str,
+    details: serde_json::Value,
+) -> Result<()> {
+    let audit_ctx = ctx.audit();
+    let subjects = vec![tenant_id.to_owned()];
+    let events = vec![
+        audit_ctx.event(
+            tenant_id,
+            event_type,
+            subjects.clone(),
+            Outcome::Success,
+            details.clone(),
+        ),
+        audit_ctx.event(
+            PLATFORM_LOG,
+            event_type,
+            subjects,
+            Outcome::Success,
+            details,
+        ),
+    ];
+    audit::append_all(txn, state.clock.as_ref(), events).await
+}
+
 async fn find(state: &AppState, tenant_id: &str) -> Result<tenant::Model> {
     tenant::Entity::find_by_id(tenant_id.to_owned())
         .one(&state.db)
@@ -85,12 +116,9 @@ pub async fn create(
     let mut violations = Violations::new();
     violations.check(validate::slug("slug", slug));
     violations.check(validate::required_text("display_name", display_name, 200));
-    let algorithm = check_algorithm("settings.token_algorithm", token_algorithm);
-    if let Err(violation) = &algorithm {
-        violations.add(violation.field.clone(), violation.description.clone());
-    }
+    let algorithm = violations.take(check_algorithm("settings.token_algorithm", token_algorithm));
     violations.finish()?;
-    let algorithm = algorithm.map_err(|v| Error::invalid(v.field, v.description))?;
+    let algorithm = algorithm.unwrap_or(TokenAlgorithm::Rs256);
 
     let now = state.clock.now_millis();
     let id = new_id(IdKind::Tenant);
@@ -116,28 +144,7 @@ pub async fn create(
         Err(err) => return Err(err.into()),
     };
     let details = json!({"slug": slug, "display_name": display_name, "token_algorithm": algorithm_name(algorithm)});
-    let audit_ctx = ctx.audit();
-    audit::append_all(
-        &txn,
-        state.clock.as_ref(),
-        vec![
-            audit_ctx.event(
-                &id,
-                "tenant.created",
-                vec![id.clone()],
-                Outcome::Success,
-                details.clone(),
-            ),
-            audit_ctx.event(
-                PLATFORM_LOG,
-                "tenant.created",
-                vec![id.clone()],
-                Outcome::Success,
-                details,
-            ),
-        ],
-    )
-    .await?;
+    record_operator_action(&txn, state, ctx, &id, "tenant.created", details).await?;
     txn.commit().await?;
     state.audit_committed();
     Ok(TenantView {
@@ -154,8 +161,7 @@ pub async fn get(state: &AppState, ctx: &CallContext, tenant_id: &str) -> Result
     let wanted = if tenant_id.is_empty() {
         principal.tenant_id()?.to_owned()
     } else {
-        check_id("tenant_id", tenant_id, IdKind::Tenant)
-            .map_err(|v| Error::invalid(v.field, v.description))?;
+        check_id("tenant_id", tenant_id, IdKind::Tenant)?;
         tenant_id.to_owned()
     };
     if !principal.has_role(Role::Operator)
@@ -175,17 +181,10 @@ pub async fn list(
     page_token: &str,
 ) -> Result<(Vec<TenantView>, String)> {
     let mut violations = Violations::new();
-    let size = validate::page_size("page.page_size", page_size);
-    let status = validate::enum_value::<TenantStatus>("status", status, true);
-    if let Err(v) = &size {
-        violations.add(v.field.clone(), v.description.clone());
-    }
-    if let Err(v) = &status {
-        violations.add(v.field.clone(), v.description.clone());
-    }
+    let size = violations.take(validate::page_size("page.page_size", page_size));
+    let status = violations.take(validate::enum_value::<TenantStatus>("status", status, true));
     violations.finish()?;
-    let size = size.map_err(|v| Error::invalid(v.field, v.description))?;
-    let status = status.map_err(|v| Error::invalid(v.field, v.description))?;
+    let (size, status) = (size.unwrap_or(50), status.flatten());
     let scope = format!("tenants|{status:?}");
     let after = page::decode("page.page_token", &scope, page_token)?;
 
@@ -252,28 +251,7 @@ pub async fn set_suspended(
         ));
     }
     let details = json!({"reason": reason});
-    let audit_ctx = ctx.audit();
-    audit::append_all(
-        &txn,
-        state.clock.as_ref(),
-        vec![
-            audit_ctx.event(
-                tenant_id,
-                event_type,
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details.clone(),
-            ),
-            audit_ctx.event(
-                PLATFORM_LOG,
-                event_type,
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details,
-            ),
-        ],
-    )
-    .await?;
+    record_operator_action(&txn, state, ctx, tenant_id, event_type, details).await?;
     txn.commit().await?;
     state.audit_committed();
     let model = find(state, tenant_id).await?;
@@ -344,26 +322,13 @@ pub async fn bind_org(
         Err(err) => return Err(err.into()),
     }
     let details = json!({"issuer": issuer, "organization_id": organization_id});
-    let audit_ctx = ctx.audit();
-    audit::append_all(
+    record_operator_action(
         &txn,
-        state.clock.as_ref(),
-        vec![
-            audit_ctx.event(
-                tenant_id,
-                "tenant.organization_bound",
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details.clone(),
-            ),
-            audit_ctx.event(
-                PLATFORM_LOG,
-                "tenant.organization_bound",
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details,
-            ),
-        ],
+        state,
+        ctx,
+        tenant_id,
+        "tenant.organization_bound",
+        details,
     )
     .await?;
     txn.commit().await?;
@@ -407,26 +372,13 @@ pub async fn unbind_org(
         return Err(Error::NotFound("organisation binding"));
     }
     let details = json!({"issuer": issuer, "organization_id": organization_id});
-    let audit_ctx = ctx.audit();
-    audit::append_all(
+    record_operator_action(
         &txn,
-        state.clock.as_ref(),
-        vec![
-            audit_ctx.event(
-                tenant_id,
-                "tenant.organization_unbound",
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details.clone(),
-            ),
-            audit_ctx.event(
-                PLATFORM_LOG,
-                "tenant.organization_unbound",
-                vec![tenant_id.to_owned()],
-                Outcome::Success,
-                details,
-            ),
-        ],
+        state,
+        ctx,
+        tenant_id,
+        "tenant.organization_unbound",
+        details,
     )
     .await?;
     txn.commit().await?;
@@ -445,8 +397,7 @@ pub async fn update_settings(
     let Some(raw) = token_algorithm else {
         return Err(Error::invalid("settings", "is required"));
     };
-    let algorithm = check_algorithm("settings.token_algorithm", raw)
-        .map_err(|v| Error::invalid(v.field, v.description))?;
+    let algorithm = check_algorithm("settings.token_algorithm", raw)?;
     let txn = state.db.begin().await?;
     let current = tenant::Entity::find_by_id(tenant_id.clone())
         .one(&txn)

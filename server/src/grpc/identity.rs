@@ -295,7 +295,7 @@ impl IssuerKeyService for IssuerKeyApi {
             request.get_ref().algorithm,
             true,
         )
-        .map_err(|v| Status::from(Error::invalid(v.field, v.description)))?
+        .map_err(|v| Status::from(Error::from(v)))?
         .unwrap_or(pb::TokenAlgorithm::Rs256);
         let (key, retired) = self.0.keys.rotate(algorithm, &ctx.audit()).await?;
         self.0.audit_committed();
