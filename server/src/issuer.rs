@@ -210,6 +210,9 @@ impl std::fmt::Debug for IssuerKeys {
 
 const RING_MAX_AGE_MILLIS: Millis = 30_000;
 
+/// The least time between two reloads triggered by unknown `kid`s.
+const UNKNOWN_KID_RELOAD_MILLIS: Millis = 1_000;
+
 /// What a verified VaultGuard token says, with its raw claims.
 #[derive(Debug, Clone)]
 pub struct VerifiedToken<C> {
@@ -458,7 +461,13 @@ impl IssuerKeys {
         let key = match self.published_key(&kid).await {
             Some(key) => key,
             None => {
-                self.reload().await?;
+                // A key rotated by another replica: reload, but at most once
+                // per UNKNOWN_KID_RELOAD_MILLIS, since anyone can present a
+                // made-up kid and a reload decrypts and parses every key.
+                let age = self.clock.now_millis() - self.ring.read().await.loaded_at;
+                if age >= UNKNOWN_KID_RELOAD_MILLIS {
+                    self.reload().await?;
+                }
                 self.published_key(&kid)
                     .await
                     .ok_or(Error::Unauthenticated("unknown kid"))?
