@@ -55,6 +55,19 @@ pub enum ClientError {
     /// The client is not configured to authenticate.
     #[error("no credentials configured")]
     NoCredentials,
+    /// The delegation needs a human approval first (STEP_UP). Wait on
+    /// `auth_req_id` with StepUpService, then repeat the request with the
+    /// same idempotency key.
+    #[error("step-up approval required for delegation {delegation_id}")]
+    StepUpRequired {
+        delegation_id: String,
+        auth_req_id: String,
+        expires_in: u32,
+        interval: u32,
+    },
+    /// The server's answer lacked a field the contract promises.
+    #[error("malformed response: {0}")]
+    MalformedResponse(&'static str),
 }
 
 impl ClientError {
@@ -285,4 +298,186 @@ impl VaultGuardClient {
     pub fn audit(&self) -> AuditServiceClient<Channel> {
         AuditServiceClient::new(self.channel.clone())
     }
+}
+
+/// What RequestDelegation decided, when it did not refuse.
+#[derive(Debug, Clone)]
+pub enum DelegationOutcome {
+    /// ALLOW: an ACTIVE delegation and its token.
+    Allowed {
+        grant: pb::DelegationGrant,
+        decision: pb::PolicyDecision,
+    },
+    /// STEP_UP: a PENDING delegation waiting for human approval.
+    StepUp {
+        challenge: pb::StepUpChallenge,
+        decision: pb::PolicyDecision,
+    },
+}
+
+impl DelegationOutcome {
+    /// The delegation, whatever the outcome.
+    pub fn delegation(&self) -> Option<&pb::Delegation> {
+        match self {
+            Self::Allowed { grant, .. } => grant.delegation.as_ref(),
+            Self::StepUp { challenge, .. } => challenge.delegation.as_ref(),
+        }
+    }
+
+    /// The policy decision with its explanation.
+    pub fn decision(&self) -> &pb::PolicyDecision {
+        match self {
+            Self::Allowed { decision, .. } | Self::StepUp { decision, .. } => decision,
+        }
+    }
+}
+
+impl VaultGuardClient {
+    /// Asks for a delegation as the calling agent. An empty
+    /// `idempotency_key` is replaced by a fresh random one (so a retry of
+    /// this call is NOT idempotent: set your own key to make retries safe).
+    /// BLOCK is an error: PERMISSION_DENIED with reason
+    /// `ERROR_REASON_POLICY_BLOCKED` or `ERROR_REASON_NO_MATCHING_RULE`.
+    pub async fn request_delegation(
+        &self,
+        mut message: pb::RequestDelegationRequest,
+    ) -> Result<DelegationOutcome, ClientError> {
+        if message.idempotency_key.is_empty() {
+            message.idempotency_key = random_idempotency_key();
+        }
+        let request = self.request(message).await?;
+        let response = self
+            .delegations()
+            .request_delegation(request)
+            .await?
+            .into_inner();
+        let decision = response.decision.unwrap_or_default();
+        match response.outcome {
+            Some(pb::request_delegation_response::Outcome::Allowed(grant)) => {
+                Ok(DelegationOutcome::Allowed { grant, decision })
+            }
+            Some(pb::request_delegation_response::Outcome::StepUp(challenge)) => {
+                Ok(DelegationOutcome::StepUp {
+                    challenge,
+                    decision,
+                })
+            }
+            None => Err(ClientError::MalformedResponse(
+                "RequestDelegation without outcome",
+            )),
+        }
+    }
+
+    /// Verifies a delegation token addressed to the caller's tenant (online
+    /// introspection). An inactive token is `Ok` with `active: false`.
+    pub async fn verify(
+        &self,
+        token: impl Into<String>,
+        required_action: impl Into<String>,
+    ) -> Result<pb::VerifyDelegationTokenResponse, ClientError> {
+        let request = self
+            .request(pb::VerifyDelegationTokenRequest {
+                token: token.into(),
+                required_action: required_action.into(),
+            })
+            .await?;
+        Ok(self
+            .delegations()
+            .verify_delegation_token(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Reads one delegation the caller's tenant is a party to.
+    pub async fn get_delegation(
+        &self,
+        delegation_id: impl Into<String>,
+    ) -> Result<pb::Delegation, ClientError> {
+        let request = self
+            .request(pb::GetDelegationRequest {
+                delegation_id: delegation_id.into(),
+            })
+            .await?;
+        self.delegations()
+            .get_delegation(request)
+            .await?
+            .into_inner()
+            .delegation
+            .ok_or(ClientError::MalformedResponse(
+                "GetDelegation without delegation",
+            ))
+    }
+
+    /// Revokes an ACTIVE delegation addressed to the caller's tenant (admin).
+    pub async fn revoke(
+        &self,
+        delegation_id: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<pb::Delegation, ClientError> {
+        let request = self
+            .request(pb::RevokeDelegationRequest {
+                delegation_id: delegation_id.into(),
+                reason: reason.into(),
+            })
+            .await?;
+        self.delegations()
+            .revoke_delegation(request)
+            .await?
+            .into_inner()
+            .delegation
+            .ok_or(ClientError::MalformedResponse(
+                "RevokeDelegation without delegation",
+            ))
+    }
+
+    /// Gives up an ACTIVE delegation the caller (agent or its admin) requested.
+    pub async fn relinquish(
+        &self,
+        delegation_id: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<pb::Delegation, ClientError> {
+        let request = self
+            .request(pb::RelinquishDelegationRequest {
+                delegation_id: delegation_id.into(),
+                reason: reason.into(),
+            })
+            .await?;
+        self.delegations()
+            .relinquish_delegation(request)
+            .await?
+            .into_inner()
+            .delegation
+            .ok_or(ClientError::MalformedResponse(
+                "RelinquishDelegation without delegation",
+            ))
+    }
+
+    /// Requests a delegation and, when it is allowed, runs `work` with its
+    /// token. A STEP_UP outcome answers [`ClientError::StepUpRequired`] (wait
+    /// for the approval with the StepUp service and retry with the same
+    /// idempotency key); BLOCK answers the PERMISSION_DENIED status.
+    pub async fn with_delegation<F, Fut, T>(
+        &self,
+        message: pb::RequestDelegationRequest,
+        work: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        match self.request_delegation(message).await? {
+            DelegationOutcome::Allowed { grant, .. } => Ok(work(grant.token).await),
+            DelegationOutcome::StepUp { challenge, .. } => Err(ClientError::StepUpRequired {
+                delegation_id: challenge.delegation.map(|d| d.id).unwrap_or_default(),
+                auth_req_id: challenge.auth_req_id,
+                expires_in: challenge.expires_in,
+                interval: challenge.interval,
+            }),
+        }
+    }
+}
+
+/// A random idempotency key: 128 bits as 32 hex digits.
+pub fn random_idempotency_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }

@@ -11,6 +11,7 @@ mod m20261122_000002_create_audit;
 mod m20261122_000003_create_policies;
 mod m20261122_000004_create_delegations;
 mod m20261122_000005_create_vault;
+mod m20261122_000006_policy_delegation_details;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000003_create_policies::Migration),
             Box::new(m20261122_000004_create_delegations::Migration),
             Box::new(m20261122_000005_create_vault::Migration),
+            Box::new(m20261122_000006_policy_delegation_details::Migration),
         ]
     }
 }

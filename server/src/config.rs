@@ -73,6 +73,13 @@ pub struct Config {
     pub jwks_min_refresh_seconds: u64,
     /// How often the database is probed for the health service.
     pub health_probe_interval_ms: u64,
+    /// How long a step-up waits for a human before it expires (CIBA
+    /// `expires_in`).
+    pub step_up_expires_in_seconds: u32,
+    /// The initial CIBA polling `interval` of a step-up.
+    pub step_up_interval_seconds: u32,
+    /// How often the sweeper marks expired delegations EXPIRED.
+    pub sweep_interval_ms: u64,
     /// `json` or `text`.
     pub log_format: String,
 }
@@ -94,6 +101,9 @@ impl Default for Config {
             trusted_issuers: Vec::new(),
             jwks_min_refresh_seconds: 10,
             health_probe_interval_ms: 1_000,
+            step_up_expires_in_seconds: 300,
+            step_up_interval_seconds: 5,
+            sweep_interval_ms: 5_000,
             log_format: "text".to_owned(),
         }
     }

@@ -158,6 +158,18 @@ impl MasterKey {
             .to_vec()
     }
 
+    /// A public handle derived from a record id under the master key
+    /// (base64url of HMAC-SHA256 over `purpose`, a zero byte and `id`): 256
+    /// bits that only this server can compute, so the handle itself never
+    /// needs storing — only its hash, for lookups.
+    pub fn derive_handle(&self, purpose: &str, id: &str) -> String {
+        let mut input = Vec::with_capacity(purpose.len() + 1 + id.len());
+        input.extend_from_slice(purpose.as_bytes());
+        input.push(0);
+        input.extend_from_slice(id.as_bytes());
+        URL_SAFE_NO_PAD.encode(hmac::sign(&self.digest_key, &input).as_ref())
+    }
+
     /// Compares a presented secret with a stored digest in constant time.
     pub fn verify_secret(&self, secret: &str, digest: &[u8]) -> bool {
         hmac::verify(&self.digest_key, secret.as_bytes(), digest).is_ok()

@@ -102,6 +102,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sealer = Sealer::new(state.db.clone(), clock, state.audit_wake.clone());
     let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
+    let sweeper_task = tokio::spawn(crate::domain::delegations::run_sweeper(
+        state.clone(),
+        stop_rx.clone(),
+    ));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let healthy = Arc::new(AtomicBool::new(false));
@@ -170,7 +174,7 @@ pub async fn serve(
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     signal.abort();
-    let _ = tokio::join!(sealer_task, probe_task);
+    let _ = tokio::join!(sealer_task, probe_task, sweeper_task);
     grpc_result?;
     http_result?;
     tracing::info!("vaultguard stopped");

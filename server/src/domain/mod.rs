@@ -3,6 +3,9 @@
 //! here; the gRPC adapters in `crate::grpc` translate.
 
 pub mod agents;
+pub mod delegations;
 pub mod page;
+pub mod policies;
+pub mod policy_engine;
 pub mod tenants;
 pub mod tokens;

@@ -133,6 +133,8 @@ pub async fn create(
         policy_version: Set(0),
         created_at: Set(now),
         updated_at: Set(now),
+        policy_updated_at: Set(None),
+        policy_updated_by: Set(None),
     }
     .insert(&txn)
     .await;

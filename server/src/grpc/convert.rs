@@ -1,12 +1,18 @@
 //! Conversions from domain results to proto messages.
 
+use std::collections::BTreeMap;
+
 use vaultguard_proto::v1 as pb;
 
-use crate::clock::to_timestamp;
+use crate::clock::{Millis, to_timestamp};
 use crate::domain::agents::status_of;
+use crate::domain::delegations;
+use crate::domain::policies::{OUTBOUND_BLOCK, parse_actor, parse_rule};
+use crate::domain::policy_engine::{Attr, Decision, Direction};
 use crate::domain::tenants::{TenantView, audience};
+use crate::error::Error;
 use crate::issuer::parse_algorithm;
-use crate::store::entities::{agent, issuer_key};
+use crate::store::entities::{agent, delegation, issuer_key, policy_rule, tenant};
 
 pub fn tenant(view: TenantView) -> pb::Tenant {
     let status = view.status();
@@ -63,4 +69,99 @@ pub fn issuer_key(model: issuer_key::Model) -> pb::IssuerKey {
         retire_time: model.retired_at.map(to_timestamp),
         publish_until: model.publish_until.map(to_timestamp),
     }
+}
+
+fn actor(stored: Option<&str>) -> Option<pb::Actor> {
+    stored.and_then(parse_actor)
+}
+
+pub fn rule(model: policy_rule::Model) -> Result<pb::Rule, Error> {
+    let parsed = parse_rule(&model)?;
+    Ok(pb::Rule {
+        direction: Direction::parse(&model.direction).to_proto() as i32,
+        action_pattern: model.action_pattern,
+        counterpart_tenant_id: model.counterpart_tenant_id.unwrap_or_default(),
+        agent_id: model.agent_id.unwrap_or_default(),
+        conditions: parsed.conditions.iter().map(|c| c.to_proto()).collect(),
+        time_window: parsed.time_window.as_ref().map(|w| w.to_proto()),
+        effect: parsed.effect.to_effect() as i32,
+        max_ttl_seconds: parsed.max_ttl_seconds,
+        priority: model.priority,
+        approvals_required: parsed.approvals_required,
+        description: model.description,
+        create_time: Some(to_timestamp(model.created_at)),
+        update_time: Some(to_timestamp(model.updated_at)),
+        version: u64::try_from(model.version).unwrap_or_default(),
+        update_actor: actor(Some(&model.updated_by)),
+        id: model.id,
+    })
+}
+
+pub fn policy_settings(model: tenant::Model) -> pb::PolicySettings {
+    pb::PolicySettings {
+        outbound_default: if model.outbound_default == OUTBOUND_BLOCK {
+            pb::OutboundDefault::Block
+        } else {
+            pb::OutboundDefault::Allow
+        } as i32,
+        policy_version: u64::try_from(model.policy_version).unwrap_or_default(),
+        update_time: model.policy_updated_at.map(to_timestamp),
+        update_actor: actor(model.policy_updated_by.as_deref()),
+    }
+}
+
+/// A delegation as `viewer_tenant` may see it (the other side's policy
+/// explanation redacted), with expiry applied at `now`.
+pub fn delegation(
+    row: delegation::Model,
+    viewer_tenant: &str,
+    now: Millis,
+) -> Result<pb::Delegation, Error> {
+    let status = delegations::status_proto(delegations::effective_status(&row, now));
+    let decision: Decision = serde_json::from_str(&row.decision).map_err(Error::internal)?;
+    let context: BTreeMap<String, Attr> =
+        serde_json::from_str(&row.context).map_err(Error::internal)?;
+    let scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
+    let expired_now = status == pb::DelegationStatus::Expired && row.ended_at.is_none();
+    Ok(pb::Delegation {
+        requesting_tenant_id: row.requesting_tenant_id,
+        requesting_agent_id: row.requesting_agent_id,
+        receiving_tenant_id: row.receiving_tenant_id,
+        action: row.action,
+        scopes,
+        resource: row.resource,
+        binding_message: row.binding_message,
+        context: context
+            .into_iter()
+            .map(|(k, v)| (k, v.to_proto()))
+            .collect(),
+        requested_ttl_seconds: u32::try_from(row.ttl_seconds).unwrap_or_default(),
+        status: status as i32,
+        decision: Some(decision.redacted_for(viewer_tenant).to_proto()),
+        step_up_id: row.step_up_id.unwrap_or_default(),
+        create_time: Some(to_timestamp(row.created_at)),
+        activate_time: row.activated_at.map(to_timestamp),
+        expire_time: row.expires_at.map(to_timestamp),
+        end_time: if expired_now {
+            row.expires_at.map(to_timestamp)
+        } else {
+            row.ended_at.map(to_timestamp)
+        },
+        ended_by: if expired_now {
+            Some(pb::Actor {
+                kind: pb::PrincipalKind::System as i32,
+                subject: "system".to_owned(),
+                tenant_id: String::new(),
+            })
+        } else {
+            actor(row.ended_by.as_deref())
+        },
+        end_reason: if expired_now {
+            "expired".to_owned()
+        } else {
+            row.end_reason.unwrap_or_default()
+        },
+        token_algorithm: row.token_algorithm,
+        id: row.id,
+    })
 }

@@ -6,11 +6,13 @@ mod convert;
 mod identity;
 pub mod layer;
 mod pending;
+mod policy;
 
 use tonic::{Request, Status};
 
 pub use identity::{AgentApi, AuthApi, IssuerKeyApi, TenantApi};
-pub use pending::{AuditApi, DelegationApi, PolicyApi, StepUpApi, VaultApi};
+pub use pending::{AuditApi, StepUpApi, VaultApi};
+pub use policy::{DelegationApi, PolicyApi};
 
 use crate::auth::CallContext;
 use crate::error::Error;

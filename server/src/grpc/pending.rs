@@ -3,22 +3,10 @@
 //! generated default stubs, after authentication and authorization.
 
 use vaultguard_proto::v1::audit_service_server::AuditService;
-use vaultguard_proto::v1::delegation_service_server::DelegationService;
-use vaultguard_proto::v1::policy_service_server::PolicyService;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 use vaultguard_proto::v1::vault_service_server::VaultService;
 
 use crate::state::AppState;
-
-/// PolicyService: issue "Delegations and two-sided policies".
-#[derive(Debug, Clone)]
-pub struct PolicyApi(pub AppState);
-impl PolicyService for PolicyApi {}
-
-/// DelegationService: issue "Delegations and two-sided policies".
-#[derive(Debug, Clone)]
-pub struct DelegationApi(pub AppState);
-impl DelegationService for DelegationApi {}
 
 /// StepUpService: issue "StepUp".
 #[derive(Debug, Clone)]

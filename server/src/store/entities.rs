@@ -17,6 +17,9 @@ pub mod tenant {
         pub policy_version: i64,
         pub created_at: i64,
         pub updated_at: i64,
+        pub policy_updated_at: Option<i64>,
+        /// JSON of the actor who last changed the policy settings.
+        pub policy_updated_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -111,6 +114,123 @@ pub mod audit_event {
         pub outcome: String,
         pub request_id: String,
         pub details: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod policy_rule {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "policy_rules")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        /// `inbound` or `outbound`.
+        pub direction: String,
+        pub action_pattern: String,
+        pub counterpart_tenant_id: Option<String>,
+        pub agent_id: Option<String>,
+        /// JSON array of conditions.
+        pub conditions: String,
+        /// JSON time window, if any.
+        pub time_window: Option<String>,
+        /// `allow`, `step_up` or `block`.
+        pub effect: String,
+        pub max_ttl_seconds: i64,
+        pub priority: i32,
+        pub approvals_required: i32,
+        pub description: String,
+        pub version: i64,
+        pub created_at: i64,
+        pub updated_at: i64,
+        /// JSON of the actor who created or last updated the rule.
+        pub updated_by: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod delegation {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "delegations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub requesting_tenant_id: String,
+        pub requesting_agent_id: String,
+        pub receiving_tenant_id: String,
+        pub action: String,
+        /// JSON array of scopes.
+        pub scopes: String,
+        pub resource: String,
+        pub binding_message: String,
+        /// JSON object of context attributes.
+        pub context: String,
+        /// `pending`, `active`, `denied`, `expired`, `revoked`,
+        /// `relinquished` or `blocked`; expiry is also applied at read time.
+        pub status: String,
+        /// JSON of the policy decision taken at request time.
+        pub decision: String,
+        pub idempotency_key: String,
+        /// SHA-256 of the canonical request, for idempotent replays.
+        pub request_hash: String,
+        /// The requested lifetime.
+        pub ttl_seconds: i64,
+        /// The JWS `alg` of its token; empty when it never had one.
+        pub token_algorithm: String,
+        pub signing_kid: Option<String>,
+        pub created_at: i64,
+        pub activated_at: Option<i64>,
+        pub expires_at: Option<i64>,
+        pub ended_at: Option<i64>,
+        /// JSON of the actor who ended it.
+        pub ended_by: Option<String>,
+        pub end_reason: Option<String>,
+        pub step_up_id: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod step_up {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "step_ups")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub delegation_id: String,
+        pub receiving_tenant_id: String,
+        pub requesting_tenant_id: String,
+        pub requesting_agent_id: String,
+        /// SHA-256 of the `auth_req_id`; the id itself is never stored.
+        pub auth_req_id_hash: String,
+        /// `pending`, `approved`, `denied`, `expired` or `redeemed`.
+        pub state: String,
+        pub request_hash: String,
+        pub interval_seconds: i64,
+        pub last_polled_at: Option<i64>,
+        pub approvals_required: i32,
+        pub expires_at: i64,
+        pub created_at: i64,
+        pub updated_at: i64,
+        pub decided_at: Option<i64>,
+        pub redeemed_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,1319 @@
+//! Delegations: requesting (two-sided policy, idempotent), reading (only
+//! the two parties), ending (revoke, relinquish, expiry), verifying tokens.
+//!
+//! Concurrency rules:
+//! - The idempotency key is a unique index `(requesting_agent_id,
+//!   idempotency_key)`; concurrent first requests race on it and the losers
+//!   replay the winner's row, so one key yields one delegation and one `jti`.
+//! - Every state change is a conditional UPDATE (`WHERE status = <from>`,
+//!   and for ACTIVE rows `AND expires_at > now`), and its audit events are
+//!   appended in the same transaction only when the UPDATE changed a row: a
+//!   revoke racing another revoke or the sweeper leaves one terminal state
+//!   and one event.
+
+use std::collections::BTreeMap;
+
+use sea_orm::sea_query::{Condition, Expr};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
+};
+use serde_json::{Value, json};
+use vaultguard_proto::v1::{self as pb, DelegationStatus, ErrorReason, Role};
+
+use crate::audit::{self, AuditCtx, NewEvent, Outcome as AuditOutcome};
+use crate::auth::CallContext;
+use crate::clock::Millis;
+use crate::crypto::sha256_hex;
+use crate::domain::page;
+use crate::domain::policies::{self, is_active};
+use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
+use crate::domain::tenants::audience;
+use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
+use crate::ids::{IdKind, check_id, new_id};
+use crate::issuer::parse_algorithm;
+use crate::state::AppState;
+use crate::store::entities::{agent, delegation, step_up, tenant};
+use crate::store::is_postgres;
+use crate::validate;
+
+pub const STATUS_PENDING: &str = "pending";
+pub const STATUS_ACTIVE: &str = "active";
+pub const STATUS_DENIED: &str = "denied";
+pub const STATUS_EXPIRED: &str = "expired";
+pub const STATUS_REVOKED: &str = "revoked";
+pub const STATUS_RELINQUISHED: &str = "relinquished";
+pub const STATUS_BLOCKED: &str = "blocked";
+
+/// The purpose string under which `auth_req_id`s are derived from step-up ids.
+const AUTH_REQ_ID_PURPOSE: &str = "vaultguard/v1 auth_req_id";
+/// The advisory lock that keeps the sweeper to one replica at a time.
+const SWEEPER_LOCK: i64 = 0x7661_756c_7467_0001;
+/// Rows the sweeper ends per transaction.
+const SWEEP_BATCH: u64 = 500;
+/// Largest accepted token, in bytes.
+const MAX_TOKEN_BYTES: usize = 8192;
+
+/// A status as the proto names it.
+pub fn status_proto(status: &str) -> DelegationStatus {
+    match status {
+        STATUS_PENDING => DelegationStatus::Pending,
+        STATUS_ACTIVE => DelegationStatus::Active,
+        STATUS_DENIED => DelegationStatus::Denied,
+        STATUS_EXPIRED => DelegationStatus::Expired,
+        STATUS_REVOKED => DelegationStatus::Revoked,
+        STATUS_RELINQUISHED => DelegationStatus::Relinquished,
+        STATUS_BLOCKED => DelegationStatus::Blocked,
+        _ => DelegationStatus::Unspecified,
+    }
+}
+
+fn status_column(status: DelegationStatus) -> Option<&'static str> {
+    Some(match status {
+        DelegationStatus::Pending => STATUS_PENDING,
+        DelegationStatus::Active => STATUS_ACTIVE,
+        DelegationStatus::Denied => STATUS_DENIED,
+        DelegationStatus::Expired => STATUS_EXPIRED,
+        DelegationStatus::Revoked => STATUS_REVOKED,
+        DelegationStatus::Relinquished => STATUS_RELINQUISHED,
+        DelegationStatus::Blocked => STATUS_BLOCKED,
+        DelegationStatus::Unspecified => return None,
+    })
+}
+
+/// The status with expiry applied: a PENDING or ACTIVE row past its
+/// `expires_at` is EXPIRED even before the sweeper rewrites it.
+pub fn effective_status(row: &delegation::Model, now: Millis) -> &str {
+    let live = row.status == STATUS_PENDING || row.status == STATUS_ACTIVE;
+    if live && row.expires_at.is_some_and(|at| at <= now) {
+        STATUS_EXPIRED
+    } else {
+        &row.status
+    }
+}
+
+/// A request's validated input, shared by RequestDelegation and
+/// EvaluatePolicy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Input {
+    pub receiving_tenant_id: String,
+    pub action: String,
+    pub scopes: Vec<String>,
+    pub resource: String,
+    pub requested_ttl_seconds: u32,
+    pub binding_message: String,
+    pub context: BTreeMap<String, Attr>,
+}
+
+/// The raw request fields common to RequestDelegation and EvaluatePolicy.
+pub struct RawInput<'a> {
+    pub receiving_tenant_id: &'a str,
+    pub action: &'a str,
+    pub scopes: &'a [String],
+    pub resource: &'a str,
+    pub requested_ttl_seconds: u32,
+    pub binding_message: &'a str,
+    pub context: &'a std::collections::HashMap<String, pb::AttributeValue>,
+}
+
+fn check_scope(field: &str, scope: &str) -> std::result::Result<(), FieldViolation> {
+    let valid = (1..=128).contains(&scope.len())
+        && scope
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldViolation {
+            field: field.to_owned(),
+            description:
+                "scopes are 1 to 128 printable ASCII characters without space, '\"' or '\\'"
+                    .to_owned(),
+        })
+    }
+}
+
+/// Checks every field, adding violations to `v`; `None` when any failed.
+pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> Option<Input> {
+    if raw.receiving_tenant_id.is_empty() {
+        v.add("receiving_tenant_id", "is required");
+    } else if raw.receiving_tenant_id.chars().count() > 64 {
+        v.add("receiving_tenant_id", "must be at most 64 characters");
+    }
+    v.check(engine::check_action("action", raw.action));
+    if raw.scopes.len() > 32 {
+        v.add("scopes", "at most 32 scopes");
+    }
+    for (i, scope) in raw.scopes.iter().enumerate() {
+        let field = format!("scopes[{i}]");
+        v.check(check_scope(&field, scope));
+        if raw.scopes[..i].contains(scope) {
+            v.add(field, "is a duplicate");
+        }
+    }
+    v.check(validate::optional_text("resource", raw.resource, 512));
+    if raw.requested_ttl_seconds == 0 || raw.requested_ttl_seconds > server_cap {
+        v.add(
+            "requested_ttl_seconds",
+            format!("must be between 1 and {server_cap}"),
+        );
+    }
+    if raw.binding_message.chars().count() > 256 {
+        v.add("binding_message", "must be at most 256 characters");
+    } else if raw.binding_message.chars().any(char::is_control) {
+        v.add("binding_message", "must not contain control characters");
+    }
+    let context = match engine::check_context(raw.context) {
+        Ok(context) => Some(context),
+        Err(errors) => {
+            errors.into_iter().for_each(|e| v.check(Err(e)));
+            None
+        }
+    };
+    let mut scopes = raw.scopes.to_vec();
+    scopes.sort();
+    Some(Input {
+        receiving_tenant_id: raw.receiving_tenant_id.to_owned(),
+        action: raw.action.to_owned(),
+        scopes,
+        resource: raw.resource.to_owned(),
+        requested_ttl_seconds: raw.requested_ttl_seconds,
+        binding_message: raw.binding_message.to_owned(),
+        context: context?,
+    })
+}
+
+fn check_idempotency_key(key: &str) -> std::result::Result<(), FieldViolation> {
+    let valid = (1..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldViolation {
+            field: "idempotency_key".to_owned(),
+            description: "is required: 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+                .to_owned(),
+        })
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(Error::internal)
+}
+
+/// The receiving tenant of a request, which must exist.
+async fn receiving_tenant(state: &AppState, id: &str) -> Result<tenant::Model> {
+    let found = if check_id("receiving_tenant_id", id, IdKind::Tenant).is_ok() {
+        tenant::Entity::find_by_id(id.to_owned())
+            .one(&state.db)
+            .await?
+    } else {
+        None
+    };
+    found.ok_or_else(|| Error::invalid("receiving_tenant_id", "names no tenant"))
+}
+
+async fn tenant_row(state: &AppState, id: &str) -> Result<tenant::Model> {
+    tenant::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))
+}
+
+fn suspended() -> Error {
+    Error::denied(
+        ErrorReason::TenantSuspended,
+        "the receiving tenant is suspended",
+    )
+}
+
+/// One event per distinct party, each with the decision as that party may
+/// see it.
+fn party_events(
+    audit_ctx: &AuditCtx,
+    row: &delegation::Model,
+    event_type: &'static str,
+    outcome: AuditOutcome,
+    details: &Value,
+    decision: Option<&Decision>,
+) -> Vec<NewEvent> {
+    let mut parties = vec![row.requesting_tenant_id.clone()];
+    if row.receiving_tenant_id != row.requesting_tenant_id {
+        parties.push(row.receiving_tenant_id.clone());
+    }
+    let mut subjects = vec![row.id.clone(), row.requesting_agent_id.clone()];
+    if let Some(step_up) = &row.step_up_id {
+        subjects.push(step_up.clone());
+    }
+    parties
+        .into_iter()
+        .map(|tenant| {
+            let mut details = details.clone();
+            details["delegation_id"] = json!(row.id);
+            details["requesting_tenant_id"] = json!(row.requesting_tenant_id);
+            details["receiving_tenant_id"] = json!(row.receiving_tenant_id);
+            details["action"] = json!(row.action);
+            if let Some(decision) = decision {
+                details["decision"] =
+                    serde_json::to_value(decision.redacted_for(&tenant)).unwrap_or(Value::Null);
+            }
+            audit_ctx.event(&tenant, event_type, subjects.clone(), outcome, details)
+        })
+        .collect()
+}
+
+/// The claims of a delegation's token, from its row alone, so a replay
+/// re-signs exactly the same claims.
+fn token_claims(state: &AppState, row: &delegation::Model) -> Result<Value> {
+    let activated = row
+        .activated_at
+        .ok_or_else(|| Error::internal("active delegation without activation time"))?;
+    let expires = row
+        .expires_at
+        .ok_or_else(|| Error::internal("active delegation without expiry"))?;
+    let scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
+    let iat = activated.div_euclid(1000);
+    let mut claims = json!({
+        "iss": state.keys.issuer(),
+        "sub": row.requesting_agent_id,
+        "client_id": row.requesting_agent_id,
+        "aud": audience(&row.receiving_tenant_id),
+        "iat": iat,
+        "nbf": iat,
+        "exp": expires.div_euclid(1000),
+        "jti": row.id,
+        "scope": if scopes.is_empty() { row.action.clone() } else { scopes.join(" ") },
+        "action": row.action,
+        "requesting_tenant_id": row.requesting_tenant_id,
+        "receiving_tenant_id": row.receiving_tenant_id,
+        "act": {
+            "sub": row.requesting_agent_id,
+            "client_id": row.requesting_agent_id,
+            "tenant_id": row.requesting_tenant_id,
+        },
+    });
+    if !row.resource.is_empty() {
+        claims["resource"] = json!(row.resource);
+    }
+    Ok(claims)
+}
+
+async fn sign(state: &AppState, row: &delegation::Model) -> Result<(String, String)> {
+    let algorithm = parse_algorithm(&row.token_algorithm)
+        .ok_or_else(|| Error::internal("delegation has no token algorithm"))?;
+    state.keys.sign(algorithm, &token_claims(state, row)?).await
+}
+
+fn seconds_left(until: Option<Millis>, now: Millis) -> u32 {
+    until
+        .map(|at| u32::try_from((at - now).max(0) / 1000).unwrap_or(u32::MAX))
+        .unwrap_or_default()
+}
+
+/// What RequestDelegation answers when the outcome is not BLOCK.
+#[derive(Debug)]
+pub enum Requested {
+    Allowed {
+        row: delegation::Model,
+        token: String,
+        expires_in: u32,
+    },
+    StepUp {
+        row: delegation::Model,
+        auth_req_id: String,
+        expires_in: u32,
+        interval: u32,
+    },
+}
+
+impl Requested {
+    pub fn row(&self) -> &delegation::Model {
+        match self {
+            Self::Allowed { row, .. } | Self::StepUp { row, .. } => row,
+        }
+    }
+}
+
+fn parse_decision(row: &delegation::Model) -> Result<Decision> {
+    serde_json::from_str(&row.decision).map_err(Error::internal)
+}
+
+/// The PERMISSION_DENIED of a BLOCK, with the requesting side's view of why.
+fn blocked_error(row: &delegation::Model, decision: &Decision) -> Error {
+    let (direction, side) = decision
+        .blocking_side()
+        .unwrap_or((Direction::Inbound, &decision.inbound));
+    let reason = if direction == Direction::Inbound && side.rule_id.is_empty() {
+        ErrorReason::NoMatchingRule
+    } else {
+        ErrorReason::PolicyBlocked
+    };
+    let visible = decision.redacted_for(&row.requesting_tenant_id);
+    let explanation = match direction {
+        Direction::Inbound => visible.inbound.explanation,
+        Direction::Outbound => visible.outbound.explanation,
+    };
+    Error::PermissionDenied {
+        reason,
+        message: format!(
+            "blocked by the {} policy: {explanation}",
+            direction.as_str()
+        ),
+        metadata: std::collections::HashMap::from([
+            ("delegation_id".to_owned(), row.id.clone()),
+            ("policy_side".to_owned(), direction.as_str().to_owned()),
+            ("rule_id".to_owned(), side.rule_id.clone()),
+            ("policy_version".to_owned(), side.policy_version.to_string()),
+        ]),
+    }
+}
+
+/// The `auth_req_id` of a step-up.
+pub fn auth_req_id(state: &AppState, step_up_id: &str) -> String {
+    state.master.derive_handle(AUTH_REQ_ID_PURPOSE, step_up_id)
+}
+
+/// RequestDelegation, for the calling agent.
+pub async fn request(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::RequestDelegationRequest,
+) -> Result<Requested> {
+    let agent_id = ctx
+        .principal
+        .agent_id()
+        .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents request delegations"))?
+        .to_owned();
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    v.check(check_idempotency_key(&req.idempotency_key));
+    let input = check_input(
+        &RawInput {
+            receiving_tenant_id: &req.receiving_tenant_id,
+            action: &req.action,
+            scopes: &req.scopes,
+            resource: &req.resource,
+            requested_ttl_seconds: req.requested_ttl_seconds,
+            binding_message: &req.binding_message,
+            context: &req.context,
+        },
+        state.config.max_token_ttl_seconds,
+        &mut v,
+    );
+    v.finish()?;
+    let input = input.ok_or_else(|| Error::internal("validated input missing"))?;
+    let request_hash = sha256_hex(to_json(&input)?.as_bytes());
+
+    if let Some(existing) = find_by_key(state, &agent_id, &req.idempotency_key).await? {
+        return replay(state, ctx, existing, &request_hash).await;
+    }
+    let receiving = receiving_tenant(state, &input.receiving_tenant_id).await?;
+    if !is_active(&receiving) {
+        audit::append(
+            &state.db,
+            state.clock.as_ref(),
+            ctx.audit().event(
+                &tenant_id,
+                "delegation.refused",
+                vec![agent_id.clone(), receiving.id.clone()],
+                AuditOutcome::Denied,
+                json!({"reason": "receiving tenant suspended", "action": input.action}),
+            ),
+        )
+        .await?;
+        state.audit_committed();
+        return Err(suspended());
+    }
+    let requesting = tenant_row(state, &tenant_id).await?;
+    let decision = policies::judge(
+        state,
+        &requesting,
+        &receiving,
+        &Request {
+            requesting_tenant_id: &tenant_id,
+            requesting_agent_id: &agent_id,
+            receiving_tenant_id: &receiving.id,
+            action: &input.action,
+            context: &input.context,
+            requested_ttl_seconds: input.requested_ttl_seconds,
+        },
+    )
+    .await?;
+
+    let now = state.clock.now_millis();
+    let id = new_id(IdKind::Delegation);
+    let step_up_id = (decision.outcome == Outcome::StepUp).then(|| new_id(IdKind::StepUp));
+    let (status, activated_at, expires_at, ended) = match decision.outcome {
+        Outcome::Allow => (
+            STATUS_ACTIVE,
+            Some(now),
+            Some(now + i64::from(decision.max_ttl_seconds) * 1000),
+            false,
+        ),
+        Outcome::StepUp => (
+            STATUS_PENDING,
+            None,
+            Some(now + i64::from(state.config.step_up_expires_in_seconds) * 1000),
+            false,
+        ),
+        Outcome::Block => (STATUS_BLOCKED, None, None, true),
+    };
+    let row = delegation::Model {
+        id: id.clone(),
+        requesting_tenant_id: tenant_id.clone(),
+        requesting_agent_id: agent_id.clone(),
+        receiving_tenant_id: receiving.id.clone(),
+        action: input.action.clone(),
+        scopes: to_json(&req.scopes)?,
+        resource: input.resource.clone(),
+        binding_message: input.binding_message.clone(),
+        context: to_json(&input.context)?,
+        status: status.to_owned(),
+        decision: to_json(&decision)?,
+        idempotency_key: req.idempotency_key.clone(),
+        request_hash: request_hash.clone(),
+        ttl_seconds: i64::from(input.requested_ttl_seconds),
+        token_algorithm: if decision.outcome == Outcome::Block {
+            String::new()
+        } else {
+            receiving.token_algorithm.clone()
+        },
+        signing_kid: None,
+        created_at: now,
+        activated_at,
+        expires_at,
+        ended_at: ended.then_some(now),
+        ended_by: ended.then(system_actor_json).transpose()?,
+        end_reason: ended.then(|| "blocked by policy".to_owned()),
+        step_up_id: step_up_id.clone(),
+    };
+    // Sign before committing, so the stored kid is the one used; a failed
+    // commit simply discards the token.
+    let signed = if decision.outcome == Outcome::Allow {
+        Some(sign(state, &row).await?)
+    } else {
+        None
+    };
+    let mut row = row;
+    row.signing_kid = signed.as_ref().map(|(_, kid)| kid.clone());
+
+    let txn = state.db.begin().await?;
+    let active: delegation::ActiveModel = row.clone().into();
+    match delegation::Entity::insert(active).exec(&txn).await {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            // A concurrent request with the same key won: answer from its row.
+            txn.rollback().await?;
+            let winner = find_by_key(state, &agent_id, &req.idempotency_key)
+                .await?
+                .ok_or(Error::Conflict("concurrent idempotent request"))?;
+            return replay(state, ctx, winner, &request_hash).await;
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let audit_ctx = ctx.audit();
+    let outcome = if decision.outcome == Outcome::Block {
+        AuditOutcome::Denied
+    } else {
+        AuditOutcome::Success
+    };
+    let mut events = party_events(
+        &audit_ctx,
+        &row,
+        "delegation.decided",
+        outcome,
+        &json!({"outcome": decision.outcome.as_str(), "requesting_agent_id": agent_id}),
+        Some(&decision),
+    );
+    let auth_req = match &step_up_id {
+        Some(step_up_id) => {
+            let handle = auth_req_id(state, step_up_id);
+            step_up::ActiveModel {
+                id: Set(step_up_id.clone()),
+                delegation_id: Set(id.clone()),
+                receiving_tenant_id: Set(receiving.id.clone()),
+                requesting_tenant_id: Set(tenant_id.clone()),
+                requesting_agent_id: Set(agent_id.clone()),
+                auth_req_id_hash: Set(sha256_hex(handle.as_bytes())),
+                state: Set("pending".to_owned()),
+                request_hash: Set(request_hash.clone()),
+                interval_seconds: Set(i64::from(state.config.step_up_interval_seconds)),
+                last_polled_at: Set(None),
+                approvals_required: Set(i32::try_from(decision.approvals_required).unwrap_or(1)),
+                expires_at: Set(expires_at.unwrap_or(now)),
+                created_at: Set(now),
+                updated_at: Set(now),
+                decided_at: Set(None),
+                redeemed_at: Set(None),
+            }
+            .insert(&txn)
+            .await?;
+            Some(handle)
+        }
+        None => None,
+    };
+    if let Some((_, kid)) = &signed {
+        events.extend(party_events(
+            &audit_ctx,
+            &row,
+            "delegation.token_issued",
+            AuditOutcome::Success,
+            &json!({"kid": kid, "alg": row.token_algorithm, "jti": row.id, "exp": expires_at.map(|e| e / 1000)}),
+            None,
+        ));
+    }
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    state.audit_committed();
+
+    match (decision.outcome, signed, auth_req) {
+        (Outcome::Block, _, _) => Err(blocked_error(&row, &decision)),
+        (Outcome::Allow, Some((token, _)), _) => Ok(Requested::Allowed {
+            expires_in: decision.max_ttl_seconds,
+            row,
+            token,
+        }),
+        (Outcome::StepUp, _, Some(auth_req_id)) => Ok(Requested::StepUp {
+            expires_in: state.config.step_up_expires_in_seconds,
+            interval: state.config.step_up_interval_seconds,
+            row,
+            auth_req_id,
+        }),
+        _ => Err(Error::internal("delegation outcome without its artefact")),
+    }
+}
+
+fn system_actor_json() -> Result<String> {
+    to_json(
+        &json!({"kind": pb::PrincipalKind::System as i32, "subject": "system", "tenant_id": ""}),
+    )
+}
+
+fn actor_json(ctx: &CallContext) -> Result<String> {
+    let actor = ctx.principal.actor();
+    to_json(&json!({"kind": actor.kind, "subject": actor.subject, "tenant_id": actor.tenant_id}))
+}
+
+async fn find_by_key(
+    state: &AppState,
+    agent_id: &str,
+    key: &str,
+) -> Result<Option<delegation::Model>> {
+    Ok(delegation::Entity::find()
+        .filter(delegation::Column::RequestingAgentId.eq(agent_id))
+        .filter(delegation::Column::IdempotencyKey.eq(key))
+        .one(&state.db)
+        .await?)
+}
+
+/// Answers a repeated idempotency key from the stored delegation.
+async fn replay(
+    state: &AppState,
+    ctx: &CallContext,
+    row: delegation::Model,
+    request_hash: &str,
+) -> Result<Requested> {
+    if row.request_hash != request_hash {
+        return Err(Error::AlreadyExists {
+            reason: Some(ErrorReason::IdempotencyConflict),
+            message: "this idempotency key was used with different parameters".to_owned(),
+            metadata: std::collections::HashMap::from([(
+                "idempotency_key".to_owned(),
+                row.idempotency_key.clone(),
+            )]),
+        });
+    }
+    let decision = parse_decision(&row)?;
+    let now = state.clock.now_millis();
+    match decision.outcome {
+        Outcome::Block => Err(blocked_error(&row, &decision)),
+        Outcome::StepUp => {
+            let step_up_id = row
+                .step_up_id
+                .clone()
+                .ok_or_else(|| Error::internal("step-up delegation without step-up"))?;
+            let step = step_up::Entity::find_by_id(step_up_id.clone())
+                .one(&state.db)
+                .await?
+                .ok_or_else(|| Error::internal("step-up row missing"))?;
+            Ok(Requested::StepUp {
+                auth_req_id: auth_req_id(state, &step_up_id),
+                expires_in: seconds_left(Some(step.expires_at), now),
+                interval: u32::try_from(step.interval_seconds).unwrap_or(5),
+                row,
+            })
+        }
+        Outcome::Allow => {
+            let status = effective_status(&row, now);
+            if status != STATUS_ACTIVE {
+                return Err(ended_error(&row, status));
+            }
+            if !is_active(&tenant_row(state, &row.receiving_tenant_id).await?) {
+                return Err(suspended());
+            }
+            let (token, kid) = sign(state, &row).await?;
+            let events = party_events(
+                &ctx.audit(),
+                &row,
+                "delegation.token_reissued",
+                AuditOutcome::Success,
+                &json!({"kid": kid, "alg": row.token_algorithm, "jti": row.id}),
+                None,
+            );
+            audit::append_all(&state.db, state.clock.as_ref(), events).await?;
+            state.audit_committed();
+            Ok(Requested::Allowed {
+                expires_in: seconds_left(row.expires_at, now),
+                row,
+                token,
+            })
+        }
+    }
+}
+
+fn ended_error(row: &delegation::Model, status: &str) -> Error {
+    let mut err = Error::invalid_state(
+        format!("the delegation is {status}"),
+        status_proto(status).as_str_name(),
+    );
+    if let Error::FailedPrecondition { metadata, .. } = &mut err {
+        metadata.insert("delegation_id".to_owned(), row.id.clone());
+    }
+    err
+}
+
+/// Whether the caller may see `row`: its tenant is a party, and an agent
+/// sees only what it requested.
+fn visible_to(row: &delegation::Model, ctx: &CallContext) -> bool {
+    let Some(tenant) = ctx.principal.tenant_id.as_deref() else {
+        return false;
+    };
+    let party = row.requesting_tenant_id == tenant || row.receiving_tenant_id == tenant;
+    match ctx.principal.agent_id() {
+        Some(agent) => party && row.requesting_agent_id == agent,
+        None => party,
+    }
+}
+
+/// Loads a delegation the caller may see; anything else is NOT_FOUND, and
+/// the attempt is audited in the caller's log.
+async fn find_visible(
+    state: &AppState,
+    ctx: &CallContext,
+    delegation_id: &str,
+) -> Result<delegation::Model> {
+    check_id("delegation_id", delegation_id, IdKind::Delegation)?;
+    let row = delegation::Entity::find_by_id(delegation_id.to_owned())
+        .one(&state.db)
+        .await?;
+    match row {
+        Some(row) if visible_to(&row, ctx) => Ok(row),
+        _ => {
+            if let Ok(tenant) = ctx.principal.tenant_id() {
+                audit::append(
+                    &state.db,
+                    state.clock.as_ref(),
+                    ctx.audit().event(
+                        tenant,
+                        "delegation.not_found",
+                        vec![delegation_id.to_owned()],
+                        AuditOutcome::Denied,
+                        json!({}),
+                    ),
+                )
+                .await?;
+                state.audit_committed();
+            }
+            Err(Error::NotFound("delegation"))
+        }
+    }
+}
+
+/// GetDelegation.
+pub async fn get(
+    state: &AppState,
+    ctx: &CallContext,
+    delegation_id: &str,
+) -> Result<delegation::Model> {
+    find_visible(state, ctx, delegation_id).await
+}
+
+fn id_filter(field: &str, value: &str, v: &mut Violations) -> Option<String> {
+    if value.is_empty() {
+        None
+    } else if value.chars().count() > 64 {
+        v.add(field, "must be at most 64 characters");
+        None
+    } else {
+        Some(value.to_owned())
+    }
+}
+
+/// ListDelegations: newest first, only rows the caller may see.
+pub async fn list(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ListDelegationsRequest,
+) -> Result<(Vec<delegation::Model>, String)> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let side = v
+        .take(validate::enum_value::<pb::DelegationSide>(
+            "side", req.side, true,
+        ))
+        .flatten()
+        .unwrap_or(pb::DelegationSide::Any);
+    if req.statuses.len() > 7 {
+        v.add("statuses", "at most 7 statuses");
+    }
+    let mut statuses = Vec::new();
+    for (i, raw) in req.statuses.iter().enumerate() {
+        if let Some(status) = v
+            .take(validate::enum_value::<DelegationStatus>(
+                &format!("statuses[{i}]"),
+                *raw,
+                false,
+            ))
+            .flatten()
+            .and_then(status_column)
+        {
+            statuses.push(status);
+        }
+    }
+    if !req.action.is_empty() {
+        v.check(engine::check_action("action", &req.action));
+    }
+    let counterpart = id_filter("counterpart_tenant_id", &req.counterpart_tenant_id, &mut v);
+    let agent_filter = id_filter("requesting_agent_id", &req.requesting_agent_id, &mut v);
+    let page = req.page.clone().unwrap_or_default();
+    let size = v.take(validate::page_size("page.page_size", page.page_size));
+    v.finish()?;
+    let size = size.unwrap_or(50);
+    statuses.sort_unstable();
+    statuses.dedup();
+    let own_agent = ctx.principal.agent_id().map(str::to_owned);
+    let agent_filter = own_agent.clone().or(agent_filter);
+    let scope = format!(
+        "delegations|{tenant}|{own_agent:?}|{side:?}|{statuses:?}|{}|{counterpart:?}|{agent_filter:?}",
+        req.action
+    );
+    let after = page::decode("page.page_token", &scope, &page.page_token)?;
+    if own_agent.is_some() && side == pb::DelegationSide::Receiving {
+        return Ok((Vec::new(), String::new()));
+    }
+
+    use delegation::Column as C;
+    let requesting_side = || {
+        let mut c = Condition::all().add(C::RequestingTenantId.eq(tenant.clone()));
+        if let Some(cp) = &counterpart {
+            c = c.add(C::ReceivingTenantId.eq(cp.clone()));
+        }
+        c
+    };
+    let receiving_side = || {
+        let mut c = Condition::all().add(C::ReceivingTenantId.eq(tenant.clone()));
+        if let Some(cp) = &counterpart {
+            c = c.add(C::RequestingTenantId.eq(cp.clone()));
+        }
+        c
+    };
+    let parties = match side {
+        pb::DelegationSide::Requesting => requesting_side(),
+        pb::DelegationSide::Receiving => receiving_side(),
+        _ => Condition::any()
+            .add(requesting_side())
+            .add(receiving_side()),
+    };
+    let now = state.clock.now_millis();
+    let mut query = delegation::Entity::find()
+        .filter(parties)
+        .order_by_desc(C::Id)
+        .limit(size + 1);
+    if !statuses.is_empty() {
+        let mut any = Condition::any();
+        for status in &statuses {
+            any = any.add(match *status {
+                STATUS_PENDING | STATUS_ACTIVE => Condition::all()
+                    .add(C::Status.eq(*status))
+                    .add(C::ExpiresAt.gt(now)),
+                STATUS_EXPIRED => Condition::any().add(C::Status.eq(STATUS_EXPIRED)).add(
+                    Condition::all()
+                        .add(C::Status.is_in([STATUS_PENDING, STATUS_ACTIVE]))
+                        .add(C::ExpiresAt.lte(now)),
+                ),
+                other => Condition::all().add(C::Status.eq(other)),
+            });
+        }
+        query = query.filter(any);
+    }
+    if !req.action.is_empty() {
+        query = query.filter(C::Action.eq(req.action.clone()));
+    }
+    if let Some(agent) = &agent_filter {
+        query = query.filter(C::RequestingAgentId.eq(agent.clone()));
+    }
+    if let Some(after) = after {
+        query = query.filter(C::Id.lt(after));
+    }
+    let rows = query.all(&state.db).await?;
+    Ok(page::finish(rows, size, &scope, |row| row.id.clone()))
+}
+
+/// Ends an ACTIVE delegation (revoke or relinquish) with a conditional
+/// update; the loser of a race gets FAILED_PRECONDITION and writes nothing.
+async fn end_active(
+    state: &AppState,
+    ctx: &CallContext,
+    row: delegation::Model,
+    to: &'static str,
+    event_type: &'static str,
+    reason: &str,
+) -> Result<delegation::Model> {
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let updated = delegation::Entity::update_many()
+        .col_expr(delegation::Column::Status, Expr::value(to))
+        .col_expr(delegation::Column::EndedAt, Expr::value(now))
+        .col_expr(delegation::Column::EndedBy, Expr::value(actor_json(ctx)?))
+        .col_expr(delegation::Column::EndReason, Expr::value(reason))
+        .filter(delegation::Column::Id.eq(row.id.clone()))
+        .filter(delegation::Column::Status.eq(STATUS_ACTIVE))
+        .filter(delegation::Column::ExpiresAt.gt(now))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        let current = delegation::Entity::find_by_id(row.id.clone())
+            .one(&state.db)
+            .await?
+            .ok_or(Error::NotFound("delegation"))?;
+        return Err(ended_error(&current, effective_status(&current, now)));
+    }
+    let events = party_events(
+        &ctx.audit(),
+        &row,
+        event_type,
+        AuditOutcome::Success,
+        &json!({"reason": reason}),
+        None,
+    );
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    state.audit_committed();
+    delegation::Entity::find_by_id(row.id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("delegation"))
+}
+
+/// RevokeDelegation: the receiving tenant's admin ends an ACTIVE delegation.
+pub async fn revoke(
+    state: &AppState,
+    ctx: &CallContext,
+    delegation_id: &str,
+    reason: &str,
+) -> Result<delegation::Model> {
+    let mut v = Violations::new();
+    v.check(check_id("delegation_id", delegation_id, IdKind::Delegation));
+    v.check(validate::required_text("reason", reason, 512));
+    v.finish()?;
+    let row = find_visible(state, ctx, delegation_id).await?;
+    if row.receiving_tenant_id != ctx.principal.tenant_id()? {
+        return Err(Error::denied(
+            ErrorReason::TenantMismatch,
+            "only the receiving tenant revokes; the requesting side relinquishes",
+        ));
+    }
+    if !ctx.principal.has_role(Role::Admin) {
+        return Err(Error::denied(
+            ErrorReason::RoleRequired,
+            "revoking needs ROLE_ADMIN",
+        ));
+    }
+    end_active(
+        state,
+        ctx,
+        row,
+        STATUS_REVOKED,
+        "delegation.revoked",
+        reason,
+    )
+    .await
+}
+
+/// RelinquishDelegation: the requesting agent or its tenant's admin gives
+/// an ACTIVE delegation up.
+pub async fn relinquish(
+    state: &AppState,
+    ctx: &CallContext,
+    delegation_id: &str,
+    reason: &str,
+) -> Result<delegation::Model> {
+    let mut v = Violations::new();
+    v.check(check_id("delegation_id", delegation_id, IdKind::Delegation));
+    v.check(validate::optional_text("reason", reason, 512));
+    v.finish()?;
+    let row = find_visible(state, ctx, delegation_id).await?;
+    if row.requesting_tenant_id != ctx.principal.tenant_id()? {
+        return Err(Error::denied(
+            ErrorReason::TenantMismatch,
+            "only the requesting side relinquishes; the receiving side revokes",
+        ));
+    }
+    end_active(
+        state,
+        ctx,
+        row,
+        STATUS_RELINQUISHED,
+        "delegation.relinquished",
+        reason,
+    )
+    .await
+}
+
+/// Marks PENDING and ACTIVE delegations past their expiry EXPIRED (and their
+/// step-ups), at most one batch per call; returns how many it ended. On
+/// PostgreSQL only one replica sweeps at a time (a transaction-scoped
+/// advisory lock); the others return 0 at once.
+pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
+    let txn = state.db.begin().await?;
+    if is_postgres(&state.db) {
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_try_advisory_xact_lock($1) AS locked",
+                [SWEEPER_LOCK.into()],
+            ))
+            .await?;
+        let locked = row
+            .map(|r| r.try_get::<bool>("", "locked"))
+            .transpose()?
+            .unwrap_or(false);
+        if !locked {
+            txn.rollback().await?;
+            return Ok(0);
+        }
+    }
+    let due = delegation::Entity::find()
+        .filter(delegation::Column::Status.is_in([STATUS_PENDING, STATUS_ACTIVE]))
+        .filter(delegation::Column::ExpiresAt.lte(now))
+        .order_by_asc(delegation::Column::ExpiresAt)
+        .limit(SWEEP_BATCH)
+        .all(&txn)
+        .await?;
+    let audit_ctx = AuditCtx::system(format!("sweeper-{now}"));
+    let system = system_actor_json()?;
+    let mut ended = 0;
+    for row in due {
+        let updated = delegation::Entity::update_many()
+            .col_expr(delegation::Column::Status, Expr::value(STATUS_EXPIRED))
+            .col_expr(delegation::Column::EndedAt, Expr::value(now))
+            .col_expr(delegation::Column::EndedBy, Expr::value(system.clone()))
+            .col_expr(delegation::Column::EndReason, Expr::value("expired"))
+            .filter(delegation::Column::Id.eq(row.id.clone()))
+            .filter(delegation::Column::Status.eq(row.status.clone()))
+            .filter(delegation::Column::ExpiresAt.lte(now))
+            .exec(&txn)
+            .await?;
+        if updated.rows_affected == 0 {
+            continue;
+        }
+        if row.status == STATUS_PENDING {
+            step_up::Entity::update_many()
+                .col_expr(step_up::Column::State, Expr::value("expired"))
+                .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+                .filter(step_up::Column::DelegationId.eq(row.id.clone()))
+                .filter(step_up::Column::State.eq("pending"))
+                .exec(&txn)
+                .await?;
+        }
+        let events = party_events(
+            &audit_ctx,
+            &row,
+            "delegation.expired",
+            AuditOutcome::Success,
+            &json!({"previous_status": row.status}),
+            None,
+        );
+        audit::append_all(&txn, state.clock.as_ref(), events).await?;
+        ended += 1;
+    }
+    txn.commit().await?;
+    if ended > 0 {
+        state.audit_committed();
+    }
+    Ok(ended)
+}
+
+/// Runs [`sweep_expired`] every `sweep_interval_ms` until `stop` flips.
+pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = std::time::Duration::from_millis(state.config.sweep_interval_ms.max(100));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        loop {
+            match sweep_expired(&state, state.clock.now_millis()).await {
+                Ok(n) if n >= SWEEP_BATCH => continue,
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "delegation sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What an active token says, for the introspection answer.
+#[derive(Debug, Clone)]
+pub struct Introspection {
+    pub claims: Value,
+    pub row: delegation::Model,
+}
+
+/// VerifyDelegationToken: `Some` only when every check passes. Each call is
+/// audited in the caller's log; a failure for a known delegation addressed
+/// to the caller also in the requesting tenant's log.
+pub async fn verify(
+    state: &AppState,
+    ctx: &CallContext,
+    token: &str,
+    required_action: &str,
+) -> Result<Option<Introspection>> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    if token.is_empty() {
+        v.add("token", "is required");
+    } else if token.len() > MAX_TOKEN_BYTES {
+        v.add("token", format!("must be at most {MAX_TOKEN_BYTES} bytes"));
+    }
+    if !required_action.is_empty() {
+        v.check(engine::check_action("required_action", required_action));
+    }
+    v.finish()?;
+
+    let verified = state.keys.verify::<Value>(token, &audience(&tenant)).await;
+    let (claims, kid) = match verified {
+        Ok(verified) => (verified.claims, verified.kid),
+        Err(err) => {
+            tracing::debug!(error = %err, "delegation token refused");
+            record_verification(
+                state,
+                ctx,
+                &tenant,
+                None,
+                "signature, type, issuer, audience or time",
+            )
+            .await?;
+            return Ok(None);
+        }
+    };
+    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+    let row = if check_id("jti", &jti, IdKind::Delegation).is_ok() {
+        delegation::Entity::find_by_id(jti.clone())
+            .one(&state.db)
+            .await?
+    } else {
+        None
+    };
+    let Some(row) = row else {
+        record_verification(state, ctx, &tenant, None, "unknown delegation").await?;
+        return Ok(None);
+    };
+    let now = state.clock.now_millis();
+    let failure = if row.receiving_tenant_id != tenant {
+        Some("addressed to another tenant")
+    } else if claims["sub"].as_str() != Some(row.requesting_agent_id.as_str())
+        || claims["requesting_tenant_id"].as_str() != Some(row.requesting_tenant_id.as_str())
+        || claims["action"].as_str() != Some(row.action.as_str())
+    {
+        Some("claims do not match the delegation")
+    } else if effective_status(&row, now) != STATUS_ACTIVE {
+        Some("delegation not active")
+    } else if !required_action.is_empty() && row.action != required_action {
+        Some("action differs from required_action")
+    } else if !standing_ok(state, &row).await? {
+        Some("requesting tenant suspended or agent disabled")
+    } else {
+        None
+    };
+    match failure {
+        Some(reason) => {
+            record_verification(state, ctx, &tenant, Some(&row), reason).await?;
+            Ok(None)
+        }
+        None => {
+            audit::append(
+                &state.db,
+                state.clock.as_ref(),
+                ctx.audit().event(
+                    &tenant,
+                    "delegation.verified",
+                    vec![row.id.clone()],
+                    AuditOutcome::Success,
+                    json!({"kid": kid, "action": row.action}),
+                ),
+            )
+            .await?;
+            state.audit_committed();
+            Ok(Some(Introspection { claims, row }))
+        }
+    }
+}
+
+/// The requesting tenant is active and the requesting agent enabled.
+async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
+    let tenant_ok = tenant::Entity::find_by_id(row.requesting_tenant_id.clone())
+        .one(&state.db)
+        .await?
+        .is_some_and(|t| is_active(&t));
+    if !tenant_ok {
+        return Ok(false);
+    }
+    Ok(agent::Entity::find_by_id(row.requesting_agent_id.clone())
+        .one(&state.db)
+        .await?
+        .is_some_and(|a| a.status == crate::domain::agents::STATUS_ACTIVE))
+}
+
+async fn record_verification(
+    state: &AppState,
+    ctx: &CallContext,
+    caller_tenant: &str,
+    row: Option<&delegation::Model>,
+    reason: &str,
+) -> Result<()> {
+    let details = json!({"active": false, "reason": reason});
+    let events = match row {
+        Some(row) if row.receiving_tenant_id == caller_tenant => party_events(
+            &ctx.audit(),
+            row,
+            "delegation.verified",
+            AuditOutcome::Denied,
+            &details,
+            None,
+        ),
+        _ => vec![ctx.audit().event(
+            caller_tenant,
+            "delegation.verified",
+            row.map(|r| vec![r.id.clone()]).unwrap_or_default(),
+            AuditOutcome::Denied,
+            details,
+        )],
+    };
+    audit::append_all(&state.db, state.clock.as_ref(), events).await?;
+    state.audit_committed();
+    Ok(())
+}
+
+/// EvaluatePolicy: what RequestDelegation would decide now, without any
+/// delegation, step-up or token. Audited as `policy.evaluated` in the
+/// caller's log and the receiving tenant's log. Returns the decision as the
+/// caller's tenant may see it.
+pub async fn evaluate(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::EvaluatePolicyRequest,
+) -> Result<Decision> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let input = check_input(
+        &RawInput {
+            receiving_tenant_id: &req.receiving_tenant_id,
+            action: &req.action,
+            scopes: &req.scopes,
+            resource: &req.resource,
+            requested_ttl_seconds: req.requested_ttl_seconds,
+            binding_message: &req.binding_message,
+            context: &req.context,
+        },
+        state.config.max_token_ttl_seconds,
+        &mut v,
+    );
+    let agent_id = match ctx.principal.agent_id() {
+        Some(me) => {
+            if !req.requesting_agent_id.is_empty() && req.requesting_agent_id != me {
+                return Err(Error::denied(
+                    ErrorReason::RoleRequired,
+                    "an agent may evaluate only its own requests",
+                ));
+            }
+            Some(me.to_owned())
+        }
+        None => {
+            v.check(check_id(
+                "requesting_agent_id",
+                &req.requesting_agent_id,
+                IdKind::Agent,
+            ));
+            Some(req.requesting_agent_id.clone())
+        }
+    };
+    v.finish()?;
+    let (Some(input), Some(agent_id)) = (input, agent_id) else {
+        return Err(Error::internal("validated input missing"));
+    };
+    let agent = agent::Entity::find_by_id(agent_id.clone())
+        .filter(agent::Column::TenantId.eq(tenant_id.clone()))
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("agent"))?;
+    if agent.status != crate::domain::agents::STATUS_ACTIVE {
+        return Err(Error::denied(
+            ErrorReason::AgentDisabled,
+            "the requesting agent is disabled",
+        ));
+    }
+    let receiving = receiving_tenant(state, &input.receiving_tenant_id).await?;
+    if !is_active(&receiving) {
+        return Err(suspended());
+    }
+    let requesting = tenant_row(state, &tenant_id).await?;
+    let decision = policies::judge(
+        state,
+        &requesting,
+        &receiving,
+        &Request {
+            requesting_tenant_id: &tenant_id,
+            requesting_agent_id: &agent_id,
+            receiving_tenant_id: &receiving.id,
+            action: &input.action,
+            context: &input.context,
+            requested_ttl_seconds: input.requested_ttl_seconds,
+        },
+    )
+    .await?;
+    let mut logs = vec![tenant_id.clone()];
+    if receiving.id != tenant_id {
+        logs.push(receiving.id.clone());
+    }
+    let audit_ctx = ctx.audit();
+    let events = logs
+        .into_iter()
+        .map(|log| {
+            let details = json!({
+                "requesting_agent_id": agent_id,
+                "requesting_tenant_id": tenant_id,
+                "receiving_tenant_id": receiving.id,
+                "action": input.action,
+                "decision": serde_json::to_value(decision.redacted_for(&log)).unwrap_or(Value::Null),
+            });
+            audit_ctx.event(
+                &log,
+                "policy.evaluated",
+                vec![agent_id.clone()],
+                AuditOutcome::Success,
+                details,
+            )
+        })
+        .collect();
+    let txn = state.db.begin().await?;
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(decision.redacted_for(&tenant_id))
+}

@@ -1,0 +1,1190 @@
+//! The policy language and its evaluation, free of storage: action grammar,
+//! conditions, time windows, rule ordering, and combining the two sides of a
+//! request. Everything here is a pure function of its inputs (time included),
+//! so the ordering documented in `policy_service.proto` is tested directly.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use vaultguard_proto::v1 as pb;
+
+use crate::clock::Millis;
+use crate::error::FieldViolation;
+
+/// Longest action or action pattern.
+pub const MAX_ACTION_LEN: usize = 128;
+/// Longest segment of an action.
+const MAX_SEGMENT_LEN: usize = 64;
+/// Most context entries on a request.
+pub const MAX_CONTEXT_ENTRIES: usize = 32;
+/// Longest string value of a context attribute, in bytes.
+pub const MAX_STRING_VALUE_BYTES: usize = 256;
+/// Longest attribute name.
+const MAX_ATTRIBUTE_LEN: usize = 64;
+/// Most conditions on a rule.
+pub const MAX_CONDITIONS: usize = 16;
+/// Most operands of IN / NOT_IN.
+const MAX_IN_VALUES: usize = 64;
+/// Longest explanation sent to a caller.
+const MAX_EXPLANATION: usize = 1024;
+
+fn violation(field: &str, description: impl Into<String>) -> FieldViolation {
+    FieldViolation {
+        field: field.to_owned(),
+        description: description.into(),
+    }
+}
+
+fn valid_segment(segment: &str) -> bool {
+    (1..=MAX_SEGMENT_LEN).contains(&segment.len())
+        && segment.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b':' | b'-')
+        })
+}
+
+/// A concrete action: `.`-separated segments of `[a-z0-9_:-]`, no wildcard.
+pub fn check_action(field: &str, action: &str) -> Result<(), FieldViolation> {
+    if action.is_empty() {
+        return Err(violation(field, "is required"));
+    }
+    if action.len() > MAX_ACTION_LEN {
+        return Err(violation(
+            field,
+            format!("must be at most {MAX_ACTION_LEN} characters"),
+        ));
+    }
+    if action.split('.').all(valid_segment) {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "must be segments of 1 to 64 characters of a-z, 0-9, '_', ':' and '-' separated by '.', without wildcards",
+        ))
+    }
+}
+
+/// An action pattern: a concrete action, a prefix ending in `.*`, or `*`.
+pub fn check_pattern(field: &str, pattern: &str) -> Result<(), FieldViolation> {
+    if pattern.is_empty() {
+        return Err(violation(field, "is required"));
+    }
+    if pattern.len() > MAX_ACTION_LEN {
+        return Err(violation(
+            field,
+            format!("must be at most {MAX_ACTION_LEN} characters"),
+        ));
+    }
+    if pattern == "*" {
+        return Ok(());
+    }
+    let literal = pattern.strip_suffix(".*").unwrap_or(pattern);
+    if literal.split('.').all(valid_segment) {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "must be an action (segments of a-z, 0-9, '_', ':' and '-' separated by '.'), optionally ending in '.*', or the lone '*'",
+        ))
+    }
+}
+
+/// Whether `pattern` (already valid) matches the concrete `action`.
+pub fn pattern_matches(pattern: &str, action: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_suffix(".*") {
+        Some(prefix) => action
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.len() > 1 && rest.starts_with('.')),
+        None => pattern == action,
+    }
+}
+
+/// How specific a pattern is: exact actions beat every wildcard, longer
+/// prefixes beat shorter ones, the lone `*` is least specific.
+pub fn pattern_specificity(pattern: &str) -> u32 {
+    if pattern == "*" {
+        return 0;
+    }
+    match pattern.strip_suffix(".*") {
+        Some(prefix) => u32::try_from(prefix.split('.').count()).unwrap_or(u32::MAX - 1),
+        None => 1_000,
+    }
+}
+
+/// A typed attribute value as stored and compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attr {
+    String(String),
+    Number(f64),
+    Bool(bool),
+}
+
+impl Attr {
+    fn same_type(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+
+    pub fn to_proto(&self) -> pb::AttributeValue {
+        use pb::attribute_value::Kind;
+        pb::AttributeValue {
+            kind: Some(match self {
+                Self::String(s) => Kind::StringValue(s.clone()),
+                Self::Number(n) => Kind::NumberValue(*n),
+                Self::Bool(b) => Kind::BoolValue(*b),
+            }),
+        }
+    }
+
+    fn display(&self) -> String {
+        match self {
+            Self::String(s) => format!("{s:?}"),
+            Self::Number(n) => n.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+/// Checks one attribute value; `None` kind and non-finite numbers are refused.
+pub fn check_value(field: &str, value: &pb::AttributeValue) -> Result<Attr, FieldViolation> {
+    use pb::attribute_value::Kind;
+    match &value.kind {
+        None => Err(violation(field, "must hold a string, number or bool value")),
+        Some(Kind::StringValue(s)) if s.len() > MAX_STRING_VALUE_BYTES => Err(violation(
+            field,
+            format!("string values are at most {MAX_STRING_VALUE_BYTES} bytes"),
+        )),
+        Some(Kind::StringValue(s)) => Ok(Attr::String(s.clone())),
+        Some(Kind::NumberValue(n)) if !n.is_finite() => {
+            Err(violation(field, "numbers must be finite"))
+        }
+        Some(Kind::NumberValue(n)) => Ok(Attr::Number(*n)),
+        Some(Kind::BoolValue(b)) => Ok(Attr::Bool(*b)),
+    }
+}
+
+/// An attribute name: 1 to 64 characters of `[a-z][a-z0-9_]*`.
+pub fn check_attribute_name(field: &str, name: &str) -> Result<(), FieldViolation> {
+    let valid = (1..=MAX_ATTRIBUTE_LEN).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "attribute names are 1 to 64 characters of a-z, 0-9 and '_', starting with a letter",
+        ))
+    }
+}
+
+/// Checks a request's context: at most 32 entries, valid names, no reserved
+/// `vg_` names, valid values. Field names are `context` and `context.<key>`.
+pub fn check_context(
+    context: &std::collections::HashMap<String, pb::AttributeValue>,
+) -> Result<BTreeMap<String, Attr>, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    if context.len() > MAX_CONTEXT_ENTRIES {
+        violations.push(violation(
+            "context",
+            format!("at most {MAX_CONTEXT_ENTRIES} entries"),
+        ));
+        return Err(violations);
+    }
+    let mut out = BTreeMap::new();
+    for (key, value) in context {
+        let field = format!("context.{}", key.chars().take(64).collect::<String>());
+        if let Err(v) = check_attribute_name(&field, key) {
+            violations.push(v);
+            continue;
+        }
+        if key.starts_with("vg_") {
+            violations.push(violation(&field, "names starting with vg_ are reserved"));
+            continue;
+        }
+        match check_value(&field, value) {
+            Ok(attr) => {
+                out.insert(key.clone(), attr);
+            }
+            Err(v) => violations.push(v),
+        }
+    }
+    if violations.is_empty() {
+        Ok(out)
+    } else {
+        violations.sort_by(|a, b| a.field.cmp(&b.field));
+        Err(violations)
+    }
+}
+
+/// A comparison operator of a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    In,
+    NotIn,
+    Exists,
+}
+
+impl Op {
+    fn from_proto(op: pb::ConditionOperator) -> Option<Self> {
+        use pb::ConditionOperator as P;
+        Some(match op {
+            P::Unspecified => return None,
+            P::Eq => Self::Eq,
+            P::Ne => Self::Ne,
+            P::Lt => Self::Lt,
+            P::Lte => Self::Lte,
+            P::Gt => Self::Gt,
+            P::Gte => Self::Gte,
+            P::In => Self::In,
+            P::NotIn => Self::NotIn,
+            P::Exists => Self::Exists,
+        })
+    }
+
+    pub fn to_proto(self) -> pb::ConditionOperator {
+        use pb::ConditionOperator as P;
+        match self {
+            Self::Eq => P::Eq,
+            Self::Ne => P::Ne,
+            Self::Lt => P::Lt,
+            Self::Lte => P::Lte,
+            Self::Gt => P::Gt,
+            Self::Gte => P::Gte,
+            Self::In => P::In,
+            Self::NotIn => P::NotIn,
+            Self::Exists => P::Exists,
+        }
+    }
+
+    const fn symbol(self) -> &'static str {
+        match self {
+            Self::Eq => "==",
+            Self::Ne => "!=",
+            Self::Lt => "<",
+            Self::Lte => "<=",
+            Self::Gt => ">",
+            Self::Gte => ">=",
+            Self::In => "in",
+            Self::NotIn => "not in",
+            Self::Exists => "exists",
+        }
+    }
+}
+
+/// One condition of a rule, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub attribute: String,
+    pub op: Op,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Attr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<Attr>,
+}
+
+impl Condition {
+    /// Checks a proto condition; `field` is its path (`rule.conditions[0]`).
+    pub fn from_proto(field: &str, c: &pb::Condition) -> Result<Self, Vec<FieldViolation>> {
+        let mut violations = Vec::new();
+        if let Err(v) = check_attribute_name(&format!("{field}.attribute"), &c.attribute) {
+            violations.push(v);
+        }
+        let op = match pb::ConditionOperator::try_from(c.operator)
+            .ok()
+            .and_then(Op::from_proto)
+        {
+            Some(op) => op,
+            None => {
+                violations.push(violation(
+                    &format!("{field}.operator"),
+                    "must be a known operator",
+                ));
+                return Err(violations);
+            }
+        };
+        let value_field = format!("{field}.value");
+        let values_field = format!("{field}.values");
+        let mut value = None;
+        let mut values = Vec::new();
+        match op {
+            Op::Eq | Op::Ne | Op::Lt | Op::Lte | Op::Gt | Op::Gte => {
+                match c.value.as_ref().map(|v| check_value(&value_field, v)) {
+                    None => {
+                        violations.push(violation(&value_field, "is required for this operator"))
+                    }
+                    Some(Err(v)) => violations.push(v),
+                    Some(Ok(attr)) => {
+                        if matches!(op, Op::Lt | Op::Lte | Op::Gt | Op::Gte)
+                            && !matches!(attr, Attr::Number(_))
+                        {
+                            violations.push(violation(
+                                &value_field,
+                                "must be a number for an ordering operator",
+                            ));
+                        }
+                        value = Some(attr);
+                    }
+                }
+                if !c.values.is_empty() {
+                    violations.push(violation(&values_field, "must be empty for this operator"));
+                }
+            }
+            Op::In | Op::NotIn => {
+                if c.value.is_some() {
+                    violations.push(violation(&value_field, "must be unset for in / not_in"));
+                }
+                if c.values.is_empty() || c.values.len() > MAX_IN_VALUES {
+                    violations.push(violation(
+                        &values_field,
+                        format!("must hold 1 to {MAX_IN_VALUES} values"),
+                    ));
+                }
+                for (i, v) in c.values.iter().enumerate() {
+                    match check_value(&format!("{values_field}[{i}]"), v) {
+                        Ok(attr) => values.push(attr),
+                        Err(v) => violations.push(v),
+                    }
+                }
+            }
+            Op::Exists => {
+                if c.value.is_some() {
+                    violations.push(violation(&value_field, "must be unset for exists"));
+                }
+                if !c.values.is_empty() {
+                    violations.push(violation(&values_field, "must be empty for exists"));
+                }
+            }
+        }
+        if violations.is_empty() {
+            Ok(Self {
+                attribute: c.attribute.clone(),
+                op,
+                value,
+                values,
+            })
+        } else {
+            Err(violations)
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::Condition {
+        pb::Condition {
+            attribute: self.attribute.clone(),
+            operator: self.op.to_proto() as i32,
+            value: self.value.as_ref().map(Attr::to_proto),
+            values: self.values.iter().map(Attr::to_proto).collect(),
+        }
+    }
+
+    /// Whether the condition holds for `context` (absent or mismatched
+    /// types make it false, for every operator).
+    pub fn holds(&self, context: &BTreeMap<String, Attr>) -> bool {
+        let Some(actual) = context.get(&self.attribute) else {
+            return false;
+        };
+        let compare = |expected: &Attr| -> Option<Ordering> {
+            match (actual, expected) {
+                (Attr::Number(a), Attr::Number(b)) => a.partial_cmp(b),
+                (Attr::String(a), Attr::String(b)) => Some(a.cmp(b)),
+                (Attr::Bool(a), Attr::Bool(b)) => Some(a.cmp(b)),
+                _ => None,
+            }
+        };
+        match self.op {
+            Op::Exists => true,
+            Op::Eq => self
+                .value
+                .as_ref()
+                .is_some_and(|v| compare(v) == Some(Ordering::Equal)),
+            Op::Ne => self
+                .value
+                .as_ref()
+                .and_then(compare)
+                .is_some_and(|o| o != Ordering::Equal),
+            Op::Lt | Op::Lte | Op::Gt | Op::Gte => {
+                let (Some(Attr::Number(_)), Attr::Number(_)) = (&self.value, actual) else {
+                    return false;
+                };
+                let Some(order) = self.value.as_ref().and_then(compare) else {
+                    return false;
+                };
+                match self.op {
+                    Op::Lt => order == Ordering::Less,
+                    Op::Lte => order != Ordering::Greater,
+                    Op::Gt => order == Ordering::Greater,
+                    _ => order != Ordering::Less,
+                }
+            }
+            Op::In => self
+                .values
+                .iter()
+                .any(|v| compare(v) == Some(Ordering::Equal)),
+            Op::NotIn => {
+                self.values.iter().any(|v| v.same_type(actual))
+                    && !self
+                        .values
+                        .iter()
+                        .any(|v| compare(v) == Some(Ordering::Equal))
+            }
+        }
+    }
+
+    fn describe(&self, context: &BTreeMap<String, Attr>) -> String {
+        let actual = context
+            .get(&self.attribute)
+            .map(Attr::display)
+            .unwrap_or_default();
+        match self.op {
+            Op::Exists => format!("{} exists", self.attribute),
+            Op::In | Op::NotIn => format!(
+                "{} {} {} [{}]",
+                self.attribute,
+                actual,
+                self.op.symbol(),
+                self.values
+                    .iter()
+                    .map(Attr::display)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => format!(
+                "{} {} {} {}",
+                self.attribute,
+                actual,
+                self.op.symbol(),
+                self.value.as_ref().map(Attr::display).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// A UTC time-of-day window, optionally limited to some weekdays (1 =
+/// Monday … 7 = Sunday).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeWindow {
+    pub start: u32,
+    pub end: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<u32>,
+}
+
+impl TimeWindow {
+    pub fn from_proto(field: &str, w: &pb::TimeWindow) -> Result<Self, Vec<FieldViolation>> {
+        let mut violations = Vec::new();
+        if w.start_minute > 1439 {
+            violations.push(violation(
+                &format!("{field}.start_minute"),
+                "must be 0 to 1439",
+            ));
+        }
+        if !(1..=1440).contains(&w.end_minute) {
+            violations.push(violation(
+                &format!("{field}.end_minute"),
+                "must be 1 to 1440",
+            ));
+        } else if w.end_minute == w.start_minute {
+            violations.push(violation(
+                &format!("{field}.end_minute"),
+                "must differ from start_minute",
+            ));
+        }
+        let mut days = Vec::new();
+        for (i, raw) in w.days_of_week.iter().enumerate() {
+            let day_field = format!("{field}.days_of_week[{i}]");
+            match u32::try_from(*raw) {
+                Ok(day @ 1..=7) if !days.contains(&day) => days.push(day),
+                Ok(1..=7) => violations.push(violation(&day_field, "is a duplicate")),
+                _ => violations.push(violation(&day_field, "must be a weekday")),
+            }
+        }
+        if violations.is_empty() {
+            days.sort_unstable();
+            Ok(Self {
+                start: w.start_minute,
+                end: w.end_minute,
+                days,
+            })
+        } else {
+            Err(violations)
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::TimeWindow {
+        pb::TimeWindow {
+            start_minute: self.start,
+            end_minute: self.end,
+            days_of_week: self
+                .days
+                .iter()
+                .map(|d| i32::try_from(*d).unwrap_or_default())
+                .collect(),
+        }
+    }
+
+    /// Whether `now` (ms since the epoch) lies in the window.
+    pub fn contains(&self, now: Millis) -> bool {
+        let minutes = now.div_euclid(60_000);
+        let minute = u32::try_from(minutes.rem_euclid(1440)).unwrap_or_default();
+        let day_index = minutes.div_euclid(1440);
+        let (inside, started_yesterday) = if self.start < self.end {
+            (minute >= self.start && minute < self.end, false)
+        } else if minute >= self.start {
+            (true, false)
+        } else {
+            (minute < self.end, true)
+        };
+        if !inside {
+            return false;
+        }
+        if self.days.is_empty() {
+            return true;
+        }
+        let start_day = if started_yesterday {
+            day_index - 1
+        } else {
+            day_index
+        };
+        // 1970-01-01 was a Thursday (weekday 4).
+        let weekday = u32::try_from((start_day + 3).rem_euclid(7) + 1).unwrap_or_default();
+        self.days.contains(&weekday)
+    }
+}
+
+/// Which side of a request a rule judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        if s == "outbound" {
+            Self::Outbound
+        } else {
+            Self::Inbound
+        }
+    }
+
+    pub fn from_proto(d: pb::RuleDirection) -> Option<Self> {
+        match d {
+            pb::RuleDirection::Inbound => Some(Self::Inbound),
+            pb::RuleDirection::Outbound => Some(Self::Outbound),
+            pb::RuleDirection::Unspecified => None,
+        }
+    }
+
+    pub const fn to_proto(self) -> pb::RuleDirection {
+        match self {
+            Self::Inbound => pb::RuleDirection::Inbound,
+            Self::Outbound => pb::RuleDirection::Outbound,
+        }
+    }
+}
+
+/// A decision, ordered by severity: ALLOW < STEP_UP < BLOCK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    StepUp,
+    Block,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::StepUp => "step_up",
+            Self::Block => "block",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "allow" => Self::Allow,
+            "step_up" => Self::StepUp,
+            _ => Self::Block,
+        }
+    }
+
+    pub fn from_effect(e: pb::Effect) -> Option<Self> {
+        match e {
+            pb::Effect::Allow => Some(Self::Allow),
+            pb::Effect::StepUp => Some(Self::StepUp),
+            pb::Effect::Block => Some(Self::Block),
+            pb::Effect::Unspecified => None,
+        }
+    }
+
+    pub const fn to_effect(self) -> pb::Effect {
+        match self {
+            Self::Allow => pb::Effect::Allow,
+            Self::StepUp => pb::Effect::StepUp,
+            Self::Block => pb::Effect::Block,
+        }
+    }
+
+    pub const fn to_decision(self) -> pb::Decision {
+        match self {
+            Self::Allow => pb::Decision::Allow,
+            Self::StepUp => pb::Decision::StepUp,
+            Self::Block => pb::Decision::Block,
+        }
+    }
+
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::StepUp => "STEP_UP",
+            Self::Block => "BLOCK",
+        }
+    }
+}
+
+/// A rule ready for evaluation.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub action_pattern: String,
+    pub counterpart_tenant_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub conditions: Vec<Condition>,
+    pub time_window: Option<TimeWindow>,
+    pub effect: Outcome,
+    pub max_ttl_seconds: u32,
+    pub priority: i32,
+    pub approvals_required: u32,
+    pub created_at: Millis,
+}
+
+impl Rule {
+    fn condition_count(&self) -> usize {
+        self.conditions.len() + usize::from(self.time_window.is_some())
+    }
+
+    /// The documented evaluation order: `Less` means `self` comes first.
+    pub fn evaluation_order(&self, other: &Self) -> Ordering {
+        other
+            .priority
+            .cmp(&self.priority)
+            .then_with(|| {
+                pattern_specificity(&other.action_pattern)
+                    .cmp(&pattern_specificity(&self.action_pattern))
+            })
+            .then_with(|| {
+                other
+                    .counterpart_tenant_id
+                    .is_some()
+                    .cmp(&self.counterpart_tenant_id.is_some())
+            })
+            .then_with(|| other.agent_id.is_some().cmp(&self.agent_id.is_some()))
+            .then_with(|| other.condition_count().cmp(&self.condition_count()))
+            .then_with(|| other.effect.cmp(&self.effect))
+            .then_with(|| self.created_at.cmp(&other.created_at))
+            .then_with(|| self.id.cmp(&other.id))
+    }
+}
+
+/// What is being judged.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub requesting_tenant_id: &'a str,
+    pub requesting_agent_id: &'a str,
+    pub receiving_tenant_id: &'a str,
+    pub action: &'a str,
+    pub context: &'a BTreeMap<String, Attr>,
+    pub requested_ttl_seconds: u32,
+}
+
+/// How one side judged a request, as recorded with the delegation and in
+/// the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SideDecision {
+    pub tenant_id: String,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub rule_id: String,
+    pub policy_version: u64,
+    pub max_ttl_seconds: u32,
+    pub approvals_required: u32,
+    pub explanation: String,
+}
+
+/// The combined decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub outbound: SideDecision,
+    pub inbound: SideDecision,
+    pub max_ttl_seconds: u32,
+    pub approvals_required: u32,
+    pub evaluated_at: Millis,
+}
+
+fn truncate(mut text: String) -> String {
+    if text.chars().count() > MAX_EXPLANATION {
+        text = text.chars().take(MAX_EXPLANATION - 1).collect();
+        text.push('…');
+    }
+    text
+}
+
+/// Judges one side: `rules` are the tenant's rules of `direction`; `default`
+/// is the outcome when none matches.
+pub fn judge_side(
+    tenant_id: &str,
+    policy_version: u64,
+    direction: Direction,
+    rules: &[Rule],
+    request: &Request<'_>,
+    default: Outcome,
+    now: Millis,
+) -> SideDecision {
+    let counterpart = match direction {
+        Direction::Inbound => request.requesting_tenant_id,
+        Direction::Outbound => request.receiving_tenant_id,
+    };
+    let winner = rules
+        .iter()
+        .filter(|rule| {
+            pattern_matches(&rule.action_pattern, request.action)
+                && rule
+                    .counterpart_tenant_id
+                    .as_deref()
+                    .is_none_or(|t| t == counterpart)
+                && rule
+                    .agent_id
+                    .as_deref()
+                    .is_none_or(|a| a == request.requesting_agent_id)
+                && rule.conditions.iter().all(|c| c.holds(request.context))
+                && rule.time_window.as_ref().is_none_or(|w| w.contains(now))
+        })
+        .min_by(|a, b| a.evaluation_order(b));
+    match winner {
+        Some(rule) => {
+            let mut because = Vec::new();
+            if !rule.conditions.is_empty() {
+                because.extend(rule.conditions.iter().map(|c| c.describe(request.context)));
+            }
+            if let Some(w) = &rule.time_window {
+                because.push(format!(
+                    "UTC time in {:02}:{:02}-{:02}:{:02}",
+                    w.start / 60,
+                    w.start % 60,
+                    w.end / 60,
+                    w.end % 60
+                ));
+            }
+            let because = if because.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", because.join(", "))
+            };
+            SideDecision {
+                tenant_id: tenant_id.to_owned(),
+                outcome: rule.effect,
+                rule_id: rule.id.clone(),
+                policy_version,
+                max_ttl_seconds: if rule.effect == Outcome::Block {
+                    0
+                } else {
+                    rule.max_ttl_seconds
+                },
+                approvals_required: if rule.effect == Outcome::StepUp {
+                    rule.approvals_required.max(1)
+                } else {
+                    0
+                },
+                explanation: truncate(format!(
+                    "{} rule {} (priority {}, {}) matched{} → {}",
+                    direction.as_str(),
+                    rule.id,
+                    rule.priority,
+                    rule.action_pattern,
+                    because,
+                    rule.effect.label()
+                )),
+            }
+        }
+        None => SideDecision {
+            tenant_id: tenant_id.to_owned(),
+            outcome: default,
+            rule_id: String::new(),
+            policy_version,
+            max_ttl_seconds: 0,
+            approvals_required: if default == Outcome::StepUp { 1 } else { 0 },
+            explanation: match direction {
+                Direction::Inbound => {
+                    "no inbound rule matched → BLOCK (inbound default)".to_owned()
+                }
+                Direction::Outbound => format!(
+                    "no outbound rule matched → {} (outbound default)",
+                    default.label()
+                ),
+            },
+        },
+    }
+}
+
+/// Combines both sides: the stricter outcome wins; the lifetime is the
+/// smallest of the request, each side's non-zero cap and the server cap.
+pub fn combine(
+    outbound: SideDecision,
+    inbound: SideDecision,
+    requested_ttl_seconds: u32,
+    server_cap_seconds: u32,
+    now: Millis,
+) -> Decision {
+    let outcome = outbound.outcome.max(inbound.outcome);
+    let max_ttl_seconds = if outcome == Outcome::Block {
+        0
+    } else {
+        [
+            requested_ttl_seconds,
+            outbound.max_ttl_seconds,
+            inbound.max_ttl_seconds,
+            server_cap_seconds,
+        ]
+        .into_iter()
+        .filter(|t| *t > 0)
+        .min()
+        .unwrap_or(server_cap_seconds)
+    };
+    let approvals_required = if outcome == Outcome::StepUp {
+        outbound
+            .approvals_required
+            .max(inbound.approvals_required)
+            .max(1)
+    } else {
+        0
+    };
+    Decision {
+        outcome,
+        outbound,
+        inbound,
+        max_ttl_seconds,
+        approvals_required,
+        evaluated_at: now,
+    }
+}
+
+impl Decision {
+    /// The side that decided a BLOCK (outbound first), for error metadata.
+    pub fn blocking_side(&self) -> Option<(Direction, &SideDecision)> {
+        if self.outbound.outcome == Outcome::Block {
+            Some((Direction::Outbound, &self.outbound))
+        } else if self.inbound.outcome == Outcome::Block {
+            Some((Direction::Inbound, &self.inbound))
+        } else {
+            None
+        }
+    }
+
+    /// The decision as `viewer_tenant` may see it: the explanation of a side
+    /// owned by another tenant is replaced by a generic text.
+    pub fn redacted_for(&self, viewer_tenant: &str) -> Self {
+        let mut out = self.clone();
+        if out.outbound.tenant_id != viewer_tenant {
+            out.outbound.explanation = "decided by the requesting tenant's policy".to_owned();
+        }
+        if out.inbound.tenant_id != viewer_tenant {
+            out.inbound.explanation = "decided by the receiving tenant's policy".to_owned();
+        }
+        out
+    }
+
+    pub fn to_proto(&self) -> pb::PolicyDecision {
+        let side = |s: &SideDecision| pb::SideDecision {
+            tenant_id: s.tenant_id.clone(),
+            outcome: s.outcome.to_decision() as i32,
+            rule_id: s.rule_id.clone(),
+            policy_version: s.policy_version,
+            max_ttl_seconds: s.max_ttl_seconds,
+            explanation: s.explanation.clone(),
+        };
+        pb::PolicyDecision {
+            outcome: self.outcome.to_decision() as i32,
+            outbound: Some(side(&self.outbound)),
+            inbound: Some(side(&self.inbound)),
+            max_ttl_seconds: self.max_ttl_seconds,
+            approvals_required: self.approvals_required,
+            evaluate_time: Some(crate::clock::to_timestamp(self.evaluated_at)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(id: &str, pattern: &str, effect: Outcome) -> Rule {
+        Rule {
+            id: id.to_owned(),
+            action_pattern: pattern.to_owned(),
+            counterpart_tenant_id: None,
+            agent_id: None,
+            conditions: Vec::new(),
+            time_window: None,
+            effect,
+            max_ttl_seconds: 0,
+            priority: 0,
+            approvals_required: 0,
+            created_at: 0,
+        }
+    }
+
+    fn judge(rules: &[Rule], action: &str, context: &BTreeMap<String, Attr>) -> SideDecision {
+        let request = Request {
+            requesting_tenant_id: "tnt_a",
+            requesting_agent_id: "agt_1",
+            receiving_tenant_id: "tnt_b",
+            action,
+            context,
+            requested_ttl_seconds: 600,
+        };
+        judge_side(
+            "tnt_b",
+            3,
+            Direction::Inbound,
+            rules,
+            &request,
+            Outcome::Block,
+            0,
+        )
+    }
+
+    #[test]
+    fn action_grammar() {
+        for good in [
+            "stock.write",
+            "sign:treasury",
+            "exchange:github",
+            "a-b_c.d:e",
+        ] {
+            assert!(check_action("action", good).is_ok(), "{good}");
+            assert!(check_pattern("p", good).is_ok(), "{good}");
+        }
+        for good in ["*", "stock.*", "stock.trade.*"] {
+            assert!(check_pattern("p", good).is_ok(), "{good}");
+            assert!(check_action("action", good).is_err(), "{good}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            "Stock",
+            "a..b",
+            ".a",
+            "a.",
+            "stock.wr*",
+            "sign:*",
+            "*.a",
+            "a.*.b",
+            "a b",
+            &long,
+        ] {
+            assert!(check_pattern("p", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wildcards_match_whole_segments() {
+        assert!(pattern_matches("stock.*", "stock.write"));
+        assert!(pattern_matches("stock.*", "stock.write.bulk"));
+        assert!(!pattern_matches("stock.*", "stock"));
+        assert!(!pattern_matches("stock.*", "stockpile.write"));
+        assert!(pattern_matches("*", "anything.at.all"));
+        assert!(pattern_matches("stock.write", "stock.write"));
+        assert!(!pattern_matches("stock.write", "stock.write.bulk"));
+    }
+
+    #[test]
+    fn order_is_priority_then_specificity_then_severity() {
+        let ctx = BTreeMap::new();
+        let mut wildcard = rule("rul_1", "*", Outcome::Allow);
+        wildcard.priority = 5;
+        let exact = rule("rul_2", "stock.write", Outcome::Block);
+        assert_eq!(
+            judge(&[exact.clone(), wildcard.clone()], "stock.write", &ctx).rule_id,
+            "rul_1"
+        );
+        wildcard.priority = 0;
+        assert_eq!(
+            judge(&[exact, wildcard], "stock.write", &ctx).rule_id,
+            "rul_2"
+        );
+
+        let longer = rule("rul_3", "stock.trade.*", Outcome::Allow);
+        let shorter = rule("rul_4", "stock.*", Outcome::Block);
+        assert_eq!(
+            judge(&[shorter, longer], "stock.trade.buy", &ctx).rule_id,
+            "rul_3"
+        );
+
+        let allow = rule("rul_5", "stock.*", Outcome::Allow);
+        let step = rule("rul_6", "stock.*", Outcome::StepUp);
+        let block = rule("rul_7", "stock.*", Outcome::Block);
+        let side = judge(&[allow.clone(), step.clone(), block], "stock.x", &ctx);
+        assert_eq!(
+            (side.rule_id.as_str(), side.outcome),
+            ("rul_7", Outcome::Block)
+        );
+        let side = judge(&[allow, step], "stock.x", &ctx);
+        assert_eq!(
+            (side.outcome, side.approvals_required),
+            (Outcome::StepUp, 1)
+        );
+
+        let mut for_agent = rule("rul_8", "stock.*", Outcome::Allow);
+        for_agent.agent_id = Some("agt_1".to_owned());
+        let mut for_other = rule("rul_9", "stock.*", Outcome::Allow);
+        for_other.agent_id = Some("agt_2".to_owned());
+        let any = rule("rul_a", "stock.*", Outcome::Block);
+        assert_eq!(
+            judge(
+                &[any.clone(), for_agent, for_other.clone()],
+                "stock.x",
+                &ctx
+            )
+            .rule_id,
+            "rul_8"
+        );
+        assert_eq!(judge(&[any, for_other], "stock.x", &ctx).rule_id, "rul_a");
+    }
+
+    #[test]
+    fn no_match_uses_the_default() {
+        let side = judge(
+            &[rule("rul_1", "other.*", Outcome::Allow)],
+            "stock.write",
+            &BTreeMap::new(),
+        );
+        assert_eq!(side.outcome, Outcome::Block);
+        assert!(side.rule_id.is_empty());
+    }
+
+    #[test]
+    fn conditions_compare_typed_values() {
+        let gt = |n: f64| Condition {
+            attribute: "amount".to_owned(),
+            op: Op::Gt,
+            value: Some(Attr::Number(n)),
+            values: Vec::new(),
+        };
+        let ctx = |v: Attr| BTreeMap::from([("amount".to_owned(), v)]);
+        assert!(gt(1000.0).holds(&ctx(Attr::Number(1200.0))));
+        assert!(!gt(1000.0).holds(&ctx(Attr::Number(1000.0))));
+        assert!(!gt(1000.0).holds(&ctx(Attr::String("2000".into()))));
+        assert!(!gt(1000.0).holds(&BTreeMap::new()));
+        let not_in = Condition {
+            attribute: "amount".to_owned(),
+            op: Op::NotIn,
+            value: None,
+            values: vec![Attr::String("EUR".into())],
+        };
+        assert!(not_in.holds(&ctx(Attr::String("USD".into()))));
+        assert!(!not_in.holds(&ctx(Attr::String("EUR".into()))));
+        assert!(!not_in.holds(&BTreeMap::new()));
+        let ne = Condition {
+            attribute: "amount".to_owned(),
+            op: Op::Ne,
+            value: Some(Attr::Bool(true)),
+            values: Vec::new(),
+        };
+        assert!(ne.holds(&ctx(Attr::Bool(false))));
+        assert!(!ne.holds(&ctx(Attr::Number(1.0))));
+    }
+
+    #[test]
+    fn time_windows_wrap_and_respect_days() {
+        // 1970-01-05 was a Monday.
+        let monday = 4 * 86_400_000;
+        let at = |day: i64, minute: i64| monday + day * 86_400_000 + minute * 60_000;
+        let office = TimeWindow {
+            start: 9 * 60,
+            end: 17 * 60,
+            days: vec![1, 2, 3, 4, 5],
+        };
+        assert!(office.contains(at(0, 10 * 60)));
+        assert!(!office.contains(at(0, 17 * 60)));
+        assert!(!office.contains(at(5, 10 * 60)));
+        let night = TimeWindow {
+            start: 22 * 60,
+            end: 2 * 60,
+            days: vec![5],
+        };
+        assert!(night.contains(at(4, 23 * 60)));
+        assert!(
+            night.contains(at(5, 60)),
+            "Friday's window runs into Saturday"
+        );
+        assert!(
+            !night.contains(at(4, 60)),
+            "Friday 01:00 belongs to Thursday's window"
+        );
+    }
+
+    #[test]
+    fn combine_takes_the_stricter_side_and_the_smallest_ttl() {
+        let side = |outcome, ttl, approvals| SideDecision {
+            tenant_id: "t".into(),
+            outcome,
+            rule_id: String::new(),
+            policy_version: 1,
+            max_ttl_seconds: ttl,
+            approvals_required: approvals,
+            explanation: String::new(),
+        };
+        let d = combine(
+            side(Outcome::Allow, 300, 0),
+            side(Outcome::StepUp, 0, 2),
+            600,
+            86_400,
+            0,
+        );
+        assert_eq!(
+            (d.outcome, d.max_ttl_seconds, d.approvals_required),
+            (Outcome::StepUp, 300, 2)
+        );
+        let d = combine(
+            side(Outcome::Block, 300, 0),
+            side(Outcome::Allow, 0, 0),
+            600,
+            86_400,
+            0,
+        );
+        assert_eq!((d.outcome, d.max_ttl_seconds), (Outcome::Block, 0));
+        assert_eq!(
+            d.blocking_side().map(|(dir, _)| dir),
+            Some(Direction::Outbound)
+        );
+        let d = combine(
+            side(Outcome::Allow, 0, 0),
+            side(Outcome::Allow, 0, 0),
+            90_000,
+            3_600,
+            0,
+        );
+        assert_eq!(d.max_ttl_seconds, 3_600);
+    }
+}
