@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::Notify;
 
+use crate::audit::{self, NewEvent};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+use crate::error::Result;
 use crate::issuer::IssuerKeys;
 use crate::oidc::OidcVerifier;
 
@@ -25,6 +27,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Appends `events` in a transaction of their own (for events that
+    /// record a refusal or a read, with no state change to share a
+    /// transaction with) and wakes the sealer.
+    pub async fn record(&self, events: Vec<NewEvent>) -> Result<()> {
+        let txn = self.db.begin().await?;
+        audit::append_all(&txn, self.clock.as_ref(), events).await?;
+        txn.commit().await?;
+        self.audit_committed();
+        Ok(())
+    }
+
     /// Tells the sealer that new audit events were committed.
     pub fn audit_committed(&self) {
         self.audit_wake.notify_one();

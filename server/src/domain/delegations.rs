@@ -411,19 +411,15 @@ pub async fn request(
     }
     let receiving = receiving_tenant(state, &input.receiving_tenant_id).await?;
     if !is_active(&receiving) {
-        audit::append(
-            &state.db,
-            state.clock.as_ref(),
-            ctx.audit().event(
+        state
+            .record(vec![ctx.audit().event(
                 &tenant_id,
                 "delegation.refused",
                 vec![agent_id.clone(), receiving.id.clone()],
                 AuditOutcome::Denied,
                 json!({"reason": "receiving tenant suspended", "action": input.action}),
-            ),
-        )
-        .await?;
-        state.audit_committed();
+            )])
+            .await?;
         return Err(suspended());
     }
     let requesting = tenant_row(state, &tenant_id).await?;
@@ -662,8 +658,7 @@ async fn replay(
                 &json!({"kid": kid, "alg": row.token_algorithm, "jti": row.id}),
                 None,
             );
-            audit::append_all(&state.db, state.clock.as_ref(), events).await?;
-            state.audit_committed();
+            state.record(events).await?;
             Ok(Requested::Allowed {
                 expires_in: seconds_left(row.expires_at, now),
                 row,
@@ -712,19 +707,15 @@ async fn find_visible(
         Some(row) if visible_to(&row, ctx) => Ok(row),
         _ => {
             if let Ok(tenant) = ctx.principal.tenant_id() {
-                audit::append(
-                    &state.db,
-                    state.clock.as_ref(),
-                    ctx.audit().event(
+                state
+                    .record(vec![ctx.audit().event(
                         tenant,
                         "delegation.not_found",
                         vec![delegation_id.to_owned()],
                         AuditOutcome::Denied,
                         json!({}),
-                    ),
-                )
-                .await?;
-                state.audit_committed();
+                    )])
+                    .await?;
             }
             Err(Error::NotFound("delegation"))
         }
@@ -1147,19 +1138,15 @@ pub async fn verify(
             Ok(None)
         }
         None => {
-            audit::append(
-                &state.db,
-                state.clock.as_ref(),
-                ctx.audit().event(
+            state
+                .record(vec![ctx.audit().event(
                     &tenant,
                     "delegation.verified",
                     vec![row.id.clone()],
                     AuditOutcome::Success,
                     json!({"kid": kid, "action": row.action}),
-                ),
-            )
-            .await?;
-            state.audit_committed();
+                )])
+                .await?;
             Ok(Some(Introspection { claims, row }))
         }
     }
@@ -1205,9 +1192,7 @@ async fn record_verification(
             details,
         )],
     };
-    audit::append_all(&state.db, state.clock.as_ref(), events).await?;
-    state.audit_committed();
-    Ok(())
+    state.record(events).await
 }
 
 /// EvaluatePolicy: what RequestDelegation would decide now, without any
@@ -1311,9 +1296,6 @@ pub async fn evaluate(
             )
         })
         .collect();
-    let txn = state.db.begin().await?;
-    audit::append_all(&txn, state.clock.as_ref(), events).await?;
-    txn.commit().await?;
-    state.audit_committed();
+    state.record(events).await?;
     Ok(decision.redacted_for(&tenant_id))
 }

@@ -1,11 +1,11 @@
 //! Access tokens: the client-credentials grant for agents, and tokens minted
 //! by the CLI for operators and tenant humans.
 
-use sea_orm::{EntityTrait, TransactionTrait};
+use sea_orm::EntityTrait;
 use serde_json::json;
 use vaultguard_proto::v1::{Actor, PrincipalKind, Role, TokenAlgorithm};
 
-use crate::audit::{self, AuditCtx, Outcome};
+use crate::audit::{AuditCtx, Outcome};
 use crate::auth::{API_AUDIENCE, AccessClaims, role_name};
 use crate::error::{Error, Result, Violations};
 use crate::ids::{IdKind, check_id};
@@ -102,21 +102,15 @@ pub async fn client_credentials(
         request_id: request_id.to_owned(),
     };
     if let Some(reason) = refusal {
-        let txn = state.db.begin().await?;
-        audit::append(
-            &txn,
-            state.clock.as_ref(),
-            audit_ctx.event(
+        state
+            .record(vec![audit_ctx.event(
                 &agent.tenant_id,
                 "auth.token_refused",
                 vec![agent.id.clone()],
                 Outcome::Denied,
                 json!({"reason": reason}),
-            ),
-        )
-        .await?;
-        txn.commit().await?;
-        state.audit_committed();
+            )])
+            .await?;
         return Err(Error::Unauthenticated(reason));
     }
     let ttl = state.config.access_token_ttl_seconds;
@@ -129,20 +123,14 @@ pub async fn client_credentials(
         ttl,
     )
     .await?;
-    let txn = state.db.begin().await?;
-    audit::append(
-        &txn,
-        state.clock.as_ref(),
-        audit_ctx.event(
+    state
+        .record(vec![audit_ctx.event(
             &agent.tenant_id,
             "auth.token_issued",
             vec![agent.id.clone()],
             Outcome::Success,
             json!({"expires_in": ttl}),
-        ),
-    )
-    .await?;
-    txn.commit().await?;
-    state.audit_committed();
+        )])
+        .await?;
     Ok(issued)
 }
