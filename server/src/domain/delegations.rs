@@ -563,6 +563,8 @@ pub async fn request(
     audit::append_all(&txn, state.clock.as_ref(), events).await?;
     txn.commit().await?;
     state.audit_committed();
+    metrics::counter!("vaultguard_delegation_decisions_total", "outcome" => decision.outcome.as_str())
+        .increment(1);
 
     match (decision.outcome, signed, auth_req) {
         (Outcome::Block, _, _) => Err(blocked_error(&row, &decision)),
@@ -1034,6 +1036,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
     txn.commit().await?;
     if ended > 0 {
         state.audit_committed();
+        metrics::counter!("vaultguard_delegations_expired_total").increment(ended);
     }
     Ok(ended)
 }
@@ -1138,6 +1141,8 @@ pub async fn verify(
             Ok(None)
         }
         None => {
+            metrics::counter!("vaultguard_token_verifications_total", "active" => "true")
+                .increment(1);
             state
                 .record(vec![ctx.audit().event(
                     &tenant,
@@ -1174,6 +1179,7 @@ async fn record_verification(
     row: Option<&delegation::Model>,
     reason: &str,
 ) -> Result<()> {
+    metrics::counter!("vaultguard_token_verifications_total", "active" => "false").increment(1);
     let details = json!({"active": false, "reason": reason});
     let events = match row {
         Some(row) if row.receiving_tenant_id == caller_tenant => party_events(
