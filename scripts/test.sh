@@ -21,6 +21,9 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   hash -r
 fi
 command -v grpcurl >/dev/null || { echo "grpcurl not installed" >&2; exit 1; }
+# PyJWT verifies delegation tokens offline in the tests, independently of the server.
+python3 -c 'import jwt' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check 'pyjwt[crypto]'
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

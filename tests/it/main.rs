@@ -9,10 +9,12 @@
 )]
 
 mod audit_store;
+mod delegations;
 mod grpcurl;
 mod health;
 mod identity;
 mod issuer_keys;
 mod oidc;
+mod policies;
 mod secrets;
 mod sweep;

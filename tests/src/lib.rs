@@ -10,7 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, Statement,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -19,6 +22,7 @@ use vaultguard_server::clock::{Clock, OffsetClock};
 use vaultguard_server::config::{Config, TrustedIssuer};
 use vaultguard_server::domain::tokens;
 use vaultguard_server::state::AppState;
+use vaultguard_server::store::entities::audit_event;
 
 pub use vaultguard_client::ClientError;
 
@@ -323,6 +327,32 @@ impl TestServer {
         count_rows(&self.state.db, table).await
     }
 
+    /// The events of `event_type` in `tenant_id`'s audit log, oldest first.
+    pub async fn audit_events(&self, tenant_id: &str, event_type: &str) -> Vec<audit_event::Model> {
+        audit_event::Entity::find()
+            .filter(audit_event::Column::TenantId.eq(tenant_id))
+            .filter(audit_event::Column::EventType.eq(event_type))
+            .order_by_asc(audit_event::Column::Id)
+            .all(&self.state.db)
+            .await
+            .expect("load audit events")
+    }
+
+    /// How many events of `event_type` in `tenant_id`'s log name `subject_id`
+    /// among their `subject_ids`.
+    pub async fn audit_count(&self, tenant_id: &str, event_type: &str, subject_id: &str) -> usize {
+        self.audit_events(tenant_id, event_type)
+            .await
+            .iter()
+            .filter(|event| {
+                serde_json::from_str::<Vec<String>>(&event.subject_ids)
+                    .expect("subject_ids is a JSON array of strings")
+                    .iter()
+                    .any(|id| id == subject_id)
+            })
+            .count()
+    }
+
     /// Waits until the sealer has linked every committed audit event.
     pub async fn wait_sealed(&self) {
         for _ in 0..100 {
@@ -394,6 +424,22 @@ pub fn expect_code<T: std::fmt::Debug>(
             assert_eq!(err.code(), Some(code), "unexpected error: {err:?}");
             err
         }
+    }
+}
+
+/// Asserts that `result` failed with `code` and ErrorInfo `reason`; returns
+/// the error's ErrorInfo metadata.
+#[track_caller]
+pub fn expect_reason<T: std::fmt::Debug>(
+    result: Result<T, impl Into<ClientError>>,
+    code: tonic::Code,
+    reason: pb::ErrorReason,
+) -> std::collections::HashMap<String, String> {
+    let err = expect_code(result, code);
+    assert_eq!(err.reason(), Some(reason), "unexpected error: {err:?}");
+    match err {
+        ClientError::Status { metadata, .. } => metadata,
+        other => panic!("not a status: {other:?}"),
     }
 }
 

@@ -471,10 +471,11 @@ pub async fn request(
         idempotency_key: req.idempotency_key.clone(),
         request_hash: request_hash.clone(),
         ttl_seconds: i64::from(input.requested_ttl_seconds),
-        token_algorithm: if decision.outcome == Outcome::Block {
-            String::new()
-        } else {
+        // Only a token has an algorithm; a step-up picks it when approved.
+        token_algorithm: if decision.outcome == Outcome::Allow {
             receiving.token_algorithm.clone()
+        } else {
+            String::new()
         },
         signing_kid: None,
         created_at: now,
