@@ -18,11 +18,11 @@ use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::domain::delegations::sweep_expired;
 use vaultguard_server::error::Error;
 use vaultguard_server::state::AppState;
-use vaultguard_tests::{TestServer, expect_code, expect_reason};
+use vaultguard_tests::{TestServer, expect_code, expect_invalid, expect_reason};
 
 use crate::policies::{
-    add_rule, assert_id, cond, context, evaluate, expect_invalid_field, inbound, num, outbound,
-    set_outbound_default, text, when, with_counterpart,
+    add_rule, assert_id, cond, context, evaluate, inbound, num, outbound, set_outbound_default,
+    text, when, with_counterpart,
 };
 
 use pb::DelegationStatus as Status;
@@ -1141,8 +1141,8 @@ async fn concurrent_revokes_leave_one_terminal_state_and_one_event() {
 
     // A revoke needs a reason.
     let (delegation, _) = grant(agent, ask(&globex.id, "stock.write")).await;
-    expect_invalid_field(globex_admin.revoke(&delegation.id, "").await, "reason");
-    expect_invalid_field(
+    expect_invalid(globex_admin.revoke(&delegation.id, "").await, "reason");
+    expect_invalid(
         globex_admin.revoke(&delegation.id, "r".repeat(513)).await,
         "reason",
     );
@@ -1416,9 +1416,9 @@ async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
         assert_inactive(client.verify(candidate, required_action).await, what);
     }
     let events = server.count("audit_events").await;
-    expect_invalid_field(globex_admin.verify("", "").await, "token");
-    expect_invalid_field(globex_admin.verify("a".repeat(8193), "").await, "token");
-    expect_invalid_field(
+    expect_invalid(globex_admin.verify("", "").await, "token");
+    expect_invalid(globex_admin.verify("a".repeat(8193), "").await, "token");
+    expect_invalid(
         globex_admin.verify(&token, "Stock.*").await,
         "required_action",
     );
@@ -1877,16 +1877,16 @@ async fn list_delegations_filters_and_pages() {
         side: Requesting as i32,
         ..page(tokens[0].clone())
     };
-    expect_invalid_field(list(acme_admin, elsewhere).await, "page.page_token");
-    expect_invalid_field(
+    expect_invalid(list(acme_admin, elsewhere).await, "page.page_token");
+    expect_invalid(
         list(globex_admin, page(tokens[0].clone())).await,
         "page.page_token",
     );
-    expect_invalid_field(
+    expect_invalid(
         list(acme_admin, page("garbage".into())).await,
         "page.page_token",
     );
-    expect_invalid_field(
+    expect_invalid(
         list(acme_admin, statuses(&[Status::Unspecified])).await,
         "statuses[0]|statuses",
     );
@@ -1991,7 +1991,7 @@ async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
     let before = footprint().await;
     for (field, bad) in bad_requests(&globex.id) {
         let attempt = format!("{bad:?}");
-        expect_invalid_field(raw_request(agent, bad).await, field);
+        expect_invalid(raw_request(agent, bad).await, field);
         assert_eq!(footprint().await, before, "wrote something: {attempt}");
     }
     // The same request with its limits respected goes through.

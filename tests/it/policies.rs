@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
-use vaultguard_tests::{TestServer, expect_code, expect_reason};
+use vaultguard_tests::{TestServer, expect_code, expect_invalid, expect_reason};
 
 use crate::delegations::{Pair, ask, bad_requests, evaluation, setup_pair};
 
@@ -97,29 +97,6 @@ pub(crate) fn assert_id(id: &str, prefix: &str) {
     assert!(
         rest.len() == 32 && rest.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')),
         "{id} is not {prefix} + 32 lowercase hex digits"
-    );
-}
-
-/// Asserts INVALID_ARGUMENT with a violation on one of the `|`-separated
-/// field names of `fields` (for the few limits whose field the contract
-/// leaves open, such as which bound of an empty time window is wrong).
-#[track_caller]
-pub(crate) fn expect_invalid_field<T: std::fmt::Debug>(
-    result: Result<T, ClientError>,
-    fields: &str,
-) {
-    let err = expect_code(result, Code::InvalidArgument);
-    let ClientError::Status {
-        field_violations, ..
-    } = &err
-    else {
-        panic!("not a status: {err:?}")
-    };
-    assert!(
-        fields
-            .split('|')
-            .any(|field| field_violations.iter().any(|(name, _)| name == field)),
-        "expected a violation on {fields}, got {field_violations:?}"
     );
 }
 
@@ -407,7 +384,7 @@ async fn rule_crud_round_trip_bumps_versions_and_is_audited() {
 
     // A stale version is refused and changes nothing.
     expect_version_mismatch(update_rule(admin, replacement.clone(), 1).await, "2");
-    expect_invalid_field(
+    expect_invalid(
         update_rule(admin, replacement.clone(), 0).await,
         "expected_version",
     );
@@ -415,7 +392,7 @@ async fn rule_crud_round_trip_bumps_versions_and_is_audited() {
         direction: pb::RuleDirection::Outbound as i32,
         ..replacement.clone()
     };
-    expect_invalid_field(update_rule(admin, turned, 2).await, "rule.direction");
+    expect_invalid(update_rule(admin, turned, 2).await, "rule.direction");
     let unknown = pb::Rule {
         id: format!("rul_{}", "0".repeat(32)),
         ..replacement
@@ -435,7 +412,7 @@ async fn rule_crud_round_trip_bumps_versions_and_is_audited() {
     );
     expect_code(get_rule(admin, &rule.id).await, Code::NotFound);
     expect_code(delete_rule(admin, &rule.id, 0).await, Code::NotFound);
-    expect_invalid_field(get_rule(admin, "").await, "rule_id");
+    expect_invalid(get_rule(admin, "").await, "rule_id");
 
     // Expected version 0 deletes unconditionally.
     let second = create_rule(admin, outbound("*", pb::Effect::Block))
@@ -494,7 +471,7 @@ async fn policy_settings_default_to_allow_and_updates_bump_the_version() {
         set_outbound_default(admin, pb::OutboundDefault::Block, 7).await,
         "1",
     );
-    expect_invalid_field(
+    expect_invalid(
         set_outbound_default(admin, pb::OutboundDefault::Unspecified, 0).await,
         "outbound_default",
     );
@@ -672,15 +649,15 @@ async fn rules_are_listed_in_evaluation_order_and_paged() {
         }),
         ..Default::default()
     };
-    expect_invalid_field(
+    expect_invalid(
         list_rules(admin, with_token(pb::RuleDirection::Unspecified, "garbage")).await,
         "page.page_token",
     );
-    expect_invalid_field(
+    expect_invalid(
         list_rules(admin, with_token(pb::RuleDirection::Inbound, &token)).await,
         "page.page_token",
     );
-    expect_invalid_field(
+    expect_invalid(
         list_rules(
             globex_admin,
             with_token(pb::RuleDirection::Unspecified, &token),
@@ -695,7 +672,7 @@ async fn rules_are_listed_in_evaluation_order_and_paged() {
         }),
         ..Default::default()
     };
-    expect_invalid_field(list_rules(admin, oversized).await, "page.page_size");
+    expect_invalid(list_rules(admin, oversized).await, "page.page_size");
     pair.server.stop().await;
 }
 
@@ -919,14 +896,14 @@ async fn bad_rules_are_refused_naming_the_field_and_write_nothing() {
 
     for (field, bad) in bad_rules(&acme.id) {
         let attempt = format!("{bad:?}");
-        expect_invalid_field(create_rule(admin, bad).await, field);
+        expect_invalid(create_rule(admin, bad).await, field);
         assert_eq!(
             footprint(server).await,
             before,
             "wrote something: {attempt}"
         );
     }
-    expect_invalid_field(
+    expect_invalid(
         create_rule(admin, pb::Rule::default()).await,
         "rule.action_pattern|rule.direction|rule.effect",
     );
@@ -934,7 +911,7 @@ async fn bad_rules_are_refused_naming_the_field_and_write_nothing() {
         .request(pb::CreateRuleRequest { rule: None })
         .await
         .unwrap();
-    expect_invalid_field(
+    expect_invalid(
         admin
             .policies()
             .create_rule(request)
@@ -1017,18 +994,18 @@ async fn evaluate_policy_refuses_bad_input_and_writes_nothing() {
             continue;
         }
         let attempt = format!("{bad:?}");
-        expect_invalid_field(
+        expect_invalid(
             evaluate(admin, evaluation(&bot.id, bad.clone())).await,
             field,
         );
-        expect_invalid_field(evaluate(agent, evaluation("", bad)).await, field);
+        expect_invalid(evaluate(agent, evaluation("", bad)).await, field);
         assert_eq!(
             footprint(server).await,
             before,
             "wrote something: {attempt}"
         );
     }
-    expect_invalid_field(
+    expect_invalid(
         evaluate(admin, evaluation("", ask(&globex.id, "stock.write"))).await,
         "requesting_agent_id",
     );

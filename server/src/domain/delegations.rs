@@ -25,10 +25,10 @@ use crate::audit::{self, AuditCtx, NewEvent, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
-use crate::domain::page;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
+use crate::domain::{actor_json, page, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -197,10 +197,6 @@ fn check_idempotency_key(key: &str) -> std::result::Result<(), FieldViolation> {
                 .to_owned(),
         })
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(Error::internal)
 }
 
 /// The receiving tenant of a request, which must exist.
@@ -422,21 +418,7 @@ pub async fn request(
             .await?;
         return Err(suspended());
     }
-    let requesting = tenant_row(state, &tenant_id).await?;
-    let decision = policies::judge(
-        state,
-        &requesting,
-        &receiving,
-        &Request {
-            requesting_tenant_id: &tenant_id,
-            requesting_agent_id: &agent_id,
-            receiving_tenant_id: &receiving.id,
-            action: &input.action,
-            context: &input.context,
-            requested_ttl_seconds: input.requested_ttl_seconds,
-        },
-    )
-    .await?;
+    let decision = judge_input(state, &tenant_id, &agent_id, &receiving, &input).await?;
 
     let now = state.clock.now_millis();
     let id = new_id(IdKind::Delegation);
@@ -584,15 +566,33 @@ pub async fn request(
     }
 }
 
-fn system_actor_json() -> Result<String> {
-    to_json(
-        &json!({"kind": pb::PrincipalKind::System as i32, "subject": "system", "tenant_id": ""}),
+/// Judges a validated request of `agent_id` (of `tenant_id`) now.
+async fn judge_input(
+    state: &AppState,
+    tenant_id: &str,
+    agent_id: &str,
+    receiving: &tenant::Model,
+    input: &Input,
+) -> Result<Decision> {
+    let requesting = tenant_row(state, tenant_id).await?;
+    policies::judge(
+        state,
+        &requesting,
+        receiving,
+        &Request {
+            requesting_tenant_id: tenant_id,
+            requesting_agent_id: agent_id,
+            receiving_tenant_id: &receiving.id,
+            action: &input.action,
+            context: &input.context,
+            requested_ttl_seconds: input.requested_ttl_seconds,
+        },
     )
+    .await
 }
 
-fn actor_json(ctx: &CallContext) -> Result<String> {
-    let actor = ctx.principal.actor();
-    to_json(&json!({"kind": actor.kind, "subject": actor.subject, "tenant_id": actor.tenant_id}))
+fn system_actor_json() -> Result<String> {
+    actor_json(&AuditCtx::system("").actor)
 }
 
 async fn find_by_key(
@@ -870,7 +870,10 @@ async fn end_active(
     let updated = delegation::Entity::update_many()
         .col_expr(delegation::Column::Status, Expr::value(to))
         .col_expr(delegation::Column::EndedAt, Expr::value(now))
-        .col_expr(delegation::Column::EndedBy, Expr::value(actor_json(ctx)?))
+        .col_expr(
+            delegation::Column::EndedBy,
+            Expr::value(actor_json(&ctx.principal.actor())?),
+        )
         .col_expr(delegation::Column::EndReason, Expr::value(reason))
         .filter(delegation::Column::Id.eq(row.id.clone()))
         .filter(delegation::Column::Status.eq(STATUS_ACTIVE))
@@ -1264,21 +1267,7 @@ pub async fn evaluate(
     if !is_active(&receiving) {
         return Err(suspended());
     }
-    let requesting = tenant_row(state, &tenant_id).await?;
-    let decision = policies::judge(
-        state,
-        &requesting,
-        &receiving,
-        &Request {
-            requesting_tenant_id: &tenant_id,
-            requesting_agent_id: &agent_id,
-            receiving_tenant_id: &receiving.id,
-            action: &input.action,
-            context: &input.context,
-            requested_ttl_seconds: input.requested_ttl_seconds,
-        },
-    )
-    .await?;
+    let decision = judge_input(state, &tenant_id, &agent_id, &receiving, &input).await?;
     let mut logs = vec![tenant_id.clone()];
     if receiving.id != tenant_id {
         logs.push(receiving.id.clone());

@@ -9,3 +9,28 @@ pub mod policies;
 pub mod policy_engine;
 pub mod tenants;
 pub mod tokens;
+
+use serde_json::{Value, json};
+use vaultguard_proto::v1 as pb;
+
+use crate::error::{Error, Result};
+
+/// Serialises a value stored in a JSON text column.
+pub fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(Error::internal)
+}
+
+/// An actor as stored in `*_by` columns.
+pub fn actor_json(actor: &pb::Actor) -> Result<String> {
+    to_json(&json!({"kind": actor.kind, "subject": actor.subject, "tenant_id": actor.tenant_id}))
+}
+
+/// Parses an actor stored by [`actor_json`].
+pub fn parse_actor(stored: &str) -> Option<pb::Actor> {
+    let value: Value = serde_json::from_str(stored).ok()?;
+    Some(pb::Actor {
+        kind: i32::try_from(value.get("kind")?.as_i64()?).ok()?,
+        subject: value.get("subject")?.as_str()?.to_owned(),
+        tenant_id: value.get("tenant_id")?.as_str()?.to_owned(),
+    })
+}

@@ -16,11 +16,11 @@ use vaultguard_proto::v1 as pb;
 use crate::audit::{self, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
-use crate::domain::page;
 use crate::domain::policy_engine::{
     self as engine, Condition, Decision, Direction, Outcome, Request, TimeWindow,
 };
 use crate::domain::tenants::STATUS_ACTIVE;
+use crate::domain::{actor_json, page, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
@@ -186,10 +186,6 @@ async fn check_rule(state: &AppState, tenant_id: &str, rule: &pb::Rule) -> Resul
     })
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(Error::internal)
-}
-
 /// The engine's view of a stored rule.
 pub fn parse_rule(model: &policy_rule::Model) -> Result<engine::Rule> {
     let conditions: Vec<Condition> =
@@ -230,21 +226,6 @@ fn rule_details(model: &policy_rule::Model) -> Value {
         "priority": model.priority,
         "approvals_required": model.approvals_required,
         "version": model.version,
-    })
-}
-
-fn actor_json(ctx: &CallContext) -> Result<String> {
-    let actor = ctx.principal.actor();
-    to_json(&json!({"kind": actor.kind, "subject": actor.subject, "tenant_id": actor.tenant_id}))
-}
-
-/// Parses an actor stored by [`actor_json`].
-pub fn parse_actor(stored: &str) -> Option<pb::Actor> {
-    let value: Value = serde_json::from_str(stored).ok()?;
-    Some(pb::Actor {
-        kind: i32::try_from(value.get("kind")?.as_i64()?).ok()?,
-        subject: value.get("subject")?.as_str()?.to_owned(),
-        tenant_id: value.get("tenant_id")?.as_str()?.to_owned(),
     })
 }
 
@@ -306,17 +287,21 @@ async fn find_rule(state: &AppState, tenant_id: &str, rule_id: &str) -> Result<p
         .ok_or(Error::NotFound("rule"))
 }
 
-async fn audit_rule<C: ConnectionTrait>(
-    txn: &C,
+/// Finishes a rule edit inside `txn`: bumps the tenant's policy version,
+/// audits the edit with that version, commits. Returns the new version.
+async fn commit_edit(
+    txn: sea_orm::DatabaseTransaction,
     state: &AppState,
     ctx: &CallContext,
     tenant_id: &str,
     event_type: &'static str,
     rule_id: &str,
-    details: Value,
-) -> Result<()> {
+    mut details: Value,
+) -> Result<i64> {
+    let version = bump_version(&txn, tenant_id, None, None).await?;
+    details["policy_version"] = json!(version);
     audit::append(
-        txn,
+        &txn,
         state.clock.as_ref(),
         ctx.audit().event(
             tenant_id,
@@ -326,7 +311,10 @@ async fn audit_rule<C: ConnectionTrait>(
             details,
         ),
     )
-    .await
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(version)
 }
 
 fn refuse_output_only(rule: &pb::Rule) -> Result<()> {
@@ -377,23 +365,21 @@ pub async fn create_rule(
         version: Set(1),
         created_at: Set(now),
         updated_at: Set(now),
-        updated_by: Set(actor_json(ctx)?),
+        updated_by: Set(actor_json(&ctx.principal.actor())?),
     };
     let txn = state.db.begin().await?;
     let model = model.insert(&txn).await?;
-    let version = bump_version(&txn, &tenant_id, None, None).await?;
-    audit_rule(
-        &txn,
+    let details = json!({"rule": rule_details(&model)});
+    let version = commit_edit(
+        txn,
         state,
         ctx,
         &tenant_id,
         "rule.created",
         &model.id,
-        json!({"rule": rule_details(&model), "policy_version": version}),
+        details,
     )
     .await?;
-    txn.commit().await?;
-    state.audit_committed();
     Ok((model, version))
 }
 
@@ -566,7 +552,7 @@ pub async fn update_rule(
         .col_expr(policy_rule::Column::UpdatedAt, Expr::value(now))
         .col_expr(
             policy_rule::Column::UpdatedBy,
-            Expr::value(actor_json(ctx)?),
+            Expr::value(actor_json(&ctx.principal.actor())?),
         )
         .filter(policy_rule::Column::Id.eq(current.id.clone()))
         .filter(policy_rule::Column::TenantId.eq(tenant_id.clone()))
@@ -582,19 +568,17 @@ pub async fn update_rule(
         .one(&txn)
         .await?
         .ok_or(Error::NotFound("rule"))?;
-    let version = bump_version(&txn, &tenant_id, None, None).await?;
-    audit_rule(
-        &txn,
+    let details = json!({"before": rule_details(&current), "rule": rule_details(&model)});
+    let version = commit_edit(
+        txn,
         state,
         ctx,
         &tenant_id,
         "rule.updated",
         &model.id,
-        json!({"before": rule_details(&current), "rule": rule_details(&model), "policy_version": version}),
+        details,
     )
     .await?;
-    txn.commit().await?;
-    state.audit_committed();
     Ok((model, version))
 }
 
@@ -622,20 +606,17 @@ pub async fn delete_rule(
         let latest = find_rule(state, &tenant_id, rule_id).await?;
         return Err(version_mismatch(latest.version));
     }
-    let version = bump_version(&txn, &tenant_id, None, None).await?;
-    audit_rule(
-        &txn,
+    let details = json!({"rule": rule_details(&current)});
+    commit_edit(
+        txn,
         state,
         ctx,
         &tenant_id,
         "rule.deleted",
         &current.id,
-        json!({"rule": rule_details(&current), "policy_version": version}),
+        details,
     )
-    .await?;
-    txn.commit().await?;
-    state.audit_committed();
-    Ok(version)
+    .await
 }
 
 /// The caller's tenant row (its settings and version).
@@ -673,7 +654,11 @@ pub async fn update_settings(
         &txn,
         &tenant_id,
         (expected != 0).then_some(expected),
-        Some((default, state.clock.now_millis(), actor_json(ctx)?)),
+        Some((
+            default,
+            state.clock.now_millis(),
+            actor_json(&ctx.principal.actor())?,
+        )),
     )
     .await?;
     audit::append(
