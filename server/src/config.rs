@@ -80,6 +80,15 @@ pub struct Config {
     pub step_up_interval_seconds: u32,
     /// How often the sweeper marks expired delegations EXPIRED.
     pub sweep_interval_ms: u64,
+    /// Accept `http://` approval webhook URLs (development and tests only;
+    /// production webhooks must be `https://`).
+    pub webhook_allow_http: bool,
+    /// How often the webhook deliverer looks for undelivered changes.
+    pub webhook_poll_interval_ms: u64,
+    /// Timeout of one webhook delivery attempt.
+    pub webhook_timeout_ms: u64,
+    /// Attempts at one change before the deliverer skips it.
+    pub webhook_max_attempts: u32,
     /// `json` or `text`.
     pub log_format: String,
 }
@@ -104,6 +113,10 @@ impl Default for Config {
             step_up_expires_in_seconds: 300,
             step_up_interval_seconds: 5,
             sweep_interval_ms: 5_000,
+            webhook_allow_http: false,
+            webhook_poll_interval_ms: 1_000,
+            webhook_timeout_ms: 10_000,
+            webhook_max_attempts: 12,
             log_format: "text".to_owned(),
         }
     }

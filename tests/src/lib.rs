@@ -180,6 +180,8 @@ impl TestServer {
             trusted_issuers: options.trusted_issuers.clone(),
             jwks_min_refresh_seconds: 0,
             health_probe_interval_ms: 200,
+            webhook_allow_http: true,
+            webhook_poll_interval_ms: 200,
             database_acquire_timeout_ms: 1_000,
             ..Config::default()
         };

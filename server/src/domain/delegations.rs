@@ -526,6 +526,9 @@ pub async fn request(
                 updated_at: Set(now),
                 decided_at: Set(None),
                 redeemed_at: Set(None),
+                ended_at: Set(None),
+                denied_by: Set(None),
+                deny_reason: Set(None),
             }
             .insert(&txn)
             .await?;

@@ -9,6 +9,7 @@ pub mod policies;
 pub mod policy_engine;
 pub mod tenants;
 pub mod tokens;
+pub mod webhooks;
 
 use serde_json::{Value, json};
 use vaultguard_proto::v1 as pb;

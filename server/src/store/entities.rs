@@ -231,6 +231,90 @@ pub mod step_up {
         pub updated_at: i64,
         pub decided_at: Option<i64>,
         pub redeemed_at: Option<i64>,
+        pub ended_at: Option<i64>,
+        /// JSON of the actor who denied it (the system for a policy block).
+        pub denied_by: Option<String>,
+        pub deny_reason: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod step_up_approval {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "step_up_approvals")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub step_up_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub approver_subject: String,
+        /// `approve` (denials end the step-up and are recorded on it).
+        pub decision: String,
+        /// The approver's comment.
+        pub reason: String,
+        pub created_at: i64,
+        /// JSON of the approving actor.
+        pub approver: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod step_up_change {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "step_up_changes")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        /// The receiving tenant, whose queue changed.
+        pub tenant_id: String,
+        pub step_up_id: String,
+        pub delegation_id: String,
+        /// `added`, `updated` or `removed`.
+        pub kind: String,
+        /// The step-up's state after the change.
+        pub state: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod tenant_webhook {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "tenant_webhooks")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        pub url: String,
+        /// The signing secret, sealed under the master key.
+        pub secret_ciphertext: Vec<u8>,
+        pub created_at: i64,
+        pub updated_at: i64,
+        /// The last `step_up_changes.id` delivered (or skipped as older than
+        /// the webhook).
+        pub delivered_change_id: i64,
+        /// Failed attempts at the next change.
+        pub attempts: i32,
+        pub next_attempt_at: i64,
+        pub last_success_at: Option<i64>,
+        pub last_failure_at: Option<i64>,
+        pub last_failure_reason: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

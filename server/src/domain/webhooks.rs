@@ -1,0 +1,1 @@
+//! Approval webhooks (CIBA "ping" analogue): being written — see issue 4.
