@@ -11,6 +11,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod hub;
 pub mod ids;
 pub mod issuer;
 pub mod oidc;

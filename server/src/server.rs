@@ -79,6 +79,7 @@ pub async fn prepare(
         oidc: Arc::new(oidc),
         config: Arc::new(config),
         audit_wake: Arc::new(Notify::new()),
+        hub: Arc::new(crate::hub::Hub::new()),
     })
 }
 
@@ -104,6 +105,15 @@ pub async fn serve(
     let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
     let sweeper_task = tokio::spawn(crate::domain::delegations::run_sweeper(
         state.clone(),
+        stop_rx.clone(),
+    ));
+    let webhook_task = tokio::spawn(crate::domain::webhooks::run_deliverer(
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    let listener_task = tokio::spawn(crate::hub::run_listener(
+        state.db.clone(),
+        state.hub.clone(),
         stop_rx.clone(),
     ));
 
@@ -174,7 +184,13 @@ pub async fn serve(
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     signal.abort();
-    let _ = tokio::join!(sealer_task, probe_task, sweeper_task);
+    let _ = tokio::join!(
+        sealer_task,
+        probe_task,
+        sweeper_task,
+        listener_task,
+        webhook_task
+    );
     grpc_result?;
     http_result?;
     tracing::info!("vaultguard stopped");

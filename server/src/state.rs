@@ -24,6 +24,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Wakes the audit sealer after a commit that appended events.
     pub audit_wake: Arc<Notify>,
+    /// Step-up changes for this process's watchers.
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 impl AppState {

@@ -28,7 +28,7 @@ use crate::crypto::sha256_hex;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, page, to_json};
+use crate::domain::{actor_json, page, step_ups, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -227,7 +227,7 @@ fn suspended() -> Error {
 
 /// One event per distinct party, each with the decision as that party may
 /// see it.
-fn party_events(
+pub(crate) fn party_events(
     audit_ctx: &AuditCtx,
     row: &delegation::Model,
     event_type: &'static str,
@@ -296,13 +296,13 @@ fn token_claims(state: &AppState, row: &delegation::Model) -> Result<Value> {
     Ok(claims)
 }
 
-async fn sign(state: &AppState, row: &delegation::Model) -> Result<(String, String)> {
+pub(crate) async fn sign(state: &AppState, row: &delegation::Model) -> Result<(String, String)> {
     let algorithm = parse_algorithm(&row.token_algorithm)
         .ok_or_else(|| Error::internal("delegation has no token algorithm"))?;
     state.keys.sign(algorithm, &token_claims(state, row)?).await
 }
 
-fn seconds_left(until: Option<Millis>, now: Millis) -> u32 {
+pub(crate) fn seconds_left(until: Option<Millis>, now: Millis) -> u32 {
     until
         .map(|at| u32::try_from((at - now).max(0) / 1000).unwrap_or(u32::MAX))
         .unwrap_or_default()
@@ -332,7 +332,7 @@ impl Requested {
     }
 }
 
-fn parse_decision(row: &delegation::Model) -> Result<Decision> {
+pub(crate) fn parse_decision(row: &delegation::Model) -> Result<Decision> {
     serde_json::from_str(&row.decision).map_err(Error::internal)
 }
 
@@ -506,10 +506,11 @@ pub async fn request(
         &json!({"outcome": decision.outcome.as_str(), "requesting_agent_id": agent_id}),
         Some(&decision),
     );
+    let mut changes = Vec::new();
     let auth_req = match &step_up_id {
         Some(step_up_id) => {
             let handle = auth_req_id(state, step_up_id);
-            step_up::ActiveModel {
+            let created = step_up::ActiveModel {
                 id: Set(step_up_id.clone()),
                 delegation_id: Set(id.clone()),
                 receiving_tenant_id: Set(receiving.id.clone()),
@@ -532,6 +533,7 @@ pub async fn request(
             }
             .insert(&txn)
             .await?;
+            changes.push(step_ups::record_created(state, &txn, &created).await?);
             Some(handle)
         }
         None => None,
@@ -549,6 +551,7 @@ pub async fn request(
     audit::append_all(&txn, state.clock.as_ref(), events).await?;
     txn.commit().await?;
     state.audit_committed();
+    state.hub.committed(&state.db, changes);
     metrics::counter!("vaultguard_delegation_decisions_total", "outcome" => decision.outcome.as_str())
         .increment(1);
 
@@ -570,7 +573,7 @@ pub async fn request(
 }
 
 /// Judges a validated request of `agent_id` (of `tenant_id`) now.
-async fn judge_input(
+pub(crate) async fn judge_input(
     state: &AppState,
     tenant_id: &str,
     agent_id: &str,
@@ -594,7 +597,7 @@ async fn judge_input(
     .await
 }
 
-fn system_actor_json() -> Result<String> {
+pub(crate) fn system_actor_json() -> Result<String> {
     actor_json(&AuditCtx::system("").actor)
 }
 
@@ -1006,6 +1009,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
     let audit_ctx = AuditCtx::system(format!("sweeper-{now}"));
     let system = system_actor_json()?;
     let mut ended = 0;
+    let mut changes = Vec::new();
     for row in due {
         let updated = delegation::Entity::update_many()
             .col_expr(delegation::Column::Status, Expr::value(STATUS_EXPIRED))
@@ -1020,14 +1024,29 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         if updated.rows_affected == 0 {
             continue;
         }
-        if row.status == STATUS_PENDING {
-            step_up::Entity::update_many()
-                .col_expr(step_up::Column::State, Expr::value("expired"))
+        if let Some(step) = step_up::Entity::find()
+            .filter(step_up::Column::DelegationId.eq(row.id.clone()))
+            .one(&txn)
+            .await?
+        {
+            // A pending step-up leaves the queue; an approved one whose token
+            // was never taken can no longer be redeemed.
+            let from = if row.status == STATUS_PENDING {
+                step_ups::PENDING
+            } else {
+                step_ups::APPROVED
+            };
+            let expired = step_up::Entity::update_many()
+                .col_expr(step_up::Column::State, Expr::value(step_ups::EXPIRED))
+                .col_expr(step_up::Column::EndedAt, Expr::value(now))
                 .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
-                .filter(step_up::Column::DelegationId.eq(row.id.clone()))
-                .filter(step_up::Column::State.eq("pending"))
+                .filter(step_up::Column::Id.eq(step.id.clone()))
+                .filter(step_up::Column::State.eq(from))
                 .exec(&txn)
                 .await?;
+            if expired.rows_affected > 0 && from == step_ups::PENDING {
+                changes.push(step_ups::record_expired(state, &txn, &step, now).await?);
+            }
         }
         let events = party_events(
             &audit_ctx,
@@ -1041,6 +1060,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         ended += 1;
     }
     txn.commit().await?;
+    state.hub.committed(&state.db, changes);
     if ended > 0 {
         state.audit_committed();
         metrics::counter!("vaultguard_delegations_expired_total").increment(ended);

@@ -7,6 +7,7 @@ pub mod delegations;
 pub mod page;
 pub mod policies;
 pub mod policy_engine;
+pub mod step_ups;
 pub mod tenants;
 pub mod tokens;
 pub mod webhooks;

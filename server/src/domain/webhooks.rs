@@ -1,1 +1,768 @@
-//! Approval webhooks (CIBA "ping" analogue): being written — see issue 4.
+//! Approval webhooks, the CIBA "ping" analogue: a tenant registers an
+//! `https` URL and VaultGuard POSTs a signed notice there whenever a step-up
+//! enters, changes in or leaves the tenant's approval queue.
+//!
+//! The outbox is `step_up_changes` itself: every change to a step-up writes a
+//! row there in the transaction that makes it, so nothing is enqueued on the
+//! request path and delivery never blocks or fails a request. Per tenant,
+//! `tenant_webhooks.delivered_change_id` is the position reached; the
+//! deliverer POSTs the next change (the smallest id above it), in order, one
+//! at a time:
+//! - a 2xx answer advances the position and resets the attempt count;
+//! - anything else (non-2xx, redirect, timeout, refused connection) counts a
+//!   failed attempt, records when and why (a short reason, never the secret,
+//!   the body or the URL) and backs off exponentially (1 s, 2 s, 4 s … at
+//!   most 5 minutes); after `webhook_max_attempts` failed attempts at one
+//!   change the deliverer skips it with a warning, so one poisoned change
+//!   cannot stall the tenant's feed forever.
+//!
+//! Delivery is at least once: the `X-VaultGuard-Delivery` id (`chg_<change
+//! id>`) is the same on every retry, for the receiver to de-duplicate.
+//!
+//! Concurrency: on PostgreSQL one replica delivers at a time (a
+//! transaction-scoped advisory lock held for the pass); within a process
+//! passes are serialised by a mutex. Every write of delivery state is a
+//! conditional update on the position and `updated_at` it started from, so a
+//! webhook re-set or removed while a delivery is in flight is never
+//! overwritten by that delivery's outcome.
+//!
+//! Commit order: on PostgreSQL ids come from a sequence and two transactions
+//! can commit out of id order; a change becomes deliverable only once it is
+//! [`SETTLE_MILLIS`] old, so a slightly later commit of a smaller id is not
+//! overtaken. SQLite serialises writers, so ids commit in order there.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use aws_lc_rs::hmac;
+use futures::StreamExt;
+use sea_orm::sea_query::{Expr, Query};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+};
+use serde_json::json;
+use vaultguard_proto::v1 as pb;
+
+use crate::audit::{self, Outcome};
+use crate::auth::CallContext;
+use crate::clock::{Millis, to_timestamp};
+use crate::config::Config;
+use crate::crypto::{SealContext, random_token};
+use crate::error::{Error, FieldViolation, Result, is_unique_violation};
+use crate::state::AppState;
+use crate::store::entities::{step_up_change, tenant_webhook};
+use crate::store::is_postgres;
+
+/// The prefix of signing secrets, so that leaked ones are recognisable.
+pub const SECRET_PREFIX: &str = "whsec_";
+/// The longest accepted URL, in characters.
+pub const MAX_URL_CHARS: usize = 2048;
+/// The header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
+pub const SIGNATURE_HEADER: &str = "X-VaultGuard-Signature";
+/// The header carrying the event name (`step_up.added` …).
+pub const EVENT_HEADER: &str = "X-VaultGuard-Event";
+/// The header carrying the delivery id (`chg_<change id>`), the same on retries.
+pub const DELIVERY_HEADER: &str = "X-VaultGuard-Delivery";
+/// The prefix of delivery ids.
+pub const DELIVERY_PREFIX: &str = "chg_";
+
+/// The table name bound into the sealed secret.
+const TABLE: &str = "tenant_webhooks";
+/// The advisory lock that keeps delivery to one replica at a time (the
+/// sweeper's is `…0001`).
+const DELIVERER_LOCK: i64 = 0x7661_756c_7467_0057;
+/// How old a change must be before it is delivered on PostgreSQL (see the
+/// module comment on commit order).
+pub const SETTLE_MILLIS: Millis = 1_000;
+/// The first retry delay; it doubles with each failed attempt …
+const FIRST_BACKOFF_MILLIS: Millis = 1_000;
+/// … up to this.
+const MAX_BACKOFF_MILLIS: Millis = 5 * 60 * 1_000;
+/// Tenants served per pass; the rest wait for the next pass.
+const TENANTS_PER_PASS: u64 = 100;
+/// Changes delivered to one tenant per pass, so that one busy tenant does
+/// not hold the pass (and the lock) for long.
+const CHANGES_PER_TENANT: usize = 20;
+/// Tenants delivered to concurrently within a pass (each one in order).
+const CONCURRENT_TENANTS: usize = 8;
+/// Passes run back to back while they find work, before the loop sleeps.
+const PASSES_PER_TICK: usize = 10;
+/// The longest stored failure reason.
+const MAX_REASON_CHARS: usize = 256;
+
+/// Serialises delivery passes within one process (on SQLite the only guard;
+/// on PostgreSQL it spares the database a lock attempt).
+static PASS: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+// ---------------------------------------------------------------------------
+// Configuration: SetApprovalWebhook, GetApprovalWebhook.
+
+/// Checks a webhook URL: absolute, `https` (or `http` when `allow_http`),
+/// with a host, no user info, at most [`MAX_URL_CHARS`] characters. Returns
+/// the parsed URL.
+pub fn validate_url(url: &str, allow_http: bool) -> Result<reqwest::Url, FieldViolation> {
+    let invalid = |description: &str| FieldViolation {
+        field: "url".to_owned(),
+        description: description.to_owned(),
+    };
+    if url.chars().count() > MAX_URL_CHARS {
+        return Err(invalid("must be at most 2048 characters"));
+    }
+    if url.trim() != url || url.chars().any(char::is_control) {
+        return Err(invalid(
+            "must not contain spaces around it or control characters",
+        ));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|_| invalid("must be an absolute https URL"))?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" if allow_http => {}
+        _ => return Err(invalid("must be an absolute https URL")),
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("must name a host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            "must not contain credentials; requests are authenticated by their signature",
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The host of a stored URL, for audit details and logs (never the whole
+/// URL: some receivers put a secret in the path or query).
+fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn seal_context(tenant_id: &str) -> SealContext<'_> {
+    SealContext {
+        table: TABLE,
+        tenant_id,
+        record_id: tenant_id,
+    }
+}
+
+/// The largest change id of `tenant_id`'s feed, 0 when it has none.
+async fn max_change_id<C: ConnectionTrait>(db: &C, tenant_id: &str) -> Result<i64> {
+    let max: Option<Option<i64>> = step_up_change::Entity::find()
+        .select_only()
+        .column_as(step_up_change::Column::Id.max(), "max_id")
+        .filter(step_up_change::Column::TenantId.eq(tenant_id))
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(max.flatten().unwrap_or(0))
+}
+
+/// SetApprovalWebhook: `Some((row, signing_secret))` when set, `None` when
+/// removed (empty `url`). Each set generates a new secret, returned here
+/// only, and delivery starts after the tenant's latest change (older changes
+/// are not replayed). Removing a webhook that does not exist changes nothing.
+pub async fn set(
+    state: &AppState,
+    ctx: &CallContext,
+    url: &str,
+) -> Result<Option<(tenant_webhook::Model, String)>> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    if url.is_empty() {
+        return remove(state, ctx, &tenant_id).await;
+    }
+    let parsed = validate_url(url, state.config.webhook_allow_http)?;
+    let host = parsed.host_str().unwrap_or_default().to_owned();
+
+    let secret = format!("{SECRET_PREFIX}{}", random_token(32)?);
+    let sealed = state
+        .master
+        .seal(seal_context(&tenant_id), secret.as_bytes())?;
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let start_after = max_change_id(&txn, &tenant_id).await?;
+    let existing = tenant_webhook::Entity::find_by_id(tenant_id.clone())
+        .one(&txn)
+        .await?;
+    let replaced = existing.is_some();
+    let row = tenant_webhook::ActiveModel {
+        tenant_id: Set(tenant_id.clone()),
+        url: Set(url.to_owned()),
+        secret_ciphertext: Set(sealed),
+        created_at: Set(existing.as_ref().map_or(now, |e| e.created_at)),
+        updated_at: Set(now),
+        delivered_change_id: Set(start_after),
+        attempts: Set(0),
+        next_attempt_at: Set(0),
+        last_success_at: Set(None),
+        last_failure_at: Set(None),
+        last_failure_reason: Set(None),
+    };
+    let written = if replaced {
+        row.update(&txn).await
+    } else {
+        row.insert(&txn).await
+    };
+    let model = match written {
+        Ok(model) => model,
+        Err(err) if is_unique_violation(&err) => {
+            return Err(Error::Conflict("the webhook was set concurrently"));
+        }
+        Err(sea_orm::DbErr::RecordNotUpdated) => {
+            return Err(Error::Conflict("the webhook was removed concurrently"));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "webhook.set",
+            vec![tenant_id.clone()],
+            Outcome::Success,
+            json!({"host": host, "replaced": replaced}),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    tracing::info!(tenant_id = %tenant_id, host = %host, "approval webhook set");
+    Ok(Some((model, secret)))
+}
+
+async fn remove(
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+) -> Result<Option<(tenant_webhook::Model, String)>> {
+    let txn = state.db.begin().await?;
+    let Some(existing) = tenant_webhook::Entity::find_by_id(tenant_id.to_owned())
+        .one(&txn)
+        .await?
+    else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    let deleted = tenant_webhook::Entity::delete_many()
+        .filter(tenant_webhook::Column::TenantId.eq(tenant_id))
+        .exec(&txn)
+        .await?;
+    if deleted.rows_affected == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            tenant_id,
+            "webhook.removed",
+            vec![tenant_id.to_owned()],
+            Outcome::Success,
+            json!({"host": host_of(&existing.url)}),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    tracing::info!(tenant_id = %tenant_id, "approval webhook removed");
+    Ok(None)
+}
+
+/// GetApprovalWebhook: the caller's tenant's webhook; NOT_FOUND when none
+/// is set.
+pub async fn get(state: &AppState, ctx: &CallContext) -> Result<tenant_webhook::Model> {
+    let tenant_id = ctx.principal.tenant_id()?;
+    tenant_webhook::Entity::find_by_id(tenant_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("webhook"))
+}
+
+/// The proto view of a webhook; never the secret.
+pub fn to_proto(row: &tenant_webhook::Model) -> pb::ApprovalWebhook {
+    pb::ApprovalWebhook {
+        url: row.url.clone(),
+        secret_set: !row.secret_ciphertext.is_empty(),
+        update_time: Some(to_timestamp(row.updated_at)),
+        last_success_time: row.last_success_at.map(to_timestamp),
+        last_failure_time: row.last_failure_at.map(to_timestamp),
+        last_failure_reason: row.last_failure_reason.clone().unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Delivery.
+
+/// The HTTP client deliveries use: the configured timeout, no redirects.
+pub fn http_client(config: &Config) -> Result<reqwest::Client> {
+    let timeout = Duration::from_millis(config.webhook_timeout_ms.max(1));
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("VaultGuard-Webhook/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|err| Error::internal(err.without_url()))
+}
+
+/// The delay before the next attempt after `attempts` failed ones.
+pub fn backoff_millis(attempts: i32) -> Millis {
+    let doublings = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(0);
+    FIRST_BACKOFF_MILLIS
+        .saturating_mul(1_i64 << doublings)
+        .min(MAX_BACKOFF_MILLIS)
+}
+
+/// The proto name of a stored step-up state (`pending` →
+/// `STEP_UP_STATE_PENDING`).
+fn state_name(state: &str) -> &'static str {
+    pb::StepUpState::from_str_name(&format!("STEP_UP_STATE_{}", state.to_ascii_uppercase()))
+        .unwrap_or(pb::StepUpState::Unspecified)
+        .as_str_name()
+}
+
+/// The event name of a change kind (`added` → `step_up.added`).
+fn event_name(kind: &str) -> String {
+    format!("step_up.{kind}")
+}
+
+/// The JSON body POSTed for `change`: ids only.
+pub fn body_of(change: &step_up_change::Model) -> Result<Vec<u8>> {
+    serde_json::to_vec(&json!({
+        "event": event_name(&change.kind),
+        "step_up_id": change.step_up_id,
+        "delegation_id": change.delegation_id,
+        "tenant_id": change.tenant_id,
+        "state": state_name(&change.state),
+        "time": to_timestamp(change.created_at).to_string(),
+    }))
+    .map_err(Error::internal)
+}
+
+/// The `X-VaultGuard-Signature` value for `body` signed at `t` (Unix
+/// seconds) with `secret`.
+pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = hmac::Context::with_key(&key);
+    context.update(t.to_string().as_bytes());
+    context.update(b".");
+    context.update(body);
+    format!("t={t},v1={}", hex::encode(context.sign().as_ref()))
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Delivered,
+    Failed(String),
+}
+
+/// Signs and POSTs `change` to `hook`. Never logs the secret, the body or
+/// the URL.
+async fn attempt(
+    state: &AppState,
+    client: &reqwest::Client,
+    hook: &tenant_webhook::Model,
+    change: &step_up_change::Model,
+) -> Attempt {
+    let secret = match state
+        .master
+        .open(seal_context(&hook.tenant_id), &hook.secret_ciphertext)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(Error::internal))
+    {
+        Ok(secret) => secret,
+        Err(err) => {
+            tracing::error!(tenant_id = %hook.tenant_id, error = %err, "cannot open the webhook signing secret");
+            return Attempt::Failed("signing secret unavailable".to_owned());
+        }
+    };
+    let body = match body_of(change) {
+        Ok(body) => body,
+        Err(err) => {
+            tracing::error!(tenant_id = %hook.tenant_id, error = %err, "cannot encode a webhook body");
+            return Attempt::Failed("internal error".to_owned());
+        }
+    };
+    let t = state.clock.now_seconds();
+    let sent = client
+        .post(hook.url.as_str())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(SIGNATURE_HEADER, signature(&secret, t, &body))
+        .header(EVENT_HEADER, event_name(&change.kind))
+        .header(DELIVERY_HEADER, format!("{DELIVERY_PREFIX}{}", change.id))
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(response) if response.status().is_success() => Attempt::Delivered,
+        Ok(response) => Attempt::Failed(format!("HTTP {}", response.status().as_u16())),
+        Err(err) if err.is_timeout() => Attempt::Failed("timeout".to_owned()),
+        Err(err) if err.is_connect() => Attempt::Failed("connection failed".to_owned()),
+        Err(err) if err.is_builder() => Attempt::Failed("invalid request".to_owned()),
+        Err(_) => Attempt::Failed("request failed".to_owned()),
+    }
+}
+
+/// The next undelivered change of `hook`'s tenant that is old enough.
+async fn next_change(
+    state: &AppState,
+    hook: &tenant_webhook::Model,
+    settled: Millis,
+) -> Result<Option<step_up_change::Model>> {
+    Ok(step_up_change::Entity::find()
+        .filter(step_up_change::Column::TenantId.eq(hook.tenant_id.as_str()))
+        .filter(step_up_change::Column::Id.gt(hook.delivered_change_id))
+        .filter(step_up_change::Column::CreatedAt.lte(settled))
+        .order_by_asc(step_up_change::Column::Id)
+        .one(&state.db)
+        .await?)
+}
+
+/// Writes the outcome of an attempt at `change`, conditionally on the row
+/// being as `hook` read it; returns the row as written, or `None` when the
+/// webhook was re-set or removed meanwhile.
+async fn record(
+    state: &AppState,
+    hook: &tenant_webhook::Model,
+    change: &step_up_change::Model,
+    outcome: &Attempt,
+) -> Result<Option<tenant_webhook::Model>> {
+    let now = state.clock.now_millis();
+    let mut next = hook.clone();
+    match outcome {
+        Attempt::Delivered => {
+            next.delivered_change_id = change.id;
+            next.attempts = 0;
+            next.next_attempt_at = 0;
+            next.last_success_at = Some(now);
+        }
+        Attempt::Failed(reason) => {
+            let attempts = hook.attempts.saturating_add(1);
+            let max = i32::try_from(state.config.webhook_max_attempts.max(1)).unwrap_or(i32::MAX);
+            next.last_failure_at = Some(now);
+            next.last_failure_reason = Some(reason.chars().take(MAX_REASON_CHARS).collect());
+            if attempts >= max {
+                tracing::warn!(
+                    tenant_id = %hook.tenant_id,
+                    delivery = %format!("{DELIVERY_PREFIX}{}", change.id),
+                    attempts,
+                    reason = %reason,
+                    "approval webhook delivery abandoned after the maximum attempts; skipping the change"
+                );
+                metrics::counter!("vaultguard_webhook_deliveries_skipped_total").increment(1);
+                next.delivered_change_id = change.id;
+                next.attempts = 0;
+                next.next_attempt_at = 0;
+            } else {
+                next.attempts = attempts;
+                next.next_attempt_at = now.saturating_add(backoff_millis(attempts));
+            }
+        }
+    }
+    let updated = tenant_webhook::Entity::update_many()
+        .col_expr(
+            tenant_webhook::Column::DeliveredChangeId,
+            Expr::value(next.delivered_change_id),
+        )
+        .col_expr(tenant_webhook::Column::Attempts, Expr::value(next.attempts))
+        .col_expr(
+            tenant_webhook::Column::NextAttemptAt,
+            Expr::value(next.next_attempt_at),
+        )
+        .col_expr(
+            tenant_webhook::Column::LastSuccessAt,
+            Expr::value(next.last_success_at),
+        )
+        .col_expr(
+            tenant_webhook::Column::LastFailureAt,
+            Expr::value(next.last_failure_at),
+        )
+        .col_expr(
+            tenant_webhook::Column::LastFailureReason,
+            Expr::value(next.last_failure_reason.clone()),
+        )
+        .filter(tenant_webhook::Column::TenantId.eq(hook.tenant_id.as_str()))
+        .filter(tenant_webhook::Column::UpdatedAt.eq(hook.updated_at))
+        .filter(tenant_webhook::Column::DeliveredChangeId.eq(hook.delivered_change_id))
+        .filter(tenant_webhook::Column::Attempts.eq(hook.attempts))
+        .exec(&state.db)
+        .await?;
+    Ok((updated.rows_affected > 0).then_some(next))
+}
+
+/// Delivers `hook`'s tenant's due changes in order until one fails, none is
+/// left or the per-pass share is used; returns the attempts made.
+async fn deliver_tenant(
+    state: &AppState,
+    client: &reqwest::Client,
+    mut hook: tenant_webhook::Model,
+    settled: Millis,
+) -> Result<u64> {
+    let mut attempted = 0;
+    for _ in 0..CHANGES_PER_TENANT {
+        let Some(change) = next_change(state, &hook, settled).await? else {
+            break;
+        };
+        let outcome = attempt(state, client, &hook, &change).await;
+        attempted += 1;
+        let delivered = matches!(outcome, Attempt::Delivered);
+        match &outcome {
+            Attempt::Delivered => {
+                metrics::counter!("vaultguard_webhook_deliveries_total", "result" => "success")
+                    .increment(1);
+                tracing::debug!(
+                    tenant_id = %hook.tenant_id,
+                    delivery = %format!("{DELIVERY_PREFIX}{}", change.id),
+                    event = %event_name(&change.kind),
+                    "approval webhook delivered"
+                );
+            }
+            Attempt::Failed(reason) => {
+                metrics::counter!("vaultguard_webhook_deliveries_total", "result" => "failure")
+                    .increment(1);
+                tracing::info!(
+                    tenant_id = %hook.tenant_id,
+                    host = %host_of(&hook.url),
+                    delivery = %format!("{DELIVERY_PREFIX}{}", change.id),
+                    attempt = hook.attempts.saturating_add(1),
+                    reason = %reason,
+                    "approval webhook delivery failed"
+                );
+            }
+        }
+        match record(state, &hook, &change, &outcome).await? {
+            Some(next) if delivered => hook = next,
+            // A failure waits for its back-off; a re-set or removed webhook
+            // is picked up afresh by a later pass.
+            _ => break,
+        }
+    }
+    Ok(attempted)
+}
+
+/// The right to deliver, for one pass.
+enum PassLock {
+    /// SQLite: one process, the in-process mutex suffices.
+    Local,
+    /// PostgreSQL: the advisory lock, held until this transaction ends.
+    Held(DatabaseTransaction),
+    /// PostgreSQL: another replica is delivering.
+    Busy,
+}
+
+/// Takes the deliverer's advisory lock on PostgreSQL.
+async fn lock(state: &AppState) -> Result<PassLock> {
+    if !is_postgres(&state.db) {
+        return Ok(PassLock::Local);
+    }
+    let txn = state.db.begin().await?;
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_try_advisory_xact_lock($1) AS locked",
+            [DELIVERER_LOCK.into()],
+        ))
+        .await?;
+    let locked = row
+        .map(|r| r.try_get::<bool>("", "locked"))
+        .transpose()?
+        .unwrap_or(false);
+    if locked {
+        Ok(PassLock::Held(txn))
+    } else {
+        txn.rollback().await?;
+        Ok(PassLock::Busy)
+    }
+}
+
+/// `EXISTS` body: the webhook's tenant has an undelivered change created at
+/// or before `settled`.
+fn pending_changes(settled: Millis) -> sea_orm::sea_query::SelectStatement {
+    use sea_orm::ExprTrait;
+    Query::select()
+        .expr(Expr::val(1))
+        .from(step_up_change::Entity)
+        .and_where(
+            Expr::col((step_up_change::Entity, step_up_change::Column::TenantId))
+                .equals((tenant_webhook::Entity, tenant_webhook::Column::TenantId)),
+        )
+        .and_where(
+            Expr::col((step_up_change::Entity, step_up_change::Column::Id)).gt(Expr::col((
+                tenant_webhook::Entity,
+                tenant_webhook::Column::DeliveredChangeId,
+            ))),
+        )
+        .and_where(
+            Expr::col((step_up_change::Entity, step_up_change::Column::CreatedAt)).lte(settled),
+        )
+        .to_owned()
+}
+
+/// One delivery pass over the tenants with a due change (their webhook's
+/// back-off elapsed and an undelivered change exists); returns the
+/// deliveries attempted. On PostgreSQL only one replica delivers at a time;
+/// the others return 0 at once.
+pub async fn deliver_due(state: &AppState, client: &reqwest::Client) -> Result<u64> {
+    let _pass = PASS.lock().await;
+    let lock = lock(state).await?;
+    if matches!(lock, PassLock::Busy) {
+        return Ok(0);
+    }
+    let now = state.clock.now_millis();
+    let settled = if is_postgres(&state.db) {
+        now.saturating_sub(SETTLE_MILLIS)
+    } else {
+        now
+    };
+    let pending = pending_changes(settled);
+    let due = tenant_webhook::Entity::find()
+        .filter(tenant_webhook::Column::NextAttemptAt.lte(now))
+        .filter(Expr::exists(pending))
+        .order_by_asc(tenant_webhook::Column::NextAttemptAt)
+        .order_by_asc(tenant_webhook::Column::TenantId)
+        .limit(TENANTS_PER_PASS)
+        .all(&state.db)
+        .await?;
+    let results: Vec<(String, Result<u64>)> = futures::stream::iter(due)
+        .map(|hook| async move {
+            let tenant_id = hook.tenant_id.clone();
+            (
+                tenant_id,
+                deliver_tenant(state, client, hook, settled).await,
+            )
+        })
+        .buffer_unordered(CONCURRENT_TENANTS)
+        .collect()
+        .await;
+    if let PassLock::Held(txn) = lock {
+        txn.rollback().await?;
+    }
+    let mut attempted = 0;
+    for (tenant_id, result) in results {
+        match result {
+            Ok(n) => attempted += n,
+            Err(err) => {
+                tracing::warn!(tenant_id = %tenant_id, error = %err, "approval webhook delivery pass failed");
+            }
+        }
+    }
+    Ok(attempted)
+}
+
+/// Runs [`deliver_due`] every `webhook_poll_interval_ms` (back to back while
+/// passes find work) until `stop` flips.
+pub async fn run_deliverer(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = Duration::from_millis(state.config.webhook_poll_interval_ms.max(50));
+    let client = match http_client(&state.config) {
+        Ok(client) => client,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot build the webhook HTTP client; approval webhooks are not delivered");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        for _ in 0..PASSES_PER_TICK {
+            let pass = tokio::select! {
+                _ = stop.changed() => return,
+                pass = deliver_due(&state, &client) => pass,
+            };
+            match pass {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "approval webhook delivery failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_unless_http_is_allowed() {
+        assert!(validate_url("https://hooks.example.com/vg", false).is_ok());
+        let err = validate_url("http://hooks.example.com/vg", false).unwrap_err();
+        assert_eq!(err.field, "url");
+        assert!(validate_url("http://hooks.example.com/vg", true).is_ok());
+        for bad in [
+            "ftp://hooks.example.com/vg",
+            "/vg/hook",
+            "hooks.example.com/vg",
+            "https://",
+            "https://user:pw@hooks.example.com/",
+            " https://hooks.example.com/",
+            "https://hooks.example.com/\n",
+            "file:///etc/passwd",
+            "data:text/plain,hi",
+        ] {
+            assert!(validate_url(bad, true).is_err(), "{bad:?} accepted");
+        }
+        let longest = format!("https://h.example/{}", "a".repeat(MAX_URL_CHARS - 18));
+        assert_eq!(longest.len(), MAX_URL_CHARS);
+        assert!(validate_url(&longest, false).is_ok());
+        assert!(validate_url(&format!("{longest}a"), false).is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_up_to_five_minutes() {
+        let delays: Vec<Millis> = (1..=12).map(backoff_millis).collect();
+        assert_eq!(
+            delays,
+            [
+                1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000,
+                300_000, 300_000
+            ]
+        );
+        assert_eq!(backoff_millis(0), 1_000);
+        assert_eq!(backoff_millis(i32::MAX), 300_000);
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_over_time_dot_body() {
+        let secret = "whsec_test";
+        let body = br#"{"event":"step_up.added"}"#;
+        let header = signature(secret, 1_700_000_000, body);
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+        let expected = hmac::sign(&key, b"1700000000.{\"event\":\"step_up.added\"}");
+        assert_eq!(
+            header,
+            format!("t=1700000000,v1={}", hex::encode(expected.as_ref()))
+        );
+    }
+
+    #[test]
+    fn body_carries_ids_state_and_time_only() {
+        let change = step_up_change::Model {
+            id: 7,
+            tenant_id: "ten_1".into(),
+            step_up_id: "stp_1".into(),
+            delegation_id: "dlg_1".into(),
+            kind: "removed".into(),
+            state: "approved".into(),
+            created_at: 1_700_000_000_250,
+        };
+        let body: serde_json::Value = serde_json::from_slice(&body_of(&change).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "event": "step_up.removed",
+                "step_up_id": "stp_1",
+                "delegation_id": "dlg_1",
+                "tenant_id": "ten_1",
+                "state": "STEP_UP_STATE_APPROVED",
+                "time": "2023-11-14T22:13:20.250Z",
+            })
+        );
+    }
+}

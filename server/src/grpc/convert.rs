@@ -166,3 +166,59 @@ pub fn delegation(
         id: row.id,
     })
 }
+
+/// A step-up as the receiving tenant's approvers see it.
+pub fn step_up(
+    view: crate::domain::step_ups::StepUpView,
+    viewer_tenant: &str,
+    now: Millis,
+) -> Result<pb::StepUp, Error> {
+    let crate::domain::step_ups::StepUpView {
+        step,
+        delegation,
+        approvals,
+        state,
+    } = view;
+    let decision: Decision = serde_json::from_str(&delegation.decision).map_err(Error::internal)?;
+    let context: BTreeMap<String, Attr> =
+        serde_json::from_str(&delegation.context).map_err(Error::internal)?;
+    let scopes: Vec<String> = serde_json::from_str(&delegation.scopes).map_err(Error::internal)?;
+    let expired_now = state == crate::domain::step_ups::EXPIRED && step.ended_at.is_none();
+    Ok(pb::StepUp {
+        step_up_id: step.id,
+        delegation_id: delegation.id,
+        state: crate::domain::step_ups::state_proto(state) as i32,
+        requesting_tenant_id: step.requesting_tenant_id,
+        requesting_agent_id: step.requesting_agent_id,
+        receiving_tenant_id: step.receiving_tenant_id,
+        action: delegation.action,
+        scopes,
+        resource: delegation.resource,
+        binding_message: delegation.binding_message,
+        context: context
+            .into_iter()
+            .map(|(k, v)| (k, v.to_proto()))
+            .collect(),
+        requested_ttl_seconds: u32::try_from(delegation.ttl_seconds).unwrap_or_default(),
+        request_hash: step.request_hash,
+        decision: Some(decision.redacted_for(viewer_tenant).to_proto()),
+        approvals_required: u32::try_from(step.approvals_required.max(1)).unwrap_or(1),
+        approvals: approvals
+            .into_iter()
+            .map(|a| pb::Approval {
+                approver: parse_actor(&a.approver),
+                approve_time: Some(to_timestamp(a.created_at)),
+                comment: a.reason,
+            })
+            .collect(),
+        create_time: Some(to_timestamp(step.created_at)),
+        expire_time: Some(to_timestamp(step.expires_at)),
+        end_time: if expired_now {
+            Some(to_timestamp(step.expires_at.min(now)))
+        } else {
+            step.ended_at.map(to_timestamp)
+        },
+        denied_by: step.denied_by.as_deref().and_then(parse_actor),
+        deny_reason: step.deny_reason.unwrap_or_default(),
+    })
+}

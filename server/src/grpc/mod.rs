@@ -7,12 +7,14 @@ mod identity;
 pub mod layer;
 mod pending;
 mod policy;
+mod step_up;
 
 use tonic::{Request, Status};
 
 pub use identity::{AgentApi, AuthApi, IssuerKeyApi, TenantApi};
-pub use pending::{AuditApi, StepUpApi, VaultApi};
+pub use pending::{AuditApi, VaultApi};
 pub use policy::{DelegationApi, PolicyApi};
+pub use step_up::StepUpApi;
 
 use crate::auth::CallContext;
 use crate::error::Error;

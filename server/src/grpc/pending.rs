@@ -3,15 +3,9 @@
 //! generated default stubs, after authentication and authorization.
 
 use vaultguard_proto::v1::audit_service_server::AuditService;
-use vaultguard_proto::v1::step_up_service_server::StepUpService;
 use vaultguard_proto::v1::vault_service_server::VaultService;
 
 use crate::state::AppState;
-
-/// StepUpService: issue "StepUp".
-#[derive(Debug, Clone)]
-pub struct StepUpApi(pub AppState);
-impl StepUpService for StepUpApi {}
 
 /// VaultService: issue "Vault".
 #[derive(Debug, Clone)]

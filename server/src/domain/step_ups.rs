@@ -1,0 +1,806 @@
+//! Step-ups: CIBA poll-mode human approval of STEP_UP delegations.
+//!
+//! States: pending → approved → redeemed; pending → denied | expired;
+//! approved → expired (the delegation ran out before the agent took its
+//! token). Every transition is a conditional UPDATE on the current state,
+//! made under the step-up's row lock on PostgreSQL, so concurrent approvals
+//! mint one token and write one approval event. Each transition also writes
+//! a `step_up_changes` row (the queue feed and webhook outbox) and announces
+//! it through the [`crate::hub`], in the same transaction.
+
+use std::collections::BTreeMap;
+
+use sea_orm::sea_query::{Expr, Query};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde_json::json;
+use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
+
+use crate::audit::{self, AuditCtx, Outcome as AuditOutcome};
+use crate::auth::CallContext;
+use crate::clock::Millis;
+use crate::crypto::sha256_hex;
+use crate::domain::delegations::{
+    self, Input, STATUS_ACTIVE, STATUS_DENIED, STATUS_PENDING, effective_status, judge_input,
+    party_events, sign, system_actor_json,
+};
+use crate::domain::policy_engine::{Attr, Decision, Direction, Outcome};
+use crate::domain::{actor_json, page};
+use crate::error::{Error, Result, Violations, is_unique_violation};
+use crate::hub::Change;
+use crate::ids::{IdKind, check_id};
+use crate::state::AppState;
+use crate::store::entities::{delegation, step_up, step_up_approval, step_up_change, tenant};
+use crate::store::is_postgres;
+use crate::validate;
+
+pub const PENDING: &str = "pending";
+pub const APPROVED: &str = "approved";
+pub const DENIED: &str = "denied";
+pub const EXPIRED: &str = "expired";
+pub const REDEEMED: &str = "redeemed";
+
+/// Seconds added to the interval on each `slow_down`.
+const SLOW_DOWN_STEP: i64 = 5;
+
+pub fn state_proto(state: &str) -> StepUpState {
+    match state {
+        PENDING => StepUpState::Pending,
+        APPROVED => StepUpState::Approved,
+        DENIED => StepUpState::Denied,
+        EXPIRED => StepUpState::Expired,
+        REDEEMED => StepUpState::Redeemed,
+        _ => StepUpState::Unspecified,
+    }
+}
+
+/// The CIBA error string PollStepUp answers in `state`.
+pub fn ciba_error(state: &str) -> &'static str {
+    match state {
+        PENDING => "authorization_pending",
+        DENIED => "access_denied",
+        EXPIRED => "expired_token",
+        REDEEMED => "invalid_grant",
+        _ => "",
+    }
+}
+
+/// A step-up with everything shown about it.
+#[derive(Debug, Clone)]
+pub struct StepUpView {
+    pub step: step_up::Model,
+    pub delegation: delegation::Model,
+    pub approvals: Vec<step_up_approval::Model>,
+    /// The state with expiry applied.
+    pub state: &'static str,
+}
+
+/// The state with expiry applied: a pending step-up past its deadline, or an
+/// approved one whose delegation expired before redemption, is expired.
+pub fn effective_state(
+    step: &step_up::Model,
+    row: &delegation::Model,
+    now: Millis,
+) -> &'static str {
+    match step.state.as_str() {
+        PENDING if step.expires_at <= now => EXPIRED,
+        PENDING => PENDING,
+        APPROVED if effective_status(row, now) != STATUS_ACTIVE => EXPIRED,
+        APPROVED => APPROVED,
+        DENIED => DENIED,
+        REDEEMED => REDEEMED,
+        _ => EXPIRED,
+    }
+}
+
+/// A CIBA outcome as an error: ErrorInfo `reason`, metadata `ciba_error`.
+fn ciba(reason: ErrorReason, ciba_error: &str, extra: &[(&str, String)]) -> Error {
+    let mut metadata =
+        std::collections::HashMap::from([("ciba_error".to_owned(), ciba_error.to_owned())]);
+    for (key, value) in extra {
+        metadata.insert((*key).to_owned(), value.clone());
+    }
+    let message = ciba_error.to_owned();
+    if reason == ErrorReason::AccessDenied {
+        Error::PermissionDenied {
+            reason,
+            message,
+            metadata,
+        }
+    } else {
+        Error::FailedPrecondition {
+            reason,
+            message,
+            metadata,
+        }
+    }
+}
+
+fn invalid_grant() -> Error {
+    ciba(ErrorReason::InvalidGrant, "invalid_grant", &[])
+}
+
+/// The answer of a CIBA poll in a state that has no token.
+fn poll_error(state: &str, interval: i64) -> Error {
+    match state {
+        PENDING => ciba(
+            ErrorReason::AuthorizationPending,
+            "authorization_pending",
+            &[("interval", interval.to_string())],
+        ),
+        DENIED => ciba(ErrorReason::AccessDenied, "access_denied", &[]),
+        EXPIRED => ciba(ErrorReason::ExpiredToken, "expired_token", &[]),
+        _ => invalid_grant(),
+    }
+}
+
+fn check_auth_req_id(value: &str) -> Result<()> {
+    let valid = (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "auth_req_id",
+            "must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+        ))
+    }
+}
+
+async fn delegation_of(state: &AppState, step: &step_up::Model) -> Result<delegation::Model> {
+    delegation::Entity::find_by_id(step.delegation_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::internal("step-up without delegation"))
+}
+
+/// The step-up an `auth_req_id` names, if the calling agent requested it;
+/// anything else is `invalid_grant`.
+pub async fn find_for_agent(
+    state: &AppState,
+    ctx: &CallContext,
+    auth_req_id: &str,
+) -> Result<(step_up::Model, delegation::Model)> {
+    check_auth_req_id(auth_req_id)?;
+    let agent = ctx.principal.agent_id().ok_or_else(invalid_grant)?;
+    let step = step_up::Entity::find()
+        .filter(step_up::Column::AuthReqIdHash.eq(sha256_hex(auth_req_id.as_bytes())))
+        .one(&state.db)
+        .await?
+        .filter(|step| step.requesting_agent_id == agent)
+        .ok_or_else(invalid_grant)?;
+    let row = delegation_of(state, &step).await?;
+    Ok((step, row))
+}
+
+/// A step-up's token, handed out once.
+#[derive(Debug, Clone)]
+pub struct Redeemed {
+    pub token: String,
+    pub expires_in: u32,
+    pub delegation: delegation::Model,
+}
+
+/// Writes a queue change and announces it, inside `txn`.
+async fn record_change(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    step: &step_up::Model,
+    kind: &str,
+    new_state: &str,
+    now: Millis,
+) -> Result<Change> {
+    step_up_change::ActiveModel {
+        tenant_id: Set(step.receiving_tenant_id.clone()),
+        step_up_id: Set(step.id.clone()),
+        delegation_id: Set(step.delegation_id.clone()),
+        kind: Set(kind.to_owned()),
+        state: Set(new_state.to_owned()),
+        created_at: Set(now),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await?;
+    let change = Change {
+        tenant_id: step.receiving_tenant_id.clone(),
+        step_up_id: step.id.clone(),
+    };
+    state.hub.announce(txn, &change).await?;
+    Ok(change)
+}
+
+/// Records the `added` change of a step-up created by RequestDelegation.
+pub async fn record_created(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    step: &step_up::Model,
+) -> Result<Change> {
+    record_change(state, txn, step, "added", PENDING, step.created_at).await
+}
+
+/// Records the `removed` change of a step-up the sweeper expired.
+pub async fn record_expired(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    step: &step_up::Model,
+    now: Millis,
+) -> Result<Change> {
+    record_change(state, txn, step, "removed", EXPIRED, now).await
+}
+
+/// Redeems an approved step-up: the token, exactly once.
+pub async fn redeem(
+    state: &AppState,
+    ctx: &CallContext,
+    step: &step_up::Model,
+    row: &delegation::Model,
+) -> Result<Redeemed> {
+    let now = state.clock.now_millis();
+    if effective_status(row, now) != STATUS_ACTIVE {
+        return Err(poll_error(EXPIRED, 0));
+    }
+    let (token, kid) = sign(state, row).await?;
+    let txn = state.db.begin().await?;
+    let updated = step_up::Entity::update_many()
+        .col_expr(step_up::Column::State, Expr::value(REDEEMED))
+        .col_expr(step_up::Column::RedeemedAt, Expr::value(now))
+        .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+        .filter(step_up::Column::Id.eq(step.id.clone()))
+        .filter(step_up::Column::State.eq(APPROVED))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        return Err(invalid_grant());
+    }
+    let events = party_events(
+        &ctx.audit(),
+        row,
+        "step_up.redeemed",
+        AuditOutcome::Success,
+        &json!({"step_up_id": step.id, "kid": kid, "alg": row.token_algorithm}),
+        None,
+    );
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(Redeemed {
+        token,
+        expires_in: delegations::seconds_left(row.expires_at, now),
+        delegation: row.clone(),
+    })
+}
+
+/// PollStepUp: the token when approved, else the CIBA error of the state.
+pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Result<Redeemed> {
+    let (step, row) = find_for_agent(state, ctx, auth_req_id).await?;
+    let now = state.clock.now_millis();
+    match effective_state(&step, &row, now) {
+        APPROVED => redeem(state, ctx, &step, &row).await,
+        PENDING => {
+            let too_fast = step
+                .last_polled_at
+                .is_some_and(|last| now - last < step.interval_seconds * 1000);
+            let interval = if too_fast {
+                step.interval_seconds + SLOW_DOWN_STEP
+            } else {
+                step.interval_seconds
+            };
+            step_up::Entity::update_many()
+                .col_expr(step_up::Column::LastPolledAt, Expr::value(now))
+                .col_expr(step_up::Column::IntervalSeconds, Expr::value(interval))
+                .filter(step_up::Column::Id.eq(step.id.clone()))
+                .exec(&state.db)
+                .await?;
+            if too_fast {
+                Err(ciba(
+                    ErrorReason::SlowDown,
+                    "slow_down",
+                    &[("interval", interval.to_string())],
+                ))
+            } else {
+                Err(poll_error(PENDING, interval))
+            }
+        }
+        other => Err(poll_error(other, step.interval_seconds)),
+    }
+}
+
+async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
+    let delegation = delegation_of(state, &step).await?;
+    let approvals = step_up_approval::Entity::find()
+        .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
+        .order_by_asc(step_up_approval::Column::CreatedAt)
+        .all(&state.db)
+        .await?;
+    let now = state.clock.now_millis();
+    Ok(StepUpView {
+        state: effective_state(&step, &delegation, now),
+        step,
+        delegation,
+        approvals,
+    })
+}
+
+/// The current view of the step-up an agent watches.
+pub async fn agent_view(state: &AppState, step_up_id: &str) -> Result<StepUpView> {
+    let step = step_up::Entity::find_by_id(step_up_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or_else(invalid_grant)?;
+    view(state, step).await
+}
+
+/// A step-up addressed to the caller's tenant.
+async fn find_receiving(
+    state: &AppState,
+    ctx: &CallContext,
+    step_up_id: &str,
+) -> Result<step_up::Model> {
+    check_id("step_up_id", step_up_id, IdKind::StepUp)?;
+    let tenant = ctx.principal.tenant_id()?;
+    step_up::Entity::find_by_id(step_up_id.to_owned())
+        .filter(step_up::Column::ReceivingTenantId.eq(tenant))
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("step-up"))
+}
+
+/// GetStepUp.
+pub async fn get(state: &AppState, ctx: &CallContext, step_up_id: &str) -> Result<StepUpView> {
+    let step = find_receiving(state, ctx, step_up_id).await?;
+    view(state, step).await
+}
+
+/// ListPendingStepUps: oldest first.
+pub async fn list_pending(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ListPendingStepUpsRequest,
+) -> Result<(Vec<StepUpView>, String)> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    if req.requesting_tenant_id.chars().count() > 64 {
+        v.add("requesting_tenant_id", "must be at most 64 characters");
+    }
+    if !req.action.is_empty() {
+        v.check(crate::domain::policy_engine::check_action(
+            "action",
+            &req.action,
+        ));
+    }
+    let page_req = req.page.clone().unwrap_or_default();
+    let size = v.take(validate::page_size("page.page_size", page_req.page_size));
+    v.finish()?;
+    let size = size.unwrap_or(50);
+    let scope = format!(
+        "step_ups|{tenant}|{}|{}",
+        req.requesting_tenant_id, req.action
+    );
+    let after = page::decode("page.page_token", &scope, &page_req.page_token)?;
+    let now = state.clock.now_millis();
+    let mut query = step_up::Entity::find()
+        .filter(step_up::Column::ReceivingTenantId.eq(tenant))
+        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::ExpiresAt.gt(now))
+        .order_by_asc(step_up::Column::Id)
+        .limit(size + 1);
+    if !req.requesting_tenant_id.is_empty() {
+        query =
+            query.filter(step_up::Column::RequestingTenantId.eq(req.requesting_tenant_id.clone()));
+    }
+    if !req.action.is_empty() {
+        query = query.filter(
+            step_up::Column::DelegationId.in_subquery(
+                Query::select()
+                    .column(delegation::Column::Id)
+                    .from(delegation::Entity)
+                    .and_where(delegation::Column::Action.eq(req.action.clone()))
+                    .to_owned(),
+            ),
+        );
+    }
+    if let Some(after) = after {
+        query = query.filter(step_up::Column::Id.gt(after));
+    }
+    let rows = query.all(&state.db).await?;
+    let (rows, next) = page::finish(rows, size, &scope, |row| row.id.clone());
+    let mut views = Vec::with_capacity(rows.len());
+    for row in rows {
+        views.push(view(state, row).await?);
+    }
+    Ok((views, next))
+}
+
+/// The request a step-up waits on, as the policy engine takes it.
+fn input_of(row: &delegation::Model) -> Result<Input> {
+    let context: BTreeMap<String, Attr> =
+        serde_json::from_str(&row.context).map_err(Error::internal)?;
+    let mut scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
+    scopes.sort();
+    Ok(Input {
+        receiving_tenant_id: row.receiving_tenant_id.clone(),
+        action: row.action.clone(),
+        scopes,
+        resource: row.resource.clone(),
+        requested_ttl_seconds: u32::try_from(row.ttl_seconds).unwrap_or_default(),
+        binding_message: row.binding_message.clone(),
+        context,
+    })
+}
+
+/// Checks who may decide: never the requester.
+fn check_not_requester(ctx: &CallContext, step: &step_up::Model) -> Result<()> {
+    if ctx.principal.subject == step.requesting_agent_id {
+        return Err(Error::denied(
+            ErrorReason::SelfApproval,
+            "the requester cannot decide its own step-up",
+        ));
+    }
+    Ok(())
+}
+
+/// Re-reads the step-up inside `txn` (under its row lock on PostgreSQL) and
+/// checks that it is still pending.
+async fn lock_pending(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    step_up_id: &str,
+) -> Result<(step_up::Model, delegation::Model)> {
+    let mut query = step_up::Entity::find_by_id(step_up_id.to_owned());
+    if is_postgres(&state.db) {
+        query = query.lock_exclusive();
+    }
+    let step = query.one(txn).await?.ok_or(Error::NotFound("step-up"))?;
+    let row = delegation::Entity::find_by_id(step.delegation_id.clone())
+        .one(txn)
+        .await?
+        .ok_or_else(|| Error::internal("step-up without delegation"))?;
+    let current = effective_state(&step, &row, state.clock.now_millis());
+    if current != PENDING {
+        return Err(Error::invalid_state(
+            format!("the step-up is {current}"),
+            state_proto(current).as_str_name(),
+        ));
+    }
+    Ok((step, row))
+}
+
+/// Who denied a step-up, why, and the policy re-check if that was the cause.
+struct Denial<'a> {
+    by: String,
+    reason: &'a str,
+    decision: Option<&'a Decision>,
+}
+
+/// Ends a pending step-up and its delegation as DENIED inside `txn`.
+async fn deny_in(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    audit_ctx: &AuditCtx,
+    (step, row): (&step_up::Model, &delegation::Model),
+    denial: Denial<'_>,
+) -> Result<Change> {
+    let Denial {
+        by: denied_by,
+        reason,
+        decision,
+    } = denial;
+    let now = state.clock.now_millis();
+    step_up::Entity::update_many()
+        .col_expr(step_up::Column::State, Expr::value(DENIED))
+        .col_expr(step_up::Column::DecidedAt, Expr::value(now))
+        .col_expr(step_up::Column::EndedAt, Expr::value(now))
+        .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+        .col_expr(step_up::Column::DeniedBy, Expr::value(denied_by.clone()))
+        .col_expr(step_up::Column::DenyReason, Expr::value(reason))
+        .filter(step_up::Column::Id.eq(step.id.clone()))
+        .filter(step_up::Column::State.eq(PENDING))
+        .exec(txn)
+        .await?;
+    delegation::Entity::update_many()
+        .col_expr(delegation::Column::Status, Expr::value(STATUS_DENIED))
+        .col_expr(delegation::Column::EndedAt, Expr::value(now))
+        .col_expr(delegation::Column::EndedBy, Expr::value(denied_by))
+        .col_expr(
+            delegation::Column::EndReason,
+            Expr::value(if reason.is_empty() { "denied" } else { reason }),
+        )
+        .filter(delegation::Column::Id.eq(row.id.clone()))
+        .filter(delegation::Column::Status.eq(STATUS_PENDING))
+        .exec(txn)
+        .await?;
+    let change = record_change(state, txn, step, "removed", DENIED, now).await?;
+    let events = party_events(
+        audit_ctx,
+        row,
+        "step_up.denied",
+        AuditOutcome::Denied,
+        &json!({"step_up_id": step.id, "reason": reason}),
+        decision,
+    );
+    audit::append_all(txn, state.clock.as_ref(), events).await?;
+    Ok(change)
+}
+
+/// DenyStepUp.
+pub async fn deny(
+    state: &AppState,
+    ctx: &CallContext,
+    step_up_id: &str,
+    reason: &str,
+) -> Result<StepUpView> {
+    let mut v = Violations::new();
+    v.check(check_id("step_up_id", step_up_id, IdKind::StepUp));
+    v.check(validate::optional_text("reason", reason, 512));
+    v.finish()?;
+    let found = find_receiving(state, ctx, step_up_id).await?;
+    check_not_requester(ctx, &found)?;
+    let txn = state.db.begin().await?;
+    let (step, row) = lock_pending(state, &txn, step_up_id).await?;
+    let denial = Denial {
+        by: actor_json(&ctx.principal.actor())?,
+        reason,
+        decision: None,
+    };
+    let change = deny_in(state, &txn, &ctx.audit(), (&step, &row), denial).await?;
+    txn.commit().await?;
+    state.audit_committed();
+    state.hub.committed(&state.db, vec![change]);
+    get(state, ctx, step_up_id).await
+}
+
+fn check_request_hash(value: &str) -> Result<()> {
+    if value.len() == 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "request_hash",
+            "must be 64 lowercase hex characters",
+        ))
+    }
+}
+
+/// ApproveStepUp: records the caller's approval; at the quorum, re-checks
+/// the policy and activates the delegation (or denies it on BLOCK).
+pub async fn approve(
+    state: &AppState,
+    ctx: &CallContext,
+    step_up_id: &str,
+    request_hash: &str,
+    comment: &str,
+) -> Result<(StepUpView, Decision)> {
+    let mut v = Violations::new();
+    v.check(check_id("step_up_id", step_up_id, IdKind::StepUp));
+    if let Err(Error::InvalidArgument(errors)) = check_request_hash(request_hash) {
+        errors.into_iter().for_each(|e| v.check(Err(e)));
+    }
+    v.check(validate::optional_text("comment", comment, 512));
+    v.finish()?;
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let found = find_receiving(state, ctx, step_up_id).await?;
+    check_not_requester(ctx, &found)?;
+    let found_row = delegation_of(state, &found).await?;
+    let current = effective_state(&found, &found_row, state.clock.now_millis());
+    if current != PENDING {
+        return Err(Error::invalid_state(
+            format!("the step-up is {current}"),
+            state_proto(current).as_str_name(),
+        ));
+    }
+    if found.request_hash != request_hash {
+        return Err(Error::invalid_state(
+            "the request changed since it was shown",
+            "request_hash_mismatch",
+        ));
+    }
+    let receiving = tenant::Entity::find_by_id(tenant_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    let decision = judge_input(
+        state,
+        &found.requesting_tenant_id,
+        &found.requesting_agent_id,
+        &receiving,
+        &input_of(&found_row)?,
+    )
+    .await?;
+
+    let audit_ctx = ctx.audit();
+    let txn = state.db.begin().await?;
+    let (step, row) = lock_pending(state, &txn, step_up_id).await?;
+    if decision.outcome == Outcome::Block {
+        let denial = Denial {
+            by: system_actor_json()?,
+            reason: "blocked by policy at approval time",
+            decision: Some(&decision),
+        };
+        let change = deny_in(state, &txn, &audit_ctx, (&step, &row), denial).await?;
+        txn.commit().await?;
+        state.audit_committed();
+        state.hub.committed(&state.db, vec![change]);
+        return Err(blocked_at_approval(&decision));
+    }
+    let now = state.clock.now_millis();
+    let inserted = step_up_approval::ActiveModel {
+        step_up_id: Set(step.id.clone()),
+        approver_subject: Set(ctx.principal.subject.clone()),
+        decision: Set("approve".to_owned()),
+        reason: Set(comment.to_owned()),
+        created_at: Set(now),
+        approver: Set(actor_json(&ctx.principal.actor())?),
+    }
+    .insert(&txn)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            // The same approver again: nothing changes.
+            txn.rollback().await?;
+            return Ok((
+                get(state, ctx, step_up_id).await?,
+                decision.redacted_for(&tenant_id),
+            ));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let approvals = step_up_approval::Entity::find()
+        .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
+        .count(&txn)
+        .await?;
+    let quorum = u64::try_from(step.approvals_required.max(1)).unwrap_or(1);
+    let change = if approvals >= quorum {
+        let expires_at = now + i64::from(decision.max_ttl_seconds) * 1000;
+        delegation::Entity::update_many()
+            .col_expr(delegation::Column::Status, Expr::value(STATUS_ACTIVE))
+            .col_expr(delegation::Column::ActivatedAt, Expr::value(now))
+            .col_expr(delegation::Column::ExpiresAt, Expr::value(expires_at))
+            .col_expr(
+                delegation::Column::TokenAlgorithm,
+                Expr::value(receiving.token_algorithm.clone()),
+            )
+            .filter(delegation::Column::Id.eq(row.id.clone()))
+            .filter(delegation::Column::Status.eq(STATUS_PENDING))
+            .exec(&txn)
+            .await?;
+        step_up::Entity::update_many()
+            .col_expr(step_up::Column::State, Expr::value(APPROVED))
+            .col_expr(step_up::Column::DecidedAt, Expr::value(now))
+            .col_expr(step_up::Column::EndedAt, Expr::value(now))
+            .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+            .filter(step_up::Column::Id.eq(step.id.clone()))
+            .filter(step_up::Column::State.eq(PENDING))
+            .exec(&txn)
+            .await?;
+        let events = party_events(
+            &audit_ctx,
+            &row,
+            "step_up.approved",
+            AuditOutcome::Success,
+            &json!({"step_up_id": step.id, "approvals": approvals, "comment": comment, "expires_at": expires_at}),
+            Some(&decision),
+        );
+        audit::append_all(&txn, state.clock.as_ref(), events).await?;
+        record_change(state, &txn, &step, "removed", APPROVED, now).await?
+    } else {
+        let events = party_events(
+            &audit_ctx,
+            &row,
+            "step_up.approval_recorded",
+            AuditOutcome::Success,
+            &json!({"step_up_id": step.id, "approvals": approvals, "required": quorum, "comment": comment}),
+            None,
+        );
+        audit::append_all(&txn, state.clock.as_ref(), events).await?;
+        step_up::Entity::update_many()
+            .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+            .filter(step_up::Column::Id.eq(step.id.clone()))
+            .exec(&txn)
+            .await?;
+        record_change(state, &txn, &step, "updated", PENDING, now).await?
+    };
+    txn.commit().await?;
+    state.audit_committed();
+    state.hub.committed(&state.db, vec![change]);
+    Ok((
+        get(state, ctx, step_up_id).await?,
+        decision.redacted_for(&tenant_id),
+    ))
+}
+
+/// FAILED_PRECONDITION with ACCESS_DENIED: the re-check decided BLOCK.
+fn blocked_at_approval(decision: &Decision) -> Error {
+    let (direction, side) = decision
+        .blocking_side()
+        .unwrap_or((Direction::Inbound, &decision.inbound));
+    Error::FailedPrecondition {
+        reason: ErrorReason::AccessDenied,
+        message: format!(
+            "the {} policy now blocks this request; the step-up is denied",
+            direction.as_str()
+        ),
+        metadata: std::collections::HashMap::from([
+            ("ciba_error".to_owned(), "access_denied".to_owned()),
+            ("policy_side".to_owned(), direction.as_str().to_owned()),
+            ("rule_id".to_owned(), side.rule_id.clone()),
+            ("policy_version".to_owned(), side.policy_version.to_string()),
+        ]),
+    }
+}
+
+/// The newest change id of a tenant's queue (0 when none).
+pub async fn latest_change(state: &AppState, tenant_id: &str) -> Result<i64> {
+    Ok(step_up_change::Entity::find()
+        .filter(step_up_change::Column::TenantId.eq(tenant_id))
+        .order_by_desc(step_up_change::Column::Id)
+        .one(&state.db)
+        .await?
+        .map(|c| c.id)
+        .unwrap_or_default())
+}
+
+/// The pending step-ups of a tenant now, oldest first, with the change id
+/// they are current as of.
+pub async fn pending_snapshot(state: &AppState, tenant_id: &str) -> Result<(Vec<StepUpView>, i64)> {
+    let cursor = latest_change(state, tenant_id).await?;
+    let now = state.clock.now_millis();
+    let rows = step_up::Entity::find()
+        .filter(step_up::Column::ReceivingTenantId.eq(tenant_id))
+        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::ExpiresAt.gt(now))
+        .order_by_asc(step_up::Column::Id)
+        .all(&state.db)
+        .await?;
+    let mut views = Vec::with_capacity(rows.len());
+    for row in rows {
+        views.push(view(state, row).await?);
+    }
+    Ok((views, cursor))
+}
+
+/// The queue changes of a tenant after `cursor`, at most `limit`, each with
+/// the step-up as it is now.
+pub async fn changes_after(
+    state: &AppState,
+    tenant_id: &str,
+    cursor: i64,
+    limit: u64,
+) -> Result<Vec<(step_up_change::Model, StepUpView)>> {
+    let changes = step_up_change::Entity::find()
+        .filter(step_up_change::Column::TenantId.eq(tenant_id))
+        .filter(step_up_change::Column::Id.gt(cursor))
+        .order_by_asc(step_up_change::Column::Id)
+        .limit(limit)
+        .all(&state.db)
+        .await?;
+    let mut out = Vec::with_capacity(changes.len());
+    for change in changes {
+        let step = step_up::Entity::find_by_id(change.step_up_id.clone())
+            .one(&state.db)
+            .await?
+            .ok_or_else(|| Error::internal("change of a missing step-up"))?;
+        out.push((change, view(state, step).await?));
+    }
+    Ok(out)
+}
+
+/// Checks a watch's heartbeat interval: 0 means 15 s, else 1 to 60 s.
+pub fn heartbeat_seconds(raw: u32) -> Result<u64> {
+    match raw {
+        0 => Ok(15),
+        1..=60 => Ok(u64::from(raw)),
+        _ => Err(Error::invalid(
+            "heartbeat_interval_seconds",
+            "must be 0 (15 s) or 1 to 60",
+        )),
+    }
+}

@@ -1,0 +1,434 @@
+//! Adapter for StepUpService, including its two server streams.
+//!
+//! Both watches subscribe to the [`crate::hub`] before reading state, then
+//! re-read on every relevant notification (or lag), on every heartbeat, and
+//! at the step-up's deadline: level-triggered, so nothing is missed and
+//! nothing waits on a slow watcher. Each stream runs in its own task feeding
+//! a small bounded channel; a client that stops reading only stalls its own
+//! task, and a client that goes away ends it.
+
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+use vaultguard_proto::v1 as pb;
+use vaultguard_proto::v1::step_up_service_server::StepUpService;
+
+use super::{call_context, convert};
+use crate::auth::CallContext;
+use crate::clock::to_timestamp;
+use crate::domain::step_ups::{self, APPROVED, PENDING, StepUpView};
+use crate::domain::webhooks;
+use crate::error::Error;
+use crate::hub::Change;
+use crate::state::AppState;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Messages buffered per stream before its task waits for the client.
+const STREAM_BUFFER: usize = 16;
+/// Changes read per round by a queue watch.
+const CHANGES_PER_ROUND: u64 = 100;
+
+/// StepUpService over the domain layer.
+#[derive(Debug, Clone)]
+pub struct StepUpApi(pub AppState);
+
+fn heartbeat(state: &AppState) -> pb::Heartbeat {
+    pb::Heartbeat {
+        time: Some(to_timestamp(state.clock.now_millis())),
+    }
+}
+
+/// Waits for a notification that `concerns` says is relevant, the heartbeat
+/// interval, or `deadline_ms` of real time; returns true on a heartbeat.
+async fn wait_for_change(
+    events: &mut broadcast::Receiver<Change>,
+    concerns: impl Fn(&Change) -> bool,
+    heartbeat: Duration,
+    deadline: Option<Duration>,
+) -> bool {
+    let sleep = tokio::time::sleep(deadline.map_or(heartbeat, |d| d.min(heartbeat)));
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return deadline.is_none_or(|d| d >= heartbeat),
+            received = events.recv() => match received {
+                Ok(change) if concerns(&change) => return false,
+                Ok(_) => {}
+                // Lagged: something may have changed; closed: re-read and
+                // let the heartbeat pace the loop.
+                Err(broadcast::error::RecvError::Lagged(_)) => return false,
+                Err(broadcast::error::RecvError::Closed) => {
+                    (&mut sleep).await;
+                    return true;
+                }
+            },
+        }
+    }
+}
+
+impl StepUpApi {
+    /// The status event of a step-up for its agent.
+    fn status(&self, ctx: &CallContext, view: &StepUpView) -> Result<pb::StepUpStatus, Status> {
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        Ok(pb::StepUpStatus {
+            state: step_ups::state_proto(view.state) as i32,
+            delegation: Some(convert::delegation(
+                view.delegation.clone(),
+                &viewer,
+                self.0.clock.now_millis(),
+            )?),
+            approvals_received: u32::try_from(view.approvals.len()).unwrap_or(u32::MAX),
+            approvals_required: u32::try_from(view.step.approvals_required.max(1)).unwrap_or(1),
+            expire_time: Some(to_timestamp(view.step.expires_at)),
+            ciba_error: step_ups::ciba_error(view.state).to_owned(),
+            ..Default::default()
+        })
+    }
+
+    /// Runs one agent watch until a terminal state or the client leaves.
+    async fn run_watch(
+        self,
+        ctx: CallContext,
+        step_up_id: String,
+        mut events: broadcast::Receiver<Change>,
+        beat: Duration,
+        tx: mpsc::Sender<Result<pb::WatchStepUpResponse, Status>>,
+    ) {
+        use pb::watch_step_up_response::Event;
+        let mut last_sent: Option<(&'static str, usize)> = None;
+        loop {
+            let view = match step_ups::agent_view(&self.0, &step_up_id).await {
+                Ok(view) => view,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            };
+            let key = (view.state, view.approvals.len());
+            if last_sent != Some(key) {
+                let mut status = match self.status(&ctx, &view) {
+                    Ok(status) => status,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let mut terminal = view.state != PENDING;
+                if view.state == APPROVED {
+                    match step_ups::redeem(&self.0, &ctx, &view.step, &view.delegation).await {
+                        Ok(redeemed) => {
+                            status.access_token = redeemed.token;
+                            status.token_type = "Bearer".to_owned();
+                            status.expires_in = redeemed.expires_in;
+                            if let Ok(delegation) = convert::delegation(
+                                redeemed.delegation,
+                                ctx.principal.tenant_id.as_deref().unwrap_or_default(),
+                                self.0.clock.now_millis(),
+                            ) {
+                                status.delegation = Some(delegation);
+                            }
+                        }
+                        // Redeemed elsewhere (a poll) or expired meanwhile:
+                        // look again and report what it is now.
+                        Err(_) => continue,
+                    }
+                    terminal = true;
+                }
+                let message = pb::WatchStepUpResponse {
+                    event: Some(Event::Status(status)),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                if terminal {
+                    return;
+                }
+                last_sent = Some(key);
+            }
+            let until_deadline = Duration::from_millis(
+                u64::try_from(view.step.expires_at - self.0.clock.now_millis()).unwrap_or(0),
+            );
+            let id = step_up_id.clone();
+            let beat_due = wait_for_change(
+                &mut events,
+                move |change| change.concerns_step_up(&id),
+                beat,
+                Some(until_deadline),
+            )
+            .await;
+            if beat_due {
+                let message = pb::WatchStepUpResponse {
+                    event: Some(Event::Heartbeat(heartbeat(&self.0))),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs one queue watch until the client leaves.
+    async fn run_queue_watch(
+        self,
+        tenant_id: String,
+        mut cursor: i64,
+        mut events: broadcast::Receiver<Change>,
+        beat: Duration,
+        tx: mpsc::Sender<Result<pb::WatchPendingStepUpsResponse, Status>>,
+    ) {
+        use pb::watch_pending_step_ups_response::Event;
+        loop {
+            let changes =
+                match step_ups::changes_after(&self.0, &tenant_id, cursor, CHANGES_PER_ROUND).await
+                {
+                    Ok(changes) => changes,
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+            let more = u64::try_from(changes.len()).unwrap_or(0) >= CHANGES_PER_ROUND;
+            for (change, view) in changes {
+                cursor = change.id;
+                let event_type = match change.kind.as_str() {
+                    "added" => pb::PendingStepUpEventType::Added,
+                    "updated" => pb::PendingStepUpEventType::Updated,
+                    _ => pb::PendingStepUpEventType::Removed,
+                };
+                let step_up = match convert::step_up(view, &tenant_id, self.0.clock.now_millis()) {
+                    Ok(step_up) => step_up,
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                let message = pb::WatchPendingStepUpsResponse {
+                    cursor: cursor.to_string(),
+                    event: Some(Event::Change(pb::PendingStepUpEvent {
+                        event_type: event_type as i32,
+                        step_up: Some(step_up),
+                    })),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            if more {
+                continue;
+            }
+            let tenant = tenant_id.clone();
+            let beat_due = wait_for_change(
+                &mut events,
+                move |change| change.concerns_tenant(&tenant),
+                beat,
+                None,
+            )
+            .await;
+            if beat_due {
+                let message = pb::WatchPendingStepUpsResponse {
+                    cursor: cursor.to_string(),
+                    event: Some(Event::Heartbeat(heartbeat(&self.0))),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl StepUpService for StepUpApi {
+    async fn poll_step_up(
+        &self,
+        request: Request<pb::PollStepUpRequest>,
+    ) -> Reply<pb::PollStepUpResponse> {
+        let ctx = call_context(&request)?;
+        let redeemed = step_ups::poll(&self.0, &ctx, &request.get_ref().auth_req_id).await?;
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        Ok(Response::new(pb::PollStepUpResponse {
+            access_token: redeemed.token,
+            token_type: "Bearer".to_owned(),
+            expires_in: redeemed.expires_in,
+            delegation: Some(convert::delegation(
+                redeemed.delegation,
+                &viewer,
+                self.0.clock.now_millis(),
+            )?),
+        }))
+    }
+
+    async fn watch_step_up(
+        &self,
+        request: Request<pb::WatchStepUpRequest>,
+    ) -> Reply<BoxStream<pb::WatchStepUpResponse>> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let beat =
+            Duration::from_secs(step_ups::heartbeat_seconds(req.heartbeat_interval_seconds)?);
+        // Subscribe first, so no change between the read and the wait is lost.
+        let events = self.0.hub.subscribe();
+        let (step, _) = step_ups::find_for_agent(&self.0, &ctx, &req.auth_req_id).await?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(self.clone().run_watch(ctx, step.id, events, beat, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_step_up(
+        &self,
+        request: Request<pb::GetStepUpRequest>,
+    ) -> Reply<pb::GetStepUpResponse> {
+        let ctx = call_context(&request)?;
+        let view = step_ups::get(&self.0, &ctx, &request.get_ref().step_up_id).await?;
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        Ok(Response::new(pb::GetStepUpResponse {
+            step_up: Some(convert::step_up(view, &viewer, self.0.clock.now_millis())?),
+        }))
+    }
+
+    async fn list_pending_step_ups(
+        &self,
+        request: Request<pb::ListPendingStepUpsRequest>,
+    ) -> Reply<pb::ListPendingStepUpsResponse> {
+        let ctx = call_context(&request)?;
+        let (views, next) = step_ups::list_pending(&self.0, &ctx, request.get_ref()).await?;
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        let now = self.0.clock.now_millis();
+        Ok(Response::new(pb::ListPendingStepUpsResponse {
+            step_ups: views
+                .into_iter()
+                .map(|view| convert::step_up(view, &viewer, now))
+                .collect::<Result<_, _>>()?,
+            page: Some(pb::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+
+    async fn watch_pending_step_ups(
+        &self,
+        request: Request<pb::WatchPendingStepUpsRequest>,
+    ) -> Reply<BoxStream<pb::WatchPendingStepUpsResponse>> {
+        use pb::watch_pending_step_ups_response::Event;
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let tenant_id = ctx.principal.tenant_id().map_err(Status::from)?.to_owned();
+        let beat =
+            Duration::from_secs(step_ups::heartbeat_seconds(req.heartbeat_interval_seconds)?);
+        let resume = if req.cursor.is_empty() {
+            None
+        } else {
+            let parsed = req
+                .cursor
+                .parse::<i64>()
+                .ok()
+                .filter(|c| *c >= 0 && req.cursor.len() <= 256)
+                .ok_or_else(|| Error::invalid("cursor", "is not a cursor of this stream"))?;
+            Some(parsed)
+        };
+        let events = self.0.hub.subscribe();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let cursor = match resume {
+            Some(cursor) => cursor,
+            None => {
+                let (views, cursor) = step_ups::pending_snapshot(&self.0, &tenant_id).await?;
+                let now = self.0.clock.now_millis();
+                let snapshot = views
+                    .into_iter()
+                    .map(|view| {
+                        convert::step_up(view, &tenant_id, now).map(|step_up| {
+                            pb::WatchPendingStepUpsResponse {
+                                cursor: cursor.to_string(),
+                                event: Some(Event::Change(pb::PendingStepUpEvent {
+                                    event_type: pb::PendingStepUpEventType::Added as i32,
+                                    step_up: Some(step_up),
+                                })),
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let tx = tx.clone();
+                let api = self.clone();
+                let tenant = tenant_id.clone();
+                tokio::spawn(async move {
+                    for message in snapshot {
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    api.run_queue_watch(tenant, cursor, events, beat, tx).await;
+                });
+                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            }
+        };
+        tokio::spawn(
+            self.clone()
+                .run_queue_watch(ctx, tenant_id, cursor, events, beat, tx),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn approve_step_up(
+        &self,
+        request: Request<pb::ApproveStepUpRequest>,
+    ) -> Reply<pb::ApproveStepUpResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.get_ref();
+        let (view, decision) = step_ups::approve(
+            &self.0,
+            &ctx,
+            &req.step_up_id,
+            &req.request_hash,
+            &req.comment,
+        )
+        .await?;
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        Ok(Response::new(pb::ApproveStepUpResponse {
+            step_up: Some(convert::step_up(view, &viewer, self.0.clock.now_millis())?),
+            decision: Some(decision.to_proto()),
+        }))
+    }
+
+    async fn deny_step_up(
+        &self,
+        request: Request<pb::DenyStepUpRequest>,
+    ) -> Reply<pb::DenyStepUpResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.get_ref();
+        let view = step_ups::deny(&self.0, &ctx, &req.step_up_id, &req.reason).await?;
+        let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
+        Ok(Response::new(pb::DenyStepUpResponse {
+            step_up: Some(convert::step_up(view, &viewer, self.0.clock.now_millis())?),
+        }))
+    }
+
+    async fn set_approval_webhook(
+        &self,
+        request: Request<pb::SetApprovalWebhookRequest>,
+    ) -> Reply<pb::SetApprovalWebhookResponse> {
+        let ctx = call_context(&request)?;
+        let set = webhooks::set(&self.0, &ctx, &request.get_ref().url).await?;
+        Ok(Response::new(match set {
+            Some((row, secret)) => pb::SetApprovalWebhookResponse {
+                webhook: Some(webhooks::to_proto(&row)),
+                signing_secret: secret,
+            },
+            None => pb::SetApprovalWebhookResponse::default(),
+        }))
+    }
+
+    async fn get_approval_webhook(
+        &self,
+        request: Request<pb::GetApprovalWebhookRequest>,
+    ) -> Reply<pb::GetApprovalWebhookResponse> {
+        let ctx = call_context(&request)?;
+        let row = webhooks::get(&self.0, &ctx).await?;
+        Ok(Response::new(pb::GetApprovalWebhookResponse {
+            webhook: Some(webhooks::to_proto(&row)),
+        }))
+    }
+}
