@@ -367,7 +367,7 @@ impl StepUpService for StepUpApi {
         };
         tokio::spawn(
             self.clone()
-                .run_queue_watch(ctx, tenant_id, cursor, events, beat, tx),
+                .run_queue_watch(tenant_id, cursor, events, beat, tx),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
