@@ -55,9 +55,9 @@ pub enum ClientError {
     /// The client is not configured to authenticate.
     #[error("no credentials configured")]
     NoCredentials,
-    /// The delegation needs a human approval first (STEP_UP). Wait on
-    /// `auth_req_id` with StepUpService, then repeat the request with the
-    /// same idempotency key.
+    /// The delegation is still waiting for a human approval (STEP_UP) at the
+    /// caller's deadline. Keep waiting on `auth_req_id` with
+    /// [`VaultGuardClient::wait_for_step_up`] or StepUpService.
     #[error("step-up approval required for delegation {delegation_id}")]
     StepUpRequired {
         delegation_id: String,
@@ -452,10 +452,12 @@ impl VaultGuardClient {
             ))
     }
 
-    /// Requests a delegation and, when it is allowed, runs `work` with its
-    /// token. A STEP_UP outcome answers [`ClientError::StepUpRequired`] (wait
-    /// for the approval with the StepUp service and retry with the same
-    /// idempotency key); BLOCK answers the PERMISSION_DENIED status.
+    /// Requests a delegation and runs `work` with its token. On STEP_UP it
+    /// waits for the human decision (see [`Self::wait_for_step_up`]) until
+    /// the step-up itself expires; use [`Self::with_delegation_within`] to
+    /// set your own deadline. BLOCK, a denial or an expiry answer the
+    /// server's status (PERMISSION_DENIED, FAILED_PRECONDITION with the CIBA
+    /// reason) and `work` does not run.
     pub async fn with_delegation<F, Fut, T>(
         &self,
         message: pb::RequestDelegationRequest,
@@ -465,15 +467,133 @@ impl VaultGuardClient {
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = T>,
     {
+        self.with_delegation_within(message, None, work).await
+    }
+
+    /// [`Self::with_delegation`] that gives up waiting for a step-up after
+    /// `deadline` (`None`: when the step-up expires) with
+    /// [`ClientError::StepUpRequired`], which carries the `auth_req_id` to
+    /// keep waiting on later. Give the request an explicit idempotency key
+    /// to retry it later without creating a second delegation.
+    pub async fn with_delegation_within<F, Fut, T>(
+        &self,
+        message: pb::RequestDelegationRequest,
+        deadline: Option<Duration>,
+        work: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
         match self.request_delegation(message).await? {
             DelegationOutcome::Allowed { grant, .. } => Ok(work(grant.token).await),
-            DelegationOutcome::StepUp { challenge, .. } => Err(ClientError::StepUpRequired {
-                delegation_id: challenge.delegation.map(|d| d.id).unwrap_or_default(),
-                auth_req_id: challenge.auth_req_id,
-                expires_in: challenge.expires_in,
-                interval: challenge.interval,
-            }),
+            DelegationOutcome::StepUp { challenge, .. } => {
+                let deadline = deadline
+                    .unwrap_or_else(|| Duration::from_secs(u64::from(challenge.expires_in)));
+                let granted = self.wait_for_step_up(&challenge, deadline).await?;
+                Ok(work(granted.access_token).await)
+            }
         }
+    }
+
+    /// Waits for the decision on a step-up and redeems it: through
+    /// `WatchStepUp` while the stream lasts, then by polling `PollStepUp` at
+    /// the server's interval (growing it on `slow_down`). Answers the token
+    /// on approval; the server's CIBA status on denial or expiry; and
+    /// [`ClientError::StepUpRequired`] when `deadline` passes first.
+    pub async fn wait_for_step_up(
+        &self,
+        challenge: &pb::StepUpChallenge,
+        deadline: Duration,
+    ) -> Result<pb::PollStepUpResponse, ClientError> {
+        let end = tokio::time::Instant::now() + deadline;
+        let pending = || ClientError::StepUpRequired {
+            delegation_id: challenge
+                .delegation
+                .as_ref()
+                .map(|d| d.id.clone())
+                .unwrap_or_default(),
+            auth_req_id: challenge.auth_req_id.clone(),
+            expires_in: challenge.expires_in,
+            interval: challenge.interval,
+        };
+        match tokio::time::timeout_at(end, self.watch_until_decided(&challenge.auth_req_id)).await {
+            Err(_) => return Err(pending()),
+            Ok(Some(granted)) => return Ok(granted),
+            // The stream ended in another state or broke: polling answers
+            // with the authoritative outcome.
+            Ok(None) => {}
+        }
+        let mut interval = Duration::from_secs(u64::from(challenge.interval.max(1)));
+        loop {
+            let request = self
+                .request(pb::PollStepUpRequest {
+                    auth_req_id: challenge.auth_req_id.clone(),
+                })
+                .await?;
+            match self.step_ups().poll_step_up(request).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => {
+                    let err = ClientError::from(status);
+                    match err.reason() {
+                        Some(pb::ErrorReason::AuthorizationPending) => {}
+                        Some(pb::ErrorReason::SlowDown) => {
+                            interval = metadata_seconds(&err, "interval")
+                                .unwrap_or(interval + Duration::from_secs(5));
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+            if tokio::time::Instant::now() + interval >= end {
+                return Err(pending());
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Follows `WatchStepUp` until it delivers the token (`Some`) or ends or
+    /// breaks without one (`None`).
+    async fn watch_until_decided(&self, auth_req_id: &str) -> Option<pb::PollStepUpResponse> {
+        let request = self
+            .request(pb::WatchStepUpRequest {
+                auth_req_id: auth_req_id.to_owned(),
+                heartbeat_interval_seconds: 0,
+            })
+            .await
+            .ok()?;
+        let mut stream = self
+            .step_ups()
+            .watch_step_up(request)
+            .await
+            .ok()?
+            .into_inner();
+        while let Ok(Some(message)) = stream.message().await {
+            if let Some(pb::watch_step_up_response::Event::Status(status)) = message.event {
+                if !status.access_token.is_empty() {
+                    return Some(pb::PollStepUpResponse {
+                        access_token: status.access_token,
+                        token_type: status.token_type,
+                        expires_in: status.expires_in,
+                        delegation: status.delegation,
+                    });
+                }
+                if status.state != pb::StepUpState::Pending as i32 {
+                    return None;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn metadata_seconds(err: &ClientError, key: &str) -> Option<Duration> {
+    match err {
+        ClientError::Status { metadata, .. } => metadata
+            .get(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs),
+        _ => None,
     }
 }
 

@@ -666,9 +666,14 @@ async fn step_up_leaves_a_pending_delegation_and_a_challenge() {
     // The condition decides: a small amount is allowed at once.
     granted(agent.request_delegation(request(500.0)).await);
 
-    // with_delegation says a human must approve first, and runs nothing.
+    // with_delegation waits for a human; at the caller's deadline it says
+    // a human must approve first, and runs nothing.
     let err = agent
-        .with_delegation(request(5000.0), |token| async move { token })
+        .with_delegation_within(
+            request(5000.0),
+            Some(std::time::Duration::from_millis(300)),
+            |token| async move { token },
+        )
         .await
         .unwrap_err();
     let ClientError::StepUpRequired {
