@@ -80,6 +80,7 @@ pub async fn prepare(
         config: Arc::new(config),
         audit_wake: Arc::new(Notify::new()),
         hub: Arc::new(crate::hub::Hub::new()),
+        stopping: Arc::new(tokio::sync::watch::channel(false).0),
     })
 }
 
@@ -100,7 +101,8 @@ pub async fn serve(
     let state = prepare(config, clock.clone(), issuer, true).await?;
     let _ = http::metrics_handle();
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = state.stopping.clone();
+    let stop_rx = stop_tx.subscribe();
     let sealer = Sealer::new(state.db.clone(), clock, state.audit_wake.clone());
     let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
     let sweeper_task = tokio::spawn(crate::domain::delegations::run_sweeper(

@@ -26,6 +26,9 @@ pub struct AppState {
     pub audit_wake: Arc<Notify>,
     /// Step-up changes for this process's watchers.
     pub hub: Arc<crate::hub::Hub>,
+    /// Flips to true when the process starts shutting down; long-lived
+    /// streams end themselves (UNAVAILABLE) so the drain can finish.
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {

@@ -120,7 +120,14 @@ pub fn validate_url(url: &str, allow_http: bool) -> Result<reqwest::Url, FieldVi
         "http" if allow_http => {}
         _ => return Err(invalid("must be an absolute https URL")),
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
+    // The parser forgives spellings such as `https:///host` or `https:\\host`;
+    // the URL must be written out as `scheme://host…`.
+    let authority = url
+        .get(parsed.scheme().len()..)
+        .and_then(|rest| rest.strip_prefix("://"));
+    if parsed.host_str().is_none_or(str::is_empty)
+        || authority.is_none_or(|rest| rest.starts_with(['/', '\\']))
+    {
         return Err(invalid("must name a host"));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -700,6 +707,9 @@ mod tests {
             "/vg/hook",
             "hooks.example.com/vg",
             "https://",
+            "https:///hooks.example.com/",
+            "https:\\\\hooks.example.com/",
+            "https:hooks.example.com/",
             "https://user:pw@hooks.example.com/",
             " https://hooks.example.com/",
             "https://hooks.example.com/\n",

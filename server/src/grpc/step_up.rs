@@ -42,32 +42,59 @@ fn heartbeat(state: &AppState) -> pb::Heartbeat {
     }
 }
 
+/// Why a watch woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Something may have changed: re-read.
+    Change,
+    /// The stream was idle for a heartbeat interval.
+    Heartbeat,
+    /// The server is shutting down: end the stream.
+    Stop,
+}
+
 /// Waits for a notification that `concerns` says is relevant, the heartbeat
-/// interval, or `deadline_ms` of real time; returns true on a heartbeat.
+/// interval, the `deadline` (a re-read, as expiry may have come), or the
+/// server shutting down.
 async fn wait_for_change(
     events: &mut broadcast::Receiver<Change>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
     concerns: impl Fn(&Change) -> bool,
     heartbeat: Duration,
     deadline: Option<Duration>,
-) -> bool {
+) -> Wake {
+    if *stopping.borrow() {
+        return Wake::Stop;
+    }
     let sleep = tokio::time::sleep(deadline.map_or(heartbeat, |d| d.min(heartbeat)));
     tokio::pin!(sleep);
     loop {
         tokio::select! {
-            () = &mut sleep => return deadline.is_none_or(|d| d >= heartbeat),
+            () = &mut sleep => {
+                return if deadline.is_none_or(|d| d >= heartbeat) {
+                    Wake::Heartbeat
+                } else {
+                    Wake::Change
+                };
+            }
+            _ = stopping.changed() => return Wake::Stop,
             received = events.recv() => match received {
-                Ok(change) if concerns(&change) => return false,
+                Ok(change) if concerns(&change) => return Wake::Change,
                 Ok(_) => {}
                 // Lagged: something may have changed; closed: re-read and
                 // let the heartbeat pace the loop.
-                Err(broadcast::error::RecvError::Lagged(_)) => return false,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Change,
                 Err(broadcast::error::RecvError::Closed) => {
                     (&mut sleep).await;
-                    return true;
+                    return Wake::Heartbeat;
                 }
             },
         }
     }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down; reconnect to resume")
 }
 
 impl StepUpApi {
@@ -99,6 +126,7 @@ impl StepUpApi {
         tx: mpsc::Sender<Result<pb::WatchStepUpResponse, Status>>,
     ) {
         use pb::watch_step_up_response::Event;
+        let mut stopping = self.0.stopping.subscribe();
         let mut last_sent: Option<(&'static str, usize)> = None;
         loop {
             let view = match step_ups::agent_view(&self.0, &step_up_id).await {
@@ -153,14 +181,19 @@ impl StepUpApi {
                 u64::try_from(view.step.expires_at - self.0.clock.now_millis()).unwrap_or(0),
             );
             let id = step_up_id.clone();
-            let beat_due = wait_for_change(
+            let wake = wait_for_change(
                 &mut events,
+                &mut stopping,
                 move |change| change.concerns_step_up(&id),
                 beat,
                 Some(until_deadline),
             )
             .await;
-            if beat_due {
+            if wake == Wake::Stop {
+                let _ = tx.send(Err(shutting_down())).await;
+                return;
+            }
+            if wake == Wake::Heartbeat {
                 let message = pb::WatchStepUpResponse {
                     event: Some(Event::Heartbeat(heartbeat(&self.0))),
                 };
@@ -181,6 +214,7 @@ impl StepUpApi {
         tx: mpsc::Sender<Result<pb::WatchPendingStepUpsResponse, Status>>,
     ) {
         use pb::watch_pending_step_ups_response::Event;
+        let mut stopping = self.0.stopping.subscribe();
         loop {
             let changes =
                 match step_ups::changes_after(&self.0, &tenant_id, cursor, CHANGES_PER_ROUND).await
@@ -221,14 +255,19 @@ impl StepUpApi {
                 continue;
             }
             let tenant = tenant_id.clone();
-            let beat_due = wait_for_change(
+            let wake = wait_for_change(
                 &mut events,
+                &mut stopping,
                 move |change| change.concerns_tenant(&tenant),
                 beat,
                 None,
             )
             .await;
-            if beat_due {
+            if wake == Wake::Stop {
+                let _ = tx.send(Err(shutting_down())).await;
+                return;
+            }
+            if wake == Wake::Heartbeat {
                 let message = pb::WatchPendingStepUpsResponse {
                     cursor: cursor.to_string(),
                     event: Some(Event::Heartbeat(heartbeat(&self.0))),
