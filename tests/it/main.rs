@@ -16,5 +16,7 @@ mod identity;
 mod issuer_keys;
 mod oidc;
 mod policies;
+mod sdk;
 mod secrets;
 mod sweep;
+mod webhooks;

@@ -1,0 +1,171 @@
+//! The Rust SDK's step-up wait: `with_delegation` blocks until a human of the
+//! receiving tenant decides, runs the work with the token on approval, and
+//! passes the server's CIBA status on denial; `wait_for_step_up` honours
+//! `slow_down` when it polls.
+
+use std::time::Duration;
+
+use tonic::Code;
+use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
+use vaultguard_tests::expect_reason;
+
+use crate::delegations::{ask, setup_pair};
+use crate::policies::{add_rule, inbound};
+
+/// The first pending step-up of the approver's queue, once it shows up.
+async fn first_pending(approver: &VaultGuardClient) -> pb::StepUp {
+    for _ in 0..100 {
+        let request = approver
+            .request(pb::ListPendingStepUpsRequest::default())
+            .await
+            .unwrap();
+        let listed = approver
+            .step_ups()
+            .list_pending_step_ups(request)
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(step_up) = listed.step_ups.into_iter().next() {
+            return step_up;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no pending step-up appeared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_delegation_waits_for_the_approval_and_runs_the_work() {
+    let pair = setup_pair().await;
+    add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
+    let agent = pair.agent.clone();
+    let globex_id = pair.globex.id.clone();
+    let waiting = tokio::spawn(async move {
+        agent
+            .with_delegation(ask(&globex_id, "stock.write"), |token| async move { token })
+            .await
+    });
+
+    let step_up = first_pending(&pair.globex_admin).await;
+    let request = pair
+        .globex_admin
+        .request(pb::ApproveStepUpRequest {
+            step_up_id: step_up.step_up_id.clone(),
+            request_hash: step_up.request_hash.clone(),
+            comment: "ok".into(),
+        })
+        .await
+        .unwrap();
+    pair.globex_admin
+        .step_ups()
+        .approve_step_up(request)
+        .await
+        .unwrap();
+
+    let token = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("with_delegation returns after the approval")
+        .unwrap()
+        .expect("the work ran with a token");
+    let verified = pair
+        .globex_admin
+        .verify(token, "stock.write")
+        .await
+        .unwrap();
+    assert!(verified.active);
+    assert_eq!(verified.jti, step_up.delegation_id);
+    pair.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_delegation_reports_a_denial_without_running_the_work() {
+    let pair = setup_pair().await;
+    add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
+    let agent = pair.agent.clone();
+    let globex_id = pair.globex.id.clone();
+    let waiting = tokio::spawn(async move {
+        agent
+            .with_delegation(ask(&globex_id, "stock.write"), |_token| async move {
+                panic!("the work must not run after a denial")
+            })
+            .await
+    });
+    let step_up = first_pending(&pair.globex_admin).await;
+    let request = pair
+        .globex_admin
+        .request(pb::DenyStepUpRequest {
+            step_up_id: step_up.step_up_id.clone(),
+            reason: "not today".into(),
+        })
+        .await
+        .unwrap();
+    pair.globex_admin
+        .step_ups()
+        .deny_step_up(request)
+        .await
+        .unwrap();
+    let result: Result<(), ClientError> = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("with_delegation returns after the denial")
+        .unwrap();
+    let metadata = expect_reason(
+        result,
+        Code::PermissionDenied,
+        pb::ErrorReason::AccessDenied,
+    );
+    assert_eq!(
+        metadata.get("ciba_error").map(String::as_str),
+        Some("access_denied")
+    );
+    pair.server.stop().await;
+}
+
+#[tokio::test]
+async fn polling_honours_slow_down_and_the_deadline() {
+    let pair = setup_pair().await;
+    add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
+    let DelegationOutcome::StepUp { challenge, .. } = pair
+        .agent
+        .request_delegation(ask(&pair.globex.id, "stock.write"))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a step-up")
+    };
+    // Two quick polls: the second is too fast and the interval grows.
+    let poll = || async {
+        let request = pair
+            .agent
+            .request(pb::PollStepUpRequest {
+                auth_req_id: challenge.auth_req_id.clone(),
+            })
+            .await
+            .unwrap();
+        pair.agent.step_ups().poll_step_up(request).await
+    };
+    expect_reason(
+        poll().await,
+        Code::FailedPrecondition,
+        pb::ErrorReason::AuthorizationPending,
+    );
+    let metadata = expect_reason(
+        poll().await,
+        Code::FailedPrecondition,
+        pb::ErrorReason::SlowDown,
+    );
+    assert_eq!(metadata.get("interval").map(String::as_str), Some("10"));
+
+    // Nobody decides: the wait ends at the caller's deadline with the handle
+    // to keep waiting on.
+    let started = std::time::Instant::now();
+    let err = pair
+        .agent
+        .wait_for_step_up(&challenge, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let ClientError::StepUpRequired { auth_req_id, .. } = err else {
+        panic!("expected StepUpRequired, got {err:?}")
+    };
+    assert_eq!(auth_req_id, challenge.auth_req_id);
+    pair.server.stop().await;
+}
