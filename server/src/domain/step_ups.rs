@@ -42,6 +42,22 @@ pub const DENIED: &str = "denied";
 pub const EXPIRED: &str = "expired";
 pub const REDEEMED: &str = "redeemed";
 
+/// How old a change must be before readers of the feed treat everything
+/// up to it as final. On PostgreSQL ids come from a sequence and two
+/// transactions can commit out of id order, so a cursor that jumped past a
+/// fresh id could miss a smaller one committed a moment later; SQLite has
+/// one writer and commits in id order.
+pub const CHANGE_SETTLE_MILLIS: Millis = 1_000;
+
+/// The newest `created_at` a change may have to count as settled at `now`.
+pub fn settled_at(state: &AppState, now: Millis) -> Millis {
+    if is_postgres(&state.db) {
+        now.saturating_sub(CHANGE_SETTLE_MILLIS)
+    } else {
+        now
+    }
+}
+
 /// Seconds added to the interval on each `slow_down`.
 const SLOW_DOWN_STEP: i64 = 5;
 
@@ -737,10 +753,12 @@ fn blocked_at_approval(decision: &Decision) -> Error {
     }
 }
 
-/// The newest change id of a tenant's queue (0 when none).
+/// The newest settled change id of a tenant's queue (0 when none).
 pub async fn latest_change(state: &AppState, tenant_id: &str) -> Result<i64> {
+    let horizon = settled_at(state, state.clock.now_millis());
     Ok(step_up_change::Entity::find()
         .filter(step_up_change::Column::TenantId.eq(tenant_id))
+        .filter(step_up_change::Column::CreatedAt.lte(horizon))
         .order_by_desc(step_up_change::Column::Id)
         .one(&state.db)
         .await?
@@ -748,8 +766,9 @@ pub async fn latest_change(state: &AppState, tenant_id: &str) -> Result<i64> {
         .unwrap_or_default())
 }
 
-/// The pending step-ups of a tenant now, oldest first, with the change id
-/// they are current as of.
+/// The pending step-ups of a tenant now, oldest first, with a settled
+/// change id they are at least as current as (changes after it may repeat
+/// what the snapshot already shows).
 pub async fn pending_snapshot(state: &AppState, tenant_id: &str) -> Result<(Vec<StepUpView>, i64)> {
     let cursor = latest_change(state, tenant_id).await?;
     let now = state.clock.now_millis();

@@ -19,16 +19,18 @@
 //! Delivery is at least once: the `X-VaultGuard-Delivery` id (`chg_<change
 //! id>`) is the same on every retry, for the receiver to de-duplicate.
 //!
-//! Concurrency: on PostgreSQL one replica delivers at a time (a
-//! transaction-scoped advisory lock held for the pass); within a process
-//! passes are serialised by a mutex. Every write of delivery state is a
-//! conditional update on the position and `updated_at` it started from, so a
-//! webhook re-set or removed while a delivery is in flight is never
-//! overwritten by that delivery's outcome.
+//! Concurrency: on PostgreSQL one deliverer runs a pass at a time, across
+//! replicas (a transaction-scoped advisory lock held for the pass; the others
+//! skip their pass); on SQLite (one process) a mutex serialises passes.
+//! Every write of delivery state is a conditional update on the row as the
+//! attempt read it (position, attempts, sealed secret), so a webhook re-set
+//! or removed while a delivery is in flight is never overwritten by that
+//! delivery's outcome. Re-setting a webhook restarts delivery after the
+//! tenant's latest change and clears the delivery status.
 //!
 //! Commit order: on PostgreSQL ids come from a sequence and two transactions
 //! can commit out of id order; a change becomes deliverable only once it is
-//! [`SETTLE_MILLIS`] old, so a slightly later commit of a smaller id is not
+//! [`step_ups::CHANGE_SETTLE_MILLIS`] old, so a slightly later commit of a smaller id is not
 //! overtaken. SQLite serialises writers, so ids commit in order there.
 
 use std::sync::LazyLock;
@@ -49,6 +51,7 @@ use crate::auth::CallContext;
 use crate::clock::{Millis, to_timestamp};
 use crate::config::Config;
 use crate::crypto::{SealContext, random_token};
+use crate::domain::step_ups;
 use crate::error::{Error, FieldViolation, Result, is_unique_violation};
 use crate::state::AppState;
 use crate::store::entities::{step_up_change, tenant_webhook};
@@ -72,9 +75,6 @@ const TABLE: &str = "tenant_webhooks";
 /// The advisory lock that keeps delivery to one replica at a time (the
 /// sweeper's is `…0001`).
 const DELIVERER_LOCK: i64 = 0x7661_756c_7467_0057;
-/// How old a change must be before it is delivered on PostgreSQL (see the
-/// module comment on commit order).
-pub const SETTLE_MILLIS: Millis = 1_000;
 /// The first retry delay; it doubles with each failed attempt …
 const FIRST_BACKOFF_MILLIS: Millis = 1_000;
 /// … up to this.
@@ -91,8 +91,8 @@ const PASSES_PER_TICK: usize = 10;
 /// The longest stored failure reason.
 const MAX_REASON_CHARS: usize = 256;
 
-/// Serialises delivery passes within one process (on SQLite the only guard;
-/// on PostgreSQL it spares the database a lock attempt).
+/// Serialises delivery passes within one process on SQLite (PostgreSQL
+/// passes serialise on the advisory lock, across processes too).
 static PASS: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
 
 // ---------------------------------------------------------------------------
@@ -493,6 +493,7 @@ async fn record(
         )
         .filter(tenant_webhook::Column::TenantId.eq(hook.tenant_id.as_str()))
         .filter(tenant_webhook::Column::UpdatedAt.eq(hook.updated_at))
+        .filter(tenant_webhook::Column::SecretCiphertext.eq(hook.secret_ciphertext.clone()))
         .filter(tenant_webhook::Column::DeliveredChangeId.eq(hook.delivered_change_id))
         .filter(tenant_webhook::Column::Attempts.eq(hook.attempts))
         .exec(&state.db)
@@ -613,17 +614,18 @@ fn pending_changes(settled: Millis) -> sea_orm::sea_query::SelectStatement {
 /// deliveries attempted. On PostgreSQL only one replica delivers at a time;
 /// the others return 0 at once.
 pub async fn deliver_due(state: &AppState, client: &reqwest::Client) -> Result<u64> {
-    let _pass = PASS.lock().await;
+    // SQLite has no lock across connections: one process, one pass at a time.
+    let _local = if is_postgres(&state.db) {
+        None
+    } else {
+        Some(PASS.lock().await)
+    };
     let lock = lock(state).await?;
     if matches!(lock, PassLock::Busy) {
         return Ok(0);
     }
     let now = state.clock.now_millis();
-    let settled = if is_postgres(&state.db) {
-        now.saturating_sub(SETTLE_MILLIS)
-    } else {
-        now
-    };
+    let settled = step_ups::settled_at(state, now);
     let pending = pending_changes(settled);
     let due = tenant_webhook::Entity::find()
         .filter(tenant_webhook::Column::NextAttemptAt.lte(now))

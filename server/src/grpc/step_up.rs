@@ -205,62 +205,97 @@ impl StepUpApi {
     }
 
     /// Runs one queue watch until the client leaves.
+    ///
+    /// `settled` is the cursor below which every change is final (see
+    /// [`step_ups::CHANGE_SETTLE_MILLIS`]); changes above it are sent as
+    /// soon as they are seen and remembered, so a smaller id that commits a
+    /// moment later is still sent, once. Each response carries the settled
+    /// cursor: resuming from it may repeat up to a second of changes (each
+    /// event carries the step-up's full current state), never skip one.
     async fn run_queue_watch(
         self,
         tenant_id: String,
-        mut cursor: i64,
+        mut settled: i64,
         mut events: broadcast::Receiver<Change>,
         beat: Duration,
         tx: mpsc::Sender<Result<pb::WatchPendingStepUpsResponse, Status>>,
     ) {
         use pb::watch_pending_step_ups_response::Event;
         let mut stopping = self.0.stopping.subscribe();
+        let mut sent = std::collections::BTreeSet::new();
         loop {
-            let changes =
-                match step_ups::changes_after(&self.0, &tenant_id, cursor, CHANGES_PER_ROUND).await
-                {
-                    Ok(changes) => changes,
-                    Err(err) => {
-                        let _ = tx.send(Err(err.into())).await;
-                        return;
-                    }
-                };
-            let more = u64::try_from(changes.len()).unwrap_or(0) >= CHANGES_PER_ROUND;
-            for (change, view) in changes {
-                cursor = change.id;
-                let event_type = match change.kind.as_str() {
-                    "added" => pb::PendingStepUpEventType::Added,
-                    "updated" => pb::PendingStepUpEventType::Updated,
-                    _ => pb::PendingStepUpEventType::Removed,
-                };
-                let step_up = match convert::step_up(view, &tenant_id, self.0.clock.now_millis()) {
-                    Ok(step_up) => step_up,
-                    Err(err) => {
-                        let _ = tx.send(Err(err.into())).await;
-                        return;
-                    }
-                };
-                let message = pb::WatchPendingStepUpsResponse {
-                    cursor: cursor.to_string(),
-                    event: Some(Event::Change(pb::PendingStepUpEvent {
-                        event_type: event_type as i32,
-                        step_up: Some(step_up),
-                    })),
-                };
-                if tx.send(Ok(message)).await.is_err() {
+            let changes = match step_ups::changes_after(
+                &self.0,
+                &tenant_id,
+                settled,
+                CHANGES_PER_ROUND,
+            )
+            .await
+            {
+                Ok(changes) => changes,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
                     return;
                 }
+            };
+            let full = u64::try_from(changes.len()).unwrap_or(0) >= CHANGES_PER_ROUND;
+            let horizon = step_ups::settled_at(&self.0, self.0.clock.now_millis());
+            let mut fresh = false;
+            let mut settling = true;
+            for (change, view) in changes {
+                if !sent.contains(&change.id) {
+                    fresh = true;
+                    let event_type = match change.kind.as_str() {
+                        "added" => pb::PendingStepUpEventType::Added,
+                        "updated" => pb::PendingStepUpEventType::Updated,
+                        _ => pb::PendingStepUpEventType::Removed,
+                    };
+                    let step_up =
+                        match convert::step_up(view, &tenant_id, self.0.clock.now_millis()) {
+                            Ok(step_up) => step_up,
+                            Err(err) => {
+                                let _ = tx.send(Err(err.into())).await;
+                                return;
+                            }
+                        };
+                    sent.insert(change.id);
+                    if settling && change.created_at <= horizon {
+                        settled = change.id;
+                        sent.retain(|id| *id > settled);
+                    } else {
+                        settling = false;
+                    }
+                    let message = pb::WatchPendingStepUpsResponse {
+                        cursor: settled.to_string(),
+                        event: Some(Event::Change(pb::PendingStepUpEvent {
+                            event_type: event_type as i32,
+                            step_up: Some(step_up),
+                        })),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                } else if settling && change.created_at <= horizon {
+                    settled = change.id;
+                    sent.retain(|id| *id > settled);
+                } else {
+                    settling = false;
+                }
             }
-            if more {
+            if full && fresh {
                 continue;
             }
             let tenant = tenant_id.clone();
+            // Unsettled changes are re-read once they settle.
+            let recheck = (!sent.is_empty()).then_some(Duration::from_millis(
+                u64::try_from(step_ups::CHANGE_SETTLE_MILLIS).unwrap_or(1_000),
+            ));
             let wake = wait_for_change(
                 &mut events,
                 &mut stopping,
                 move |change| change.concerns_tenant(&tenant),
                 beat,
-                None,
+                recheck,
             )
             .await;
             if wake == Wake::Stop {
@@ -269,7 +304,7 @@ impl StepUpApi {
             }
             if wake == Wake::Heartbeat {
                 let message = pb::WatchPendingStepUpsResponse {
-                    cursor: cursor.to_string(),
+                    cursor: settled.to_string(),
                     event: Some(Event::Heartbeat(heartbeat(&self.0))),
                 };
                 if tx.send(Ok(message)).await.is_err() {
