@@ -25,6 +25,7 @@ use vaultguard_proto::v1::{Actor, PrincipalKind};
 use crate::clock::Clock;
 use crate::crypto::sha256_hex;
 use crate::error::{Error, Result};
+use crate::hub::{Change, Hub};
 use crate::ids::{IdKind, new_id};
 use crate::store::entities::audit_event;
 use crate::store::is_postgres;
@@ -207,13 +208,24 @@ pub struct Sealer {
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
+    hub: Arc<Hub>,
 }
 
 const SEAL_BATCH: u64 = 500;
 
 impl Sealer {
-    pub fn new(db: DatabaseConnection, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
-        Self { db, clock, wake }
+    pub fn new(
+        db: DatabaseConnection,
+        clock: Arc<dyn Clock>,
+        wake: Arc<Notify>,
+        hub: Arc<Hub>,
+    ) -> Self {
+        Self {
+            db,
+            clock,
+            wake,
+            hub,
+        }
     }
 
     /// Seals until `shutdown` resolves: whenever woken, and every 200 ms.
@@ -333,7 +345,10 @@ impl Sealer {
             [seq.into(), prev_hash.into(), now.into(), tenant_id.into()],
         ))
         .await?;
+        let change = Change::audit(tenant_id);
+        self.hub.announce(&txn, &change).await?;
         txn.commit().await?;
+        self.hub.committed(&self.db, vec![change]);
         Ok(u64::try_from(events.len()).unwrap_or(0))
     }
 }

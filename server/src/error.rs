@@ -55,6 +55,9 @@ pub enum Error {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// A position beyond the end of a sequence (an audit cursor past the head).
+    #[error("out of range: {0}")]
+    OutOfRange(String),
     /// A concurrent change won; nothing was written and a retry may succeed.
     #[error("conflict: {0}")]
     Conflict(&'static str),
@@ -271,6 +274,7 @@ impl From<Error> for Status {
                 message,
                 metadata,
             } => status_with_info(Code::FailedPrecondition, message, reason, metadata),
+            Error::OutOfRange(message) => Status::out_of_range(message),
             Error::Conflict(detail) => status_with_info(
                 Code::Aborted,
                 format!("{detail}; retry"),

@@ -1,8 +1,9 @@
-//! Fan-out of step-up changes to the watchers of this process, from every
-//! replica.
+//! Fan-out of committed changes to the watchers of this process, from every
+//! replica: step-up changes (for step-up and queue watches) and newly sealed
+//! audit events (for audit tails).
 //!
-//! Each change is first written to `step_up_changes` in the transaction that
-//! makes it. On PostgreSQL the same transaction runs `pg_notify`, delivered
+//! Each change is first written to the database (`step_up_changes`,
+//! `audit_chain`) in the transaction that makes it. On PostgreSQL the same transaction runs `pg_notify`, delivered
 //! at commit to every replica's listener ([`run_listener`]), which publishes
 //! it here; on SQLite (one process) the writer publishes it itself after the
 //! commit. Watchers are level-triggered: a notification only says "look
@@ -22,7 +23,11 @@ const BUFFER: usize = 1024;
 /// listener reconnects).
 pub const RESYNC: &str = "*";
 
-/// One committed change: which tenant's queue and which step-up.
+/// `step_up_id` of an audit change (audit events were sealed in the
+/// tenant's log).
+pub const AUDIT: &str = "audit";
+
+/// One committed change: which tenant, and which step-up (or [`AUDIT`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub tenant_id: String,
@@ -30,14 +35,27 @@ pub struct Change {
 }
 
 impl Change {
+    /// Newly sealed audit events of `tenant_id`.
+    pub fn audit(tenant_id: &str) -> Self {
+        Self {
+            tenant_id: tenant_id.to_owned(),
+            step_up_id: AUDIT.to_owned(),
+        }
+    }
+
     /// Whether a watcher of `step_up_id` should look again.
     pub fn concerns_step_up(&self, step_up_id: &str) -> bool {
         self.step_up_id == step_up_id || self.step_up_id == RESYNC
     }
 
-    /// Whether a watcher of `tenant_id`'s queue should look again.
+    /// Whether a watcher of `tenant_id`'s approval queue should look again.
     pub fn concerns_tenant(&self, tenant_id: &str) -> bool {
-        self.tenant_id == tenant_id || self.step_up_id == RESYNC
+        (self.tenant_id == tenant_id && self.step_up_id != AUDIT) || self.step_up_id == RESYNC
+    }
+
+    /// Whether a tail of `tenant_id`'s audit log should look again.
+    pub fn concerns_audit(&self, tenant_id: &str) -> bool {
+        (self.tenant_id == tenant_id && self.step_up_id == AUDIT) || self.step_up_id == RESYNC
     }
 }
 

@@ -420,6 +420,18 @@ impl IssuerKeys {
         algorithm: TokenAlgorithm,
         claims: &Value,
     ) -> Result<(String, String)> {
+        self.sign_typed(algorithm, "at+jwt", claims).await
+    }
+
+    /// Signs `claims` as a compact JWS with header `typ` and the active key
+    /// of `algorithm` (receipts use their own `typ`, so they can never pass
+    /// for access or delegation tokens). Returns the JWS and the `kid`.
+    pub async fn sign_typed(
+        &self,
+        algorithm: TokenAlgorithm,
+        typ: &str,
+        claims: &Value,
+    ) -> Result<(String, String)> {
         self.reload_if_stale().await?;
         let key = self
             .ring
@@ -429,7 +441,7 @@ impl IssuerKeys {
             .get(&(algorithm as i32))
             .cloned()
             .ok_or_else(|| Error::internal("no active issuer key"))?;
-        let header = json!({"alg": algorithm_name(algorithm), "typ": "at+jwt", "kid": key.kid});
+        let header = json!({"alg": algorithm_name(algorithm), "typ": typ, "kid": key.kid});
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),

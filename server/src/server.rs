@@ -103,7 +103,12 @@ pub async fn serve(
 
     let stop_tx = state.stopping.clone();
     let stop_rx = stop_tx.subscribe();
-    let sealer = Sealer::new(state.db.clone(), clock, state.audit_wake.clone());
+    let sealer = Sealer::new(
+        state.db.clone(),
+        clock,
+        state.audit_wake.clone(),
+        state.hub.clone(),
+    );
     let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
     let sweeper_task = tokio::spawn(crate::domain::delegations::run_sweeper(
         state.clone(),

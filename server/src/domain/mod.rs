@@ -3,6 +3,7 @@
 //! here; the gRPC adapters in `crate::grpc` translate.
 
 pub mod agents;
+pub mod audit_log;
 pub mod delegations;
 pub mod page;
 pub mod policies;

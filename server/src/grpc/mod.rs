@@ -2,6 +2,7 @@
 //! the result (`map_err(Status::from)`). No SeaORM query lives here.
 
 pub mod access;
+mod audit;
 mod convert;
 mod identity;
 pub mod layer;
@@ -11,8 +12,9 @@ mod step_up;
 
 use tonic::{Request, Status};
 
+pub use audit::AuditApi;
 pub use identity::{AgentApi, AuthApi, IssuerKeyApi, TenantApi};
-pub use pending::{AuditApi, VaultApi};
+pub use pending::VaultApi;
 pub use policy::{DelegationApi, PolicyApi};
 pub use step_up::StepUpApi;
 

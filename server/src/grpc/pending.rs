@@ -2,7 +2,6 @@
 //! contract (and of the role matrix) but answer UNIMPLEMENTED through the
 //! generated default stubs, after authentication and authorization.
 
-use vaultguard_proto::v1::audit_service_server::AuditService;
 use vaultguard_proto::v1::vault_service_server::VaultService;
 
 use crate::state::AppState;
@@ -11,8 +10,3 @@ use crate::state::AppState;
 #[derive(Debug, Clone)]
 pub struct VaultApi(pub AppState);
 impl VaultService for VaultApi {}
-
-/// AuditService: issue "Audit service".
-#[derive(Debug, Clone)]
-pub struct AuditApi(pub AppState);
-impl AuditService for AuditApi {}

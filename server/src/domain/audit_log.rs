@@ -1,0 +1,841 @@
+//! Reading a tenant's audit log: listing, tailing, exporting and verifying
+//! the hash chain the sealer builds (see `crate::audit`).
+//!
+//! Everything here reads; the only write is the `audit.exported` event. The
+//! caller's tenant comes from its credential, so a tenant can only ever read
+//! its own log.
+
+use sea_orm::{ConnectionTrait, QueryResult, Statement, Value as DbValue};
+use serde_json::{Value, json};
+use vaultguard_proto::v1 as pb;
+
+use crate::audit::{GENESIS_HASH, chain_hash, placeholders};
+use crate::auth::CallContext;
+use crate::clock::{Millis, to_timestamp};
+use crate::domain::page;
+use crate::error::{Error, Result, Violations};
+use crate::state::AppState;
+use crate::store::entities::audit_event;
+use crate::validate;
+
+/// Rows read per round by tails, exports and verification.
+pub const BATCH: u64 = 1_000;
+/// Most event-type filters.
+const MAX_TYPES: usize = 32;
+
+/// One event with its chain link (absent while unsealed).
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub event: audit_event::Model,
+    pub seq: Option<i64>,
+    pub prev_hash: Option<String>,
+    pub hash: Option<String>,
+}
+
+/// An event-type filter: exact types and `<area>.*` prefixes.
+#[derive(Debug, Clone, Default)]
+pub struct TypeFilter {
+    exact: Vec<String>,
+    areas: Vec<String>,
+}
+
+impl TypeFilter {
+    /// Checks `types` (field `field[i]`), adding violations to `v`.
+    pub fn parse(field: &str, types: &[String], v: &mut Violations) -> Self {
+        let mut filter = Self::default();
+        if types.len() > MAX_TYPES {
+            v.add(field, format!("at most {MAX_TYPES} event types"));
+            return filter;
+        }
+        let segment = |s: &str| {
+            !s.is_empty()
+                && s.starts_with(|c: char| c.is_ascii_lowercase())
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for (i, t) in types.iter().enumerate() {
+            let ok = t.len() <= 64
+                && match t.split_once('.') {
+                    Some((area, "*")) if segment(area) => {
+                        filter.areas.push(format!("{area}."));
+                        true
+                    }
+                    Some((area, verb)) if segment(area) && segment(verb) => {
+                        filter.exact.push(t.clone());
+                        true
+                    }
+                    _ => false,
+                };
+            if !ok {
+                v.add(
+                    format!("{field}[{i}]"),
+                    "must be `<area>.<verb>` or `<area>.*` in lowercase, at most 64 characters",
+                );
+            }
+        }
+        filter
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.areas.is_empty()
+    }
+
+    pub fn matches(&self, event_type: &str) -> bool {
+        self.is_empty()
+            || self.exact.iter().any(|t| t == event_type)
+            || self
+                .areas
+                .iter()
+                .any(|a| event_type.starts_with(a.as_str()))
+    }
+
+    /// `(sql, values)` restricting `e.event_type`, or nothing when empty.
+    fn sql(&self, values: &mut Vec<DbValue>) -> String {
+        if self.is_empty() {
+            return String::new();
+        }
+        let mut parts = Vec::new();
+        for t in &self.exact {
+            parts.push("e.event_type = ?".to_owned());
+            values.push(t.clone().into());
+        }
+        for a in &self.areas {
+            parts.push("e.event_type LIKE ? ESCAPE '\\'".to_owned());
+            values.push(format!("{}%", escape_like(a)).into());
+        }
+        format!(" AND ({})", parts.join(" OR "))
+    }
+}
+
+fn escape_like(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+const SELECT: &str = "SELECT e.id, e.event_id, e.tenant_id, e.occurred_at, e.actor_kind, \
+     e.actor_subject, e.actor_tenant_id, e.event_type, e.subject_ids, e.outcome, e.request_id, \
+     e.details, c.seq, c.prev_hash, c.hash \
+     FROM audit_events e LEFT JOIN audit_chain c ON c.event_row_id = e.id";
+
+fn row_of(row: &QueryResult) -> Result<AuditRow> {
+    Ok(AuditRow {
+        event: audit_event::Model {
+            id: row.try_get("", "id")?,
+            event_id: row.try_get("", "event_id")?,
+            tenant_id: row.try_get("", "tenant_id")?,
+            occurred_at: row.try_get("", "occurred_at")?,
+            actor_kind: row.try_get("", "actor_kind")?,
+            actor_subject: row.try_get("", "actor_subject")?,
+            actor_tenant_id: row.try_get("", "actor_tenant_id")?,
+            event_type: row.try_get("", "event_type")?,
+            subject_ids: row.try_get("", "subject_ids")?,
+            outcome: row.try_get("", "outcome")?,
+            request_id: row.try_get("", "request_id")?,
+            details: row.try_get("", "details")?,
+        },
+        seq: row.try_get("", "seq")?,
+        prev_hash: row.try_get("", "prev_hash")?,
+        hash: row.try_get("", "hash")?,
+    })
+}
+
+async fn query(state: &AppState, sql: &str, values: Vec<DbValue>) -> Result<Vec<AuditRow>> {
+    let backend = state.db.get_database_backend();
+    state
+        .db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(backend, sql),
+            values,
+        ))
+        .await?
+        .iter()
+        .map(row_of)
+        .collect()
+}
+
+fn limit(n: u64) -> DbValue {
+    i64::try_from(n).unwrap_or(i64::MAX).into()
+}
+
+/// The tenant's chain head: last sealed sequence and its hash.
+pub async fn head(state: &AppState, tenant_id: &str) -> Result<(i64, String)> {
+    let backend = state.db.get_database_backend();
+    let row = state
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT seq, hash FROM audit_heads WHERE tenant_id = ?",
+            ),
+            [tenant_id.into()],
+        ))
+        .await?;
+    match row {
+        Some(row) => Ok((row.try_get("", "seq")?, row.try_get("", "hash")?)),
+        None => Ok((0, GENESIS_HASH.to_owned())),
+    }
+}
+
+/// How many committed events of the tenant are not sealed yet.
+pub async fn unsealed_count(state: &AppState, tenant_id: &str) -> Result<u64> {
+    let backend = state.db.get_database_backend();
+    let row = state
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT COUNT(*) AS n FROM audit_pending WHERE tenant_id = ?",
+            ),
+            [tenant_id.into()],
+        ))
+        .await?;
+    let n: i64 = match row {
+        Some(row) => row.try_get("", "n")?,
+        None => 0,
+    };
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Sealed events with `after < seq <= upto`, in sequence order, at most
+/// `max`, optionally within a time range and of some types.
+pub async fn sealed_after(
+    state: &AppState,
+    tenant_id: &str,
+    after: i64,
+    upto: Option<i64>,
+    range: (Option<Millis>, Option<Millis>),
+    types: &TypeFilter,
+    max: u64,
+) -> Result<Vec<AuditRow>> {
+    let mut values: Vec<DbValue> = vec![tenant_id.into(), after.into()];
+    let mut sql = format!("{SELECT} WHERE e.tenant_id = ? AND c.seq > ?");
+    if let Some(upto) = upto {
+        sql.push_str(" AND c.seq <= ?");
+        values.push(upto.into());
+    }
+    if let Some(start) = range.0 {
+        sql.push_str(" AND e.occurred_at >= ?");
+        values.push(start.into());
+    }
+    if let Some(end) = range.1 {
+        sql.push_str(" AND e.occurred_at < ?");
+        values.push(end.into());
+    }
+    sql.push_str(&types.sql(&mut values));
+    sql.push_str(" ORDER BY c.seq ASC LIMIT ?");
+    values.push(limit(max));
+    query(state, &sql, values).await
+}
+
+fn millis_of(ts: Option<&prost_types::Timestamp>) -> Option<Millis> {
+    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+/// Checks a `[start, end)` range (`end` after `start` when both are set).
+pub fn time_range(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+    v: &mut Violations,
+) -> (Option<Millis>, Option<Millis>) {
+    let (start, end) = (millis_of(start), millis_of(end));
+    if let (Some(s), Some(e)) = (start, end)
+        && e <= s
+    {
+        v.add("end_time", "must be after start_time");
+    }
+    (start, end)
+}
+
+/// ListAuditEvents.
+pub async fn list(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ListAuditEventsRequest,
+) -> Result<(Vec<AuditRow>, String)> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let range = time_range(req.start_time.as_ref(), req.end_time.as_ref(), &mut v);
+    let types = TypeFilter::parse("event_types", &req.event_types, &mut v);
+    if req.actor_subject.chars().count() > 256 {
+        v.add("actor_subject", "must be at most 256 characters");
+    }
+    if req.subject_id.chars().count() > 64 {
+        v.add("subject_id", "must be at most 64 characters");
+    }
+    let outcome = v
+        .take(validate::enum_value::<pb::AuditOutcome>(
+            "outcome",
+            req.outcome,
+            true,
+        ))
+        .flatten();
+    let order = v
+        .take(validate::enum_value::<pb::AuditOrder>(
+            "order", req.order, true,
+        ))
+        .flatten()
+        .unwrap_or(pb::AuditOrder::NewestFirst);
+    let page_req = req.page.clone().unwrap_or_default();
+    let size = v.take(validate::page_size("page.page_size", page_req.page_size));
+    v.finish()?;
+    let size = size.unwrap_or(50);
+    let scope = format!(
+        "audit|{tenant}|{range:?}|{types:?}|{}|{}|{outcome:?}|{order:?}|{}",
+        req.actor_subject, req.subject_id, req.include_unsealed
+    );
+    let cursor = page::decode("page.page_token", &scope, &page_req.page_token)?;
+    let oldest = order == pb::AuditOrder::OldestFirst;
+    // Phases: sealed by sequence, unsealed by row id; unsealed come after
+    // the sealed ones oldest-first and before them newest-first.
+    let phases: Vec<bool> = match (oldest, req.include_unsealed) {
+        (true, true) => vec![true, false],
+        (false, true) => vec![false, true],
+        (_, false) => vec![true],
+    };
+    let (mut phase_index, mut after) = match cursor.as_deref().and_then(|c| c.split_once(':')) {
+        Some(("s", key)) => (
+            phases.iter().position(|p| *p).unwrap_or(0),
+            key.parse::<i64>().ok(),
+        ),
+        Some(("u", key)) => (
+            phases.iter().position(|p| !*p).unwrap_or(0),
+            key.parse::<i64>().ok(),
+        ),
+        Some(_) => {
+            return Err(Error::invalid(
+                "page.page_token",
+                "is not a page token of this listing",
+            ));
+        }
+        None => (0, None),
+    };
+
+    let mut rows: Vec<AuditRow> = Vec::new();
+    while phase_index < phases.len() && u64::try_from(rows.len()).unwrap_or(0) <= size {
+        let sealed = phases[phase_index];
+        let mut values: Vec<DbValue> = vec![tenant.clone().into()];
+        let mut sql = format!(
+            "{SELECT} WHERE e.tenant_id = ? AND c.seq IS {} NULL",
+            if sealed { "NOT" } else { "" }
+        );
+        if let Some(start) = range.0 {
+            sql.push_str(" AND e.occurred_at >= ?");
+            values.push(start.into());
+        }
+        if let Some(end) = range.1 {
+            sql.push_str(" AND e.occurred_at < ?");
+            values.push(end.into());
+        }
+        sql.push_str(&types.sql(&mut values));
+        if !req.actor_subject.is_empty() {
+            sql.push_str(" AND e.actor_subject = ?");
+            values.push(req.actor_subject.clone().into());
+        }
+        if !req.subject_id.is_empty() {
+            sql.push_str(" AND e.subject_ids LIKE ? ESCAPE '\\'");
+            values.push(format!("%\"{}\"%", escape_like(&json_escape(&req.subject_id))).into());
+        }
+        if let Some(outcome) = outcome {
+            sql.push_str(" AND e.outcome = ?");
+            values.push(outcome_name(outcome).into());
+        }
+        let key = if sealed { "c.seq" } else { "e.id" };
+        if let Some(after) = after {
+            sql.push_str(&format!(" AND {key} {} ?", if oldest { ">" } else { "<" }));
+            values.push(after.into());
+        }
+        sql.push_str(&format!(
+            " ORDER BY {key} {} LIMIT ?",
+            if oldest { "ASC" } else { "DESC" }
+        ));
+        values.push(limit(size + 1 - u64::try_from(rows.len()).unwrap_or(0)));
+        rows.extend(query(state, &sql, values).await?);
+        phase_index += 1;
+        after = None;
+    }
+    let (rows, next) = page::finish(rows, size, &scope, |row| match row.seq {
+        Some(seq) => format!("s:{seq}"),
+        None => format!("u:{}", row.event.id),
+    });
+    Ok((rows, next))
+}
+
+fn json_escape(text: &str) -> String {
+    let quoted = Value::String(text.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+fn outcome_name(outcome: pb::AuditOutcome) -> &'static str {
+    match outcome {
+        pb::AuditOutcome::Denied => "denied",
+        pb::AuditOutcome::Failure => "failure",
+        _ => "success",
+    }
+}
+
+fn outcome_proto(stored: &str) -> pb::AuditOutcome {
+    match stored {
+        "success" => pb::AuditOutcome::Success,
+        "denied" => pb::AuditOutcome::Denied,
+        "failure" => pb::AuditOutcome::Failure,
+        _ => pb::AuditOutcome::Unspecified,
+    }
+}
+
+fn kind_proto(stored: &str) -> pb::PrincipalKind {
+    match stored {
+        "operator" => pb::PrincipalKind::Operator,
+        "human" => pb::PrincipalKind::Human,
+        "agent" => pb::PrincipalKind::Agent,
+        "system" => pb::PrincipalKind::System,
+        _ => pb::PrincipalKind::Unspecified,
+    }
+}
+
+fn to_prost_value(value: Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    prost_types::Value {
+        kind: Some(match value {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            Value::String(s) => Kind::StringValue(s),
+            Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+                values: items.into_iter().map(to_prost_value).collect(),
+            }),
+            Value::Object(map) => Kind::StructValue(prost_types::Struct {
+                fields: map
+                    .into_iter()
+                    .map(|(k, v)| (k, to_prost_value(v)))
+                    .collect(),
+            }),
+        }),
+    }
+}
+
+/// The proto view of an event.
+pub fn to_proto(row: &AuditRow) -> pb::AuditEvent {
+    let e = &row.event;
+    let details = match serde_json::from_str::<Value>(&e.details) {
+        Ok(Value::Object(map)) => Some(prost_types::Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, to_prost_value(v)))
+                .collect(),
+        }),
+        _ => None,
+    };
+    pb::AuditEvent {
+        tenant_id: e.tenant_id.clone(),
+        sequence: row.seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+        event_id: e.event_id.clone(),
+        time: Some(to_timestamp(e.occurred_at)),
+        actor: Some(pb::Actor {
+            kind: kind_proto(&e.actor_kind) as i32,
+            subject: e.actor_subject.clone(),
+            tenant_id: e.actor_tenant_id.clone(),
+        }),
+        event_type: e.event_type.clone(),
+        subject_ids: serde_json::from_str(&e.subject_ids).unwrap_or_default(),
+        outcome: outcome_proto(&e.outcome) as i32,
+        request_id: e.request_id.clone(),
+        details,
+        prev_hash: row.prev_hash.clone().unwrap_or_default(),
+        hash: row.hash.clone().unwrap_or_default(),
+    }
+}
+
+/// One event as an NDJSON line: the proto3 JSON mapping of `AuditEvent`
+/// with the original field names (64-bit integers as strings, enums by
+/// name, timestamps in RFC 3339).
+pub fn ndjson_line(row: &AuditRow, out: &mut Vec<u8>) -> Result<()> {
+    let e = &row.event;
+    let line = json!({
+        "tenant_id": e.tenant_id,
+        "sequence": row.seq.unwrap_or(0).to_string(),
+        "event_id": e.event_id,
+        "time": to_timestamp(e.occurred_at).to_string(),
+        "actor": {
+            "kind": kind_proto(&e.actor_kind).as_str_name(),
+            "subject": e.actor_subject,
+            "tenant_id": e.actor_tenant_id,
+        },
+        "event_type": e.event_type,
+        "subject_ids": serde_json::from_str::<Value>(&e.subject_ids).unwrap_or(Value::Array(Vec::new())),
+        "outcome": outcome_proto(&e.outcome).as_str_name(),
+        "request_id": e.request_id,
+        "details": serde_json::from_str::<Value>(&e.details).unwrap_or(Value::Null),
+        "prev_hash": row.prev_hash.clone().unwrap_or_default(),
+        "hash": row.hash.clone().unwrap_or_default(),
+    });
+    serde_json::to_writer(&mut *out, &line).map_err(Error::internal)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+/// The CSV header row (CRLF-terminated).
+pub const CSV_HEADER: &str = "tenant_id,sequence,event_id,time,actor_kind,actor_subject,actor_tenant_id,event_type,subject_ids,outcome,request_id,details,prev_hash,hash\r\n";
+
+/// One CSV cell: formula-leading characters neutralised with `'`, then
+/// RFC 4180 quoting when needed.
+pub fn csv_cell(value: &str, out: &mut Vec<u8>) {
+    let neutralised;
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        neutralised = format!("'{value}");
+        neutralised.as_str()
+    } else {
+        value
+    };
+    if value.contains([',', '"', '\r', '\n']) {
+        out.push(b'"');
+        out.extend_from_slice(value.replace('"', "\"\"").as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(value.as_bytes());
+    }
+}
+
+/// One event as a CSV record (CRLF-terminated).
+pub fn csv_line(row: &AuditRow, out: &mut Vec<u8>) {
+    let e = &row.event;
+    let subjects: Vec<String> = serde_json::from_str(&e.subject_ids).unwrap_or_default();
+    let cells = [
+        e.tenant_id.clone(),
+        row.seq.unwrap_or(0).to_string(),
+        e.event_id.clone(),
+        to_timestamp(e.occurred_at).to_string(),
+        e.actor_kind.clone(),
+        e.actor_subject.clone(),
+        e.actor_tenant_id.clone(),
+        e.event_type.clone(),
+        subjects.join(" "),
+        e.outcome.clone(),
+        e.request_id.clone(),
+        e.details.clone(),
+        row.prev_hash.clone().unwrap_or_default(),
+        row.hash.clone().unwrap_or_default(),
+    ];
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        csv_cell(cell, out);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What verification found.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    pub ok: bool,
+    pub first_broken: i64,
+    pub failure: String,
+    pub checked: u64,
+    pub unsealed: u64,
+    pub head_seq: i64,
+    pub head_hash: String,
+    pub receipt: String,
+    pub verified_at: Millis,
+}
+
+/// Chain rows (with their events, if still there) by sequence.
+async fn chain_rows(
+    state: &AppState,
+    tenant_id: &str,
+    after: i64,
+    upto: i64,
+    max: u64,
+) -> Result<Vec<(i64, String, String, Option<AuditRow>)>> {
+    let backend = state.db.get_database_backend();
+    let sql = "SELECT c.seq AS chain_seq, c.prev_hash AS chain_prev, c.hash AS chain_hash, \
+         e.id, e.event_id, e.tenant_id, e.occurred_at, e.actor_kind, e.actor_subject, \
+         e.actor_tenant_id, e.event_type, e.subject_ids, e.outcome, e.request_id, e.details, \
+         c.seq, c.prev_hash, c.hash \
+         FROM audit_chain c LEFT JOIN audit_events e ON e.id = c.event_row_id \
+         WHERE c.tenant_id = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq ASC LIMIT ?";
+    let rows = state
+        .db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(backend, sql),
+            [tenant_id.into(), after.into(), upto.into(), limit(max)],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let seq: i64 = row.try_get("", "chain_seq")?;
+            let prev: String = row.try_get("", "chain_prev")?;
+            let hash: String = row.try_get("", "chain_hash")?;
+            let event_id: Option<String> = row.try_get("", "event_id")?;
+            let event = match event_id {
+                Some(_) => Some(row_of(row)?),
+                None => None,
+            };
+            Ok((seq, prev, hash, event))
+        })
+        .collect()
+}
+
+/// VerifyAuditChain.
+pub async fn verify(
+    state: &AppState,
+    ctx: &CallContext,
+    from: u64,
+    to: u64,
+    include_receipt: bool,
+) -> Result<Verification> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    if to != 0 && to < from {
+        return Err(Error::invalid(
+            "to_sequence",
+            "must not be below from_sequence",
+        ));
+    }
+    let from =
+        i64::try_from(from.max(1)).map_err(|_| Error::invalid("from_sequence", "is too large"))?;
+    let (head_seq, head_hash) = head(state, &tenant).await?;
+    if from > head_seq.max(1) && !(from == 1 && head_seq == 0) {
+        return Err(Error::OutOfRange(format!(
+            "from_sequence {from} is beyond the head ({head_seq})"
+        )));
+    }
+    let upto = if to == 0 {
+        head_seq
+    } else {
+        i64::try_from(to).unwrap_or(i64::MAX).min(head_seq)
+    };
+    let now = state.clock.now_millis();
+    let mut result = Verification {
+        ok: true,
+        head_seq,
+        head_hash: head_hash.clone(),
+        verified_at: now,
+        ..Verification::default()
+    };
+    // The link into the range: the hash of the event before `from`.
+    let mut expected_prev = if from == 1 {
+        GENESIS_HASH.to_owned()
+    } else {
+        match chain_rows(state, &tenant, from - 2, from - 1, 1)
+            .await?
+            .into_iter()
+            .next()
+        {
+            Some((_, _, hash, _)) => hash,
+            None => {
+                result.ok = false;
+                result.first_broken = from - 1;
+                result.failure = "missing sequence".to_owned();
+                String::new()
+            }
+        }
+    };
+    let mut next = from;
+    'scan: while result.ok && next <= upto {
+        let rows = chain_rows(state, &tenant, next - 1, upto, BATCH).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, prev, hash, event) in rows {
+            let failure = if seq != next {
+                Some((next, "missing sequence"))
+            } else if prev != expected_prev {
+                Some((seq, "prev_hash mismatch"))
+            } else {
+                match &event {
+                    None => Some((seq, "missing event")),
+                    Some(row) if chain_hash(&row.event, seq, &prev) != hash => {
+                        Some((seq, "hash mismatch"))
+                    }
+                    Some(row) if row.event.tenant_id != tenant => {
+                        Some((seq, "event of another tenant"))
+                    }
+                    Some(_) => None,
+                }
+            };
+            if let Some((at, what)) = failure {
+                result.ok = false;
+                result.first_broken = at;
+                result.failure = what.to_owned();
+                break 'scan;
+            }
+            result.checked += 1;
+            expected_prev = hash;
+            next = seq + 1;
+        }
+    }
+    if result.ok && next <= upto {
+        result.ok = false;
+        result.first_broken = next;
+        result.failure = "missing sequence".to_owned();
+    }
+    if result.ok && upto == head_seq && head_seq > 0 && expected_prev != head_hash {
+        result.ok = false;
+        result.first_broken = head_seq;
+        result.failure = "head hash mismatch".to_owned();
+    }
+    result.unsealed = unsealed_count(state, &tenant).await?;
+    if include_receipt {
+        let claims = json!({
+            "iss": state.keys.issuer(),
+            "tenant_id": tenant,
+            "head_sequence": head_seq,
+            "head_hash": head_hash,
+            "time": to_timestamp(now).to_string(),
+        });
+        let (receipt, _) = state
+            .keys
+            .sign_typed(
+                vaultguard_proto::v1::TokenAlgorithm::Rs256,
+                "vaultguard-audit-receipt+jwt",
+                &claims,
+            )
+            .await?;
+        result.receipt = receipt;
+    }
+    Ok(result)
+}
+
+/// Checks TailAuditEvents' input; returns the start cursor and the filter.
+pub async fn tail_start(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::TailAuditEventsRequest,
+) -> Result<(String, i64, TypeFilter)> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let types = TypeFilter::parse("event_types", &req.event_types, &mut v);
+    v.finish()?;
+    let (head_seq, _) = head(state, &tenant).await?;
+    let start = if req.start_at_head {
+        head_seq
+    } else {
+        let after = i64::try_from(req.after_sequence)
+            .map_err(|_| Error::OutOfRange("after_sequence is beyond the head".to_owned()))?;
+        if after > head_seq {
+            return Err(Error::OutOfRange(format!(
+                "after_sequence {after} is beyond the head ({head_seq})"
+            )));
+        }
+        after
+    };
+    Ok((tenant, start, types))
+}
+
+/// Checks ExportAuditEvents' input.
+pub struct ExportPlan {
+    pub tenant_id: String,
+    pub csv: bool,
+    pub range: (Option<Millis>, Option<Millis>),
+    pub types: TypeFilter,
+    /// The head when the export started: later events are not included.
+    pub upto: i64,
+}
+
+pub async fn export_plan(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ExportAuditEventsRequest,
+) -> Result<ExportPlan> {
+    let tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let format = v
+        .take(validate::enum_value::<pb::ExportFormat>(
+            "format", req.format, false,
+        ))
+        .flatten();
+    let range = time_range(req.start_time.as_ref(), req.end_time.as_ref(), &mut v);
+    let types = TypeFilter::parse("event_types", &req.event_types, &mut v);
+    v.finish()?;
+    let (upto, _) = head(state, &tenant).await?;
+    Ok(ExportPlan {
+        tenant_id: tenant,
+        csv: format == Some(pb::ExportFormat::Csv),
+        range,
+        types,
+        upto,
+    })
+}
+
+/// Records a finished export in the tenant's log.
+pub async fn record_export(
+    state: &AppState,
+    ctx: &CallContext,
+    plan: &ExportPlan,
+    count: u64,
+    bytes: u64,
+    sha256: &str,
+) -> Result<()> {
+    state
+        .record(vec![ctx.audit().event(
+            &plan.tenant_id,
+            "audit.exported",
+            Vec::new(),
+            crate::audit::Outcome::Success,
+            json!({
+                "format": if plan.csv { "csv" } else { "ndjson" },
+                "start": plan.range.0,
+                "end": plan.range.1,
+                "up_to_sequence": plan.upto,
+                "event_count": count,
+                "byte_count": bytes,
+                "sha256": sha256,
+            }),
+        )])
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_neutralised() {
+        let cell = |s: &str| {
+            let mut out = Vec::new();
+            csv_cell(s, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(cell("plain"), "plain");
+        assert_eq!(cell("a,b"), "\"a,b\"");
+        assert_eq!(cell("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(cell("line\nbreak"), "\"line\nbreak\"");
+        assert_eq!(cell("=SUM(A1)"), "'=SUM(A1)");
+        assert_eq!(cell("-1,2"), "\"'-1,2\"");
+        assert_eq!(cell("@x"), "'@x");
+    }
+
+    #[test]
+    fn type_filters() {
+        let mut v = Violations::new();
+        let f = TypeFilter::parse(
+            "t",
+            &["delegation.*".to_owned(), "rule.created".to_owned()],
+            &mut v,
+        );
+        assert!(v.finish().is_ok());
+        assert!(f.matches("delegation.revoked"));
+        assert!(f.matches("rule.created"));
+        assert!(!f.matches("rule.deleted"));
+        let mut v = Violations::new();
+        TypeFilter::parse(
+            "t",
+            &[
+                "Delegation.x".to_owned(),
+                "a".to_owned(),
+                "a.*.b".to_owned(),
+            ],
+            &mut v,
+        );
+        assert!(v.finish().is_err());
+    }
+}

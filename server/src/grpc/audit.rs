@@ -1,0 +1,300 @@
+//! Adapter for AuditService: list, verify, and the tail and export streams.
+//!
+//! The tail follows the same level-triggered pattern as the step-up
+//! watches: subscribe to the hub, read what was sealed after the cursor,
+//! wait for the tenant's next "sealed" notification or a heartbeat. The
+//! export reads in batches of [`audit_log::BATCH`] and never holds more than
+//! one batch and one chunk in memory.
+
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+use vaultguard_proto::v1 as pb;
+use vaultguard_proto::v1::audit_service_server::AuditService;
+
+use super::call_context;
+use crate::auth::CallContext;
+use crate::clock::to_timestamp;
+use crate::domain::audit_log::{self, ExportPlan, TypeFilter};
+use crate::domain::step_ups::heartbeat_seconds;
+use crate::state::AppState;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Largest export chunk.
+const CHUNK: usize = 64 * 1024;
+/// Messages buffered per stream.
+const STREAM_BUFFER: usize = 16;
+
+/// AuditService over the domain layer.
+#[derive(Debug, Clone)]
+pub struct AuditApi(pub AppState);
+
+impl AuditApi {
+    async fn run_tail(
+        self,
+        tenant_id: String,
+        mut cursor: i64,
+        types: TypeFilter,
+        beat: Duration,
+        mut events: tokio::sync::broadcast::Receiver<crate::hub::Change>,
+        tx: mpsc::Sender<Result<pb::TailAuditEventsResponse, Status>>,
+    ) {
+        use pb::tail_audit_events_response::Item;
+        let mut stopping = self.0.stopping.subscribe();
+        loop {
+            let rows = match audit_log::sealed_after(
+                &self.0,
+                &tenant_id,
+                cursor,
+                None,
+                (None, None),
+                &TypeFilter::default(),
+                audit_log::BATCH,
+            )
+            .await
+            {
+                Ok(rows) => rows,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            };
+            let full = u64::try_from(rows.len()).unwrap_or(0) >= audit_log::BATCH;
+            for row in rows {
+                let seq = row.seq.unwrap_or(cursor);
+                if seq != cursor + 1 {
+                    // Sealing is gapless; a gap means rows were removed.
+                    let _ = tx
+                        .send(Err(Status::data_loss(format!(
+                            "audit sequence {} is missing",
+                            cursor + 1
+                        ))))
+                        .await;
+                    return;
+                }
+                cursor = seq;
+                if types.matches(&row.event.event_type) {
+                    let message = pb::TailAuditEventsResponse {
+                        sequence: u64::try_from(cursor).unwrap_or(0),
+                        item: Some(Item::Event(audit_log::to_proto(&row))),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if full {
+                continue;
+            }
+            let sleep = tokio::time::sleep(beat);
+            tokio::pin!(sleep);
+            let heartbeat = loop {
+                tokio::select! {
+                    () = &mut sleep => break true,
+                    _ = stopping.changed() => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("server shutting down; resume from the last sequence")))
+                            .await;
+                        return;
+                    }
+                    received = events.recv() => match received {
+                        Ok(change) if change.concerns_audit(&tenant_id) => break false,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break false,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            (&mut sleep).await;
+                            break true;
+                        }
+                    },
+                }
+            };
+            if heartbeat {
+                let message = pb::TailAuditEventsResponse {
+                    sequence: u64::try_from(cursor).unwrap_or(0),
+                    item: Some(Item::Heartbeat(pb::Heartbeat {
+                        time: Some(to_timestamp(self.0.clock.now_millis())),
+                    })),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn run_export(
+        self,
+        ctx: CallContext,
+        plan: ExportPlan,
+        tx: mpsc::Sender<Result<pb::ExportAuditEventsResponse, Status>>,
+    ) {
+        use pb::export_audit_events_response::Part;
+        let mut digest = digest::Context::new(&digest::SHA256);
+        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK * 2);
+        let (mut count, mut bytes, mut first, mut last) = (0u64, 0u64, 0i64, 0i64);
+        if plan.csv {
+            buffer.extend_from_slice(audit_log::CSV_HEADER.as_bytes());
+        }
+        let mut after = 0;
+        loop {
+            let rows = match audit_log::sealed_after(
+                &self.0,
+                &plan.tenant_id,
+                after,
+                Some(plan.upto),
+                plan.range,
+                &plan.types,
+                audit_log::BATCH,
+            )
+            .await
+            {
+                Ok(rows) => rows,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            };
+            let done = u64::try_from(rows.len()).unwrap_or(0) < audit_log::BATCH;
+            for row in &rows {
+                let seq = row.seq.unwrap_or(0);
+                if first == 0 {
+                    first = seq;
+                }
+                last = seq;
+                after = seq;
+                count += 1;
+                if plan.csv {
+                    audit_log::csv_line(row, &mut buffer);
+                } else if let Err(err) = audit_log::ndjson_line(row, &mut buffer) {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+                while buffer.len() >= CHUNK {
+                    let chunk: Vec<u8> = buffer.drain(..CHUNK).collect();
+                    digest.update(&chunk);
+                    bytes += u64::try_from(chunk.len()).unwrap_or(0);
+                    let message = pb::ExportAuditEventsResponse {
+                        part: Some(Part::Data(chunk)),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        if !buffer.is_empty() {
+            digest.update(&buffer);
+            bytes += u64::try_from(buffer.len()).unwrap_or(0);
+            let message = pb::ExportAuditEventsResponse {
+                part: Some(Part::Data(std::mem::take(&mut buffer))),
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+        let sha256: String = digest
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if let Err(err) =
+            audit_log::record_export(&self.0, &ctx, &plan, count, bytes, &sha256).await
+        {
+            let _ = tx.send(Err(err.into())).await;
+            return;
+        }
+        let summary = pb::ExportSummary {
+            event_count: count,
+            first_sequence: u64::try_from(first).unwrap_or(0),
+            last_sequence: u64::try_from(last).unwrap_or(0),
+            byte_count: bytes,
+            sha256,
+        };
+        let _ = tx
+            .send(Ok(pb::ExportAuditEventsResponse {
+                part: Some(Part::Summary(summary)),
+            }))
+            .await;
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for AuditApi {
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Reply<pb::ListAuditEventsResponse> {
+        let ctx = call_context(&request)?;
+        let (rows, next) = audit_log::list(&self.0, &ctx, request.get_ref()).await?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: rows.iter().map(audit_log::to_proto).collect(),
+            page: Some(pb::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+
+    async fn tail_audit_events(
+        &self,
+        request: Request<pb::TailAuditEventsRequest>,
+    ) -> Reply<BoxStream<pb::TailAuditEventsResponse>> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let beat = Duration::from_secs(heartbeat_seconds(req.heartbeat_interval_seconds)?);
+        let events = self.0.hub.subscribe();
+        let (tenant_id, start, types) = audit_log::tail_start(&self.0, &ctx, &req).await?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(
+            self.clone()
+                .run_tail(tenant_id, start, types, beat, events, tx),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn export_audit_events(
+        &self,
+        request: Request<pb::ExportAuditEventsRequest>,
+    ) -> Reply<BoxStream<pb::ExportAuditEventsResponse>> {
+        let ctx = call_context(&request)?;
+        let plan = audit_log::export_plan(&self.0, &ctx, request.get_ref()).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(self.clone().run_export(ctx, plan, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn verify_audit_chain(
+        &self,
+        request: Request<pb::VerifyAuditChainRequest>,
+    ) -> Reply<pb::VerifyAuditChainResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.get_ref();
+        let found = audit_log::verify(
+            &self.0,
+            &ctx,
+            req.from_sequence,
+            req.to_sequence,
+            req.include_receipt,
+        )
+        .await?;
+        Ok(Response::new(pb::VerifyAuditChainResponse {
+            ok: found.ok,
+            first_broken_sequence: u64::try_from(found.first_broken).unwrap_or(0),
+            failure: found.failure,
+            checked_count: found.checked,
+            unsealed_count: found.unsealed,
+            head_sequence: u64::try_from(found.head_seq).unwrap_or(0),
+            head_hash: found.head_hash,
+            receipt: found.receipt,
+            verify_time: Some(to_timestamp(found.verified_at)),
+        }))
+    }
+}
