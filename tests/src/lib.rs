@@ -17,7 +17,7 @@ use sea_orm::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::clock::{Clock, OffsetClock};
 use vaultguard_server::config::{Config, TrustedIssuer};
 use vaultguard_server::domain::tokens;
@@ -96,6 +96,23 @@ pub struct TestOptions {
     /// The server reaches PostgreSQL through this address (a proxy the test
     /// controls) instead of directly; the test's own state stays direct.
     pub database_proxy: Option<SocketAddr>,
+    /// Join an existing server as another replica instead of starting on a
+    /// fresh database (see [`TestServer::start_replica_of`]).
+    pub replica_of: Option<Primary>,
+}
+
+/// What a second server process shares with the first one on the same
+/// PostgreSQL database: the database itself (neither created nor dropped by
+/// the replica), the master key that seals the issuer keys, the issuer
+/// (tokens minted by either are accepted by both) and the clock (one wall
+/// clock for both machines, so `clock.advance` moves both).
+#[derive(Debug, Clone)]
+pub struct Primary {
+    pub database_url: String,
+    /// Base64 of the 32-byte master key, as `Config.master_key` takes it.
+    pub master_key: String,
+    pub issuer: String,
+    pub clock: Arc<OffsetClock>,
 }
 
 /// `url` with its host and port replaced by `proxy`.
@@ -116,6 +133,8 @@ pub struct TestServer {
     /// State on the same database and master key as the server, for minting
     /// tokens and inspecting rows directly.
     pub state: AppState,
+    /// Base64 of the master key the server uses.
+    master_key: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<String>,
@@ -154,15 +173,17 @@ impl TestServer {
     pub async fn start_with(options: TestOptions) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
-        let (database_url, pg_database) = match backend() {
-            Backend::Sqlite => (
+        let primary = options.replica_of.clone();
+        let (database_url, pg_database) = match (&primary, backend()) {
+            (Some(primary), _) => (primary.database_url.clone(), None),
+            (None, Backend::Sqlite) => (
                 format!(
                     "sqlite://{}?mode=rwc",
                     dir.path().join("vaultguard.db").display()
                 ),
                 None,
             ),
-            Backend::Postgres => {
+            (None, Backend::Postgres) => {
                 let (url, name) = create_pg_database().await;
                 (url, Some(name))
             }
@@ -183,9 +204,17 @@ impl TestServer {
             webhook_allow_http: true,
             webhook_poll_interval_ms: 200,
             database_acquire_timeout_ms: 1_000,
+            master_key: primary
+                .as_ref()
+                .map(|p| p.master_key.clone())
+                .unwrap_or_default(),
+            issuer: primary
+                .as_ref()
+                .map(|p| p.issuer.clone())
+                .unwrap_or_default(),
             ..Config::default()
         };
-        let clock = OffsetClock::new();
+        let clock = primary.map_or_else(OffsetClock::new, |p| p.clock);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let server_clock: Arc<dyn Clock> = clock.clone();
         let task = tokio::spawn(vaultguard_server::server::serve(
@@ -201,24 +230,60 @@ impl TestServer {
         let mut direct = config.clone();
         direct.database_url = database_url.clone();
         let state_clock: Arc<dyn Clock> = clock.clone();
-        let state = vaultguard_server::server::prepare(
-            direct,
-            state_clock,
-            format!("http://{http_addr}"),
-            false,
-        )
-        .await
-        .expect("test state");
+        let issuer = direct.effective_issuer(http_addr);
+        let state = vaultguard_server::server::prepare(direct, state_clock, issuer, false)
+            .await
+            .expect("test state");
+        let master_key = if config.master_key.is_empty() {
+            std::fs::read_to_string(dir.path().join("master.key"))
+                .expect("the server's generated master.key")
+                .trim()
+                .to_owned()
+        } else {
+            config.master_key.clone()
+        };
         Self {
             grpc_addr,
             http_addr,
             database_url,
             clock,
             state,
+            master_key,
             shutdown: Some(shutdown_tx),
             task: Some(task),
             pg_database,
             _dir: dir,
+        }
+    }
+
+    /// Starts a second server on `first`'s PostgreSQL database, as another
+    /// replica behind the same load balancer would run: same database URL
+    /// (not created, and not dropped when this one stops), same master key,
+    /// issuer and clock; its own listeners, data directory, connection pool,
+    /// sweeper, sealer, hub and LISTEN connection. It runs in this test
+    /// process but shares nothing in memory with `first` except the test
+    /// clock, so a change reaches it only through the database. PostgreSQL only: on SQLite step-up
+    /// changes fan out in-process, so there is no second replica.
+    pub async fn start_replica_of(first: &Self) -> Self {
+        assert_eq!(
+            backend(),
+            Backend::Postgres,
+            "replicas share a PostgreSQL database"
+        );
+        Self::start_with(TestOptions {
+            replica_of: Some(first.primary()),
+            ..TestOptions::default()
+        })
+        .await
+    }
+
+    /// What a replica of this server shares with it.
+    pub fn primary(&self) -> Primary {
+        Primary {
+            database_url: self.database_url.clone(),
+            master_key: self.master_key.clone(),
+            issuer: self.state.keys.issuer().to_owned(),
+            clock: self.clock.clone(),
         }
     }
 
@@ -366,7 +431,8 @@ impl TestServer {
         panic!("audit events were not sealed");
     }
 
-    /// Stops the server and drops its database.
+    /// Stops the server and drops its database (a replica leaves the
+    /// database to the server it joined).
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -463,4 +529,123 @@ pub fn expect_invalid<T: std::fmt::Debug>(result: Result<T, impl Into<ClientErro
             .any(|one| field_violations.iter().any(|(name, _)| name == one)),
         "expected a violation on {field}, got {field_violations:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// StepUpService calls shared by the integration tests and the benchmark.
+
+/// An open WatchStepUp stream.
+pub type StepUpWatch = tonic::Streaming<pb::WatchStepUpResponse>;
+
+/// Opens WatchStepUp on `auth_req_id` as `agent`, with heartbeats every
+/// `heartbeat_seconds` (0: the server's 15 s).
+pub async fn watch_step_up(
+    agent: &VaultGuardClient,
+    auth_req_id: &str,
+    heartbeat_seconds: u32,
+) -> Result<StepUpWatch, ClientError> {
+    let request = agent
+        .request(pb::WatchStepUpRequest {
+            auth_req_id: auth_req_id.to_owned(),
+            heartbeat_interval_seconds: heartbeat_seconds,
+        })
+        .await?;
+    Ok(agent.step_ups().watch_step_up(request).await?.into_inner())
+}
+
+/// The next message of a watch, or `None` when the stream ended with OK;
+/// panics on an error status or after `within` without a message.
+pub async fn next_message<T>(stream: &mut tonic::Streaming<T>, within: Duration) -> Option<T> {
+    match tokio::time::timeout(within, stream.message()).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(status)) => panic!("the watch failed: {:?}", ClientError::from(status)),
+        Err(_) => panic!("no watch message within {within:?}"),
+    }
+}
+
+/// The next status event of an agent watch, skipping heartbeats; panics if
+/// the stream ends or fails first, or nothing comes within 10 seconds.
+pub async fn next_status(watch: &mut StepUpWatch) -> pb::StepUpStatus {
+    use pb::watch_step_up_response::Event;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_message(watch, left).await.and_then(|m| m.event) {
+            Some(Event::Status(status)) => return status,
+            Some(Event::Heartbeat(_)) => {}
+            None => panic!("the watch ended without a status"),
+        }
+    }
+}
+
+/// A STEP_UP request as its agent (`auth_req_id`) and its approvers
+/// (`step_up_id`, `request_hash`) address it.
+#[derive(Debug, Clone)]
+pub struct PendingStepUp {
+    pub auth_req_id: String,
+    pub step_up_id: String,
+    pub delegation_id: String,
+    pub request_hash: String,
+}
+
+/// Sends `request` as `agent`, which the policies must decide STEP_UP, and
+/// reads the step-up as `approver` (of the receiving tenant) sees it.
+pub async fn request_step_up(
+    agent: &VaultGuardClient,
+    approver: &VaultGuardClient,
+    request: pb::RequestDelegationRequest,
+) -> PendingStepUp {
+    let outcome = agent.request_delegation(request).await;
+    let Ok(DelegationOutcome::StepUp { challenge, .. }) = outcome else {
+        panic!("the request was not decided STEP_UP: {outcome:?}")
+    };
+    let delegation = challenge.delegation.expect("challenge without delegation");
+    let shown = get_step_up(approver, &delegation.step_up_id)
+        .await
+        .expect("the approver reads the step-up");
+    PendingStepUp {
+        auth_req_id: challenge.auth_req_id,
+        step_up_id: delegation.step_up_id,
+        delegation_id: delegation.id,
+        request_hash: shown.request_hash,
+    }
+}
+
+/// GetStepUp as `approver`.
+pub async fn get_step_up(
+    approver: &VaultGuardClient,
+    step_up_id: &str,
+) -> Result<pb::StepUp, ClientError> {
+    let request = approver
+        .request(pb::GetStepUpRequest {
+            step_up_id: step_up_id.to_owned(),
+        })
+        .await?;
+    approver
+        .step_ups()
+        .get_step_up(request)
+        .await?
+        .into_inner()
+        .step_up
+        .ok_or(ClientError::MalformedResponse("GetStepUp without step_up"))
+}
+
+/// ApproveStepUp as `approver`, echoing `request_hash`.
+pub async fn approve_step_up(
+    approver: &VaultGuardClient,
+    step_up_id: &str,
+    request_hash: &str,
+) -> Result<pb::ApproveStepUpResponse, ClientError> {
+    let request = approver
+        .request(pb::ApproveStepUpRequest {
+            step_up_id: step_up_id.to_owned(),
+            request_hash: request_hash.to_owned(),
+            comment: String::new(),
+        })
+        .await?;
+    Ok(approver
+        .step_ups()
+        .approve_step_up(request)
+        .await?
+        .into_inner())
 }

@@ -118,10 +118,20 @@ fn escape_like(text: &str) -> String {
     out
 }
 
-const SELECT: &str = "SELECT e.id, e.event_id, e.tenant_id, e.occurred_at, e.actor_kind, \
+const COLUMNS: &str = "SELECT e.id, e.event_id, e.tenant_id, e.occurred_at, e.actor_kind, \
      e.actor_subject, e.actor_tenant_id, e.event_type, e.subject_ids, e.outcome, e.request_id, \
-     e.details, c.seq, c.prev_hash, c.hash \
-     FROM audit_events e LEFT JOIN audit_chain c ON c.event_row_id = e.id";
+     e.details, c.seq, c.prev_hash, c.hash";
+
+/// Sealed events, driven by the chain's `(tenant_id, seq)` primary key so
+/// that a batch after a cursor reads only that batch, whatever the log size.
+fn select_sealed() -> String {
+    format!("{COLUMNS} FROM audit_chain c JOIN audit_events e ON e.id = c.event_row_id")
+}
+
+/// Events without a chain link yet (only listed on request).
+fn select_unsealed() -> String {
+    format!("{COLUMNS} FROM audit_events e LEFT JOIN audit_chain c ON c.event_row_id = e.id")
+}
 
 fn row_of(row: &QueryResult) -> Result<AuditRow> {
     Ok(AuditRow {
@@ -217,7 +227,7 @@ pub async fn sealed_after(
     max: u64,
 ) -> Result<Vec<AuditRow>> {
     let mut values: Vec<DbValue> = vec![tenant_id.into(), after.into()];
-    let mut sql = format!("{SELECT} WHERE e.tenant_id = ? AND c.seq > ?");
+    let mut sql = format!("{} WHERE c.tenant_id = ? AND c.seq > ?", select_sealed());
     if let Some(upto) = upto {
         sql.push_str(" AND c.seq <= ?");
         values.push(upto.into());
@@ -236,8 +246,24 @@ pub async fn sealed_after(
     query(state, &sql, values).await
 }
 
-fn millis_of(ts: Option<&prost_types::Timestamp>) -> Option<Millis> {
-    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+/// The latest time accepted in a filter: 9999-12-31T23:59:59Z.
+const MAX_SECONDS: i64 = 253_402_300_799;
+/// The earliest: 0001-01-01T00:00:00Z.
+const MIN_SECONDS: i64 = -62_135_596_800;
+
+/// A timestamp as milliseconds; outside years 1 to 9999, or with nanos
+/// outside 0..1e9, it is a violation of `field`.
+fn millis_of(
+    field: &str,
+    ts: Option<&prost_types::Timestamp>,
+    v: &mut Violations,
+) -> Option<Millis> {
+    let t = ts?;
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        v.add(field, "must be a valid timestamp between years 1 and 9999");
+        return None;
+    }
+    Some(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
 /// Checks a `[start, end)` range (`end` after `start` when both are set).
@@ -246,7 +272,10 @@ pub fn time_range(
     end: Option<&prost_types::Timestamp>,
     v: &mut Violations,
 ) -> (Option<Millis>, Option<Millis>) {
-    let (start, end) = (millis_of(start), millis_of(end));
+    let (start, end) = (
+        millis_of("start_time", start, v),
+        millis_of("end_time", end, v),
+    );
     if let (Some(s), Some(e)) = (start, end)
         && e <= s
     {
@@ -323,10 +352,14 @@ pub async fn list(
     while phase_index < phases.len() && u64::try_from(rows.len()).unwrap_or(0) <= size {
         let sealed = phases[phase_index];
         let mut values: Vec<DbValue> = vec![tenant.clone().into()];
-        let mut sql = format!(
-            "{SELECT} WHERE e.tenant_id = ? AND c.seq IS {} NULL",
-            if sealed { "NOT" } else { "" }
-        );
+        let mut sql = if sealed {
+            format!("{} WHERE c.tenant_id = ?", select_sealed())
+        } else {
+            format!(
+                "{} WHERE e.tenant_id = ? AND c.seq IS NULL",
+                select_unsealed()
+            )
+        };
         if let Some(start) = range.0 {
             sql.push_str(" AND e.occurred_at >= ?");
             values.push(start.into());
@@ -600,9 +633,9 @@ pub async fn verify(
             "must not be below from_sequence",
         ));
     }
-    let from =
-        i64::try_from(from.max(1)).map_err(|_| Error::invalid("from_sequence", "is too large"))?;
     let (head_seq, head_hash) = head(state, &tenant).await?;
+    let from = i64::try_from(from.max(1))
+        .map_err(|_| Error::OutOfRange(format!("from_sequence is beyond the head ({head_seq})")))?;
     if from > head_seq.max(1) && !(from == 1 && head_seq == 0) {
         return Err(Error::OutOfRange(format!(
             "from_sequence {from} is beyond the head ({head_seq})"

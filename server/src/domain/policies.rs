@@ -225,6 +225,7 @@ fn rule_details(model: &policy_rule::Model) -> Value {
         "max_ttl_seconds": model.max_ttl_seconds,
         "priority": model.priority,
         "approvals_required": model.approvals_required,
+        "description": model.description,
         "version": model.version,
     })
 }

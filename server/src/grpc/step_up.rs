@@ -59,6 +59,7 @@ enum Wake {
 async fn wait_for_change(
     events: &mut broadcast::Receiver<Change>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
+    client_gone: impl std::future::Future<Output = ()>,
     concerns: impl Fn(&Change) -> bool,
     heartbeat: Duration,
     deadline: Option<Duration>,
@@ -68,8 +69,10 @@ async fn wait_for_change(
     }
     let sleep = tokio::time::sleep(deadline.map_or(heartbeat, |d| d.min(heartbeat)));
     tokio::pin!(sleep);
+    tokio::pin!(client_gone);
     loop {
         tokio::select! {
+            () = &mut client_gone => return Wake::Stop,
             () = &mut sleep => {
                 return if deadline.is_none_or(|d| d >= heartbeat) {
                     Wake::Heartbeat
@@ -147,6 +150,11 @@ impl StepUpApi {
                 };
                 let mut terminal = view.state != PENDING;
                 if view.state == APPROVED {
+                    // Redeem only for a client still listening: a watch the
+                    // agent dropped must leave the token to its poll.
+                    if tx.is_closed() {
+                        return;
+                    }
                     match step_ups::redeem(&self.0, &ctx, &view.step, &view.delegation).await {
                         Ok(redeemed) => {
                             status.access_token = redeemed.token;
@@ -184,6 +192,7 @@ impl StepUpApi {
             let wake = wait_for_change(
                 &mut events,
                 &mut stopping,
+                tx.closed(),
                 move |change| change.concerns_step_up(&id),
                 beat,
                 Some(until_deadline),
@@ -293,6 +302,7 @@ impl StepUpApi {
             let wake = wait_for_change(
                 &mut events,
                 &mut stopping,
+                tx.closed(),
                 move |change| change.concerns_tenant(&tenant),
                 beat,
                 recheck,
