@@ -2010,26 +2010,8 @@ async fn eight_concurrent_writers_leave_a_gapless_chain_and_the_tail_sees_each_e
     let started = Instant::now();
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let admin = server
-            .human(&tenant.id, &format!("writer-{w}"), &[pb::Role::Admin])
-            .await;
-        let input = pb::EvaluatePolicyRequest {
-            requesting_agent_id: agent.id.clone(),
-            receiving_tenant_id: tenant.id.clone(),
-            action: "stock.read".to_owned(),
-            requested_ttl_seconds: 600,
-            ..Default::default()
-        };
-        writers.push(tokio::spawn(async move {
-            for _ in 0..EACH {
-                let request = admin.request(input.clone()).await.expect("request");
-                admin
-                    .policies()
-                    .evaluate_policy(request)
-                    .await
-                    .expect("evaluate policy");
-            }
-        }));
+        writers
+            .push(spawn_writer(&server, &tenant.id, &agent.id, &format!("writer-{w}"), EACH).await);
     }
     for writer in writers {
         writer.await.expect("writer");
@@ -3470,26 +3452,8 @@ async fn two_replicas_write_one_gapless_chain_and_each_tails_it_whole() {
     let mut writers = Vec::new();
     for (r, server) in [&first, &second].into_iter().enumerate() {
         for w in 0..WRITERS_PER_REPLICA {
-            let admin = server
-                .human(&tenant.id, &format!("writer-{r}-{w}"), &[pb::Role::Admin])
-                .await;
-            let input = pb::EvaluatePolicyRequest {
-                requesting_agent_id: agent.id.clone(),
-                receiving_tenant_id: tenant.id.clone(),
-                action: "stock.read".to_owned(),
-                requested_ttl_seconds: 600,
-                ..Default::default()
-            };
-            writers.push(tokio::spawn(async move {
-                for _ in 0..EACH {
-                    let request = admin.request(input.clone()).await.expect("request");
-                    admin
-                        .policies()
-                        .evaluate_policy(request)
-                        .await
-                        .expect("evaluate policy");
-                }
-            }));
+            let name = format!("writer-{r}-{w}");
+            writers.push(spawn_writer(server, &tenant.id, &agent.id, &name, EACH).await);
         }
     }
     for writer in writers {
@@ -3609,4 +3573,33 @@ async fn event_details_stay_within_16_kib() {
         );
     }
     server.stop().await;
+}
+
+/// An admin of `tenant_id` named `name` that writes `count` audit events
+/// (one `policy.evaluated` per EvaluatePolicy call) in a task of its own.
+async fn spawn_writer(
+    server: &TestServer,
+    tenant_id: &str,
+    agent_id: &str,
+    name: &str,
+    count: usize,
+) -> tokio::task::JoinHandle<()> {
+    let admin = server.human(tenant_id, name, &[pb::Role::Admin]).await;
+    let input = pb::EvaluatePolicyRequest {
+        requesting_agent_id: agent_id.to_owned(),
+        receiving_tenant_id: tenant_id.to_owned(),
+        action: "stock.read".to_owned(),
+        requested_ttl_seconds: 600,
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        for _ in 0..count {
+            let request = admin.request(input.clone()).await.expect("request");
+            admin
+                .policies()
+                .evaluate_policy(request)
+                .await
+                .expect("evaluate policy");
+        }
+    })
 }

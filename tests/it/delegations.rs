@@ -266,6 +266,18 @@ pub(crate) async fn in_both_logs(
     ]
 }
 
+/// Asserts how many events of each type name `subject_id` in each party's
+/// log (requesting tenant first).
+pub(crate) async fn assert_logged(pair: &Pair, subject_id: &str, expected: &[(&str, [usize; 2])]) {
+    for (event_type, counts) in expected {
+        assert_eq!(
+            in_both_logs(&pair.server, pair.logs(), event_type, subject_id).await,
+            *counts,
+            "{event_type}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Tokens.
 

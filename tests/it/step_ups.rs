@@ -22,7 +22,7 @@ use vaultguard_tests::{
     watch_step_up,
 };
 
-use crate::delegations::{Pair, ask, in_both_logs, setup_pair};
+use crate::delegations::{Pair, ask, assert_logged, in_both_logs, setup_pair};
 use crate::policies::{add_rule, context, inbound, num, update_rule, with_counterpart};
 
 use pb::ErrorReason as Reason;
@@ -305,7 +305,6 @@ impl Queue {
 async fn an_approval_reaches_the_agents_watch_with_a_token_handed_out_once() {
     let pair = setup_pair().await;
     let Pair {
-        server,
         acme,
         globex,
         bot,
@@ -426,18 +425,17 @@ async fn an_approval_reaches_the_agents_watch_with_a_token_handed_out_once() {
     );
     assert!(queue_ids(&ann).await.is_empty());
 
-    for (event_type, expected) in [
-        ("step_up.approved", [1, 1]),
-        ("step_up.redeemed", [1, 1]),
-        ("step_up.approval_recorded", [0, 0]),
-        ("step_up.denied", [0, 0]),
-    ] {
-        assert_eq!(
-            in_both_logs(server, pair.logs(), event_type, &step.step_up_id).await,
-            expected,
-            "{event_type}"
-        );
-    }
+    assert_logged(
+        &pair,
+        &step.step_up_id,
+        &[
+            ("step_up.approved", [1, 1]),
+            ("step_up.redeemed", [1, 1]),
+            ("step_up.approval_recorded", [0, 0]),
+            ("step_up.denied", [0, 0]),
+        ],
+    )
+    .await;
     pair.server.stop().await;
 }
 
@@ -798,16 +796,15 @@ async fn a_quorum_needs_distinct_approvers() {
     assert!(!event.access_token.is_empty());
     assert_ended(&mut watch, "after APPROVED").await;
     queue.expect_left_approved(&step.step_up_id).await;
-    for (event_type, expected) in [
-        ("step_up.approval_recorded", [1, 1]),
-        ("step_up.approved", [1, 1]),
-    ] {
-        assert_eq!(
-            in_both_logs(server, pair.logs(), event_type, &step.step_up_id).await,
-            expected,
-            "{event_type}"
-        );
-    }
+    assert_logged(
+        &pair,
+        &step.step_up_id,
+        &[
+            ("step_up.approval_recorded", [1, 1]),
+            ("step_up.approved", [1, 1]),
+        ],
+    )
+    .await;
     pair.server.stop().await;
 }
 
@@ -1212,16 +1209,15 @@ async fn sixteen_concurrent_approvals_mint_one_token() {
     assert_eq!(approved, 1, "exactly one approval succeeds");
     let shown = get_step_up(globex_admin, &step.step_up_id).await.unwrap();
     assert_eq!((shown.state(), shown.approvals.len()), (State::Approved, 1));
-    for (event_type, expected) in [
-        ("step_up.approved", [1, 1]),
-        ("step_up.approval_recorded", [0, 0]),
-    ] {
-        assert_eq!(
-            in_both_logs(server, pair.logs(), event_type, &step.step_up_id).await,
-            expected,
-            "{event_type}"
-        );
-    }
+    assert_logged(
+        &pair,
+        &step.step_up_id,
+        &[
+            ("step_up.approved", [1, 1]),
+            ("step_up.approval_recorded", [0, 0]),
+        ],
+    )
+    .await;
 
     // Concurrent polls hand the token out once.
     let start = Arc::new(Barrier::new(POLLERS));

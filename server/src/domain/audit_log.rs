@@ -174,21 +174,23 @@ fn limit(n: u64) -> DbValue {
     i64::try_from(n).unwrap_or(i64::MAX).into()
 }
 
-/// The tenant's chain head: last sealed sequence and its hash.
-pub async fn head(state: &AppState, tenant_id: &str) -> Result<(i64, String)> {
+/// One row of a single-row query about `tenant_id`, if any.
+async fn tenant_row(state: &AppState, sql: &str, tenant_id: &str) -> Result<Option<QueryResult>> {
     let backend = state.db.get_database_backend();
-    let row = state
+    Ok(state
         .db
         .query_one_raw(Statement::from_sql_and_values(
             backend,
-            placeholders(
-                backend,
-                "SELECT seq, hash FROM audit_heads WHERE tenant_id = ?",
-            ),
+            placeholders(backend, sql),
             [tenant_id.into()],
         ))
-        .await?;
-    match row {
+        .await?)
+}
+
+/// The tenant's chain head: last sealed sequence and its hash.
+pub async fn head(state: &AppState, tenant_id: &str) -> Result<(i64, String)> {
+    let sql = "SELECT seq, hash FROM audit_heads WHERE tenant_id = ?";
+    match tenant_row(state, sql, tenant_id).await? {
         Some(row) => Ok((row.try_get("", "seq")?, row.try_get("", "hash")?)),
         None => Ok((0, GENESIS_HASH.to_owned())),
     }
@@ -196,19 +198,8 @@ pub async fn head(state: &AppState, tenant_id: &str) -> Result<(i64, String)> {
 
 /// How many committed events of the tenant are not sealed yet.
 pub async fn unsealed_count(state: &AppState, tenant_id: &str) -> Result<u64> {
-    let backend = state.db.get_database_backend();
-    let row = state
-        .db
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
-                backend,
-                "SELECT COUNT(*) AS n FROM audit_pending WHERE tenant_id = ?",
-            ),
-            [tenant_id.into()],
-        ))
-        .await?;
-    let n: i64 = match row {
+    let sql = "SELECT COUNT(*) AS n FROM audit_pending WHERE tenant_id = ?";
+    let n: i64 = match tenant_row(state, sql, tenant_id).await? {
         Some(row) => row.try_get("", "n")?,
         None => 0,
     };
