@@ -147,7 +147,7 @@ fn newest_mtime(path: &Path) -> SystemTime {
 /// The `vaultguard` binary `cargo run -p vaultguard-server --bin vaultguard`
 /// would start, built first when it is missing or older than the sources it
 /// is built from.
-fn cli_binary() -> PathBuf {
+pub(crate) fn cli_binary() -> PathBuf {
     let profile = profile_dir();
     let binary = profile.join("vaultguard");
     let root = repo_root();

@@ -19,6 +19,7 @@ mod issuer_keys;
 mod oidc;
 mod policies;
 mod polyglot;
+mod replica_process;
 mod sdk;
 mod secrets;
 mod step_ups;
