@@ -327,13 +327,25 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
 }
 
 async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
-    let delegation = delegation_of(state, &step).await?;
+    view_on(&state.db, step, state.clock.now_millis()).await
+}
+
+/// The view of `step` read through `conn` (a transaction, to answer with
+/// the state it is about to commit).
+async fn view_on<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    step: step_up::Model,
+    now: Millis,
+) -> Result<StepUpView> {
+    let delegation = delegation::Entity::find_by_id(step.delegation_id.clone())
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::internal("step-up without delegation"))?;
     let approvals = step_up_approval::Entity::find()
         .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
         .order_by_asc(step_up_approval::Column::CreatedAt)
-        .all(&state.db)
+        .all(conn)
         .await?;
-    let now = state.clock.now_millis();
     Ok(StepUpView {
         state: effective_state(&step, &delegation, now),
         step,
@@ -724,13 +736,17 @@ pub async fn approve(
             .await?;
         record_change(state, &txn, &step, "updated", PENDING, now).await?
     };
+    // Answer with the state this approval commits: a watching agent may
+    // redeem the token the moment the commit lands.
+    let after = step_up::Entity::find_by_id(step.id.clone())
+        .one(&txn)
+        .await?
+        .ok_or(Error::NotFound("step-up"))?;
+    let answer = view_on(&txn, after, now).await?;
     txn.commit().await?;
     state.audit_committed();
     state.hub.committed(&state.db, vec![change]);
-    Ok((
-        get(state, ctx, step_up_id).await?,
-        decision.redacted_for(&tenant_id),
-    ))
+    Ok((answer, decision.redacted_for(&tenant_id)))
 }
 
 /// FAILED_PRECONDITION with ACCESS_DENIED: the re-check decided BLOCK.
