@@ -17,6 +17,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::audit_service_server::AuditService;
 
 use super::call_context;
+use super::stream::{self, Wake, wait_for_change};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
 use crate::domain::audit_log::{self, ExportPlan, TypeFilter};
@@ -91,34 +92,29 @@ impl AuditApi {
             if full {
                 continue;
             }
-            let sleep = tokio::time::sleep(beat);
-            tokio::pin!(sleep);
-            let heartbeat = loop {
-                tokio::select! {
-                    () = &mut sleep => break true,
-                    _ = stopping.changed() => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("server shutting down; resume from the last sequence")))
-                            .await;
-                        return;
-                    }
-                    received = events.recv() => match received {
-                        Ok(change) if change.concerns_audit(&tenant_id) => break false,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break false,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            (&mut sleep).await;
-                            break true;
-                        }
-                    },
-                }
-            };
+            let tenant = tenant_id.clone();
+            let wake = wait_for_change(
+                &mut events,
+                &mut stopping,
+                tx.closed(),
+                move |change| change.concerns_audit(&tenant),
+                beat,
+                None,
+            )
+            .await;
+            if wake == Wake::Stop {
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "server shutting down; resume from the last sequence",
+                    )))
+                    .await;
+                return;
+            }
+            let heartbeat = wake == Wake::Heartbeat;
             if heartbeat {
                 let message = pb::TailAuditEventsResponse {
                     sequence: u64::try_from(cursor).unwrap_or(0),
-                    item: Some(Item::Heartbeat(pb::Heartbeat {
-                        time: Some(to_timestamp(self.0.clock.now_millis())),
-                    })),
+                    item: Some(Item::Heartbeat(stream::heartbeat(&self.0))),
                 };
                 if tx.send(Ok(message)).await.is_err() {
                     return;

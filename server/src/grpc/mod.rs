@@ -9,6 +9,7 @@ pub mod layer;
 mod pending;
 mod policy;
 mod step_up;
+mod stream;
 
 use tonic::{Request, Status};
 

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
+use super::stream::{Wake, heartbeat, shutting_down, wait_for_change};
 use super::{call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
@@ -35,70 +36,6 @@ const CHANGES_PER_ROUND: u64 = 100;
 /// StepUpService over the domain layer.
 #[derive(Debug, Clone)]
 pub struct StepUpApi(pub AppState);
-
-fn heartbeat(state: &AppState) -> pb::Heartbeat {
-    pb::Heartbeat {
-        time: Some(to_timestamp(state.clock.now_millis())),
-    }
-}
-
-/// Why a watch woke up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wake {
-    /// Something may have changed: re-read.
-    Change,
-    /// The stream was idle for a heartbeat interval.
-    Heartbeat,
-    /// The server is shutting down: end the stream.
-    Stop,
-}
-
-/// Waits for a notification that `concerns` says is relevant, the heartbeat
-/// interval, the `deadline` (a re-read, as expiry may have come), or the
-/// server shutting down.
-async fn wait_for_change(
-    events: &mut broadcast::Receiver<Change>,
-    stopping: &mut tokio::sync::watch::Receiver<bool>,
-    client_gone: impl std::future::Future<Output = ()>,
-    concerns: impl Fn(&Change) -> bool,
-    heartbeat: Duration,
-    deadline: Option<Duration>,
-) -> Wake {
-    if *stopping.borrow() {
-        return Wake::Stop;
-    }
-    let sleep = tokio::time::sleep(deadline.map_or(heartbeat, |d| d.min(heartbeat)));
-    tokio::pin!(sleep);
-    tokio::pin!(client_gone);
-    loop {
-        tokio::select! {
-            () = &mut client_gone => return Wake::Stop,
-            () = &mut sleep => {
-                return if deadline.is_none_or(|d| d >= heartbeat) {
-                    Wake::Heartbeat
-                } else {
-                    Wake::Change
-                };
-            }
-            _ = stopping.changed() => return Wake::Stop,
-            received = events.recv() => match received {
-                Ok(change) if concerns(&change) => return Wake::Change,
-                Ok(_) => {}
-                // Lagged: something may have changed; closed: re-read and
-                // let the heartbeat pace the loop.
-                Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Change,
-                Err(broadcast::error::RecvError::Closed) => {
-                    (&mut sleep).await;
-                    return Wake::Heartbeat;
-                }
-            },
-        }
-    }
-}
-
-fn shutting_down() -> Status {
-    Status::unavailable("server shutting down; reconnect to resume")
-}
 
 impl StepUpApi {
     /// The status event of a step-up for its agent.
