@@ -587,6 +587,136 @@ impl VaultGuardClient {
     }
 }
 
+/// The RFC 8693 grant type of ExchangeToken.
+pub const GRANT_TYPE_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The RFC 8693 token type of a delegation token used as subject token.
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// The vault: provider access tokens and custodied signatures, so agents
+/// never hold refresh tokens or private keys.
+impl VaultGuardClient {
+    /// ExchangeToken on the caller's own access token: a short-lived access
+    /// token of a connection of the caller's tenant, narrowed to `scopes`
+    /// (empty: all granted). A STEP_UP policy answers FAILED_PRECONDITION
+    /// with `ERROR_REASON_STEP_UP_REQUIRED` and the `auth_req_id` in the
+    /// metadata; redeem it and call [`Self::exchange_delegated`].
+    pub async fn exchange(
+        &self,
+        connection_id: &str,
+        scopes: &[String],
+    ) -> Result<pb::ExchangeTokenResponse, ClientError> {
+        self.exchange_token(String::new(), String::new(), connection_id, scopes)
+            .await
+    }
+
+    /// ExchangeToken with a delegation token as the subject token (for a
+    /// connection of the token's receiving tenant).
+    pub async fn exchange_delegated(
+        &self,
+        subject_token: &str,
+        connection_id: &str,
+        scopes: &[String],
+    ) -> Result<pb::ExchangeTokenResponse, ClientError> {
+        self.exchange_token(
+            subject_token.to_owned(),
+            TOKEN_TYPE_ACCESS_TOKEN.to_owned(),
+            connection_id,
+            scopes,
+        )
+        .await
+    }
+
+    async fn exchange_token(
+        &self,
+        subject_token: String,
+        subject_token_type: String,
+        connection_id: &str,
+        scopes: &[String],
+    ) -> Result<pb::ExchangeTokenResponse, ClientError> {
+        let request = self
+            .request(pb::ExchangeTokenRequest {
+                grant_type: GRANT_TYPE_TOKEN_EXCHANGE.to_owned(),
+                subject_token,
+                subject_token_type,
+                connection_id: connection_id.to_owned(),
+                scopes: scopes.to_vec(),
+            })
+            .await?;
+        Ok(self.vault().exchange_token(request).await?.into_inner())
+    }
+
+    /// Sign as the calling agent: the response is either the signature or
+    /// the step-up to wait for. An empty `idempotency_key` is replaced by a
+    /// random one (set your own to make retries safe).
+    pub async fn sign(
+        &self,
+        mut message: pb::SignRequest,
+    ) -> Result<pb::SignResponse, ClientError> {
+        if message.idempotency_key.is_empty() {
+            message.idempotency_key = random_idempotency_key();
+        }
+        let request = self.request(message).await?;
+        Ok(self.vault().sign(request).await?.into_inner())
+    }
+
+    /// Sign, waiting up to `within` for a human decision when the policy
+    /// asks for one (see [`Self::wait_for_step_up`]), then signing the same
+    /// request again: the approval covers exactly this payload. A denial or
+    /// expiry answers the server's status; the deadline answers
+    /// [`ClientError::StepUpRequired`] (retry later with the same
+    /// idempotency key to pick the signature up).
+    pub async fn sign_and_wait(
+        &self,
+        mut message: pb::SignRequest,
+        within: Duration,
+    ) -> Result<pb::SignedPayload, ClientError> {
+        if message.idempotency_key.is_empty() {
+            message.idempotency_key = random_idempotency_key();
+        }
+        let step_up = match self.sign(message.clone()).await?.outcome {
+            Some(pb::sign_response::Outcome::Signed(signed)) => return Ok(signed),
+            Some(pb::sign_response::Outcome::StepUp(step_up)) => step_up,
+            None => return Err(ClientError::MalformedResponse("Sign without outcome")),
+        };
+        let challenge = pb::StepUpChallenge {
+            auth_req_id: step_up.auth_req_id.clone(),
+            expires_in: step_up.expires_in,
+            interval: step_up.interval,
+            delegation: Some(pb::Delegation {
+                id: step_up.delegation_id.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.wait_for_step_up(&challenge, within).await?;
+        match self.sign(message).await?.outcome {
+            Some(pb::sign_response::Outcome::Signed(signed)) => Ok(signed),
+            Some(pb::sign_response::Outcome::StepUp(step_up)) => Err(ClientError::StepUpRequired {
+                delegation_id: step_up.delegation_id,
+                auth_req_id: step_up.auth_req_id,
+                expires_in: step_up.expires_in,
+                interval: step_up.interval,
+            }),
+            None => Err(ClientError::MalformedResponse("Sign without outcome")),
+        }
+    }
+
+    /// The public part of a custodied key (raw, PEM, JWK, Ethereum address).
+    pub async fn public_key(&self, key_id: &str) -> Result<pb::SigningKey, ClientError> {
+        let request = self
+            .request(pb::GetSigningKeyRequest {
+                key_id: key_id.to_owned(),
+            })
+            .await?;
+        self.vault()
+            .get_signing_key(request)
+            .await?
+            .into_inner()
+            .key
+            .ok_or(ClientError::MalformedResponse("GetSigningKey without key"))
+    }
+}
+
 fn metadata_seconds(err: &ClientError, key: &str) -> Option<Duration> {
     match err {
         ClientError::Status { metadata, .. } => metadata

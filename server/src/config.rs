@@ -89,6 +89,20 @@ pub struct Config {
     pub webhook_timeout_ms: u64,
     /// Attempts at one change before the deliverer skips it.
     pub webhook_max_attempts: u32,
+    /// Accept `http://` OAuth provider endpoints and return URLs
+    /// (development and tests only; production providers are `https://`).
+    pub oauth_allow_http: bool,
+    /// The `redirect_uri` sent to OAuth providers; empty means
+    /// `<issuer>/oauth/callback` (the HTTP listener serves the callback).
+    pub oauth_redirect_uri: String,
+    /// How long a connection's authorization flow may take (the `state`'s
+    /// lifetime).
+    pub oauth_state_ttl_seconds: u32,
+    /// Timeout of one call to a provider's token or revocation endpoint.
+    pub oauth_timeout_ms: u64,
+    /// A cached provider access token is handed out only while it has more
+    /// than this many seconds left; closer to expiry it is refreshed.
+    pub oauth_refresh_margin_seconds: u32,
     /// `json` or `text`.
     pub log_format: String,
 }
@@ -117,6 +131,11 @@ impl Default for Config {
             webhook_poll_interval_ms: 1_000,
             webhook_timeout_ms: 10_000,
             webhook_max_attempts: 12,
+            oauth_allow_http: false,
+            oauth_redirect_uri: String::new(),
+            oauth_state_ttl_seconds: 600,
+            oauth_timeout_ms: 10_000,
+            oauth_refresh_margin_seconds: 60,
             log_format: "text".to_owned(),
         }
     }

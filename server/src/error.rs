@@ -55,6 +55,14 @@ pub enum Error {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// A dependency (an OAuth provider) cannot be reached or failed; a retry
+    /// later may succeed.
+    #[error("unavailable ({reason:?}): {message}")]
+    Unavailable {
+        reason: ErrorReason,
+        message: String,
+        metadata: HashMap<String, String>,
+    },
     /// A position beyond the end of a sequence (an audit cursor past the head).
     #[error("out of range: {0}")]
     OutOfRange(String),
@@ -274,6 +282,11 @@ impl From<Error> for Status {
                 message,
                 metadata,
             } => status_with_info(Code::FailedPrecondition, message, reason, metadata),
+            Error::Unavailable {
+                reason,
+                message,
+                metadata,
+            } => status_with_info(Code::Unavailable, message, reason, metadata),
             Error::OutOfRange(message) => Status::out_of_range(message),
             Error::Conflict(detail) => status_with_info(
                 Code::Aborted,

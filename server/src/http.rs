@@ -1,12 +1,13 @@
 //! The HTTP surface on its own listener: `/.well-known/jwks.json`,
-//! `/.well-known/openid-configuration`, `/healthz` and `/metrics`.
+//! `/.well-known/openid-configuration`, `/healthz`, `/metrics` and the OAuth
+//! callback of connected accounts (`/oauth/callback`).
 
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -43,6 +44,7 @@ pub fn router(app: AppState, healthy: Arc<AtomicBool>) -> Router {
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route("/oauth/callback", get(oauth_callback))
         .with_state(HttpState { app, healthy })
 }
 
@@ -95,5 +97,116 @@ async fn metrics_text() -> Response {
         )
             .into_response(),
         None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+/// The headers of every callback answer: the URL carried a code and a
+/// state, so nothing may cache it or leak it onward.
+const CALLBACK_HEADERS: [(header::HeaderName, &str); 4] = [
+    (header::CACHE_CONTROL, "no-store"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'",
+    ),
+];
+
+fn callback_page(status: StatusCode, title: &str, text: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+         <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{text}</p></body></html>"
+    );
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response();
+    for (name, value) in CALLBACK_HEADERS {
+        response
+            .headers_mut()
+            .insert(name, axum::http::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Where the provider sends the browser back: the domain layer checks the
+/// state and exchanges the code; this renders the result.
+async fn oauth_callback(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    Query(query): Query<crate::domain::connections::CallbackQuery>,
+) -> Response {
+    use crate::domain::connections::{CallbackOutcome, callback};
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    match callback(&state.app, &query, &request_id).await {
+        Ok(CallbackOutcome::Refused(reason)) => callback_page(
+            StatusCode::BAD_REQUEST,
+            "Authorization refused",
+            &format!(
+                "This authorization link cannot be used: {reason}. Start the connection again."
+            ),
+        ),
+        Ok(CallbackOutcome::Finished {
+            connection_id,
+            return_url,
+            error,
+        }) => {
+            if return_url.is_empty() {
+                return if error.is_empty() {
+                    callback_page(
+                        StatusCode::OK,
+                        "Account connected",
+                        "The account is connected. You can close this window.",
+                    )
+                } else {
+                    callback_page(
+                        StatusCode::OK,
+                        "Connection failed",
+                        &format!("The provider answered {error}. Start the connection again."),
+                    )
+                };
+            }
+            let Ok(mut url) = reqwest::Url::parse(&return_url) else {
+                return callback_page(
+                    StatusCode::OK,
+                    "Connection finished",
+                    "You can close this window.",
+                );
+            };
+            {
+                let mut pairs = url.query_pairs_mut();
+                pairs.append_pair("connection_id", &connection_id);
+                if error.is_empty() {
+                    pairs.append_pair("status", "connected");
+                } else {
+                    pairs
+                        .append_pair("status", "error")
+                        .append_pair("error", &error);
+                }
+            }
+            let mut response =
+                (StatusCode::SEE_OTHER, [(header::LOCATION, url.to_string())]).into_response();
+            for (name, value) in CALLBACK_HEADERS {
+                response
+                    .headers_mut()
+                    .insert(name, axum::http::HeaderValue::from_static(value));
+            }
+            response
+        }
+        Err(err) => {
+            let status = tonic::Status::from(err);
+            tracing::error!(code = ?status.code(), "OAuth callback failed");
+            callback_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "VaultGuard could not finish the connection. Try again later.",
+            )
+        }
     }
 }

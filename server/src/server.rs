@@ -71,7 +71,10 @@ pub async fn prepare(
         config.jwks_min_refresh_seconds,
     )
     .map_err(|e| anyhow::anyhow!("cannot build OIDC verifier: {e}"))?;
+    let oauth = crate::oauth_client::OAuthClient::new(config.oauth_timeout_ms)
+        .map_err(|e| anyhow::anyhow!("cannot build the OAuth client: {e}"))?;
     Ok(AppState {
+        oauth: Arc::new(oauth),
         db,
         clock,
         master,

@@ -29,6 +29,8 @@ pub struct AppState {
     /// Flips to true when the process starts shutting down; long-lived
     /// streams end themselves (UNAVAILABLE) so the drain can finish.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The OAuth client of connected accounts and its single-flight locks.
+    pub oauth: Arc<crate::oauth_client::OAuthClient>,
 }
 
 impl AppState {

@@ -32,6 +32,64 @@ pub fn slug(field: &str, value: &str) -> Result<(), FieldViolation> {
     }
 }
 
+/// A vault object's name (providers, signing keys), used in policy actions:
+/// 1 to 64 characters of `[a-z0-9-]`, starting with a letter.
+pub fn name(field: &str, value: &str) -> Result<(), FieldViolation> {
+    let valid = (1..=64).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "is required: 1 to 64 characters of a-z, 0-9 and '-', starting with a letter",
+        ))
+    }
+}
+
+/// An absolute URL of at most 2048 characters with a host and no user
+/// information: `https`, or also `http` when `allow_http` (development).
+/// Returns the parsed URL.
+pub fn url(
+    field: &str,
+    value: &str,
+    allow_http: bool,
+    allow_fragment: bool,
+) -> Result<reqwest::Url, FieldViolation> {
+    if value.is_empty() {
+        return Err(violation(field, "is required"));
+    }
+    if value.len() > 2048 {
+        return Err(violation(field, "must be at most 2048 characters"));
+    }
+    let parsed =
+        reqwest::Url::parse(value).map_err(|_| violation(field, "must be an absolute URL"))?;
+    let scheme_ok = parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http");
+    if !scheme_ok {
+        return Err(violation(
+            field,
+            if allow_http {
+                "must be an https:// or http:// URL"
+            } else {
+                "must be an https:// URL"
+            },
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(violation(field, "must name a host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(violation(field, "must not carry credentials"));
+    }
+    if !allow_fragment && parsed.fragment().is_some() {
+        return Err(violation(field, "must not have a fragment"));
+    }
+    Ok(parsed)
+}
+
 /// A required free-text field of at most `max` characters, without control
 /// characters.
 pub fn required_text(field: &str, value: &str, max: usize) -> Result<(), FieldViolation> {
@@ -104,5 +162,33 @@ mod tests {
         assert!(required_text("name", "hello", 3).is_err());
         assert!(optional_text("name", "bell\u{7}", 10).is_err());
         assert!(optional_text("name", "", 10).is_ok());
+    }
+
+    #[test]
+    fn names() {
+        assert!(name("name", "a").is_ok());
+        assert!(name("name", "github-2").is_ok());
+        for bad in ["", "2fa", "Git", "git hub", &"a".repeat(65)] {
+            assert!(name("name", bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert!(url("u", "https://idp.example/authorize", false, false).is_ok());
+        assert!(url("u", "http://127.0.0.1:9/token", true, false).is_ok());
+        for bad in [
+            "",
+            "idp.example/token",
+            "http://idp.example/token",
+            "ftp://idp.example/token",
+            "https://user:pw@idp.example/token",
+            "https://idp.example/authorize#frag",
+        ] {
+            assert!(
+                url("u", bad, false, false).is_err(),
+                "{bad} should be refused"
+            );
+        }
     }
 }

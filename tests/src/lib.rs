@@ -26,6 +26,8 @@ use vaultguard_server::store::entities::audit_event;
 
 pub use vaultguard_client::ClientError;
 
+pub mod oauth_provider;
+
 /// The database backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -202,6 +204,7 @@ impl TestServer {
             jwks_min_refresh_seconds: 0,
             health_probe_interval_ms: 200,
             webhook_allow_http: true,
+            oauth_allow_http: true,
             webhook_poll_interval_ms: 200,
             database_acquire_timeout_ms: 1_000,
             master_key: primary

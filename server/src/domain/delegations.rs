@@ -183,7 +183,7 @@ pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> O
     })
 }
 
-fn check_idempotency_key(key: &str) -> std::result::Result<(), FieldViolation> {
+pub(crate) fn check_idempotency_key(key: &str) -> std::result::Result<(), FieldViolation> {
     let valid = (1..=128).contains(&key.len())
         && key
             .bytes()
@@ -338,6 +338,20 @@ pub(crate) fn parse_decision(row: &delegation::Model) -> Result<Decision> {
 
 /// The PERMISSION_DENIED of a BLOCK, with the requesting side's view of why.
 fn blocked_error(row: &delegation::Model, decision: &Decision) -> Error {
+    blocked_error_for(
+        &row.requesting_tenant_id,
+        decision,
+        &[("delegation_id", row.id.clone())],
+    )
+}
+
+/// The PERMISSION_DENIED of a BLOCK as `requesting_tenant_id` may see it,
+/// with `extra` metadata (the id of what was blocked).
+pub(crate) fn blocked_error_for(
+    requesting_tenant_id: &str,
+    decision: &Decision,
+    extra: &[(&str, String)],
+) -> Error {
     let (direction, side) = decision
         .blocking_side()
         .unwrap_or((Direction::Inbound, &decision.inbound));
@@ -346,23 +360,26 @@ fn blocked_error(row: &delegation::Model, decision: &Decision) -> Error {
     } else {
         ErrorReason::PolicyBlocked
     };
-    let visible = decision.redacted_for(&row.requesting_tenant_id);
+    let visible = decision.redacted_for(requesting_tenant_id);
     let explanation = match direction {
         Direction::Inbound => visible.inbound.explanation,
         Direction::Outbound => visible.outbound.explanation,
     };
+    let mut metadata = std::collections::HashMap::from([
+        ("policy_side".to_owned(), direction.as_str().to_owned()),
+        ("rule_id".to_owned(), side.rule_id.clone()),
+        ("policy_version".to_owned(), side.policy_version.to_string()),
+    ]);
+    for (key, value) in extra {
+        metadata.insert((*key).to_owned(), value.clone());
+    }
     Error::PermissionDenied {
         reason,
         message: format!(
             "blocked by the {} policy: {explanation}",
             direction.as_str()
         ),
-        metadata: std::collections::HashMap::from([
-            ("delegation_id".to_owned(), row.id.clone()),
-            ("policy_side".to_owned(), direction.as_str().to_owned()),
-            ("rule_id".to_owned(), side.rule_id.clone()),
-            ("policy_version".to_owned(), side.policy_version.to_string()),
-        ]),
+        metadata,
     }
 }
 
@@ -421,53 +438,21 @@ pub async fn request(
     let decision = judge_input(state, &tenant_id, &agent_id, &receiving, &input).await?;
 
     let now = state.clock.now_millis();
-    let id = new_id(IdKind::Delegation);
-    let step_up_id = (decision.outcome == Outcome::StepUp).then(|| new_id(IdKind::StepUp));
-    let (status, activated_at, expires_at, ended) = match decision.outcome {
-        Outcome::Allow => (
-            STATUS_ACTIVE,
-            Some(now),
-            Some(now + i64::from(decision.max_ttl_seconds) * 1000),
-            false,
-        ),
-        Outcome::StepUp => (
-            STATUS_PENDING,
-            None,
-            Some(now + i64::from(state.config.step_up_expires_in_seconds) * 1000),
-            false,
-        ),
-        Outcome::Block => (STATUS_BLOCKED, None, None, true),
-    };
-    let row = delegation::Model {
-        id: id.clone(),
-        requesting_tenant_id: tenant_id.clone(),
-        requesting_agent_id: agent_id.clone(),
-        receiving_tenant_id: receiving.id.clone(),
-        action: input.action.clone(),
-        scopes: to_json(&req.scopes)?,
-        resource: input.resource.clone(),
-        binding_message: input.binding_message.clone(),
-        context: to_json(&input.context)?,
-        status: status.to_owned(),
-        decision: to_json(&decision)?,
-        idempotency_key: req.idempotency_key.clone(),
-        request_hash: request_hash.clone(),
-        ttl_seconds: i64::from(input.requested_ttl_seconds),
-        // Only a token has an algorithm; a step-up picks it when approved.
-        token_algorithm: if decision.outcome == Outcome::Allow {
-            receiving.token_algorithm.clone()
-        } else {
-            String::new()
+    let row = new_row(
+        state,
+        &NewDelegation {
+            tenant_id: &tenant_id,
+            agent_id: &agent_id,
+            receiving: &receiving,
+            input: &input,
+            scopes_json: to_json(&req.scopes)?,
+            idempotency_key: &req.idempotency_key,
+            request_hash: &request_hash,
         },
-        signing_kid: None,
-        created_at: now,
-        activated_at,
-        expires_at,
-        ended_at: ended.then_some(now),
-        ended_by: ended.then(system_actor_json).transpose()?,
-        end_reason: ended.then(|| "blocked by policy".to_owned()),
-        step_up_id: step_up_id.clone(),
-    };
+        &decision,
+        now,
+    )?;
+    let expires_at = row.expires_at;
     // Sign before committing, so the stored kid is the one used; a failed
     // commit simply discards the token.
     let signed = if decision.outcome == Outcome::Allow {
@@ -507,36 +492,12 @@ pub async fn request(
         Some(&decision),
     );
     let mut changes = Vec::new();
-    let auth_req = match &step_up_id {
-        Some(step_up_id) => {
-            let handle = auth_req_id(state, step_up_id);
-            let created = step_up::ActiveModel {
-                id: Set(step_up_id.clone()),
-                delegation_id: Set(id.clone()),
-                receiving_tenant_id: Set(receiving.id.clone()),
-                requesting_tenant_id: Set(tenant_id.clone()),
-                requesting_agent_id: Set(agent_id.clone()),
-                auth_req_id_hash: Set(sha256_hex(handle.as_bytes())),
-                state: Set("pending".to_owned()),
-                request_hash: Set(request_hash.clone()),
-                interval_seconds: Set(i64::from(state.config.step_up_interval_seconds)),
-                last_polled_at: Set(None),
-                approvals_required: Set(i32::try_from(decision.approvals_required).unwrap_or(1)),
-                expires_at: Set(expires_at.unwrap_or(now)),
-                created_at: Set(now),
-                updated_at: Set(now),
-                decided_at: Set(None),
-                redeemed_at: Set(None),
-                ended_at: Set(None),
-                denied_by: Set(None),
-                deny_reason: Set(None),
-            }
-            .insert(&txn)
-            .await?;
-            changes.push(step_ups::record_created(state, &txn, &created).await?);
-            Some(handle)
-        }
-        None => None,
+    let auth_req = if decision.outcome == Outcome::StepUp {
+        let (handle, change) = insert_step_up(state, &txn, &row).await?;
+        changes.push(change);
+        Some(handle)
+    } else {
+        None
     };
     if let Some((_, kid)) = &signed {
         events.extend(party_events(
@@ -570,6 +531,115 @@ pub async fn request(
         }),
         _ => Err(Error::internal("delegation outcome without its artefact")),
     }
+}
+
+/// A judged request about to be stored as a delegation: RequestDelegation's,
+/// or one a vault operation opens to stand for its step-up.
+pub(crate) struct NewDelegation<'a> {
+    pub tenant_id: &'a str,
+    pub agent_id: &'a str,
+    pub receiving: &'a tenant::Model,
+    pub input: &'a Input,
+    /// The scopes as requested (JSON), kept in the caller's order.
+    pub scopes_json: String,
+    pub idempotency_key: &'a str,
+    pub request_hash: &'a str,
+}
+
+/// The row of a newly decided delegation: ACTIVE with its expiry on ALLOW,
+/// PENDING until the step-up deadline on STEP_UP, BLOCKED and ended on BLOCK.
+pub(crate) fn new_row(
+    state: &AppState,
+    new: &NewDelegation<'_>,
+    decision: &Decision,
+    now: Millis,
+) -> Result<delegation::Model> {
+    let (status, activated_at, expires_at, ended) = match decision.outcome {
+        Outcome::Allow => (
+            STATUS_ACTIVE,
+            Some(now),
+            Some(now + i64::from(decision.max_ttl_seconds) * 1000),
+            false,
+        ),
+        Outcome::StepUp => (
+            STATUS_PENDING,
+            None,
+            Some(now + i64::from(state.config.step_up_expires_in_seconds) * 1000),
+            false,
+        ),
+        Outcome::Block => (STATUS_BLOCKED, None, None, true),
+    };
+    Ok(delegation::Model {
+        id: new_id(IdKind::Delegation),
+        requesting_tenant_id: new.tenant_id.to_owned(),
+        requesting_agent_id: new.agent_id.to_owned(),
+        receiving_tenant_id: new.receiving.id.clone(),
+        action: new.input.action.clone(),
+        scopes: new.scopes_json.clone(),
+        resource: new.input.resource.clone(),
+        binding_message: new.input.binding_message.clone(),
+        context: to_json(&new.input.context)?,
+        status: status.to_owned(),
+        decision: to_json(decision)?,
+        idempotency_key: new.idempotency_key.to_owned(),
+        request_hash: new.request_hash.to_owned(),
+        ttl_seconds: i64::from(new.input.requested_ttl_seconds),
+        // Only a token has an algorithm; a step-up picks it when approved.
+        token_algorithm: if decision.outcome == Outcome::Allow {
+            new.receiving.token_algorithm.clone()
+        } else {
+            String::new()
+        },
+        signing_kid: None,
+        created_at: now,
+        activated_at,
+        expires_at,
+        ended_at: ended.then_some(now),
+        ended_by: ended.then(system_actor_json).transpose()?,
+        end_reason: ended.then(|| "blocked by policy".to_owned()),
+        step_up_id: (decision.outcome == Outcome::StepUp).then(|| new_id(IdKind::StepUp)),
+    })
+}
+
+/// Inserts the step-up of a PENDING `row` (already inserted in `txn`) and its
+/// queue change; returns the `auth_req_id` and the change to announce after
+/// the commit.
+pub(crate) async fn insert_step_up(
+    state: &AppState,
+    txn: &sea_orm::DatabaseTransaction,
+    row: &delegation::Model,
+) -> Result<(String, crate::hub::Change)> {
+    let step_up_id = row
+        .step_up_id
+        .clone()
+        .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
+    let decision = parse_decision(row)?;
+    let handle = auth_req_id(state, &step_up_id);
+    let created = step_up::ActiveModel {
+        id: Set(step_up_id),
+        delegation_id: Set(row.id.clone()),
+        receiving_tenant_id: Set(row.receiving_tenant_id.clone()),
+        requesting_tenant_id: Set(row.requesting_tenant_id.clone()),
+        requesting_agent_id: Set(row.requesting_agent_id.clone()),
+        auth_req_id_hash: Set(sha256_hex(handle.as_bytes())),
+        state: Set("pending".to_owned()),
+        request_hash: Set(row.request_hash.clone()),
+        interval_seconds: Set(i64::from(state.config.step_up_interval_seconds)),
+        last_polled_at: Set(None),
+        approvals_required: Set(i32::try_from(decision.approvals_required).unwrap_or(1)),
+        expires_at: Set(row.expires_at.unwrap_or(row.created_at)),
+        created_at: Set(row.created_at),
+        updated_at: Set(row.created_at),
+        decided_at: Set(None),
+        redeemed_at: Set(None),
+        ended_at: Set(None),
+        denied_by: Set(None),
+        deny_reason: Set(None),
+    }
+    .insert(txn)
+    .await?;
+    let change = step_ups::record_created(state, txn, &created).await?;
+    Ok((handle, change))
 }
 
 /// Judges a validated request of `agent_id` (of `tenant_id`) now.
@@ -1185,7 +1255,7 @@ pub async fn verify(
 }
 
 /// The requesting tenant is active and the requesting agent enabled.
-async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
+pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
     let tenant_ok = tenant::Entity::find_by_id(row.requesting_tenant_id.clone())
         .one(&state.db)
         .await?

@@ -4,10 +4,13 @@
 
 pub mod agents;
 pub mod audit_log;
+pub mod connections;
 pub mod delegations;
 pub mod page;
 pub mod policies;
 pub mod policy_engine;
+pub mod providers;
+pub mod signing_keys;
 pub mod step_ups;
 pub mod tenants;
 pub mod tokens;

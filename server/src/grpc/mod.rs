@@ -6,18 +6,18 @@ mod audit;
 mod convert;
 mod identity;
 pub mod layer;
-mod pending;
 mod policy;
 mod step_up;
 mod stream;
+mod vault;
 
 use tonic::{Request, Status};
 
 pub use audit::AuditApi;
 pub use identity::{AgentApi, AuthApi, IssuerKeyApi, TenantApi};
-pub use pending::VaultApi;
 pub use policy::{DelegationApi, PolicyApi};
 pub use step_up::StepUpApi;
+pub use vault::VaultApi;
 
 use crate::auth::CallContext;
 use crate::error::Error;

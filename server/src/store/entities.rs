@@ -322,3 +322,187 @@ pub mod tenant_webhook {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod oauth_provider {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "oauth_providers")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        pub authorize_url: String,
+        pub token_url: String,
+        pub revocation_url: Option<String>,
+        pub client_id: String,
+        /// The client secret sealed under the master key; empty for a public
+        /// client.
+        pub client_secret_ciphertext: Vec<u8>,
+        /// JSON array of default scopes.
+        pub scopes: String,
+        /// JSON object of extra authorize parameters.
+        pub extra_params: String,
+        pub created_at: i64,
+        pub updated_at: i64,
+        /// JSON of the admin who registered it.
+        pub created_by: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod oauth_state {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "oauth_states")]
+    pub struct Model {
+        /// SHA-256 of the `state`; the state itself is never stored.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub state_hash: String,
+        pub tenant_id: String,
+        pub provider_id: String,
+        pub connection_id: String,
+        /// JSON of the admin who started the flow.
+        pub initiator: String,
+        /// The PKCE verifier sealed under the master key.
+        pub pkce_verifier_ciphertext: Vec<u8>,
+        /// JSON array of the requested scopes.
+        pub scopes: String,
+        pub expires_at: i64,
+        pub used_at: Option<i64>,
+        pub created_at: i64,
+        pub return_url: String,
+        pub redirect_uri: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod connection {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "connections")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub provider_id: String,
+        /// `pending`, `connected`, `needs_reauth` or `disconnected`.
+        pub status: String,
+        /// JSON array of the scopes requested by the last StartConnection.
+        pub scopes: String,
+        /// The refresh token sealed under the master key.
+        pub refresh_token_ciphertext: Option<Vec<u8>>,
+        /// The cached provider access token sealed under the master key.
+        pub access_token_ciphertext: Option<Vec<u8>>,
+        pub access_token_expires_at: Option<i64>,
+        /// JSON of the admin who first started it.
+        pub created_by: String,
+        pub created_at: i64,
+        pub updated_at: i64,
+        /// JSON array of the scopes the provider granted.
+        pub granted_scopes: String,
+        pub external_subject: String,
+        pub connected_at: Option<i64>,
+        /// JSON of the admin who started the flow that connected it.
+        pub connected_by: Option<String>,
+        pub last_refresh_at: Option<i64>,
+        pub status_reason: String,
+        /// The cached access token's `token_type`.
+        pub token_type: String,
+        /// The cached access token's space-separated scopes.
+        pub access_token_scope: String,
+        /// Bumped by every write of the stored tokens (optimistic locking).
+        pub token_version: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod custody_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "custody_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        /// `ed25519`, `secp256k1` or `p256`.
+        pub algorithm: String,
+        /// `enabled` or `disabled`.
+        pub status: String,
+        /// The private key sealed under the master key.
+        pub private_key_ciphertext: Vec<u8>,
+        /// The raw public key (32 bytes Ed25519, 65-byte SEC1 point otherwise).
+        pub public_key: Vec<u8>,
+        pub ethereum_address: Option<String>,
+        pub created_at: i64,
+        pub updated_at: i64,
+        pub description: String,
+        /// JSON of the admin who created it.
+        pub created_by: String,
+        pub disabled_at: Option<i64>,
+        /// JSON of the admin who disabled it.
+        pub disabled_by: Option<String>,
+        pub disable_reason: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod signature {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "signatures")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub key_id: String,
+        /// The calling agent's id.
+        pub requester_subject: String,
+        pub idempotency_key: String,
+        /// Lowercase hex of the 32-byte payload hash.
+        pub payload_hash: String,
+        /// `pending` (waiting for a step-up), `signed` or `refused`.
+        pub status: String,
+        pub signature: Option<Vec<u8>>,
+        /// The PENDING delegation standing for a stepped-up request.
+        pub delegation_id: Option<String>,
+        pub created_at: i64,
+        pub updated_at: i64,
+        /// SHA-256 of the canonical request (key, payload, scheme, context,
+        /// binding message): the idempotency fingerprint.
+        pub request_hash: String,
+        /// `digest`, `raw_sha256`, `eip191_personal_sign` or `ed25519_pure`.
+        pub scheme: String,
+        /// JSON of the policy decision.
+        pub decision: String,
+        pub recovery_id: Option<i32>,
+        pub signed_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

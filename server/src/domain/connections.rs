@@ -1,0 +1,1584 @@
+//! Connected accounts (the token vault): the authorization-code flow with
+//! PKCE that connects an account, the exchange that hands agents short-lived
+//! provider access tokens, and disconnection.
+//!
+//! Secrets: the refresh token, the cached access token and the PKCE verifier
+//! are sealed under the master key, each bound to its table and column, the
+//! tenant and the record id, so a ciphertext copied into another row (or
+//! column) does not open. The `state` is stored only as its SHA-256.
+//!
+//! Concurrency:
+//! - A `state` is consumed by a conditional UPDATE (`used_at IS NULL`), so a
+//!   replayed callback loses even when it races the first one.
+//! - Refreshes of one connection are single-flight: in this process behind
+//!   [`OAuthClient::flight`]; across PostgreSQL replicas behind a
+//!   transaction-scoped advisory lock. Whoever waited re-reads the row and
+//!   finds the fresh token. Every write of the tokens is conditional on
+//!   `token_version`, so a disconnect racing a refresh wins cleanly.
+
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
+};
+use serde_json::{Value, json};
+use vaultguard_proto::v1::{self as pb, ConnectionStatus, ErrorReason};
+
+use crate::audit::{self, AuditCtx, Outcome as AuditOutcome};
+use crate::auth::CallContext;
+use crate::clock::Millis;
+use crate::crypto::{SealContext, random_token, sha256_hex};
+use crate::domain::delegations::{self, Input, NewDelegation};
+use crate::domain::policy_engine::{Attr, Outcome};
+use crate::domain::{actor_json, page, parse_actor, providers, tenants::audience, to_json};
+use crate::error::{Error, Result, Violations, is_unique_violation};
+use crate::ids::{IdKind, check_id, new_id};
+use crate::oauth_client::{ClientAuth, ProviderError, TokenGrant, tidy};
+use crate::state::AppState;
+use crate::store::entities::{connection, delegation, oauth_provider, oauth_state, tenant};
+use crate::store::is_postgres;
+use crate::validate;
+
+pub const STATUS_PENDING: &str = "pending";
+pub const STATUS_CONNECTED: &str = "connected";
+pub const STATUS_NEEDS_REAUTH: &str = "needs_reauth";
+pub const STATUS_DISCONNECTED: &str = "disconnected";
+
+/// RFC 8693 values.
+pub const GRANT_TYPE_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// Largest accepted subject token, in bytes.
+const MAX_SUBJECT_TOKEN_BYTES: usize = 8192;
+/// Lifetime assumed for a provider access token without `expires_in`.
+const DEFAULT_ACCESS_TTL_SECONDS: u64 = 300;
+/// The advisory-lock namespace of refreshes (PostgreSQL).
+const REFRESH_LOCK_NAMESPACE: &str = "vaultguard-refresh:";
+
+/// A status as the proto names it.
+pub fn status_proto(status: &str) -> ConnectionStatus {
+    match status {
+        STATUS_PENDING => ConnectionStatus::Pending,
+        STATUS_CONNECTED => ConnectionStatus::Connected,
+        STATUS_NEEDS_REAUTH => ConnectionStatus::NeedsReauth,
+        STATUS_DISCONNECTED => ConnectionStatus::Disconnected,
+        _ => ConnectionStatus::Unspecified,
+    }
+}
+
+fn status_column(status: ConnectionStatus) -> Option<&'static str> {
+    Some(match status {
+        ConnectionStatus::Pending => STATUS_PENDING,
+        ConnectionStatus::Connected => STATUS_CONNECTED,
+        ConnectionStatus::NeedsReauth => STATUS_NEEDS_REAUTH,
+        ConnectionStatus::Disconnected => STATUS_DISCONNECTED,
+        ConnectionStatus::Unspecified => return None,
+    })
+}
+
+/// A JSON array column as strings.
+pub fn string_list(json_text: &str) -> Vec<String> {
+    serde_json::from_str(json_text).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- sealing
+
+/// Which sealed value of a connection.
+#[derive(Clone, Copy)]
+enum Sealed {
+    RefreshToken,
+    AccessToken,
+    PkceVerifier,
+}
+
+impl Sealed {
+    const fn table(self) -> &'static str {
+        match self {
+            Self::RefreshToken => "connections.refresh_token",
+            Self::AccessToken => "connections.access_token",
+            Self::PkceVerifier => "oauth_states.pkce_verifier",
+        }
+    }
+}
+
+fn seal(
+    state: &AppState,
+    what: Sealed,
+    tenant_id: &str,
+    id: &str,
+    secret: &str,
+) -> Result<Vec<u8>> {
+    state.master.seal(
+        SealContext {
+            table: what.table(),
+            tenant_id,
+            record_id: id,
+        },
+        secret.as_bytes(),
+    )
+}
+
+fn open(
+    state: &AppState,
+    what: Sealed,
+    tenant_id: &str,
+    id: &str,
+    sealed: &[u8],
+) -> Result<String> {
+    let bytes = state.master.open(
+        SealContext {
+            table: what.table(),
+            tenant_id,
+            record_id: id,
+        },
+        sealed,
+    )?;
+    String::from_utf8(bytes).map_err(|_| Error::internal("sealed token is not UTF-8"))
+}
+
+// ---------------------------------------------------------------- lookups
+
+/// The tenant's connection `id`; another tenant's or an unknown one is
+/// NOT_FOUND.
+async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<connection::Model> {
+    check_id("connection_id", id, IdKind::Connection)?;
+    connection::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .filter(|row| row.tenant_id == tenant_id)
+        .ok_or(Error::NotFound("connection"))
+}
+
+async fn provider_of(state: &AppState, row: &connection::Model) -> Result<oauth_provider::Model> {
+    oauth_provider::Entity::find_by_id(row.provider_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|provider| provider.tenant_id == row.tenant_id)
+        .ok_or_else(|| Error::internal("connection without its provider"))
+}
+
+fn client_auth<'a>(provider: &'a oauth_provider::Model, secret: Option<&'a str>) -> ClientAuth<'a> {
+    ClientAuth {
+        client_id: &provider.client_id,
+        client_secret: secret,
+    }
+}
+
+/// GetConnection.
+pub async fn get(state: &AppState, ctx: &CallContext, id: &str) -> Result<connection::Model> {
+    find_own(state, ctx.principal.tenant_id()?, id).await
+}
+
+/// ListConnections, newest first.
+pub async fn list(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ListConnectionsRequest,
+) -> Result<(Vec<connection::Model>, String)> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    if !req.provider_id.is_empty() {
+        v.check(check_id("provider_id", &req.provider_id, IdKind::Provider));
+    }
+    let status = v.take(validate::enum_value::<ConnectionStatus>(
+        "status", req.status, true,
+    ));
+    let (size, token) = req
+        .page
+        .as_ref()
+        .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    let size = v.take(validate::page_size("page.page_size", size));
+    v.finish()?;
+    let status = status.flatten().and_then(status_column);
+    let size = size.unwrap_or(50);
+    let scope = format!("connections|{tenant_id}|{}|{status:?}", req.provider_id);
+    let after = page::decode("page.page_token", &scope, token)?;
+    let mut query = connection::Entity::find()
+        .filter(connection::Column::TenantId.eq(tenant_id))
+        .order_by_desc(connection::Column::Id)
+        .limit(size + 1);
+    if !req.provider_id.is_empty() {
+        query = query.filter(connection::Column::ProviderId.eq(req.provider_id.clone()));
+    }
+    if let Some(status) = status {
+        query = query.filter(connection::Column::Status.eq(status));
+    }
+    if let Some(after) = after {
+        query = query.filter(connection::Column::Id.lt(after));
+    }
+    let rows = query.all(&state.db).await?;
+    Ok(page::finish(rows, size, &scope, |row| row.id.clone()))
+}
+
+// ---------------------------------------------------------------- connect
+
+/// What StartConnection answers.
+#[derive(Debug)]
+pub struct Started {
+    pub connection: connection::Model,
+    pub authorize_url: String,
+    pub expires_at: Millis,
+}
+
+/// The `redirect_uri` VaultGuard registers with providers.
+pub fn redirect_uri(state: &AppState) -> String {
+    if state.config.oauth_redirect_uri.is_empty() {
+        format!("{}/oauth/callback", state.keys.issuer())
+    } else {
+        state.config.oauth_redirect_uri.clone()
+    }
+}
+
+fn check_return_url(
+    state: &AppState,
+    value: &str,
+) -> std::result::Result<(), crate::error::FieldViolation> {
+    let loopback = reqwest::Url::parse(value)
+        .ok()
+        .is_some_and(|url| url.host_str() == Some("localhost"));
+    validate::url(
+        "return_url",
+        value,
+        state.config.oauth_allow_http || loopback,
+        false,
+    )
+    .map(|_| ())
+}
+
+/// StartConnection: a PENDING connection (or the one being re-authorized),
+/// a single-use `state` bound to the tenant, provider, connection and
+/// initiator, and the authorize URL with its PKCE challenge.
+pub async fn start(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::StartConnectionRequest,
+) -> Result<Started> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    v.check(check_id("provider_id", &req.provider_id, IdKind::Provider));
+    if !req.connection_id.is_empty() {
+        v.check(check_id(
+            "connection_id",
+            &req.connection_id,
+            IdKind::Connection,
+        ));
+    }
+    providers::check_scopes("scopes", &req.scopes, &mut v);
+    if !req.return_url.is_empty() {
+        v.check(check_return_url(state, &req.return_url));
+    }
+    v.finish()?;
+    let provider = providers::find(state, &tenant_id, "provider_id", &req.provider_id).await?;
+    let existing = if req.connection_id.is_empty() {
+        None
+    } else {
+        let row = find_own(state, &tenant_id, &req.connection_id).await?;
+        if row.provider_id != provider.id {
+            return Err(Error::invalid(
+                "connection_id",
+                "belongs to another provider than provider_id",
+            ));
+        }
+        if row.status == STATUS_DISCONNECTED {
+            return Err(Error::invalid_state(
+                "the connection is disconnected; start a new one",
+                ConnectionStatus::Disconnected.as_str_name(),
+            ));
+        }
+        Some(row)
+    };
+    let scopes = if req.scopes.is_empty() {
+        providers::scopes(&provider)
+    } else {
+        req.scopes.clone()
+    };
+    let now = state.clock.now_millis();
+    let expires_at = now + i64::from(state.config.oauth_state_ttl_seconds) * 1000;
+    let state_value = random_token(32)?;
+    let verifier = random_token(48)?;
+    let challenge = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        verifier.as_bytes(),
+    ));
+    let redirect = redirect_uri(state);
+    let state_hash = sha256_hex(state_value.as_bytes());
+    let initiator = actor_json(&ctx.principal.actor())?;
+
+    let txn = state.db.begin().await?;
+    let row = match existing {
+        Some(row) => row,
+        None => {
+            connection::ActiveModel {
+                id: Set(new_id(IdKind::Connection)),
+                tenant_id: Set(tenant_id.clone()),
+                provider_id: Set(provider.id.clone()),
+                status: Set(STATUS_PENDING.to_owned()),
+                scopes: Set(to_json(&scopes)?),
+                refresh_token_ciphertext: Set(None),
+                access_token_ciphertext: Set(None),
+                access_token_expires_at: Set(None),
+                created_by: Set(initiator.clone()),
+                created_at: Set(now),
+                updated_at: Set(now),
+                granted_scopes: Set("[]".to_owned()),
+                external_subject: Set(String::new()),
+                connected_at: Set(None),
+                connected_by: Set(None),
+                last_refresh_at: Set(None),
+                status_reason: Set(String::new()),
+                token_type: Set(String::new()),
+                access_token_scope: Set(String::new()),
+                token_version: Set(0),
+            }
+            .insert(&txn)
+            .await?
+        }
+    };
+    oauth_state::ActiveModel {
+        state_hash: Set(state_hash),
+        tenant_id: Set(tenant_id.clone()),
+        provider_id: Set(provider.id.clone()),
+        connection_id: Set(row.id.clone()),
+        initiator: Set(initiator),
+        pkce_verifier_ciphertext: Set(seal(
+            state,
+            Sealed::PkceVerifier,
+            &tenant_id,
+            &row.id,
+            &verifier,
+        )?),
+        scopes: Set(to_json(&scopes)?),
+        expires_at: Set(expires_at),
+        used_at: Set(None),
+        created_at: Set(now),
+        return_url: Set(req.return_url.clone()),
+        redirect_uri: Set(redirect.clone()),
+    }
+    .insert(&txn)
+    .await?;
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "connection.started",
+            vec![row.id.clone(), provider.id.clone()],
+            AuditOutcome::Success,
+            json!({
+                "connection_id": row.id,
+                "provider_id": provider.id,
+                "provider": provider.name,
+                "scopes": scopes,
+                "reauthorize": !req.connection_id.is_empty(),
+                "expires_at": expires_at,
+            }),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+
+    let mut url = reqwest::Url::parse(&provider.authorize_url)
+        .map_err(|_| Error::internal("stored authorize_url does not parse"))?;
+    {
+        let mut query = url.query_pairs_mut();
+        for (key, value) in providers::extra_params(&provider) {
+            query.append_pair(&key, &value);
+        }
+        query
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &provider.client_id)
+            .append_pair("redirect_uri", &redirect);
+        if !scopes.is_empty() {
+            query.append_pair("scope", &scopes.join(" "));
+        }
+        query
+            .append_pair("state", &state_value)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+    }
+    Ok(Started {
+        connection: row,
+        authorize_url: url.to_string(),
+        expires_at,
+    })
+}
+
+/// The query of a provider's redirect to the callback.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct CallbackQuery {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub error_description: String,
+}
+
+/// How the callback ended, for the HTTP layer to render.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// The `state` was unknown, used or expired: 400, no redirect (the
+    /// return URL of a refused state is not trusted).
+    Refused(&'static str),
+    /// The flow ended; `error` is empty on success.
+    Finished {
+        connection_id: String,
+        return_url: String,
+        error: String,
+    },
+}
+
+/// The OAuth callback: checks and consumes the `state`, exchanges the code
+/// with the PKCE verifier, stores the tokens and marks the connection
+/// CONNECTED. Every refusal of a known state is audited in its tenant's log.
+pub async fn callback(
+    state: &AppState,
+    query: &CallbackQuery,
+    request_id: &str,
+) -> Result<CallbackOutcome> {
+    if query.state.is_empty() || query.state.len() > 512 {
+        metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "refused").increment(1);
+        return Ok(CallbackOutcome::Refused("the request has no valid state"));
+    }
+    let state_hash = sha256_hex(query.state.as_bytes());
+    let Some(flow) = oauth_state::Entity::find_by_id(state_hash.clone())
+        .one(&state.db)
+        .await?
+    else {
+        tracing::warn!("OAuth callback with an unknown state");
+        metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "refused").increment(1);
+        return Ok(CallbackOutcome::Refused("unknown state"));
+    };
+    let audit_ctx = AuditCtx {
+        actor: parse_actor(&flow.initiator).unwrap_or_else(|| AuditCtx::system("").actor),
+        request_id: request_id.to_owned(),
+    };
+    let now = state.clock.now_millis();
+    let refusal = if flow.used_at.is_some() {
+        Some("state already used")
+    } else if flow.expires_at <= now {
+        Some("state expired")
+    } else {
+        None
+    };
+    let consumed = if refusal.is_none() {
+        oauth_state::Entity::update_many()
+            .col_expr(oauth_state::Column::UsedAt, Expr::value(now))
+            .filter(oauth_state::Column::StateHash.eq(state_hash))
+            .filter(oauth_state::Column::UsedAt.is_null())
+            .exec(&state.db)
+            .await?
+            .rows_affected
+            == 1
+    } else {
+        false
+    };
+    if !consumed {
+        let reason = refusal.unwrap_or("state already used");
+        metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "refused").increment(1);
+        state
+            .record(vec![audit_ctx.event(
+                &flow.tenant_id,
+                "connection.callback_refused",
+                vec![flow.connection_id.clone(), flow.provider_id.clone()],
+                AuditOutcome::Denied,
+                json!({"connection_id": flow.connection_id, "reason": reason}),
+            )])
+            .await?;
+        return Ok(CallbackOutcome::Refused(reason));
+    }
+    let finished = |error: &str| CallbackOutcome::Finished {
+        connection_id: flow.connection_id.clone(),
+        return_url: flow.return_url.clone(),
+        error: error.to_owned(),
+    };
+    let failed = |error: &str, description: &str| {
+        audit_ctx.event(
+            &flow.tenant_id,
+            "connection.failed",
+            vec![flow.connection_id.clone(), flow.provider_id.clone()],
+            AuditOutcome::Failure,
+            json!({
+                "connection_id": flow.connection_id,
+                "oauth_error": tidy(error, 64),
+                "description": tidy(description, 200),
+            }),
+        )
+    };
+    if !query.error.is_empty() || query.code.is_empty() {
+        let error = if query.error.is_empty() {
+            "invalid_request".to_owned()
+        } else {
+            tidy(&query.error, 64)
+        };
+        metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "failed").increment(1);
+        state
+            .record(vec![failed(&error, &query.error_description)])
+            .await?;
+        return Ok(finished(&error));
+    }
+    let Some(row) = connection::Entity::find_by_id(flow.connection_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|row| row.tenant_id == flow.tenant_id && row.status != STATUS_DISCONNECTED)
+    else {
+        state
+            .record(vec![failed(
+                "invalid_request",
+                "the connection was disconnected",
+            )])
+            .await?;
+        return Ok(finished("invalid_request"));
+    };
+    let provider = provider_of(state, &row).await?;
+    let verifier = open(
+        state,
+        Sealed::PkceVerifier,
+        &flow.tenant_id,
+        &row.id,
+        &flow.pkce_verifier_ciphertext,
+    )?;
+    let secret = providers::client_secret(state, &provider)?;
+    let grant = state
+        .oauth
+        .token(
+            &provider.token_url,
+            client_auth(&provider, secret.as_deref()),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &query.code),
+                ("redirect_uri", &flow.redirect_uri),
+                ("code_verifier", &verifier),
+            ],
+        )
+        .await;
+    let grant = match grant {
+        Ok(grant) => grant,
+        Err(err) => {
+            let (error, description) = match &err {
+                ProviderError::InvalidGrant { description } => {
+                    ("invalid_grant", description.clone())
+                }
+                ProviderError::Rejected {
+                    error, description, ..
+                } => (error.as_str(), description.clone()),
+                ProviderError::Unavailable(detail) => ("temporarily_unavailable", detail.clone()),
+            };
+            tracing::warn!(connection_id = %row.id, error = %err, "code exchange failed");
+            metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "failed")
+                .increment(1);
+            state.record(vec![failed(error, &description)]).await?;
+            return Ok(finished(error));
+        }
+    };
+    let requested = string_list(&flow.scopes);
+    let granted = grant
+        .scope
+        .as_deref()
+        .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| requested.clone());
+    let expires_in = grant.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
+    let refresh = grant
+        .refresh_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(|t| seal(state, Sealed::RefreshToken, &row.tenant_id, &row.id, t))
+        .transpose()?;
+    let has_refresh = refresh.is_some();
+    let txn = state.db.begin().await?;
+    let updated = connection::Entity::update_many()
+        .col_expr(connection::Column::Status, Expr::value(STATUS_CONNECTED))
+        .col_expr(
+            connection::Column::Scopes,
+            Expr::value(to_json(&requested)?),
+        )
+        .col_expr(
+            connection::Column::GrantedScopes,
+            Expr::value(to_json(&granted)?),
+        )
+        .col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(refresh),
+        )
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Some(seal(
+                state,
+                Sealed::AccessToken,
+                &row.tenant_id,
+                &row.id,
+                &grant.access_token,
+            )?)),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Some(now + millis_of(expires_in))),
+        )
+        .col_expr(
+            connection::Column::TokenType,
+            Expr::value(token_type(&grant)),
+        )
+        .col_expr(
+            connection::Column::AccessTokenScope,
+            Expr::value(granted_scope_text(&grant, &granted)),
+        )
+        .col_expr(
+            connection::Column::ExternalSubject,
+            Expr::value(external_subject(grant.id_token.as_deref())),
+        )
+        .col_expr(connection::Column::ConnectedAt, Expr::value(Some(now)))
+        .col_expr(
+            connection::Column::ConnectedBy,
+            Expr::value(Some(flow.initiator.clone())),
+        )
+        .col_expr(connection::Column::StatusReason, Expr::value(String::new()))
+        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
+        .col_expr(connection::Column::TokenVersion, next_token_version())
+        .filter(connection::Column::Id.eq(row.id.clone()))
+        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        state
+            .record(vec![failed(
+                "invalid_request",
+                "the connection was disconnected",
+            )])
+            .await?;
+        return Ok(finished("invalid_request"));
+    }
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        audit_ctx.event(
+            &row.tenant_id,
+            "connection.connected",
+            vec![row.id.clone(), provider.id.clone()],
+            AuditOutcome::Success,
+            json!({
+                "connection_id": row.id,
+                "provider_id": provider.id,
+                "provider": provider.name,
+                "granted_scopes": granted,
+                "refresh_token_stored": has_refresh,
+                "reauthorized": row.status != STATUS_PENDING,
+            }),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "connected").increment(1);
+    Ok(finished(""))
+}
+
+/// `token_version + 1`, for the conditional writes of the stored tokens.
+fn next_token_version() -> Expr {
+    use sea_orm::sea_query::ExprTrait as _;
+    Expr::col(connection::Column::TokenVersion).add(1)
+}
+
+fn millis_of(seconds: u64) -> Millis {
+    i64::try_from(seconds.min(10 * 365 * 86_400)).unwrap_or(0) * 1000
+}
+
+fn token_type(grant: &TokenGrant) -> String {
+    if grant.token_type.is_empty() {
+        "Bearer".to_owned()
+    } else {
+        tidy(&grant.token_type, 32)
+    }
+}
+
+fn granted_scope_text(grant: &TokenGrant, fallback: &[String]) -> String {
+    grant
+        .scope
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .map_or_else(|| fallback.join(" "), |s| tidy(s, 4096))
+}
+
+/// The connected account's `email` or `sub` from an ID token received
+/// directly from the token endpoint over TLS (OIDC Core §3.1.3.7 lets a
+/// client skip its signature there); shown to admins, never trusted for
+/// access decisions.
+fn external_subject(id_token: Option<&str>) -> String {
+    let claims = id_token
+        .and_then(|token| token.split('.').nth(1))
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok())
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    let Some(claims) = claims else {
+        return String::new();
+    };
+    let value = claims["email"]
+        .as_str()
+        .or_else(|| claims["sub"].as_str())
+        .unwrap_or_default();
+    tidy(value, 256)
+}
+
+// ---------------------------------------------------------------- disconnect
+
+/// DeleteConnection: revokes at the provider when it can, erases the tokens,
+/// DISCONNECTED. Returns the row and whether the provider confirmed.
+pub async fn delete(
+    state: &AppState,
+    ctx: &CallContext,
+    id: &str,
+) -> Result<(connection::Model, bool)> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let row = find_own(state, &tenant_id, id).await?;
+    if row.status == STATUS_DISCONNECTED {
+        return Err(Error::invalid_state(
+            "the connection is already disconnected",
+            ConnectionStatus::Disconnected.as_str_name(),
+        ));
+    }
+    let provider = provider_of(state, &row).await?;
+    let (revoked, revocation_note) = match (&provider.revocation_url, &row.refresh_token_ciphertext)
+    {
+        (Some(url), Some(sealed)) => {
+            let refresh = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
+            let secret = providers::client_secret(state, &provider)?;
+            match state
+                .oauth
+                .revoke(url, client_auth(&provider, secret.as_deref()), &refresh)
+                .await
+            {
+                Ok(()) => (true, String::new()),
+                Err(err) => {
+                    tracing::warn!(connection_id = %row.id, error = %err, "revocation failed");
+                    (
+                        false,
+                        tidy(&format!("revocation at the provider failed: {err}"), 256),
+                    )
+                }
+            }
+        }
+        (None, Some(_)) => (false, "the provider has no revocation endpoint".to_owned()),
+        _ => (false, String::new()),
+    };
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let updated = connection::Entity::update_many()
+        .col_expr(connection::Column::Status, Expr::value(STATUS_DISCONNECTED))
+        .col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            connection::Column::StatusReason,
+            Expr::value(revocation_note.clone()),
+        )
+        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
+        .col_expr(connection::Column::TokenVersion, next_token_version())
+        .filter(connection::Column::Id.eq(row.id.clone()))
+        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        return Err(Error::invalid_state(
+            "the connection is already disconnected",
+            ConnectionStatus::Disconnected.as_str_name(),
+        ));
+    }
+    oauth_state::Entity::delete_many()
+        .filter(oauth_state::Column::ConnectionId.eq(row.id.clone()))
+        .exec(&txn)
+        .await?;
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "connection.disconnected",
+            vec![row.id.clone(), provider.id.clone()],
+            AuditOutcome::Success,
+            json!({
+                "connection_id": row.id,
+                "provider_id": provider.id,
+                "revoked_at_provider": revoked,
+                "note": revocation_note,
+            }),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    let row = connection::Entity::find_by_id(row.id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("connection"))?;
+    Ok((row, revoked))
+}
+
+// ---------------------------------------------------------------- exchange
+
+/// What ExchangeToken hands out.
+#[derive(Clone)]
+pub struct Exchanged {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: u32,
+    pub scope: String,
+}
+
+impl std::fmt::Debug for Exchanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanged")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who may use the connection, once the subject token or the policy said so.
+struct Grant {
+    connection: connection::Model,
+    provider: oauth_provider::Model,
+    /// The scopes to hand out (sorted); equal to the granted ones for the
+    /// cached token.
+    scopes: Vec<String>,
+    /// The delegation a subject token stands for.
+    delegation: Option<delegation::Model>,
+}
+
+fn invalid_subject(reason: &str) -> Error {
+    tracing::info!(reason, "subject token refused");
+    Error::FailedPrecondition {
+        reason: ErrorReason::InvalidGrant,
+        message: format!("the subject token cannot be used: {reason}"),
+        metadata: HashMap::from([("oauth_error".to_owned(), "invalid_grant".to_owned())]),
+    }
+}
+
+/// ExchangeToken for the calling agent.
+pub async fn exchange(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ExchangeTokenRequest,
+) -> Result<Exchanged> {
+    let agent_id = ctx
+        .principal
+        .agent_id()
+        .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents exchange tokens"))?
+        .to_owned();
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    if req.grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
+        v.add("grant_type", format!("must be {GRANT_TYPE_TOKEN_EXCHANGE}"));
+    }
+    if req.subject_token.is_empty() {
+        if !req.subject_token_type.is_empty() {
+            v.add(
+                "subject_token_type",
+                "must be empty without a subject_token",
+            );
+        }
+    } else {
+        if req.subject_token.len() > MAX_SUBJECT_TOKEN_BYTES {
+            v.add(
+                "subject_token",
+                format!("must be at most {MAX_SUBJECT_TOKEN_BYTES} bytes"),
+            );
+        }
+        if req.subject_token_type != TOKEN_TYPE_ACCESS_TOKEN {
+            v.add(
+                "subject_token_type",
+                format!("must be {TOKEN_TYPE_ACCESS_TOKEN}"),
+            );
+        }
+    }
+    v.check(check_id(
+        "connection_id",
+        &req.connection_id,
+        IdKind::Connection,
+    ));
+    providers::check_scopes("scopes", &req.scopes, &mut v);
+    v.finish()?;
+
+    let grant = if req.subject_token.is_empty() {
+        own_grant(state, ctx, &tenant_id, &agent_id, req).await?
+    } else {
+        delegated_grant(state, &agent_id, req).await?
+    };
+    let connection = &grant.connection;
+    match connection.status.as_str() {
+        STATUS_CONNECTED => {}
+        STATUS_NEEDS_REAUTH => return Err(needs_reauth(connection)),
+        other => {
+            return Err(Error::invalid_state(
+                format!("the connection is {other}"),
+                status_proto(other).as_str_name(),
+            ));
+        }
+    }
+    let granted = sorted(string_list(&connection.granted_scopes));
+    let narrowed = grant.scopes != granted;
+    let (token, refreshed, rotated) = if narrowed {
+        let (token, rotated) = narrowed_token(state, &grant).await?;
+        (token, true, rotated)
+    } else {
+        cached_or_refreshed(state, &grant).await?
+    };
+
+    let mut parties = vec![connection.tenant_id.clone()];
+    if tenant_id != connection.tenant_id {
+        parties.push(tenant_id.clone());
+    }
+    let details = json!({
+        "connection_id": connection.id,
+        "provider_id": grant.provider.id,
+        "provider": grant.provider.name,
+        "agent_id": agent_id,
+        "requesting_tenant_id": tenant_id,
+        "delegation_id": grant.delegation.as_ref().map(|d| d.id.clone()),
+        "scope": token.scope,
+        "refreshed": refreshed,
+        "rotated": rotated,
+        "expires_in": token.expires_in,
+    });
+    let mut subjects = vec![connection.id.clone(), agent_id.clone()];
+    if let Some(delegation) = &grant.delegation {
+        subjects.push(delegation.id.clone());
+    }
+    let audit_ctx = ctx.audit();
+    state
+        .record(
+            parties
+                .iter()
+                .map(|party| {
+                    audit_ctx.event(
+                        party,
+                        "connection.token_exchanged",
+                        subjects.clone(),
+                        AuditOutcome::Success,
+                        details.clone(),
+                    )
+                })
+                .collect(),
+        )
+        .await?;
+    metrics::counter!("vaultguard_token_exchanges_total", "refreshed" => if refreshed { "true" } else { "false" })
+        .increment(1);
+    Ok(token)
+}
+
+fn sorted(mut scopes: Vec<String>) -> Vec<String> {
+    scopes.sort();
+    scopes.dedup();
+    scopes
+}
+
+/// The scopes to hand out: the requested ones (each within `allowed`), or
+/// all of `allowed`.
+fn effective_scopes(requested: &[String], allowed: &[String]) -> Result<Vec<String>> {
+    let mut v = Violations::new();
+    for (i, scope) in requested.iter().enumerate() {
+        if !allowed.contains(scope) {
+            v.add(format!("scopes[{i}]"), "is not among the granted scopes");
+        }
+    }
+    v.finish()?;
+    Ok(sorted(if requested.is_empty() {
+        allowed.to_vec()
+    } else {
+        requested.to_vec()
+    }))
+}
+
+fn needs_reauth(row: &connection::Model) -> Error {
+    Error::FailedPrecondition {
+        reason: ErrorReason::NeedsReauth,
+        message: "the connected account must be authorized again (StartConnection with this connection_id)".to_owned(),
+        metadata: HashMap::from([
+            ("connection_id".to_owned(), row.id.clone()),
+            ("status_reason".to_owned(), row.status_reason.clone()),
+        ]),
+    }
+}
+
+/// ExchangeToken without a subject token: the caller's tenant's connection,
+/// judged by its own policy for `exchange:<provider>`.
+async fn own_grant(
+    state: &AppState,
+    ctx: &CallContext,
+    tenant_id: &str,
+    agent_id: &str,
+    req: &pb::ExchangeTokenRequest,
+) -> Result<Grant> {
+    let connection = find_own(state, tenant_id, &req.connection_id).await?;
+    let provider = provider_of(state, &connection).await?;
+    let scopes = effective_scopes(&req.scopes, &string_list(&connection.granted_scopes))?;
+    let own = tenant::Entity::find_by_id(tenant_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    let input = Input {
+        receiving_tenant_id: tenant_id.to_owned(),
+        action: format!("exchange:{}", provider.name),
+        scopes: scopes.clone(),
+        resource: format!("connection:{}", connection.id),
+        requested_ttl_seconds: state
+            .config
+            .access_token_ttl_seconds
+            .min(state.config.max_token_ttl_seconds),
+        binding_message: String::new(),
+        context: BTreeMap::from([(
+            "vg_connection_id".to_owned(),
+            Attr::String(connection.id.clone()),
+        )]),
+    };
+    let decision = delegations::judge_input(state, tenant_id, agent_id, &own, &input).await?;
+    match decision.outcome {
+        Outcome::Allow => Ok(Grant {
+            connection,
+            provider,
+            scopes,
+            delegation: None,
+        }),
+        Outcome::Block => {
+            state
+                .record(vec![ctx.audit().event(
+                    tenant_id,
+                    "connection.exchange_refused",
+                    vec![connection.id.clone(), agent_id.to_owned()],
+                    AuditOutcome::Denied,
+                    json!({
+                        "connection_id": connection.id,
+                        "action": input.action,
+                        "decision": serde_json::to_value(&decision).unwrap_or(Value::Null),
+                    }),
+                )])
+                .await?;
+            Err(delegations::blocked_error_for(
+                tenant_id,
+                &decision,
+                &[("connection_id", connection.id.clone())],
+            ))
+        }
+        Outcome::StepUp => {
+            Err(exchange_step_up(state, ctx, &own, agent_id, &input, &decision).await?)
+        }
+    }
+}
+
+/// The STEP_UP answer of an exchange: the pending step-up for this agent,
+/// connection and scopes, opened now unless one is still pending. Concurrent
+/// callers converge on one: the idempotency key names the latest earlier
+/// exchange step-up, so they all insert the same key and the losers read the
+/// winner's row.
+async fn exchange_step_up(
+    state: &AppState,
+    ctx: &CallContext,
+    own: &tenant::Model,
+    agent_id: &str,
+    input: &Input,
+    decision: &crate::domain::policy_engine::Decision,
+) -> Result<Error> {
+    let fingerprint = sha256_hex(to_json(&(&input.resource, &input.scopes))?.as_bytes());
+    // '/' is outside the alphabet of client idempotency keys, so these keys
+    // never meet RequestDelegation's.
+    let prefix = format!("vg/exchange/{}/", &fingerprint[..32]);
+    let now = state.clock.now_millis();
+    for _ in 0..3 {
+        let latest = delegation::Entity::find()
+            .filter(delegation::Column::RequestingAgentId.eq(agent_id))
+            .filter(delegation::Column::IdempotencyKey.starts_with(&prefix))
+            .order_by_desc(delegation::Column::CreatedAt)
+            .order_by_desc(delegation::Column::Id)
+            .one(&state.db)
+            .await?;
+        if let Some(row) = &latest
+            && delegations::effective_status(row, now) == delegations::STATUS_PENDING
+        {
+            return step_up_required(state, row).await;
+        }
+        let key = format!(
+            "{prefix}{}",
+            latest.as_ref().map_or("first", |row| row.id.as_str())
+        );
+        let request_hash = sha256_hex(to_json(input)?.as_bytes());
+        let row = delegations::new_row(
+            state,
+            &NewDelegation {
+                tenant_id: &own.id,
+                agent_id,
+                receiving: own,
+                input,
+                scopes_json: to_json(&input.scopes)?,
+                idempotency_key: &key,
+                request_hash: &request_hash,
+            },
+            decision,
+            now,
+        )?;
+        let txn = state.db.begin().await?;
+        let active: delegation::ActiveModel = row.clone().into();
+        match delegation::Entity::insert(active).exec(&txn).await {
+            Ok(_) => {}
+            Err(err) if is_unique_violation(&err) => {
+                txn.rollback().await?;
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        let (_, change) = delegations::insert_step_up(state, &txn, &row).await?;
+        let events = delegations::party_events(
+            &ctx.audit(),
+            &row,
+            "delegation.decided",
+            AuditOutcome::Success,
+            &json!({"outcome": "step_up", "requesting_agent_id": agent_id, "for": "exchange"}),
+            Some(decision),
+        );
+        audit::append_all(&txn, state.clock.as_ref(), events).await?;
+        txn.commit().await?;
+        state.audit_committed();
+        state.hub.committed(&state.db, vec![change]);
+        return step_up_required(state, &row).await;
+    }
+    Err(Error::Conflict("concurrent exchange step-ups"))
+}
+
+/// FAILED_PRECONDITION STEP_UP_REQUIRED for a pending delegation.
+async fn step_up_required(state: &AppState, row: &delegation::Model) -> Result<Error> {
+    let step_up_id = row
+        .step_up_id
+        .clone()
+        .ok_or_else(|| Error::internal("pending delegation without step-up"))?;
+    let step = crate::store::entities::step_up::Entity::find_by_id(step_up_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::internal("step-up row missing"))?;
+    let now = state.clock.now_millis();
+    Ok(Error::FailedPrecondition {
+        reason: ErrorReason::StepUpRequired,
+        message: "a human must approve this exchange first; poll the auth_req_id, then exchange with the redeemed token as subject_token".to_owned(),
+        metadata: HashMap::from([
+            ("auth_req_id".to_owned(), delegations::auth_req_id(state, &step_up_id)),
+            (
+                "expires_in".to_owned(),
+                delegations::seconds_left(Some(step.expires_at), now).to_string(),
+            ),
+            ("interval".to_owned(), step.interval_seconds.to_string()),
+            ("delegation_id".to_owned(), row.id.clone()),
+        ]),
+    })
+}
+
+/// ExchangeToken with a delegation token: the token must be active, the
+/// caller's, for `exchange:<provider>` of this connection, and addressed to
+/// the connection's tenant.
+async fn delegated_grant(
+    state: &AppState,
+    agent_id: &str,
+    req: &pb::ExchangeTokenRequest,
+) -> Result<Grant> {
+    let receiving = unverified_claim(&req.subject_token, "receiving_tenant_id")
+        .ok_or_else(|| invalid_subject("not a delegation token"))?;
+    let verified = state
+        .keys
+        .verify::<Value>(&req.subject_token, &audience(&receiving))
+        .await
+        .map_err(|_| invalid_subject("signature, type, issuer, audience or time"))?;
+    let claims = verified.claims;
+    let jti = claims["jti"].as_str().unwrap_or_default();
+    let row = if check_id("jti", jti, IdKind::Delegation).is_ok() {
+        delegation::Entity::find_by_id(jti.to_owned())
+            .one(&state.db)
+            .await?
+    } else {
+        None
+    }
+    .ok_or_else(|| invalid_subject("unknown delegation"))?;
+    let now = state.clock.now_millis();
+    if row.receiving_tenant_id != receiving
+        || claims["sub"].as_str() != Some(row.requesting_agent_id.as_str())
+        || claims["action"].as_str() != Some(row.action.as_str())
+    {
+        return Err(invalid_subject("claims do not match the delegation"));
+    }
+    if row.requesting_agent_id != agent_id {
+        return Err(invalid_subject("the token was issued to another agent"));
+    }
+    if delegations::effective_status(&row, now) != delegations::STATUS_ACTIVE {
+        return Err(invalid_subject("the delegation is not active"));
+    }
+    // Only now is the connection looked up, in the token's receiving tenant:
+    // any other tenant's connection stays invisible.
+    let connection = connection::Entity::find_by_id(req.connection_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|c| c.tenant_id == row.receiving_tenant_id)
+        .ok_or(Error::NotFound("connection"))?;
+    let provider = provider_of(state, &connection).await?;
+    if row.action != format!("exchange:{}", provider.name) {
+        return Err(invalid_subject(
+            "the token's action is not this connection's exchange",
+        ));
+    }
+    if !row.resource.is_empty() && row.resource != format!("connection:{}", connection.id) {
+        return Err(invalid_subject(
+            "the token's resource is another connection",
+        ));
+    }
+    if !delegations::standing_ok(state, &row).await? {
+        return Err(invalid_subject(
+            "requesting tenant suspended or agent disabled",
+        ));
+    }
+    let receiving_tenant = tenant::Entity::find_by_id(row.receiving_tenant_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    if !crate::domain::policies::is_active(&receiving_tenant) {
+        return Err(Error::denied(
+            ErrorReason::TenantSuspended,
+            "the connection's tenant is suspended",
+        ));
+    }
+    let granted = string_list(&connection.granted_scopes);
+    let token_scopes = string_list(&row.scopes);
+    let allowed: Vec<String> = if token_scopes.is_empty() {
+        granted
+    } else {
+        granted
+            .into_iter()
+            .filter(|scope| token_scopes.contains(scope))
+            .collect()
+    };
+    let scopes = effective_scopes(&req.scopes, &allowed)?;
+    Ok(Grant {
+        connection,
+        provider,
+        scopes,
+        delegation: Some(row),
+    })
+}
+
+fn unverified_claim(token: &str, claim: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get(claim)?.as_str().map(str::to_owned)
+}
+
+/// The cached token when it has the margin left.
+fn fresh_cached(
+    state: &AppState,
+    row: &connection::Model,
+    now: Millis,
+) -> Result<Option<Exchanged>> {
+    let margin = i64::from(state.config.oauth_refresh_margin_seconds) * 1000;
+    match (&row.access_token_ciphertext, row.access_token_expires_at) {
+        (Some(sealed), Some(expires_at)) if expires_at - margin > now => Ok(Some(Exchanged {
+            access_token: open(state, Sealed::AccessToken, &row.tenant_id, &row.id, sealed)?,
+            token_type: row.token_type.clone(),
+            expires_in: delegations::seconds_left(Some(expires_at), now),
+            scope: row.access_token_scope.clone(),
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// The cached token, or one refresh shared by every concurrent caller.
+/// Returns the token, whether it was refreshed now, and whether the provider
+/// rotated the refresh token.
+async fn cached_or_refreshed(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool, bool)> {
+    let now = state.clock.now_millis();
+    if let Some(token) = fresh_cached(state, &grant.connection, now)? {
+        return Ok((token, false, false));
+    }
+    let flight = state.oauth.flight(&grant.connection.id);
+    let _held = flight.lock().await;
+    if is_postgres(&state.db) {
+        let txn = state.db.begin().await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            [format!("{REFRESH_LOCK_NAMESPACE}{}", grant.connection.id).into()],
+        ))
+        .await?;
+        let result = refresh_locked(state, grant).await;
+        txn.commit().await?;
+        result
+    } else {
+        refresh_locked(state, grant).await
+    }
+}
+
+/// Under the refresh lock: re-read (a caller ahead of us may have refreshed
+/// already), else refresh and store.
+async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool, bool)> {
+    let row = connection::Entity::find_by_id(grant.connection.id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("connection"))?;
+    let now = state.clock.now_millis();
+    match row.status.as_str() {
+        STATUS_CONNECTED => {}
+        STATUS_NEEDS_REAUTH => return Err(needs_reauth(&row)),
+        other => {
+            return Err(Error::invalid_state(
+                format!("the connection is {other}"),
+                status_proto(other).as_str_name(),
+            ));
+        }
+    }
+    if let Some(token) = fresh_cached(state, &row, now)? {
+        return Ok((token, false, false));
+    }
+    let (grant_result, rotated) = refresh(state, &row, &grant.provider, None).await?;
+    let expires_in = grant_result
+        .expires_in
+        .unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
+    let granted = string_list(&row.granted_scopes);
+    let scope = granted_scope_text(&grant_result, &granted);
+    let token_type = token_type(&grant_result);
+    let mut update = connection::Entity::update_many()
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Some(seal(
+                state,
+                Sealed::AccessToken,
+                &row.tenant_id,
+                &row.id,
+                &grant_result.access_token,
+            )?)),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Some(now + millis_of(expires_in))),
+        )
+        .col_expr(
+            connection::Column::TokenType,
+            Expr::value(token_type.clone()),
+        )
+        .col_expr(
+            connection::Column::AccessTokenScope,
+            Expr::value(scope.clone()),
+        )
+        .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)))
+        .col_expr(connection::Column::TokenVersion, next_token_version());
+    if let Some(new_refresh) = rotated.as_deref() {
+        update = update.col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(Some(seal(
+                state,
+                Sealed::RefreshToken,
+                &row.tenant_id,
+                &row.id,
+                new_refresh,
+            )?)),
+        );
+    }
+    let stored = update
+        .filter(connection::Column::Id.eq(row.id.clone()))
+        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
+        .filter(connection::Column::TokenVersion.eq(row.token_version))
+        .exec(&state.db)
+        .await?;
+    if stored.rows_affected == 0 {
+        // Disconnected or re-authorized meanwhile: hand nothing out.
+        return Err(Error::Conflict("the connection changed during the refresh"));
+    }
+    Ok((
+        Exchanged {
+            access_token: grant_result.access_token,
+            token_type,
+            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
+            scope,
+        },
+        true,
+        rotated.is_some(),
+    ))
+}
+
+/// A token for fewer scopes than granted: a refresh with `scope` (RFC 6749
+/// §6), never cached (the cache holds the full grant's token). Refreshes of
+/// one connection stay serialized, since a rotating provider invalidates the
+/// refresh token each time.
+async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool)> {
+    let flight = state.oauth.flight(&grant.connection.id);
+    let _held = flight.lock().await;
+    let row = connection::Entity::find_by_id(grant.connection.id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("connection"))?;
+    if row.status != STATUS_CONNECTED {
+        return Err(needs_reauth(&row));
+    }
+    let scope = grant.scopes.join(" ");
+    let (result, rotated) = refresh(state, &row, &grant.provider, Some(&scope)).await?;
+    let now = state.clock.now_millis();
+    if let Some(new_refresh) = rotated.as_deref() {
+        connection::Entity::update_many()
+            .col_expr(
+                connection::Column::RefreshTokenCiphertext,
+                Expr::value(Some(seal(
+                    state,
+                    Sealed::RefreshToken,
+                    &row.tenant_id,
+                    &row.id,
+                    new_refresh,
+                )?)),
+            )
+            .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)))
+            .col_expr(connection::Column::TokenVersion, next_token_version())
+            .filter(connection::Column::Id.eq(row.id.clone()))
+            .filter(connection::Column::TokenVersion.eq(row.token_version))
+            .exec(&state.db)
+            .await?;
+    }
+    let expires_in = result.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
+    Ok((
+        Exchanged {
+            token_type: token_type(&result),
+            scope: granted_scope_text(&result, &grant.scopes),
+            access_token: result.access_token,
+            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
+        },
+        rotated.is_some(),
+    ))
+}
+
+/// Calls the token endpoint with the stored refresh token. `invalid_grant`
+/// marks the connection NEEDS_REAUTH (audited once) and answers
+/// NEEDS_REAUTH; other failures answer PROVIDER_ERROR. Returns the grant and
+/// the rotated refresh token, if the provider sent a new one.
+async fn refresh(
+    state: &AppState,
+    row: &connection::Model,
+    provider: &oauth_provider::Model,
+    scope: Option<&str>,
+) -> Result<(TokenGrant, Option<String>)> {
+    let Some(sealed) = &row.refresh_token_ciphertext else {
+        return Err(mark_needs_reauth(state, row, "the provider issued no refresh token").await?);
+    };
+    let refresh_token = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
+    let secret = providers::client_secret(state, provider)?;
+    let mut pairs = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token.as_str()),
+    ];
+    if let Some(scope) = scope {
+        pairs.push(("scope", scope));
+    }
+    metrics::counter!("vaultguard_provider_refreshes_total").increment(1);
+    match state
+        .oauth
+        .token(
+            &provider.token_url,
+            client_auth(provider, secret.as_deref()),
+            &pairs,
+        )
+        .await
+    {
+        Ok(grant) => {
+            let rotated = grant
+                .refresh_token
+                .clone()
+                .filter(|new| !new.is_empty() && *new != refresh_token);
+            Ok((grant, rotated))
+        }
+        Err(ProviderError::InvalidGrant { description }) => {
+            let reason = if description.is_empty() {
+                "the provider refused the refresh token (invalid_grant)".to_owned()
+            } else {
+                format!("the provider refused the refresh token (invalid_grant: {description})")
+            };
+            Err(mark_needs_reauth(state, row, &reason).await?)
+        }
+        Err(err) => {
+            tracing::warn!(connection_id = %row.id, error = %err, "refresh failed");
+            let mut metadata = HashMap::from([("connection_id".to_owned(), row.id.clone())]);
+            if let ProviderError::Rejected { error, .. } = &err {
+                metadata.insert("oauth_error".to_owned(), error.clone());
+            }
+            Err(match err {
+                ProviderError::Rejected { error, status, .. } => Error::FailedPrecondition {
+                    reason: ErrorReason::ProviderError,
+                    message: format!("the provider refused the refresh: {error} (HTTP {status})"),
+                    metadata,
+                },
+                _ => Error::Unavailable {
+                    reason: ErrorReason::ProviderError,
+                    message: "the provider cannot be reached or failed; retry later".to_owned(),
+                    metadata,
+                },
+            })
+        }
+    }
+}
+
+/// Marks a connection NEEDS_REAUTH (once, audited) and returns the error
+/// the caller gets.
+async fn mark_needs_reauth(
+    state: &AppState,
+    row: &connection::Model,
+    reason: &str,
+) -> Result<Error> {
+    let now = state.clock.now_millis();
+    let reason = tidy(reason, 256);
+    let txn = state.db.begin().await?;
+    let updated = connection::Entity::update_many()
+        .col_expr(connection::Column::Status, Expr::value(STATUS_NEEDS_REAUTH))
+        .col_expr(
+            connection::Column::StatusReason,
+            Expr::value(reason.clone()),
+        )
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
+        .col_expr(connection::Column::TokenVersion, next_token_version())
+        .filter(connection::Column::Id.eq(row.id.clone()))
+        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
+        .filter(connection::Column::TokenVersion.eq(row.token_version))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 1 {
+        audit::append(
+            &txn,
+            state.clock.as_ref(),
+            AuditCtx::system("").event(
+                &row.tenant_id,
+                "connection.needs_reauth",
+                vec![row.id.clone(), row.provider_id.clone()],
+                AuditOutcome::Failure,
+                json!({"connection_id": row.id, "reason": reason}),
+            ),
+        )
+        .await?;
+    }
+    txn.commit().await?;
+    state.audit_committed();
+    let mut current = row.clone();
+    current.status_reason = reason;
+    Ok(needs_reauth(&current))
+}

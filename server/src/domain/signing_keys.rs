@@ -1,0 +1,865 @@
+//! Custodied signing keys (the AIMME model): key pairs generated inside
+//! VaultGuard whose private halves are sealed under the master key (bound to
+//! the table, tenant and key id) and never leave it; agents get signatures.
+//!
+//! `Sign` is policy-checked with action `sign:<key name>`, judged with the
+//! caller's tenant on both sides. A STEP_UP opens a PENDING delegation that
+//! stands for exactly this signature request (the signature row records it);
+//! once a human approves, the same `Sign` call signs. The row is unique per
+//! `(key, agent, idempotency key)` and stores the request's fingerprint, so a
+//! retry returns the stored signature bytes and a different payload under the
+//! same key is refused; signing a pending row is a conditional UPDATE, so one
+//! approval yields one signature even under concurrent retries.
+
+use std::collections::HashMap;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use serde_json::json;
+use vaultguard_proto::v1::{self as pb, ErrorReason, KeyAlgorithm, SigningKeyState, SigningScheme};
+use zeroize::Zeroizing;
+
+use crate::audit::{self, AuditCtx, NewEvent, Outcome as AuditOutcome};
+use crate::auth::CallContext;
+use crate::clock::Millis;
+use crate::crypto::{SealContext, random_bytes, sha256_hex};
+use crate::custody::{self, Algorithm, CustodyError, Payload, Scheme};
+use crate::domain::delegations::{self, Input, NewDelegation};
+use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
+use crate::domain::step_ups;
+use crate::domain::{actor_json, page, to_json};
+use crate::error::{Error, Result, Violations, is_unique_violation};
+use crate::ids::{IdKind, check_id, new_id};
+use crate::state::AppState;
+use crate::store::entities::{custody_key, delegation, signature, step_up, tenant};
+use crate::validate;
+
+pub const KEY_ENABLED: &str = "enabled";
+pub const KEY_DISABLED: &str = "disabled";
+
+const SIG_PENDING: &str = "pending";
+const SIG_SIGNED: &str = "signed";
+
+/// The largest message `Sign` takes.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How long an approved signing step-up stays usable.
+const SIGN_APPROVAL_TTL_SECONDS: u32 = 600;
+const TABLE: &str = "custody_keys";
+
+/// The proto algorithm of a stored one.
+pub fn algorithm_proto(stored: &str) -> KeyAlgorithm {
+    match Algorithm::parse(stored) {
+        Some(Algorithm::Ed25519) => KeyAlgorithm::Ed25519,
+        Some(Algorithm::Secp256k1) => KeyAlgorithm::Secp256k1,
+        Some(Algorithm::P256) => KeyAlgorithm::P256,
+        None => KeyAlgorithm::Unspecified,
+    }
+}
+
+/// The proto state of a stored key.
+pub fn state_proto(stored: &str) -> SigningKeyState {
+    match stored {
+        KEY_ENABLED => SigningKeyState::Enabled,
+        KEY_DISABLED => SigningKeyState::Disabled,
+        _ => SigningKeyState::Unspecified,
+    }
+}
+
+fn seal_context<'a>(tenant_id: &'a str, key_id: &'a str) -> SealContext<'a> {
+    SealContext {
+        table: TABLE,
+        tenant_id,
+        record_id: key_id,
+    }
+}
+
+fn custody_error(err: CustodyError) -> Error {
+    Error::internal(format!("custody: {err}"))
+}
+
+/// The public forms of a key that are computed rather than stored: its PEM
+/// and its JWK (with `kid` = the key id).
+pub fn public_forms(row: &custody_key::Model) -> Result<(String, String)> {
+    let algorithm =
+        Algorithm::parse(&row.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
+    let pem = custody::public_pem(algorithm, &row.public_key).map_err(custody_error)?;
+    let jwk = custody::public_jwk(algorithm, &row.public_key, &row.id).map_err(custody_error)?;
+    Ok((pem, jwk))
+}
+
+async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<custody_key::Model> {
+    check_id("key_id", id, IdKind::SigningKey)?;
+    custody_key::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .filter(|row| row.tenant_id == tenant_id)
+        .ok_or(Error::NotFound("signing key"))
+}
+
+/// CreateSigningKey: generates the key pair here; only the sealed private
+/// key is stored.
+pub async fn create(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::CreateSigningKeyRequest,
+) -> Result<custody_key::Model> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    v.check(validate::name("name", &req.name));
+    let algorithm = v
+        .take(validate::enum_value::<KeyAlgorithm>(
+            "algorithm",
+            req.algorithm,
+            false,
+        ))
+        .flatten();
+    v.check(validate::optional_text(
+        "description",
+        &req.description,
+        512,
+    ));
+    v.finish()?;
+    let algorithm = match algorithm {
+        Some(KeyAlgorithm::Ed25519) => Algorithm::Ed25519,
+        Some(KeyAlgorithm::Secp256k1) => Algorithm::Secp256k1,
+        Some(KeyAlgorithm::P256) => Algorithm::P256,
+        _ => return Err(Error::invalid("algorithm", "is required")),
+    };
+    // A random 32-byte scalar is out of range with probability ~2^-128; draw
+    // again rather than bias it.
+    let mut generated = None;
+    for _ in 0..4 {
+        let private = Zeroizing::new(random_bytes(custody::PRIVATE_KEY_LEN)?);
+        match custody::public_key(algorithm, &private) {
+            Ok(public) => {
+                generated = Some((private, public));
+                break;
+            }
+            Err(CustodyError::InvalidPrivateKey) => {}
+            Err(err) => return Err(custody_error(err)),
+        }
+    }
+    let (private, public) =
+        generated.ok_or_else(|| Error::internal("could not generate a private key"))?;
+    let now = state.clock.now_millis();
+    let id = new_id(IdKind::SigningKey);
+    let row = custody_key::Model {
+        private_key_ciphertext: state.master.seal(seal_context(&tenant_id, &id), &private)?,
+        id,
+        tenant_id: tenant_id.clone(),
+        name: req.name.clone(),
+        algorithm: algorithm.as_str().to_owned(),
+        status: KEY_ENABLED.to_owned(),
+        public_key: public.raw.clone(),
+        ethereum_address: public.ethereum_address.clone(),
+        created_at: now,
+        updated_at: now,
+        description: req.description.clone(),
+        created_by: actor_json(&ctx.principal.actor())?,
+        disabled_at: None,
+        disabled_by: None,
+        disable_reason: String::new(),
+    };
+    let txn = state.db.begin().await?;
+    let active: custody_key::ActiveModel = row.clone().into();
+    if let Err(err) = custody_key::Entity::insert(active).exec(&txn).await {
+        return Err(if is_unique_violation(&err) {
+            Error::already_exists(format!("a signing key named {} exists", req.name))
+        } else {
+            err.into()
+        });
+    }
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "key.created",
+            vec![row.id.clone()],
+            AuditOutcome::Success,
+            json!({
+                "key_id": row.id,
+                "name": row.name,
+                "algorithm": row.algorithm,
+                "public_key": hex::encode(&row.public_key),
+                "ethereum_address": row.ethereum_address,
+            }),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(row)
+}
+
+/// GetSigningKey.
+pub async fn get(state: &AppState, ctx: &CallContext, id: &str) -> Result<custody_key::Model> {
+    find_own(state, ctx.principal.tenant_id()?, id).await
+}
+
+/// ListSigningKeys, by name.
+pub async fn list(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::ListSigningKeysRequest,
+) -> Result<(Vec<custody_key::Model>, String)> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    let filter = v
+        .take(validate::enum_value::<SigningKeyState>(
+            "state", req.state, true,
+        ))
+        .flatten();
+    let (size, token) = req
+        .page
+        .as_ref()
+        .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    let size = v.take(validate::page_size("page.page_size", size));
+    v.finish()?;
+    let size = size.unwrap_or(50);
+    let scope = format!("signing_keys|{tenant_id}|{filter:?}");
+    let after = page::decode("page.page_token", &scope, token)?;
+    let mut query = custody_key::Entity::find()
+        .filter(custody_key::Column::TenantId.eq(tenant_id))
+        .order_by_asc(custody_key::Column::Name)
+        .limit(size + 1);
+    match filter {
+        Some(SigningKeyState::Enabled) => {
+            query = query.filter(custody_key::Column::Status.eq(KEY_ENABLED));
+        }
+        Some(SigningKeyState::Disabled) => {
+            query = query.filter(custody_key::Column::Status.eq(KEY_DISABLED));
+        }
+        _ => {}
+    }
+    if let Some(after) = after {
+        query = query.filter(custody_key::Column::Name.gt(after));
+    }
+    let rows = query.all(&state.db).await?;
+    Ok(page::finish(rows, size, &scope, |row| row.name.clone()))
+}
+
+fn key_disabled(row: &custody_key::Model) -> Error {
+    Error::FailedPrecondition {
+        reason: ErrorReason::KeyDisabled,
+        message: "the signing key is disabled".to_owned(),
+        metadata: HashMap::from([("key_id".to_owned(), row.id.clone())]),
+    }
+}
+
+/// DisableSigningKey: once and for good.
+pub async fn disable(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::DisableSigningKeyRequest,
+) -> Result<custody_key::Model> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    v.check(check_id("key_id", &req.key_id, IdKind::SigningKey));
+    v.check(validate::optional_text("reason", &req.reason, 512));
+    v.finish()?;
+    let row = find_own(state, &tenant_id, &req.key_id).await?;
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let updated = custody_key::Entity::update_many()
+        .col_expr(custody_key::Column::Status, Expr::value(KEY_DISABLED))
+        .col_expr(custody_key::Column::DisabledAt, Expr::value(Some(now)))
+        .col_expr(
+            custody_key::Column::DisabledBy,
+            Expr::value(Some(actor_json(&ctx.principal.actor())?)),
+        )
+        .col_expr(
+            custody_key::Column::DisableReason,
+            Expr::value(req.reason.clone()),
+        )
+        .col_expr(custody_key::Column::UpdatedAt, Expr::value(now))
+        .filter(custody_key::Column::Id.eq(row.id.clone()))
+        .filter(custody_key::Column::Status.eq(KEY_ENABLED))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        return Err(key_disabled(&row));
+    }
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "key.disabled",
+            vec![row.id.clone()],
+            AuditOutcome::Success,
+            json!({"key_id": row.id, "name": row.name, "reason": req.reason}),
+        ),
+    )
+    .await?;
+    txn.commit().await?;
+    state.audit_committed();
+    find_own(state, &tenant_id, &row.id).await
+}
+
+// ---------------------------------------------------------------- Sign
+
+/// What Sign answers.
+#[derive(Debug)]
+pub enum Signed {
+    Signed {
+        row: signature::Model,
+        decision: Decision,
+    },
+    StepUp {
+        auth_req_id: String,
+        expires_in: u32,
+        interval: u32,
+        delegation_id: String,
+        decision: Decision,
+    },
+}
+
+/// A validated Sign request.
+struct SignInput {
+    payload: OwnedPayload,
+    context: std::collections::BTreeMap<String, Attr>,
+}
+
+enum OwnedPayload {
+    Digest(Vec<u8>),
+    Message { scheme: Scheme, data: Vec<u8> },
+}
+
+impl OwnedPayload {
+    fn borrow(&self) -> Payload<'_> {
+        match self {
+            Self::Digest(digest) => Payload::Digest(digest),
+            Self::Message { scheme, data } => Payload::Message {
+                scheme: *scheme,
+                data,
+            },
+        }
+    }
+
+    fn scheme(&self) -> Scheme {
+        match self {
+            Self::Digest(_) => Scheme::Digest,
+            Self::Message { scheme, .. } => *scheme,
+        }
+    }
+}
+
+fn check_sign(req: &pb::SignRequest) -> Result<SignInput> {
+    use pb::sign_request::Payload as P;
+    let mut v = Violations::new();
+    v.check(check_id("key_id", &req.key_id, IdKind::SigningKey));
+    v.check(delegations::check_idempotency_key(&req.idempotency_key));
+    if req.binding_message.chars().count() > 256 {
+        v.add("binding_message", "must be at most 256 characters");
+    } else if req.binding_message.chars().any(char::is_control) {
+        v.add("binding_message", "must not contain control characters");
+    }
+    let payload = match &req.payload {
+        None => {
+            v.add("payload", "is required: a digest or a message");
+            None
+        }
+        Some(P::Digest(digest)) => {
+            if digest.len() == 32 {
+                Some(OwnedPayload::Digest(digest.clone()))
+            } else {
+                v.add(
+                    "digest",
+                    format!("must be exactly 32 bytes, got {}", digest.len()),
+                );
+                None
+            }
+        }
+        Some(P::Message(message)) => {
+            if message.data.is_empty() || message.data.len() > MAX_MESSAGE_BYTES {
+                v.add("message.data", "must be 1 byte to 64 KiB");
+            }
+            let scheme = match v
+                .take(validate::enum_value::<SigningScheme>(
+                    "message.scheme",
+                    message.scheme,
+                    false,
+                ))
+                .flatten()
+            {
+                Some(SigningScheme::RawSha256) => Some(Scheme::RawSha256),
+                Some(SigningScheme::Eip191PersonalSign) => Some(Scheme::Eip191PersonalSign),
+                Some(SigningScheme::Ed25519Pure) => Some(Scheme::Ed25519Pure),
+                _ => None,
+            };
+            scheme.map(|scheme| OwnedPayload::Message {
+                scheme,
+                data: message.data.clone(),
+            })
+        }
+    };
+    let context = match engine::check_context(&req.context) {
+        Ok(context) => Some(context),
+        Err(errors) => {
+            errors.into_iter().for_each(|e| v.check(Err(e)));
+            None
+        }
+    };
+    v.finish()?;
+    match (payload, context) {
+        (Some(payload), Some(context)) => Ok(SignInput { payload, context }),
+        _ => Err(Error::internal("validated sign input missing")),
+    }
+}
+
+/// The field that names an unsuitable payload for `algorithm`.
+fn check_suits(algorithm: Algorithm, payload: &OwnedPayload) -> Result<()> {
+    let scheme = payload.scheme();
+    if scheme.suits(algorithm) {
+        return Ok(());
+    }
+    Err(match scheme {
+        Scheme::Digest => Error::invalid(
+            "digest",
+            format!("a {} key signs messages, not digests", algorithm.as_str()),
+        ),
+        _ => Error::invalid(
+            "message.scheme",
+            format!(
+                "{} does not suit a {} key",
+                scheme.as_str(),
+                algorithm.as_str()
+            ),
+        ),
+    })
+}
+
+/// Sign for the calling agent.
+pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) -> Result<Signed> {
+    let agent_id = ctx
+        .principal
+        .agent_id()
+        .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents sign"))?
+        .to_owned();
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let input = check_sign(req)?;
+    let key = find_own(state, &tenant_id, &req.key_id).await?;
+    let algorithm =
+        Algorithm::parse(&key.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
+    check_suits(algorithm, &input.payload)?;
+    let payload_hash = custody::payload_hash(&input.payload.borrow()).map_err(custody_error)?;
+    let payload_hex = hex::encode(payload_hash);
+    let request_hash = sha256_hex(
+        to_json(&json!({
+            "key_id": key.id,
+            "scheme": input.payload.scheme().as_str(),
+            "payload_hash": payload_hex,
+            "context": input.context,
+            "binding_message": req.binding_message,
+        }))?
+        .as_bytes(),
+    );
+
+    if let Some(existing) = find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await? {
+        return replay(state, ctx, &key, &input, existing, &request_hash).await;
+    }
+    if key.status != KEY_ENABLED {
+        refuse(state, ctx, &key, &agent_id, &payload_hex, "key disabled").await?;
+        return Err(key_disabled(&key));
+    }
+    let own = tenant::Entity::find_by_id(tenant_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    let mut context = input.context.clone();
+    context.insert(
+        "vg_payload_hash".to_owned(),
+        Attr::String(payload_hex.clone()),
+    );
+    context.insert(
+        "vg_key_algorithm".to_owned(),
+        Attr::String(key.algorithm.clone()),
+    );
+    let policy_input = Input {
+        receiving_tenant_id: tenant_id.clone(),
+        action: format!("sign:{}", key.name),
+        scopes: Vec::new(),
+        resource: format!("key:{}", key.id),
+        requested_ttl_seconds: SIGN_APPROVAL_TTL_SECONDS.min(state.config.max_token_ttl_seconds),
+        binding_message: req.binding_message.clone(),
+        context,
+    };
+    let decision =
+        delegations::judge_input(state, &tenant_id, &agent_id, &own, &policy_input).await?;
+    let now = state.clock.now_millis();
+    let row = signature::Model {
+        id: new_id(IdKind::Signature),
+        tenant_id: tenant_id.clone(),
+        key_id: key.id.clone(),
+        requester_subject: agent_id.clone(),
+        idempotency_key: req.idempotency_key.clone(),
+        payload_hash: payload_hex.clone(),
+        status: SIG_PENDING.to_owned(),
+        signature: None,
+        delegation_id: None,
+        created_at: now,
+        updated_at: now,
+        request_hash: request_hash.clone(),
+        scheme: input.payload.scheme().as_str().to_owned(),
+        decision: to_json(&decision)?,
+        recovery_id: None,
+        signed_at: None,
+    };
+    match decision.outcome {
+        Outcome::Block => {
+            refuse(
+                state,
+                ctx,
+                &key,
+                &agent_id,
+                &payload_hex,
+                "blocked by policy",
+            )
+            .await?;
+            Err(delegations::blocked_error_for(
+                &tenant_id,
+                &decision,
+                &[("key_id", key.id.clone())],
+            ))
+        }
+        Outcome::Allow => {
+            let produced = produce(state, &key, algorithm, &input.payload)?;
+            let mut row = row;
+            row.status = SIG_SIGNED.to_owned();
+            row.signature = Some(produced.bytes.clone());
+            row.recovery_id = recovery_id_of(algorithm, &produced);
+            row.signed_at = Some(now);
+            let txn = state.db.begin().await?;
+            let active: signature::ActiveModel = row.clone().into();
+            match signature::Entity::insert(active).exec(&txn).await {
+                Ok(_) => {}
+                Err(err) if is_unique_violation(&err) => {
+                    txn.rollback().await?;
+                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                        .await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+            audit::append(
+                &txn,
+                state.clock.as_ref(),
+                signed_event(&ctx.audit(), &key, &row, &agent_id, &input.context),
+            )
+            .await?;
+            txn.commit().await?;
+            state.audit_committed();
+            metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
+                .increment(1);
+            Ok(Signed::Signed { row, decision })
+        }
+        Outcome::StepUp => {
+            let delegation_row = delegations::new_row(
+                state,
+                &NewDelegation {
+                    tenant_id: &tenant_id,
+                    agent_id: &agent_id,
+                    receiving: &own,
+                    input: &policy_input,
+                    scopes_json: "[]".to_owned(),
+                    // '/' is outside the alphabet of client idempotency
+                    // keys, so this never meets RequestDelegation's.
+                    idempotency_key: &format!("vg/sign/{}", row.id),
+                    request_hash: &request_hash,
+                },
+                &decision,
+                now,
+            )?;
+            let mut row = row;
+            row.delegation_id = Some(delegation_row.id.clone());
+            let txn = state.db.begin().await?;
+            let active: signature::ActiveModel = row.clone().into();
+            match signature::Entity::insert(active).exec(&txn).await {
+                Ok(_) => {}
+                Err(err) if is_unique_violation(&err) => {
+                    txn.rollback().await?;
+                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                        .await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+            let active: delegation::ActiveModel = delegation_row.clone().into();
+            delegation::Entity::insert(active).exec(&txn).await?;
+            let (auth_req_id, change) =
+                delegations::insert_step_up(state, &txn, &delegation_row).await?;
+            let events = delegations::party_events(
+                &ctx.audit(),
+                &delegation_row,
+                "delegation.decided",
+                AuditOutcome::Success,
+                &json!({
+                    "outcome": "step_up",
+                    "requesting_agent_id": agent_id,
+                    "for": "sign",
+                    "key_id": key.id,
+                    "signature_id": row.id,
+                    "payload_hash": payload_hex,
+                }),
+                Some(&decision),
+            );
+            audit::append_all(&txn, state.clock.as_ref(), events).await?;
+            txn.commit().await?;
+            state.audit_committed();
+            state.hub.committed(&state.db, vec![change]);
+            Ok(Signed::StepUp {
+                auth_req_id,
+                expires_in: state.config.step_up_expires_in_seconds,
+                interval: state.config.step_up_interval_seconds,
+                delegation_id: delegation_row.id,
+                decision,
+            })
+        }
+    }
+}
+
+async fn find_by_key(
+    state: &AppState,
+    key_id: &str,
+    agent_id: &str,
+    idempotency_key: &str,
+) -> Result<Option<signature::Model>> {
+    Ok(signature::Entity::find()
+        .filter(signature::Column::KeyId.eq(key_id))
+        .filter(signature::Column::RequesterSubject.eq(agent_id))
+        .filter(signature::Column::IdempotencyKey.eq(idempotency_key))
+        .one(&state.db)
+        .await?)
+}
+
+/// A concurrent first request with the same key won: answer from its row.
+async fn replay_winner(
+    state: &AppState,
+    ctx: &CallContext,
+    key: &custody_key::Model,
+    input: &SignInput,
+    agent_id: &str,
+    req: &pb::SignRequest,
+    request_hash: &str,
+) -> Result<Signed> {
+    let winner = find_by_key(state, &key.id, agent_id, &req.idempotency_key)
+        .await?
+        .ok_or(Error::Conflict("concurrent idempotent sign"))?;
+    replay(state, ctx, key, input, winner, request_hash).await
+}
+
+fn produce(
+    state: &AppState,
+    key: &custody_key::Model,
+    algorithm: Algorithm,
+    payload: &OwnedPayload,
+) -> Result<custody::Signature> {
+    let private = Zeroizing::new(state.master.open(
+        seal_context(&key.tenant_id, &key.id),
+        &key.private_key_ciphertext,
+    )?);
+    custody::sign(algorithm, &private, &payload.borrow()).map_err(custody_error)
+}
+
+fn recovery_id_of(algorithm: Algorithm, produced: &custody::Signature) -> Option<i32> {
+    (algorithm == Algorithm::Secp256k1).then(|| i32::try_from(produced.recovery_id).unwrap_or(0))
+}
+
+fn signed_event(
+    audit_ctx: &AuditCtx,
+    key: &custody_key::Model,
+    row: &signature::Model,
+    agent_id: &str,
+    context: &std::collections::BTreeMap<String, Attr>,
+) -> NewEvent {
+    audit_ctx.event(
+        &key.tenant_id,
+        "key.signed",
+        vec![row.id.clone(), key.id.clone(), agent_id.to_owned()],
+        AuditOutcome::Success,
+        json!({
+            "signature_id": row.id,
+            "key_id": key.id,
+            "key_name": key.name,
+            "algorithm": key.algorithm,
+            "scheme": row.scheme,
+            "payload_hash": row.payload_hash,
+            "agent_id": agent_id,
+            "delegation_id": row.delegation_id,
+            "context": context,
+        }),
+    )
+}
+
+async fn refuse(
+    state: &AppState,
+    ctx: &CallContext,
+    key: &custody_key::Model,
+    agent_id: &str,
+    payload_hex: &str,
+    reason: &str,
+) -> Result<()> {
+    state
+        .record(vec![ctx.audit().event(
+            &key.tenant_id,
+            "key.sign_refused",
+            vec![key.id.clone(), agent_id.to_owned()],
+            AuditOutcome::Denied,
+            json!({"key_id": key.id, "payload_hash": payload_hex, "reason": reason}),
+        )])
+        .await
+}
+
+fn stored_decision(row: &signature::Model) -> Result<Decision> {
+    serde_json::from_str(&row.decision).map_err(Error::internal)
+}
+
+/// Answers a repeated idempotency key: the stored signature, the same
+/// pending step-up, the signature once the step-up is approved, or the
+/// step-up's refusal.
+async fn replay(
+    state: &AppState,
+    ctx: &CallContext,
+    key: &custody_key::Model,
+    input: &SignInput,
+    row: signature::Model,
+    request_hash: &str,
+) -> Result<Signed> {
+    if row.request_hash != request_hash {
+        return Err(Error::AlreadyExists {
+            reason: Some(ErrorReason::IdempotencyConflict),
+            message: "this idempotency key was used with a different signing request".to_owned(),
+            metadata: HashMap::from([("idempotency_key".to_owned(), row.idempotency_key.clone())]),
+        });
+    }
+    let decision = stored_decision(&row)?;
+    if row.status == SIG_SIGNED {
+        return Ok(Signed::Signed { row, decision });
+    }
+    let delegation_id = row
+        .delegation_id
+        .clone()
+        .ok_or_else(|| Error::internal("pending signature without delegation"))?;
+    let delegation_row = delegation::Entity::find_by_id(delegation_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::internal("signature's delegation missing"))?;
+    let step_up_id = delegation_row
+        .step_up_id
+        .clone()
+        .ok_or_else(|| Error::internal("signing delegation without step-up"))?;
+    let step = step_up::Entity::find_by_id(step_up_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::internal("signing step-up missing"))?;
+    let now = state.clock.now_millis();
+    match step_ups::effective_state(&step, &delegation_row, now) {
+        step_ups::PENDING => Ok(Signed::StepUp {
+            auth_req_id: delegations::auth_req_id(state, &step_up_id),
+            expires_in: delegations::seconds_left(Some(step.expires_at), now),
+            interval: u32::try_from(step.interval_seconds).unwrap_or(5),
+            delegation_id,
+            decision,
+        }),
+        step_ups::APPROVED | step_ups::REDEEMED => {
+            if key.status != KEY_ENABLED {
+                return Err(key_disabled(key));
+            }
+            if delegations::effective_status(&delegation_row, now) != delegations::STATUS_ACTIVE {
+                return Err(approval_ended(&delegation_row, now));
+            }
+            sign_approved(state, ctx, key, input, row, decision, now).await
+        }
+        step_ups::DENIED => Err(Error::denied(
+            ErrorReason::AccessDenied,
+            "an approver denied this signature",
+        )),
+        _ => Err(Error::FailedPrecondition {
+            reason: ErrorReason::ExpiredToken,
+            message: "the step-up for this signature expired".to_owned(),
+            metadata: HashMap::from([("delegation_id".to_owned(), delegation_id)]),
+        }),
+    }
+}
+
+fn approval_ended(row: &delegation::Model, now: Millis) -> Error {
+    let status = delegations::effective_status(row, now);
+    if status == delegations::STATUS_EXPIRED {
+        Error::FailedPrecondition {
+            reason: ErrorReason::ExpiredToken,
+            message: "the approval for this signature expired".to_owned(),
+            metadata: HashMap::from([("delegation_id".to_owned(), row.id.clone())]),
+        }
+    } else {
+        Error::denied(
+            ErrorReason::AccessDenied,
+            format!("the approval for this signature was {status}"),
+        )
+    }
+}
+
+/// Signs an approved pending row, once: the conditional UPDATE from
+/// `pending` lets one concurrent retry sign; the others read its result.
+async fn sign_approved(
+    state: &AppState,
+    ctx: &CallContext,
+    key: &custody_key::Model,
+    input: &SignInput,
+    row: signature::Model,
+    decision: Decision,
+    now: Millis,
+) -> Result<Signed> {
+    let algorithm =
+        Algorithm::parse(&key.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
+    let produced = produce(state, key, algorithm, &input.payload)?;
+    let txn = state.db.begin().await?;
+    let updated = signature::Entity::update_many()
+        .col_expr(signature::Column::Status, Expr::value(SIG_SIGNED))
+        .col_expr(
+            signature::Column::Signature,
+            Expr::value(Some(produced.bytes.clone())),
+        )
+        .col_expr(
+            signature::Column::RecoveryId,
+            Expr::value(recovery_id_of(algorithm, &produced)),
+        )
+        .col_expr(signature::Column::SignedAt, Expr::value(Some(now)))
+        .col_expr(signature::Column::UpdatedAt, Expr::value(now))
+        .filter(signature::Column::Id.eq(row.id.clone()))
+        .filter(signature::Column::Status.eq(SIG_PENDING))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 1 {
+        let mut signed = row.clone();
+        signed.status = SIG_SIGNED.to_owned();
+        signed.signature = Some(produced.bytes);
+        signed.signed_at = Some(now);
+        audit::append(
+            &txn,
+            state.clock.as_ref(),
+            signed_event(
+                &ctx.audit(),
+                key,
+                &signed,
+                &row.requester_subject,
+                &input.context,
+            ),
+        )
+        .await?;
+        txn.commit().await?;
+        state.audit_committed();
+        metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
+            .increment(1);
+    } else {
+        txn.rollback().await?;
+    }
+    let stored = signature::Entity::find_by_id(row.id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|r| r.status == SIG_SIGNED)
+        .ok_or(Error::Conflict("concurrent signing"))?;
+    Ok(Signed::Signed {
+        row: stored,
+        decision,
+    })
+}

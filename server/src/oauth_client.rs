@@ -1,0 +1,356 @@
+//! VaultGuard as an OAuth 2.0 client of the providers tenants register: the
+//! token endpoint (authorization code with PKCE, refresh) and RFC 7009
+//! revocation, over one shared `reqwest` client, plus the per-connection
+//! single-flight locks that make concurrent exchanges share one refresh.
+//!
+//! Nothing here logs or returns a token: [`TokenGrant`]'s `Debug` redacts
+//! them, and [`ProviderError`] carries only the provider's error code, a
+//! short description and the HTTP status.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+
+/// The most bytes read from a provider's response.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Single-flight entries kept before dead ones are pruned.
+const PRUNE_AT: usize = 1024;
+
+/// A token endpoint's successful answer (RFC 6749 §5.1).
+#[derive(Clone, Deserialize)]
+pub struct TokenGrant {
+    pub access_token: String,
+    #[serde(default)]
+    pub token_type: String,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub id_token: Option<String>,
+}
+
+impl std::fmt::Debug for TokenGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenGrant")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| ".."))
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `expires_in` as a number or a numeric string (some providers send one).
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match Option::<Raw>::deserialize(d)? {
+        Some(Raw::Number(n)) => Some(n),
+        Some(Raw::Text(text)) => text.trim().parse().ok(),
+        None => None,
+    })
+}
+
+/// A token endpoint's error answer (RFC 6749 §5.2).
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// Why a provider call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderError {
+    /// `invalid_grant`: the code or refresh token is no longer good; the
+    /// user must authorize again.
+    InvalidGrant { description: String },
+    /// Any other OAuth error answer (`invalid_client`, `invalid_scope`, …).
+    Rejected {
+        error: String,
+        description: String,
+        status: u16,
+    },
+    /// Unreachable, timed out, 5xx, or an answer that is not OAuth.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidGrant { description } if description.is_empty() => {
+                f.write_str("invalid_grant")
+            }
+            Self::InvalidGrant { description } => write!(f, "invalid_grant: {description}"),
+            Self::Rejected {
+                error,
+                description,
+                status,
+            } => write!(f, "{error} (HTTP {status}) {description}"),
+            Self::Unavailable(detail) => write!(f, "provider unavailable: {detail}"),
+        }
+    }
+}
+
+/// How VaultGuard authenticates to a provider.
+#[derive(Clone, Copy)]
+pub struct ClientAuth<'a> {
+    pub client_id: &'a str,
+    /// `None` for a public client (PKCE only).
+    pub client_secret: Option<&'a str>,
+}
+
+/// The shared client and the single-flight locks.
+pub struct OAuthClient {
+    http: reqwest::Client,
+    flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for OAuthClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OAuthClient(..)")
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+pub fn form_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(char::from(byte));
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Keeps at most `max` characters of provider-supplied text, without control
+/// characters (it ends up in status reasons and audit details).
+pub fn tidy(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+impl OAuthClient {
+    /// A client with the given per-call timeout; it never follows redirects.
+    pub fn new(timeout_ms: u64) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(timeout_ms.max(1));
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("VaultGuard/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            flights: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The lock every refresh of `key` (a connection id) takes in this
+    /// process, so concurrent exchanges wait for one refresh instead of each
+    /// starting their own.
+    pub fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(lock) = flights.get(key).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if flights.len() >= PRUNE_AT {
+            flights.retain(|_, weak| weak.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        flights.insert(key.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+
+    fn post(
+        &self,
+        url: &str,
+        auth: ClientAuth<'_>,
+        pairs: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
+        let mut pairs = pairs.to_vec();
+        pairs.push(("client_id", auth.client_id));
+        let mut request = self
+            .http
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(secret) = auth.client_secret {
+            // RFC 6749 §2.3.1: both parts form-encoded, then Basic.
+            let credentials = format!("{}:{}", form_encode(auth.client_id), form_encode(secret));
+            request = request.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Basic {}", STANDARD.encode(credentials)),
+            );
+        }
+        request.body(form_body(&pairs))
+    }
+
+    /// Calls a token endpoint with `pairs` (the grant's parameters).
+    pub async fn token(
+        &self,
+        url: &str,
+        auth: ClientAuth<'_>,
+        pairs: &[(&str, &str)],
+    ) -> Result<TokenGrant, ProviderError> {
+        let response = self
+            .post(url, auth, pairs)
+            .send()
+            .await
+            .map_err(|err| ProviderError::Unavailable(err.without_url().to_string()))?;
+        let status = response.status();
+        let body = read_capped(response).await?;
+        if status.is_success() {
+            let grant: TokenGrant = serde_json::from_slice(&body).map_err(|_| {
+                ProviderError::Unavailable("the token response is not OAuth JSON".to_owned())
+            })?;
+            if grant.access_token.is_empty() {
+                return Err(ProviderError::Unavailable(
+                    "the token response has no access_token".to_owned(),
+                ));
+            }
+            return Ok(grant);
+        }
+        if status.is_server_error() {
+            return Err(ProviderError::Unavailable(format!(
+                "token endpoint answered HTTP {}",
+                status.as_u16()
+            )));
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(error) if error.error == "invalid_grant" => Err(ProviderError::InvalidGrant {
+                description: tidy(error.error_description.as_deref().unwrap_or_default(), 200),
+            }),
+            Ok(error) => Err(ProviderError::Rejected {
+                error: tidy(&error.error, 64),
+                description: tidy(error.error_description.as_deref().unwrap_or_default(), 200),
+                status: status.as_u16(),
+            }),
+            Err(_) => Err(ProviderError::Unavailable(format!(
+                "token endpoint answered HTTP {} without an OAuth error",
+                status.as_u16()
+            ))),
+        }
+    }
+
+    /// RFC 7009 revocation of a refresh token. A 200 means revoked (or
+    /// already invalid, which the RFC treats the same).
+    pub async fn revoke(
+        &self,
+        url: &str,
+        auth: ClientAuth<'_>,
+        refresh_token: &str,
+    ) -> Result<(), ProviderError> {
+        let response = self
+            .post(
+                url,
+                auth,
+                &[
+                    ("token", refresh_token),
+                    ("token_type_hint", "refresh_token"),
+                ],
+            )
+            .send()
+            .await
+            .map_err(|err| ProviderError::Unavailable(err.without_url().to_string()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = read_capped(response).await.unwrap_or_default();
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(error) if !status.is_server_error() => Err(ProviderError::Rejected {
+                error: tidy(&error.error, 64),
+                description: tidy(error.error_description.as_deref().unwrap_or_default(), 200),
+                status: status.as_u16(),
+            }),
+            _ => Err(ProviderError::Unavailable(format!(
+                "revocation endpoint answered HTTP {}",
+                status.as_u16()
+            ))),
+        }
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| ProviderError::Unavailable(err.without_url().to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ProviderError::Unavailable(
+                "the provider's response is too large".to_owned(),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding_follows_the_html_rules() {
+        assert_eq!(form_encode("a b+c/d:é"), "a+b%2Bc%2Fd%3A%C3%A9");
+        assert_eq!(
+            form_body(&[("grant_type", "refresh_token"), ("scope", "read write")]),
+            "grant_type=refresh_token&scope=read+write"
+        );
+    }
+
+    #[test]
+    fn grants_never_print_their_tokens() {
+        let grant: TokenGrant = serde_json::from_str(
+            r#"{"access_token":"AT-secret","refresh_token":"RT-secret","expires_in":"3600","token_type":"Bearer"}"#,
+        )
+        .unwrap();
+        let printed = format!("{grant:?}");
+        assert!(!printed.contains("AT-secret") && !printed.contains("RT-secret"));
+        assert_eq!(grant.expires_in, Some(3600));
+    }
+
+    #[tokio::test]
+    async fn one_flight_per_key_while_held() {
+        let client = OAuthClient::new(1_000).unwrap();
+        let a = client.flight("con_1");
+        let b = client.flight("con_1");
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = client.flight("con_2");
+        assert!(!Arc::ptr_eq(&a, &c));
+        drop((a, b));
+        let d = client.flight("con_1");
+        assert_eq!(Arc::strong_count(&d), 1);
+    }
+}
