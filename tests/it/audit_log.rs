@@ -27,12 +27,13 @@ use vaultguard_server::audit::PLATFORM_LOG;
 use vaultguard_server::clock::Clock;
 use vaultguard_server::config::TrustedIssuer;
 use vaultguard_server::store::entities::audit_event;
+use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 use vaultguard_tests::{
     Backend, TestOptions, TestServer, backend, expect_code, expect_invalid, expect_reason,
 };
 
 use crate::delegations::{Pair, ask, setup_pair};
-use crate::policies::{add_rule, inbound};
+use crate::policies::{add_rule, inbound, with_counterpart};
 
 use pb::export_audit_events_response::Part;
 use pb::tail_audit_events_response::Item;
@@ -73,8 +74,7 @@ const READ_ONLY: &[&str] = &[
 
 /// RPCs that change state (or are audited by contract, like the
 /// EvaluatePolicy dry run and token verification), with the event types
-/// each may write. The VaultService entries are the planned types of RPCs
-/// not implemented yet.
+/// each may write.
 const AUDITED: &[(&str, &[&str])] = &[
     ("TenantService/CreateTenant", &["tenant.created"]),
     ("TenantService/SuspendTenant", &["tenant.suspended"]),
@@ -146,7 +146,12 @@ const AUDITED: &[(&str, &[&str])] = &[
     ("VaultService/DeleteOAuthProvider", &["provider.deleted"]),
     (
         "VaultService/StartConnection",
-        &["connection.started", "connection.connected"],
+        &[
+            "connection.started",
+            "connection.connected",
+            "connection.callback_refused",
+            "connection.failed",
+        ],
     ),
     (
         "VaultService/DeleteConnection",
@@ -154,11 +159,19 @@ const AUDITED: &[(&str, &[&str])] = &[
     ),
     (
         "VaultService/ExchangeToken",
-        &["connection.token_exchanged", "connection.needs_reauth"],
+        &[
+            "connection.token_exchanged",
+            "connection.needs_reauth",
+            "connection.exchange_refused",
+            "delegation.decided",
+        ],
     ),
     ("VaultService/CreateSigningKey", &["key.created"]),
     ("VaultService/DisableSigningKey", &["key.disabled"]),
-    ("VaultService/Sign", &["key.signed"]),
+    (
+        "VaultService/Sign",
+        &["key.signed", "key.sign_refused", "delegation.decided"],
+    ),
 ];
 
 /// The areas an event type may start with (AuditService's contract).
@@ -896,6 +909,243 @@ async fn step_up_of(
     (challenge.auth_req_id, step_up_id, shown.request_hash)
 }
 
+/// The VaultService part of the walk: a real local OAuth provider, one
+/// connection through the HTTP callback, an exchange, a signing key and a
+/// signature, then everything taken down again.
+#[allow(clippy::too_many_lines)]
+async fn walk_vault(
+    walk: &mut Walk,
+    acme: &str,
+    admin: &VaultGuardClient,
+    agent: &VaultGuardClient,
+) {
+    let provider = FakeProvider::start(ProviderOptions::default()).await;
+    walk.secrets
+        .push(provider.client_secret().expect("secret").to_owned());
+    add_rule(
+        admin,
+        with_counterpart(acme, inbound("exchange:walk-idp", pb::Effect::Allow)),
+    )
+    .await;
+    add_rule(
+        admin,
+        with_counterpart(acme, inbound("sign:walk-key", pb::Effect::Allow)),
+    )
+    .await;
+
+    let rpc = "VaultService/CreateOAuthProvider";
+    let rid = walk.rid(rpc);
+    let request = pb::CreateOAuthProviderRequest {
+        name: "walk-idp".to_owned(),
+        authorize_url: provider.authorize_url(),
+        token_url: provider.token_url(),
+        revocation_url: provider.revocation_url(),
+        client_id: provider.client_id().to_owned(),
+        client_secret: provider.client_secret().expect("secret").to_owned(),
+        scopes: vec!["read".to_owned()],
+        extra_authorize_params: HashMap::new(),
+    };
+    let created = admin
+        .vault()
+        .create_o_auth_provider(tagged(admin, request, &rid).await)
+        .await
+        .expect("create provider")
+        .into_inner()
+        .provider
+        .expect("provider");
+    walk.expect(rpc, &rid, &[acme], &["provider.created"]);
+
+    let rpc = "VaultService/UpdateOAuthProvider";
+    let rid = walk.rid(rpc);
+    let request = pb::UpdateOAuthProviderRequest {
+        provider_id: created.id.clone(),
+        authorize_url: provider.authorize_url(),
+        token_url: provider.token_url(),
+        revocation_url: provider.revocation_url(),
+        client_id: provider.client_id().to_owned(),
+        scopes: vec!["read".to_owned(), "write".to_owned()],
+        ..Default::default()
+    };
+    admin
+        .vault()
+        .update_o_auth_provider(tagged(admin, request, &rid).await)
+        .await
+        .expect("update provider");
+    walk.expect(rpc, &rid, &[acme], &["provider.updated"]);
+    let request = pb::GetOAuthProviderRequest {
+        provider_id: created.id.clone(),
+    };
+    admin
+        .vault()
+        .get_o_auth_provider(req(admin, request).await)
+        .await
+        .expect("get provider");
+    walk.read("VaultService/GetOAuthProvider");
+    admin
+        .vault()
+        .list_o_auth_providers(req(admin, pb::ListOAuthProvidersRequest::default()).await)
+        .await
+        .expect("list providers");
+    walk.read("VaultService/ListOAuthProviders");
+
+    let rpc = "VaultService/StartConnection";
+    let rid = walk.rid(rpc);
+    let request = pb::StartConnectionRequest {
+        provider_id: created.id.clone(),
+        ..Default::default()
+    };
+    let started = admin
+        .vault()
+        .start_connection(tagged(admin, request, &rid).await)
+        .await
+        .expect("start connection")
+        .into_inner();
+    walk.expect(rpc, &rid, &[acme], &["connection.started"]);
+    // The browser's round trip: the provider's redirect, then the callback
+    // under its own request id.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("browser");
+    let to_callback = browser
+        .get(&started.authorize_url)
+        .send()
+        .await
+        .expect("authorize");
+    let location = to_callback.headers()[reqwest::header::LOCATION]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let rid = walk.rid("callback");
+    let landed = browser
+        .get(&location)
+        .header("x-request-id", &rid)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(landed.status(), reqwest::StatusCode::OK);
+    walk.expect(rpc, &rid, &[acme], &["connection.connected"]);
+    let connection_id = started.connection.expect("connection").id;
+    let request = pb::GetConnectionRequest {
+        connection_id: connection_id.clone(),
+    };
+    let connection = admin
+        .vault()
+        .get_connection(req(admin, request).await)
+        .await
+        .expect("get connection")
+        .into_inner()
+        .connection
+        .expect("connection");
+    assert_eq!(connection.status, pb::ConnectionStatus::Connected as i32);
+    walk.read("VaultService/GetConnection");
+    admin
+        .vault()
+        .list_connections(req(admin, pb::ListConnectionsRequest::default()).await)
+        .await
+        .expect("list connections");
+    walk.read("VaultService/ListConnections");
+
+    let rpc = "VaultService/ExchangeToken";
+    let rid = walk.rid(rpc);
+    let request = pb::ExchangeTokenRequest {
+        grant_type: vaultguard_client::GRANT_TYPE_TOKEN_EXCHANGE.to_owned(),
+        connection_id: connection_id.clone(),
+        ..Default::default()
+    };
+    let exchanged = agent
+        .vault()
+        .exchange_token(tagged(agent, request, &rid).await)
+        .await
+        .expect("exchange")
+        .into_inner();
+    walk.expect(rpc, &rid, &[acme], &["connection.token_exchanged"]);
+    walk.secrets.push(exchanged.access_token);
+    walk.secrets.extend(provider.issued_refresh_tokens());
+    walk.secrets.extend(provider.issued_access_tokens());
+
+    let rpc = "VaultService/CreateSigningKey";
+    let rid = walk.rid(rpc);
+    let request = pb::CreateSigningKeyRequest {
+        name: "walk-key".to_owned(),
+        algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
+        description: "audit walk".to_owned(),
+    };
+    let key = admin
+        .vault()
+        .create_signing_key(tagged(admin, request, &rid).await)
+        .await
+        .expect("create key")
+        .into_inner()
+        .key
+        .expect("key");
+    walk.expect(rpc, &rid, &[acme], &["key.created"]);
+    agent.public_key(&key.id).await.expect("get key");
+    walk.read("VaultService/GetSigningKey");
+    agent
+        .vault()
+        .list_signing_keys(req(agent, pb::ListSigningKeysRequest::default()).await)
+        .await
+        .expect("list keys");
+    walk.read("VaultService/ListSigningKeys");
+    let rpc = "VaultService/Sign";
+    let rid = walk.rid(rpc);
+    let request = pb::SignRequest {
+        key_id: key.id.clone(),
+        payload: Some(pb::sign_request::Payload::Digest(vec![7; 32])),
+        idempotency_key: "walk-sign".to_owned(),
+        ..Default::default()
+    };
+    let signed = agent
+        .vault()
+        .sign(tagged(agent, request, &rid).await)
+        .await
+        .expect("sign")
+        .into_inner();
+    assert!(matches!(
+        signed.outcome,
+        Some(pb::sign_response::Outcome::Signed(_))
+    ));
+    walk.expect(rpc, &rid, &[acme], &["key.signed"]);
+    let rpc = "VaultService/DisableSigningKey";
+    let rid = walk.rid(rpc);
+    let request = pb::DisableSigningKeyRequest {
+        key_id: key.id.clone(),
+        reason: "audit walk".to_owned(),
+    };
+    admin
+        .vault()
+        .disable_signing_key(tagged(admin, request, &rid).await)
+        .await
+        .expect("disable key");
+    walk.expect(rpc, &rid, &[acme], &["key.disabled"]);
+
+    let rpc = "VaultService/DeleteConnection";
+    let rid = walk.rid(rpc);
+    let request = pb::DeleteConnectionRequest {
+        connection_id: connection_id.clone(),
+    };
+    let deleted = admin
+        .vault()
+        .delete_connection(tagged(admin, request, &rid).await)
+        .await
+        .expect("delete connection")
+        .into_inner();
+    assert!(deleted.revoked_at_provider);
+    walk.expect(rpc, &rid, &[acme], &["connection.disconnected"]);
+    let rpc = "VaultService/DeleteOAuthProvider";
+    let rid = walk.rid(rpc);
+    let request = pb::DeleteOAuthProviderRequest {
+        provider_id: created.id.clone(),
+    };
+    admin
+        .vault()
+        .delete_o_auth_provider(tagged(admin, request, &rid).await)
+        .await
+        .expect("delete provider");
+    walk.expect(rpc, &rid, &[acme], &["provider.deleted"]);
+}
+
 #[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
@@ -1452,6 +1702,8 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         .into_inner();
     while stream.message().await.expect("export stream").is_some() {}
     walk.expect(rpc, &rid, &[globex.as_str()], &["audit.exported"]);
+
+    walk_vault(&mut walk, &acme, &acme_admin, &agent).await;
 
     // VaultService: each RPC still UNIMPLEMENTED is skipped; one that
     // answers anything else has landed and needs its exercise here.
