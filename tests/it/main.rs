@@ -24,4 +24,6 @@ mod sdk;
 mod secrets;
 mod step_ups;
 mod sweep;
+mod vault_connections;
+mod vault_signing;
 mod webhooks;

@@ -216,6 +216,20 @@ pub async fn list(
 
 // ---------------------------------------------------------------- connect
 
+/// How long a used or expired `state` is kept (so a late replay is still
+/// recognised and audited as one) before the sweeper deletes it.
+const STATE_RETENTION_MILLIS: Millis = 24 * 3600 * 1000;
+
+/// Deletes authorization states expired more than a day ago; run by the
+/// sweeper. Returns how many went.
+pub async fn prune_states(state: &AppState, now: Millis) -> Result<u64> {
+    Ok(oauth_state::Entity::delete_many()
+        .filter(oauth_state::Column::ExpiresAt.lt(now - STATE_RETENTION_MILLIS))
+        .exec(&state.db)
+        .await?
+        .rows_affected)
+}
+
 /// What StartConnection answers.
 #[derive(Debug)]
 pub struct Started {

@@ -1156,6 +1156,11 @@ pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver
                 }
             }
         }
+        if let Err(err) =
+            crate::domain::connections::prune_states(&state, state.clock.now_millis()).await
+        {
+            tracing::warn!(error = %err, "OAuth state pruning failed");
+        }
     }
 }
 
