@@ -686,7 +686,6 @@ impl VaultGuardClient {
                 id: step_up.delegation_id.clone(),
                 ..Default::default()
             }),
-            ..Default::default()
         };
         self.wait_for_step_up(&challenge, within).await?;
         match self.sign(message).await?.outcome {

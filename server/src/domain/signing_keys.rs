@@ -304,7 +304,7 @@ pub async fn disable(
 #[derive(Debug)]
 pub enum Signed {
     Signed {
-        row: signature::Model,
+        row: Box<signature::Model>,
         decision: Decision,
     },
     StepUp {
@@ -552,7 +552,10 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             state.audit_committed();
             metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
                 .increment(1);
-            Ok(Signed::Signed { row, decision })
+            Ok(Signed::Signed {
+                row: Box::new(row),
+                decision,
+            })
         }
         Outcome::StepUp => {
             let delegation_row = delegations::new_row(
@@ -734,7 +737,10 @@ async fn replay(
     }
     let decision = stored_decision(&row)?;
     if row.status == SIG_SIGNED {
-        return Ok(Signed::Signed { row, decision });
+        return Ok(Signed::Signed {
+            row: Box::new(row),
+            decision,
+        });
     }
     let delegation_id = row
         .delegation_id
@@ -770,31 +776,26 @@ async fn replay(
             }
             sign_approved(state, ctx, key, input, row, decision, now).await
         }
-        step_ups::DENIED => Err(Error::denied(
+        step_ups::DENIED => Err(step_ups::ciba(
             ErrorReason::AccessDenied,
-            "an approver denied this signature",
+            "access_denied",
+            &[("delegation_id", delegation_id)],
         )),
-        _ => Err(Error::FailedPrecondition {
-            reason: ErrorReason::ExpiredToken,
-            message: "the step-up for this signature expired".to_owned(),
-            metadata: HashMap::from([("delegation_id".to_owned(), delegation_id)]),
-        }),
+        _ => Err(step_ups::ciba(
+            ErrorReason::ExpiredToken,
+            "expired_token",
+            &[("delegation_id", delegation_id)],
+        )),
     }
 }
 
 fn approval_ended(row: &delegation::Model, now: Millis) -> Error {
-    let status = delegations::effective_status(row, now);
-    if status == delegations::STATUS_EXPIRED {
-        Error::FailedPrecondition {
-            reason: ErrorReason::ExpiredToken,
-            message: "the approval for this signature expired".to_owned(),
-            metadata: HashMap::from([("delegation_id".to_owned(), row.id.clone())]),
-        }
+    let extra = [("delegation_id", row.id.clone())];
+    if delegations::effective_status(row, now) == delegations::STATUS_EXPIRED {
+        step_ups::ciba(ErrorReason::ExpiredToken, "expired_token", &extra)
     } else {
-        Error::denied(
-            ErrorReason::AccessDenied,
-            format!("the approval for this signature was {status}"),
-        )
+        // Revoked or relinquished after the approval.
+        step_ups::ciba(ErrorReason::AccessDenied, "access_denied", &extra)
     }
 }
 
@@ -859,7 +860,7 @@ async fn sign_approved(
         .filter(|r| r.status == SIG_SIGNED)
         .ok_or(Error::Conflict("concurrent signing"))?;
     Ok(Signed::Signed {
-        row: stored,
+        row: Box::new(stored),
         decision,
     })
 }

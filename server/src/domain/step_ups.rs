@@ -112,7 +112,7 @@ pub fn effective_state(
 }
 
 /// A CIBA outcome as an error: ErrorInfo `reason`, metadata `ciba_error`.
-fn ciba(reason: ErrorReason, ciba_error: &str, extra: &[(&str, String)]) -> Error {
+pub(crate) fn ciba(reason: ErrorReason, ciba_error: &str, extra: &[(&str, String)]) -> Error {
     let mut metadata =
         std::collections::HashMap::from([("ciba_error".to_owned(), ciba_error.to_owned())]);
     for (key, value) in extra {

@@ -284,7 +284,7 @@ impl VaultService for VaultApi {
         Ok(Response::new(match signed {
             Signed::Signed { row, decision } => pb::SignResponse {
                 decision: Some(decision.redacted_for(&viewer).to_proto()),
-                outcome: Some(pb::sign_response::Outcome::Signed(signed_payload(row)?)),
+                outcome: Some(pb::sign_response::Outcome::Signed(signed_payload(*row)?)),
             },
             Signed::StepUp {
                 auth_req_id,
