@@ -5,7 +5,7 @@
 //! caller's tenant comes from its credential, so a tenant can only ever read
 //! its own log.
 
-use sea_orm::{ConnectionTrait, QueryResult, Statement, Value as DbValue};
+use sea_orm::{ConnectionTrait, QueryResult, Statement, TransactionTrait, Value as DbValue};
 use serde_json::{Value, json};
 use vaultguard_proto::v1 as pb;
 
@@ -156,18 +156,24 @@ fn row_of(row: &QueryResult) -> Result<AuditRow> {
 }
 
 async fn query(state: &AppState, sql: &str, values: Vec<DbValue>) -> Result<Vec<AuditRow>> {
-    let backend = state.db.get_database_backend();
-    state
-        .db
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(backend, sql),
-            values,
-        ))
-        .await?
-        .iter()
-        .map(row_of)
-        .collect()
+    query_on(&state.db, sql, values).await
+}
+
+async fn query_on(
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    values: Vec<DbValue>,
+) -> Result<Vec<AuditRow>> {
+    let backend = conn.get_database_backend();
+    conn.query_all_raw(Statement::from_sql_and_values(
+        backend,
+        placeholders(backend, sql),
+        values,
+    ))
+    .await?
+    .iter()
+    .map(row_of)
+    .collect()
 }
 
 fn limit(n: u64) -> DbValue {
@@ -339,6 +345,19 @@ pub async fn list(
         None => (0, None),
     };
 
+    // Both phases read one snapshot: an event the sealer links between the
+    // sealed and the unsealed query would otherwise be in neither.
+    let snapshot = if crate::store::is_postgres(&state.db) {
+        state
+            .db
+            .begin_with_config(
+                Some(sea_orm::IsolationLevel::RepeatableRead),
+                Some(sea_orm::AccessMode::ReadOnly),
+            )
+            .await?
+    } else {
+        state.db.begin().await?
+    };
     let mut rows: Vec<AuditRow> = Vec::new();
     while phase_index < phases.len() && u64::try_from(rows.len()).unwrap_or(0) <= size {
         let sealed = phases[phase_index];
@@ -382,10 +401,11 @@ pub async fn list(
             if oldest { "ASC" } else { "DESC" }
         ));
         values.push(limit(size + 1 - u64::try_from(rows.len()).unwrap_or(0)));
-        rows.extend(query(state, &sql, values).await?);
+        rows.extend(query_on(&snapshot, &sql, values).await?);
         phase_index += 1;
         after = None;
     }
+    snapshot.commit().await?;
     let (rows, next) = page::finish(rows, size, &scope, |row| match row.seq {
         Some(seq) => format!("s:{seq}"),
         None => format!("u:{}", row.event.id),
