@@ -1,0 +1,473 @@
+//! `vaultguard-bench`: starts the real `vaultguard serve` as a child process
+//! on a fresh database, sets up tenants, agents, rules, keys and a connected
+//! account over gRPC, then drives each scenario with the SDK in a closed
+//! loop (`--concurrency`) or at a fixed arrival rate (`--rate`) and prints
+//! one table per backend: throughput, latency percentiles, errors and the
+//! server's CPU-seconds per 1,000 operations (utime + stime of
+//! `/proc/<pid>/stat`, before and after each measured run).
+//!
+//! ```sh
+//! scripts/bench.sh --duration 5
+//! vaultguard-bench --backend sqlite --scenarios token.issue,verify --rate 500
+//! ```
+
+mod fixture;
+mod load;
+mod peer;
+mod scenarios;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use crate::fixture::Fixture;
+use crate::load::{Measured, Mode};
+use crate::server::{Backend, PgDatabase, ServerProcess, ServerSpec};
+
+#[derive(Parser, Debug)]
+#[command(name = "vaultguard-bench", about = "VaultGuard load benchmarks")]
+struct Args {
+    /// Backends to run, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "postgres,sqlite"
+    )]
+    backend: Vec<Backend>,
+    /// Scenarios to run (default: all); see --list.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Lists the scenarios and exits.
+    #[arg(long)]
+    list: bool,
+    /// Closed loop: operations in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Open loop: operations per second (fixed arrival rate; latency from
+    /// each operation's scheduled send time). Overrides --concurrency.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measured seconds per scenario.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured seconds before each scenario.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// gRPC channels (HTTP/2 connections) the load is spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Step-up flows in flight at once, closed loop even with --rate (the
+    /// latency is approve → notified).
+    #[arg(long, default_value_t = 1)]
+    stepup_concurrency: usize,
+    /// Delegation tokens in the Verify pool (1% of them revoked).
+    #[arg(long, default_value_t = 10_000)]
+    verify_pool: usize,
+    /// The server binary (default: `vaultguard` next to this one).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// PostgreSQL without a database name; a fresh database
+    /// `vaultguard_bench_<random>` is created there and dropped after.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pg_url: String,
+    /// Also run the peer (node oidc-provider, tests/bench/peer) and compare
+    /// token.issue and delegation.allow.* with it, interleaved A/B/A/B.
+    #[arg(long)]
+    peer: bool,
+    /// node processes of the peer (node:cluster workers on one port).
+    #[arg(long, default_value_t = 2)]
+    peer_workers: usize,
+    /// A/B rounds per compared scenario (each round `--duration` seconds).
+    #[arg(long, default_value_t = 2)]
+    peer_rounds: usize,
+    /// The server's RUST_LOG.
+    #[arg(long, default_value = "warn")]
+    server_log: String,
+}
+
+/// One line of a table.
+struct Row {
+    scenario: String,
+    measured: Measured,
+    server_cpu: f64,
+    load_cpu: f64,
+}
+
+fn per_thousand(cpu: f64, ops: u64) -> String {
+    if ops == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.3}", cpu * 1000.0 / ops as f64)
+    }
+}
+
+fn print_table(title: &str, rows: &[Row]) {
+    print_rows(title, &rows.iter().collect::<Vec<_>>());
+}
+
+fn print_rows(title: &str, rows: &[&Row]) {
+    println!();
+    println!("{title}");
+    println!(
+        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12}",
+        "scenario",
+        "ops",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "errors",
+        "srv CPU-s/1k",
+        "load CPU-s/1k"
+    );
+    for row in rows {
+        let m = &row.measured;
+        println!(
+            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12}",
+            row.scenario,
+            m.ops,
+            m.throughput(),
+            m.millis(0.50),
+            m.millis(0.99),
+            m.millis(0.999),
+            m.errors,
+            per_thousand(row.server_cpu, m.ops),
+            per_thousand(row.load_cpu, m.ops)
+        );
+    }
+    for row in rows {
+        if let Some(error) = &row.measured.first_error {
+            println!("  {}: first error: {error}", row.scenario);
+        }
+    }
+}
+
+fn server_binary(args: &Args) -> Result<PathBuf> {
+    let binary = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory of the bench binary")?
+            .join("vaultguard"),
+    };
+    if !binary.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p vaultguard-server --bin vaultguard",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// The scenarios to run, checked against [`scenarios::ALL`].
+fn selected(args: &Args, backend: Backend) -> Result<Vec<String>> {
+    let mut names: Vec<String> = if args.scenarios.is_empty() {
+        scenarios::ALL.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    for name in &names {
+        if !scenarios::ALL.contains(&name.as_str()) {
+            bail!(
+                "unknown scenario {name}; known: {}",
+                scenarios::ALL.join(", ")
+            );
+        }
+    }
+    if backend == Backend::Sqlite {
+        // One process per SQLite file: there is no second replica.
+        names.retain(|name| name != "stepup.cross_replica");
+    }
+    Ok(names)
+}
+
+fn mode_of(args: &Args, name: &str) -> Mode {
+    // Step-ups time one part of a longer flow: always closed loop.
+    match (args.rate, name.starts_with("stepup.")) {
+        (_, true) => Mode::Closed {
+            concurrency: args.stepup_concurrency,
+        },
+        (Some(rate), false) => Mode::Open { rate },
+        (None, false) => Mode::Closed {
+            concurrency: args.concurrency,
+        },
+    }
+}
+
+/// Something whose CPU time a measurement charges to the operations.
+trait CpuSource {
+    fn cpu_seconds(&self) -> Result<f64>;
+}
+
+impl CpuSource for ServerProcess {
+    fn cpu_seconds(&self) -> Result<f64> {
+        ServerProcess::cpu_seconds(self)
+    }
+}
+
+impl CpuSource for peer::Peer {
+    fn cpu_seconds(&self) -> Result<f64> {
+        peer::Peer::cpu_seconds(self)
+    }
+}
+
+fn total_cpu(sources: &[&dyn CpuSource]) -> Result<f64> {
+    sources.iter().map(|s| s.cpu_seconds()).sum()
+}
+
+/// Measures `op` for `--duration` (after `warm_up`), charging the CPU time
+/// of `sources` and of this process to it.
+async fn measure(
+    args: &Args,
+    name: &str,
+    op: &load::Op,
+    sources: &[&dyn CpuSource],
+    warm_up: f64,
+) -> Result<Row> {
+    let mode = mode_of(args, name);
+    let seq = Arc::new(AtomicU64::new(0));
+    if warm_up > 0.0 {
+        load::run(op, mode, Duration::from_secs_f64(warm_up), &seq).await?;
+    }
+    let own = || server::cpu_seconds(std::process::id());
+    let (server_before, load_before) = (total_cpu(sources)?, own()?);
+    let measured = load::run(op, mode, Duration::from_secs_f64(args.duration), &seq).await?;
+    Ok(Row {
+        scenario: name.to_owned(),
+        server_cpu: total_cpu(sources)? - server_before,
+        load_cpu: own()? - load_before,
+        measured,
+    })
+}
+
+/// Adds `other` (a later round of the same scenario) to `total`.
+fn accumulate(total: &mut Option<Row>, other: Row) -> Result<()> {
+    match total {
+        None => *total = Some(other),
+        Some(row) => {
+            row.measured.elapsed += other.measured.elapsed;
+            row.measured.merge(other.measured)?;
+            row.server_cpu += other.server_cpu;
+            row.load_cpu += other.load_cpu;
+        }
+    }
+    Ok(())
+}
+
+/// Ours against the peer, A/B/A/B, for the scenarios both can run.
+async fn compare_with_peer(
+    args: &Args,
+    backend: Backend,
+    scene: &scenarios::Scene<'_>,
+    names: &[String],
+) -> Result<()> {
+    let peer = peer::Peer::start(args.peer_workers).await?;
+    eprintln!(
+        "[{}] peer: oidc-provider on port {} (pids {:?})",
+        backend.name(),
+        peer.port,
+        peer.pids
+    );
+    let pairs = [
+        ("token.issue", "rs256"),
+        ("delegation.allow.rs256", "rs256"),
+        ("delegation.allow.es256", "es256"),
+        ("delegation.allow.eddsa", "eddsa"),
+    ];
+    let mut lines = Vec::new();
+    for (ours_name, algorithm) in pairs {
+        if !names.iter().any(|n| n == ours_name) {
+            continue;
+        }
+        eprintln!(
+            "[{}] {ours_name} vs peer {algorithm}, A/B/A/B",
+            backend.name()
+        );
+        let ours = scenarios::prepare(ours_name, scene).await?;
+        let theirs = peer.token_op(algorithm);
+        let (mut a, mut b) = (None, None);
+        for round in 0..args.peer_rounds.max(1) {
+            let warm_up = if round == 0 { args.warmup } else { 0.0 };
+            let row = measure(args, ours_name, &ours, &[scene.server], warm_up).await?;
+            accumulate(&mut a, row)?;
+            let peer_name = format!("peer.{algorithm}");
+            let row = measure(args, &peer_name, &theirs, &[&peer], warm_up).await?;
+            accumulate(&mut b, row)?;
+        }
+        if let (Some(a), Some(b)) = (a, b) {
+            lines.push((a, b));
+        }
+    }
+    peer.stop().await?;
+
+    let rows: Vec<&Row> = lines.iter().flat_map(|(a, b)| [a, b]).collect();
+    print_rows(
+        &format!(
+            "{} · ours vs peer (node oidc-provider, {} workers, JWT access tokens, nothing \
+             persisted) · {} rounds A/B of {} s each, merged",
+            backend.name(),
+            args.peer_workers,
+            args.peer_rounds,
+            args.duration
+        ),
+        &rows,
+    );
+    println!(
+        "{:<26} {:>12} {:>12} {:>14}",
+        "ours / peer", "ops/s ratio", "p99 ratio", "CPU/1k ratio"
+    );
+    for (a, b) in &lines {
+        let cpu_a = a.server_cpu / a.measured.ops.max(1) as f64;
+        let cpu_b = b.server_cpu / b.measured.ops.max(1) as f64;
+        println!(
+            "{:<26} {:>12.2} {:>12.2} {:>14.2}",
+            a.scenario,
+            a.measured.throughput() / b.measured.throughput().max(f64::EPSILON),
+            a.measured.millis(0.99) / b.measured.millis(0.99).max(f64::EPSILON),
+            cpu_a / cpu_b.max(f64::EPSILON)
+        );
+    }
+    Ok(())
+}
+
+async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<()> {
+    let names = selected(args, backend)?;
+    let work_dir = tempfile::tempdir()?;
+    let database = match backend {
+        Backend::Postgres => Some(PgDatabase::create(&args.pg_url).await?),
+        Backend::Sqlite => None,
+    };
+    let url = database.as_ref().map(PgDatabase::url).unwrap_or_default();
+    let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
+    spec.log_filter = args.server_log.clone();
+    let outcome = run_on(args, backend, &spec, &names).await;
+    if let Some(database) = database {
+        database.drop_now().await?;
+    }
+    if outcome.is_err() {
+        eprintln!("server logs in {} (kept)", work_dir.keep().display());
+    }
+    outcome
+}
+
+async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[String]) -> Result<()> {
+    let server = ServerProcess::start(spec, "primary").await?;
+    // Idle: let startup's background work (sealer, sweeper, health) settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_rss = server.rss_mib()?;
+    eprintln!(
+        "[{}] server pid {} (gRPC {}, HTTP {}) SERVING after {:.0} ms, idle RSS {idle_rss:.1} MiB",
+        backend.name(),
+        server.pid,
+        server.grpc_addr,
+        server.http_addr,
+        server.startup.as_secs_f64() * 1000.0
+    );
+    let mut fixture = Fixture::set_up(&server).await?;
+    if names.iter().any(|n| n == "exchange.cached") {
+        fixture.connect_account().await?;
+    }
+    let replica = if names.iter().any(|n| n == "stepup.cross_replica") {
+        Some(ServerProcess::start(spec, "replica").await?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for name in names {
+        let scene = scenarios::Scene {
+            fixture: &fixture,
+            server: &server,
+            replica: replica.as_ref(),
+            connections: args.connections,
+            concurrency: args.concurrency,
+            verify_pool: args.verify_pool,
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        eprintln!("[{}] {name}", backend.name());
+        let op = scenarios::prepare(name, &scene).await?;
+        let mut servers: Vec<&dyn CpuSource> = vec![&server];
+        if name == "stepup.cross_replica"
+            && let Some(replica) = &replica
+        {
+            servers.push(replica);
+        }
+        rows.push(measure(args, name, &op, &servers, args.warmup).await?);
+    }
+    let load = match args.rate {
+        Some(rate) => format!("open loop at {rate} ops/s"),
+        None => format!(
+            "closed loop, concurrency {} (step-up {})",
+            args.concurrency, args.stepup_concurrency
+        ),
+    };
+    print_table(
+        &format!(
+            "{} · {load} · {} connections · {} s measured after {} s warm-up · \
+             startup to SERVING {:.0} ms · idle RSS {idle_rss:.1} MiB · RSS now {:.1} MiB",
+            backend.name(),
+            args.connections,
+            args.duration,
+            args.warmup,
+            server.startup.as_secs_f64() * 1000.0,
+            server.rss_mib()?
+        ),
+        &rows,
+    );
+    if args.peer {
+        let scene = scenarios::Scene {
+            fixture: &fixture,
+            server: &server,
+            replica: None,
+            connections: args.connections,
+            concurrency: args.concurrency,
+            verify_pool: args.verify_pool,
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        compare_with_peer(args, backend, &scene, names).await?;
+    }
+    if let Some(replica) = replica {
+        replica.stop().await?;
+    }
+    server.stop().await?;
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.list {
+        for name in scenarios::ALL {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let binary = server_binary(&args)?;
+    for backend in &args.backend {
+        run_backend(&args, *backend, binary.clone()).await?;
+    }
+    println!();
+    println!(
+        "stepup.* latency is ApproveStepUp sent → APPROVED received on the watch; \
+         ops/s there counts whole request/approve/watch flows."
+    );
+    println!(
+        "CPU-s/1k = CPU seconds (user + system) the server process (srv) or this \
+         load tool (load) spent per 1,000 successful operations."
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // The load tool gets the same two cores as the server; two workers keep
+    // it from oversubscribing them.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}

@@ -1,0 +1,354 @@
+//! The server under test as a child process: free ports, a config file, the
+//! database (a fresh PostgreSQL database or SQLite in a temp dir), readiness
+//! through `grpc.health.v1`, bootstrap tokens from the `token` subcommand,
+//! and its CPU time and resident set from `/proc/<pid>`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use sea_orm::{ConnectionTrait, Database};
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use vaultguard_client::VaultGuardClient;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`sysconf(_SC_CLK_TCK)`):
+/// 100 on every Linux architecture this runs on (`getconf CLK_TCK`).
+const CLK_TCK: f64 = 100.0;
+
+/// The user + system CPU seconds `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count from its ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime is field 14, stime field 15.
+    let ticks = |index: usize| -> Result<f64> {
+        let value: u64 = fields
+            .get(index)
+            .context("short /proc/<pid>/stat")?
+            .parse()?;
+        Ok(value as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / CLK_TCK)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM), in MiB.
+pub fn status_mib(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kib as f64 / 1024.0)
+}
+
+/// A free TCP port of 127.0.0.1 (bound, then released for the server).
+fn free_addr() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Which database the server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A fresh PostgreSQL database, dropped by [`PgDatabase::drop_now`].
+pub struct PgDatabase {
+    base_url: String,
+    pub name: String,
+}
+
+impl PgDatabase {
+    /// Starts the local cluster if it is not answering, then creates
+    /// `vaultguard_bench_<random>`.
+    pub async fn create(base_url: &str) -> Result<Self> {
+        ensure_postgres_running().await?;
+        let name = format!("vaultguard_bench_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(format!("{base_url}/postgres"))
+            .await
+            .with_context(|| format!("connect to {base_url}/postgres"))?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        admin.close().await.ok();
+        Ok(Self {
+            base_url: base_url.to_owned(),
+            name,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.base_url, self.name)
+    }
+
+    pub async fn drop_now(self) -> Result<()> {
+        let admin = Database::connect(format!("{}/postgres", self.base_url)).await?;
+        admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        admin.close().await.ok();
+        Ok(())
+    }
+}
+
+async fn pg_ready() -> bool {
+    Command::new("pg_isready")
+        .args(["-q", "-h", "127.0.0.1", "-p", "5432"])
+        .status()
+        .await
+        .is_ok_and(|status| status.success())
+}
+
+/// `pg_ctlcluster --skip-systemctl-redirect <version> main start` when the
+/// local cluster does not answer.
+async fn ensure_postgres_running() -> Result<()> {
+    if pg_ready().await {
+        return Ok(());
+    }
+    let version = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL is not running and /etc/postgresql is missing")?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .min()
+        .context("no cluster under /etc/postgresql")?;
+    eprintln!("starting PostgreSQL {version}");
+    let status = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "start"])
+        .status()
+        .await?;
+    ensure!(status.success(), "pg_ctlcluster failed: {status}");
+    for _ in 0..60 {
+        if pg_ready().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("PostgreSQL did not become ready")
+}
+
+/// Everything one server process (or a replica of it) is started with.
+#[derive(Clone)]
+pub struct ServerSpec {
+    pub binary: PathBuf,
+    pub work_dir: PathBuf,
+    /// Empty: SQLite in the data dir.
+    pub database_url: String,
+    /// Base64 of the master key every replica shares.
+    pub master_key: String,
+    /// `RUST_LOG` of the server.
+    pub log_filter: String,
+}
+
+impl ServerSpec {
+    pub fn new(binary: PathBuf, work_dir: &Path, database_url: String) -> Result<Self> {
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("no randomness"))?;
+        Ok(Self {
+            binary,
+            work_dir: work_dir.to_path_buf(),
+            database_url,
+            master_key: base64::engine::general_purpose::STANDARD.encode(key),
+            log_filter: "warn".to_owned(),
+        })
+    }
+}
+
+/// A running `vaultguard serve`.
+pub struct ServerProcess {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub pid: u32,
+    /// From spawn to health SERVING.
+    pub startup: Duration,
+    config_path: PathBuf,
+    spec: ServerSpec,
+    child: Child,
+}
+
+impl ServerProcess {
+    /// Writes `<work_dir>/<name>.toml`, spawns the server on free ports and
+    /// waits (up to 60 s) until its health says SERVING.
+    pub async fn start(spec: &ServerSpec, name: &str) -> Result<Self> {
+        let grpc_addr = free_addr()?;
+        let http_addr = free_addr()?;
+        let data_dir = spec.work_dir.join(format!("{name}-data"));
+        std::fs::create_dir_all(&data_dir)?;
+        // Replicas of one deployment share the issuer (the first one's).
+        let issuer_file = spec.work_dir.join("issuer");
+        let issuer = match std::fs::read_to_string(&issuer_file) {
+            Ok(issuer) => issuer,
+            Err(_) => {
+                let issuer = format!("http://{http_addr}");
+                std::fs::write(&issuer_file, &issuer)?;
+                issuer
+            }
+        };
+        let config = format!(
+            "data_dir = {data_dir:?}\n\
+             database_url = {database_url:?}\n\
+             master_key = {master_key:?}\n\
+             grpc_addr = \"{grpc_addr}\"\n\
+             http_addr = \"{http_addr}\"\n\
+             issuer = {issuer:?}\n\
+             oauth_allow_http = true\n\
+             database_max_connections = 16\n",
+            data_dir = data_dir.display().to_string(),
+            database_url = spec.database_url,
+            master_key = spec.master_key,
+        );
+        let config_path = spec.work_dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(spec.work_dir.join(format!("{name}.log")))?;
+        let started = Instant::now();
+        let child = Command::new(&spec.binary)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env("RUST_LOG", &spec.log_filter)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", spec.binary.display()))?;
+        let pid = child.id().context("the server exited at once")?;
+        let mut server = Self {
+            grpc_addr,
+            http_addr,
+            pid,
+            startup: Duration::ZERO,
+            config_path,
+            spec: spec.clone(),
+            child,
+        };
+        server.wait_serving().await?;
+        server.startup = started.elapsed();
+        Ok(server)
+    }
+
+    async fn wait_serving(&mut self) -> Result<()> {
+        let url = self.grpc_url();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the server exited during startup: {status}");
+            }
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect()
+                .await
+            {
+                let answer = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if answer.is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bail!("the server was not SERVING within 60 s")
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A fresh channel to this server, without credentials.
+    pub async fn anonymous(&self) -> Result<VaultGuardClient> {
+        Ok(VaultGuardClient::connect(self.grpc_url()).await?)
+    }
+
+    /// A fresh channel authenticated with a bootstrap token of `role`.
+    pub async fn human(&self, role: &str, tenant: Option<&str>) -> Result<VaultGuardClient> {
+        let token = self.mint(role, tenant).await?;
+        Ok(self.anonymous().await?.with_bearer(token))
+    }
+
+    /// `vaultguard token --role <role> [--tenant <id>]` on the same config
+    /// (database, master key, issuer) as the server.
+    pub async fn mint(&self, role: &str, tenant: Option<&str>) -> Result<String> {
+        let mut command = Command::new(&self.spec.binary);
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .args([
+                "token",
+                "--role",
+                role,
+                "--subject",
+                "bench",
+                "--ttl",
+                "86400",
+            ])
+            .env("RUST_LOG", "error");
+        if let Some(tenant) = tenant {
+            command.args(["--tenant", tenant]);
+        }
+        let output = command.output().await?;
+        ensure!(
+            output.status.success(),
+            "vaultguard token failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout)?.trim().to_owned();
+        ensure!(!token.is_empty(), "vaultguard token printed nothing");
+        Ok(token)
+    }
+
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds(self.pid)
+    }
+
+    pub fn rss_mib(&self) -> Result<f64> {
+        status_mib(self.pid, "VmRSS")
+    }
+
+    /// Stops the server gracefully (health NOT_SERVING, in-flight calls
+    /// finish), killing it after 10 s.
+    pub async fn stop(mut self) -> Result<()> {
+        terminate(&mut self.child, Duration::from_secs(10)).await
+    }
+}
+
+/// SIGTERM to a child this tool started, then SIGKILL after `grace`.
+pub async fn terminate(child: &mut Child, grace: Duration) -> Result<()> {
+    let Some(pid) = child.id() else {
+        return Ok(()); // already reaped
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        child.kill().await?;
+    }
+    Ok(())
+}
