@@ -599,7 +599,6 @@ pub async fn callback(
         .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| requested.clone());
-    let expires_in = grant.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
     let refresh = grant
         .refresh_token
         .as_deref()
@@ -608,7 +607,7 @@ pub async fn callback(
         .transpose()?;
     let has_refresh = refresh.is_some();
     let txn = state.db.begin().await?;
-    let updated = connection::Entity::update_many()
+    let update = connection::Entity::update_many()
         .col_expr(connection::Column::Status, Expr::value(STATUS_CONNECTED))
         .col_expr(
             connection::Column::Scopes,
@@ -621,29 +620,9 @@ pub async fn callback(
         .col_expr(
             connection::Column::RefreshTokenCiphertext,
             Expr::value(refresh),
-        )
-        .col_expr(
-            connection::Column::AccessTokenCiphertext,
-            Expr::value(Some(seal(
-                state,
-                Sealed::AccessToken,
-                &row.tenant_id,
-                &row.id,
-                &grant.access_token,
-            )?)),
-        )
-        .col_expr(
-            connection::Column::AccessTokenExpiresAt,
-            Expr::value(Some(now + millis_of(expires_in))),
-        )
-        .col_expr(
-            connection::Column::TokenType,
-            Expr::value(token_type(&grant)),
-        )
-        .col_expr(
-            connection::Column::AccessTokenScope,
-            Expr::value(granted_scope_text(&grant, &granted)),
-        )
+        );
+    let scope = granted_scope_text(&grant, &granted);
+    let updated = with_access_token(state, update, &row, &grant, &scope, now)?
         .col_expr(
             connection::Column::ExternalSubject,
             Expr::value(external_subject(grant.id_token.as_deref())),
@@ -655,7 +634,6 @@ pub async fn callback(
         )
         .col_expr(connection::Column::StatusReason, Expr::value(String::new()))
         .col_expr(connection::Column::UpdatedAt, Expr::value(now))
-        .col_expr(connection::Column::TokenVersion, next_token_version())
         .filter(connection::Column::Id.eq(row.id.clone()))
         .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
         .exec(&txn)
@@ -693,6 +671,44 @@ pub async fn callback(
     state.audit_committed();
     metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "connected").increment(1);
     Ok(finished(""))
+}
+
+/// Sets the cached access token's columns (sealed token, expiry, type,
+/// scope) from a token response, and bumps `token_version`.
+fn with_access_token(
+    state: &AppState,
+    update: sea_orm::UpdateMany<connection::Entity>,
+    row: &connection::Model,
+    grant: &TokenGrant,
+    scope: &str,
+    now: Millis,
+) -> Result<sea_orm::UpdateMany<connection::Entity>> {
+    let expires_in = grant.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
+    let sealed = seal(
+        state,
+        Sealed::AccessToken,
+        &row.tenant_id,
+        &row.id,
+        &grant.access_token,
+    )?;
+    Ok(update
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Some(sealed)),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Some(now + millis_of(expires_in))),
+        )
+        .col_expr(
+            connection::Column::TokenType,
+            Expr::value(token_type(grant)),
+        )
+        .col_expr(
+            connection::Column::AccessTokenScope,
+            Expr::value(scope.to_owned()),
+        )
+        .col_expr(connection::Column::TokenVersion, next_token_version()))
 }
 
 /// `token_version + 1`, for the conditional writes of the stored tokens.
@@ -802,7 +818,6 @@ pub async fn delete(
             Expr::value(revocation_note.clone()),
         )
         .col_expr(connection::Column::UpdatedAt, Expr::value(now))
-        .col_expr(connection::Column::TokenVersion, next_token_version())
         .filter(connection::Column::Id.eq(row.id.clone()))
         .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
         .exec(&txn)
@@ -1369,31 +1384,15 @@ async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
     let granted = string_list(&row.granted_scopes);
     let scope = granted_scope_text(&grant_result, &granted);
     let token_type = token_type(&grant_result);
-    let mut update = connection::Entity::update_many()
-        .col_expr(
-            connection::Column::AccessTokenCiphertext,
-            Expr::value(Some(seal(
-                state,
-                Sealed::AccessToken,
-                &row.tenant_id,
-                &row.id,
-                &grant_result.access_token,
-            )?)),
-        )
-        .col_expr(
-            connection::Column::AccessTokenExpiresAt,
-            Expr::value(Some(now + millis_of(expires_in))),
-        )
-        .col_expr(
-            connection::Column::TokenType,
-            Expr::value(token_type.clone()),
-        )
-        .col_expr(
-            connection::Column::AccessTokenScope,
-            Expr::value(scope.clone()),
-        )
-        .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)))
-        .col_expr(connection::Column::TokenVersion, next_token_version());
+    let mut update = with_access_token(
+        state,
+        connection::Entity::update_many(),
+        &row,
+        &grant_result,
+        &scope,
+        now,
+    )?
+    .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)));
     if let Some(new_refresh) = rotated.as_deref() {
         update = update.col_expr(
             connection::Column::RefreshTokenCiphertext,

@@ -40,3 +40,29 @@ pub fn parse_actor(stored: &str) -> Option<pb::Actor> {
         tenant_id: value.get("tenant_id")?.as_str()?.to_owned(),
     })
 }
+
+/// Inserts a new row and its audit event in one transaction. A unique
+/// violation (a taken name) answers ALREADY_EXISTS with `taken()`.
+pub(crate) async fn insert_audited<A>(
+    state: &crate::state::AppState,
+    active: A,
+    taken: impl FnOnce() -> String,
+    event: crate::audit::NewEvent,
+) -> Result<()>
+where
+    A: sea_orm::ActiveModelTrait + Send,
+{
+    use sea_orm::{EntityTrait, TransactionTrait};
+    let txn = state.db.begin().await?;
+    if let Err(err) = <A::Entity as EntityTrait>::insert(active).exec(&txn).await {
+        return Err(if crate::error::is_unique_violation(&err) {
+            Error::already_exists(taken())
+        } else {
+            err.into()
+        });
+    }
+    crate::audit::append(&txn, state.clock.as_ref(), event).await?;
+    txn.commit().await?;
+    state.audit_committed();
+    Ok(())
+}

@@ -15,8 +15,8 @@ use vaultguard_proto::v1 as pb;
 use crate::audit::{self, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::crypto::SealContext;
-use crate::domain::{actor_json, connections, page, to_json};
-use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
+use crate::domain::{actor_json, connections, insert_audited, page, to_json};
+use crate::error::{Error, FieldViolation, Result, Violations};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
 use crate::store::entities::{connection, oauth_provider};
@@ -260,29 +260,21 @@ pub async fn create(
         updated_at: now,
         created_by: actor_json(&ctx.principal.actor())?,
     };
-    let txn = state.db.begin().await?;
+    let event = ctx.audit().event(
+        &tenant_id,
+        "provider.created",
+        vec![row.id.clone()],
+        AuditOutcome::Success,
+        details(&row),
+    );
     let active: oauth_provider::ActiveModel = row.clone().into();
-    if let Err(err) = oauth_provider::Entity::insert(active).exec(&txn).await {
-        return Err(if is_unique_violation(&err) {
-            Error::already_exists(format!("a provider named {} exists", req.name))
-        } else {
-            err.into()
-        });
-    }
-    audit::append(
-        &txn,
-        state.clock.as_ref(),
-        ctx.audit().event(
-            &tenant_id,
-            "provider.created",
-            vec![row.id.clone()],
-            AuditOutcome::Success,
-            details(&row),
-        ),
+    insert_audited(
+        state,
+        active,
+        || format!("a provider named {} exists", req.name),
+        event,
     )
     .await?;
-    txn.commit().await?;
-    state.audit_committed();
     Ok(row)
 }
 

@@ -27,7 +27,7 @@ use crate::custody::{self, Algorithm, CustodyError, Payload, Scheme};
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
 use crate::domain::step_ups;
-use crate::domain::{actor_json, page, to_json};
+use crate::domain::{actor_json, insert_audited, page, to_json};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
@@ -160,35 +160,27 @@ pub async fn create(
         disabled_by: None,
         disable_reason: String::new(),
     };
-    let txn = state.db.begin().await?;
+    let event = ctx.audit().event(
+        &tenant_id,
+        "key.created",
+        vec![row.id.clone()],
+        AuditOutcome::Success,
+        json!({
+            "key_id": row.id,
+            "name": row.name,
+            "algorithm": row.algorithm,
+            "public_key": hex::encode(&row.public_key),
+            "ethereum_address": row.ethereum_address,
+        }),
+    );
     let active: custody_key::ActiveModel = row.clone().into();
-    if let Err(err) = custody_key::Entity::insert(active).exec(&txn).await {
-        return Err(if is_unique_violation(&err) {
-            Error::already_exists(format!("a signing key named {} exists", req.name))
-        } else {
-            err.into()
-        });
-    }
-    audit::append(
-        &txn,
-        state.clock.as_ref(),
-        ctx.audit().event(
-            &tenant_id,
-            "key.created",
-            vec![row.id.clone()],
-            AuditOutcome::Success,
-            json!({
-                "key_id": row.id,
-                "name": row.name,
-                "algorithm": row.algorithm,
-                "public_key": hex::encode(&row.public_key),
-                "ethereum_address": row.ethereum_address,
-            }),
-        ),
+    insert_audited(
+        state,
+        active,
+        || format!("a signing key named {} exists", req.name),
+        event,
     )
     .await?;
-    txn.commit().await?;
-    state.audit_committed();
     Ok(row)
 }
 
