@@ -75,6 +75,7 @@ pub async fn prepare(
         .map_err(|e| anyhow::anyhow!("cannot build the OAuth client: {e}"))?;
     Ok(AppState {
         oauth: Arc::new(oauth),
+        policy_cache: Arc::default(),
         db,
         clock,
         master,

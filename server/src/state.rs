@@ -31,6 +31,8 @@ pub struct AppState {
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
     /// The OAuth client of connected accounts and its single-flight locks.
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
+    /// Parsed policy rules by tenant, side and version.
+    pub policy_cache: Arc<crate::domain::policies::PolicyCache>,
 }
 
 impl AppState {

@@ -5,6 +5,8 @@
 //! tenant's `policy_version` and appends the audit event, so the version a
 //! decision reports names exactly the rules it saw.
 
+use std::sync::Arc;
+
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
@@ -694,9 +696,81 @@ async fn side_rules<C: ConnectionTrait>(
         .collect()
 }
 
+/// Parsed rules of one side of one tenant, with the tenant row they were read
+/// with. Every rule or settings edit bumps the tenant's `policy_version` in
+/// its own transaction, so an entry whose version equals the tenant row's
+/// current version holds exactly the current rules, on every replica: a
+/// judgement reads the two tenant rows (one query) and the rules only when
+/// a version moved.
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    entries: std::sync::RwLock<std::collections::HashMap<SideKey, CachedSide>>,
+}
+
+/// A tenant id and a direction name.
+type SideKey = (String, &'static str);
+/// The tenant row the rules were read with, and the parsed rules.
+type CachedSide = (tenant::Model, Arc<Vec<engine::Rule>>);
+
+impl PolicyCache {
+    fn get(&self, current: &tenant::Model, direction: Direction) -> Option<Arc<Vec<engine::Rule>>> {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries
+            .get(&(current.id.clone(), direction.as_str()))
+            .filter(|(at, _)| at.policy_version == current.policy_version)
+            .map(|(_, rules)| rules.clone())
+    }
+
+    fn put(&self, at: &tenant::Model, direction: Direction, rules: Arc<Vec<engine::Rule>>) {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (at.id.clone(), direction.as_str());
+        let newer = entries
+            .get(&key)
+            .is_none_or(|(cached, _)| cached.policy_version <= at.policy_version);
+        if newer {
+            entries.insert(key, (at.clone(), rules));
+        }
+    }
+}
+
+/// One side's rules at `current`'s version: from the cache, or read with the
+/// version before and after (equal versions prove no edit committed in
+/// between, whatever the isolation level), then cached. Returns the tenant
+/// row the rules belong to.
+async fn side_at(
+    state: &AppState,
+    current: tenant::Model,
+    direction: Direction,
+) -> Result<(tenant::Model, Arc<Vec<engine::Rule>>)> {
+    if let Some(rules) = state.policy_cache.get(&current, direction) {
+        return Ok((current, rules));
+    }
+    let mut before = current;
+    for _ in 0..3 {
+        let rules = side_rules(&state.db, &before.id, direction).await?;
+        let after = tenant::Entity::find_by_id(before.id.clone())
+            .one(&state.db)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?;
+        let rules = Arc::new(rules);
+        if after.policy_version == before.policy_version {
+            state.policy_cache.put(&after, direction, rules.clone());
+            return Ok((after, rules));
+        }
+        before = after;
+    }
+    Err(Error::Conflict("the policy changed while it was read"))
+}
+
 /// Judges `request` by the requesting tenant's outbound rules and the
-/// receiving tenant's inbound rules, read in one transaction so each side's
-/// rules and version agree.
+/// receiving tenant's inbound rules, each side's rules matching its
+/// recorded version (see [`PolicyCache`]).
 pub async fn judge(
     state: &AppState,
     requesting: &tenant::Model,
@@ -704,14 +778,10 @@ pub async fn judge(
     request: &Request<'_>,
 ) -> Result<Decision> {
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
-    let outbound_rules = side_rules(&txn, &requesting.id, Direction::Outbound).await?;
-    let inbound_rules = side_rules(&txn, &receiving.id, Direction::Inbound).await?;
     let versions = tenant::Entity::find()
         .filter(tenant::Column::Id.is_in([requesting.id.clone(), receiving.id.clone()]))
-        .all(&txn)
+        .all(&state.db)
         .await?;
-    txn.commit().await?;
     let current = |id: &str, fallback: &tenant::Model| {
         versions
             .iter()
@@ -719,8 +789,14 @@ pub async fn judge(
             .cloned()
             .unwrap_or_else(|| fallback.clone())
     };
-    let requesting = current(&requesting.id, requesting);
-    let receiving = current(&receiving.id, receiving);
+    let (requesting, outbound_rules) = side_at(
+        state,
+        current(&requesting.id, requesting),
+        Direction::Outbound,
+    )
+    .await?;
+    let (receiving, inbound_rules) =
+        side_at(state, current(&receiving.id, receiving), Direction::Inbound).await?;
     let outbound_default = if requesting.outbound_default == OUTBOUND_BLOCK {
         Outcome::Block
     } else {
@@ -756,4 +832,39 @@ pub async fn judge(
 /// Whether a tenant row is active.
 pub fn is_active(model: &tenant::Model) -> bool {
     model.status == STATUS_ACTIVE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant_at(version: i64) -> tenant::Model {
+        tenant::Model {
+            id: "tnt_1".to_owned(),
+            slug: "acme".to_owned(),
+            display_name: "Acme".to_owned(),
+            status: STATUS_ACTIVE.to_owned(),
+            token_algorithm: "RS256".to_owned(),
+            outbound_default: "allow".to_owned(),
+            policy_version: version,
+            created_at: 0,
+            updated_at: 0,
+            policy_updated_at: None,
+            policy_updated_by: None,
+        }
+    }
+
+    #[test]
+    fn the_cache_answers_only_at_the_version_it_was_read_with() {
+        let cache = PolicyCache::default();
+        let rules = Arc::new(Vec::new());
+        cache.put(&tenant_at(3), Direction::Inbound, rules.clone());
+        assert!(cache.get(&tenant_at(3), Direction::Inbound).is_some());
+        assert!(cache.get(&tenant_at(4), Direction::Inbound).is_none());
+        assert!(cache.get(&tenant_at(3), Direction::Outbound).is_none());
+        // A slower reader's older rules never replace newer ones.
+        cache.put(&tenant_at(2), Direction::Inbound, rules);
+        assert!(cache.get(&tenant_at(3), Direction::Inbound).is_some());
+        assert!(cache.get(&tenant_at(2), Direction::Inbound).is_none());
+    }
 }
