@@ -187,10 +187,7 @@ pub async fn list(
     let status = v.take(validate::enum_value::<ConnectionStatus>(
         "status", req.status, true,
     ));
-    let (size, token) = req
-        .page
-        .as_ref()
-        .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    let (size, token) = page::parts(req.page.as_ref());
     let size = v.take(validate::page_size("page.page_size", size));
     v.finish()?;
     let status = status.flatten().and_then(status_column);
@@ -768,10 +765,7 @@ pub async fn delete(
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let row = find_own(state, &tenant_id, id).await?;
     if row.status == STATUS_DISCONNECTED {
-        return Err(Error::invalid_state(
-            "the connection is already disconnected",
-            ConnectionStatus::Disconnected.as_str_name(),
-        ));
+        return Err(already_disconnected());
     }
     let provider = provider_of(state, &row).await?;
     let (revoked, revocation_note) = match (&provider.revocation_url, &row.refresh_token_ciphertext)
@@ -824,10 +818,7 @@ pub async fn delete(
         .await?;
     if updated.rows_affected == 0 {
         txn.rollback().await?;
-        return Err(Error::invalid_state(
-            "the connection is already disconnected",
-            ConnectionStatus::Disconnected.as_str_name(),
-        ));
+        return Err(already_disconnected());
     }
     oauth_state::Entity::delete_many()
         .filter(oauth_state::Column::ConnectionId.eq(row.id.clone()))
@@ -951,16 +942,7 @@ pub async fn exchange(
         delegated_grant(state, &agent_id, req).await?
     };
     let connection = &grant.connection;
-    match connection.status.as_str() {
-        STATUS_CONNECTED => {}
-        STATUS_NEEDS_REAUTH => return Err(needs_reauth(connection)),
-        other => {
-            return Err(Error::invalid_state(
-                format!("the connection is {other}"),
-                status_proto(other).as_str_name(),
-            ));
-        }
-    }
+    check_usable(connection)?;
     let granted = sorted(string_list(&connection.granted_scopes));
     let narrowed = grant.scopes != granted;
     let (token, refreshed, rotated) = if narrowed {
@@ -1035,6 +1017,37 @@ fn effective_scopes(requested: &[String], allowed: &[String]) -> Result<Vec<Stri
     }))
 }
 
+/// `Ok` for a CONNECTED connection; otherwise the error an exchange answers:
+/// NEEDS_REAUTH, or INVALID_STATE naming the state.
+fn check_usable(row: &connection::Model) -> Result<()> {
+    match row.status.as_str() {
+        STATUS_CONNECTED => Ok(()),
+        STATUS_NEEDS_REAUTH => Err(needs_reauth(row)),
+        other => Err(Error::invalid_state(
+            format!("the connection is {other}"),
+            status_proto(other).as_str_name(),
+        )),
+    }
+}
+
+/// Re-reads a connection under the refresh lock (a caller ahead may have
+/// refreshed or a disconnect may have won) and checks it is still usable.
+async fn reload_usable(state: &AppState, id: &str) -> Result<connection::Model> {
+    let row = connection::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(Error::NotFound("connection"))?;
+    check_usable(&row)?;
+    Ok(row)
+}
+
+fn already_disconnected() -> Error {
+    Error::invalid_state(
+        "the connection is already disconnected",
+        ConnectionStatus::Disconnected.as_str_name(),
+    )
+}
+
 fn needs_reauth(row: &connection::Model) -> Error {
     Error::FailedPrecondition {
         reason: ErrorReason::NeedsReauth,
@@ -1077,7 +1090,7 @@ async fn own_grant(
             Attr::String(connection.id.clone()),
         )]),
     };
-    let decision = delegations::judge_input(state, tenant_id, agent_id, &own, &input).await?;
+    let decision = delegations::judge_between(state, &own, agent_id, &own, &input).await?;
     match decision.outcome {
         Outcome::Allow => Ok(Grant {
             connection,
@@ -1359,21 +1372,8 @@ async fn cached_or_refreshed(state: &AppState, grant: &Grant) -> Result<(Exchang
 /// Under the refresh lock: re-read (a caller ahead of us may have refreshed
 /// already), else refresh and store.
 async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool, bool)> {
-    let row = connection::Entity::find_by_id(grant.connection.id.clone())
-        .one(&state.db)
-        .await?
-        .ok_or(Error::NotFound("connection"))?;
+    let row = reload_usable(state, &grant.connection.id).await?;
     let now = state.clock.now_millis();
-    match row.status.as_str() {
-        STATUS_CONNECTED => {}
-        STATUS_NEEDS_REAUTH => return Err(needs_reauth(&row)),
-        other => {
-            return Err(Error::invalid_state(
-                format!("the connection is {other}"),
-                status_proto(other).as_str_name(),
-            ));
-        }
-    }
     if let Some(token) = fresh_cached(state, &row, now)? {
         return Ok((token, false, false));
     }
@@ -1434,13 +1434,7 @@ async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
 async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool)> {
     let flight = state.oauth.flight(&grant.connection.id);
     let _held = flight.lock().await;
-    let row = connection::Entity::find_by_id(grant.connection.id.clone())
-        .one(&state.db)
-        .await?
-        .ok_or(Error::NotFound("connection"))?;
-    if row.status != STATUS_CONNECTED {
-        return Err(needs_reauth(&row));
-    }
+    let row = reload_usable(state, &grant.connection.id).await?;
     let scope = grant.scopes.join(" ");
     let (result, rotated) = refresh(state, &row, &grant.provider, Some(&scope)).await?;
     let now = state.clock.now_millis();

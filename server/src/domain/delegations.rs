@@ -651,12 +651,24 @@ pub(crate) async fn judge_input(
     input: &Input,
 ) -> Result<Decision> {
     let requesting = tenant_row(state, tenant_id).await?;
+    judge_between(state, &requesting, agent_id, receiving, input).await
+}
+
+/// Judges a validated request of `agent_id` between two tenant rows the
+/// caller already holds (the same row twice for vault operations).
+pub(crate) async fn judge_between(
+    state: &AppState,
+    requesting: &tenant::Model,
+    agent_id: &str,
+    receiving: &tenant::Model,
+    input: &Input,
+) -> Result<Decision> {
     policies::judge(
         state,
-        &requesting,
+        requesting,
         receiving,
         &Request {
-            requesting_tenant_id: tenant_id,
+            requesting_tenant_id: &requesting.id,
             requesting_agent_id: agent_id,
             receiving_tenant_id: &receiving.id,
             action: &input.action,

@@ -15,6 +15,12 @@ struct Cursor {
     scope: String,
 }
 
+/// A request's page size and token; an absent page is the first page of the
+/// default size.
+pub fn parts(page: Option<&vaultguard_proto::v1::PageRequest>) -> (u32, &str) {
+    page.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()))
+}
+
 /// Encodes a token that resumes after `last_key` within `scope`.
 pub fn encode(scope: &str, last_key: &str) -> String {
     let cursor = Cursor {

@@ -290,7 +290,7 @@ pub async fn list(
     page_req: Option<&pb::PageRequest>,
 ) -> Result<(Vec<oauth_provider::Model>, String)> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
-    let (size, token) = page_req.map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    let (size, token) = page::parts(page_req);
     let size = validate::page_size("page.page_size", size)?;
     let scope = format!("providers|{tenant_id}");
     let after = page::decode("page.page_token", &scope, token)?;

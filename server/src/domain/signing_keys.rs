@@ -202,10 +202,7 @@ pub async fn list(
             "state", req.state, true,
         ))
         .flatten();
-    let (size, token) = req
-        .page
-        .as_ref()
-        .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+    let (size, token) = page::parts(req.page.as_ref());
     let size = v.take(validate::page_size("page.page_size", size));
     v.finish()?;
     let size = size.unwrap_or(50);
@@ -478,8 +475,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         binding_message: req.binding_message.clone(),
         context,
     };
-    let decision =
-        delegations::judge_input(state, &tenant_id, &agent_id, &own, &policy_input).await?;
+    let decision = delegations::judge_between(state, &own, &agent_id, &own, &policy_input).await?;
     let now = state.clock.now_millis();
     let row = signature::Model {
         id: new_id(IdKind::Signature),
@@ -523,17 +519,10 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             row.signature = Some(produced.bytes.clone());
             row.recovery_id = recovery_id_of(algorithm, &produced);
             row.signed_at = Some(now);
-            let txn = state.db.begin().await?;
-            let active: signature::ActiveModel = row.clone().into();
-            match signature::Entity::insert(active).exec(&txn).await {
-                Ok(_) => {}
-                Err(err) if is_unique_violation(&err) => {
-                    txn.rollback().await?;
-                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                        .await;
-                }
-                Err(err) => return Err(err.into()),
-            }
+            let Some(txn) = begin_with_signature(state, &row).await? else {
+                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                    .await;
+            };
             audit::append(
                 &txn,
                 state.clock.as_ref(),
@@ -568,17 +557,10 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             )?;
             let mut row = row;
             row.delegation_id = Some(delegation_row.id.clone());
-            let txn = state.db.begin().await?;
-            let active: signature::ActiveModel = row.clone().into();
-            match signature::Entity::insert(active).exec(&txn).await {
-                Ok(_) => {}
-                Err(err) if is_unique_violation(&err) => {
-                    txn.rollback().await?;
-                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                        .await;
-                }
-                Err(err) => return Err(err.into()),
-            }
+            let Some(txn) = begin_with_signature(state, &row).await? else {
+                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                    .await;
+            };
             let active: delegation::ActiveModel = delegation_row.clone().into();
             delegation::Entity::insert(active).exec(&txn).await?;
             let (auth_req_id, change) =
@@ -610,6 +592,25 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
                 decision,
             })
         }
+    }
+}
+
+/// Opens the transaction of a first Sign with its signature row inserted;
+/// `None` when a concurrent request with the same idempotency key inserted
+/// first (its row answers, see [`replay_winner`]).
+async fn begin_with_signature(
+    state: &AppState,
+    row: &signature::Model,
+) -> Result<Option<sea_orm::DatabaseTransaction>> {
+    let txn = state.db.begin().await?;
+    let active: signature::ActiveModel = row.clone().into();
+    match signature::Entity::insert(active).exec(&txn).await {
+        Ok(_) => Ok(Some(txn)),
+        Err(err) if is_unique_violation(&err) => {
+            txn.rollback().await?;
+            Ok(None)
+        }
+        Err(err) => Err(err.into()),
     }
 }
 
