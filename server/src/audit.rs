@@ -14,9 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::sea_query::{
+    Alias, CommonTableExpression, InsertStatement, PostgresQueryBuilder, Query, WithClause,
+};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement,
-    TransactionTrait,
+    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryTrait,
+    Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -150,11 +153,11 @@ fn bounded_details(details: &Value) -> Result<String> {
     serde_json::to_string(&Value::Object(kept)).map_err(Error::internal)
 }
 
-/// Appends `event` inside the caller's transaction `txn`.
-pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEvent) -> Result<()> {
-    let row = audit_event::ActiveModel {
+/// The row of `event`.
+fn event_row(clock: &dyn Clock, event: NewEvent) -> Result<audit_event::ActiveModel> {
+    Ok(audit_event::ActiveModel {
         event_id: Set(new_id(IdKind::AuditEvent)),
-        tenant_id: Set(event.tenant_id.clone()),
+        tenant_id: Set(event.tenant_id),
         occurred_at: Set(clock.now_millis()),
         actor_kind: Set(actor_kind_name(event.actor.kind).to_owned()),
         actor_subject: Set(event.actor.subject),
@@ -165,31 +168,121 @@ pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEv
         request_id: Set(event.request_id),
         details: Set(bounded_details(&event.details)?),
         ..Default::default()
-    };
-    let inserted = audit_event::Entity::insert(row).exec(txn).await?;
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        placeholders(
-            backend,
-            "INSERT INTO audit_pending (event_row_id, tenant_id) VALUES (?, ?)",
-        ),
-        [inserted.last_insert_id.into(), event.tenant_id.into()],
-    ))
-    .await?;
-    Ok(())
+    })
 }
 
-/// Appends several events in one transaction.
+/// Appends `event` inside the caller's transaction `txn`.
+pub async fn append<C: ConnectionTrait>(txn: &C, clock: &dyn Clock, event: NewEvent) -> Result<()> {
+    append_all(txn, clock, vec![event]).await
+}
+
+/// Appends several events in one transaction: on PostgreSQL one statement
+/// (the events and their `audit_pending` rows), elsewhere two per event.
 pub async fn append_all<C: ConnectionTrait>(
     txn: &C,
     clock: &dyn Clock,
     events: Vec<NewEvent>,
 ) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        txn.execute_raw(with_events(Vec::new(), clock, events)?)
+            .await?;
+        return Ok(());
+    }
     for event in events {
-        append(txn, clock, event).await?;
+        let tenant_id = event.tenant_id.clone();
+        let inserted = audit_event::Entity::insert(event_row(clock, event)?)
+            .exec(txn)
+            .await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO audit_pending (event_row_id, tenant_id) VALUES (?, ?)",
+            [inserted.last_insert_id.into(), tenant_id.into()],
+        ))
+        .await?;
     }
     Ok(())
+}
+
+/// Runs `inserts` and appends `events` atomically, in as few round trips as
+/// the backend allows: on PostgreSQL one statement, which is its own
+/// transaction (one round trip, one commit); elsewhere one transaction.
+/// A unique violation of any insert fails the whole (see
+/// [`crate::error::is_unique_violation`]) and writes nothing.
+pub async fn insert_with_events(
+    db: &DatabaseConnection,
+    clock: &dyn Clock,
+    inserts: Vec<InsertStatement>,
+    events: Vec<NewEvent>,
+) -> std::result::Result<(), sea_orm::DbErr> {
+    let backend = db.get_database_backend();
+    if backend == DbBackend::Postgres && !events.is_empty() {
+        let statement = with_events(inserts, clock, events)
+            .map_err(|err| sea_orm::DbErr::Custom(err.to_string()))?;
+        db.execute_raw(statement).await?;
+        return Ok(());
+    }
+    let txn = db.begin().await?;
+    for insert in &inserts {
+        txn.execute(insert).await?;
+    }
+    append_all(&txn, clock, events)
+        .await
+        .map_err(|err| sea_orm::DbErr::Custom(err.to_string()))?;
+    txn.commit().await
+}
+
+/// PostgreSQL: `WITH w0 AS (insert), …, e AS (INSERT INTO audit_events …
+/// RETURNING id, tenant_id) INSERT INTO audit_pending SELECT id, tenant_id
+/// FROM e` — every insert in one statement.
+fn with_events(
+    inserts: Vec<InsertStatement>,
+    clock: &dyn Clock,
+    events: Vec<NewEvent>,
+) -> Result<Statement> {
+    let rows = events
+        .into_iter()
+        .map(|event| event_row(clock, event))
+        .collect::<Result<Vec<_>>>()?;
+    let mut appended = audit_event::Entity::insert_many(rows).into_query();
+    appended.returning(
+        Query::returning().columns([audit_event::Column::Id, audit_event::Column::TenantId]),
+    );
+    let mut with = WithClause::new();
+    for (index, insert) in inserts.into_iter().enumerate() {
+        with.cte(
+            CommonTableExpression::new()
+                .query(insert)
+                .table_name(Alias::new(format!("w{index}")))
+                .to_owned(),
+        );
+    }
+    with.cte(
+        CommonTableExpression::new()
+            .query(appended)
+            .table_name(Alias::new("e"))
+            .to_owned(),
+    );
+    let pending = Query::insert()
+        .into_table(Alias::new("audit_pending"))
+        .columns([Alias::new("event_row_id"), Alias::new("tenant_id")])
+        .select_from(
+            Query::select()
+                .columns([Alias::new("id"), Alias::new("tenant_id")])
+                .from(Alias::new("e"))
+                .to_owned(),
+        )
+        .map_err(Error::internal)?
+        .to_owned();
+    let (sql, values) = with.query(pending).build(PostgresQueryBuilder);
+    Ok(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        values.0,
+    ))
 }
 
 /// Rewrites `?` placeholders as `$1, $2, …` for PostgreSQL.
@@ -346,26 +439,43 @@ impl Sealer {
             txn.rollback().await?;
             return Ok(0);
         }
+        // One multi-row insert of the links and one delete of the pending
+        // rows per batch, not two statements per event.
+        let mut links = Vec::with_capacity(events.len() * 6);
         for event in &events {
             seq += 1;
             let hash = chain_hash(event, seq, &prev_hash);
-            txn.execute_raw(Statement::from_sql_and_values(
-                backend,
-                placeholders(
-                    backend,
-                    "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                ),
-                [tenant_id.into(), seq.into(), event.id.into(), prev_hash.clone().into(), hash.clone().into(), now.into()],
-            ))
-            .await?;
-            txn.execute_raw(Statement::from_sql_and_values(
-                backend,
-                placeholders(backend, "DELETE FROM audit_pending WHERE event_row_id = ?"),
-                [event.id.into()],
-            ))
-            .await?;
-            prev_hash = hash;
+            links.extend([
+                tenant_id.into(),
+                seq.into(),
+                event.id.into(),
+                std::mem::replace(&mut prev_hash, hash.clone()).into(),
+                hash.into(),
+                now.into(),
+            ]);
         }
+        let rows = vec!["(?, ?, ?, ?, ?, ?)"; events.len()].join(", ");
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                &format!(
+                    "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES {rows}"
+                ),
+            ),
+            links,
+        ))
+        .await?;
+        let ids = vec!["?"; events.len()].join(", ");
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                &format!("DELETE FROM audit_pending WHERE event_row_id IN ({ids})"),
+            ),
+            events.iter().map(|event| event.id.into()),
+        ))
+        .await?;
         txn.execute_raw(Statement::from_sql_and_values(
             backend,
             placeholders(

@@ -12,7 +12,7 @@ use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
 use crate::audit::AuditCtx;
 use crate::error::{Error, Result};
 use crate::state::AppState;
-use crate::store::entities::{agent, external_org, tenant};
+use crate::store::entities::external_org;
 
 /// The `aud` of VaultGuard API access tokens. Delegation tokens carry the
 /// receiving tenant's audience instead, so one can never stand for the other.
@@ -215,12 +215,12 @@ async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Res
 /// Refuses principals of a suspended or unknown tenant, and disabled or
 /// deleted agents, on every call.
 async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
-    use sea_orm::EntityTrait;
     let Some(tenant_id) = principal.tenant_id.as_deref() else {
         return Ok(());
     };
-    let tenant = tenant::Entity::find_by_id(tenant_id.to_owned())
-        .one(&state.db)
+    let tenant = state
+        .directory
+        .tenant(&state.db, tenant_id)
         .await?
         .ok_or(Error::Unauthenticated("token names an unknown tenant"))?;
     if tenant.status != crate::domain::tenants::STATUS_ACTIVE {
@@ -230,8 +230,9 @@ async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
         ));
     }
     if let Some(agent_id) = principal.agent_id() {
-        let agent = agent::Entity::find_by_id(agent_id.to_owned())
-            .one(&state.db)
+        let agent = state
+            .directory
+            .agent(&state.db, agent_id)
             .await?
             .filter(|agent| agent.tenant_id == tenant_id)
             .ok_or(Error::Unauthenticated("token names an unknown agent"))?;

@@ -119,6 +119,7 @@ impl Hub {
 pub async fn run_listener(
     db: DatabaseConnection,
     hub: std::sync::Arc<Hub>,
+    directory: std::sync::Arc<crate::directory::Directory>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     if db.get_database_backend() != DbBackend::Postgres {
@@ -128,7 +129,9 @@ pub async fn run_listener(
     loop {
         let listener = async {
             let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(CHANNEL).await?;
+            listener
+                .listen_all([CHANNEL, crate::directory::CHANNEL])
+                .await?;
             Ok::<_, sea_orm::sqlx::Error>(listener)
         };
         let mut listener = tokio::select! {
@@ -142,6 +145,9 @@ pub async fn run_listener(
                 }
             },
         };
+        // Subscribed: from here on every change is heard, so what was held
+        // before (possibly missing changes) goes, and the cache is trusted.
+        directory.set_live(true);
         hub.publish(Change {
             tenant_id: String::new(),
             step_up_id: RESYNC.to_owned(),
@@ -149,8 +155,16 @@ pub async fn run_listener(
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                received = listener.recv() => match received {
-                    Ok(notification) => {
+                // `try_recv`, not `recv`: `recv` reconnects silently and
+                // loses what was sent meanwhile; a lost connection must
+                // instead distrust the cache and make watchers re-read.
+                received = listener.try_recv() => match received {
+                    Ok(Some(notification)) if notification.channel() == crate::directory::CHANNEL => {
+                        if let Some(entry) = crate::directory::Entry::parse(notification.payload()) {
+                            directory.forget(&entry);
+                        }
+                    }
+                    Ok(Some(notification)) => {
                         if let Some((tenant_id, step_up_id)) = notification.payload().split_once('|') {
                             hub.publish(Change {
                                 tenant_id: tenant_id.to_owned(),
@@ -158,8 +172,14 @@ pub async fn run_listener(
                             });
                         }
                     }
+                    Ok(None) => {
+                        directory.set_live(false);
+                        tracing::warn!("change listener lost its connection; resubscribing");
+                        break;
+                    }
                     Err(err) => {
-                        tracing::warn!(error = %err, "step-up listener lost its connection");
+                        directory.set_live(false);
+                        tracing::warn!(error = %err, "change listener failed; resubscribing");
                         break;
                     }
                 },

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use vaultguard_proto::v1::agent_service_server::AgentServiceServer;
@@ -76,6 +77,7 @@ pub async fn prepare(
     Ok(AppState {
         oauth: Arc::new(oauth),
         policy_cache: Arc::default(),
+        directory: Arc::new(crate::directory::Directory::new(db.get_database_backend())),
         db,
         clock,
         master,
@@ -125,6 +127,7 @@ pub async fn serve(
     let listener_task = tokio::spawn(crate::hub::run_listener(
         state.db.clone(),
         state.hub.clone(),
+        state.directory.clone(),
         stop_rx.clone(),
     ));
 
@@ -175,11 +178,22 @@ pub async fn serve(
         .add_service(StepUpServiceServer::new(grpc::StepUpApi(state.clone())))
         .add_service(VaultServiceServer::new(grpc::VaultApi(state.clone())))
         .add_service(AuditServiceServer::new(grpc::AuditApi(state.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-            let _ = grpc_stop.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            // Nagle off: a unary answer is several small writes (headers,
+            // message, trailers), and Nagle holding them for the peer's
+            // delayed ACK costs ~40 ms a call.
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            async move {
+                let _ = grpc_stop.changed().await;
+            },
+        );
 
     let mut http_stop = stop_rx.clone();
+    let http_listener = http_listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set on an HTTP connection");
+        }
+    });
     let http_server = axum::serve(http_listener, http::router(state.clone(), healthy))
         .with_graceful_shutdown(async move {
             let _ = http_stop.changed().await;

@@ -33,6 +33,8 @@ pub struct AppState {
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.
     pub policy_cache: Arc<crate::domain::policies::PolicyCache>,
+    /// Tenant and agent rows, kept current on every replica.
+    pub directory: Arc<crate::directory::Directory>,
 }
 
 impl AppState {
@@ -45,6 +47,15 @@ impl AppState {
         txn.commit().await?;
         self.audit_committed();
         Ok(())
+    }
+
+    /// After a commit that changed tenant or agent rows (and announced them
+    /// with [`crate::directory::announce`]): this replica reads its own
+    /// write at once.
+    pub fn directory_changed(&self, entries: &[crate::directory::Entry]) {
+        for entry in entries {
+            self.directory.forget(entry);
+        }
     }
 
     /// Tells the sealer that new audit events were committed.

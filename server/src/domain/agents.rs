@@ -12,6 +12,7 @@ use vaultguard_proto::v1::AgentStatus;
 use crate::audit::{self, Outcome};
 use crate::auth::CallContext;
 use crate::crypto::random_token;
+use crate::directory::Entry;
 use crate::domain::page;
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
@@ -185,8 +186,11 @@ pub async fn set_disabled(
         ),
     )
     .await?;
+    let changed = [Entry::Agent(current.id.clone())];
+    crate::directory::announce(&txn, &changed[0]).await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&changed);
     find_own(state, &tenant_id, agent_id).await
 }
 
@@ -218,7 +222,10 @@ pub async fn rotate_secret(
         ),
     )
     .await?;
+    let changed = [Entry::Agent(model.id.clone())];
+    crate::directory::announce(&txn, &changed[0]).await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&changed);
     Ok((model, secret))
 }

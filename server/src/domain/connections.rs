@@ -1071,8 +1071,9 @@ async fn own_grant(
     let connection = find_own(state, tenant_id, &req.connection_id).await?;
     let provider = provider_of(state, &connection).await?;
     let scopes = effective_scopes(&req.scopes, &string_list(&connection.granted_scopes))?;
-    let own = tenant::Entity::find_by_id(tenant_id.to_owned())
-        .one(&state.db)
+    let own = state
+        .directory
+        .tenant(&state.db, &tenant_id)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
     let input = Input {
@@ -1289,8 +1290,9 @@ async fn delegated_grant(
             "requesting tenant suspended or agent disabled",
         ));
     }
-    let receiving_tenant = tenant::Entity::find_by_id(row.receiving_tenant_id.clone())
-        .one(&state.db)
+    let receiving_tenant = state
+        .directory
+        .tenant(&state.db, &row.receiving_tenant_id)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
     if !crate::domain::policies::is_active(&receiving_tenant) {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1::{self as pb, DelegationStatus, ErrorReason, Role};
@@ -202,9 +202,7 @@ pub(crate) fn check_idempotency_key(key: &str) -> std::result::Result<(), FieldV
 /// The receiving tenant of a request, which must exist.
 async fn receiving_tenant(state: &AppState, id: &str) -> Result<tenant::Model> {
     let found = if check_id("receiving_tenant_id", id, IdKind::Tenant).is_ok() {
-        tenant::Entity::find_by_id(id.to_owned())
-            .one(&state.db)
-            .await?
+        state.directory.tenant(&state.db, id).await?
     } else {
         None
     };
@@ -212,8 +210,9 @@ async fn receiving_tenant(state: &AppState, id: &str) -> Result<tenant::Model> {
 }
 
 async fn tenant_row(state: &AppState, id: &str) -> Result<tenant::Model> {
-    tenant::Entity::find_by_id(id.to_owned())
-        .one(&state.db)
+    state
+        .directory
+        .tenant(&state.db, id)
         .await?
         .ok_or(Error::NotFound("tenant"))
 }
@@ -419,11 +418,15 @@ pub async fn request(
     let input = input.ok_or_else(|| Error::internal("validated input missing"))?;
     let request_hash = sha256_hex(to_json(&input)?.as_bytes());
 
-    if let Some(existing) = find_by_key(state, &agent_id, &req.idempotency_key).await? {
-        return replay(state, ctx, existing, &request_hash).await;
-    }
+    // No lookup of the idempotency key first: the unique index on (agent,
+    // key) decides, and a request that loses to a stored row answers from
+    // it (`replay`). The first request of a key, the common case, so costs
+    // no read.
     let receiving = receiving_tenant(state, &input.receiving_tenant_id).await?;
     if !is_active(&receiving) {
+        if let Some(existing) = find_by_key(state, &agent_id, &req.idempotency_key).await? {
+            return replay(state, ctx, existing, &request_hash).await;
+        }
         state
             .record(vec![ctx.audit().event(
                 &tenant_id,
@@ -463,20 +466,6 @@ pub async fn request(
     let mut row = row;
     row.signing_kid = signed.as_ref().map(|(_, kid)| kid.clone());
 
-    let txn = state.db.begin().await?;
-    let active: delegation::ActiveModel = row.clone().into();
-    match delegation::Entity::insert(active).exec(&txn).await {
-        Ok(_) => {}
-        Err(err) if is_unique_violation(&err) => {
-            // A concurrent request with the same key won: answer from its row.
-            txn.rollback().await?;
-            let winner = find_by_key(state, &agent_id, &req.idempotency_key)
-                .await?
-                .ok_or(Error::Conflict("concurrent idempotent request"))?;
-            return replay(state, ctx, winner, &request_hash).await;
-        }
-        Err(err) => return Err(err.into()),
-    }
     let audit_ctx = ctx.audit();
     let outcome = if decision.outcome == Outcome::Block {
         AuditOutcome::Denied
@@ -491,14 +480,6 @@ pub async fn request(
         &json!({"outcome": decision.outcome.as_str(), "requesting_agent_id": agent_id}),
         Some(&decision),
     );
-    let mut changes = Vec::new();
-    let auth_req = if decision.outcome == Outcome::StepUp {
-        let (handle, change) = insert_step_up(state, &txn, &row).await?;
-        changes.push(change);
-        Some(handle)
-    } else {
-        None
-    };
     if let Some((_, kid)) = &signed {
         events.extend(party_events(
             &audit_ctx,
@@ -509,10 +490,30 @@ pub async fn request(
             None,
         ));
     }
-    audit::append_all(&txn, state.clock.as_ref(), events).await?;
-    txn.commit().await?;
+    let active: delegation::ActiveModel = row.clone().into();
+    let stored = if decision.outcome == Outcome::StepUp {
+        store_step_up(state, active, &row, events).await?
+    } else {
+        // ALLOW and BLOCK: the row and its events in one statement.
+        let insert = delegation::Entity::insert(active).into_query();
+        match audit::insert_with_events(&state.db, state.clock.as_ref(), vec![insert], events).await
+        {
+            Ok(()) => Stored::Inserted(None),
+            Err(err) if is_unique_violation(&err) => Stored::Lost,
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let auth_req = match stored {
+        Stored::Inserted(auth_req) => auth_req,
+        Stored::Lost => {
+            // A request with the same key was stored first: answer from it.
+            let winner = find_by_key(state, &agent_id, &req.idempotency_key)
+                .await?
+                .ok_or(Error::Conflict("concurrent idempotent request"))?;
+            return replay(state, ctx, winner, &request_hash).await;
+        }
+    };
     state.audit_committed();
-    state.hub.committed(&state.db, changes);
     metrics::counter!("vaultguard_delegation_decisions_total", "outcome" => decision.outcome.as_str())
         .increment(1);
 
@@ -531,6 +532,38 @@ pub async fn request(
         }),
         _ => Err(Error::internal("delegation outcome without its artefact")),
     }
+}
+
+/// How storing a new delegation ended.
+enum Stored {
+    /// Stored; the step-up's `auth_req_id` for a STEP_UP.
+    Inserted(Option<String>),
+    /// The idempotency key was taken by a row stored first.
+    Lost,
+}
+
+/// Stores a STEP_UP delegation with its step-up and events in one
+/// transaction, and announces the step-up to watchers.
+async fn store_step_up(
+    state: &AppState,
+    active: delegation::ActiveModel,
+    row: &delegation::Model,
+    events: Vec<audit::NewEvent>,
+) -> Result<Stored> {
+    let txn = state.db.begin().await?;
+    match delegation::Entity::insert(active).exec(&txn).await {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            txn.rollback().await?;
+            return Ok(Stored::Lost);
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let (handle, change) = insert_step_up(state, &txn, row).await?;
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    state.hub.committed(&state.db, vec![change]);
+    Ok(Stored::Inserted(Some(handle)))
 }
 
 /// A judged request about to be stored as a delegation: RequestDelegation's,
@@ -1273,15 +1306,17 @@ pub async fn verify(
 
 /// The requesting tenant is active and the requesting agent enabled.
 pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
-    let tenant_ok = tenant::Entity::find_by_id(row.requesting_tenant_id.clone())
-        .one(&state.db)
+    let tenant_ok = state
+        .directory
+        .tenant(&state.db, &row.requesting_tenant_id)
         .await?
         .is_some_and(|t| is_active(&t));
     if !tenant_ok {
         return Ok(false);
     }
-    Ok(agent::Entity::find_by_id(row.requesting_agent_id.clone())
-        .one(&state.db)
+    Ok(state
+        .directory
+        .agent(&state.db, &row.requesting_agent_id)
         .await?
         .is_some_and(|a| a.status == crate::domain::agents::STATUS_ACTIVE))
 }

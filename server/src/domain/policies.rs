@@ -18,6 +18,7 @@ use vaultguard_proto::v1 as pb;
 use crate::audit::{self, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
+use crate::directory::Entry;
 use crate::domain::policy_engine::{
     self as engine, Condition, Decision, Direction, Outcome, Request, TimeWindow,
 };
@@ -259,6 +260,7 @@ async fn bump_version<C: ConnectionTrait>(
         update = update.filter(tenant::Column::PolicyVersion.eq(expected));
     }
     let result = update.exec(txn).await?;
+    crate::directory::announce(txn, &Entry::Tenant(tenant_id.to_owned())).await?;
     let current = tenant::Entity::find_by_id(tenant_id.to_owned())
         .one(txn)
         .await?
@@ -317,6 +319,7 @@ async fn commit_edit(
     .await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&[Entry::Tenant(tenant_id.to_owned())]);
     Ok(version)
 }
 
@@ -678,6 +681,7 @@ pub async fn update_settings(
     .await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&[Entry::Tenant(tenant_id.clone())]);
     settings(state, ctx).await
 }
 
@@ -698,10 +702,12 @@ async fn side_rules<C: ConnectionTrait>(
 
 /// Parsed rules of one side of one tenant, with the tenant row they were read
 /// with. Every rule or settings edit bumps the tenant's `policy_version` in
-/// its own transaction, so an entry whose version equals the tenant row's
-/// current version holds exactly the current rules, on every replica: a
-/// judgement reads the two tenant rows (one query) and the rules only when
-/// a version moved.
+/// its own transaction and announces the tenant (`crate::directory`), so an
+/// entry whose version equals the directory's tenant row holds exactly the
+/// current rules: a judgement reads nothing from the database unless a
+/// version moved. A replica other than the editor's judges by the previous
+/// version until the edit's notification reaches it (about a millisecond);
+/// the decision records the version it used.
 #[derive(Debug, Default)]
 pub struct PolicyCache {
     entries: std::sync::RwLock<std::collections::HashMap<SideKey, CachedSide>>,
@@ -778,25 +784,20 @@ pub async fn judge(
     request: &Request<'_>,
 ) -> Result<Decision> {
     let now = state.clock.now_millis();
-    let versions = tenant::Entity::find()
-        .filter(tenant::Column::Id.is_in([requesting.id.clone(), receiving.id.clone()]))
-        .all(&state.db)
-        .await?;
-    let current = |id: &str, fallback: &tenant::Model| {
-        versions
-            .iter()
-            .find(|t| t.id == id)
-            .cloned()
-            .unwrap_or_else(|| fallback.clone())
-    };
+    let requesting_now = state.directory.tenant(&state.db, &requesting.id).await?;
+    let receiving_now = state.directory.tenant(&state.db, &receiving.id).await?;
     let (requesting, outbound_rules) = side_at(
         state,
-        current(&requesting.id, requesting),
+        requesting_now.unwrap_or_else(|| requesting.clone()),
         Direction::Outbound,
     )
     .await?;
-    let (receiving, inbound_rules) =
-        side_at(state, current(&receiving.id, receiving), Direction::Inbound).await?;
+    let (receiving, inbound_rules) = side_at(
+        state,
+        receiving_now.unwrap_or_else(|| receiving.clone()),
+        Direction::Inbound,
+    )
+    .await?;
     let outbound_default = if requesting.outbound_default == OUTBOUND_BLOCK {
         Outcome::Block
     } else {

@@ -31,7 +31,7 @@ use crate::domain::{actor_json, insert_audited, page, to_json};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
-use crate::store::entities::{custody_key, delegation, signature, step_up, tenant};
+use crate::store::entities::{custody_key, delegation, signature, step_up};
 use crate::validate;
 
 pub const KEY_ENABLED: &str = "enabled";
@@ -453,8 +453,9 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         refuse(state, ctx, &key, &agent_id, &payload_hex, "key disabled").await?;
         return Err(key_disabled(&key));
     }
-    let own = tenant::Entity::find_by_id(tenant_id.clone())
-        .one(&state.db)
+    let own = state
+        .directory
+        .tenant(&state.db, &tenant_id)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
     let mut context = input.context.clone();

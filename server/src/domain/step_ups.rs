@@ -32,7 +32,7 @@ use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::hub::Change;
 use crate::ids::{IdKind, check_id};
 use crate::state::AppState;
-use crate::store::entities::{delegation, step_up, step_up_approval, step_up_change, tenant};
+use crate::store::entities::{delegation, step_up, step_up_approval, step_up_change};
 use crate::store::is_postgres;
 use crate::validate;
 
@@ -630,8 +630,9 @@ pub async fn approve(
             "request_hash_mismatch",
         ));
     }
-    let receiving = tenant::Entity::find_by_id(tenant_id.clone())
-        .one(&state.db)
+    let receiving = state
+        .directory
+        .tenant(&state.db, &tenant_id)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
     let decision = judge_input(

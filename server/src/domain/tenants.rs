@@ -9,6 +9,7 @@ use vaultguard_proto::v1::{ErrorReason, Role, TenantStatus, TokenAlgorithm};
 
 use crate::audit::{self, Outcome, PLATFORM_LOG};
 use crate::auth::CallContext;
+use crate::directory::Entry;
 use crate::domain::page;
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
@@ -254,8 +255,11 @@ pub async fn set_suspended(
     }
     let details = json!({"reason": reason});
     record_operator_action(&txn, state, ctx, tenant_id, event_type, details).await?;
+    let changed = [Entry::Tenant(tenant_id.to_owned())];
+    crate::directory::announce(&txn, &changed[0]).await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&changed);
     let model = find(state, tenant_id).await?;
     view(state, model).await
 }
@@ -428,7 +432,10 @@ pub async fn update_settings(
         ),
     )
     .await?;
+    let changed = [Entry::Tenant(tenant_id.clone())];
+    crate::directory::announce(&txn, &changed[0]).await?;
     txn.commit().await?;
     state.audit_committed();
+    state.directory_changed(&changed);
     view(state, model).await
 }

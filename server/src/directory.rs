@@ -1,0 +1,213 @@
+//! Tenant and agent rows as the hot paths read them: from memory, kept
+//! current on every replica.
+//!
+//! Every call checks the caller's standing (tenant active, agent enabled),
+//! and every judgement needs both tenants' policy versions; reading those
+//! rows from the database on each call was most of a delegation's round
+//! trips. The [`Directory`] holds the rows it has read, and every write to a
+//! tenant or agent row (status, settings, policy version) does two things:
+//! it announces the id inside its transaction ([`announce`]: a `pg_notify`
+//! delivered at commit to every replica's listener, which calls
+//! [`Directory::forget`]), and after its commit it forgets the id locally, so
+//! the writing replica reads its own write at once and the others within the
+//! notification latency (about a millisecond here).
+//!
+//! Entries are trusted only while they can be kept current: on PostgreSQL
+//! only while the listener is subscribed ([`Directory::set_live`]); after a
+//! lost connection everything is forgotten and reads go to the database
+//! until the listener is back. A read that raced an invalidation is not
+//! cached (the epoch check), so an entry is never older than the last
+//! invalidation this replica received. Absent rows are never cached, so
+//! made-up ids cannot fill memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
+
+use crate::error::Result;
+use crate::store::entities::{agent, tenant};
+
+/// The PostgreSQL channel directory changes are announced on.
+pub const CHANNEL: &str = "vaultguard_directory";
+
+/// At most this many rows of each kind are held; a full map is emptied.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Which row changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Tenant(String),
+    Agent(String),
+}
+
+impl Entry {
+    fn payload(&self) -> String {
+        match self {
+            Self::Tenant(id) => format!("tenant|{id}"),
+            Self::Agent(id) => format!("agent|{id}"),
+        }
+    }
+
+    /// Parses a notification payload.
+    pub fn parse(payload: &str) -> Option<Self> {
+        match payload.split_once('|')? {
+            ("tenant", id) => Some(Self::Tenant(id.to_owned())),
+            ("agent", id) => Some(Self::Agent(id.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+/// Announces a change of `entry` inside the writer's transaction (on
+/// PostgreSQL a NOTIFY delivered at commit; on SQLite, one process, the
+/// writer's own [`Directory::forget`] after the commit is enough).
+pub async fn announce<C: ConnectionTrait>(txn: &C, entry: &Entry) -> Result<()> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [CHANNEL.into(), entry.payload().into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// The rows this process holds.
+#[derive(Debug)]
+pub struct Directory {
+    tenants: RwLock<HashMap<String, tenant::Model>>,
+    agents: RwLock<HashMap<String, agent::Model>>,
+    /// Bumped (under the map's write lock) by every invalidation.
+    epoch: AtomicU64,
+    /// Whether entries can be trusted (see the module docs).
+    live: AtomicBool,
+}
+
+impl Directory {
+    /// A directory for `backend`: SQLite is one process, so it is live from
+    /// the start; PostgreSQL becomes live once the listener subscribes.
+    pub fn new(backend: DbBackend) -> Self {
+        Self {
+            tenants: RwLock::default(),
+            agents: RwLock::default(),
+            epoch: AtomicU64::new(0),
+            live: AtomicBool::new(backend != DbBackend::Postgres),
+        }
+    }
+
+    /// The tenant `id`, from memory or the database.
+    pub async fn tenant(&self, db: &DatabaseConnection, id: &str) -> Result<Option<tenant::Model>> {
+        if let Some(found) = self.cached(&self.tenants, id) {
+            return Ok(Some(found));
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let row = tenant::Entity::find_by_id(id.to_owned()).one(db).await?;
+        if let Some(row) = &row {
+            self.remember(&self.tenants, epoch, id, row);
+        }
+        Ok(row)
+    }
+
+    /// The agent `id`, from memory or the database.
+    pub async fn agent(&self, db: &DatabaseConnection, id: &str) -> Result<Option<agent::Model>> {
+        if let Some(found) = self.cached(&self.agents, id) {
+            return Ok(Some(found));
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let row = agent::Entity::find_by_id(id.to_owned()).one(db).await?;
+        if let Some(row) = &row {
+            self.remember(&self.agents, epoch, id, row);
+        }
+        Ok(row)
+    }
+
+    /// Drops `entry`; called after a local commit and for every
+    /// notification from any replica.
+    pub fn forget(&self, entry: &Entry) {
+        match entry {
+            Entry::Tenant(id) => self.drop_key(&self.tenants, id),
+            Entry::Agent(id) => self.drop_key(&self.agents, id),
+        }
+    }
+
+    /// Drops everything (the listener reconnected: notifications may have
+    /// been missed).
+    pub fn flush(&self) {
+        let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let mut agents = self.agents.write().unwrap_or_else(PoisonError::into_inner);
+        tenants.clear();
+        agents.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Marks entries trustworthy (listener subscribed) or not (listener
+    /// lost); either way what is held is dropped.
+    pub fn set_live(&self, live: bool) {
+        self.flush();
+        self.live.store(live, Ordering::Release);
+    }
+
+    fn cached<T: Clone>(&self, map: &RwLock<HashMap<String, T>>, id: &str) -> Option<T> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        map.read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn remember<T: Clone>(&self, map: &RwLock<HashMap<String, T>>, epoch: u64, id: &str, row: &T) {
+        let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+        // An invalidation since the read began may concern this very row.
+        if self.epoch.load(Ordering::Acquire) != epoch || !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        if map.len() >= MAX_ENTRIES {
+            map.clear();
+        }
+        map.insert(id.to_owned(), row.clone());
+    }
+
+    fn drop_key<T>(&self, map: &RwLock<HashMap<String, T>>, id: &str) {
+        let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+        map.remove(id);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        for entry in [
+            Entry::Tenant("ten_1".to_owned()),
+            Entry::Agent("agt_1".to_owned()),
+        ] {
+            assert_eq!(Entry::parse(&entry.payload()), Some(entry));
+        }
+        assert_eq!(Entry::parse("policy|x"), None);
+        assert_eq!(Entry::parse("tenant"), None);
+    }
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_cached() {
+        // A string stands in for the row: only the bookkeeping is tested.
+        let directory = Directory::new(DbBackend::Sqlite);
+        let map = RwLock::new(HashMap::new());
+        let epoch = directory.epoch.load(Ordering::Acquire);
+        directory.drop_key(&map, "ten_1");
+        directory.remember(&map, epoch, "ten_1", &"old".to_owned());
+        assert!(directory.cached(&map, "ten_1").is_none());
+        let epoch = directory.epoch.load(Ordering::Acquire);
+        directory.remember(&map, epoch, "ten_1", &"new".to_owned());
+        assert_eq!(directory.cached(&map, "ten_1").as_deref(), Some("new"));
+        directory.set_live(false);
+        assert!(directory.cached(&map, "ten_1").is_none());
+    }
+}
