@@ -492,3 +492,88 @@ impl Sealer {
         Ok(u64::try_from(events.len()).unwrap_or(0))
     }
 }
+
+/// Group commit for stand-alone events (refusals, reads, verifications):
+/// callers hand their events to one writer task and wait for the commit;
+/// the writer drains whatever queued while it was writing and commits it
+/// all in one statement. Nobody waits for a timer — a lone caller is
+/// written at once — and nobody is answered before their events are
+/// durable; under load, many callers share one round trip and one commit.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+}
+
+type Batch = (
+    Vec<NewEvent>,
+    tokio::sync::oneshot::Sender<std::result::Result<(), ()>>,
+);
+
+/// Most events one group commit writes (PostgreSQL binds at most 65,535
+/// parameters; an event takes 11).
+const GROUP_MAX_EVENTS: usize = 1_000;
+
+impl Recorder {
+    /// Starts the writer task on `db`.
+    pub fn start(db: DatabaseConnection, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(4_096);
+        tokio::spawn(Self::run(db, clock, wake, rx));
+        Self { tx }
+    }
+
+    /// Appends `events` durably (returns after their commit).
+    pub async fn record(&self, events: Vec<NewEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((events, done))
+            .await
+            .map_err(|_| Error::internal("audit recorder stopped"))?;
+        match committed.await {
+            Ok(Ok(())) => Ok(()),
+            // The statement's error was logged by the writer; a failed
+            // group commit is the database's (unreachable, full), and the
+            // caller may retry: nothing was written.
+            Ok(Err(())) => Err(Error::Unavailable {
+                reason: vaultguard_proto::v1::ErrorReason::Unavailable,
+                message: "database unavailable; retry later".to_owned(),
+                metadata: std::collections::HashMap::new(),
+            }),
+            Err(_) => Err(Error::internal("audit recorder stopped")),
+        }
+    }
+
+    async fn run(
+        db: DatabaseConnection,
+        clock: Arc<dyn Clock>,
+        wake: Arc<Notify>,
+        mut rx: tokio::sync::mpsc::Receiver<Batch>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut events = first.0;
+            let mut waiters = vec![first.1];
+            while events.len() < GROUP_MAX_EVENTS {
+                match rx.try_recv() {
+                    Ok((more, done)) => {
+                        events.extend(more);
+                        waiters.push(done);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = insert_with_events(&db, clock.as_ref(), Vec::new(), events)
+                .await
+                .map_err(|err| {
+                    tracing::error!(error = %err, "audit group commit failed");
+                });
+            if result.is_ok() {
+                wake.notify_one();
+            }
+            for done in waiters {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}

@@ -74,7 +74,10 @@ pub async fn prepare(
     .map_err(|e| anyhow::anyhow!("cannot build OIDC verifier: {e}"))?;
     let oauth = crate::oauth_client::OAuthClient::new(config.oauth_timeout_ms)
         .map_err(|e| anyhow::anyhow!("cannot build the OAuth client: {e}"))?;
+    let audit_wake = Arc::new(Notify::new());
     Ok(AppState {
+        recorder: crate::audit::Recorder::start(db.clone(), clock.clone(), audit_wake.clone()),
+        audit_wake,
         oauth: Arc::new(oauth),
         policy_cache: Arc::default(),
         directory: Arc::new(crate::directory::Directory::new(db.get_database_backend())),
@@ -84,7 +87,6 @@ pub async fn prepare(
         keys: Arc::new(keys),
         oidc: Arc::new(oidc),
         config: Arc::new(config),
-        audit_wake: Arc::new(Notify::new()),
         hub: Arc::new(crate::hub::Hub::new()),
         stopping: Arc::new(tokio::sync::watch::channel(false).0),
     })

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
 use crate::audit::{self, NewEvent};
@@ -33,6 +33,8 @@ pub struct AppState {
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.
     pub policy_cache: Arc<crate::domain::policies::PolicyCache>,
+    /// The group-commit writer of stand-alone audit events.
+    pub recorder: audit::Recorder,
     /// Tenant and agent rows, kept current on every replica.
     pub directory: Arc<crate::directory::Directory>,
 }
@@ -41,12 +43,9 @@ impl AppState {
     /// Appends `events` in a transaction of their own (for events that
     /// record a refusal or a read, with no state change to share a
     /// transaction with) and wakes the sealer.
+    /// Concurrent callers share one commit ([`audit::Recorder`]).
     pub async fn record(&self, events: Vec<NewEvent>) -> Result<()> {
-        let txn = self.db.begin().await?;
-        audit::append_all(&txn, self.clock.as_ref(), events).await?;
-        txn.commit().await?;
-        self.audit_committed();
-        Ok(())
+        self.recorder.record(events).await
     }
 
     /// After a commit that changed tenant or agent rows (and announced them

@@ -76,6 +76,11 @@ struct Args {
     /// `vaultguard_bench_<random>` is created there and dropped after.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     pg_url: String,
+    /// Connection options the server's database URL gets. The cluster is on
+    /// loopback, where TLS only burns CPU on both ends; pass
+    /// `--pg-options sslmode=require` to measure with it.
+    #[arg(long, default_value = "sslmode=disable")]
+    pg_options: String,
     /// Also run the peer (node oidc-provider, tests/bench/peer) and compare
     /// token.issue and delegation.allow.* with it, interleaved A/B/A/B.
     #[arg(long)]
@@ -343,7 +348,10 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
         Backend::Postgres => Some(PgDatabase::create(&args.pg_url).await?),
         Backend::Sqlite => None,
     };
-    let url = database.as_ref().map(PgDatabase::url).unwrap_or_default();
+    let url = database
+        .as_ref()
+        .map(|db| db.url(&args.pg_options))
+        .unwrap_or_default();
     let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
     spec.log_filter = args.server_log.clone();
     let outcome = run_on(args, backend, &spec, &names).await;

@@ -101,8 +101,13 @@ impl PgDatabase {
         })
     }
 
-    pub fn url(&self) -> String {
-        format!("{}/{}", self.base_url, self.name)
+    /// The database's URL with `options` (a query string) appended.
+    pub fn url(&self, options: &str) -> String {
+        if options.is_empty() {
+            format!("{}/{}", self.base_url, self.name)
+        } else {
+            format!("{}/{}?{options}", self.base_url, self.name)
+        }
     }
 
     pub async fn drop_now(self) -> Result<()> {
