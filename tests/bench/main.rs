@@ -91,6 +91,10 @@ struct Args {
     /// A/B rounds per compared scenario (each round `--duration` seconds).
     #[arg(long, default_value_t = 2)]
     peer_rounds: usize,
+    /// WatchPendingStepUps streams held open at once at the end of each
+    /// backend's run, to report the server's RSS with them (0 skips).
+    #[arg(long, default_value_t = 10_000)]
+    watch_streams: usize,
     /// The server's RUST_LOG.
     #[arg(long, default_value = "warn")]
     server_log: String,
@@ -439,10 +443,71 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
         };
         compare_with_peer(args, backend, &scene, names).await?;
     }
+    if args.watch_streams > 0 {
+        hold_watch_streams(backend, &server, &fixture, args.watch_streams).await?;
+    }
     if let Some(replica) = replica {
         replica.stop().await?;
     }
     server.stop().await?;
+    Ok(())
+}
+
+/// Opens `count` approval-queue watches (100 per HTTP/2 connection, under
+/// the server's per-connection stream limit), holds them, and prints the
+/// server's RSS before and with them.
+async fn hold_watch_streams(
+    backend: Backend,
+    server: &ServerProcess,
+    fixture: &Fixture,
+    count: usize,
+) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    const PER_CONNECTION: usize = 100;
+    eprintln!("[{}] {count} watch streams", backend.name());
+    let token = fixture.approver.bearer().await?;
+    let mut clients = Vec::new();
+    for _ in 0..count.div_ceil(PER_CONNECTION) {
+        clients.push(server.anonymous().await?.with_bearer(token.clone()));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = server.rss_mib()?;
+    let started = std::time::Instant::now();
+    let clients = &clients;
+    let streams: Vec<_> = futures::stream::iter(0..count)
+        .map(|index| async move {
+            let client = clients
+                .get(index / PER_CONNECTION)
+                .context("no connection for the stream")?;
+            let request = client
+                .request(vaultguard_client::pb::WatchPendingStepUpsRequest {
+                    cursor: String::new(),
+                    heartbeat_interval_seconds: 60,
+                })
+                .await?;
+            // Answered headers: the server holds the stream.
+            let stream = client
+                .step_ups()
+                .watch_pending_step_ups(request)
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(stream)
+        })
+        .buffer_unordered(256)
+        .try_collect()
+        .await?;
+    let opened = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = server.rss_mib()?;
+    println!(
+        "{} · {} WatchPendingStepUps streams held open over {} connections (opened in {:.1} s) · \
+         server RSS {before:.1} MiB before, {held:.1} MiB with them",
+        backend.name(),
+        streams.len(),
+        clients.len(),
+        opened.as_secs_f64()
+    );
+    drop(streams);
     Ok(())
 }
 

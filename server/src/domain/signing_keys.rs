@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+};
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, KeyAlgorithm, SigningKeyState, SigningScheme};
 use zeroize::Zeroizing;
@@ -446,10 +448,14 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         .as_bytes(),
     );
 
-    if let Some(existing) = find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await? {
-        return replay(state, ctx, &key, &input, existing, &request_hash).await;
-    }
+    // The idempotency key is looked up only on the paths that refuse; a
+    // first request that is stored loses to an earlier row of its key at
+    // the unique index and answers from that row.
     if key.status != KEY_ENABLED {
+        if let Some(existing) = find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await?
+        {
+            return replay(state, ctx, &key, &input, existing, &request_hash).await;
+        }
         refuse(state, ctx, &key, &agent_id, &payload_hex, "key disabled").await?;
         return Err(key_disabled(&key));
     }
@@ -498,6 +504,11 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     };
     match decision.outcome {
         Outcome::Block => {
+            if let Some(existing) =
+                find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await?
+            {
+                return replay(state, ctx, &key, &input, existing, &request_hash).await;
+            }
             refuse(
                 state,
                 ctx,
@@ -520,17 +531,30 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             row.signature = Some(produced.bytes.clone());
             row.recovery_id = recovery_id_of(algorithm, &produced);
             row.signed_at = Some(now);
-            let Some(txn) = begin_with_signature(state, &row).await? else {
-                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                    .await;
-            };
-            audit::append(
-                &txn,
+            // The signature row (the idempotency record) and its event in
+            // one statement.
+            let active: signature::ActiveModel = row.clone().into();
+            match audit::insert_with_events(
+                &state.db,
                 state.clock.as_ref(),
-                signed_event(&ctx.audit(), &key, &row, &agent_id, &input.context),
+                vec![signature::Entity::insert(active).into_query()],
+                vec![signed_event(
+                    &ctx.audit(),
+                    &key,
+                    &row,
+                    &agent_id,
+                    &input.context,
+                )],
             )
-            .await?;
-            txn.commit().await?;
+            .await
+            {
+                Ok(()) => {}
+                Err(err) if crate::error::is_unique_violation(&err) => {
+                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                        .await;
+                }
+                Err(err) => return Err(err.into()),
+            }
             state.audit_committed();
             metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
                 .increment(1);
