@@ -572,7 +572,7 @@ impl Recorder {
                 wake.notify_one();
             }
             for done in waiters {
-                let _ = done.send(result.clone());
+                let _ = done.send(result);
             }
         }
     }

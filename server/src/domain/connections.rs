@@ -1073,7 +1073,7 @@ async fn own_grant(
     let scopes = effective_scopes(&req.scopes, &string_list(&connection.granted_scopes))?;
     let own = state
         .directory
-        .tenant(&state.db, &tenant_id)
+        .tenant(&state.db, tenant_id)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
     let input = Input {
