@@ -24,11 +24,13 @@ pub const SERVICE_NAMES: [&str; 9] = [
     "vaultguard.v1.AuditService",
 ];
 
-async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    reporter.set_service_status("", status).await;
+/// Sets every service, then the overall status `""` last: a client that
+/// saw `""` change finds each service changed already.
+pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     for name in SERVICE_NAMES {
         reporter.set_service_status(name, status).await;
     }
+    reporter.set_service_status("", status).await;
 }
 
 /// Probes the database every `interval` until `shutdown` flips, updating the

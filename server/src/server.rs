@@ -134,6 +134,9 @@ pub async fn serve(
     ));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Every service is known (NOT_SERVING) before the listener answers, so
+    // no client is told "service not registered" while the first probe runs.
+    health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
     let healthy = Arc::new(AtomicBool::new(false));
     let probe_task = tokio::spawn(health::run_probe(
         state.db.clone(),

@@ -18,7 +18,7 @@ use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::domain::delegations::sweep_expired;
 use vaultguard_server::error::Error;
 use vaultguard_server::state::AppState;
-use vaultguard_tests::{TestServer, expect_code, expect_invalid, expect_reason};
+use vaultguard_tests::{Backend, TestServer, backend, expect_code, expect_invalid, expect_reason};
 
 use crate::policies::{
     add_rule, assert_id, cond, context, evaluate, inbound, num, outbound, set_outbound_default,
@@ -2088,5 +2088,98 @@ async fn a_suspended_tenant_can_neither_receive_nor_request() {
         pb::ErrorReason::TenantSuspended,
     );
     assert_eq!(server.count("delegations").await, 1);
+    pair.server.stop().await;
+}
+
+/// Polls `call` until it fails with `reason`; returns how long that took.
+async fn refused_within<F, Fut>(reason: pb::ErrorReason, mut call: F) -> std::time::Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<DelegationOutcome, ClientError>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match call().await {
+            Err(err) if err.reason() == Some(reason) => return started.elapsed(),
+            outcome => assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "still not refused with {reason:?} after 5 s: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standing_changed_through_one_replica_is_enforced_by_the_other_within_a_second() {
+    // Replica B holds tenant and agent rows in memory (the directory); a
+    // suspension or a disabled agent written through replica A must reach it
+    // by notification. Two processes share a database only on PostgreSQL.
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let pair = setup_pair().await;
+    let Pair {
+        server,
+        globex,
+        bot,
+        agent,
+        acme_admin,
+        ..
+    } = &pair;
+    pair.globex_allows("*").await;
+    let replica = TestServer::start_replica_of(server).await;
+    let agent_on_b = replica.with_bearer(&agent.bearer().await.unwrap()).await;
+    // B has read (and now holds) both tenants and the agent.
+    assert!(matches!(
+        agent_on_b
+            .request_delegation(ask(&globex.id, "stock.write"))
+            .await
+            .unwrap(),
+        DelegationOutcome::Allowed { .. }
+    ));
+
+    let operator = server.operator().await;
+    let request = operator
+        .request(pb::SuspendTenantRequest {
+            tenant_id: globex.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    operator.tenants().suspend_tenant(request).await.unwrap();
+    let took = refused_within(pb::ErrorReason::TenantSuspended, || {
+        agent_on_b.request_delegation(ask(&globex.id, "stock.write"))
+    })
+    .await;
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "suspension reached B after {took:?}"
+    );
+    let request = operator
+        .request(pb::ReactivateTenantRequest {
+            tenant_id: globex.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    operator.tenants().reactivate_tenant(request).await.unwrap();
+
+    let request = acme_admin
+        .request(pb::DisableAgentRequest {
+            agent_id: bot.id.clone(),
+        })
+        .await
+        .unwrap();
+    acme_admin.agents().disable_agent(request).await.unwrap();
+    let took = refused_within(pb::ErrorReason::AgentDisabled, || {
+        agent_on_b.request_delegation(ask(&globex.id, "stock.write"))
+    })
+    .await;
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "disabling reached B after {took:?}"
+    );
+    replica.stop().await;
     pair.server.stop().await;
 }
