@@ -210,29 +210,26 @@ pub async fn append_all<C: ConnectionTrait>(
 /// Runs `inserts` and appends `events` atomically, in as few round trips as
 /// the backend allows: on PostgreSQL one statement, which is its own
 /// transaction (one round trip, one commit); elsewhere one transaction.
-/// A unique violation of any insert fails the whole (see
-/// [`crate::error::is_unique_violation`]) and writes nothing.
+/// A unique violation of any insert fails the whole and writes nothing: it
+/// comes back as `Error::Storage`, for [`crate::error::is_unique_violation`].
 pub async fn insert_with_events(
     db: &DatabaseConnection,
     clock: &dyn Clock,
     inserts: Vec<InsertStatement>,
     events: Vec<NewEvent>,
-) -> std::result::Result<(), sea_orm::DbErr> {
+) -> Result<()> {
     let backend = db.get_database_backend();
     if backend == DbBackend::Postgres && !events.is_empty() {
-        let statement = with_events(inserts, clock, events)
-            .map_err(|err| sea_orm::DbErr::Custom(err.to_string()))?;
-        db.execute_raw(statement).await?;
+        db.execute_raw(with_events(inserts, clock, events)?).await?;
         return Ok(());
     }
     let txn = db.begin().await?;
     for insert in &inserts {
         txn.execute(insert).await?;
     }
-    append_all(&txn, clock, events)
-        .await
-        .map_err(|err| sea_orm::DbErr::Custom(err.to_string()))?;
-    txn.commit().await
+    append_all(&txn, clock, events).await?;
+    txn.commit().await?;
+    Ok(())
 }
 
 /// PostgreSQL: `WITH w0 AS (insert), …, e AS (INSERT INTO audit_events …

@@ -100,26 +100,40 @@ impl Directory {
 
     /// The tenant `id`, from memory or the database.
     pub async fn tenant(&self, db: &DatabaseConnection, id: &str) -> Result<Option<tenant::Model>> {
-        if let Some(found) = self.cached(&self.tenants, id) {
-            return Ok(Some(found));
-        }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let row = tenant::Entity::find_by_id(id.to_owned()).one(db).await?;
-        if let Some(row) = &row {
-            self.remember(&self.tenants, epoch, id, row);
-        }
-        Ok(row)
+        self.read_through(&self.tenants, id, || {
+            tenant::Entity::find_by_id(id.to_owned()).one(db)
+        })
+        .await
     }
 
     /// The agent `id`, from memory or the database.
     pub async fn agent(&self, db: &DatabaseConnection, id: &str) -> Result<Option<agent::Model>> {
-        if let Some(found) = self.cached(&self.agents, id) {
+        self.read_through(&self.agents, id, || {
+            agent::Entity::find_by_id(id.to_owned()).one(db)
+        })
+        .await
+    }
+
+    /// `id` from `map`, else from `read` (remembered unless an invalidation
+    /// came in meanwhile).
+    async fn read_through<T, F, Fut>(
+        &self,
+        map: &RwLock<HashMap<String, T>>,
+        id: &str,
+        read: F,
+    ) -> Result<Option<T>>
+    where
+        T: Clone,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<T>, sea_orm::DbErr>>,
+    {
+        if let Some(found) = self.cached(map, id) {
             return Ok(Some(found));
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        let row = agent::Entity::find_by_id(id.to_owned()).one(db).await?;
+        let row = read().await?;
         if let Some(row) = &row {
-            self.remember(&self.agents, epoch, id, row);
+            self.remember(map, epoch, id, row);
         }
         Ok(row)
     }

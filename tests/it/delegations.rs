@@ -2018,6 +2018,25 @@ async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
     pair.server.stop().await;
 }
 
+/// Suspends (or reactivates) `tenant_id` as the operator.
+async fn set_suspended(operator: &VaultGuardClient, tenant_id: &str, suspended: bool) {
+    let tenant_id = tenant_id.to_owned();
+    let reason = "test".to_owned();
+    if suspended {
+        let request = operator
+            .request(pb::SuspendTenantRequest { tenant_id, reason })
+            .await
+            .unwrap();
+        operator.tenants().suspend_tenant(request).await.unwrap();
+    } else {
+        let request = operator
+            .request(pb::ReactivateTenantRequest { tenant_id, reason })
+            .await
+            .unwrap();
+        operator.tenants().reactivate_tenant(request).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_suspended_tenant_can_neither_receive_nor_request() {
     let pair = setup_pair().await;
@@ -2032,32 +2051,8 @@ async fn a_suspended_tenant_can_neither_receive_nor_request() {
     } = &pair;
     pair.globex_allows("*").await;
     let operator = server.operator().await;
-    let set_suspended = |tenant_id: String, suspended: bool| {
-        let operator = operator.clone();
-        async move {
-            if suspended {
-                let request = operator
-                    .request(pb::SuspendTenantRequest {
-                        tenant_id,
-                        reason: "test".into(),
-                    })
-                    .await
-                    .unwrap();
-                operator.tenants().suspend_tenant(request).await.unwrap();
-            } else {
-                let request = operator
-                    .request(pb::ReactivateTenantRequest {
-                        tenant_id,
-                        reason: "test".into(),
-                    })
-                    .await
-                    .unwrap();
-                operator.tenants().reactivate_tenant(request).await.unwrap();
-            }
-        }
-    };
 
-    set_suspended(globex.id.clone(), true).await;
+    set_suspended(&operator, &globex.id, true).await;
     expect_reason(
         agent
             .request_delegation(ask(&globex.id, "stock.write"))
@@ -2076,10 +2071,10 @@ async fn a_suspended_tenant_can_neither_receive_nor_request() {
     );
     assert_eq!(server.count("delegations").await, 0);
 
-    set_suspended(globex.id.clone(), false).await;
+    set_suspended(&operator, &globex.id, false).await;
     grant(agent, ask(&globex.id, "stock.write")).await;
 
-    set_suspended(acme.id.clone(), true).await;
+    set_suspended(&operator, &acme.id, true).await;
     expect_reason(
         agent
             .request_delegation(ask(&globex.id, "stock.write"))
@@ -2140,14 +2135,7 @@ async fn standing_changed_through_one_replica_is_enforced_by_the_other_within_a_
     ));
 
     let operator = server.operator().await;
-    let request = operator
-        .request(pb::SuspendTenantRequest {
-            tenant_id: globex.id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
-    operator.tenants().suspend_tenant(request).await.unwrap();
+    set_suspended(&operator, &globex.id, true).await;
     let took = refused_within(pb::ErrorReason::TenantSuspended, || {
         agent_on_b.request_delegation(ask(&globex.id, "stock.write"))
     })
@@ -2156,14 +2144,7 @@ async fn standing_changed_through_one_replica_is_enforced_by_the_other_within_a_
         took < std::time::Duration::from_secs(1),
         "suspension reached B after {took:?}"
     );
-    let request = operator
-        .request(pb::ReactivateTenantRequest {
-            tenant_id: globex.id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
-    operator.tenants().reactivate_tenant(request).await.unwrap();
+    set_suspended(&operator, &globex.id, false).await;
 
     let request = acme_admin
         .request(pb::DisableAgentRequest {

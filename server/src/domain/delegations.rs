@@ -499,8 +499,8 @@ pub async fn request(
         match audit::insert_with_events(&state.db, state.clock.as_ref(), vec![insert], events).await
         {
             Ok(()) => Stored::Inserted(None),
-            Err(err) if is_unique_violation(&err) => Stored::Lost,
-            Err(err) => return Err(err.into()),
+            Err(Error::Storage(err)) if is_unique_violation(&err) => Stored::Lost,
+            Err(err) => return Err(err),
         }
     };
     let auth_req = match stored {

@@ -776,7 +776,8 @@ async fn side_at(
 
 /// Judges `request` by the requesting tenant's outbound rules and the
 /// receiving tenant's inbound rules, each side's rules matching its
-/// recorded version (see [`PolicyCache`]).
+/// recorded version (see [`PolicyCache`]). The tenant rows are the
+/// directory's (`crate::directory`), read by the caller for this request.
 pub async fn judge(
     state: &AppState,
     requesting: &tenant::Model,
@@ -784,20 +785,9 @@ pub async fn judge(
     request: &Request<'_>,
 ) -> Result<Decision> {
     let now = state.clock.now_millis();
-    let requesting_now = state.directory.tenant(&state.db, &requesting.id).await?;
-    let receiving_now = state.directory.tenant(&state.db, &receiving.id).await?;
-    let (requesting, outbound_rules) = side_at(
-        state,
-        requesting_now.unwrap_or_else(|| requesting.clone()),
-        Direction::Outbound,
-    )
-    .await?;
-    let (receiving, inbound_rules) = side_at(
-        state,
-        receiving_now.unwrap_or_else(|| receiving.clone()),
-        Direction::Inbound,
-    )
-    .await?;
+    let (requesting, outbound_rules) =
+        side_at(state, requesting.clone(), Direction::Outbound).await?;
+    let (receiving, inbound_rules) = side_at(state, receiving.clone(), Direction::Inbound).await?;
     let outbound_default = if requesting.outbound_default == OUTBOUND_BLOCK {
         Outcome::Block
     } else {

@@ -549,11 +549,11 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             .await
             {
                 Ok(()) => {}
-                Err(err) if crate::error::is_unique_violation(&err) => {
+                Err(Error::Storage(err)) if is_unique_violation(&err) => {
                     return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
                         .await;
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
             state.audit_committed();
             metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
