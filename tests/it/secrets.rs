@@ -5,17 +5,24 @@
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use sea_orm::EntityTrait;
-use vaultguard_client::{ClientError, VaultGuardClient, pb};
+use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::audit::PLATFORM_LOG;
 use vaultguard_server::crypto::SealContext;
-use vaultguard_server::store::entities::{audit_event, issuer_key};
+use vaultguard_server::store::entities::{audit_event, custody_key, issuer_key};
 use vaultguard_tests::{TestServer, captured_logs, expect_code};
+
+use crate::delegations::ask;
+use crate::policies::{add_rule, inbound, with_counterpart};
+use crate::vault_connections::{connected, expire_access_tokens};
 
 /// The secrets of the flow, by kind, and every text the server handed back.
 #[derive(Default)]
 struct Scan {
     secrets: Vec<(String, String)>,
     errors: Vec<String>,
+    /// Fragments that mean key material even in part (`PRIVATE KEY`, DER
+    /// headers).
+    markers: Vec<String>,
 }
 
 impl Scan {
@@ -65,6 +72,50 @@ impl Scan {
     /// Records a failed call's error, as the caller saw it.
     fn error(&mut self, err: &ClientError) {
         self.errors.push(format!("{err} / {err:?}"));
+    }
+
+    /// Fails the test if any remembered secret or marker occurs in the
+    /// server's (debug) log, in any audit event of any tenant, or in an
+    /// error a caller received.
+    async fn assert_clean(&self, server: &TestServer) {
+        server.wait_sealed().await;
+        let audit_rows = audit_event::Entity::find()
+            .all(&server.state.db)
+            .await
+            .expect("audit events");
+        assert!(!audit_rows.is_empty());
+        let audit_text: String = audit_rows.iter().map(|row| format!("{row:?}\n")).collect();
+
+        let logs = captured_logs();
+        // The capture works: the flow's admissions were logged at debug level.
+        assert!(
+            logs.contains("call admitted"),
+            "debug logs were not captured"
+        );
+        let errors = self.errors.join("\n");
+        let haystacks = [
+            ("server log", logs.as_str()),
+            ("audit events", audit_text.as_str()),
+            ("error messages", errors.as_str()),
+        ];
+        let mut leaks = Vec::new();
+        for (kind, value) in &self.secrets {
+            for (place, text) in haystacks {
+                if text.contains(value.as_str()) {
+                    leaks.push(format!("{kind} found in the {place}"));
+                }
+            }
+        }
+        for marker in &self.markers {
+            for (place, text) in haystacks {
+                if text.contains(marker.as_str()) {
+                    leaks.push(format!(
+                        "private key material ({marker}) found in the {place}"
+                    ));
+                }
+            }
+        }
+        assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
     }
 }
 
@@ -289,44 +340,267 @@ async fn secrets_never_reach_logs_audit_or_errors() {
         key_markers.push(STANDARD.encode(&pkcs8)[..16].to_owned());
     }
 
-    server.wait_sealed().await;
-    let audit_rows = audit_event::Entity::find()
-        .all(&server.state.db)
-        .await
-        .expect("audit events");
-    assert!(!audit_rows.is_empty());
-    let audit_text: String = audit_rows.iter().map(|row| format!("{row:?}\n")).collect();
-
-    let logs = captured_logs();
-    // The capture works: the flow's admissions and refusals were logged.
+    scan.markers = key_markers;
     assert!(
-        logs.contains("call admitted"),
-        "debug logs were not captured"
+        captured_logs().contains("unauthenticated"),
+        "refusals were not logged"
     );
-    assert!(logs.contains("unauthenticated"), "refusals were not logged");
-
-    let haystacks = [
-        ("server log", logs.as_str()),
-        ("audit events", audit_text.as_str()),
-        ("error messages", &scan.errors.join("\n")),
-    ];
-    let mut leaks = Vec::new();
-    for (kind, value) in &scan.secrets {
-        for (place, text) in haystacks {
-            if text.contains(value.as_str()) {
-                leaks.push(format!("{kind} found in the {place}"));
-            }
-        }
-    }
-    for marker in &key_markers {
-        for (place, text) in haystacks {
-            if text.contains(marker) {
-                leaks.push(format!(
-                    "private key material ({marker}) found in the {place}"
-                ));
-            }
-        }
-    }
-    assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+    scan.assert_clean(&server).await;
     server.stop().await;
+}
+
+/// The vault's and the delegations' secrets, end to end with debug logging:
+/// a connected account (provider client secret, authorization `state`,
+/// refresh and access tokens, rotated on refresh), custodied private keys of
+/// every algorithm after signing with them, the approval webhook's signing
+/// secret, delegation tokens and a step-up's `auth_req_id` — and refused
+/// calls that present such values. None may reach the server's log, any
+/// audit event or any error a caller saw.
+#[tokio::test]
+async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
+    let (fixture, connection_id) = connected().await;
+    let pair = &fixture.pair;
+    let server = &pair.server;
+    let provider = &fixture.provider;
+    let mut scan = Scan::default();
+
+    // Connected account: two exchanges, the second after expiry (a refresh
+    // with rotation), then a refused exchange presenting a provider token as
+    // a subject token.
+    let own = pair
+        .agent
+        .exchange(&connection_id, &[])
+        .await
+        .expect("exchange");
+    assert!(!own.access_token.is_empty());
+    expire_access_tokens(server, &pair.agent).await;
+    let refreshed = pair
+        .agent
+        .exchange(&connection_id, &[])
+        .await
+        .expect("exchange after expiry");
+    assert_ne!(refreshed.access_token, own.access_token);
+    assert!(provider.refreshes() >= 1, "the second exchange refreshed");
+    let err = pair
+        .agent
+        .exchange_delegated(&refreshed.access_token, &connection_id, &[])
+        .await
+        .expect_err("a provider token is no delegation token");
+    scan.error(&err);
+    // The clock moved past the admins' tokens too: fresh ones.
+    let acme_admin = server
+        .human(&pair.acme.id, "alice", &[pb::Role::Admin])
+        .await;
+    let globex_admin = server
+        .human(&pair.globex.id, "gina", &[pb::Role::Admin])
+        .await;
+    for token in provider.issued_refresh_tokens() {
+        scan.secret("provider refresh token", &token);
+    }
+    for token in provider.issued_access_tokens() {
+        scan.secret("provider access token", &token);
+    }
+    scan.secret(
+        "provider client secret",
+        provider
+            .client_secret()
+            .expect("the provider has a client secret"),
+    );
+    // A started (never finished) connection: its `state` is a bearer of the
+    // callback.
+    let request = acme_admin
+        .request(pb::StartConnectionRequest {
+            provider_id: fixture.registered.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("request");
+    let started = acme_admin
+        .vault()
+        .start_connection(request)
+        .await
+        .expect("start connection")
+        .into_inner();
+    let authorize = url::Url::parse(&started.authorize_url).expect("authorize url");
+    let state = authorize
+        .query_pairs()
+        .find(|(name, _)| name == "state")
+        .map(|(_, value)| value.into_owned())
+        .expect("state in the authorize url");
+    scan.secret("oauth state", &state);
+    let callback = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+        .get(format!(
+            "{}/oauth/callback?state={state}x&code=not-a-real-code-0123456789",
+            server.http_url()
+        ))
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(callback.status(), reqwest::StatusCode::BAD_REQUEST);
+    scan.errors.push(callback.text().await.unwrap_or_default());
+
+    // Custodied keys of every algorithm, each used once.
+    add_rule(
+        &acme_admin,
+        with_counterpart(&pair.acme.id, inbound("*", pb::Effect::Allow)),
+    )
+    .await;
+    let mut markers = vec!["PRIVATE KEY".to_owned()];
+    for (name, algorithm, scheme) in [
+        (
+            "ed",
+            pb::KeyAlgorithm::Ed25519,
+            pb::SigningScheme::Ed25519Pure,
+        ),
+        (
+            "eth",
+            pb::KeyAlgorithm::Secp256k1,
+            pb::SigningScheme::Eip191PersonalSign,
+        ),
+        ("nist", pb::KeyAlgorithm::P256, pb::SigningScheme::RawSha256),
+    ] {
+        let payload = |byte: u8| {
+            pb::sign_request::Payload::Message(pb::SignMessage {
+                data: vec![byte; 40],
+                scheme: scheme as i32,
+            })
+        };
+        let request = acme_admin
+            .request(pb::CreateSigningKeyRequest {
+                name: name.to_owned(),
+                algorithm: algorithm as i32,
+                description: String::new(),
+            })
+            .await
+            .expect("request");
+        let key = acme_admin
+            .vault()
+            .create_signing_key(request)
+            .await
+            .expect("create signing key")
+            .into_inner()
+            .key
+            .expect("key");
+        let signed = pair
+            .agent
+            .sign(pb::SignRequest {
+                key_id: key.id.clone(),
+                payload: Some(payload(7)),
+                idempotency_key: format!("secrets-{name}"),
+                ..Default::default()
+            })
+            .await
+            .expect("sign");
+        assert!(matches!(
+            signed.outcome,
+            Some(pb::sign_response::Outcome::Signed(_))
+        ));
+        // The same idempotency key with another payload is refused.
+        let err = pair
+            .agent
+            .sign(pb::SignRequest {
+                key_id: key.id.clone(),
+                payload: Some(payload(8)),
+                idempotency_key: format!("secrets-{name}"),
+                ..Default::default()
+            })
+            .await
+            .expect_err("idempotency conflict");
+        scan.error(&err);
+        let stored = custody_key::Entity::find_by_id(key.id.clone())
+            .one(&server.state.db)
+            .await
+            .expect("custody key row")
+            .expect("custody key");
+        let private = server
+            .state
+            .master
+            .open(
+                SealContext {
+                    table: "custody_keys",
+                    tenant_id: &pair.acme.id,
+                    record_id: &key.id,
+                },
+                &stored.private_key_ciphertext,
+            )
+            .expect("open custodied key");
+        scan.key_bytes(&format!("{name} custodied private key"), &private);
+        markers.push(STANDARD.encode(&private)[..16].to_owned());
+    }
+
+    // The approval webhook's signing secret.
+    let request = globex_admin
+        .request(pb::SetApprovalWebhookRequest {
+            url: "http://127.0.0.1:9/approvals".to_owned(),
+        })
+        .await
+        .expect("request");
+    let webhook = globex_admin
+        .step_ups()
+        .set_approval_webhook(request)
+        .await
+        .expect("set webhook")
+        .into_inner();
+    scan.secret("webhook signing secret", &webhook.signing_secret);
+
+    // Delegation tokens (ALLOW) and a step-up's auth_req_id (STEP_UP),
+    // then refusals that present them.
+    add_rule(&globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
+    add_rule(&globex_admin, inbound("stock.write", pb::Effect::StepUp)).await;
+    let allowed = pair
+        .agent
+        .request_delegation(ask(&pair.globex.id, "stock.read"))
+        .await
+        .expect("allowed delegation");
+    let DelegationOutcome::Allowed { grant, .. } = allowed else {
+        panic!("stock.read is allowed");
+    };
+    scan.jwt("delegation token", &grant.token);
+    let stepped = pair
+        .agent
+        .request_delegation(ask(&pair.globex.id, "stock.write"))
+        .await
+        .expect("step-up delegation");
+    let DelegationOutcome::StepUp { challenge, .. } = stepped else {
+        panic!("stock.write needs a human");
+    };
+    scan.secret("auth_req_id", &challenge.auth_req_id);
+    // The delegation token presented as an API bearer.
+    let err = expect_code(
+        server.with_bearer(&grant.token).await.who_am_i().await,
+        tonic::Code::Unauthenticated,
+    );
+    scan.error(&err);
+    // The auth_req_id polled by another agent.
+    let (_, _, intruder) = server.create_agent(&pair.acme.id, "intruder").await;
+    let request = intruder
+        .request(pb::PollStepUpRequest {
+            auth_req_id: challenge.auth_req_id.clone(),
+        })
+        .await
+        .expect("request");
+    let err: ClientError = intruder
+        .step_ups()
+        .poll_step_up(request)
+        .await
+        .expect_err("another agent's auth_req_id")
+        .into();
+    scan.error(&err);
+    // A tampered delegation token verified by the receiving tenant.
+    let (head, _) = grant.token.rsplit_once('.').expect("jwt");
+    let tampered = format!("{head}.{}", URL_SAFE_NO_PAD.encode([9u8; 64]));
+    scan.jwt("tampered delegation token", &tampered);
+    let (_, _, verifier) = server.create_agent(&pair.globex.id, "gatekeeper").await;
+    let verdict = verifier
+        .verify(&tampered, "")
+        .await
+        .expect("verify answers");
+    assert!(!verdict.active);
+    scan.errors.push(format!("{verdict:?}"));
+
+    scan.markers = markers;
+    scan.assert_clean(server).await;
 }

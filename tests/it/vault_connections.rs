@@ -52,7 +52,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 }
 
 /// A fake provider whose tokens expire on the server's clock.
-async fn fake_provider(server: &TestServer, options: ProviderOptions) -> FakeProvider {
+pub(crate) async fn fake_provider(server: &TestServer, options: ProviderOptions) -> FakeProvider {
     let clock: Arc<dyn Clock> = server.clock.clone();
     FakeProvider::start(ProviderOptions {
         clock: Some(clock),
@@ -118,16 +118,16 @@ async fn advance(server: &TestServer, agent: &VaultGuardClient, seconds: i64) {
 }
 
 /// Moves past the provider access token's expiry (and the refresh margin).
-async fn expire_access_tokens(server: &TestServer, agent: &VaultGuardClient) {
+pub(crate) async fn expire_access_tokens(server: &TestServer, agent: &VaultGuardClient) {
     advance(server, agent, i64::try_from(ACCESS_TTL).expect("ttl") + 5).await;
 }
 
 /// A pair whose tenant acme registered a fake provider (on the server's
 /// clock) as `mail`.
-struct Registered {
-    pair: Pair,
-    provider: FakeProvider,
-    registered: pb::OAuthProvider,
+pub(crate) struct Registered {
+    pub(crate) pair: Pair,
+    pub(crate) provider: FakeProvider,
+    pub(crate) registered: pb::OAuthProvider,
 }
 
 /// [`setup_pair`] and acme's `mail` provider; with `allow_exchanges`, acme
@@ -148,7 +148,7 @@ async fn registered(allow_exchanges: bool) -> Registered {
 
 /// [`registered`] with exchanges allowed and a CONNECTED account of acme;
 /// returns the fixture and the connection's id.
-async fn connected() -> (Registered, String) {
+pub(crate) async fn connected() -> (Registered, String) {
     let fixture = registered(true).await;
     let connection_id = connect(&fixture.pair.acme_admin, &fixture.registered.id)
         .await
@@ -209,7 +209,7 @@ async fn delete_provider(admin: &VaultGuardClient, provider_id: &str) -> Result<
 }
 
 /// Registers `provider` as `name`; returns the stored provider.
-async fn register(
+pub(crate) async fn register(
     admin: &VaultGuardClient,
     name: &str,
     provider: &FakeProvider,
@@ -369,7 +369,7 @@ async fn provider_redirect(server: &TestServer, authorize_url: &str) -> String {
 
 /// Starts a connection of `provider_id` and completes the flow through the
 /// provider; asserts it is CONNECTED and returns it.
-async fn connect(admin: &VaultGuardClient, provider_id: &str) -> pb::Connection {
+pub(crate) async fn connect(admin: &VaultGuardClient, provider_id: &str) -> pb::Connection {
     let started = start(admin, provider_id).await;
     assert_eq!(follow(&started.authorize_url).await, 200, "the result page");
     let id = started.connection.expect("connection").id;
