@@ -1172,3 +1172,115 @@ mod tests {
         assert!(!shown.contains("4c08") && !shown.to_lowercase().contains("4c, 8"));
     }
 }
+
+/// Property tests: scheme and algorithm names, and every entry point fed
+/// arbitrary key and payload bytes (errors, never panics).
+#[cfg(test)]
+mod props {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{CRYPTO_CASES, PURE_CASES, config};
+
+    const ALGORITHMS: [Algorithm; 3] = [Algorithm::Ed25519, Algorithm::Secp256k1, Algorithm::P256];
+    const SCHEMES: [Scheme; 4] = [
+        Scheme::Digest,
+        Scheme::RawSha256,
+        Scheme::Eip191PersonalSign,
+        Scheme::Ed25519Pure,
+    ];
+
+    fn key_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => prop::collection::vec(any::<u8>(), 32),
+            1 => Just(vec![0u8; 32]),
+            1 => Just(vec![0xffu8; 32]),
+            1 => prop::collection::vec(any::<u8>(), 0..70),
+        ]
+    }
+
+    fn point_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..70),
+            prop::collection::vec(any::<u8>(), 64).prop_map(|xy| [vec![4u8], xy].concat()),
+            prop::collection::vec(any::<u8>(), 32).prop_map(|x| [vec![2u8], x].concat()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn names_parse_exactly(s in prop_oneof![
+            "(digest|raw_sha256|eip191_personal_sign|ed25519_pure|ed25519|secp256k1|p256)".prop_map(String::from),
+            "[A-Za-z0-9_ ]{0,22}".prop_map(String::from),
+            any::<String>(),
+        ]) {
+            if let Some(scheme) = Scheme::parse(&s) {
+                prop_assert_eq!(scheme.as_str(), s.as_str());
+            }
+            if let Some(algorithm) = Algorithm::parse(&s) {
+                prop_assert_eq!(algorithm.as_str(), s.as_str());
+            }
+            for scheme in SCHEMES {
+                prop_assert_eq!(Scheme::parse(scheme.as_str()), Some(scheme));
+            }
+            for algorithm in ALGORITHMS {
+                prop_assert_eq!(Algorithm::parse(algorithm.as_str()), Some(algorithm));
+            }
+        }
+
+        #[test]
+        fn payload_hashes_never_panic(
+            scheme in prop::sample::select(SCHEMES.to_vec()),
+            data in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let hash = payload_hash(&Payload::Message { scheme, data: &data });
+            prop_assert_eq!(hash.is_err(), scheme == Scheme::Digest && data.len() != 32);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(CRYPTO_CASES))]
+
+        #[test]
+        fn signing_with_arbitrary_bytes_errs_or_verifies(
+            algorithm in prop::sample::select(ALGORITHMS.to_vec()),
+            scheme in prop::sample::select(SCHEMES.to_vec()),
+            private in key_bytes(),
+            data in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let payload = Payload::Message { scheme, data: &data };
+            match sign(algorithm, &private, &payload) {
+                Ok(signature) => {
+                    prop_assert!(scheme.suits(algorithm));
+                    let public = public_key(algorithm, &private).unwrap();
+                    if algorithm == Algorithm::P256 {
+                        let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&public.raw).unwrap();
+                        let sig = p256::ecdsa::Signature::from_slice(&signature.bytes).unwrap();
+                        prop_assert!(key.verify_prehash(&signature.payload_hash, &sig).is_ok());
+                    }
+                }
+                Err(CustodyError::Unsuited { .. }) => prop_assert!(!scheme.suits(algorithm)),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn public_forms_of_arbitrary_bytes_never_panic(
+            algorithm in prop::sample::select(ALGORITHMS.to_vec()),
+            private in key_bytes(),
+            point in point_bytes(),
+            kid in any::<String>(),
+        ) {
+            if let Ok(public) = public_key(algorithm, &private) {
+                prop_assert!(public_jwk(algorithm, &public.raw, &kid).is_ok());
+                prop_assert_eq!(public_pem(algorithm, &public.raw).ok(), Some(public.pem));
+            }
+            let _ = public_jwk(algorithm, &point, &kid);
+            let _ = public_pem(algorithm, &point);
+            let _ = ethereum_address(&point);
+        }
+    }
+}

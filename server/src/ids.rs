@@ -87,3 +87,55 @@ mod tests {
         assert!(check_id("tenant_id", "", IdKind::Tenant).is_err());
     }
 }
+
+/// Property tests of id checking.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    const KINDS: [IdKind; 11] = [
+        IdKind::Tenant,
+        IdKind::Agent,
+        IdKind::Rule,
+        IdKind::Delegation,
+        IdKind::StepUp,
+        IdKind::Provider,
+        IdKind::Connection,
+        IdKind::SigningKey,
+        IdKind::Signature,
+        IdKind::AuditEvent,
+        IdKind::IssuerKey,
+    ];
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn check_id_accepts_exactly_the_documented_form(
+            kind in prop::sample::select(KINDS.to_vec()),
+            value in prop_oneof![
+                "[a-z]{3}_[0-9a-fA-F]{30,34}".prop_map(String::from),
+                "(tnt|agt|dlg)_[0-9a-f]{32}".prop_map(String::from),
+                any::<String>(),
+            ],
+        ) {
+            let expected = value
+                .strip_prefix(&format!("{}_", kind.prefix()))
+                .is_some_and(|body| body.len() == 32 && body.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+            prop_assert_eq!(check_id("id", &value, kind).is_ok(), expected);
+        }
+
+        #[test]
+        fn new_ids_are_accepted_only_for_their_own_kind(
+            kind in prop::sample::select(KINDS.to_vec()),
+            other in prop::sample::select(KINDS.to_vec()),
+        ) {
+            let id = new_id(kind);
+            prop_assert!(check_id("id", &id, kind).is_ok());
+            prop_assert_eq!(check_id("id", &id, other).is_ok(), kind == other);
+        }
+    }
+}

@@ -354,3 +354,80 @@ mod tests {
         assert_eq!(Arc::strong_count(&d), 1);
     }
 }
+
+/// Property tests of form encoding, provider text and token answers.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config, json_value};
+
+    /// Decodes `application/x-www-form-urlencoded` text (the inverse of
+    /// `form_encode`, written independently of it).
+    fn form_decode(text: &str) -> Vec<u8> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 2;
+                }
+                other => out.push(other),
+            }
+            i += 1;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn form_encoding_round_trips(value in any::<String>()) {
+            let encoded = form_encode(&value);
+            prop_assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b"*-._+%".contains(&b)));
+            prop_assert_eq!(form_decode(&encoded), value.as_bytes().to_vec());
+        }
+
+        #[test]
+        fn tidy_keeps_few_printable_characters(text in any::<String>(), max in 0usize..50) {
+            let tidied = tidy(&text, max);
+            prop_assert!(tidied.chars().count() <= max);
+            prop_assert!(!tidied.chars().any(char::is_control));
+        }
+
+        #[test]
+        fn token_answers_never_panic(
+            body in prop_oneof![
+                json_value().prop_map(|v| v.to_string()),
+                (any::<String>(), prop_oneof![
+                    any::<u64>().prop_map(|n| serde_json::json!(n)),
+                    any::<i64>().prop_map(|n| serde_json::json!(n)),
+                    any::<String>().prop_map(|s| serde_json::json!(s)),
+                    " ?[0-9]{1,22} ?".prop_map(|s| serde_json::json!(s)),
+                    any::<f64>().prop_map(|n| serde_json::json!(n)),
+                ]).prop_map(|(token, expires_in)| {
+                    serde_json::json!({"access_token": token, "expires_in": expires_in}).to_string()
+                }),
+                any::<String>(),
+            ],
+        ) {
+            if let Ok(grant) = serde_json::from_str::<TokenGrant>(&body) {
+                let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let expected = match &value["expires_in"] {
+                    serde_json::Value::Number(n) => n.as_u64(),
+                    serde_json::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                };
+                prop_assert_eq!(grant.expires_in, expected);
+                let _ = format!("{grant:?}");
+            }
+            let _ = serde_json::from_str::<ErrorBody>(&body);
+        }
+    }
+}

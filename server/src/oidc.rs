@@ -255,3 +255,117 @@ impl OidcVerifier {
         Ok(set)
     }
 }
+
+/// Property tests of OIDC token verification against a real local issuer
+/// (discovery and JWKS served over HTTP on 127.0.0.1, keys from a VaultGuard
+/// key ring): arbitrary and tampered tokens are refused, never a panic.
+#[cfg(test)]
+mod props {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::issuer::props::{kids, ring, runtime};
+    use crate::issuer::{ALGORITHMS, IssuerKeys};
+    use crate::props::{CRYPTO_CASES, b64, config, jws_like};
+
+    /// Serves `keys`' JWKS and a discovery document naming `issuer`.
+    async fn serve_issuer() -> (String, Arc<IssuerKeys>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let keys = Arc::new(ring(&issuer).await);
+        let jwks = keys.jwks_json().await.unwrap();
+        let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")}).to_string();
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let body = discovery.clone();
+                    async move { body }
+                }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || {
+                    let body = jwks.clone();
+                    async move { body }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (issuer, keys)
+    }
+
+    fn verifier(issuer: &str) -> OidcVerifier {
+        let trusted = TrustedIssuer {
+            issuer: issuer.to_owned(),
+            audience: "vaultguard-console".to_owned(),
+            tenant_claim: "org_id".to_owned(),
+            roles_claim: "roles".to_owned(),
+            role_prefix: String::new(),
+        };
+        OidcVerifier::new(&[trusted], Arc::new(SystemClock), 0).unwrap()
+    }
+
+    #[test]
+    fn arbitrary_tokens_are_refused() {
+        let rt = runtime();
+        let (issuer, keys) = rt.block_on(serve_issuer());
+        let oidc = verifier(&issuer);
+        let kids = rt.block_on(kids(&keys));
+        let mut runner = TestRunner::new(config(CRYPTO_CASES * 4));
+        runner
+            .run(&jws_like(kids), |token| {
+                let verified = rt.block_on(oidc.verify(&token, &issuer));
+                prop_assert!(verified.is_err(), "accepted {token}");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn tampered_tokens_are_refused_and_genuine_ones_accepted() {
+        let rt = runtime();
+        let (issuer, keys) = rt.block_on(serve_issuer());
+        let oidc = verifier(&issuer);
+        let strategy = (
+            prop::sample::select(ALGORITHMS.to_vec()),
+            0usize..3,
+            any::<prop::sample::Index>(),
+            1u8..=255,
+            crate::props::json_value(),
+        );
+        let mut runner = TestRunner::new(config(CRYPTO_CASES));
+        runner
+            .run(&strategy, |(algorithm, part, at, flip, roles)| {
+                let now = SystemClock.now_seconds();
+                let claims = json!({
+                    "iss": issuer, "sub": "user-1", "aud": "vaultguard-console",
+                    "exp": now + 600, "org_id": "org_1", "roles": roles,
+                });
+                let (token, _) = rt
+                    .block_on(keys.sign_typed(algorithm, "JWT", &claims))
+                    .unwrap();
+                let identity = rt.block_on(oidc.verify(&token, &issuer));
+                prop_assert!(
+                    identity.is_ok(),
+                    "refused a genuine token: {:?}",
+                    identity.err()
+                );
+
+                let parts: Vec<&str> = token.split('.').collect();
+                let mut decoded = URL_SAFE_NO_PAD.decode(parts[part]).unwrap();
+                let i = at.index(decoded.len());
+                decoded[i] ^= flip;
+                let mut tampered: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+                tampered[part] = b64(&decoded);
+                let verified = rt.block_on(oidc.verify(&tampered.join("."), &issuer));
+                prop_assert!(verified.is_err(), "accepted a tampered token");
+                Ok(())
+            })
+            .unwrap();
+    }
+}

@@ -192,3 +192,92 @@ mod tests {
         }
     }
 }
+
+/// Property tests of the shared field checks.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    fn url_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "(https?|ftp|file|data|javascript)?:?(//|/|\\\\\\\\)?([a-z:@.\\[\\]0-9%-]{0,20})(/[a-z?#=&%.]{0,10})?"
+                .prop_map(String::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn slugs_are_exactly_the_documented_form(value in prop_oneof![
+            "[a-z0-9-]{0,66}".prop_map(String::from),
+            "[a-zA-Z0-9 _-]{0,10}".prop_map(String::from),
+            any::<String>(),
+        ]) {
+            let expected = (3..=63).contains(&value.len())
+                && value.starts_with(|c: char| c.is_ascii_lowercase())
+                && !value.ends_with('-')
+                && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            prop_assert_eq!(slug("slug", &value).is_ok(), expected);
+        }
+
+        #[test]
+        fn names_are_exactly_the_documented_form(value in prop_oneof![
+            "[a-z0-9-]{0,66}".prop_map(String::from),
+            any::<String>(),
+        ]) {
+            let expected = (1..=64).contains(&value.len())
+                && value.starts_with(|c: char| c.is_ascii_lowercase())
+                && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            prop_assert_eq!(name("name", &value).is_ok(), expected);
+        }
+
+        #[test]
+        fn accepted_urls_are_https_with_a_host_and_no_credentials(
+            value in url_like(),
+            allow_http in any::<bool>(),
+            allow_fragment in any::<bool>(),
+        ) {
+            if let Ok(parsed) = url("u", &value, allow_http, allow_fragment) {
+                prop_assert!(parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http"));
+                prop_assert!(parsed.host_str().is_some_and(|h| !h.is_empty()));
+                prop_assert!(parsed.username().is_empty() && parsed.password().is_none());
+                prop_assert!(allow_fragment || parsed.fragment().is_none());
+                prop_assert!(value.len() <= 2048);
+            }
+        }
+
+        #[test]
+        fn texts_count_characters_and_refuse_controls(value in any::<String>(), max in 0usize..40) {
+            let ok = optional_text("t", &value, max).is_ok();
+            let expected = value.chars().count() <= max
+                && !value.chars().any(|c| c.is_control() && c != '\n' && c != '\t');
+            prop_assert_eq!(ok, expected);
+            if required_text("t", &value, max).is_ok() {
+                prop_assert!(ok && !value.trim().is_empty());
+            }
+        }
+
+        #[test]
+        fn enum_values_never_panic(raw in any::<i32>(), allow in any::<bool>()) {
+            let checked = enum_value::<vaultguard_proto::v1::Role>("role", raw, allow);
+            match checked {
+                Ok(Some(role)) => prop_assert_eq!(role as i32, raw),
+                Ok(None) => prop_assert!(raw == 0 && allow),
+                Err(_) => prop_assert!(raw != 0 || !allow),
+            }
+        }
+
+        #[test]
+        fn page_sizes(requested in any::<u32>()) {
+            match page_size("page_size", requested) {
+                Ok(size) => prop_assert!((1..=500).contains(&size)),
+                Err(_) => prop_assert!(requested > 500),
+            }
+        }
+    }
+}

@@ -178,7 +178,7 @@ fn challenged(outcome: Result<DelegationOutcome, ClientError>) -> pb::StepUpChal
 }
 
 /// Requests a delegation that must be allowed; returns it and its token.
-async fn grant(
+pub(crate) async fn grant(
     agent: &VaultGuardClient,
     request: pb::RequestDelegationRequest,
 ) -> (pb::Delegation, String) {
@@ -244,7 +244,10 @@ fn metadata_value<'a>(metadata: &'a HashMap<String, String>, key: &str) -> &'a s
 }
 
 #[track_caller]
-fn assert_inactive(response: Result<pb::VerifyDelegationTokenResponse, ClientError>, what: &str) {
+pub(crate) fn assert_inactive(
+    response: Result<pb::VerifyDelegationTokenResponse, ClientError>,
+    what: &str,
+) {
     let response = response.unwrap_or_else(|e| panic!("{what}: verify failed: {e:?}"));
     assert_eq!(
         response,
@@ -286,20 +289,20 @@ fn b64(value: &Value) -> String {
 }
 
 /// The decoded header (0) or claims (1) of a compact JWT, unverified.
-fn jwt_part(token: &str, index: usize) -> Value {
+pub(crate) fn jwt_part(token: &str, index: usize) -> Value {
     let part = token.split('.').nth(index).expect("jwt part");
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url")).expect("json")
 }
 
 /// `token` with its claims edited and its signature kept.
-fn with_claims(token: &str, edit: impl FnOnce(&mut Value)) -> String {
+pub(crate) fn with_claims(token: &str, edit: impl FnOnce(&mut Value)) -> String {
     let mut claims = jwt_part(token, 1);
     edit(&mut claims);
     let parts: Vec<&str> = token.split('.').collect();
     format!("{}.{}.{}", parts[0], b64(&claims), parts[2])
 }
 
-async fn jwks(server: &TestServer) -> Value {
+pub(crate) async fn jwks(server: &TestServer) -> Value {
     reqwest::get(format!("{}/.well-known/jwks.json", server.http_url()))
         .await
         .expect("jwks")
@@ -446,7 +449,7 @@ pub(crate) async fn setup_pair() -> Pair {
 
 impl Pair {
     /// Globex lets any tenant's agents do `pattern`.
-    async fn globex_allows(&self, pattern: &str) -> pb::Rule {
+    pub(crate) async fn globex_allows(&self, pattern: &str) -> pb::Rule {
         add_rule(&self.globex_admin, inbound(pattern, pb::Effect::Allow)).await
     }
 

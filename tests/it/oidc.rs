@@ -36,7 +36,7 @@ const ORG_BETA: &str = "org_beta";
 // Keys and hand-made JWTs
 // ---------------------------------------------------------------------------
 
-fn b64url(bytes: impl AsRef<[u8]>) -> String {
+pub(crate) fn b64url(bytes: impl AsRef<[u8]>) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
@@ -48,7 +48,7 @@ fn now() -> i64 {
 }
 
 /// `base64url(header).base64url(claims)`, the JWS signing input.
-fn signing_input(header: &Value, claims: &Value) -> String {
+pub(crate) fn signing_input(header: &Value, claims: &Value) -> String {
     format!(
         "{}.{}",
         b64url(header.to_string()),
@@ -121,39 +121,49 @@ impl SigningKey {
         let public = self.pair.public_key();
         let pkcs1 = public.as_ref().to_vec();
         let spki = public.as_der().expect("SPKI DER").as_ref().to_vec();
-        let body = STANDARD.encode(&spki);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
-            .collect();
-        let pem = format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            lines.join("\n")
-        );
-        let pkcs1_body = STANDARD.encode(&pkcs1);
-        let pkcs1_lines: Vec<&str> = pkcs1_body
-            .as_bytes()
-            .chunks(64)
-            .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
-            .collect();
-        let pkcs1_pem = format!(
-            "-----BEGIN RSA PUBLIC KEY-----\n{}\n-----END RSA PUBLIC KEY-----\n",
-            pkcs1_lines.join("\n")
-        );
-        vec![
-            ("PKCS#1 DER", pkcs1),
-            ("SPKI DER", spki),
-            ("SPKI PEM", pem.clone().into_bytes()),
-            (
-                "SPKI PEM without final newline",
-                pem.trim_end().as_bytes().to_vec(),
-            ),
-            ("PKCS#1 PEM", pkcs1_pem.into_bytes()),
-            ("raw modulus", self.modulus()),
-            ("JWK n", b64url(self.modulus()).into_bytes()),
-        ]
+        rsa_public_key_encodings(pkcs1, spki, self.modulus())
     }
+}
+
+/// An RSA public key (given as PKCS#1 DER, SubjectPublicKeyInfo DER and its
+/// modulus) in the encodings an attacker would try as an HMAC secret.
+pub(crate) fn rsa_public_key_encodings(
+    pkcs1: Vec<u8>,
+    spki: Vec<u8>,
+    modulus: Vec<u8>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let body = STANDARD.encode(&spki);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
+        .collect();
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        lines.join("\n")
+    );
+    let pkcs1_body = STANDARD.encode(&pkcs1);
+    let pkcs1_lines: Vec<&str> = pkcs1_body
+        .as_bytes()
+        .chunks(64)
+        .map(|chunk| std::str::from_utf8(chunk).expect("base64 is ASCII"))
+        .collect();
+    let pkcs1_pem = format!(
+        "-----BEGIN RSA PUBLIC KEY-----\n{}\n-----END RSA PUBLIC KEY-----\n",
+        pkcs1_lines.join("\n")
+    );
+    vec![
+        ("PKCS#1 DER", pkcs1),
+        ("SPKI DER", spki),
+        ("SPKI PEM", pem.clone().into_bytes()),
+        (
+            "SPKI PEM without final newline",
+            pem.trim_end().as_bytes().to_vec(),
+        ),
+        ("PKCS#1 PEM", pkcs1_pem.into_bytes()),
+        ("raw modulus", modulus.clone()),
+        ("JWK n", b64url(&modulus).into_bytes()),
+    ]
 }
 
 /// A JWT with an arbitrary header and an HMAC-SHA256 signature under `secret`.
@@ -376,7 +386,10 @@ async fn bind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) -> 
         .expect("tenant")
 }
 
-async fn who_am_i(server: &TestServer, token: &str) -> Result<pb::WhoAmIResponse, ClientError> {
+pub(crate) async fn who_am_i(
+    server: &TestServer,
+    token: &str,
+) -> Result<pb::WhoAmIResponse, ClientError> {
     let client = server.with_bearer(token).await;
     let request = client.request(pb::WhoAmIRequest {}).await?;
     Ok(client.auth().who_am_i(request).await?.into_inner())
@@ -407,7 +420,7 @@ async fn list_tenants(client: &VaultGuardClient) -> Result<pb::ListTenantsRespon
 /// Asserts that `token` is refused with UNAUTHENTICATED and the generic
 /// ERROR_REASON_UNAUTHENTICATED.
 #[track_caller]
-fn assert_refused(case: &str, result: Result<pb::WhoAmIResponse, ClientError>) {
+pub(crate) fn assert_refused(case: &str, result: Result<pb::WhoAmIResponse, ClientError>) {
     let err = match result {
         Ok(response) => panic!("{case}: expected UNAUTHENTICATED, got Ok({response:?})"),
         Err(err) => err,

@@ -147,7 +147,7 @@ async fn acme() -> (TestServer, Party) {
 // ---------------------------------------------------------------------------
 // VaultService calls.
 
-async fn create_key(
+pub(crate) async fn create_key(
     admin: &VaultGuardClient,
     name: &str,
     algorithm: Alg,
@@ -287,7 +287,7 @@ fn sign_digest(key_id: &str, digest: &[u8], idempotency_key: &str) -> pb::SignRe
     }
 }
 
-fn sign_message(
+pub(crate) fn sign_message(
     key_id: &str,
     data: &[u8],
     scheme: Scheme,
@@ -336,7 +336,10 @@ fn outcome_of(response: &pb::SignResponse) -> pb::Decision {
 }
 
 /// The agent signs `request`, which the policy must allow.
-async fn sign_now(agent: &VaultGuardClient, request: pb::SignRequest) -> pb::SignedPayload {
+pub(crate) async fn sign_now(
+    agent: &VaultGuardClient,
+    request: pb::SignRequest,
+) -> pb::SignedPayload {
     let response = agent.sign(request).await.expect("sign");
     assert_eq!(outcome_of(&response), pb::Decision::Allow);
     signed(&response)

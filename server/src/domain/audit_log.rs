@@ -883,3 +883,229 @@ mod tests {
         assert!(v.finish().is_err());
     }
 }
+
+/// Property tests of the export encoders (CSV read back by the `csv` crate,
+/// NDJSON by serde_json), the proto view and the event-type filter.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    /// Strings rich in what CSV and JSON must escape.
+    fn hostile_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[=+@\t\r\n\",' a-]{0,12}".prop_map(String::from),
+            "[=+@\t\r-]?[a-z,\"\r\n]{0,6}".prop_map(String::from),
+        ]
+    }
+
+    /// What a reader of the CSV gets back for `original`: formula-leading
+    /// cells carry the documented `'` prefix.
+    fn expected_cell(original: &str) -> String {
+        if original.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{original}")
+        } else {
+            original.to_owned()
+        }
+    }
+
+    fn read_csv(bytes: &[u8], headers: bool) -> Vec<Vec<String>> {
+        csv::ReaderBuilder::new()
+            .has_headers(headers)
+            .from_reader(bytes)
+            .records()
+            .map(|record| {
+                record
+                    .expect("the csv crate reads every record")
+                    .iter()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn row_strategy() -> impl Strategy<Value = AuditRow> {
+        let details = prop_oneof![
+            crate::props::json_value().prop_map(|v| v.to_string()),
+            hostile_text(),
+        ];
+        let subjects = prop_oneof![
+            prop::collection::vec(hostile_text(), 0..3)
+                .prop_map(|ids| serde_json::to_string(&ids).unwrap()),
+            hostile_text(),
+        ];
+        (
+            (
+                hostile_text(),
+                hostile_text(),
+                -10_000_000_000_000i64..10_000_000_000_000,
+                hostile_text(),
+                hostile_text(),
+                hostile_text(),
+            ),
+            (
+                hostile_text(),
+                subjects,
+                hostile_text(),
+                hostile_text(),
+                details,
+            ),
+            (
+                prop::option::of(any::<i64>()),
+                prop::option::of(hostile_text()),
+                prop::option::of(hostile_text()),
+            ),
+        )
+            .prop_map(
+                |(
+                    (event_id, tenant_id, occurred_at, actor_kind, actor_subject, actor_tenant_id),
+                    (event_type, subject_ids, outcome, request_id, details),
+                    (seq, prev_hash, hash),
+                )| AuditRow {
+                    event: audit_event::Model {
+                        id: 1,
+                        event_id,
+                        tenant_id,
+                        occurred_at,
+                        actor_kind,
+                        actor_subject,
+                        actor_tenant_id,
+                        event_type,
+                        subject_ids,
+                        outcome,
+                        request_id,
+                        details,
+                    },
+                    seq,
+                    prev_hash,
+                    hash,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn csv_cells_read_back_as_written(
+            before in hostile_text(),
+            cell in hostile_text(),
+            after in hostile_text(),
+        ) {
+            let mut out = Vec::new();
+            for (i, value) in [&before, &cell, &after].into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                csv_cell(value, &mut out);
+            }
+            out.extend_from_slice(b"\r\n");
+            let records = read_csv(&out, false);
+            prop_assert_eq!(records.len(), 1, "one record, never a split row: {:?}", String::from_utf8_lossy(&out));
+            prop_assert_eq!(
+                &records[0],
+                &vec![expected_cell(&before), expected_cell(&cell), expected_cell(&after)]
+            );
+        }
+
+        #[test]
+        fn csv_exports_read_back_row_for_row(rows in prop::collection::vec(row_strategy(), 0..4)) {
+            let mut out = CSV_HEADER.as_bytes().to_vec();
+            for row in &rows {
+                csv_line(row, &mut out);
+            }
+            let records = read_csv(&out, true);
+            prop_assert_eq!(records.len(), rows.len());
+            for (row, record) in rows.iter().zip(&records) {
+                let e = &row.event;
+                prop_assert_eq!(record.len(), 14);
+                let subjects: Vec<String> = serde_json::from_str(&e.subject_ids).unwrap_or_default();
+                let expected = [
+                    e.tenant_id.clone(),
+                    row.seq.unwrap_or(0).to_string(),
+                    e.event_id.clone(),
+                    to_timestamp(e.occurred_at).to_string(),
+                    e.actor_kind.clone(),
+                    e.actor_subject.clone(),
+                    e.actor_tenant_id.clone(),
+                    e.event_type.clone(),
+                    subjects.join(" "),
+                    e.outcome.clone(),
+                    e.request_id.clone(),
+                    e.details.clone(),
+                    row.prev_hash.clone().unwrap_or_default(),
+                    row.hash.clone().unwrap_or_default(),
+                ];
+                for (got, original) in record.iter().zip(&expected) {
+                    prop_assert_eq!(got, &expected_cell(original));
+                }
+            }
+        }
+
+        #[test]
+        fn ndjson_lines_are_one_json_object_each(rows in prop::collection::vec(row_strategy(), 0..4)) {
+            let mut out = Vec::new();
+            for row in &rows {
+                ndjson_line(row, &mut out).unwrap();
+            }
+            let text = String::from_utf8(out).unwrap();
+            let lines: Vec<&str> = text.split_terminator('\n').collect();
+            prop_assert_eq!(lines.len(), rows.len());
+            for (row, line) in rows.iter().zip(lines) {
+                let value: Value = serde_json::from_str(line).unwrap();
+                let e = &row.event;
+                prop_assert_eq!(value["event_id"].as_str(), Some(e.event_id.as_str()));
+                prop_assert_eq!(value["tenant_id"].as_str(), Some(e.tenant_id.as_str()));
+                prop_assert_eq!(value["actor"]["subject"].as_str(), Some(e.actor_subject.as_str()));
+                prop_assert_eq!(value["event_type"].as_str(), Some(e.event_type.as_str()));
+                prop_assert_eq!(value["request_id"].as_str(), Some(e.request_id.as_str()));
+                prop_assert_eq!(value["sequence"].as_str().map(str::to_owned), Some(row.seq.unwrap_or(0).to_string()));
+                prop_assert_eq!(
+                    &value["details"],
+                    &serde_json::from_str::<Value>(&e.details).unwrap_or(Value::Null)
+                );
+                prop_assert_eq!(
+                    &value["subject_ids"],
+                    &serde_json::from_str::<Value>(&e.subject_ids).unwrap_or(Value::Array(Vec::new()))
+                );
+            }
+        }
+
+        #[test]
+        fn the_proto_view_never_panics(row in row_strategy()) {
+            let event = to_proto(&row);
+            prop_assert_eq!(event.event_id, row.event.event_id);
+        }
+
+        #[test]
+        fn timestamps_of_any_stored_time_render(millis in any::<i64>()) {
+            let _ = to_timestamp(millis).to_string();
+        }
+
+        #[test]
+        fn type_filters_never_panic(
+            types in prop::collection::vec(
+                prop_oneof!["[a-z_]{1,6}\\.(\\*|[a-z_]{1,6})".prop_map(String::from), "[a-zA-Z._*%\\\\]{0,10}".prop_map(String::from), any::<String>()],
+                0..40,
+            ),
+            event_type in prop_oneof!["[a-z_]{1,6}\\.[a-z_]{1,6}".prop_map(String::from), any::<String>()],
+        ) {
+            let mut v = Violations::new();
+            let filter = TypeFilter::parse("event_types", &types, &mut v);
+            if v.finish().is_ok() {
+                let matched = filter.matches(&event_type);
+                let expected = types.is_empty()
+                    || types.iter().any(|t| match t.strip_suffix('*') {
+                        Some(area) => event_type.starts_with(area),
+                        None => t == &event_type,
+                    });
+                prop_assert_eq!(matched, expected);
+                let mut values = Vec::new();
+                let _ = filter.sql(&mut values);
+            }
+        }
+    }
+}

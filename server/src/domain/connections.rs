@@ -1591,3 +1591,84 @@ async fn mark_needs_reauth(
     current.status_reason = reason;
     Ok(needs_reauth(&current))
 }
+
+/// Property tests of what connections parse from outside: the callback
+/// query, provider ID tokens (unverified, display only), stored lists and
+/// requested scopes.
+#[cfg(test)]
+mod props {
+    use axum::extract::Query;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oauth_client::form_encode;
+    use crate::props::{PURE_CASES, b64, config, jws_like};
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn callback_queries_parse_or_are_refused(query in prop_oneof![
+            any::<String>(),
+            "[a-z_=&%0-9+.;#?-]{0,40}".prop_map(String::from),
+        ]) {
+            if let Ok(uri) = format!("/oauth/callback?{query}").parse::<http::Uri>() {
+                let _ = Query::<CallbackQuery>::try_from_uri(&uri);
+            }
+        }
+
+        #[test]
+        fn callback_fields_round_trip(
+            code in any::<String>(),
+            state in any::<String>(),
+            error in any::<String>(),
+        ) {
+            let uri: http::Uri = format!(
+                "/oauth/callback?code={}&state={}&error={}",
+                form_encode(&code),
+                form_encode(&state),
+                form_encode(&error)
+            )
+            .parse()
+            .unwrap();
+            let Query(parsed) = Query::<CallbackQuery>::try_from_uri(&uri).unwrap();
+            prop_assert_eq!(parsed.code, code);
+            prop_assert_eq!(parsed.state, state);
+            prop_assert_eq!(parsed.error, error);
+            prop_assert_eq!(parsed.error_description, "");
+        }
+
+        #[test]
+        fn provider_id_tokens_never_panic(token in prop_oneof![
+            jws_like(Vec::new()),
+            (any::<String>(), any::<bool>()).prop_map(|(email, padded)| {
+                let payload = b64(serde_json::json!({"email": email}).to_string().as_bytes());
+                format!("e30.{payload}{}.sig", if padded { "==" } else { "" })
+            }),
+        ]) {
+            let subject = external_subject(Some(&token));
+            prop_assert!(subject.chars().count() <= 256);
+            prop_assert!(!subject.chars().any(char::is_control));
+            let _ = unverified_claim(&token, "sub");
+        }
+
+        #[test]
+        fn stored_lists_never_panic(text in any::<String>()) {
+            let _ = string_list(&text);
+        }
+
+        #[test]
+        fn effective_scopes_stay_within_the_grant(
+            requested in prop::collection::vec("[a-c]{1,2}", 0..4),
+            allowed in prop::collection::vec("[a-c]{1,2}", 0..4),
+        ) {
+            match effective_scopes(&requested, &allowed) {
+                Ok(scopes) => {
+                    prop_assert!(scopes.iter().all(|s| allowed.contains(s)));
+                    prop_assert!(scopes.windows(2).all(|w| w[0] < w[1]));
+                }
+                Err(_) => prop_assert!(requested.iter().any(|s| !allowed.contains(s))),
+            }
+        }
+    }
+}

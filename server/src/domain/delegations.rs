@@ -1440,3 +1440,78 @@ pub async fn evaluate(
     state.record(events).await?;
     Ok(decision.redacted_for(&tenant_id))
 }
+
+/// Property tests of the request checks (RequestDelegation and
+/// EvaluatePolicy share them).
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    fn proto_value() -> impl Strategy<Value = pb::AttributeValue> {
+        use pb::attribute_value::Kind;
+        prop_oneof![
+            Just(pb::AttributeValue { kind: None }),
+            any::<String>().prop_map(|s| pb::AttributeValue {
+                kind: Some(Kind::StringValue(s))
+            }),
+            any::<f64>().prop_map(|n| pb::AttributeValue {
+                kind: Some(Kind::NumberValue(n))
+            }),
+            any::<bool>().prop_map(|b| pb::AttributeValue {
+                kind: Some(Kind::BoolValue(b))
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn idempotency_keys_are_exactly_the_documented_form(key in prop_oneof![
+            "[A-Za-z0-9._:-]{0,130}".prop_map(String::from),
+            any::<String>(),
+        ]) {
+            let expected = (1..=128).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            prop_assert_eq!(check_idempotency_key(&key).is_ok(), expected);
+        }
+
+        #[test]
+        fn request_checks_never_panic_and_accept_only_valid_input(
+            receiving in prop_oneof!["tnt_[0-9a-f]{32}".prop_map(String::from), any::<String>()],
+            action in prop_oneof!["[a-z]{1,5}(\\.[a-z]{1,5}){0,2}".prop_map(String::from), any::<String>()],
+            scopes in prop::collection::vec(prop_oneof!["[a-z:]{1,6}".prop_map(String::from), any::<String>()], 0..4),
+            resource in any::<String>(),
+            ttl in prop_oneof![0u32..1000, any::<u32>()],
+            binding in any::<String>(),
+            context in prop::collection::hash_map(
+                prop_oneof!["[a-z]{1,4}".prop_map(String::from), any::<String>()],
+                proto_value(),
+                0..4,
+            ),
+        ) {
+            let raw = RawInput {
+                receiving_tenant_id: &receiving,
+                action: &action,
+                scopes: &scopes,
+                resource: &resource,
+                requested_ttl_seconds: ttl,
+                binding_message: &binding,
+                context: &context,
+            };
+            let mut v = Violations::new();
+            let input = check_input(&raw, 3_600, &mut v);
+            if v.finish().is_ok() {
+                let input = input.unwrap();
+                prop_assert!(engine::check_action("action", &input.action).is_ok());
+                prop_assert!((1..=3_600).contains(&input.requested_ttl_seconds));
+                prop_assert!(input.scopes.iter().all(|s| check_scope("s", s).is_ok()));
+                prop_assert!(input.scopes.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+                prop_assert!(!input.binding_message.chars().any(char::is_control));
+            }
+        }
+    }
+}

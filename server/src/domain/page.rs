@@ -64,3 +64,45 @@ pub fn finish<T>(
         (rows, String::new())
     }
 }
+
+/// Property tests of page tokens: arbitrary tokens are refused, never a
+/// panic; a token pages only the listing it came from.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, b64, config, json_value};
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn arbitrary_tokens_never_panic(token in prop_oneof![
+            any::<String>(),
+            json_value().prop_map(|v| b64(v.to_string().as_bytes())),
+            (any::<String>(), any::<String>()).prop_map(|(after, scope)| {
+                b64(serde_json::json!({"after": after, "scope": scope}).to_string().as_bytes())
+            }),
+        ], scope in any::<String>()) {
+            if let Ok(Some(_)) = decode("page_token", &scope, &token) {
+                // Only a token naming this scope's digest can be accepted.
+                let bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
+                let cursor: Cursor = serde_json::from_slice(&bytes).unwrap();
+                prop_assert_eq!(cursor.scope, sha256_hex(scope.as_bytes())[..16].to_owned());
+            }
+        }
+
+        #[test]
+        fn tokens_round_trip_within_their_scope_only(
+            scope in any::<String>(),
+            other in any::<String>(),
+            last in any::<String>(),
+        ) {
+            let token = encode(&scope, &last);
+            prop_assert_eq!(decode("page_token", &scope, &token).ok(), Some(Some(last)));
+            prop_assume!(other != scope);
+            prop_assert!(decode("page_token", &other, &token).is_err());
+        }
+    }
+}

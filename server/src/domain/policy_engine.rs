@@ -1188,3 +1188,452 @@ mod tests {
         assert_eq!(d.max_ttl_seconds, 3_600);
     }
 }
+
+/// Property tests of the action grammar, matching, specificity, rule order
+/// and conditions (see `crate::props` for case counts).
+#[cfg(test)]
+mod props {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-z0-9_:-]{1,6}".prop_map(String::from)
+    }
+
+    fn action() -> impl Strategy<Value = String> {
+        prop::collection::vec(segment(), 1..5).prop_map(|segments| segments.join("."))
+    }
+
+    /// Strings over the grammar's alphabet plus the characters that must be
+    /// refused, so that near misses are common.
+    fn grammar_noise() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9_:.*-]{0,24}".prop_map(String::from),
+            "[a-zA-Z0-9_:.* \u{e9}\u{130}-]{0,24}".prop_map(String::from),
+            any::<String>(),
+        ]
+    }
+
+    fn attr() -> impl Strategy<Value = Attr> {
+        prop_oneof![
+            "[a-z]{0,3}".prop_map(Attr::String),
+            any::<String>().prop_map(Attr::String),
+            (-5i32..5).prop_map(|n| Attr::Number(f64::from(n))),
+            any::<f64>().prop_map(Attr::Number),
+            any::<bool>().prop_map(Attr::Bool),
+        ]
+    }
+
+    /// A value a request may carry: finite numbers (non-finite ones are
+    /// refused by `check_value`).
+    fn valid_attr() -> impl Strategy<Value = Attr> {
+        prop_oneof![
+            "[a-z]{0,3}".prop_map(Attr::String),
+            (-5i32..5).prop_map(|n| Attr::Number(f64::from(n))),
+            any::<f64>()
+                .prop_filter("finite", |n| n.is_finite())
+                .prop_map(Attr::Number),
+            any::<bool>().prop_map(Attr::Bool),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop::sample::select(vec![
+            Op::Eq,
+            Op::Ne,
+            Op::Lt,
+            Op::Lte,
+            Op::Gt,
+            Op::Gte,
+            Op::In,
+            Op::NotIn,
+            Op::Exists,
+        ])
+    }
+
+    fn condition(op: Op, value: Option<Attr>, values: Vec<Attr>) -> Condition {
+        Condition {
+            attribute: "x".to_owned(),
+            op,
+            value,
+            values,
+        }
+    }
+
+    fn context(value: Option<Attr>) -> BTreeMap<String, Attr> {
+        value
+            .map(|v| BTreeMap::from([("x".to_owned(), v)]))
+            .unwrap_or_default()
+    }
+
+    fn proto_value() -> impl Strategy<Value = pb::AttributeValue> {
+        use pb::attribute_value::Kind;
+        prop_oneof![
+            Just(pb::AttributeValue { kind: None }),
+            any::<String>().prop_map(|s| pb::AttributeValue {
+                kind: Some(Kind::StringValue(s))
+            }),
+            ".{250,260}".prop_map(|s| pb::AttributeValue {
+                kind: Some(Kind::StringValue(s))
+            }),
+            any::<f64>().prop_map(|n| pb::AttributeValue {
+                kind: Some(Kind::NumberValue(n))
+            }),
+            any::<bool>().prop_map(|b| pb::AttributeValue {
+                kind: Some(Kind::BoolValue(b))
+            }),
+        ]
+    }
+
+    fn proto_condition() -> impl Strategy<Value = pb::Condition> {
+        (
+            prop_oneof![
+                "[a-z][a-z0-9_]{0,5}".prop_map(String::from),
+                any::<String>()
+            ],
+            prop_oneof![0i32..=10, any::<i32>()],
+            prop::option::of(proto_value()),
+            prop::collection::vec(proto_value(), 0..4),
+        )
+            .prop_map(|(attribute, operator, value, values)| pb::Condition {
+                attribute,
+                operator,
+                value,
+                values,
+            })
+    }
+
+    fn rule_strategy() -> impl Strategy<Value = Rule> {
+        (
+            prop_oneof![
+                Just("*".to_owned()),
+                action(),
+                action().prop_map(|a| format!("{a}.*"))
+            ],
+            prop::option::of(Just("tnt_a".to_owned())),
+            prop::option::of(Just("agt_1".to_owned())),
+            0usize..3,
+            any::<bool>(),
+            prop::sample::select(vec![Outcome::Allow, Outcome::StepUp, Outcome::Block]),
+            -2i32..3,
+            0i64..3,
+            "rul_[0-9]",
+        )
+            .prop_map(
+                |(
+                    pattern,
+                    counterpart,
+                    agent,
+                    conditions,
+                    window,
+                    effect,
+                    priority,
+                    created,
+                    id,
+                )| {
+                    Rule {
+                        id,
+                        action_pattern: pattern,
+                        counterpart_tenant_id: counterpart,
+                        agent_id: agent,
+                        conditions: vec![condition(Op::Exists, None, Vec::new()); conditions],
+                        time_window: window.then(|| TimeWindow {
+                            start: 0,
+                            end: 1440,
+                            days: Vec::new(),
+                        }),
+                        effect,
+                        max_ttl_seconds: 0,
+                        priority,
+                        approvals_required: 0,
+                        created_at: created,
+                    }
+                },
+            )
+    }
+
+    /// Found by `proto_conditions_never_panic_and_round_trip`: without
+    /// serde_json's `float_roundtrip`, a condition stored as JSON read back a
+    /// neighbouring number (`-6.904118035380247e202` became `…246e202`), so
+    /// the rule judged against another threshold than the one its admin set.
+    #[test]
+    fn stored_condition_numbers_read_back_exactly() {
+        for n in [
+            -6.904118035380247e202,
+            -6.904118035380246e202,
+            -3.891787313208329e246,
+            -3.8917873132083295e246,
+            0.1 + 0.2,
+        ] {
+            let c = condition(Op::In, None, vec![Attr::Number(n)]);
+            let stored = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Condition>(&stored).unwrap(), c);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn action_checks_never_panic_and_actions_are_patterns(s in grammar_noise()) {
+            let action_ok = check_action("action", &s).is_ok();
+            let pattern_ok = check_pattern("p", &s).is_ok();
+            if action_ok {
+                prop_assert!(pattern_ok, "an action must also be a valid pattern");
+                prop_assert!(!s.contains('*'));
+            }
+            if pattern_ok {
+                prop_assert!(s.len() <= MAX_ACTION_LEN && !s.is_empty());
+                prop_assert!(s.is_ascii());
+                // Matching and ordering never panic on any accepted pattern.
+                let _ = pattern_matches(&s, "a.b");
+                let _ = pattern_specificity(&s);
+            }
+        }
+
+        #[test]
+        fn generated_patterns_are_accepted_and_round_trip(a in action()) {
+            prop_assume!(a.len() + 2 <= MAX_ACTION_LEN);
+            prop_assert!(check_action("action", &a).is_ok());
+            for pattern in [a.clone(), format!("{a}.*"), "*".to_owned()] {
+                prop_assert!(check_pattern("p", &pattern).is_ok(), "{pattern}");
+                // The parsed form (prefix, wildcard) renders back to the same text.
+                let rendered = match pattern.strip_suffix(".*") {
+                    _ if pattern == "*" => "*".to_owned(),
+                    Some(prefix) => format!("{}.*", prefix.split('.').collect::<Vec<_>>().join(".")),
+                    None => pattern.split('.').collect::<Vec<_>>().join("."),
+                };
+                prop_assert_eq!(&rendered, &pattern);
+                // A rule stored as JSON keeps its pattern byte for byte.
+                let stored = serde_json::to_string(&pattern).unwrap();
+                prop_assert_eq!(serde_json::from_str::<String>(&stored).unwrap(), pattern);
+            }
+        }
+
+        #[test]
+        fn star_matches_every_action(a in action()) {
+            prop_assert!(pattern_matches("*", &a));
+        }
+
+        #[test]
+        fn an_exact_pattern_matches_only_itself(p in action(), a in action()) {
+            prop_assert_eq!(pattern_matches(&p, &a), p == a);
+            prop_assert!(pattern_matches(&p, &p));
+        }
+
+        #[test]
+        fn a_prefix_wildcard_matches_exactly_the_actions_below_it(
+            prefix in action(),
+            a in action(),
+            below in action(),
+        ) {
+            let pattern = format!("{prefix}.*");
+            let expected = a.starts_with(&format!("{prefix}."));
+            prop_assert_eq!(pattern_matches(&pattern, &a), expected);
+            let below_prefix = format!("{prefix}.{below}");
+            prop_assert!(pattern_matches(&pattern, &below_prefix));
+            prop_assert!(!pattern_matches(&pattern, &prefix), "the prefix itself is not below it");
+        }
+
+        #[test]
+        fn specificity_follows_inclusion(a in action()) {
+            // Every pattern matching `a`: `*`, each proper prefix + `.*`, `a` itself.
+            let segments: Vec<&str> = a.split('.').collect();
+            let mut chain = vec!["*".to_owned()];
+            for n in 1..segments.len() {
+                chain.push(format!("{}.*", segments[..n].join(".")));
+            }
+            chain.push(a.clone());
+            for p in &chain {
+                prop_assert!(pattern_matches(p, &a), "{p} should match {a}");
+            }
+            // Each pattern's matches include the next one's: specificity strictly grows.
+            for pair in chain.windows(2) {
+                prop_assert!(
+                    pattern_specificity(&pair[0]) < pattern_specificity(&pair[1]),
+                    "{} vs {}", pair[0], pair[1]
+                );
+            }
+        }
+
+        #[test]
+        fn evaluation_order_is_a_total_order(
+            r1 in rule_strategy(),
+            r2 in rule_strategy(),
+            r3 in rule_strategy(),
+        ) {
+            prop_assert_eq!(r1.evaluation_order(&r2), r2.evaluation_order(&r1).reverse());
+            prop_assert_eq!(r1.evaluation_order(&r1), Ordering::Equal);
+            if r1.evaluation_order(&r2) != Ordering::Greater
+                && r2.evaluation_order(&r3) != Ordering::Greater
+            {
+                prop_assert!(r1.evaluation_order(&r3) != Ordering::Greater);
+            }
+            if r1.priority == r2.priority
+                && pattern_specificity(&r1.action_pattern) > pattern_specificity(&r2.action_pattern)
+            {
+                prop_assert_eq!(r1.evaluation_order(&r2), Ordering::Less);
+            }
+        }
+
+        #[test]
+        fn the_winner_is_the_first_matching_rule_in_order(
+            rules in prop::collection::vec(rule_strategy(), 0..6),
+            a in action(),
+        ) {
+            let ctx = BTreeMap::from([("x".to_owned(), Attr::Bool(true))]);
+            let request = Request {
+                requesting_tenant_id: "tnt_a",
+                requesting_agent_id: "agt_1",
+                receiving_tenant_id: "tnt_b",
+                action: &a,
+                context: &ctx,
+                requested_ttl_seconds: 60,
+            };
+            let side = judge_side("tnt_b", 1, Direction::Inbound, &rules, &request, Outcome::Block, 0);
+            let mut matching: Vec<&Rule> = rules
+                .iter()
+                .filter(|r| pattern_matches(&r.action_pattern, &a))
+                .collect();
+            matching.sort_by(|x, y| x.evaluation_order(y));
+            match matching.first() {
+                Some(first) => {
+                    prop_assert_eq!(&side.rule_id, &first.id);
+                    prop_assert_eq!(side.outcome, first.effect);
+                }
+                None => {
+                    prop_assert!(side.rule_id.is_empty());
+                    prop_assert_eq!(side.outcome, Outcome::Block);
+                }
+            }
+        }
+
+        #[test]
+        fn conditions_never_panic(
+            op in op(),
+            value in prop::option::of(attr()),
+            values in prop::collection::vec(attr(), 0..4),
+            actual in prop::option::of(attr()),
+        ) {
+            let c = condition(op, value, values);
+            let ctx = context(actual);
+            let _ = c.holds(&ctx);
+            let _ = c.describe(&ctx);
+        }
+
+        #[test]
+        fn an_absent_attribute_makes_every_condition_false(
+            op in op(),
+            value in prop::option::of(attr()),
+            values in prop::collection::vec(attr(), 0..4),
+            other in attr(),
+        ) {
+            let c = condition(op, value, values);
+            prop_assert!(!c.holds(&BTreeMap::new()));
+            let elsewhere = BTreeMap::from([("y".to_owned(), other)]);
+            prop_assert!(!c.holds(&elsewhere));
+        }
+
+        #[test]
+        fn comparison_laws(expected in valid_attr(), actual in valid_attr()) {
+            let ctx = context(Some(actual.clone()));
+            let holds = |op, value: Option<Attr>, values: Vec<Attr>| condition(op, value, values).holds(&ctx);
+            let eq = holds(Op::Eq, Some(expected.clone()), Vec::new());
+            let ne = holds(Op::Ne, Some(expected.clone()), Vec::new());
+            let same_type = expected.same_type(&actual);
+            // NOT(EQ) == NE wherever a comparison is defined (same type);
+            // a type mismatch makes both false.
+            prop_assert_eq!(ne, same_type && !eq);
+            prop_assert_eq!(eq, same_type && expected == actual);
+            // IN of a singleton is EQ; NOT_IN of a singleton is NE.
+            prop_assert_eq!(holds(Op::In, None, vec![expected.clone()]), eq);
+            prop_assert_eq!(holds(Op::NotIn, None, vec![expected.clone()]), ne);
+            prop_assert!(holds(Op::Exists, None, Vec::new()));
+            // Ordering operators hold only between numbers, and complement there.
+            let numbers = matches!((&expected, &actual), (Attr::Number(_), Attr::Number(_)));
+            let lt = holds(Op::Lt, Some(expected.clone()), Vec::new());
+            let gte = holds(Op::Gte, Some(expected.clone()), Vec::new());
+            let gt = holds(Op::Gt, Some(expected.clone()), Vec::new());
+            let lte = holds(Op::Lte, Some(expected.clone()), Vec::new());
+            if numbers {
+                prop_assert_eq!(lt, !gte);
+                prop_assert_eq!(gt, !lte);
+                prop_assert_eq!(lte && gte, eq);
+            } else {
+                prop_assert!(!lt && !gte && !gt && !lte);
+            }
+        }
+
+        #[test]
+        fn in_is_any_of_eq(
+            values in prop::collection::vec(valid_attr(), 1..5),
+            actual in valid_attr(),
+        ) {
+            let ctx = context(Some(actual));
+            let any_eq = values
+                .iter()
+                .any(|v| condition(Op::Eq, Some(v.clone()), Vec::new()).holds(&ctx));
+            prop_assert_eq!(condition(Op::In, None, values).holds(&ctx), any_eq);
+        }
+
+        #[test]
+        fn proto_conditions_never_panic_and_round_trip(c in proto_condition()) {
+            if let Ok(parsed) = Condition::from_proto("rule.conditions[0]", &c) {
+                let again = Condition::from_proto("rule.conditions[0]", &parsed.to_proto());
+                prop_assert_eq!(again.as_ref().ok(), Some(&parsed));
+                // As stored in the database (JSON).
+                let stored = serde_json::to_string(&parsed).unwrap();
+                let loaded: Condition = serde_json::from_str(&stored).unwrap();
+                prop_assert_eq!(loaded, parsed);
+            }
+        }
+
+        #[test]
+        fn contexts_never_panic(
+            entries in prop::collection::hash_map(
+                prop_oneof!["[a-z][a-z0-9_]{0,5}".prop_map(String::from), "vg_[a-z]{1,3}".prop_map(String::from), any::<String>()],
+                proto_value(),
+                0..40,
+            ),
+        ) {
+            let entries: HashMap<String, pb::AttributeValue> = entries;
+            match check_context(&entries) {
+                Ok(checked) => {
+                    prop_assert!(checked.len() <= MAX_CONTEXT_ENTRIES);
+                    for (key, value) in &checked {
+                        prop_assert!(check_attribute_name("k", key).is_ok() && !key.starts_with("vg_"));
+                        if let Attr::Number(n) = value {
+                            prop_assert!(n.is_finite());
+                        }
+                        if let Attr::String(s) = value {
+                            prop_assert!(s.len() <= MAX_STRING_VALUE_BYTES);
+                        }
+                    }
+                }
+                Err(violations) => prop_assert!(!violations.is_empty()),
+            }
+        }
+
+        #[test]
+        fn time_windows_never_panic_and_round_trip(
+            start in prop_oneof![0u32..1440, any::<u32>()],
+            end in prop_oneof![0u32..=1440, any::<u32>()],
+            days in prop::collection::vec(prop_oneof![1i32..=7, any::<i32>()], 0..9),
+            now in any::<i64>(),
+        ) {
+            let proto = pb::TimeWindow { start_minute: start, end_minute: end, days_of_week: days };
+            if let Ok(window) = TimeWindow::from_proto("rule.time_window", &proto) {
+                let _ = window.contains(now);
+                let again = TimeWindow::from_proto("rule.time_window", &window.to_proto());
+                prop_assert_eq!(again.ok(), Some(window));
+            }
+            // Unchecked windows (as a corrupt row could hold) must not panic either.
+            let raw = TimeWindow { start, end, days: Vec::new() };
+            let _ = raw.contains(now);
+        }
+    }
+}

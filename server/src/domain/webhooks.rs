@@ -778,3 +778,54 @@ mod tests {
         );
     }
 }
+
+/// Property tests of webhook URL checking and signing.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn accepted_urls_name_a_host_without_credentials(
+            url in prop_oneof![
+                any::<String>(),
+                "(https?|ftp|file|data)?:?(//|///|\\\\\\\\)?([a-z:@.\\[\\]0-9%-]{0,20})(/[a-z?#=&%.]{0,10})?"
+                    .prop_map(String::from),
+                "[ \t\n]?https://[a-z]{1,8}\\.example(:[0-9]{1,5})?/[a-z]{0,8}[ \n]?".prop_map(String::from),
+            ],
+            allow_http in any::<bool>(),
+        ) {
+            if let Ok(parsed) = validate_url(&url, allow_http) {
+                prop_assert!(parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http"));
+                prop_assert!(parsed.host_str().is_some_and(|h| !h.is_empty()));
+                prop_assert!(parsed.username().is_empty() && parsed.password().is_none());
+                prop_assert!(url.trim() == url && !url.chars().any(char::is_control));
+                let written_prefix = format!("{}://", parsed.scheme());
+                prop_assert!(url.starts_with(&written_prefix));
+                prop_assert!(url.chars().count() <= MAX_URL_CHARS);
+            }
+            let _ = host_of(&url);
+        }
+
+        #[test]
+        fn signatures_are_well_formed_and_bound_to_time_and_body(
+            secret in any::<String>(),
+            t in any::<i64>(),
+            body in prop::collection::vec(any::<u8>(), 0..64),
+            other in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let header = signature(&secret, t, &body);
+            let (time, mac) = header.split_once(",v1=").unwrap();
+            let expected_time = format!("t={t}");
+            prop_assert_eq!(time, expected_time);
+            prop_assert_eq!(mac.len(), 64);
+            prop_assert!(mac.bytes().all(|b| b.is_ascii_hexdigit()));
+            prop_assert_eq!(signature(&secret, t, &other) == header, other == body);
+        }
+    }
+}
