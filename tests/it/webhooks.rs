@@ -71,8 +71,8 @@ struct Shared {
     deliveries: Mutex<Vec<Delivery>>,
 }
 
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -99,7 +99,7 @@ async fn receive(
 
 impl Receiver {
     /// A receiver on a free port, answering 200.
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::serve(
             TcpListener::bind("127.0.0.1:0")
                 .await
