@@ -1,21 +1,18 @@
 //! Database-driven health: `grpc.health.v1` and `/healthz` follow the
 //! database. On PostgreSQL the server connects through a TCP proxy the test
-//! cuts and restores; on SQLite (no outage to simulate) every service simply
-//! reports SERVING.
+//! cuts and restores ([`vaultguard_tests::Proxy`]); on SQLite (no outage to
+//! simulate) every service simply reports SERVING.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_server::health::SERVICE_NAMES;
-use vaultguard_tests::{Backend, TestOptions, TestServer, backend, pg_base_url};
+use vaultguard_tests::{Backend, Proxy, TestOptions, TestServer, backend};
 
 const POLL: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -113,13 +110,7 @@ async fn health_follows_the_database() {
 }
 
 async fn postgres_outage_is_detected() {
-    let base = reqwest::Url::parse(&pg_base_url()).expect("pg_base_url is a URL");
-    let upstream = format!(
-        "{}:{}",
-        base.host_str().expect("pg host"),
-        base.port().unwrap_or(5432)
-    );
-    let proxy = Proxy::start(upstream).await;
+    let proxy = Proxy::to_postgres().await;
     let server = TestServer::start_with(TestOptions {
         database_proxy: Some(proxy.addr),
         ..TestOptions::default()
@@ -184,57 +175,4 @@ async fn postgres_outage_is_detected() {
 
     server.stop().await;
     proxy.stop();
-}
-
-/// A TCP proxy to PostgreSQL that can be cut (every forwarded connection
-/// closed, new ones closed on accept) and restored.
-struct Proxy {
-    addr: SocketAddr,
-    cut: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
-        let (cut, _) = watch::channel(false);
-        let switch = cut.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                if *switch.borrow() {
-                    drop(inbound);
-                    continue;
-                }
-                let mut cut_rx = switch.subscribe();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.wait_for(|cut| *cut) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, cut, task }
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-
-    fn restore(&self) {
-        self.cut.send_replace(false);
-    }
-
-    fn stop(self) {
-        self.cut();
-        self.task.abort();
-    }
 }

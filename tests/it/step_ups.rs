@@ -77,7 +77,7 @@ async fn poll(
     Ok(agent.step_ups().poll_step_up(request).await?.into_inner())
 }
 
-async fn deny(
+pub(crate) async fn deny(
     approver: &VaultGuardClient,
     step_up_id: &str,
     reason: &str,

@@ -22,7 +22,7 @@ use crate::auth::CallContext;
 use crate::clock::to_timestamp;
 use crate::domain::step_ups::{self, APPROVED, PENDING, StepUpView};
 use crate::domain::webhooks;
-use crate::error::Error;
+use crate::error::{Error, is_database_unavailable};
 use crate::hub::Change;
 use crate::state::AppState;
 
@@ -71,6 +71,35 @@ impl StepUpApi {
         loop {
             let view = match step_ups::agent_view(&self.0, &step_up_id).await {
                 Ok(view) => view,
+                // The database is unreachable: the stream stays open
+                // (heartbeats go on) and reads again on the next wake. The
+                // listener's resubscription after the outage wakes every
+                // watcher, so a decision made meanwhile through another
+                // replica is not lost.
+                Err(err) if is_database_unavailable(&err) => {
+                    tracing::debug!(%step_up_id, "step-up watch waits for the database");
+                    let id = step_up_id.clone();
+                    let wake = wait_for_change(
+                        &mut events,
+                        &mut stopping,
+                        tx.closed(),
+                        move |change| change.concerns_step_up(&id),
+                        beat,
+                        None,
+                    )
+                    .await;
+                    let message = pb::WatchStepUpResponse {
+                        event: Some(Event::Heartbeat(heartbeat(&self.0))),
+                    };
+                    if wake == Wake::Stop {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
+                    if wake == Wake::Heartbeat && tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     let _ = tx.send(Err(err.into())).await;
                     return;
@@ -179,6 +208,33 @@ impl StepUpApi {
             .await
             {
                 Ok(changes) => changes,
+                // The database is unreachable: keep the stream, as the
+                // agent watch does, and read again after the next wake.
+                Err(err) if is_database_unavailable(&err) => {
+                    tracing::debug!(%tenant_id, "queue watch waits for the database");
+                    let tenant = tenant_id.clone();
+                    let wake = wait_for_change(
+                        &mut events,
+                        &mut stopping,
+                        tx.closed(),
+                        move |change| change.concerns_tenant(&tenant),
+                        beat,
+                        None,
+                    )
+                    .await;
+                    let message = pb::WatchPendingStepUpsResponse {
+                        cursor: settled.to_string(),
+                        event: Some(Event::Heartbeat(heartbeat(&self.0))),
+                    };
+                    if wake == Wake::Stop {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
+                    if wake == Wake::Heartbeat && tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     let _ = tx.send(Err(err.into())).await;
                     return;
