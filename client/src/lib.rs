@@ -14,7 +14,10 @@
 //! access token on first use and refreshes it shortly before it expires; with
 //! a static bearer (an admin's token) it sends that. Every service client
 //! returned by this type shares the channel; [`VaultGuardClient::request`]
-//! wraps a message with the current bearer.
+//! wraps a message with the current bearer. [`VaultGuardClient::connect_tls`]
+//! connects over TLS trusting a given CA ([`TlsOptions`]) and may present a
+//! client certificate (mTLS), which then authenticates an agent without any
+//! bearer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 pub use vaultguard_proto::v1 as pb;
@@ -119,9 +122,56 @@ impl From<Status> for ClientError {
     }
 }
 
+/// TLS settings for [`VaultGuardClient::connect_tls`]: the CA that signed
+/// the server's certificate and, for mTLS, the client's certificate and key.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    domain_name: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("identity", &self.identity.is_some())
+            .field("domain_name", &self.domain_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsOptions {
+    /// Trusts the CA certificate(s) in `ca_pem` (PEM) for the server.
+    pub fn new(ca_pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            ca_pem: ca_pem.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Presents this client certificate chain and private key (PEM): mTLS.
+    pub fn with_identity(self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            identity: Some((cert_pem.into(), key_pem.into())),
+            ..self
+        }
+    }
+
+    /// Checks the server's certificate for this name instead of the
+    /// endpoint's host.
+    pub fn with_domain_name(self, domain_name: impl Into<String>) -> Self {
+        Self {
+            domain_name: Some(domain_name.into()),
+            ..self
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Credentials {
     None,
+    /// The channel's client certificate authenticates (mTLS); no bearer.
+    Certificate,
     Bearer(String),
     Client {
         client_id: String,
@@ -157,6 +207,37 @@ impl VaultGuardClient {
             .connect()
             .await?;
         Ok(Self::from_channel(channel))
+    }
+
+    /// Connects over TLS to `endpoint` (`https://…`), trusting the CA in
+    /// `tls`. With a client identity (mTLS), the client authenticates as the
+    /// agent its certificate names and sends no bearer, until
+    /// [`with_bearer`](Self::with_bearer) or
+    /// [`with_client_credentials`](Self::with_client_credentials) sets one
+    /// (the server then requires both to name the same agent).
+    pub async fn connect_tls(
+        endpoint: impl Into<String>,
+        tls: TlsOptions,
+    ) -> Result<Self, ClientError> {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+        if let Some(domain) = &tls.domain_name {
+            config = config.domain_name(domain.clone());
+        }
+        let has_identity = tls.identity.is_some();
+        if let Some((cert_pem, key_pem)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert_pem, key_pem));
+        }
+        let channel = Endpoint::from_shared(endpoint.into())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .tls_config(config)?
+            .connect()
+            .await?;
+        let mut client = Self::from_channel(channel);
+        if has_identity {
+            client.credentials = Credentials::Certificate;
+        }
+        Ok(client)
     }
 
     /// Uses an existing channel.
@@ -202,7 +283,7 @@ impl VaultGuardClient {
     /// (client credentials: refreshed when 80% of its lifetime has passed).
     pub async fn bearer(&self) -> Result<String, ClientError> {
         match &self.credentials {
-            Credentials::None => Err(ClientError::NoCredentials),
+            Credentials::None | Credentials::Certificate => Err(ClientError::NoCredentials),
             Credentials::Bearer(token) => Ok(token.clone()),
             Credentials::Client {
                 client_id,
@@ -248,7 +329,11 @@ impl VaultGuardClient {
     }
 
     /// Wraps `message` in a request carrying the bearer token.
+    /// (none when the channel's client certificate authenticates).
     pub async fn request<T>(&self, message: T) -> Result<Request<T>, ClientError> {
+        if matches!(self.credentials, Credentials::Certificate) {
+            return Ok(Request::new(message));
+        }
         let token = self.bearer().await?;
         let mut request = Request::new(message);
         let value = MetadataValue::try_from(format!("Bearer {token}"))

@@ -105,6 +105,49 @@ pub struct Config {
     pub oauth_refresh_margin_seconds: u32,
     /// `json` or `text`.
     pub log_format: String,
+    // Limits (see `crate::limits`; per process, so N replicas admit N times)
+    /// Calls per second each agent may make (token bucket refill); 0: no
+    /// agent limit.
+    pub rate_limit_agent_per_second: u32,
+    /// Calls an agent may make at once beyond its rate (bucket size); 0: one
+    /// second's worth.
+    pub rate_limit_agent_burst: u32,
+    /// Calls per second all principals of one tenant may make together
+    /// (agents, humans); also the operator's own bucket. 0: no tenant limit.
+    pub rate_limit_tenant_per_second: u32,
+    /// Bucket size of the tenant limit; 0: one second's worth.
+    pub rate_limit_tenant_burst: u32,
+    /// `IssueToken` calls per second per presented `client_id` (credential
+    /// guessing, token floods); 0: no limit.
+    pub rate_limit_client_per_second: u32,
+    /// Bucket size of the `client_id` limit; 0: one second's worth.
+    pub rate_limit_client_burst: u32,
+    /// gRPC calls in the process between arrival and response headers; more
+    /// are shed at once with UNAVAILABLE. 0: no cap.
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` of each gRPC connection;
+    /// clients queue beyond it. 0: no cap.
+    pub max_concurrent_streams_per_connection: u32,
+    /// The largest request message any service decodes; larger ones are
+    /// refused (OUT_OF_RANGE) before the handler runs. 0: no cap.
+    pub max_request_bytes: usize,
+    /// Open server-streaming calls (watches, tails, exports) per tenant;
+    /// more are refused with RESOURCE_EXHAUSTED. 0: no cap.
+    pub max_streams_per_tenant: usize,
+    // TLS
+    /// PEM certificate chain of both listeners; with `tls_key_file`, both
+    /// serve TLS only (see `crate::tls`).
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: PathBuf,
+    /// PEM bundle of the CAs whose client certificates the gRPC listener
+    /// verifies; enables mTLS agent authentication. Empty: no client
+    /// certificates are asked for.
+    pub tls_client_ca_file: PathBuf,
+    /// `optional` (default): callers without a client certificate are let
+    /// in (they authenticate with a bearer); `required`: the handshake
+    /// refuses them.
+    pub tls_client_auth: String,
 }
 
 impl Default for Config {
@@ -137,6 +180,20 @@ impl Default for Config {
             oauth_timeout_ms: 10_000,
             oauth_refresh_margin_seconds: 60,
             log_format: "text".to_owned(),
+            rate_limit_agent_per_second: 500,
+            rate_limit_agent_burst: 1_000,
+            rate_limit_tenant_per_second: 2_000,
+            rate_limit_tenant_burst: 4_000,
+            rate_limit_client_per_second: 10,
+            rate_limit_client_burst: 20,
+            max_concurrent_requests: 1_024,
+            max_concurrent_streams_per_connection: 256,
+            max_request_bytes: 1024 * 1024,
+            max_streams_per_tenant: 1_000,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            tls_client_ca_file: PathBuf::new(),
+            tls_client_auth: "optional".to_owned(),
         }
     }
 }
@@ -162,12 +219,125 @@ impl Config {
         }
     }
 
-    /// The issuer, defaulting to the HTTP listener's URL.
+    /// Whether both listeners serve TLS.
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert_file.as_os_str().is_empty() && !self.tls_key_file.as_os_str().is_empty()
+    }
+
+    /// The issuer, defaulting to the HTTP listener's URL (`https://` when
+    /// the listeners serve TLS).
     pub fn effective_issuer(&self, bound_http: SocketAddr) -> String {
         if self.issuer.is_empty() {
-            format!("http://{bound_http}")
+            let scheme = if self.tls_enabled() { "https" } else { "http" };
+            format!("{scheme}://{bound_http}")
         } else {
             self.issuer.trim_end_matches('/').to_owned()
+        }
+    }
+}
+
+/// Property tests of reading a configuration file.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::props::{PURE_CASES, config};
+
+    /// Keys of `Config` with a value of the right type.
+    fn known_entry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z ]{0,8}".prop_map(|s| format!("database_url = {s:?}")),
+            "[a-z ]{0,8}".prop_map(|s| format!("issuer = {s:?}")),
+            any::<u32>().prop_map(|n| format!("access_token_ttl_seconds = {n}")),
+            any::<u32>().prop_map(|n| format!("max_token_ttl_seconds = {n}")),
+            any::<bool>().prop_map(|b| format!("webhook_allow_http = {b}")),
+            (0u8..=255, 0u16..=65535).prop_map(|(a, p)| format!("grpc_addr = \"127.0.0.{a}:{p}\"")),
+            Just("log_format = \"json\"".to_owned()),
+        ]
+    }
+
+    /// A well-formed TOML value of any type, including ones a key does not take.
+    fn valid_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>().prop_map(|s| toml::Value::String(s).to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| toml::Value::Float(n).to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            Just("[]".to_owned()),
+            Just("[1, \"a\"]".to_owned()),
+            Just("{ a = 1 }".to_owned()),
+            Just("1979-05-27T07:32:00Z".to_owned()),
+        ]
+    }
+
+    /// Any value text, well-formed or not.
+    fn any_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            valid_value(),
+            "[0-9a-z.:\\[\\]\"'{}= -]{0,16}".prop_map(String::from),
+        ]
+    }
+
+    fn toml_soup() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            "(data_dir|database_url|database_max_connections|grpc_addr|http_addr|issuer|master_key|trusted_issuers|log_format|sweep_interval_ms)"
+                .prop_map(String::from),
+            "[a-z_.\"]{1,12}".prop_map(String::from),
+        ];
+        let line = prop_oneof![
+            4 => (key, any_value()).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => Just("[[trusted_issuers]]".to_owned()),
+            1 => Just("issuer = \"https://idp.example\"\naudience = \"vg\"".to_owned()),
+            1 => "\\[[a-z_.]{0,12}\\]".prop_map(String::from),
+            1 => any::<String>(),
+        ];
+        prop::collection::vec(line, 0..8).prop_map(|lines| lines.join("\n"))
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        #[test]
+        fn any_text_is_read_or_refused_without_panicking(text in prop_oneof![any::<String>(), toml_soup()]) {
+            let _ = toml::from_str::<Config>(&text);
+        }
+
+        #[test]
+        fn known_keys_are_read(entries in prop::collection::vec(known_entry(), 0..5)) {
+            let mut seen = std::collections::BTreeSet::new();
+            let text = entries
+                .into_iter()
+                .filter(|e| seen.insert(e.split(" = ").next().unwrap_or_default().to_owned()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            prop_assert!(toml::from_str::<Config>(&text).is_ok(), "{text}");
+        }
+
+        #[test]
+        fn unknown_keys_are_refused(
+            entries in prop::collection::vec(known_entry(), 0..3),
+            unknown in prop_oneof![
+                "zz_[a-z_]{1,10}".prop_map(String::from),
+                "(grpc_addr|issuer|master_key|log_format)_(x|typo|old)".prop_map(String::from),
+            ],
+            value in valid_value(),
+            in_issuer in any::<bool>(),
+        ) {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut lines: Vec<String> = entries
+                .into_iter()
+                .filter(|e| seen.insert(e.split(" = ").next().unwrap_or_default().to_owned()))
+                .collect();
+            if in_issuer {
+                lines.push(format!(
+                    "[[trusted_issuers]]\nissuer = \"https://idp.example\"\naudience = \"vg\"\n{unknown} = {value}"
+                ));
+            } else {
+                lines.insert(0, format!("{unknown} = {value}"));
+            }
+            let text = lines.join("\n");
+            prop_assert!(toml::from_str::<Config>(&text).is_err(), "{text}");
         }
     }
 }

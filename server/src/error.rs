@@ -69,6 +69,14 @@ pub enum Error {
     /// A concurrent change won; nothing was written and a retry may succeed.
     #[error("conflict: {0}")]
     Conflict(&'static str),
+    /// A limit of the caller (`scope`: agent, tenant, operator, client,
+    /// streams) refused the call before any work; `retry_after` is when a
+    /// call would be admitted, when that is known.
+    #[error("rate limited ({scope})")]
+    RateLimited {
+        scope: &'static str,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("unimplemented: {0}")]
     Unimplemented(&'static str),
     #[error("storage: {0}")]
@@ -214,6 +222,12 @@ pub fn is_unique_violation(err: &sea_orm::DbErr) -> bool {
     )
 }
 
+/// True when `err` says the database could not be reached (what the caller
+/// is answered UNAVAILABLE for): the same read may succeed once it is back.
+pub fn is_database_unavailable(err: &Error) -> bool {
+    matches!(err, Error::Storage(db_err) if matches!(classify_storage(db_err), StorageClass::Unavailable))
+}
+
 fn status_with_info(
     code: Code,
     message: String,
@@ -294,6 +308,22 @@ impl From<Error> for Status {
                 ErrorReason::StorageConflict,
                 HashMap::new(),
             ),
+            Error::RateLimited { scope, retry_after } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    ErrorReason::RateLimited.as_str_name(),
+                    ERROR_DOMAIN,
+                    HashMap::from([("scope".to_owned(), scope.to_owned())]),
+                );
+                if let Some(delay) = retry_after {
+                    details.set_retry_info(Some(delay));
+                }
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!("{scope} limit exceeded; retry later"),
+                    details,
+                )
+            }
             Error::Unimplemented(what) => {
                 Status::unimplemented(format!("{what} is not implemented yet"))
             }

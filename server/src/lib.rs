@@ -16,10 +16,14 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod issuer;
+pub mod limits;
 pub mod oauth_client;
 pub mod oidc;
+#[cfg(test)]
+mod props;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

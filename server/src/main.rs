@@ -54,6 +54,18 @@ struct CommonArgs {
     /// Log format: text or json.
     #[arg(long, global = true, env = "VAULTGUARD_LOG_FORMAT")]
     log_format: Option<String>,
+    /// PEM certificate chain; with --tls-key-file both listeners serve TLS.
+    #[arg(long, global = true, env = "VAULTGUARD_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, global = true, env = "VAULTGUARD_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle for client certificates (mTLS agent authentication).
+    #[arg(long, global = true, env = "VAULTGUARD_TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<PathBuf>,
+    /// Client certificates: optional or required.
+    #[arg(long, global = true, env = "VAULTGUARD_TLS_CLIENT_AUTH")]
+    tls_client_auth: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,6 +148,18 @@ fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = &common.log_format {
         config.log_format = v.clone();
+    }
+    if let Some(v) = &common.tls_cert_file {
+        config.tls_cert_file = v.clone();
+    }
+    if let Some(v) = &common.tls_key_file {
+        config.tls_key_file = v.clone();
+    }
+    if let Some(v) = &common.tls_client_ca_file {
+        config.tls_client_ca_file = v.clone();
+    }
+    if let Some(v) = &common.tls_client_auth {
+        config.tls_client_auth = v.clone();
     }
     if let Ok(json) = std::env::var("VAULTGUARD_TRUSTED_ISSUERS") {
         config.trusted_issuers = serde_json::from_str(&json).map_err(|e| {

@@ -75,7 +75,10 @@ pub async fn prepare(
     let oauth = crate::oauth_client::OAuthClient::new(config.oauth_timeout_ms)
         .map_err(|e| anyhow::anyhow!("cannot build the OAuth client: {e}"))?;
     let audit_wake = Arc::new(Notify::new());
+    let limits = crate::limits::Limits::new(&config)
+        .map_err(|e| anyhow::anyhow!("cannot read the contract's descriptors: {e}"))?;
     Ok(AppState {
+        limits: Arc::new(limits),
         recorder: crate::audit::Recorder::start(db.clone(), clock.clone(), audit_wake.clone()),
         audit_wake,
         oauth: Arc::new(oauth),
@@ -105,6 +108,7 @@ pub async fn serve(
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let issuer = config.effective_issuer(http_addr);
+    let tls = crate::tls::TlsSetup::from_config(&config)?;
     let probe_interval = Duration::from_millis(config.health_probe_interval_ms);
     let state = prepare(config, clock.clone(), issuer, true).await?;
     let _ = http::metrics_handle();
@@ -124,6 +128,10 @@ pub async fn serve(
     ));
     let webhook_task = tokio::spawn(crate::domain::webhooks::run_deliverer(
         state.clone(),
+        stop_rx.clone(),
+    ));
+    let limits_task = tokio::spawn(crate::limits::run_janitor(
+        state.limits.clone(),
         stop_rx.clone(),
     ));
     let listener_task = tokio::spawn(crate::hub::run_listener(
@@ -160,29 +168,60 @@ pub async fn serve(
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(crate::limits::OverloadLayer::new(
+            state.config.max_concurrent_requests,
+        ))
         .layer(grpc::layer::AuthLayer::new(state.clone()))
         .into_inner();
 
+    // Every service decodes at most this much of one request message.
+    let max_request = state.limits.max_request_bytes();
     let mut grpc_stop = stop_rx.clone();
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_server = crate::tls::grpc_server_builder(tls.as_ref())?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(
+            Some(state.config.max_concurrent_streams_per_connection).filter(|max| *max > 0),
+        )
         .layer(layers)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(TenantServiceServer::new(grpc::TenantApi(state.clone())))
-        .add_service(AgentServiceServer::new(grpc::AgentApi(state.clone())))
-        .add_service(AuthServiceServer::new(grpc::AuthApi(state.clone())))
-        .add_service(IssuerKeyServiceServer::new(grpc::IssuerKeyApi(
-            state.clone(),
-        )))
-        .add_service(PolicyServiceServer::new(grpc::PolicyApi(state.clone())))
-        .add_service(DelegationServiceServer::new(grpc::DelegationApi(
-            state.clone(),
-        )))
-        .add_service(StepUpServiceServer::new(grpc::StepUpApi(state.clone())))
-        .add_service(VaultServiceServer::new(grpc::VaultApi(state.clone())))
-        .add_service(AuditServiceServer::new(grpc::AuditApi(state.clone())))
+        .add_service(health_service.max_decoding_message_size(max_request))
+        .add_service(reflection_v1.max_decoding_message_size(max_request))
+        .add_service(reflection_v1alpha.max_decoding_message_size(max_request))
+        .add_service(
+            TenantServiceServer::new(grpc::TenantApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            AgentServiceServer::new(grpc::AgentApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            AuthServiceServer::new(grpc::AuthApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            IssuerKeyServiceServer::new(grpc::IssuerKeyApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            PolicyServiceServer::new(grpc::PolicyApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            DelegationServiceServer::new(grpc::DelegationApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            StepUpServiceServer::new(grpc::StepUpApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            VaultServiceServer::new(grpc::VaultApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            AuditServiceServer::new(grpc::AuditApi(state.clone()))
+                .max_decoding_message_size(max_request),
+        )
         .serve_with_incoming_shutdown(
             // Nagle off: a unary answer is several small writes (headers,
             // message, trailers), and Nagle holding them for the peer's
@@ -194,18 +233,32 @@ pub async fn serve(
         );
 
     let mut http_stop = stop_rx.clone();
-    let http_listener = http_listener.tap_io(|stream| {
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(error = %err, "TCP_NODELAY not set on an HTTP connection");
-        }
-    });
-    let http_server = axum::serve(http_listener, http::router(state.clone(), healthy))
-        .with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        })
-        .into_future();
+    let http_app = http::router(state.clone(), healthy);
+    let http_shutdown = async move {
+        let _ = http_stop.changed().await;
+    };
+    let http_server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match &tls {
+            Some(tls) => Box::pin(
+                axum::serve(tls.http_listener(http_listener), http_app)
+                    .with_graceful_shutdown(http_shutdown)
+                    .into_future(),
+            ),
+            None => {
+                let http_listener = http_listener.tap_io(|stream| {
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %err, "TCP_NODELAY not set on an HTTP connection");
+                    }
+                });
+                Box::pin(
+                    axum::serve(http_listener, http_app)
+                        .with_graceful_shutdown(http_shutdown)
+                        .into_future(),
+                )
+            }
+        };
 
-    tracing::info!(%grpc_addr, %http_addr, issuer = %state.keys.issuer(), "vaultguard serving");
+    tracing::info!(%grpc_addr, %http_addr, issuer = %state.keys.issuer(), tls = tls.is_some(), mtls = tls.as_ref().is_some_and(|t| t.mtls()), "vaultguard serving");
     let signal = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: draining calls");
@@ -219,7 +272,8 @@ pub async fn serve(
         probe_task,
         sweeper_task,
         listener_task,
-        webhook_task
+        webhook_task,
+        limits_task
     );
     grpc_result?;
     http_result?;

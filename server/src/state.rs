@@ -37,6 +37,8 @@ pub struct AppState {
     pub recorder: audit::Recorder,
     /// Tenant and agent rows, kept current on every replica.
     pub directory: Arc<crate::directory::Directory>,
+    /// Rate limits and open-stream caps of this process.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 impl AppState {

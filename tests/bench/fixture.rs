@@ -47,7 +47,7 @@ fn required<T>(field: Option<T>, what: &'static str) -> Result<T> {
     field.with_context(|| format!("the response has no {what}"))
 }
 
-async fn create_tenant(
+pub async fn create_tenant(
     server: &ServerProcess,
     operator: &VaultGuardClient,
     slug: &str,
@@ -89,7 +89,7 @@ async fn create_tenant(
 
 /// An inbound rule of `tenant` for `pattern`; `counterpart` names the
 /// requesting tenant it applies to (empty: any).
-async fn create_rule(
+pub async fn create_rule(
     tenant: &Tenant,
     pattern: &str,
     effect: pb::Effect,

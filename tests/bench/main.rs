@@ -11,6 +11,7 @@
 //! vaultguard-bench --backend sqlite --scenarios token.issue,verify --rate 500
 //! ```
 
+mod fairness;
 mod fixture;
 mod load;
 mod peer;
@@ -98,6 +99,15 @@ struct Args {
     /// The server's RUST_LOG.
     #[arg(long, default_value = "warn")]
     server_log: String,
+    /// fairness: the per-tenant rate limit (calls per second, and burst).
+    #[arg(long, default_value_t = 200)]
+    tenant_limit: u32,
+    /// fairness: the victim tenant's arrival rate, ops/s.
+    #[arg(long, default_value_t = 50.0)]
+    victim_rate: f64,
+    /// fairness: the flooding tenant's closed-loop workers.
+    #[arg(long, default_value_t = 64)]
+    flood_concurrency: usize,
 }
 
 /// One line of a table.
@@ -358,7 +368,25 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
         .unwrap_or_default();
     let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
     spec.log_filter = args.server_log.clone();
-    let outcome = run_on(args, backend, &spec, &names).await;
+    // fairness runs on a server of its own, with a tenant limit.
+    let (fair, names): (Vec<String>, Vec<String>) =
+        names.into_iter().partition(|name| name == "fairness");
+    let mut outcome = if names.is_empty() {
+        Ok(())
+    } else {
+        run_on(args, backend, &spec, &names).await
+    };
+    if outcome.is_ok() && !fair.is_empty() {
+        let settings = fairness::Settings {
+            tenant_limit: args.tenant_limit,
+            victim_rate: args.victim_rate,
+            flood_concurrency: args.flood_concurrency,
+            connections: args.connections,
+            duration: args.duration,
+            warmup: args.warmup,
+        };
+        outcome = fairness::run(backend, &spec, &settings).await;
+    }
     if let Some(database) = database {
         database.drop_now().await?;
     }

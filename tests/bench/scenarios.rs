@@ -25,6 +25,7 @@ pub const ALL: &[&str] = &[
     "sign.secp256k1",
     "stepup.approve_to_watch",
     "stepup.cross_replica",
+    "fairness",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -94,6 +95,7 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
                 .context("cross-replica needs PostgreSQL and a second replica")?;
             step_up(cx, replica).await
         }
+        "fairness" => bail!("fairness runs on a server of its own (fairness.rs)"),
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
 }

@@ -168,6 +168,10 @@ pub struct ServerSpec {
     pub master_key: String,
     /// `RUST_LOG` of the server.
     pub log_filter: String,
+    /// The per-tenant rate limit (calls per second, burst); `None` turns it
+    /// off. Every other limit is off: throughput runs measure the server,
+    /// not its throttles.
+    pub tenant_limit: Option<(u32, u32)>,
 }
 
 impl ServerSpec {
@@ -180,6 +184,7 @@ impl ServerSpec {
             database_url,
             master_key: base64::engine::general_purpose::STANDARD.encode(key),
             log_filter: "warn".to_owned(),
+            tenant_limit: None,
         })
     }
 }
@@ -222,7 +227,16 @@ impl ServerProcess {
              http_addr = \"{http_addr}\"\n\
              issuer = {issuer:?}\n\
              oauth_allow_http = true\n\
-             database_max_connections = 16\n",
+             database_max_connections = 16\n\
+             rate_limit_agent_per_second = 0\n\
+             rate_limit_tenant_per_second = {tenant_rate}\n\
+             rate_limit_tenant_burst = {tenant_burst}\n\
+             rate_limit_client_per_second = 0\n\
+             max_concurrent_requests = 0\n\
+             max_concurrent_streams_per_connection = 0\n\
+             max_streams_per_tenant = 0\n",
+            tenant_rate = spec.tenant_limit.map_or(0, |(rate, _)| rate),
+            tenant_burst = spec.tenant_limit.map_or(0, |(_, burst)| burst),
             data_dir = data_dir.display().to_string(),
             database_url = spec.database_url,
             master_key = spec.master_key,

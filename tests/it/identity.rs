@@ -595,7 +595,21 @@ async fn another_tenant_sees_and_changes_nothing() {
         .tenant
         .unwrap();
     assert_eq!(acme_after.status, pb::TenantStatus::Active as i32);
-    assert_eq!(server.count("audit_events").await, audit_before + 1);
+    // The six NOT_FOUNDs are in globex's own log (the callers'), none in
+    // acme's; besides them only globex's own settings event was added.
+    assert_eq!(
+        server.not_found_methods(&globex.id).await,
+        [
+            "/vaultguard.v1.AgentService/GetAgent",
+            "/vaultguard.v1.AgentService/DisableAgent",
+            "/vaultguard.v1.AgentService/EnableAgent",
+            "/vaultguard.v1.AgentService/RotateAgentSecret",
+            "/vaultguard.v1.TenantService/GetTenant",
+            "/vaultguard.v1.TenantService/GetTenant",
+        ]
+    );
+    assert!(server.not_found_methods(&acme.id).await.is_empty());
+    assert_eq!(server.count("audit_events").await, audit_before + 1 + 6);
     server.stop().await;
 }
 

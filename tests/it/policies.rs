@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 
+use sea_orm::{ColumnTrait, QueryFilter};
 use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
+use vaultguard_server::store::entities::audit_event;
 use vaultguard_tests::{TestServer, expect_code, expect_invalid, expect_reason};
 
 use crate::delegations::{Pair, ask, bad_requests, evaluation, setup_pair};
@@ -303,10 +305,21 @@ async fn every_policy_call(
 }
 
 /// The (policy_rules, audit_events) row counts, for "nothing written".
+/// Rules and audit events, apart from the `auth.not_found` trail of
+/// NOT_FOUND answers (which the tests check on their own).
 async fn footprint(server: &TestServer) -> (i64, i64) {
+    let not_found = i64::try_from(
+        <audit_event::Entity as sea_orm::EntityTrait>::find()
+            .filter(audit_event::Column::EventType.eq("auth.not_found"))
+            .all(&server.state.db)
+            .await
+            .expect("auth.not_found events")
+            .len(),
+    )
+    .expect("count");
     (
         server.count("policy_rules").await,
-        server.count("audit_events").await,
+        server.count("audit_events").await - not_found,
     )
 }
 
@@ -929,6 +942,10 @@ async fn bad_rules_are_refused_naming_the_field_and_write_nothing() {
         expect_code(create_rule(admin, foreign).await, Code::NotFound);
     }
     assert_eq!(footprint(server).await, before);
+    assert_eq!(
+        server.not_found_methods(&acme.id).await,
+        ["/vaultguard.v1.PolicyService/CreateRule"; 2]
+    );
     assert_eq!(settings(admin).await.unwrap().policy_version, 0);
 
     // The edges of every limit are accepted.
@@ -1021,6 +1038,7 @@ async fn a_tenant_cannot_read_or_edit_another_tenants_rules() {
     let pair = setup_pair().await;
     let Pair {
         server,
+        acme,
         globex,
         acme_admin,
         globex_admin,
@@ -1051,6 +1069,17 @@ async fn a_tenant_cannot_read_or_edit_another_tenants_rules() {
     assert_eq!(settings(acme_admin).await.unwrap().policy_version, 1);
     assert_eq!(settings(globex_admin).await.unwrap().policy_version, 0);
     assert_eq!(footprint(server).await, before);
+    // The attempts are in globex's own log, none in acme's.
+    assert_eq!(
+        server.not_found_methods(&globex.id).await,
+        [
+            "/vaultguard.v1.PolicyService/GetRule",
+            "/vaultguard.v1.PolicyService/UpdateRule",
+            "/vaultguard.v1.PolicyService/DeleteRule",
+            "/vaultguard.v1.PolicyService/DeleteRule",
+        ]
+    );
+    assert!(server.not_found_methods(&acme.id).await.is_empty());
     pair.server.stop().await;
 }
 

@@ -14,7 +14,7 @@ use sea_orm::{
     ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, QueryFilter,
     QueryOrder, Statement,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
@@ -101,6 +101,29 @@ pub struct TestOptions {
     /// Join an existing server as another replica instead of starting on a
     /// fresh database (see [`TestServer::start_replica_of`]).
     pub replica_of: Option<Primary>,
+    /// Serve both listeners over TLS (and optionally verify client
+    /// certificates); the harness's own clients then connect with
+    /// [`TestTls::client`].
+    pub tls: Option<TestTls>,
+    /// Changes the server's configuration before it starts (small limits
+    /// for `tests/it/limits.rs`).
+    pub adjust_config: Option<fn(&mut Config)>,
+}
+
+/// TLS for a test server: the PEM files it serves with and how the
+/// harness's clients (readiness probe, `anonymous`, `operator`, …) connect.
+#[derive(Debug, Clone)]
+pub struct TestTls {
+    /// `tls_cert_file`.
+    pub cert_file: std::path::PathBuf,
+    /// `tls_key_file`.
+    pub key_file: std::path::PathBuf,
+    /// `tls_client_ca_file`: enables mTLS agent authentication.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// `tls_client_auth`: `optional` or `required`.
+    pub client_auth: String,
+    /// What the harness's clients trust (and present, if anything).
+    pub client: vaultguard_client::TlsOptions,
 }
 
 /// What a second server process shares with the first one on the same
@@ -137,6 +160,8 @@ pub struct TestServer {
     pub state: AppState,
     /// Base64 of the master key the server uses.
     master_key: String,
+    /// How the harness's clients connect when the server serves TLS.
+    tls_client: Option<vaultguard_client::TlsOptions>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pg_database: Option<String>,
@@ -194,7 +219,7 @@ impl TestServer {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc_addr = grpc.local_addr().expect("grpc addr");
         let http_addr = http.local_addr().expect("http addr");
-        let config = Config {
+        let mut config = Config {
             data_dir: dir.path().to_path_buf(),
             database_url: match options.database_proxy {
                 Some(proxy) => through_proxy(&database_url, proxy),
@@ -215,8 +240,30 @@ impl TestServer {
                 .as_ref()
                 .map(|p| p.issuer.clone())
                 .unwrap_or_default(),
+            tls_cert_file: options
+                .tls
+                .as_ref()
+                .map(|t| t.cert_file.clone())
+                .unwrap_or_default(),
+            tls_key_file: options
+                .tls
+                .as_ref()
+                .map(|t| t.key_file.clone())
+                .unwrap_or_default(),
+            tls_client_ca_file: options
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca_file.clone())
+                .unwrap_or_default(),
+            tls_client_auth: options
+                .tls
+                .as_ref()
+                .map_or_else(|| "optional".to_owned(), |t| t.client_auth.clone()),
             ..Config::default()
         };
+        if let Some(adjust) = options.adjust_config {
+            adjust(&mut config);
+        }
         let clock = primary.map_or_else(OffsetClock::new, |p| p.clock);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let server_clock: Arc<dyn Clock> = clock.clone();
@@ -229,7 +276,11 @@ impl TestServer {
                 let _ = shutdown_rx.await;
             },
         ));
-        wait_ready(grpc_addr).await;
+        let tls_client = options.tls.as_ref().map(|t| t.client.clone());
+        match &tls_client {
+            Some(tls) => wait_ready_tls(grpc_addr, tls).await,
+            None => wait_ready(grpc_addr).await,
+        }
         let mut direct = config.clone();
         direct.database_url = database_url.clone();
         let state_clock: Arc<dyn Clock> = clock.clone();
@@ -252,6 +303,7 @@ impl TestServer {
             clock,
             state,
             master_key,
+            tls_client,
             shutdown: Some(shutdown_tx),
             task: Some(task),
             pg_database,
@@ -291,7 +343,12 @@ impl TestServer {
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.tls_client.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
     /// The server's data directory (it holds the generated `master.key`).
@@ -300,14 +357,22 @@ impl TestServer {
     }
 
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.tls_client.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.http_addr)
     }
 
-    /// A client without credentials.
+    /// A client without credentials (over TLS as [`TestTls::client`] says,
+    /// when the server serves TLS).
     pub async fn anonymous(&self) -> VaultGuardClient {
-        VaultGuardClient::connect(self.grpc_url())
-            .await
-            .expect("connect")
+        match &self.tls_client {
+            Some(tls) => VaultGuardClient::connect_tls(self.grpc_url(), tls.clone()).await,
+            None => VaultGuardClient::connect(self.grpc_url()).await,
+        }
+        .expect("connect")
     }
 
     /// A client with a fixed bearer token.
@@ -408,6 +473,20 @@ impl TestServer {
             .expect("load audit events")
     }
 
+    /// The methods of the `auth.not_found` events in `tenant_id`'s log
+    /// (NOT_FOUND answers to that tenant's principals), oldest first.
+    pub async fn not_found_methods(&self, tenant_id: &str) -> Vec<String> {
+        self.audit_events(tenant_id, "auth.not_found")
+            .await
+            .into_iter()
+            .map(|event| {
+                let details: serde_json::Value =
+                    serde_json::from_str(&event.details).expect("details json");
+                details["method"].as_str().expect("method").to_owned()
+            })
+            .collect()
+    }
+
     /// How many events of `event_type` in `tenant_id`'s log name `subject_id`
     /// among their `subject_ids`.
     pub async fn audit_count(&self, tenant_id: &str, event_type: &str, subject_id: &str) -> usize {
@@ -456,6 +535,24 @@ pub async fn wait_ready(grpc_addr: SocketAddr) {
     let url = format!("http://{grpc_addr}");
     for _ in 0..200 {
         if let Ok(client) = VaultGuardClient::connect(url.clone()).await
+            && client
+                .issuer_keys()
+                .get_jwks(pb::GetJwksRequest {})
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not start");
+}
+
+/// [`wait_ready`] for a server that serves TLS, connecting with `tls`.
+pub async fn wait_ready_tls(grpc_addr: SocketAddr, tls: &vaultguard_client::TlsOptions) {
+    let url = format!("https://{grpc_addr}");
+    for _ in 0..200 {
+        if let Ok(client) = VaultGuardClient::connect_tls(url.clone(), tls.clone()).await
             && client
                 .issuer_keys()
                 .get_jwks(pb::GetJwksRequest {})
@@ -651,4 +748,123 @@ pub async fn approve_step_up(
         .approve_step_up(request)
         .await?
         .into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// A database outage the test controls.
+
+/// Whether a [`Proxy`] forwards, and which outage it is in: every cut starts
+/// a new epoch, and a connection forwarded in an earlier epoch is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProxyState {
+    up: bool,
+    epoch: u64,
+}
+
+/// A TCP proxy to PostgreSQL standing for the database server in outage
+/// tests: [`Proxy::cut`] closes every forwarded connection and stops
+/// listening, so new connections are refused (ECONNREFUSED, as from a
+/// stopped PostgreSQL); [`Proxy::restore`] listens again on the same port.
+/// Stopping the real PostgreSQL cluster instead would break every other
+/// test running in parallel against it.
+pub struct Proxy {
+    /// The address the server under test connects to instead of the
+    /// database.
+    pub addr: SocketAddr,
+    state: tokio::sync::watch::Sender<ProxyState>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy to the PostgreSQL server of [`pg_base_url`].
+    pub async fn to_postgres() -> Self {
+        let base = reqwest::Url::parse(&pg_base_url()).expect("pg_base_url is a URL");
+        let upstream = format!(
+            "{}:{}",
+            base.host_str().expect("pg host"),
+            base.port().unwrap_or(5432)
+        );
+        Self::start(upstream).await
+    }
+
+    /// A proxy on 127.0.0.1 (a free port) to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (state, _) = tokio::sync::watch::channel(ProxyState { up: true, epoch: 0 });
+        let task = tokio::spawn(Self::run(listener, upstream, state.clone()));
+        Self { addr, state, task }
+    }
+
+    async fn run(
+        listener: TcpListener,
+        upstream: String,
+        state: tokio::sync::watch::Sender<ProxyState>,
+    ) {
+        let addr = listener.local_addr().expect("proxy addr");
+        let mut changes = state.subscribe();
+        let mut listener = Some(listener);
+        loop {
+            let epoch = match changes.wait_for(|s| s.up).await {
+                Ok(current) => current.epoch,
+                Err(_) => return,
+            };
+            let bound = match listener.take() {
+                Some(bound) => bound,
+                None => Self::rebind(addr).await,
+            };
+            loop {
+                tokio::select! {
+                    accepted = bound.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        let mut closed = state.subscribe();
+                        let upstream = upstream.clone();
+                        tokio::spawn(async move {
+                            let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = closed.wait_for(|s| s.epoch != epoch) => {}
+                            }
+                        });
+                    }
+                    // Cut: dropping the listener refuses new connections.
+                    _ = changes.wait_for(|s| s.epoch != epoch) => break,
+                }
+            }
+        }
+    }
+
+    /// Listens on `addr` again (tokio sets SO_REUSEADDR, so the closed
+    /// connections' TIME_WAIT does not block it).
+    async fn rebind(addr: SocketAddr) -> TcpListener {
+        for _ in 0..100 {
+            if let Ok(listener) = TcpListener::bind(addr).await {
+                return listener;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the proxy cannot listen on {addr} again");
+    }
+
+    /// Starts an outage: every forwarded connection is closed and new ones
+    /// are refused until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.state.send_modify(|s| {
+            s.up = false;
+            s.epoch += 1;
+        });
+    }
+
+    /// Ends the outage: the proxy listens and forwards again.
+    pub fn restore(&self) {
+        self.state.send_modify(|s| s.up = true);
+    }
+
+    /// Cuts for good and stops the proxy.
+    pub fn stop(self) {
+        self.cut();
+        self.task.abort();
+    }
 }

@@ -1,0 +1,508 @@
+//! Rate limits and overload protection of the gRPC listener.
+//!
+//! - **Rate limits** (token buckets, [`governor`] keyed limiters): every
+//!   call of a tenant principal counts against its tenant, an agent's calls
+//!   also against the agent, the operator's against a bucket of its own
+//!   (tenant quota), and `AuthService/IssueToken` against the presented
+//!   `client_id`. The auth layer applies them right after authentication,
+//!   before any handler (so before any database work); a refusal is
+//!   RESOURCE_EXHAUSTED with `ERROR_REASON_RATE_LIMITED`, metadata `scope`
+//!   and a `google.rpc.RetryInfo` saying when a call would be admitted.
+//!   Limits are per process: N replicas admit up to N times the rate.
+//! - **Open streams per tenant**: a server-streaming call (watches, tail,
+//!   export) holds a slot of its tenant from admission until its response
+//!   body is dropped (stream ended or client gone); past the cap it is
+//!   refused with RESOURCE_EXHAUSTED, scope `streams`.
+//! - **Concurrent requests** ([`OverloadLayer`]): at most
+//!   `max_concurrent_requests` calls between arrival and response headers
+//!   in the whole process; past that a call is shed at once with
+//!   UNAVAILABLE (`ERROR_REASON_UNAVAILABLE`, metadata `cause` =
+//!   `overloaded`) instead of queueing: UNAVAILABLE says "retry with back-off,
+//!   perhaps on another replica", which gRPC clients retry by default, while
+//!   RESOURCE_EXHAUSTED is kept for the caller's own quota. Streams count
+//!   until their headers are sent; the per-tenant cap bounds them after.
+//!
+//! Bucket time is governor's monotonic clock, not [`crate::clock::Clock`]:
+//! a test moving the wall clock must not refill buckets.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock as _, DefaultClock};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use prost::Message;
+use prost::bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use vaultguard_proto::v1::{ErrorReason, IssueTokenRequest};
+
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::error::Error;
+
+/// The public method whose calls are limited per presented `client_id`.
+const ISSUE_TOKEN: &str = "/vaultguard.v1.AuthService/IssueToken";
+
+/// At most this many distinct `client_id`s hold a bucket; past it (a flood
+/// of made-up ids faster than the janitor forgets them) new ids share one.
+const MAX_CLIENT_KEYS: usize = 100_000;
+/// The shared bucket of ids beyond [`MAX_CLIENT_KEYS`].
+const OVERFLOW_KEY: &str = "\u{0}overflow";
+/// A `client_id` longer than this is keyed by its prefix (real ids are 36
+/// bytes), so a key never holds more than this of attacker input.
+const MAX_CLIENT_KEY_BYTES: usize = 64;
+/// How often buckets indistinguishable from fresh ones are dropped.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
+
+type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
+
+/// Which limit refused a call; the `scope` metadata of the refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Agent,
+    Tenant,
+    Operator,
+    Client,
+    Streams,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Tenant => "tenant",
+            Self::Operator => "operator",
+            Self::Client => "client",
+            Self::Streams => "streams",
+        }
+    }
+}
+
+/// One keyed token bucket, or none when its rate is 0 (unlimited).
+fn keyed(per_second: u32, burst: u32) -> Option<Keyed> {
+    let rate = NonZeroU32::new(per_second)?;
+    // Burst 0 means one second's worth.
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Some(RateLimiter::keyed(
+        Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+/// Every limit of one process. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Limits {
+    agent: Option<Keyed>,
+    tenant: Option<Keyed>,
+    client: Option<Keyed>,
+    clock: DefaultClock,
+    max_request_bytes: usize,
+    max_streams_per_tenant: usize,
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    /// Full paths of the server-streaming RPCs of the contract.
+    streaming: HashSet<String>,
+}
+
+impl Limits {
+    pub fn new(config: &Config) -> Result<Self, prost::DecodeError> {
+        Ok(Self {
+            agent: keyed(
+                config.rate_limit_agent_per_second,
+                config.rate_limit_agent_burst,
+            ),
+            tenant: keyed(
+                config.rate_limit_tenant_per_second,
+                config.rate_limit_tenant_burst,
+            ),
+            client: keyed(
+                config.rate_limit_client_per_second,
+                config.rate_limit_client_burst,
+            ),
+            clock: DefaultClock::default(),
+            max_request_bytes: if config.max_request_bytes == 0 {
+                usize::MAX
+            } else {
+                config.max_request_bytes
+            },
+            max_streams_per_tenant: config.max_streams_per_tenant,
+            streams: Arc::default(),
+            streaming: server_streaming_methods()?,
+        })
+    }
+
+    /// The largest request message any service decodes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    /// Applies the authenticated caller's rate limits and, for a
+    /// server-streaming method, takes a slot of its tenant's open streams,
+    /// left in the request's extensions for [`StreamSlot::take`].
+    pub fn admit<B>(
+        &self,
+        principal: &Principal,
+        path: &str,
+        request: &mut Request<B>,
+    ) -> Result<(), Error> {
+        if let (Some(agent), Some(agent_id)) = (&self.agent, principal.agent_id()) {
+            // The agent first: an agent refused at its own limit does not
+            // spend its tenant's budget.
+            self.check(agent, agent_id.to_owned(), Scope::Agent)?;
+        }
+        // The operator has no tenant: it gets a bucket of its own, of the
+        // tenant quota (tenant ids never contain ':').
+        let (key, scope) = match &principal.tenant_id {
+            Some(tenant_id) => (tenant_id.clone(), Scope::Tenant),
+            None => (format!("operator:{}", principal.subject), Scope::Operator),
+        };
+        if let Some(tenant) = &self.tenant {
+            self.check(tenant, key.clone(), scope)?;
+        }
+        if self.max_streams_per_tenant > 0 && self.streaming.contains(path) {
+            let slot = self.open_stream(key)?;
+            request.extensions_mut().insert(slot);
+        }
+        Ok(())
+    }
+
+    /// Applies the limits of public calls: `IssueToken` counts against the
+    /// `client_id` it presents. The request body is read here (bounded by
+    /// `max_request_bytes`) and put back for the handler.
+    pub async fn admit_public(
+        &self,
+        path: &str,
+        request: &mut Request<Body>,
+    ) -> Result<(), Status> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        if path != ISSUE_TOKEN {
+            return Ok(());
+        }
+        let body = std::mem::replace(request.body_mut(), Body::empty());
+        let limit = self.max_request_bytes.saturating_add(5);
+        let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                // As tonic answers an oversized message.
+                return Err(Status::out_of_range(format!(
+                    "request message larger than {} bytes",
+                    self.max_request_bytes
+                )));
+            }
+            Err(_) => return Err(Status::cancelled("request body not received")),
+        };
+        let client_id = presented_client_id(&bytes);
+        *request.body_mut() = Body::new(http_body_util::Full::new(bytes));
+        // An unparsable request is refused by the handler's decoder anyway;
+        // it still spends the shared bucket of the empty id.
+        let mut key = client_id.unwrap_or_default();
+        if key.len() > MAX_CLIENT_KEY_BYTES {
+            let mut end = MAX_CLIENT_KEY_BYTES;
+            while !key.is_char_boundary(end) {
+                end -= 1;
+            }
+            key.truncate(end);
+        }
+        if client.len() >= MAX_CLIENT_KEYS {
+            client.retain_recent();
+            if client.len() >= MAX_CLIENT_KEYS {
+                key = OVERFLOW_KEY.to_owned();
+            }
+        }
+        self.check(client, key, Scope::Client).map_err(Status::from)
+    }
+
+    fn check(&self, limiter: &Keyed, key: String, scope: Scope) -> Result<(), Error> {
+        match limiter.check_key(&key) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let retry_after = not_until.wait_time_from(self.clock.now());
+                Err(refused(scope, Some(retry_after)))
+            }
+        }
+    }
+
+    fn open_stream(&self, key: String) -> Result<StreamSlot, Error> {
+        let mut open = self
+            .streams
+            .lock()
+            .map_err(|_| Error::internal("stream counts poisoned"))?;
+        let count = open.entry(key.clone()).or_insert(0);
+        if *count >= self.max_streams_per_tenant {
+            return Err(refused(Scope::Streams, None));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            _guard: Arc::new(SlotGuard {
+                streams: self.streams.clone(),
+                key,
+            }),
+        })
+    }
+
+    /// Open streams of `tenant_id` (tests and metrics).
+    pub fn open_streams(&self, tenant_id: &str) -> usize {
+        self.streams
+            .lock()
+            .map(|open| open.get(tenant_id).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Forgets buckets that are full again (indistinguishable from fresh).
+    fn forget_idle(&self) {
+        for limiter in [&self.agent, &self.tenant, &self.client]
+            .into_iter()
+            .flatten()
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+fn refused(scope: Scope, retry_after: Option<Duration>) -> Error {
+    metrics::counter!("vaultguard_limit_refusals_total", "limit" => scope.as_str()).increment(1);
+    tracing::debug!(
+        scope = scope.as_str(),
+        ?retry_after,
+        "call refused by a limit"
+    );
+    Error::RateLimited {
+        scope: scope.as_str(),
+        retry_after,
+    }
+}
+
+/// The `client_id` of an uncompressed gRPC-framed `IssueTokenRequest`.
+fn presented_client_id(frame: &[u8]) -> Option<String> {
+    let (&compressed, rest) = frame.split_first()?;
+    let (length, message) = rest.split_first_chunk::<4>()?;
+    let length = usize::try_from(u32::from_be_bytes(*length)).ok()?;
+    if compressed != 0 || message.len() != length {
+        return None;
+    }
+    IssueTokenRequest::decode(message)
+        .ok()
+        .map(|request| request.client_id)
+}
+
+/// The full paths (`/package.Service/Method`) of the contract's
+/// server-streaming RPCs, read from the descriptor set so a new stream is
+/// covered without a list to maintain.
+fn server_streaming_methods() -> Result<HashSet<String>, prost::DecodeError> {
+    let set = prost_types::FileDescriptorSet::decode(vaultguard_proto::FILE_DESCRIPTOR_SET)?;
+    let mut paths = HashSet::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                if method.server_streaming() {
+                    paths.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(paths)
+}
+
+/// Drops idle buckets every few seconds until the server stops, so keyed
+/// limiters hold only recently active keys.
+pub async fn run_janitor(limits: Arc<Limits>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(JANITOR_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => limits.forget_idle(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SlotGuard {
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.streams.lock()
+            && let Some(count) = open.get_mut(&self.key)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// One open stream of a tenant, released when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct StreamSlot {
+    _guard: Arc<SlotGuard>,
+}
+
+impl StreamSlot {
+    /// Takes the slot [`Limits::admit`] left in the request, so that it
+    /// lives with the response body rather than with the handler's request.
+    pub fn take<B>(request: &mut Request<B>) -> Option<Self> {
+        request.extensions_mut().remove::<Self>()
+    }
+
+    /// The response, its body holding `slot` (if any) until it is dropped.
+    pub fn hold(slot: Option<Self>, response: Response<Body>) -> Response<Body> {
+        match slot {
+            None => response,
+            Some(slot) => response.map(|inner| Body::new(HeldBody { inner, _slot: slot })),
+        }
+    }
+}
+
+/// A response body that keeps a stream slot for as long as it exists.
+struct HeldBody {
+    inner: Body,
+    _slot: StreamSlot,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Sheds calls beyond `max_concurrent_requests` (0: no cap) at once.
+#[derive(Debug, Clone)]
+pub struct OverloadLayer {
+    permits: Option<Arc<Semaphore>>,
+}
+
+impl OverloadLayer {
+    pub fn new(max_concurrent_requests: usize) -> Self {
+        Self {
+            permits: (max_concurrent_requests > 0)
+                .then(|| Arc::new(Semaphore::new(max_concurrent_requests))),
+        }
+    }
+}
+
+impl<S> Layer<S> for OverloadLayer {
+    type Service = OverloadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OverloadService {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OverloadService<S> {
+    inner: S,
+    permits: Option<Arc<Semaphore>>,
+}
+
+fn overloaded() -> Response<Body> {
+    metrics::counter!("vaultguard_limit_refusals_total", "limit" => "concurrency").increment(1);
+    Status::from(Error::Unavailable {
+        reason: ErrorReason::Unavailable,
+        message: "server overloaded; retry with back-off".to_owned(),
+        metadata: HashMap::from([("cause".to_owned(), "overloaded".to_owned())]),
+    })
+    .into_http()
+}
+
+impl<S> Service<Request<Body>> for OverloadService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let permit: Option<OwnedSemaphorePermit> = match &self.permits {
+            None => None,
+            Some(permits) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Box::pin(async { Ok(overloaded()) }),
+            },
+        };
+        // The clone that was made ready is the one we call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_streams_are_found() {
+        let streaming = server_streaming_methods().unwrap();
+        for path in [
+            "/vaultguard.v1.StepUpService/WatchStepUp",
+            "/vaultguard.v1.StepUpService/WatchPendingStepUps",
+            "/vaultguard.v1.AuditService/TailAuditEvents",
+            "/vaultguard.v1.AuditService/ExportAuditEvents",
+        ] {
+            assert!(streaming.contains(path), "{path}");
+        }
+        assert!(!streaming.contains(ISSUE_TOKEN));
+    }
+
+    #[test]
+    fn the_client_id_is_read_from_the_frame() {
+        let message = IssueTokenRequest {
+            grant_type: "client_credentials".to_owned(),
+            client_id: "agt_1".to_owned(),
+            client_secret: "s".to_owned(),
+        }
+        .encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&message);
+        assert_eq!(presented_client_id(&frame).as_deref(), Some("agt_1"));
+        frame[0] = 1;
+        assert_eq!(presented_client_id(&frame), None, "compressed");
+        assert_eq!(presented_client_id(&frame[..3]), None, "short");
+    }
+}

@@ -1,0 +1,191 @@
+//! The `fairness` scenario: does a tenant flooding the server beyond its
+//! tenant rate limit slow down another tenant?
+//!
+//! A server of its own with a per-tenant limit (`--tenant-limit`), three
+//! fresh tenants: the victim, the flooder and a receiver whose inbound rule
+//! allows `bench.*`. The victim's agent asks for ALLOW delegations at a
+//! fixed arrival rate (`--victim-rate`, under the limit) twice: alone, then
+//! while the flooder's agent asks for the same in a closed loop at
+//! `--flood-concurrency` (far beyond its limit, so most of its calls are
+//! refused with RESOURCE_EXHAUSTED). Prints the victim's latency in both
+//! phases and the ratio of the p99s (the issue asks for at most 2).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
+
+use crate::fixture::{ALLOW_ACTION, create_rule, create_tenant};
+use crate::load::{self, Measured, Mode, Op, op};
+use crate::server::{Backend, ServerProcess, ServerSpec};
+
+/// What the scenario is run with.
+pub struct Settings {
+    /// Calls per second (and burst) each tenant may make.
+    pub tenant_limit: u32,
+    /// The victim's arrival rate, ops/s.
+    pub victim_rate: f64,
+    /// The flooder's closed-loop workers.
+    pub flood_concurrency: usize,
+    pub connections: usize,
+    pub duration: f64,
+    pub warmup: f64,
+}
+
+/// An agent of a fresh tenant `slug` on `connections` channels.
+async fn agent_pool(
+    server: &ServerProcess,
+    operator: &VaultGuardClient,
+    slug: &str,
+    connections: usize,
+) -> Result<Arc<Vec<VaultGuardClient>>> {
+    let tenant = create_tenant(server, operator, slug, pb::TokenAlgorithm::Eddsa).await?;
+    let request = tenant
+        .admin
+        .request(pb::CreateAgentRequest {
+            name: format!("{slug}-bot"),
+            description: String::new(),
+        })
+        .await?;
+    let created = tenant
+        .admin
+        .agents()
+        .create_agent(request)
+        .await?
+        .into_inner();
+    let agent_id = created.agent.context("no agent")?.id;
+    let mut clients = Vec::new();
+    for _ in 0..connections.max(1) {
+        let client = server
+            .anonymous()
+            .await?
+            .with_client_credentials(agent_id.clone(), created.client_secret.clone());
+        client.bearer().await?;
+        clients.push(client);
+    }
+    Ok(Arc::new(clients))
+}
+
+/// ALLOW delegations to `receiver` by the agents of `pool`, round-robin.
+fn allow_op(pool: Arc<Vec<VaultGuardClient>>, receiver: String) -> Op {
+    op(move |seq| {
+        let (pool, receiver) = (pool.clone(), receiver.clone());
+        async move {
+            let index = usize::try_from(seq)? % pool.len();
+            let agent = pool.get(index).context("empty pool")?;
+            let outcome = agent
+                .request_delegation(pb::RequestDelegationRequest {
+                    receiving_tenant_id: receiver,
+                    action: ALLOW_ACTION.to_owned(),
+                    requested_ttl_seconds: 600,
+                    ..Default::default()
+                })
+                .await?;
+            ensure!(
+                matches!(outcome, DelegationOutcome::Allowed { .. }),
+                "not ALLOW"
+            );
+            Ok(None)
+        }
+    })
+}
+
+fn line(name: &str, m: &Measured) {
+    println!(
+        "{:<28} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8}",
+        name,
+        m.ops,
+        m.throughput(),
+        m.millis(0.50),
+        m.millis(0.99),
+        m.millis(0.999),
+        m.errors
+    );
+}
+
+/// Runs the scenario on a server of its own (`spec` with the tenant limit).
+pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Result<()> {
+    let mut spec = spec.clone();
+    spec.tenant_limit = Some((settings.tenant_limit, settings.tenant_limit));
+    let server = ServerProcess::start(&spec, "fairness").await?;
+    eprintln!(
+        "[{}] fairness: tenant limit {}/s, victim at {} ops/s, flood at concurrency {}",
+        backend.name(),
+        settings.tenant_limit,
+        settings.victim_rate,
+        settings.flood_concurrency
+    );
+    let operator = server.human("operator", None).await?;
+    let receiver = create_tenant(
+        &server,
+        &operator,
+        "fair-receiver",
+        pb::TokenAlgorithm::Eddsa,
+    )
+    .await?;
+    create_rule(&receiver, "bench.*", pb::Effect::Allow, "").await?;
+    let victim = agent_pool(&server, &operator, "fair-victim", settings.connections).await?;
+    let flooder = agent_pool(&server, &operator, "fair-flooder", settings.connections).await?;
+    let victim_op = allow_op(victim, receiver.id.clone());
+    let flood_op = allow_op(flooder, receiver.id.clone());
+    let victim_mode = Mode::Open {
+        rate: settings.victim_rate,
+    };
+    let duration = Duration::from_secs_f64(settings.duration);
+    let warmup = Duration::from_secs_f64(settings.warmup);
+    let seq = Arc::new(AtomicU64::new(0));
+
+    load::run(&victim_op, victim_mode, warmup, &seq).await?;
+    let alone = load::run(&victim_op, victim_mode, duration, &seq).await?;
+
+    let flood = {
+        let (flood_op, seq) = (flood_op.clone(), seq.clone());
+        let mode = Mode::Closed {
+            concurrency: settings.flood_concurrency,
+        };
+        tokio::spawn(async move { load::run(&flood_op, mode, warmup + duration, &seq).await })
+    };
+    tokio::time::sleep(warmup).await;
+    let flooded = load::run(&victim_op, victim_mode, duration, &seq).await?;
+    let flood = flood.await??;
+
+    println!();
+    println!(
+        "{} · fairness · tenant limit {}/s (burst {}) · victim open loop {} ops/s · flooder \
+         closed loop, concurrency {} · {} s measured after {} s warm-up",
+        backend.name(),
+        settings.tenant_limit,
+        settings.tenant_limit,
+        settings.victim_rate,
+        settings.flood_concurrency,
+        settings.duration,
+        settings.warmup
+    );
+    println!(
+        "{:<28} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        "delegation.allow", "ops", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    );
+    line("victim, alone", &alone);
+    line("victim, during the flood", &flooded);
+    line("flooder (errors = refused)", &flood);
+    if let Some(error) = &flood.first_error {
+        println!("  flooder's first error: {error}");
+    }
+    for (name, m) in [("alone", &alone), ("flooded", &flooded)] {
+        if let Some(error) = &m.first_error {
+            println!("  victim ({name}) first error: {error}");
+        }
+    }
+    let ratio = flooded.millis(0.99) / alone.millis(0.99).max(f64::EPSILON);
+    println!(
+        "victim p99 during the flood / alone: {:.2} / {:.2} ms = {ratio:.2}x \
+         (flooder admitted {:.0}/s, refused {:.0}/s)",
+        flooded.millis(0.99),
+        alone.millis(0.99),
+        flood.throughput(),
+        flood.errors as f64 / flood.elapsed.as_secs_f64().max(f64::EPSILON)
+    );
+    server.stop().await
+}
