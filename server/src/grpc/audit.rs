@@ -17,6 +17,13 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::audit_service_server::AuditService;
 
 use super::call_context;
+
+/// Rows a tail reads at a time. A client that stops reading blocks its tail
+/// with at most this batch plus the stream's channel in memory; the
+/// per-tenant stream cap (`max_streams_per_tenant`) bounds how many such
+/// tails one tenant can hold. Smaller than the export's batch, which has no
+/// such multiplier.
+const TAIL_BATCH: u64 = 128;
 use super::stream::{self, Wake, wait_for_change};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
@@ -55,7 +62,7 @@ impl AuditApi {
                 None,
                 (None, None),
                 &TypeFilter::default(),
-                audit_log::BATCH,
+                TAIL_BATCH,
             )
             .await
             {
@@ -65,7 +72,7 @@ impl AuditApi {
                     return;
                 }
             };
-            let full = u64::try_from(rows.len()).unwrap_or(0) >= audit_log::BATCH;
+            let full = u64::try_from(rows.len()).unwrap_or(0) >= TAIL_BATCH;
             for row in rows {
                 let seq = row.seq.unwrap_or(cursor);
                 if seq != cursor + 1 {
