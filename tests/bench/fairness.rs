@@ -137,8 +137,22 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
     let warmup = Duration::from_secs_f64(settings.warmup);
     let seq = Arc::new(AtomicU64::new(0));
 
+    // CPU cores busy in a phase: the server's and this load tool's
+    // (victim and flooder alike), from /proc, over the phase's wall time.
+    let own = || crate::server::cpu_seconds(std::process::id());
+    let cores = |server_cpu: f64, load_cpu: f64, m: &Measured| {
+        let wall = m.elapsed.as_secs_f64().max(f64::EPSILON);
+        (server_cpu / wall, load_cpu / wall)
+    };
+
     load::run(&victim_op, victim_mode, warmup, &seq).await?;
+    let (server_before, load_before) = (server.cpu_seconds()?, own()?);
     let alone = load::run(&victim_op, victim_mode, duration, &seq).await?;
+    let alone_cores = cores(
+        server.cpu_seconds()? - server_before,
+        own()? - load_before,
+        &alone,
+    );
 
     let flood = {
         let (flood_op, seq) = (flood_op.clone(), seq.clone());
@@ -148,7 +162,13 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         tokio::spawn(async move { load::run(&flood_op, mode, warmup + duration, &seq).await })
     };
     tokio::time::sleep(warmup).await;
+    let (server_before, load_before) = (server.cpu_seconds()?, own()?);
     let flooded = load::run(&victim_op, victim_mode, duration, &seq).await?;
+    let flooded_cores = cores(
+        server.cpu_seconds()? - server_before,
+        own()? - load_before,
+        &flooded,
+    );
     let flood = flood.await??;
 
     println!();
@@ -178,6 +198,15 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
             println!("  victim ({name}) first error: {error}");
         }
     }
+    println!(
+        "cores busy (of {}): alone server {:.2} + load tool {:.2}; during the flood server {:.2} + \
+         load tool {:.2} (PostgreSQL not counted)",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        alone_cores.0,
+        alone_cores.1,
+        flooded_cores.0,
+        flooded_cores.1
+    );
     let ratio = flooded.millis(0.99) / alone.millis(0.99).max(f64::EPSILON);
     println!(
         "victim p99 during the flood / alone: {:.2} / {:.2} ms = {ratio:.2}x \
