@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
-use super::stream::{Wake, heartbeat, shutting_down, wait_for_change};
+use super::stream::{answer_wake, heartbeat, wait_for_change};
 use super::{call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
@@ -88,14 +88,11 @@ impl StepUpApi {
                         None,
                     )
                     .await;
-                    let message = pb::WatchStepUpResponse {
+                    if !answer_wake(&tx, wake, || pb::WatchStepUpResponse {
                         event: Some(Event::Heartbeat(heartbeat(&self.0))),
-                    };
-                    if wake == Wake::Stop {
-                        let _ = tx.send(Err(shutting_down())).await;
-                        return;
-                    }
-                    if wake == Wake::Heartbeat && tx.send(Ok(message)).await.is_err() {
+                    })
+                    .await
+                    {
                         return;
                     }
                     continue;
@@ -164,17 +161,12 @@ impl StepUpApi {
                 Some(until_deadline),
             )
             .await;
-            if wake == Wake::Stop {
-                let _ = tx.send(Err(shutting_down())).await;
+            if !answer_wake(&tx, wake, || pb::WatchStepUpResponse {
+                event: Some(Event::Heartbeat(heartbeat(&self.0))),
+            })
+            .await
+            {
                 return;
-            }
-            if wake == Wake::Heartbeat {
-                let message = pb::WatchStepUpResponse {
-                    event: Some(Event::Heartbeat(heartbeat(&self.0))),
-                };
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
             }
         }
     }
@@ -222,15 +214,12 @@ impl StepUpApi {
                         None,
                     )
                     .await;
-                    let message = pb::WatchPendingStepUpsResponse {
+                    if !answer_wake(&tx, wake, || pb::WatchPendingStepUpsResponse {
                         cursor: settled.to_string(),
                         event: Some(Event::Heartbeat(heartbeat(&self.0))),
-                    };
-                    if wake == Wake::Stop {
-                        let _ = tx.send(Err(shutting_down())).await;
-                        return;
-                    }
-                    if wake == Wake::Heartbeat && tx.send(Ok(message)).await.is_err() {
+                    })
+                    .await
+                    {
                         return;
                     }
                     continue;
@@ -301,18 +290,13 @@ impl StepUpApi {
                 recheck,
             )
             .await;
-            if wake == Wake::Stop {
-                let _ = tx.send(Err(shutting_down())).await;
+            if !answer_wake(&tx, wake, || pb::WatchPendingStepUpsResponse {
+                cursor: settled.to_string(),
+                event: Some(Event::Heartbeat(heartbeat(&self.0))),
+            })
+            .await
+            {
                 return;
-            }
-            if wake == Wake::Heartbeat {
-                let message = pb::WatchPendingStepUpsResponse {
-                    cursor: settled.to_string(),
-                    event: Some(Event::Heartbeat(heartbeat(&self.0))),
-                };
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
             }
         }
     }

@@ -73,6 +73,25 @@ pub(super) async fn wait_for_change(
     }
 }
 
+/// Answers a wake the same way in every watch: on [`Wake::Stop`] the stream
+/// ends with [`shutting_down`], on [`Wake::Heartbeat`] it gets `heartbeat`'s
+/// message. Returns whether the stream goes on (false: stopped, or the
+/// client is gone).
+pub(super) async fn answer_wake<T>(
+    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+    wake: Wake,
+    heartbeat: impl FnOnce() -> T,
+) -> bool {
+    match wake {
+        Wake::Stop => {
+            let _ = tx.send(Err(shutting_down())).await;
+            false
+        }
+        Wake::Heartbeat => tx.send(Ok(heartbeat())).await.is_ok(),
+        Wake::Change => true,
+    }
+}
+
 /// The status that ends a stream when the server shuts down.
 pub(super) fn shutting_down() -> Status {
     Status::unavailable("server shutting down; reconnect to resume")
