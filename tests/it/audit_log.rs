@@ -25,7 +25,6 @@ use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
 use vaultguard_server::audit::PLATFORM_LOG;
 use vaultguard_server::clock::Clock;
-use vaultguard_server::config::TrustedIssuer;
 use vaultguard_server::store::entities::audit_event;
 use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 use vaultguard_tests::{
@@ -1149,17 +1148,7 @@ async fn walk_vault(
 #[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
-    let server = TestServer::start_with(TestOptions {
-        trusted_issuers: vec![TrustedIssuer {
-            issuer: IDP.to_owned(),
-            audience: "vaultguard".to_owned(),
-            tenant_claim: "org_id".to_owned(),
-            roles_claim: "roles".to_owned(),
-            role_prefix: String::new(),
-        }],
-        ..Default::default()
-    })
-    .await;
+    let server = TestServer::start_with(TestOptions::trusting(IDP)).await;
     let mut walk = Walk::default();
     let operator = server.operator().await;
 

@@ -39,6 +39,7 @@ use vaultguard_tests::{
 use crate::cookbook::cli_binary;
 use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::replica_process::{Running, free_port};
+use crate::vault_signing::create_key;
 
 /// How many times the server is killed.
 const KILLS: usize = 4;
@@ -346,22 +347,9 @@ impl Fixture {
             let (agent, secret, _) = server.create_agent(&acme.id, name).await;
             agents.push((agent.id, secret));
         }
-        let request = acme_admin
-            .request(pb::CreateSigningKeyRequest {
-                name: "treasury".to_owned(),
-                algorithm: pb::KeyAlgorithm::Ed25519 as i32,
-                description: String::new(),
-            })
+        let key = create_key(&acme_admin, "treasury", pb::KeyAlgorithm::Ed25519, "")
             .await
-            .unwrap();
-        let key = acme_admin
-            .vault()
-            .create_signing_key(request)
-            .await
-            .expect("create signing key")
-            .into_inner()
-            .key
-            .expect("key");
+            .expect("create signing key");
         add_rule(
             &acme_admin,
             with_counterpart(&acme.id, inbound("sign:treasury", pb::Effect::Allow)),

@@ -2022,7 +2022,7 @@ async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
 }
 
 /// Suspends (or reactivates) `tenant_id` as the operator.
-async fn set_suspended(operator: &VaultGuardClient, tenant_id: &str, suspended: bool) {
+pub(crate) async fn set_suspended(operator: &VaultGuardClient, tenant_id: &str, suspended: bool) {
     let tenant_id = tenant_id.to_owned();
     let reason = "test".to_owned();
     if suspended {

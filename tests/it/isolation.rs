@@ -28,7 +28,6 @@ use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 use tonic::Code;
 use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
-use vaultguard_server::config::TrustedIssuer;
 use vaultguard_server::grpc::access::{Access, access_for};
 use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 use vaultguard_tests::{
@@ -190,17 +189,7 @@ fn page(page_token: &str) -> Option<pb::PageRequest> {
 }
 
 async fn setup() -> Fixture {
-    let server = TestServer::start_with(TestOptions {
-        trusted_issuers: vec![TrustedIssuer {
-            issuer: IDP.to_owned(),
-            audience: "vaultguard".to_owned(),
-            tenant_claim: "org_id".to_owned(),
-            roles_claim: "roles".to_owned(),
-            role_prefix: String::new(),
-        }],
-        ..TestOptions::default()
-    })
-    .await;
+    let server = TestServer::start_with(TestOptions::trusting(IDP)).await;
     let operator = server.operator().await;
 
     // --- acme, the victim.

@@ -14,6 +14,7 @@ use vaultguard_tests::{TestServer, captured_logs, expect_code};
 use crate::delegations::ask;
 use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::vault_connections::{connected, expire_access_tokens};
+use crate::vault_signing::create_key;
 
 /// The secrets of the flow, by kind, and every text the server handed back.
 #[derive(Default)]
@@ -468,22 +469,9 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
                 scheme: scheme as i32,
             })
         };
-        let request = acme_admin
-            .request(pb::CreateSigningKeyRequest {
-                name: name.to_owned(),
-                algorithm: algorithm as i32,
-                description: String::new(),
-            })
+        let key = create_key(&acme_admin, name, algorithm, "")
             .await
-            .expect("request");
-        let key = acme_admin
-            .vault()
-            .create_signing_key(request)
-            .await
-            .expect("create signing key")
-            .into_inner()
-            .key
-            .expect("key");
+            .expect("create signing key");
         let signed = pair
             .agent
             .sign(pb::SignRequest {

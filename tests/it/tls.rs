@@ -13,7 +13,7 @@ use tonic::Code;
 use vaultguard_client::{DelegationOutcome, TlsOptions, VaultGuardClient, pb};
 use vaultguard_tests::{TestOptions, TestServer, TestTls, expect_code, expect_reason};
 
-use crate::delegations::ask;
+use crate::delegations::{ask, set_suspended};
 use crate::policies::{add_rule, inbound};
 
 /// A certificate authority of the test.
@@ -497,18 +497,7 @@ async fn mtls_refuses_unknown_disabled_and_ambiguous_certificates() {
 
     // A suspended tenant's agent.
     let operator = server.operator().await;
-    let request = operator
-        .request(pb::SuspendTenantRequest {
-            tenant_id: tenant.id.clone(),
-            reason: "tls test".to_owned(),
-        })
-        .await
-        .expect("request");
-    operator
-        .tenants()
-        .suspend_tenant(request)
-        .await
-        .expect("suspend tenant");
+    set_suspended(&operator, &tenant.id, true).await;
     expect_reason(
         client.who_am_i().await,
         Code::PermissionDenied,

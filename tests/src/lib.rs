@@ -126,6 +126,24 @@ pub struct TestTls {
     pub client: vaultguard_client::TlsOptions,
 }
 
+impl TestOptions {
+    /// A server trusting the OIDC issuer `issuer` for audience `vaultguard`
+    /// with the default claims (`org_id`, `roles`, no role prefix): enough to
+    /// bind an external organisation to a tenant.
+    pub fn trusting(issuer: &str) -> Self {
+        Self {
+            trusted_issuers: vec![TrustedIssuer {
+                issuer: issuer.to_owned(),
+                audience: "vaultguard".to_owned(),
+                tenant_claim: "org_id".to_owned(),
+                roles_claim: "roles".to_owned(),
+                role_prefix: String::new(),
+            }],
+            ..Self::default()
+        }
+    }
+}
+
 /// What a second server process shares with the first one on the same
 /// PostgreSQL database: the database itself (neither created nor dropped by
 /// the replica), the master key that seals the issuer keys, the issuer
@@ -533,26 +551,22 @@ impl TestServer {
 /// issuer keys exist); panics after 10 seconds.
 pub async fn wait_ready(grpc_addr: SocketAddr) {
     let url = format!("http://{grpc_addr}");
-    for _ in 0..200 {
-        if let Ok(client) = VaultGuardClient::connect(url.clone()).await
-            && client
-                .issuer_keys()
-                .get_jwks(pb::GetJwksRequest {})
-                .await
-                .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server did not start");
+    wait_until_answering(|| VaultGuardClient::connect(url.clone())).await;
 }
 
 /// [`wait_ready`] for a server that serves TLS, connecting with `tls`.
 pub async fn wait_ready_tls(grpc_addr: SocketAddr, tls: &vaultguard_client::TlsOptions) {
     let url = format!("https://{grpc_addr}");
+    wait_until_answering(|| VaultGuardClient::connect_tls(url.clone(), tls.clone())).await;
+}
+
+/// Connects with `connect` until GetJwks answers; panics after 10 seconds.
+async fn wait_until_answering<F>(connect: impl Fn() -> F)
+where
+    F: std::future::Future<Output = Result<VaultGuardClient, ClientError>>,
+{
     for _ in 0..200 {
-        if let Ok(client) = VaultGuardClient::connect_tls(url.clone(), tls.clone()).await
+        if let Ok(client) = connect().await
             && client
                 .issuer_keys()
                 .get_jwks(pb::GetJwksRequest {})
