@@ -201,12 +201,15 @@ impl std::fmt::Debug for VaultGuardClient {
 impl VaultGuardClient {
     /// Connects to `endpoint` (for example `http://127.0.0.1:50051`).
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(endpoint.into())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+        let channel = Self::endpoint(endpoint)?.connect().await?;
         Ok(Self::from_channel(channel))
+    }
+
+    /// The settings every connection uses, plain or TLS.
+    fn endpoint(endpoint: impl Into<String>) -> Result<Endpoint, ClientError> {
+        Ok(Endpoint::from_shared(endpoint.into())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true))
     }
 
     /// Connects over TLS to `endpoint` (`https://…`), trusting the CA in
@@ -227,9 +230,7 @@ impl VaultGuardClient {
         if let Some((cert_pem, key_pem)) = &tls.identity {
             config = config.identity(Identity::from_pem(cert_pem, key_pem));
         }
-        let channel = Endpoint::from_shared(endpoint.into())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let channel = Self::endpoint(endpoint)?
             .tls_config(config)?
             .connect()
             .await?;
