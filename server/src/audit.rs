@@ -574,3 +574,77 @@ impl Recorder {
         }
     }
 }
+
+/// Remembers which repeated reads were audited lately, so that a read made
+/// again and again (a resource server verifying the same token on every
+/// request it serves) writes one event per window instead of one per call.
+/// Keys are (who, what) pairs; a pair is due again `window` after its last
+/// recorded event. Memory is bounded: past [`Debounce::MAX_KEYS`] pairs the
+/// map is emptied, which only makes some pairs due early.
+#[derive(Debug)]
+pub struct Debounce {
+    window_ms: i64,
+    last: std::sync::Mutex<std::collections::HashMap<(String, String), i64>>,
+}
+
+impl Debounce {
+    const MAX_KEYS: usize = 100_000;
+
+    /// A window of `window_seconds`; 0 makes every read due.
+    pub fn new(window_seconds: u32) -> Self {
+        Self {
+            window_ms: i64::from(window_seconds) * 1_000,
+            last: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether (`who`, `what`) has no event recorded within the window
+    /// before `now`.
+    pub fn due(&self, who: &str, what: &str, now: crate::clock::Millis) -> bool {
+        if self.window_ms == 0 {
+            return true;
+        }
+        let last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A tuple of borrowed strs cannot look up owned keys; the pair is
+        // built once per call, which is cheap next to the call itself.
+        last.get(&(who.to_owned(), what.to_owned()))
+            .is_none_or(|at| now.saturating_sub(*at) >= self.window_ms)
+    }
+
+    /// Notes that an event for (`who`, `what`) was recorded at `now`; called
+    /// after its commit, so a failed write leaves the pair due.
+    pub fn recorded(&self, who: &str, what: &str, now: crate::clock::Millis) {
+        if self.window_ms == 0 {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.len() >= Self::MAX_KEYS {
+            last.clear();
+        }
+        last.insert((who.to_owned(), what.to_owned()), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Debounce;
+
+    #[test]
+    fn a_pair_is_due_once_per_window() {
+        let debounce = Debounce::new(60);
+        assert!(debounce.due("agt_1", "dlg_1", 1_000));
+        debounce.recorded("agt_1", "dlg_1", 1_000);
+        assert!(!debounce.due("agt_1", "dlg_1", 60_999));
+        assert!(debounce.due("agt_1", "dlg_1", 61_000));
+        // Another reader, or another object, is its own pair.
+        assert!(debounce.due("agt_2", "dlg_1", 2_000));
+        assert!(debounce.due("agt_1", "dlg_2", 2_000));
+    }
+
+    #[test]
+    fn a_zero_window_makes_every_read_due() {
+        let debounce = Debounce::new(0);
+        debounce.recorded("agt_1", "dlg_1", 1_000);
+        assert!(debounce.due("agt_1", "dlg_1", 1_000));
+    }
+}

@@ -103,6 +103,10 @@ pub struct Config {
     /// A cached provider access token is handed out only while it has more
     /// than this many seconds left; closer to expiry it is refreshed.
     pub oauth_refresh_margin_seconds: u32,
+    /// A verifier's successful VerifyDelegationToken of one delegation is
+    /// audited once per this many seconds (failures always); 0 audits every
+    /// call.
+    pub verify_audit_window_seconds: u32,
     /// `json` or `text`.
     pub log_format: String,
     // Limits (see `crate::limits`; per process, so N replicas admit N times)
@@ -122,6 +126,19 @@ pub struct Config {
     pub rate_limit_client_per_second: u32,
     /// Bucket size of the `client_id` limit; 0: one second's worth.
     pub rate_limit_client_burst: u32,
+    /// Refusals per second of one limited key (an agent, a tenant, the
+    /// operator, a `client_id`) answered at once; a key refused more often
+    /// than this gets its further refusals answered only after a delay
+    /// (refusal pacing, see `crate::limits`). 0: every refusal at once.
+    pub rate_limit_refusals_per_second: u32,
+    /// Least delay of a paced refusal, in ms; the delay is the refusal's
+    /// RetryInfo clamped to `min..=max`.
+    pub rate_limit_refusal_delay_min_ms: u64,
+    /// Longest delay of a paced refusal, in ms. 0: no pacing.
+    pub rate_limit_refusal_delay_max_ms: u64,
+    /// Paced refusals waiting at once in the process; past it refusals are
+    /// answered at once. 0: no cap.
+    pub max_paced_refusals: usize,
     /// gRPC calls in the process between arrival and response headers; more
     /// are shed at once with UNAVAILABLE. 0: no cap.
     pub max_concurrent_requests: usize,
@@ -179,6 +196,7 @@ impl Default for Config {
             oauth_state_ttl_seconds: 600,
             oauth_timeout_ms: 10_000,
             oauth_refresh_margin_seconds: 60,
+            verify_audit_window_seconds: 60,
             log_format: "text".to_owned(),
             rate_limit_agent_per_second: 500,
             rate_limit_agent_burst: 1_000,
@@ -186,6 +204,10 @@ impl Default for Config {
             rate_limit_tenant_burst: 4_000,
             rate_limit_client_per_second: 10,
             rate_limit_client_burst: 20,
+            rate_limit_refusals_per_second: 50,
+            rate_limit_refusal_delay_min_ms: 250,
+            rate_limit_refusal_delay_max_ms: 1_000,
+            max_paced_refusals: 10_000,
             max_concurrent_requests: 1_024,
             max_concurrent_streams_per_connection: 256,
             max_request_bytes: 1024 * 1024,

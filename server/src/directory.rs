@@ -1,5 +1,5 @@
-//! Tenant and agent rows as the hot paths read them: from memory, kept
-//! current on every replica.
+//! Tenant, agent and delegation rows as the hot paths read them: from
+//! memory, kept current on every replica.
 //!
 //! Every call checks the caller's standing (tenant active, agent enabled),
 //! and every judgement needs both tenants' policy versions; reading those
@@ -19,6 +19,13 @@
 //! cached (the epoch check), so an entry is never older than the last
 //! invalidation this replica received. Absent rows are never cached, so
 //! made-up ids cannot fill memory.
+//!
+//! Delegations are held for VerifyDelegationToken, which must see a
+//! revocation on every replica. Only rows past PENDING are held: an ACTIVE
+//! row changes only by ending it (revoke, relinquish: announced like the
+//! others) or by expiring, which every reader derives from `expires_at`;
+//! every other state is terminal and never changes again. PENDING rows
+//! change by approval or denial, so they are always read afresh.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,20 +33,26 @@ use std::sync::{PoisonError, RwLock};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
 
+use std::sync::Arc;
+
+use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
-use crate::store::entities::{agent, tenant};
+use crate::store::entities::{agent, delegation, tenant};
 
 /// The PostgreSQL channel directory changes are announced on.
 pub const CHANNEL: &str = "vaultguard_directory";
 
-/// At most this many rows of each kind are held; a full map is emptied.
+/// At most this many tenant or agent rows are held; a full map is emptied.
 const MAX_ENTRIES: usize = 100_000;
+/// At most this many delegation rows (about 1 KiB each) are held.
+const MAX_DELEGATIONS: usize = 50_000;
 
 /// Which row changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Tenant(String),
     Agent(String),
+    Delegation(String),
 }
 
 impl Entry {
@@ -47,6 +60,7 @@ impl Entry {
         match self {
             Self::Tenant(id) => format!("tenant|{id}"),
             Self::Agent(id) => format!("agent|{id}"),
+            Self::Delegation(id) => format!("delegation|{id}"),
         }
     }
 
@@ -55,6 +69,7 @@ impl Entry {
         match payload.split_once('|')? {
             ("tenant", id) => Some(Self::Tenant(id.to_owned())),
             ("agent", id) => Some(Self::Agent(id.to_owned())),
+            ("delegation", id) => Some(Self::Delegation(id.to_owned())),
             _ => None,
         }
     }
@@ -80,6 +95,7 @@ pub async fn announce<C: ConnectionTrait>(txn: &C, entry: &Entry) -> Result<()> 
 pub struct Directory {
     tenants: RwLock<HashMap<String, tenant::Model>>,
     agents: RwLock<HashMap<String, agent::Model>>,
+    delegations: RwLock<HashMap<String, Arc<delegation::Model>>>,
     /// Bumped (under the map's write lock) by every invalidation.
     epoch: AtomicU64,
     /// Whether entries can be trusted (see the module docs).
@@ -93,6 +109,7 @@ impl Directory {
         Self {
             tenants: RwLock::default(),
             agents: RwLock::default(),
+            delegations: RwLock::default(),
             epoch: AtomicU64::new(0),
             live: AtomicBool::new(backend != DbBackend::Postgres),
         }
@@ -114,6 +131,27 @@ impl Directory {
         .await
     }
 
+    /// The delegation `id`, from memory or the database (see the module
+    /// docs for which rows are held).
+    pub async fn delegation(
+        &self,
+        db: &DatabaseConnection,
+        id: &str,
+    ) -> Result<Option<Arc<delegation::Model>>> {
+        if let Some(found) = self.cached(&self.delegations, id) {
+            return Ok(Some(found));
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let row = delegation::Entity::find_by_id(id.to_owned())
+            .one(db)
+            .await?
+            .map(Arc::new);
+        if let Some(row) = row.as_ref().filter(|row| row.status != STATUS_PENDING) {
+            self.remember(&self.delegations, MAX_DELEGATIONS, epoch, id, row);
+        }
+        Ok(row)
+    }
+
     /// `id` from `map`, else from `read` (remembered unless an invalidation
     /// came in meanwhile).
     async fn read_through<T, F, Fut>(
@@ -133,7 +171,7 @@ impl Directory {
         let epoch = self.epoch.load(Ordering::Acquire);
         let row = read().await?;
         if let Some(row) = &row {
-            self.remember(map, epoch, id, row);
+            self.remember(map, MAX_ENTRIES, epoch, id, row);
         }
         Ok(row)
     }
@@ -144,6 +182,7 @@ impl Directory {
         match entry {
             Entry::Tenant(id) => self.drop_key(&self.tenants, id),
             Entry::Agent(id) => self.drop_key(&self.agents, id),
+            Entry::Delegation(id) => self.drop_key(&self.delegations, id),
         }
     }
 
@@ -152,8 +191,13 @@ impl Directory {
     pub fn flush(&self) {
         let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
         let mut agents = self.agents.write().unwrap_or_else(PoisonError::into_inner);
+        let mut delegations = self
+            .delegations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         tenants.clear();
         agents.clear();
+        delegations.clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -174,13 +218,20 @@ impl Directory {
             .cloned()
     }
 
-    fn remember<T: Clone>(&self, map: &RwLock<HashMap<String, T>>, epoch: u64, id: &str, row: &T) {
+    fn remember<T: Clone>(
+        &self,
+        map: &RwLock<HashMap<String, T>>,
+        max_entries: usize,
+        epoch: u64,
+        id: &str,
+        row: &T,
+    ) {
         let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
         // An invalidation since the read began may concern this very row.
         if self.epoch.load(Ordering::Acquire) != epoch || !self.live.load(Ordering::Acquire) {
             return;
         }
-        if map.len() >= MAX_ENTRIES {
+        if map.len() >= max_entries {
             map.clear();
         }
         map.insert(id.to_owned(), row.clone());
@@ -202,6 +253,7 @@ mod tests {
         for entry in [
             Entry::Tenant("ten_1".to_owned()),
             Entry::Agent("agt_1".to_owned()),
+            Entry::Delegation("dlg_1".to_owned()),
         ] {
             assert_eq!(Entry::parse(&entry.payload()), Some(entry));
         }
@@ -216,10 +268,10 @@ mod tests {
         let map = RwLock::new(HashMap::new());
         let epoch = directory.epoch.load(Ordering::Acquire);
         directory.drop_key(&map, "ten_1");
-        directory.remember(&map, epoch, "ten_1", &"old".to_owned());
+        directory.remember(&map, MAX_ENTRIES, epoch, "ten_1", &"old".to_owned());
         assert!(directory.cached(&map, "ten_1").is_none());
         let epoch = directory.epoch.load(Ordering::Acquire);
-        directory.remember(&map, epoch, "ten_1", &"new".to_owned());
+        directory.remember(&map, MAX_ENTRIES, epoch, "ten_1", &"new".to_owned());
         assert_eq!(directory.cached(&map, "ten_1").as_deref(), Some("new"));
         directory.set_live(false);
         assert!(directory.cached(&map, "ten_1").is_none());

@@ -39,6 +39,9 @@ pub struct AppState {
     pub directory: Arc<crate::directory::Directory>,
     /// Rate limits and open-stream caps of this process.
     pub limits: Arc<crate::limits::Limits>,
+    /// Which verifiers had which delegation's successful verification
+    /// audited lately.
+    pub verified_recently: Arc<audit::Debounce>,
 }
 
 impl AppState {

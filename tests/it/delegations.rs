@@ -1401,6 +1401,9 @@ async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
         globex_admin.verify(&token, "stock.write").await.unwrap(),
         expected
     );
+    // The same verifier again within the audit window: still answered in
+    // full, but not audited a second time (counted below).
+    assert_eq!(globex_admin.verify(&token, "").await.unwrap(), expected);
 
     // Every failed check answers `active: false` and nothing else.
     let header = jwt_part(&token, 0);
@@ -1458,7 +1461,8 @@ async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
     let keys = jwks(server).await;
     assert!(pyjwt(&token, &keys, &server.http_url(), &globex.audience).is_ok());
 
-    // Each verification is audited in the caller's log.
+    // Each failed verification is audited in the caller's log; a success
+    // once per verifier and delegation per window.
     let outcomes = |tenant: String| async move {
         let events = server.audit_events(&tenant, "delegation.verified").await;
         let success = events.iter().filter(|e| e.outcome == "success").count();

@@ -11,7 +11,10 @@
 //!   delegation (and its step-up) once, with one expiry event per log;
 //! - an approvers' queue watch on one replica sees every ADDED, UPDATED and
 //!   REMOVED of step-ups created, partially approved, approved and denied
-//!   concurrently through the other, each once, in order.
+//!   concurrently through the other, each once, in order;
+//! - a revocation through one replica ends VerifyDelegationToken on the
+//!   other, which held the ACTIVE row in memory, within a second (the
+//!   notification latency: milliseconds).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,7 +31,7 @@ use vaultguard_tests::{
 };
 
 use crate::crash::{AuditIndex, assert_chain_intact, wait_all_sealed};
-use crate::delegations::ask;
+use crate::delegations::{ask, grant};
 use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::step_ups::deny;
 
@@ -442,6 +445,43 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
         pending.len(),
         started.elapsed()
     );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_through_one_replica_ends_verify_on_the_other() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let r = Replicas::start().await;
+    add_rule(&r.globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
+    // A resource server of globex verifying through A, whose memory then
+    // holds the ACTIVE rows; globex's admin revokes through B.
+    let verifier = r.a.human(&r.globex.id, "gate", &[pb::Role::Admin]).await;
+    let mut lags = Vec::new();
+    for n in 0..5 {
+        let (delegation, token) = grant(&r.agents[n % 2], ask(&r.globex.id, "stock.read")).await;
+        for _ in 0..3 {
+            assert!(verifier.verify(&token, "").await.unwrap().active, "{n}");
+        }
+        r.globex_admin
+            .revoke(&delegation.id, "compromised")
+            .await
+            .unwrap();
+        let revoked = Instant::now();
+        loop {
+            if !verifier.verify(&token, "").await.unwrap().active {
+                break;
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "{n}: A still accepts a token revoked through B"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        lags.push(revoked.elapsed());
+    }
+    println!("revoked through B → refused on A after {lags:?}");
     r.stop().await;
 }
 

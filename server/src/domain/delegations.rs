@@ -25,6 +25,7 @@ use crate::audit::{self, AuditCtx, NewEvent, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
+use crate::directory;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
@@ -1018,7 +1019,11 @@ async fn end_active(
         None,
     );
     audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    // Every replica's Verify must stop accepting the token at once.
+    let ended = directory::Entry::Delegation(row.id.clone());
+    directory::announce(&txn, &ended).await?;
     txn.commit().await?;
+    state.directory_changed(&[ended]);
     state.audit_committed();
     delegation::Entity::find_by_id(row.id.clone())
         .one(&state.db)
@@ -1213,7 +1218,7 @@ pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver
 #[derive(Debug, Clone)]
 pub struct Introspection {
     pub claims: Value,
-    pub row: delegation::Model,
+    pub row: std::sync::Arc<delegation::Model>,
 }
 
 /// VerifyDelegationToken: `Some` only when every check passes. Each call is
@@ -1253,11 +1258,10 @@ pub async fn verify(
             return Ok(None);
         }
     };
-    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
-    let row = if check_id("jti", &jti, IdKind::Delegation).is_ok() {
-        delegation::Entity::find_by_id(jti.clone())
-            .one(&state.db)
-            .await?
+    let jti = claims["jti"].as_str().unwrap_or_default();
+    // From memory on every replica (revocations invalidate it everywhere).
+    let row = if check_id("jti", jti, IdKind::Delegation).is_ok() {
+        state.directory.delegation(&state.db, jti).await?
     } else {
         None
     };
@@ -1284,21 +1288,29 @@ pub async fn verify(
     };
     match failure {
         Some(reason) => {
-            record_verification(state, ctx, &tenant, Some(&row), reason).await?;
+            record_verification(state, ctx, &tenant, Some(row.as_ref()), reason).await?;
             Ok(None)
         }
         None => {
             metrics::counter!("vaultguard_token_verifications_total", "active" => "true")
                 .increment(1);
-            state
-                .record(vec![ctx.audit().event(
-                    &tenant,
-                    "delegation.verified",
-                    vec![row.id.clone()],
-                    AuditOutcome::Success,
-                    json!({"kid": kid, "action": row.action}),
-                )])
-                .await?;
+            // One success event per verifier and delegation per window: a
+            // resource server checks the same token on every request it
+            // serves, and a durable event per check would make the audit
+            // log, not the check, the limit. Every refusal is recorded.
+            let verifier = format!("{}|{}", ctx.principal.issuer, ctx.principal.subject);
+            if state.verified_recently.due(&verifier, &row.id, now) {
+                state
+                    .record(vec![ctx.audit().event(
+                        &tenant,
+                        "delegation.verified",
+                        vec![row.id.clone()],
+                        AuditOutcome::Success,
+                        json!({"kid": kid, "action": row.action}),
+                    )])
+                    .await?;
+                state.verified_recently.recorded(&verifier, &row.id, now);
+            }
             Ok(Some(Introspection { claims, row }))
         }
     }
