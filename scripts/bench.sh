@@ -15,6 +15,11 @@ cargo build --release --locked -q \
   -p vaultguard-server --bin vaultguard \
   -p vaultguard-tests --bin vaultguard-bench
 
+# Two benchmarks at once on one machine distort each other's figures: a
+# second run waits here for the first.
+exec 9>"${TMPDIR:-/tmp}/vaultguard-bench.lock"
+flock 9
+
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
 fi
