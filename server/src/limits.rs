@@ -9,6 +9,34 @@
 //!   RESOURCE_EXHAUSTED with `ERROR_REASON_RATE_LIMITED`, metadata `scope`
 //!   and a `google.rpc.RetryInfo` saying when a call would be admitted.
 //!   Limits are per process: N replicas admit up to N times the rate.
+//! - **Refusal pacing**: a refused call costs no database work, but
+//!   answering it still costs HTTP/2 framing and send/recv system calls,
+//!   and a caller that ignores RetryInfo asks again at once: a closed loop
+//!   of 64 callers got 10–18k refusals a second answered, on cores another
+//!   tenant's calls needed (`docs/security.md`, fairness). So each limited
+//!   key (agent, tenant, operator, `client_id`) has a second bucket of
+//!   `rate_limit_refusals_per_second` refusals (default 50, bucket one
+//!   second's worth) answered at once; past it (a caller that keeps calling
+//!   after being told when to come back) a refusal is answered only after
+//!   its RetryInfo delay clamped to `rate_limit_refusal_delay_min_ms` ..
+//!   `rate_limit_refusal_delay_max_ms` (250 ms .. 1 s). The answer is the
+//!   same RESOURCE_EXHAUSTED (reason, `scope`, the RetryInfo computed when
+//!   refused). A closed loop of C callers then gets about 50 refusals a
+//!   second answered, plus C per 250 ms, however fast it asks. Why 50: a
+//!   caller honouring RetryInfo is refused about once per retry per
+//!   concurrent caller, so a few callers stay within it, and 50 answers a
+//!   second cost under 0.5% of a core (the flood above kept ~0.7 cores busy
+//!   with 10k+ of them, so ≤ 70 µs each). Pacing costs a caller latency,
+//!   not admitted calls: its bucket keeps filling while it waits, and the
+//!   default bursts hold 2 s of the rate, more than the longest wait. A
+//!   paced refusal waits after [`OverloadLayer`] gave back its slot (parked
+//!   refusals never shed other callers' calls), costs a timer and the
+//!   caller's own HTTP/2 stream, no database work, and at most
+//!   `max_paced_refusals` (10,000) wait at once; past that, refusals are
+//!   answered at once again. Counted in
+//!   `vaultguard_limit_paced_refusals_total{limit=<scope>}`; the gauge
+//!   `vaultguard_limit_paced_refusals_waiting` counts those waiting now.
+//!   Refusals of the open-stream cap carry no RetryInfo and are not paced.
 //! - **Open streams per tenant**: a server-streaming call (watches, tail,
 //!   export) holds a slot of its tenant from admission until its response
 //!   body is dropped (stream ended or client gone); past the cap it is
@@ -28,6 +56,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,6 +92,9 @@ const MAX_CLIENT_KEY_BYTES: usize = 64;
 /// How often buckets indistinguishable from fresh ones are dropped.
 const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The gauge of refusals waiting out their pacing (process-wide).
+pub const PARKED_GAUGE: &str = "vaultguard_limit_paced_refusals_waiting";
+
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
 /// Which limit refused a call; the `scope` metadata of the refusal.
@@ -97,12 +129,142 @@ fn keyed(per_second: u32, burst: u32) -> Option<Keyed> {
     ))
 }
 
+/// Refusal pacing (see the module doc): per scope, the keyed buckets of
+/// refusals answered at once.
+#[derive(Debug)]
+struct Pacing {
+    agent: Keyed,
+    /// Tenants and the operator (their keys never collide).
+    tenant: Keyed,
+    client: Keyed,
+    min_delay: Duration,
+    max_delay: Duration,
+    max_parked: usize,
+    parked: Arc<AtomicUsize>,
+    /// Paced refusals so far, for spreading their delays.
+    paced: AtomicU64,
+}
+
+impl Pacing {
+    /// None when pacing is off (no refusal budget, or no delay).
+    fn new(config: &Config) -> Option<Self> {
+        let per_second = config.rate_limit_refusals_per_second;
+        let budget = || keyed(per_second, 0);
+        let max_delay = Duration::from_millis(config.rate_limit_refusal_delay_max_ms);
+        if max_delay.is_zero() {
+            return None;
+        }
+        Some(Self {
+            agent: budget()?,
+            tenant: budget()?,
+            client: budget()?,
+            // A minimum above the maximum gives way to it.
+            min_delay: Duration::from_millis(config.rate_limit_refusal_delay_min_ms).min(max_delay),
+            max_delay,
+            max_parked: match config.max_paced_refusals {
+                0 => usize::MAX,
+                max => max,
+            },
+            parked: Arc::default(),
+            paced: AtomicU64::new(0),
+        })
+    }
+
+    /// The pacing of a refusal of `key` by the limit of `scope`: `None`
+    /// while the key is within its budget of immediate refusals (or too many
+    /// refusals are parked already).
+    fn pace(&self, scope: Scope, key: String, retry_after: Duration) -> Option<PacedRefusal> {
+        let budget = match scope {
+            Scope::Agent => &self.agent,
+            Scope::Tenant | Scope::Operator => &self.tenant,
+            Scope::Client => &self.client,
+            Scope::Streams => return None,
+        };
+        if budget.check_key(&key).is_ok() {
+            return None;
+        }
+        // Counted before the check, so that racing refusals never park more
+        // than the cap; the guard gives the place back either way.
+        let guard = ParkedGuard::new(self.parked.clone());
+        if guard.previous >= self.max_parked {
+            return None;
+        }
+        metrics::counter!("vaultguard_limit_paced_refusals_total", "limit" => scope.as_str())
+            .increment(1);
+        Some(PacedRefusal {
+            delay: self.delay(retry_after),
+            _parked: Arc::new(guard),
+        })
+    }
+
+    /// The RetryInfo delay clamped to the bounds, stretched by up to as much
+    /// again (within the maximum). The stretch spreads a flood's parked
+    /// callers: with one fixed delay, callers refused together came back
+    /// together, met a bucket refilled meanwhile and took it in one burst
+    /// of admitted calls (tens at once, measured), which is what slowed
+    /// other tenants' calls then. Successive refusals take successive
+    /// points of the golden-ratio sequence, which covers the range evenly
+    /// without a random number generator.
+    fn delay(&self, retry_after: Duration) -> Duration {
+        let least = retry_after.max(self.min_delay).min(self.max_delay);
+        let most = least.saturating_mul(2).min(self.max_delay);
+        let n = self.paced.fetch_add(1, Ordering::Relaxed);
+        // The top 53 bits of n·2⁶⁴/φ (mod 2⁶⁴): a fraction in [0, 1).
+        let fraction = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        least + (most - least).mul_f64(fraction)
+    }
+}
+
+/// One place among the parked refusals, given back when dropped (the wait
+/// is over or the caller went away).
+#[derive(Debug)]
+struct ParkedGuard {
+    parked: Arc<AtomicUsize>,
+    /// Refusals parked before this one.
+    previous: usize,
+}
+
+impl ParkedGuard {
+    fn new(parked: Arc<AtomicUsize>) -> Self {
+        let previous = parked.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(PARKED_GAUGE).increment(1.0);
+        Self { parked, previous }
+    }
+}
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(PARKED_GAUGE).decrement(1.0);
+    }
+}
+
+/// A refusal to answer only after `delay` (refusal pacing, see the module
+/// doc). The limit check leaves it in the request's extensions; the auth
+/// layer moves it onto the refusal ([`PacedRefusal::carry`]) and
+/// [`OverloadLayer`] waits it out after giving back its slot.
+#[derive(Debug, Clone)]
+pub struct PacedRefusal {
+    delay: Duration,
+    _parked: Arc<ParkedGuard>,
+}
+
+impl PacedRefusal {
+    /// Moves the pacing a refused `request` carries onto its `response`.
+    pub fn carry<B, C>(request: &mut Request<B>, response: &mut Response<C>) {
+        if let Some(paced) = request.extensions_mut().remove::<Self>() {
+            response.extensions_mut().insert(paced);
+        }
+    }
+}
+
 /// Every limit of one process. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Limits {
     agent: Option<Keyed>,
     tenant: Option<Keyed>,
     client: Option<Keyed>,
+    pacing: Option<Pacing>,
     clock: DefaultClock,
     max_request_bytes: usize,
     max_streams_per_tenant: usize,
@@ -126,6 +288,7 @@ impl Limits {
                 config.rate_limit_client_per_second,
                 config.rate_limit_client_burst,
             ),
+            pacing: Pacing::new(config),
             clock: DefaultClock::default(),
             max_request_bytes: if config.max_request_bytes == 0 {
                 usize::MAX
@@ -155,7 +318,7 @@ impl Limits {
         if let (Some(agent), Some(agent_id)) = (&self.agent, principal.agent_id()) {
             // The agent first: an agent refused at its own limit does not
             // spend its tenant's budget.
-            self.check(agent, agent_id.to_owned(), Scope::Agent)?;
+            self.check(agent, agent_id.to_owned(), Scope::Agent, request)?;
         }
         // The operator has no tenant: it gets a bucket of its own, of the
         // tenant quota (tenant ids never contain ':').
@@ -164,7 +327,7 @@ impl Limits {
             None => (format!("operator:{}", principal.subject), Scope::Operator),
         };
         if let Some(tenant) = &self.tenant {
-            self.check(tenant, key.clone(), scope)?;
+            self.check(tenant, key.clone(), scope, request)?;
         }
         if self.max_streams_per_tenant > 0 && self.streaming.contains(path) {
             let slot = self.open_stream(key)?;
@@ -218,14 +381,30 @@ impl Limits {
                 key = OVERFLOW_KEY.to_owned();
             }
         }
-        self.check(client, key, Scope::Client).map_err(Status::from)
+        self.check(client, key, Scope::Client, request)
+            .map_err(Status::from)
     }
 
-    fn check(&self, limiter: &Keyed, key: String, scope: Scope) -> Result<(), Error> {
+    /// One bucket's check; a refusal past the key's refusal budget leaves a
+    /// [`PacedRefusal`] in the request's extensions.
+    fn check<B>(
+        &self,
+        limiter: &Keyed,
+        key: String,
+        scope: Scope,
+        request: &mut Request<B>,
+    ) -> Result<(), Error> {
         match limiter.check_key(&key) {
             Ok(()) => Ok(()),
             Err(not_until) => {
                 let retry_after = not_until.wait_time_from(self.clock.now());
+                if let Some(paced) = self
+                    .pacing
+                    .as_ref()
+                    .and_then(|pacing| pacing.pace(scope, key, retry_after))
+                {
+                    request.extensions_mut().insert(paced);
+                }
                 Err(refused(scope, Some(retry_after)))
             }
         }
@@ -259,9 +438,13 @@ impl Limits {
 
     /// Forgets buckets that are full again (indistinguishable from fresh).
     fn forget_idle(&self) {
+        let pacing = self.pacing.as_ref();
         for limiter in [&self.agent, &self.tenant, &self.client]
             .into_iter()
             .flatten()
+            .chain(pacing.map(|p| &p.agent))
+            .chain(pacing.map(|p| &p.tenant))
+            .chain(pacing.map(|p| &p.client))
         {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -397,7 +580,8 @@ impl http_body::Body for HeldBody {
     }
 }
 
-/// Sheds calls beyond `max_concurrent_requests` (0: no cap) at once.
+/// Sheds calls beyond `max_concurrent_requests` (0: no cap) at once, and
+/// waits out a paced refusal after giving back the refused call's slot.
 #[derive(Debug, Clone)]
 pub struct OverloadLayer {
     permits: Option<Arc<Semaphore>>,
@@ -464,9 +648,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let response = inner.call(request).await;
+            let mut response = inner.call(request).await?;
             drop(permit);
-            response
+            // Outside the counted section: parked refusals of one caller
+            // must not take the slots other callers' calls need.
+            if let Some(paced) = response.extensions_mut().remove::<PacedRefusal>() {
+                tokio::time::sleep(paced.delay).await;
+            }
+            Ok(response)
         })
     }
 }
@@ -487,6 +676,99 @@ mod tests {
             assert!(streaming.contains(path), "{path}");
         }
         assert!(!streaming.contains(ISSUE_TOKEN));
+    }
+
+    fn pacing(per_second: u32, min_ms: u64, max_ms: u64, max_parked: usize) -> Option<Pacing> {
+        Pacing::new(&Config {
+            rate_limit_refusals_per_second: per_second,
+            rate_limit_refusal_delay_min_ms: min_ms,
+            rate_limit_refusal_delay_max_ms: max_ms,
+            max_paced_refusals: max_parked,
+            ..Config::default()
+        })
+    }
+
+    fn delay(pacing: &Pacing, scope: Scope, key: &str, retry_after_ms: u64) -> Option<Duration> {
+        pacing
+            .pace(scope, key.to_owned(), Duration::from_millis(retry_after_ms))
+            .map(|paced| paced.delay)
+    }
+
+    #[test]
+    fn refusals_past_the_budget_are_paced_within_the_bounds_up_to_the_cap() {
+        let pacing = pacing(2, 250, 1_000, 3).unwrap();
+        assert_eq!(delay(&pacing, Scope::Tenant, "t1", 5), None, "budget");
+        assert_eq!(delay(&pacing, Scope::Tenant, "t1", 5), None, "budget");
+        let ms = Duration::from_millis;
+        let held: Vec<PacedRefusal> = [5, 600, 5_000]
+            .into_iter()
+            .map(|retry| {
+                pacing
+                    .pace(Scope::Tenant, "t1".to_owned(), ms(retry))
+                    .unwrap()
+            })
+            .collect();
+        // RetryInfo clamped to the bounds, stretched by up to as much again
+        // within the maximum.
+        let within = [
+            (ms(250), ms(500)),
+            (ms(600), ms(1_000)),
+            (ms(1_000), ms(1_000)),
+        ];
+        for (paced, (least, most)) in held.iter().zip(within) {
+            assert!(
+                paced.delay >= least && paced.delay <= most,
+                "{:?} outside {least:?}..={most:?}",
+                paced.delay
+            );
+        }
+        assert_eq!(pacing.parked.load(Ordering::Relaxed), 3);
+        assert_eq!(delay(&pacing, Scope::Tenant, "t1", 5), None, "the cap");
+        assert_eq!(pacing.parked.load(Ordering::Relaxed), 3);
+        drop(held);
+        assert_eq!(pacing.parked.load(Ordering::Relaxed), 0);
+        assert!(delay(&pacing, Scope::Operator, "t1", 5).is_some());
+        // Other keys and other scopes have budgets of their own; the
+        // stream cap is never paced.
+        assert_eq!(delay(&pacing, Scope::Tenant, "t2", 5), None);
+        assert_eq!(delay(&pacing, Scope::Agent, "t1", 5), None);
+        assert_eq!(delay(&pacing, Scope::Client, "t1", 5), None);
+        for _ in 0..3 {
+            assert_eq!(delay(&pacing, Scope::Streams, "t1", 5), None);
+        }
+    }
+
+    #[test]
+    fn paced_delays_spread_over_their_range() {
+        let pacing = pacing(1, 100, 1_000, 0).unwrap();
+        let delays: Vec<Duration> = (0..100)
+            .map(|_| pacing.delay(Duration::from_millis(5)))
+            .collect();
+        // Every tenth of 100..=200 ms holds some of 100 successive delays.
+        for tenth in 0..10u64 {
+            let (from, to) = (100 + 10 * tenth, 110 + 10 * tenth);
+            let count = delays
+                .iter()
+                .filter(|d| (from..to).contains(&u64::try_from(d.as_millis()).unwrap()))
+                .count();
+            assert!(
+                (5..=15).contains(&count),
+                "{count} delays in {from}..{to} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn pacing_is_off_at_zero_and_a_minimum_above_the_maximum_gives_way() {
+        assert!(pacing(0, 250, 1_000, 10).is_none());
+        assert!(pacing(10, 250, 0, 10).is_none());
+        let pacing = pacing(1, 2_000, 500, 0).unwrap();
+        assert_eq!(pacing.max_parked, usize::MAX, "0: no cap");
+        assert_eq!(delay(&pacing, Scope::Agent, "a", 5), None);
+        assert_eq!(
+            delay(&pacing, Scope::Agent, "a", 5),
+            Some(Duration::from_millis(500))
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Rate limits and overload protection (`server/src/limits.rs`): per-agent,
-//! per-tenant and per-`client_id` token buckets with RetryInfo, the
-//! process-wide concurrency cap, the request-size cap, the per-tenant cap
-//! on open streams, and an unread stream not growing memory.
+//! per-tenant and per-`client_id` token buckets with RetryInfo, refusal
+//! pacing past a key's refusal budget, the process-wide concurrency cap, the
+//! request-size cap, the per-tenant cap on open streams, and an unread
+//! stream not growing memory.
 
 use std::time::{Duration, Instant};
 
@@ -198,6 +199,176 @@ async fn a_flooding_tenant_does_not_starve_another() {
     );
     // 20 burst + 20 per second for ~2 s (and setup spent some).
     assert!(ok <= 80, "acme admitted {ok} calls in 2 s");
+    server.stop().await;
+}
+
+/// WhoAmI as `client`: the outcome and how long the answer took.
+async fn timed_who_am_i(
+    client: &VaultGuardClient,
+) -> (Result<pb::WhoAmIResponse, tonic::Status>, Duration) {
+    let started = Instant::now();
+    let result = who_am_i(client).await;
+    (result, started.elapsed())
+}
+
+/// Refusals waiting out their pacing now, from the server's `/metrics`
+/// (each test runs in a process of its own, so the gauge is this server's).
+async fn parked_refusals(server: &TestServer) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix("vaultguard_limit_paced_refusals_waiting "))
+        .map_or(0, |value| {
+            value.trim().parse::<f64>().expect("gauge value") as u64
+        })
+}
+
+/// An agent of 1 call/s (bucket 1) with one refusal a second answered at
+/// once; later refusals wait 600 ms..1 s.
+fn paced_agent(config: &mut Config) {
+    no_limits(config);
+    config.rate_limit_agent_per_second = 1;
+    config.rate_limit_agent_burst = 1;
+    config.rate_limit_refusals_per_second = 1;
+    config.rate_limit_refusal_delay_min_ms = 600;
+    config.rate_limit_refusal_delay_max_ms = 1_000;
+}
+
+const PACED_MIN: Duration = Duration::from_millis(600);
+
+#[tokio::test]
+async fn refusals_past_the_refusal_budget_are_answered_late_and_unchanged() {
+    let server = server_with(paced_agent).await;
+    let acme = server.create_tenant("acme").await;
+    let (_, _, bot) = server.create_agent(&acme.id, "bot").await;
+    bot.bearer().await.expect("token");
+
+    who_am_i(&bot).await.expect("within the burst");
+    // The first refusal is within the refusal budget: answered at once.
+    let (refused, took) = timed_who_am_i(&bot).await;
+    rate_limited(refused, "agent").expect("RetryInfo");
+    assert!(took < PACED_MIN, "an immediate refusal took {took:?}");
+    // The caller keeps calling: every further refusal waits at least the
+    // lower bound, and is the same refusal (scope, RetryInfo).
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let bot = bot.clone();
+            tokio::spawn(async move { timed_who_am_i(&bot).await })
+        })
+        .collect();
+    for call in calls {
+        let (refused, took) = call.await.expect("call");
+        let delay = rate_limited(refused, "agent").expect("RetryInfo");
+        assert!(delay <= Duration::from_secs(1), "retry delay {delay:?}");
+        assert!(took >= PACED_MIN, "a paced refusal took only {took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "a paced refusal took {took:?}"
+        );
+    }
+    assert_eq!(parked_refusals(&server).await, 0, "none left parked");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn parked_refusals_hold_no_overload_slot() {
+    let server = server_with(|config| {
+        paced_agent(config);
+        config.rate_limit_refusal_delay_min_ms = 5_000;
+        config.rate_limit_refusal_delay_max_ms = 5_000;
+        config.max_concurrent_requests = 8;
+    })
+    .await;
+    let acme = server.create_tenant("acme").await;
+    let globex = server.create_tenant("globex").await;
+    let (_, _, flooder) = server.create_agent(&acme.id, "flooder").await;
+    flooder.bearer().await.expect("token");
+    let admin = server
+        .human(&globex.id, "admin@globex", &[pb::Role::Admin])
+        .await;
+
+    // 200 calls of acme's agent at once, each retried while it is shed at
+    // arrival (8 slots), until refused: nearly all of them park for 5 s.
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let flooder = flooder.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    match who_am_i(&flooder).await {
+                        Err(status)
+                            if status.code() == Code::Unavailable && Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        other => return other,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let parked = parked_refusals(&server).await;
+        if parked >= 190 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {parked} refusals parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 190+ parked refusals and 8 slots: globex's calls are still served.
+    for n in 0..10 {
+        who_am_i(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("globex's call {n} with acme's refusals parked: {e:?}"));
+    }
+    let parked = parked_refusals(&server).await;
+    assert!(
+        parked >= 190,
+        "only {parked} refusals were still parked after globex's calls"
+    );
+    let mut refused = 0;
+    for call in calls {
+        match call.await.expect("call") {
+            Ok(_) => {}
+            Err(status) => {
+                rate_limited(Err::<(), _>(status), "agent");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 190, "{refused} refused");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_pacing_every_refusal_is_answered_at_once() {
+    let server = server_with(|config| {
+        paced_agent(config);
+        config.rate_limit_refusals_per_second = 0;
+    })
+    .await;
+    let acme = server.create_tenant("acme").await;
+    let (_, _, bot) = server.create_agent(&acme.id, "bot").await;
+    bot.bearer().await.expect("token");
+
+    who_am_i(&bot).await.expect("within the burst");
+    let mut refused = 0;
+    for _ in 0..20 {
+        // A refill may admit one now and then on a slow machine.
+        let (result, took) = timed_who_am_i(&bot).await;
+        if result.is_err() {
+            rate_limited(result, "agent").expect("RetryInfo");
+            assert!(took < PACED_MIN, "an unpaced refusal took {took:?}");
+            refused += 1;
+        }
+    }
+    assert!(refused >= 10, "only {refused} of 20 refused");
+    assert_eq!(parked_refusals(&server).await, 0);
     server.stop().await;
 }
 

@@ -148,7 +148,13 @@ where
                         None => response,
                     }
                 }
-                Err(status) => status.into_http(),
+                Err(status) => {
+                    let mut response = status.into_http();
+                    // A refusal past the caller's refusal budget is
+                    // answered late (`OverloadLayer` waits it out).
+                    crate::limits::PacedRefusal::carry(&mut request, &mut response);
+                    response
+                }
             };
             let code = response
                 .headers()
