@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, InsertStatement, PostgresQueryBuilder, Query, WithClause,
+    Alias, CommonTableExpression, Expr, InsertStatement, OnConflict, PostgresQueryBuilder, Query,
+    SelectStatement, UnionType, WithClause,
 };
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryTrait,
-    Statement, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -153,22 +153,39 @@ fn bounded_details(details: &Value) -> Result<String> {
     serde_json::to_string(&Value::Object(kept)).map_err(Error::internal)
 }
 
-/// The row of `event`.
-fn event_row(clock: &dyn Clock, event: NewEvent) -> Result<audit_event::ActiveModel> {
-    Ok(audit_event::ActiveModel {
-        event_id: Set(new_id(IdKind::AuditEvent)),
-        tenant_id: Set(event.tenant_id),
-        occurred_at: Set(clock.now_millis()),
-        actor_kind: Set(actor_kind_name(event.actor.kind).to_owned()),
-        actor_subject: Set(event.actor.subject),
-        actor_tenant_id: Set(event.actor.tenant_id),
-        event_type: Set(event.event_type.to_owned()),
-        subject_ids: Set(serde_json::to_string(&event.subject_ids).map_err(Error::internal)?),
-        outcome: Set(event.outcome.as_str().to_owned()),
-        request_id: Set(event.request_id),
-        details: Set(bounded_details(&event.details)?),
-        ..Default::default()
-    })
+/// The stored columns of an event (all but the row id), in the order of
+/// [`event_values`].
+const EVENT_COLUMNS: [audit_event::Column; 11] = [
+    audit_event::Column::EventId,
+    audit_event::Column::TenantId,
+    audit_event::Column::OccurredAt,
+    audit_event::Column::ActorKind,
+    audit_event::Column::ActorSubject,
+    audit_event::Column::ActorTenantId,
+    audit_event::Column::EventType,
+    audit_event::Column::SubjectIds,
+    audit_event::Column::Outcome,
+    audit_event::Column::RequestId,
+    audit_event::Column::Details,
+];
+
+/// What `event` stores, column by column ([`EVENT_COLUMNS`]).
+fn event_values(clock: &dyn Clock, event: &NewEvent) -> Result<Vec<sea_orm::Value>> {
+    Ok(vec![
+        new_id(IdKind::AuditEvent).into(),
+        event.tenant_id.as_str().into(),
+        clock.now_millis().into(),
+        actor_kind_name(event.actor.kind).into(),
+        event.actor.subject.as_str().into(),
+        event.actor.tenant_id.as_str().into(),
+        event.event_type.into(),
+        serde_json::to_string(&event.subject_ids)
+            .map_err(Error::internal)?
+            .into(),
+        event.outcome.as_str().into(),
+        event.request_id.as_str().into(),
+        bounded_details(&event.details)?.into(),
+    ])
 }
 
 /// Appends `event` inside the caller's transaction `txn`.
@@ -188,98 +205,33 @@ pub async fn append_all<C: ConnectionTrait>(
     }
     let backend = txn.get_database_backend();
     if backend == DbBackend::Postgres {
-        txn.execute_raw(with_events(Vec::new(), clock, events)?)
-            .await?;
+        let (statement, _) = group_statement(
+            clock,
+            &[Unit {
+                insert: None,
+                events,
+            }],
+        )?;
+        txn.execute_raw(statement).await?;
         return Ok(());
     }
     for event in events {
         let tenant_id = event.tenant_id.clone();
-        let inserted = audit_event::Entity::insert(event_row(clock, event)?)
-            .exec(txn)
-            .await?;
+        let mut insert = Query::insert();
+        insert
+            .into_table(audit_event::Entity)
+            .columns(EVENT_COLUMNS)
+            .values(event_values(clock, &event)?.into_iter().map(Into::into))
+            .map_err(Error::internal)?;
+        let inserted = txn.execute(&insert).await?;
         txn.execute_raw(Statement::from_sql_and_values(
             backend,
             "INSERT INTO audit_pending (event_row_id, tenant_id) VALUES (?, ?)",
-            [inserted.last_insert_id.into(), tenant_id.into()],
+            [inserted.last_insert_id().into(), tenant_id.into()],
         ))
         .await?;
     }
     Ok(())
-}
-
-/// Runs `inserts` and appends `events` atomically, in as few round trips as
-/// the backend allows: on PostgreSQL one statement, which is its own
-/// transaction (one round trip, one commit); elsewhere one transaction.
-/// A unique violation of any insert fails the whole and writes nothing: it
-/// comes back as `Error::Storage`, for [`crate::error::is_unique_violation`].
-pub async fn insert_with_events(
-    db: &DatabaseConnection,
-    clock: &dyn Clock,
-    inserts: Vec<InsertStatement>,
-    events: Vec<NewEvent>,
-) -> Result<()> {
-    let backend = db.get_database_backend();
-    if backend == DbBackend::Postgres && !events.is_empty() {
-        db.execute_raw(with_events(inserts, clock, events)?).await?;
-        return Ok(());
-    }
-    let txn = db.begin().await?;
-    for insert in &inserts {
-        txn.execute(insert).await?;
-    }
-    append_all(&txn, clock, events).await?;
-    txn.commit().await?;
-    Ok(())
-}
-
-/// PostgreSQL: `WITH w0 AS (insert), …, e AS (INSERT INTO audit_events …
-/// RETURNING id, tenant_id) INSERT INTO audit_pending SELECT id, tenant_id
-/// FROM e` — every insert in one statement.
-fn with_events(
-    inserts: Vec<InsertStatement>,
-    clock: &dyn Clock,
-    events: Vec<NewEvent>,
-) -> Result<Statement> {
-    let rows = events
-        .into_iter()
-        .map(|event| event_row(clock, event))
-        .collect::<Result<Vec<_>>>()?;
-    let mut appended = audit_event::Entity::insert_many(rows).into_query();
-    appended.returning(
-        Query::returning().columns([audit_event::Column::Id, audit_event::Column::TenantId]),
-    );
-    let mut with = WithClause::new();
-    for (index, insert) in inserts.into_iter().enumerate() {
-        with.cte(
-            CommonTableExpression::new()
-                .query(insert)
-                .table_name(Alias::new(format!("w{index}")))
-                .to_owned(),
-        );
-    }
-    with.cte(
-        CommonTableExpression::new()
-            .query(appended)
-            .table_name(Alias::new("e"))
-            .to_owned(),
-    );
-    let pending = Query::insert()
-        .into_table(Alias::new("audit_pending"))
-        .columns([Alias::new("event_row_id"), Alias::new("tenant_id")])
-        .select_from(
-            Query::select()
-                .columns([Alias::new("id"), Alias::new("tenant_id")])
-                .from(Alias::new("e"))
-                .to_owned(),
-        )
-        .map_err(Error::internal)?
-        .to_owned();
-    let (sql, values) = with.query(pending).build(PostgresQueryBuilder);
-    Ok(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        sql,
-        values.0,
-    ))
 }
 
 /// Rewrites `?` placeholders as `$1, $2, …` for PostgreSQL.
@@ -490,31 +442,231 @@ impl Sealer {
     }
 }
 
-/// Group commit for stand-alone events (refusals, reads, verifications):
-/// callers hand their events to one writer task and wait for the commit;
-/// the writer drains whatever queued while it was writing and commits it
-/// all in one statement. Nobody waits for a timer — a lone caller is
-/// written at once — and nobody is answered before their events are
-/// durable; under load, many callers share one round trip and one commit.
-#[derive(Debug, Clone)]
-pub struct Recorder {
-    tx: tokio::sync::mpsc::Sender<Batch>,
+/// One write of a group commit: at most one row to insert (an idempotency
+/// record: a delegation, a signature) and the events that record it,
+/// written together or not at all.
+#[derive(Debug)]
+pub struct Unit {
+    pub insert: Option<InsertStatement>,
+    pub events: Vec<NewEvent>,
 }
 
-type Batch = (
-    Vec<NewEvent>,
-    tokio::sync::oneshot::Sender<std::result::Result<(), ()>>,
+/// How a [`Unit`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Its row and events are committed.
+    Inserted,
+    /// Its row met an existing one on a unique key (the same idempotency
+    /// key, stored first by another request): nothing of it was written.
+    Conflict,
+}
+
+/// PostgreSQL: one statement writing every unit of a group, which is its
+/// own transaction (one round trip, one commit):
+///
+/// ```sql
+/// WITH w0 AS (INSERT … ON CONFLICT DO NOTHING RETURNING 1),
+///      e0 AS (INSERT INTO audit_events (…) SELECT $… FROM w0 UNION ALL …
+///             RETURNING id, tenant_id),
+///      e1 AS (INSERT INTO audit_events (…) SELECT $… UNION ALL …   -- no row
+///             RETURNING id, tenant_id),
+///      p AS (INSERT INTO audit_pending SELECT id, tenant_id FROM e0 UNION ALL …)
+/// SELECT 0 AS unit FROM w0 UNION ALL …
+/// ```
+///
+/// A unit's events select `FROM` its insert, so they exist only if its row
+/// was inserted; a row that conflicts writes nothing of its unit and leaves
+/// the others alone. The answer names the units whose row was inserted;
+/// the returned flags say which units had a row at all.
+fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<bool>)> {
+    let mut with = WithClause::new();
+    let mut had_row = Vec::with_capacity(units.len());
+    let mut inserted: Option<SelectStatement> = None;
+    let mut appended: Option<SelectStatement> = None;
+    for (index, unit) in units.iter().enumerate() {
+        let gate = match &unit.insert {
+            Some(insert) => {
+                let mut insert = insert.clone();
+                insert
+                    .on_conflict(OnConflict::new().do_nothing().to_owned())
+                    .returning(Query::returning().expr(Expr::val(1)));
+                let name = format!("w{index}");
+                with.cte(cte(insert, &name));
+                let unit_index = i64::try_from(index).map_err(Error::internal)?;
+                union_all(
+                    &mut inserted,
+                    Query::select()
+                        .expr_as(Expr::val(unit_index), Alias::new("unit"))
+                        .from(Alias::new(&name))
+                        .to_owned(),
+                );
+                Some(name)
+            }
+            None => None,
+        };
+        had_row.push(gate.is_some());
+        let mut rows: Option<SelectStatement> = None;
+        for event in &unit.events {
+            let mut row = Query::select();
+            row.exprs(event_values(clock, event)?.into_iter().map(Expr::val));
+            if let Some(gate) = &gate {
+                row.from(Alias::new(gate));
+            }
+            union_all(&mut rows, row);
+        }
+        let Some(rows) = rows else { continue };
+        let mut insert = Query::insert();
+        insert
+            .into_table(audit_event::Entity)
+            .columns(EVENT_COLUMNS)
+            .select_from(rows)
+            .map_err(Error::internal)?
+            .returning(
+                Query::returning()
+                    .columns([audit_event::Column::Id, audit_event::Column::TenantId]),
+            );
+        let name = format!("e{index}");
+        with.cte(cte(insert, &name));
+        union_all(
+            &mut appended,
+            Query::select()
+                .columns([Alias::new("id"), Alias::new("tenant_id")])
+                .from(Alias::new(&name))
+                .to_owned(),
+        );
+    }
+    let pending = match appended {
+        Some(appended) => Some(
+            Query::insert()
+                .into_table(Alias::new("audit_pending"))
+                .columns([Alias::new("event_row_id"), Alias::new("tenant_id")])
+                .select_from(appended)
+                .map_err(Error::internal)?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let (sql, values) = match (inserted, pending) {
+        // Nothing to report: the pending rows are the statement itself.
+        (None, Some(pending)) => with.query(pending).build(PostgresQueryBuilder),
+        (Some(inserted), pending) => {
+            if let Some(pending) = pending {
+                with.cte(cte(pending, "p"));
+            }
+            with.query(inserted).build(PostgresQueryBuilder)
+        }
+        (None, None) => return Err(Error::internal("an empty group commit")),
+    };
+    Ok((
+        Statement::from_sql_and_values(DbBackend::Postgres, sql, values.0),
+        had_row,
+    ))
+}
+
+fn cte(query: impl Into<sea_orm::sea_query::SubQueryStatement>, name: &str) -> CommonTableExpression {
+    CommonTableExpression::new()
+        .query(query)
+        .table_name(Alias::new(name))
+        .to_owned()
+}
+
+fn union_all(acc: &mut Option<SelectStatement>, next: SelectStatement) {
+    match acc {
+        Some(first) => {
+            first.union(UnionType::All, next);
+        }
+        None => *acc = Some(next),
+    }
+}
+
+/// Writes `units` in one statement (PostgreSQL) and says how each ended.
+async fn write_group(
+    db: &DatabaseConnection,
+    clock: &dyn Clock,
+    units: &[Unit],
+) -> Result<Vec<Written>> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        let mut written = Vec::with_capacity(units.len());
+        for unit in units {
+            written.push(write_one(db, clock, unit).await?);
+        }
+        return Ok(written);
+    }
+    let (statement, had_row) = group_statement(clock, units)?;
+    let rows = db.query_all_raw(statement).await?;
+    let mut inserted = vec![false; had_row.len()];
+    for row in rows {
+        let index: i64 = row.try_get("", "unit")?;
+        if let Some(slot) = usize::try_from(index).ok().and_then(|i| inserted.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    Ok(had_row
+        .into_iter()
+        .zip(inserted)
+        .map(|(had_row, inserted)| {
+            if had_row && !inserted {
+                Written::Conflict
+            } else {
+                Written::Inserted
+            }
+        })
+        .collect())
+}
+
+/// SQLite (one writer at a time anyway): one transaction per unit.
+async fn write_one(db: &DatabaseConnection, clock: &dyn Clock, unit: &Unit) -> Result<Written> {
+    let txn = db.begin().await?;
+    if let Some(insert) = &unit.insert {
+        match txn.execute(insert).await {
+            Ok(_) => {}
+            Err(err) if crate::error::is_unique_violation(&err) => {
+                txn.rollback().await?;
+                return Ok(Written::Conflict);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    append_all(&txn, clock, unit.events.clone()).await?;
+    txn.commit().await?;
+    Ok(Written::Inserted)
+}
+
+/// Group commit for the hottest writes: stand-alone events (refusals,
+/// reads) and rows written with their events in one go (ALLOW and BLOCK
+/// delegations, signatures). Callers hand a [`Unit`] to a queue and wait
+/// for its commit; a free writer task takes whatever queued while the
+/// others were writing and commits it all in one statement. Nobody waits for a timer —
+/// a lone caller is written at once — and nobody is answered before their
+/// unit is durable; under load, many callers share one round trip, one
+/// parse and one commit.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+}
+
+type Queued = (
+    Unit,
+    tokio::sync::oneshot::Sender<std::result::Result<Written, ()>>,
 );
 
-/// Most events one group commit writes (PostgreSQL binds at most 65,535
-/// parameters; an event takes 11).
-const GROUP_MAX_EVENTS: usize = 1_000;
+/// Writer tasks: groups are committed this many at a time, so the
+/// database works on several at once (one writer would leave all but one of
+/// its cores idle while the next group waits).
+const GROUP_WRITERS: usize = 4;
+
+/// Most bind parameters one group statement may carry (PostgreSQL binds at
+/// most 65,535); an event takes 11, a delegation row about 25.
+const GROUP_MAX_PARAMS: usize = 30_000;
 
 impl Recorder {
-    /// Starts the writer task on `db`.
+    /// Starts the writer tasks on `db`.
     pub fn start(db: DatabaseConnection, clock: Arc<dyn Clock>, wake: Arc<Notify>) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(4_096);
-        tokio::spawn(Self::run(db, clock, wake, rx));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(4_096);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..GROUP_WRITERS {
+            tokio::spawn(Self::run(db.clone(), clock.clone(), wake.clone(), rx.clone()));
+        }
         Self { tx }
     }
 
@@ -523,13 +675,36 @@ impl Recorder {
         if events.is_empty() {
             return Ok(());
         }
+        self.write(Unit {
+            insert: None,
+            events,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Inserts `insert` and appends `events` atomically (returns after the
+    /// commit), or nothing when the row conflicts.
+    pub async fn insert_with_events(
+        &self,
+        insert: InsertStatement,
+        events: Vec<NewEvent>,
+    ) -> Result<Written> {
+        self.write(Unit {
+            insert: Some(insert),
+            events,
+        })
+        .await
+    }
+
+    async fn write(&self, unit: Unit) -> Result<Written> {
         let (done, committed) = tokio::sync::oneshot::channel();
         self.tx
-            .send((events, done))
+            .send((unit, done))
             .await
             .map_err(|_| Error::internal("audit recorder stopped"))?;
         match committed.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(written)) => Ok(written),
             // The statement's error was logged by the writer; a failed
             // group commit is the database's (unreachable, full), and the
             // caller may retry: nothing was written.
@@ -546,33 +721,74 @@ impl Recorder {
         db: DatabaseConnection,
         clock: Arc<dyn Clock>,
         wake: Arc<Notify>,
-        mut rx: tokio::sync::mpsc::Receiver<Batch>,
+        rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Queued>>>,
     ) {
-        while let Some(first) = rx.recv().await {
-            let mut events = first.0;
-            let mut waiters = vec![first.1];
-            while events.len() < GROUP_MAX_EVENTS {
-                match rx.try_recv() {
-                    Ok((more, done)) => {
-                        events.extend(more);
-                        waiters.push(done);
+        loop {
+            // The queue is held only while a group is taken from it, so the
+            // other writers take the next group while this one commits.
+            let group = {
+                let mut rx = rx.lock().await;
+                let Some(first) = rx.recv().await else { return };
+                let mut params = unit_params(&first.0);
+                let mut group = vec![first];
+                while params < GROUP_MAX_PARAMS {
+                    match rx.try_recv() {
+                        Ok(next) => {
+                            params += unit_params(&next.0);
+                            group.push(next);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
-            }
-            let result = insert_with_events(&db, clock.as_ref(), Vec::new(), events)
-                .await
-                .map_err(|err| {
-                    tracing::error!(error = %err, "audit group commit failed");
-                });
-            if result.is_ok() {
+                group
+            };
+            let (units, waiters): (Vec<Unit>, Vec<_>) = group.into_iter().unzip();
+            let results = Self::write_isolated(&db, clock.as_ref(), units).await;
+            if results.iter().any(Result::is_ok) {
                 wake.notify_one();
             }
-            for done in waiters {
+            for (done, result) in waiters.into_iter().zip(results) {
                 let _ = done.send(result);
             }
         }
     }
+
+    /// Writes the group; if the group statement fails, each unit alone, so
+    /// that one unit the database refuses (say, a row whose key vanished)
+    /// fails only its own caller.
+    async fn write_isolated(
+        db: &DatabaseConnection,
+        clock: &dyn Clock,
+        units: Vec<Unit>,
+    ) -> Vec<std::result::Result<Written, ()>> {
+        let failed = |err: Error| tracing::error!(error = %err, "audit group commit failed");
+        match write_group(db, clock, &units).await {
+            Ok(written) => written.into_iter().map(Ok).collect(),
+            Err(err) if units.len() == 1 => {
+                failed(err);
+                vec![Err(())]
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "group commit failed; writing its units one by one");
+                let mut results = Vec::with_capacity(units.len());
+                for unit in &units {
+                    results.push(match write_group(db, clock, std::slice::from_ref(unit)).await {
+                        Ok(written) => written.first().copied().ok_or(()),
+                        Err(err) => {
+                            failed(err);
+                            Err(())
+                        }
+                    });
+                }
+                results
+            }
+        }
+    }
+}
+
+/// About how many bind parameters `unit` adds to a group statement.
+fn unit_params(unit: &Unit) -> usize {
+    unit.events.len() * EVENT_COLUMNS.len() + if unit.insert.is_some() { 32 } else { 0 }
 }
 
 /// Remembers which repeated reads were audited lately, so that a read made
@@ -604,7 +820,10 @@ impl Debounce {
         if self.window_ms == 0 {
             return true;
         }
-        let last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A tuple of borrowed strs cannot look up owned keys; the pair is
         // built once per call, which is cheap next to the call itself.
         last.get(&(who.to_owned(), what.to_owned()))
@@ -617,7 +836,10 @@ impl Debounce {
         if self.window_ms == 0 {
             return;
         }
-        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.len() >= Self::MAX_KEYS {
             last.clear();
         }

@@ -495,13 +495,12 @@ pub async fn request(
     let stored = if decision.outcome == Outcome::StepUp {
         store_step_up(state, active, &row, events).await?
     } else {
-        // ALLOW and BLOCK: the row and its events in one statement.
+        // ALLOW and BLOCK: the row and its events in one statement, shared
+        // with whatever else is being written at the same moment.
         let insert = delegation::Entity::insert(active).into_query();
-        match audit::insert_with_events(&state.db, state.clock.as_ref(), vec![insert], events).await
-        {
-            Ok(()) => Stored::Inserted(None),
-            Err(Error::Storage(err)) if is_unique_violation(&err) => Stored::Lost,
-            Err(err) => return Err(err),
+        match state.recorder.insert_with_events(insert, events).await? {
+            audit::Written::Inserted => Stored::Inserted(None),
+            audit::Written::Conflict => Stored::Lost,
         }
     };
     let auth_req = match stored {
@@ -1217,7 +1216,7 @@ pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver
 /// What an active token says, for the introspection answer.
 #[derive(Debug, Clone)]
 pub struct Introspection {
-    pub claims: Value,
+    pub claims: std::sync::Arc<Value>,
     pub row: std::sync::Arc<delegation::Model>,
 }
 
@@ -1242,7 +1241,7 @@ pub async fn verify(
     }
     v.finish()?;
 
-    let verified = state.keys.verify::<Value>(token, &audience(&tenant)).await;
+    let verified = state.keys.verify_shared(token, &audience(&tenant)).await;
     let (claims, kid) = match verified {
         Ok(verified) => (verified.claims, verified.kid),
         Err(err) => {

@@ -532,28 +532,24 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             row.recovery_id = recovery_id_of(algorithm, &produced);
             row.signed_at = Some(now);
             // The signature row (the idempotency record) and its event in
-            // one statement.
+            // one statement, shared with whatever else is being written.
             let active: signature::ActiveModel = row.clone().into();
-            match audit::insert_with_events(
-                &state.db,
-                state.clock.as_ref(),
-                vec![signature::Entity::insert(active).into_query()],
-                vec![signed_event(
-                    &ctx.audit(),
-                    &key,
-                    &row,
-                    &agent_id,
-                    &input.context,
-                )],
-            )
-            .await
-            {
-                Ok(()) => {}
-                Err(Error::Storage(err)) if is_unique_violation(&err) => {
-                    return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                        .await;
-                }
-                Err(err) => return Err(err),
+            let written = state
+                .recorder
+                .insert_with_events(
+                    signature::Entity::insert(active).into_query(),
+                    vec![signed_event(
+                        &ctx.audit(),
+                        &key,
+                        &row,
+                        &agent_id,
+                        &input.context,
+                    )],
+                )
+                .await?;
+            if written == audit::Written::Conflict {
+                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
+                    .await;
             }
             state.audit_committed();
             metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
