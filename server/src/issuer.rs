@@ -464,6 +464,19 @@ impl IssuerKeys {
         token: &str,
         audience: &str,
     ) -> Result<VerifiedToken<C>> {
+        let VerifiedToken { kid, claims } = self.verify_shared(token, audience).await?;
+        let claims = C::deserialize(claims.as_ref())
+            .map_err(|_| Error::Unauthenticated("token claims malformed"))?;
+        Ok(VerifiedToken { kid, claims })
+    }
+
+    /// [`Self::verify`] answering the claims as held by the verification
+    /// cache, without copying them (hot paths that read a few claims).
+    pub async fn verify_shared(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<VerifiedToken<Arc<Value>>> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::Unauthenticated("malformed token header"))?;
         if header.typ.as_deref() != Some("at+jwt") {
@@ -517,8 +530,6 @@ impl IssuerKeys {
             }
         };
         check_time_claims(&claims, self.clock.now_seconds())?;
-        let claims = C::deserialize(claims.as_ref())
-            .map_err(|_| Error::Unauthenticated("token claims malformed"))?;
         Ok(VerifiedToken { kid, claims })
     }
 

@@ -15,6 +15,7 @@ use crate::server::ServerProcess;
 
 /// Every scenario, in the order they run.
 pub const ALL: &[&str] = &[
+    "floor.whoami",
     "token.issue",
     "delegation.allow.rs256",
     "delegation.allow.es256",
@@ -80,6 +81,7 @@ pub struct Scene<'a> {
 /// The operation of `scenario`.
 pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
     match name {
+        "floor.whoami" => floor(cx).await,
         "token.issue" => token_issue(cx).await,
         "delegation.allow.rs256" => delegation_allow(cx, "rs256").await,
         "delegation.allow.es256" => delegation_allow(cx, "es256").await,
@@ -98,6 +100,24 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
         "fairness" => bail!("fairness runs on a server of its own (fairness.rs)"),
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
+}
+
+/// WhoAmI as an agent: authenticated (the bearer's checks, the standing
+/// check, the rate limits) but no database and no signature — the most any
+/// RPC can do on this machine with this load tool, so the other figures can
+/// be read against it.
+async fn floor(cx: &Scene<'_>) -> Result<Op> {
+    let agents = Pool::agents(cx.fixture, cx.server, cx.connections)
+        .await?
+        .handle();
+    Ok(op(move |seq| {
+        let agents = agents.clone();
+        async move {
+            let me = pick(&agents, seq)?.who_am_i().await?;
+            ensure!(me.actor.is_some(), "WhoAmI without an actor");
+            Ok(None)
+        }
+    }))
 }
 
 async fn token_issue(cx: &Scene<'_>) -> Result<Op> {
