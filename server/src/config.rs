@@ -103,10 +103,11 @@ pub struct Config {
     /// A cached provider access token is handed out only while it has more
     /// than this many seconds left; closer to expiry it is refreshed.
     pub oauth_refresh_margin_seconds: u32,
-    /// A verifier's successful VerifyDelegationToken of one delegation is
-    /// audited once per this many seconds (failures always); 0 audits every
-    /// call.
-    pub verify_audit_window_seconds: u32,
+    /// A repeated read is audited once per this many seconds: a verifier's
+    /// successful VerifyDelegationToken of one delegation, an agent handed
+    /// the same provider access token again by ExchangeToken. Refusals and
+    /// new tokens are always audited; 0 audits every call.
+    pub repeat_audit_window_seconds: u32,
     /// `json` or `text`.
     pub log_format: String,
     // Limits (see `crate::limits`; per process, so N replicas admit N times)
@@ -196,7 +197,7 @@ impl Default for Config {
             oauth_state_ttl_seconds: 600,
             oauth_timeout_ms: 10_000,
             oauth_refresh_margin_seconds: 60,
-            verify_audit_window_seconds: 60,
+            repeat_audit_window_seconds: 60,
             log_format: "text".to_owned(),
             rate_limit_agent_per_second: 500,
             rate_limit_agent_burst: 1_000,

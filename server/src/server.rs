@@ -79,8 +79,8 @@ pub async fn prepare(
         .map_err(|e| anyhow::anyhow!("cannot read the contract's descriptors: {e}"))?;
     Ok(AppState {
         limits: Arc::new(limits),
-        verified_recently: Arc::new(crate::audit::Debounce::new(
-            config.verify_audit_window_seconds,
+        audited_recently: Arc::new(crate::audit::Debounce::new(
+            config.repeat_audit_window_seconds,
         )),
         recorder: crate::audit::Recorder::start(db.clone(), clock.clone(), audit_wake.clone()),
         audit_wake,

@@ -39,9 +39,10 @@ pub struct AppState {
     pub directory: Arc<crate::directory::Directory>,
     /// Rate limits and open-stream caps of this process.
     pub limits: Arc<crate::limits::Limits>,
-    /// Which verifiers had which delegation's successful verification
-    /// audited lately.
-    pub verified_recently: Arc<audit::Debounce>,
+    /// Which repeated reads were audited lately (a verifier's successful
+    /// verification of a delegation, an agent handed the same provider
+    /// token again).
+    pub audited_recently: Arc<audit::Debounce>,
 }
 
 impl AppState {

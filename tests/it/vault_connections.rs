@@ -1113,7 +1113,10 @@ async fn exchange_hands_out_working_cached_tokens_and_never_the_refresh_token() 
     );
     assert!(second.expires_in <= first.expires_in);
     let (total, refreshed) = exchanges_logged(server, &acme.id, &connection_id).await;
-    assert_eq!(total, 2, "one token_exchanged per exchange");
+    assert_eq!(
+        total, 1,
+        "the same token handed again to the same agent is audited once per window"
+    );
     assert_eq!(refreshed, refreshes, "one refreshed exchange per refresh");
 
     assert_provider_secrets_kept(server, provider, &answers).await;
@@ -1202,11 +1205,17 @@ async fn fifty_concurrent_exchanges_share_one_refresh_and_keep_the_rotated_token
         Status::Connected
     );
     let (total, refreshed) = exchanges_logged(server, &acme.id, &connection_id).await;
-    assert_eq!(total, 52, "one token_exchanged per successful exchange");
     assert_eq!(
         refreshed,
         provider.refreshes(),
         "one refreshed event per refresh"
+    );
+    // Each refresh hands out a new token and is always audited; callers
+    // handed a token the agent already got are audited once per window
+    // (callers racing the first record may each be).
+    assert!(
+        (refreshed + 1..=52).contains(&total),
+        "{total} token_exchanged events for 52 exchanges, {refreshed} refreshed"
     );
     let shown: Vec<String> = answers
         .iter()

@@ -1298,7 +1298,7 @@ pub async fn verify(
             // serves, and a durable event per check would make the audit
             // log, not the check, the limit. Every refusal is recorded.
             let verifier = format!("{}|{}", ctx.principal.issuer, ctx.principal.subject);
-            if state.verified_recently.due(&verifier, &row.id, now) {
+            if state.audited_recently.due(&verifier, &row.id, now) {
                 state
                     .record(vec![ctx.audit().event(
                         &tenant,
@@ -1308,7 +1308,7 @@ pub async fn verify(
                         json!({"kid": kid, "action": row.action}),
                     )])
                     .await?;
-                state.verified_recently.recorded(&verifier, &row.id, now);
+                state.audited_recently.recorded(&verifier, &row.id, now);
             }
             Ok(Some(Introspection { claims, row }))
         }
