@@ -1,5 +1,5 @@
-//! Tenant, agent and delegation rows as the hot paths read them: from
-//! memory, kept current on every replica.
+//! Tenant, agent, delegation and signing-key rows as the hot paths read
+//! them: from memory, kept current on every replica.
 //!
 //! Every call checks the caller's standing (tenant active, agent enabled),
 //! and every judgement needs both tenants' policy versions; reading those
@@ -26,6 +26,9 @@
 //! others) or by expiring, which every reader derives from `expires_at`;
 //! every other state is terminal and never changes again. PENDING rows
 //! change by approval or denial, so they are always read afresh.
+//!
+//! Signing-key rows are held for Sign; a key changes only by being
+//! disabled (once and for good), which is announced.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +40,7 @@ use std::sync::Arc;
 
 use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
-use crate::store::entities::{agent, delegation, tenant};
+use crate::store::entities::{agent, custody_key, delegation, tenant};
 
 /// The PostgreSQL channel directory changes are announced on.
 pub const CHANNEL: &str = "vaultguard_directory";
@@ -53,6 +56,7 @@ pub enum Entry {
     Tenant(String),
     Agent(String),
     Delegation(String),
+    SigningKey(String),
 }
 
 impl Entry {
@@ -61,6 +65,7 @@ impl Entry {
             Self::Tenant(id) => format!("tenant|{id}"),
             Self::Agent(id) => format!("agent|{id}"),
             Self::Delegation(id) => format!("delegation|{id}"),
+            Self::SigningKey(id) => format!("key|{id}"),
         }
     }
 
@@ -70,6 +75,7 @@ impl Entry {
             ("tenant", id) => Some(Self::Tenant(id.to_owned())),
             ("agent", id) => Some(Self::Agent(id.to_owned())),
             ("delegation", id) => Some(Self::Delegation(id.to_owned())),
+            ("key", id) => Some(Self::SigningKey(id.to_owned())),
             _ => None,
         }
     }
@@ -96,6 +102,7 @@ pub struct Directory {
     tenants: RwLock<HashMap<String, tenant::Model>>,
     agents: RwLock<HashMap<String, agent::Model>>,
     delegations: RwLock<HashMap<String, Arc<delegation::Model>>>,
+    signing_keys: RwLock<HashMap<String, Arc<custody_key::Model>>>,
     /// Bumped (under the map's write lock) by every invalidation.
     epoch: AtomicU64,
     /// Whether entries can be trusted (see the module docs).
@@ -110,6 +117,7 @@ impl Directory {
             tenants: RwLock::default(),
             agents: RwLock::default(),
             delegations: RwLock::default(),
+            signing_keys: RwLock::default(),
             epoch: AtomicU64::new(0),
             live: AtomicBool::new(backend != DbBackend::Postgres),
         }
@@ -152,6 +160,22 @@ impl Directory {
         Ok(row)
     }
 
+    /// The signing key `id` (public parts and the sealed private key), from
+    /// memory or the database.
+    pub async fn signing_key(
+        &self,
+        db: &DatabaseConnection,
+        id: &str,
+    ) -> Result<Option<Arc<custody_key::Model>>> {
+        self.read_through(&self.signing_keys, id, || async {
+            Ok(custody_key::Entity::find_by_id(id.to_owned())
+                .one(db)
+                .await?
+                .map(Arc::new))
+        })
+        .await
+    }
+
     /// `id` from `map`, else from `read` (remembered unless an invalidation
     /// came in meanwhile).
     async fn read_through<T, F, Fut>(
@@ -183,6 +207,7 @@ impl Directory {
             Entry::Tenant(id) => self.drop_key(&self.tenants, id),
             Entry::Agent(id) => self.drop_key(&self.agents, id),
             Entry::Delegation(id) => self.drop_key(&self.delegations, id),
+            Entry::SigningKey(id) => self.drop_key(&self.signing_keys, id),
         }
     }
 
@@ -195,9 +220,14 @@ impl Directory {
             .delegations
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut signing_keys = self
+            .signing_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         tenants.clear();
         agents.clear();
         delegations.clear();
+        signing_keys.clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -254,6 +284,7 @@ mod tests {
             Entry::Tenant("ten_1".to_owned()),
             Entry::Agent("agt_1".to_owned()),
             Entry::Delegation("dlg_1".to_owned()),
+            Entry::SigningKey("key_1".to_owned()),
         ] {
             assert_eq!(Entry::parse(&entry.payload()), Some(entry));
         }

@@ -14,7 +14,8 @@
 //!   concurrently through the other, each once, in order;
 //! - a revocation through one replica ends VerifyDelegationToken on the
 //!   other, which held the ACTIVE row in memory, within a second (the
-//!   notification latency: milliseconds).
+//!   notification latency: milliseconds), and a signing key disabled
+//!   through one replica stops signing on the other likewise.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -482,6 +483,59 @@ async fn a_revocation_through_one_replica_ends_verify_on_the_other() {
         lags.push(revoked.elapsed());
     }
     println!("revoked through B → refused on A after {lags:?}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let r = Replicas::start().await;
+    let key = crate::vault_signing::create_key(&r.acme_admin, "hot", pb::KeyAlgorithm::Ed25519, "")
+        .await
+        .unwrap();
+    add_rule(
+        &r.acme_admin,
+        with_counterpart(&r.acme.id, inbound("sign:hot", pb::Effect::Allow)),
+    )
+    .await;
+    let sign = |n: usize| pb::SignRequest {
+        key_id: key.id.clone(),
+        payload: Some(pb::sign_request::Payload::Message(pb::SignMessage {
+            data: format!("payload {n}").into_bytes(),
+            scheme: pb::SigningScheme::Ed25519Pure as i32,
+        })),
+        idempotency_key: format!("disable-race-{n}"),
+        ..Default::default()
+    };
+    // B holds the key row in memory after signing with it.
+    for n in 0..3 {
+        r.agents[1].sign(sign(n)).await.unwrap();
+    }
+    crate::vault_signing::disable_key(&r.acme_admin, &key.id)
+        .await
+        .unwrap();
+    let disabled = Instant::now();
+    let mut n = 3;
+    loop {
+        n += 1;
+        match r.agents[1].sign(sign(n)).await {
+            Err(err) => {
+                assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err:?}");
+                break;
+            }
+            Ok(_) => assert!(
+                disabled.elapsed() < Duration::from_secs(1),
+                "B still signs with a key disabled through A"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    println!(
+        "disabled through A → refused on B after {:?}",
+        disabled.elapsed()
+    );
     r.stop().await;
 }
 

@@ -214,7 +214,7 @@ async fn listed_names(client: &VaultGuardClient, state: KeyState) -> Vec<String>
         .collect()
 }
 
-async fn disable_key(
+pub(crate) async fn disable_key(
     admin: &VaultGuardClient,
     key_id: &str,
 ) -> Result<pb::SigningKey, ClientError> {

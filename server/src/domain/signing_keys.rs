@@ -12,6 +12,7 @@
 //! approval yields one signature even under concurrent retries.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -26,6 +27,7 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::{SealContext, random_bytes, sha256_hex};
 use crate::custody::{self, Algorithm, CustodyError, Payload, Scheme};
+use crate::directory;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
 use crate::domain::step_ups;
@@ -91,10 +93,12 @@ pub fn public_forms(row: &custody_key::Model) -> Result<(String, String)> {
 
 async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<custody_key::Model> {
     check_id("key_id", id, IdKind::SigningKey)?;
-    custody_key::Entity::find_by_id(id.to_owned())
-        .one(&state.db)
+    state
+        .directory
+        .signing_key(&state.db, id)
         .await?
         .filter(|row| row.tenant_id == tenant_id)
+        .map(Arc::unwrap_or_clone)
         .ok_or(Error::NotFound("signing key"))
 }
 
@@ -284,7 +288,11 @@ pub async fn disable(
         ),
     )
     .await?;
+    // Every replica's Sign must refuse the key at once.
+    let disabled = directory::Entry::SigningKey(row.id.clone());
+    directory::announce(&txn, &disabled).await?;
     txn.commit().await?;
+    state.directory_changed(&[disabled]);
     state.audit_committed();
     find_own(state, &tenant_id, &row.id).await
 }
