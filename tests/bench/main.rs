@@ -116,6 +116,10 @@ struct Row {
     measured: Measured,
     server_cpu: f64,
     load_cpu: f64,
+    /// Busy CPU seconds of the whole machine (every process and the
+    /// kernel) and all CPU seconds it had, over the measurement.
+    machine_busy: f64,
+    machine_total: f64,
 }
 
 fn per_thousand(cpu: f64, ops: u64) -> String {
@@ -134,7 +138,7 @@ fn print_rows(title: &str, rows: &[&Row]) {
     println!();
     println!("{title}");
     println!(
-        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12}",
+        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12} {:>12} {:>6}",
         "scenario",
         "ops",
         "ops/s",
@@ -143,12 +147,14 @@ fn print_rows(title: &str, rows: &[&Row]) {
         "p999 ms",
         "errors",
         "srv CPU-s/1k",
-        "load CPU-s/1k"
+        "load CPU-s/1k",
+        "all CPU-s/1k",
+        "busy%"
     );
     for row in rows {
         let m = &row.measured;
         println!(
-            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12}",
+            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12} {:>12} {:>6.0}",
             row.scenario,
             m.ops,
             m.throughput(),
@@ -157,7 +163,13 @@ fn print_rows(title: &str, rows: &[&Row]) {
             m.millis(0.999),
             m.errors,
             per_thousand(row.server_cpu, m.ops),
-            per_thousand(row.load_cpu, m.ops)
+            per_thousand(row.load_cpu, m.ops),
+            per_thousand(row.machine_busy, m.ops),
+            if row.machine_total > 0.0 {
+                100.0 * row.machine_busy / row.machine_total
+            } else {
+                0.0
+            }
         );
     }
     for row in rows {
@@ -256,11 +268,15 @@ async fn measure(
     }
     let own = || server::cpu_seconds(std::process::id());
     let (server_before, load_before) = (total_cpu(sources)?, own()?);
+    let (busy_before, total_before) = server::machine_cpu_seconds()?;
     let measured = load::run(op, mode, Duration::from_secs_f64(args.duration), &seq).await?;
+    let (busy_after, total_after) = server::machine_cpu_seconds()?;
     Ok(Row {
         scenario: name.to_owned(),
         server_cpu: total_cpu(sources)? - server_before,
         load_cpu: own()? - load_before,
+        machine_busy: busy_after - busy_before,
+        machine_total: total_after - total_before,
         measured,
     })
 }
@@ -274,6 +290,8 @@ fn accumulate(total: &mut Option<Row>, other: Row) -> Result<()> {
             row.measured.merge(other.measured)?;
             row.server_cpu += other.server_cpu;
             row.load_cpu += other.load_cpu;
+            row.machine_busy += other.machine_busy;
+            row.machine_total += other.machine_total;
         }
     }
     Ok(())
@@ -431,6 +449,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
         };
         eprintln!("[{}] {name}", backend.name());
         let op = scenarios::prepare(name, &scene).await?;
+        server::wait_sealed(&spec.database_url).await?;
         let mut servers: Vec<&dyn CpuSource> = vec![&server];
         if name == "stepup.cross_replica"
             && let Some(replica) = &replica
@@ -557,7 +576,10 @@ async fn run(args: Args) -> Result<()> {
     );
     println!(
         "CPU-s/1k = CPU seconds (user + system) the server process (srv) or this \
-         load tool (load) spent per 1,000 successful operations."
+         load tool (load) spent per 1,000 successful operations; all = the whole \
+         machine (server, load tool, PostgreSQL, kernel); busy% = the machine's \
+         CPU in use (100 = every core saturated, so all CPU-s/1k bounds ops/s at \
+         cores / all)."
     );
     Ok(())
 }

@@ -21,6 +21,51 @@ use vaultguard_client::VaultGuardClient;
 /// 100 on every Linux architecture this runs on (`getconf CLK_TCK`).
 const CLK_TCK: f64 = 100.0;
 
+/// Waits (up to a minute) until the audit sealer has chained every event
+/// committed so far (PostgreSQL; SQLite's file is the server's alone), so a
+/// scenario is not charged with sealing the previous one's backlog.
+pub async fn wait_sealed(database_url: &str) -> Result<()> {
+    if database_url.is_empty() {
+        return Ok(());
+    }
+    let db = Database::connect(database_url).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM audit_pending",
+            ))
+            .await?
+            .context("no count")?;
+        let pending: i64 = row.try_get("", "n")?;
+        if pending == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.close().await.ok();
+    Ok(())
+}
+
+/// The whole machine's CPU seconds so far, `(busy, total)`, over every core,
+/// from the first line of `/proc/stat` (busy: all but idle and iowait) —
+/// the server, the load tool, PostgreSQL and the kernel's network work
+/// together, so a figure can be read against what the machine has.
+pub fn machine_cpu_seconds() -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|field| field.parse::<u64>().map(|t| t as f64))
+        .collect::<std::result::Result<_, _>>()?;
+    let total: f64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    Ok(((total - idle) / CLK_TCK, total / CLK_TCK))
+}
+
 /// The user + system CPU seconds `pid` has used so far.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
