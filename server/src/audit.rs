@@ -563,7 +563,10 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<
     ))
 }
 
-fn cte(query: impl Into<sea_orm::sea_query::SubQueryStatement>, name: &str) -> CommonTableExpression {
+fn cte(
+    query: impl Into<sea_orm::sea_query::SubQueryStatement>,
+    name: &str,
+) -> CommonTableExpression {
     CommonTableExpression::new()
         .query(query)
         .table_name(Alias::new(name))
@@ -597,7 +600,10 @@ async fn write_group(
     let mut inserted = vec![false; had_row.len()];
     for row in rows {
         let index: i64 = row.try_get("", "unit")?;
-        if let Some(slot) = usize::try_from(index).ok().and_then(|i| inserted.get_mut(i)) {
+        if let Some(slot) = usize::try_from(index)
+            .ok()
+            .and_then(|i| inserted.get_mut(i))
+        {
             *slot = true;
         }
     }
@@ -665,7 +671,12 @@ impl Recorder {
         let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(4_096);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..GROUP_WRITERS {
-            tokio::spawn(Self::run(db.clone(), clock.clone(), wake.clone(), rx.clone()));
+            tokio::spawn(Self::run(
+                db.clone(),
+                clock.clone(),
+                wake.clone(),
+                rx.clone(),
+            ));
         }
         Self { tx }
     }
@@ -772,13 +783,15 @@ impl Recorder {
                 tracing::warn!(error = %err, "group commit failed; writing its units one by one");
                 let mut results = Vec::with_capacity(units.len());
                 for unit in &units {
-                    results.push(match write_group(db, clock, std::slice::from_ref(unit)).await {
-                        Ok(written) => written.first().copied().ok_or(()),
-                        Err(err) => {
-                            failed(err);
-                            Err(())
-                        }
-                    });
+                    results.push(
+                        match write_group(db, clock, std::slice::from_ref(unit)).await {
+                            Ok(written) => written.first().copied().ok_or(()),
+                            Err(err) => {
+                                failed(err);
+                                Err(())
+                            }
+                        },
+                    );
                 }
                 results
             }
