@@ -125,17 +125,25 @@ impl Directory {
 
     /// The tenant `id`, from memory or the database.
     pub async fn tenant(&self, db: &DatabaseConnection, id: &str) -> Result<Option<tenant::Model>> {
-        self.read_through(&self.tenants, id, || {
-            tenant::Entity::find_by_id(id.to_owned()).one(db)
-        })
+        self.read_through(
+            &self.tenants,
+            MAX_ENTRIES,
+            id,
+            |_| true,
+            || tenant::Entity::find_by_id(id.to_owned()).one(db),
+        )
         .await
     }
 
     /// The agent `id`, from memory or the database.
     pub async fn agent(&self, db: &DatabaseConnection, id: &str) -> Result<Option<agent::Model>> {
-        self.read_through(&self.agents, id, || {
-            agent::Entity::find_by_id(id.to_owned()).one(db)
-        })
+        self.read_through(
+            &self.agents,
+            MAX_ENTRIES,
+            id,
+            |_| true,
+            || agent::Entity::find_by_id(id.to_owned()).one(db),
+        )
         .await
     }
 
@@ -146,18 +154,19 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<delegation::Model>>> {
-        if let Some(found) = self.cached(&self.delegations, id) {
-            return Ok(Some(found));
-        }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let row = delegation::Entity::find_by_id(id.to_owned())
-            .one(db)
-            .await?
-            .map(Arc::new);
-        if let Some(row) = row.as_ref().filter(|row| row.status != STATUS_PENDING) {
-            self.remember(&self.delegations, MAX_DELEGATIONS, epoch, id, row);
-        }
-        Ok(row)
+        self.read_through(
+            &self.delegations,
+            MAX_DELEGATIONS,
+            id,
+            |row| row.status != STATUS_PENDING,
+            || async {
+                Ok(delegation::Entity::find_by_id(id.to_owned())
+                    .one(db)
+                    .await?
+                    .map(Arc::new))
+            },
+        )
+        .await
     }
 
     /// The signing key `id` (public parts and the sealed private key), from
@@ -167,21 +176,30 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<custody_key::Model>>> {
-        self.read_through(&self.signing_keys, id, || async {
-            Ok(custody_key::Entity::find_by_id(id.to_owned())
-                .one(db)
-                .await?
-                .map(Arc::new))
-        })
+        self.read_through(
+            &self.signing_keys,
+            MAX_ENTRIES,
+            id,
+            |_| true,
+            || async {
+                Ok(custody_key::Entity::find_by_id(id.to_owned())
+                    .one(db)
+                    .await?
+                    .map(Arc::new))
+            },
+        )
         .await
     }
 
-    /// `id` from `map`, else from `read` (remembered unless an invalidation
-    /// came in meanwhile).
+    /// `id` from `map`, else from `read`; a row read is remembered if `keep`
+    /// says it may be (and no invalidation came in meanwhile), in a map of at
+    /// most `max_entries`.
     async fn read_through<T, F, Fut>(
         &self,
         map: &RwLock<HashMap<String, T>>,
+        max_entries: usize,
         id: &str,
+        keep: fn(&T) -> bool,
         read: F,
     ) -> Result<Option<T>>
     where
@@ -194,8 +212,8 @@ impl Directory {
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let row = read().await?;
-        if let Some(row) = &row {
-            self.remember(map, MAX_ENTRIES, epoch, id, row);
+        if let Some(row) = row.as_ref().filter(|row| keep(row)) {
+            self.remember(map, max_entries, epoch, id, row);
         }
         Ok(row)
     }
