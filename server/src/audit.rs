@@ -589,19 +589,12 @@ fn union_all(acc: &mut Option<SelectStatement>, next: SelectStatement) {
     }
 }
 
-/// Writes `units` in one statement (PostgreSQL) and says how each ended.
+/// PostgreSQL: writes `units` in one statement and says how each ended.
 async fn write_group(
     db: &DatabaseConnection,
     clock: &dyn Clock,
     units: &[Unit],
 ) -> Result<Vec<Written>> {
-    if db.get_database_backend() != DbBackend::Postgres {
-        let mut written = Vec::with_capacity(units.len());
-        for unit in units {
-            written.push(write_one(db, clock, unit).await?);
-        }
-        return Ok(written);
-    }
     let (statement, had_row) = group_statement(clock, units)?;
     let rows = db.query_all_raw(statement).await?;
     let mut inserted = vec![false; had_row.len()];
@@ -774,15 +767,24 @@ impl Recorder {
         }
     }
 
-    /// Writes the group; if the group statement fails, each unit alone, so
-    /// that one unit the database refuses (say, a row whose key vanished)
-    /// fails only its own caller.
+    /// Writes the group; if the group statement fails (nothing of it was
+    /// written), each unit alone, so that one unit the database refuses (say,
+    /// a row whose key vanished) fails only its own caller.
     async fn write_isolated(
         db: &DatabaseConnection,
         clock: &dyn Clock,
         units: Vec<Unit>,
     ) -> Vec<std::result::Result<Written, ()>> {
         let failed = |err: Error| tracing::error!(error = %err, "audit group commit failed");
+        // SQLite: a transaction per unit, each with its own outcome (a
+        // failure must not send units already committed round again).
+        if db.get_database_backend() != DbBackend::Postgres {
+            let mut results = Vec::with_capacity(units.len());
+            for unit in &units {
+                results.push(write_one(db, clock, unit).await.map_err(failed));
+            }
+            return results;
+        }
         match write_group(db, clock, &units).await {
             Ok(written) => written.into_iter().map(Ok).collect(),
             Err(err) if units.len() == 1 => {
