@@ -819,13 +819,14 @@ fn unit_params(unit: &Unit) -> usize {
 /// Remembers which repeated reads were audited lately, so that a read made
 /// again and again (a resource server verifying the same token on every
 /// request it serves) writes one event per window instead of one per call.
-/// Keys are (who, what) pairs; a pair is due again `window` after its last
-/// recorded event. Memory is bounded: past [`Debounce::MAX_KEYS`] pairs the
-/// map is emptied, which only makes some pairs due early.
+/// A key names who read what ([`crate::state::AppState::record_repeated`]);
+/// it is due again `window` after its last recorded event. Memory is
+/// bounded: past [`Debounce::MAX_KEYS`] keys the map is emptied, which only
+/// makes some keys due early.
 #[derive(Debug)]
 pub struct Debounce {
     window_ms: i64,
-    last: std::sync::Mutex<std::collections::HashMap<(String, String), i64>>,
+    last: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Debounce {
@@ -839,25 +840,21 @@ impl Debounce {
         }
     }
 
-    /// Whether (`who`, `what`) has no event recorded within the window
-    /// before `now`.
-    pub fn due(&self, who: &str, what: &str, now: crate::clock::Millis) -> bool {
+    /// Whether `key` has no event recorded within the window before `now`.
+    pub fn due(&self, key: &str, now: crate::clock::Millis) -> bool {
         if self.window_ms == 0 {
             return true;
         }
-        let last = self
-            .last
+        self.last
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A tuple of borrowed strs cannot look up owned keys; the pair is
-        // built once per call, which is cheap next to the call itself.
-        last.get(&(who.to_owned(), what.to_owned()))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
             .is_none_or(|at| now.saturating_sub(*at) >= self.window_ms)
     }
 
-    /// Notes that an event for (`who`, `what`) was recorded at `now`; called
-    /// after its commit, so a failed write leaves the pair due.
-    pub fn recorded(&self, who: &str, what: &str, now: crate::clock::Millis) {
+    /// Notes that an event for `key` was recorded at `now`; called after its
+    /// commit, so a failed write leaves the key due.
+    pub fn recorded(&self, key: String, now: crate::clock::Millis) {
         if self.window_ms == 0 {
             return;
         }
@@ -868,7 +865,7 @@ impl Debounce {
         if last.len() >= Self::MAX_KEYS {
             last.clear();
         }
-        last.insert((who.to_owned(), what.to_owned()), now);
+        last.insert(key, now);
     }
 }
 
@@ -879,19 +876,19 @@ mod tests {
     #[test]
     fn a_pair_is_due_once_per_window() {
         let debounce = Debounce::new(60);
-        assert!(debounce.due("agt_1", "dlg_1", 1_000));
-        debounce.recorded("agt_1", "dlg_1", 1_000);
-        assert!(!debounce.due("agt_1", "dlg_1", 60_999));
-        assert!(debounce.due("agt_1", "dlg_1", 61_000));
-        // Another reader, or another object, is its own pair.
-        assert!(debounce.due("agt_2", "dlg_1", 2_000));
-        assert!(debounce.due("agt_1", "dlg_2", 2_000));
+        assert!(debounce.due("agt_1|dlg_1", 1_000));
+        debounce.recorded("agt_1|dlg_1".to_owned(), 1_000);
+        assert!(!debounce.due("agt_1|dlg_1", 60_999));
+        assert!(debounce.due("agt_1|dlg_1", 61_000));
+        // Another reader, or another object, is its own key.
+        assert!(debounce.due("agt_2|dlg_1", 2_000));
+        assert!(debounce.due("agt_1|dlg_2", 2_000));
     }
 
     #[test]
     fn a_zero_window_makes_every_read_due() {
         let debounce = Debounce::new(0);
-        debounce.recorded("agt_1", "dlg_1", 1_000);
-        assert!(debounce.due("agt_1", "dlg_1", 1_000));
+        debounce.recorded("agt_1|dlg_1".to_owned(), 1_000);
+        assert!(debounce.due("agt_1|dlg_1", 1_000));
     }
 }

@@ -54,6 +54,27 @@ impl AppState {
         self.recorder.record(events).await
     }
 
+    /// Appends the events `events()` builds, recording the caller of `ctx`
+    /// reading `what`, unless that caller's read of `what` was recorded
+    /// within `repeat_audit_window_seconds` ([`audit::Debounce`]); `always`
+    /// records regardless (a new token handed out).
+    pub async fn record_repeated(
+        &self,
+        ctx: &crate::auth::CallContext,
+        what: &str,
+        always: bool,
+        events: impl FnOnce() -> Vec<NewEvent>,
+    ) -> Result<()> {
+        let key = format!("{}|{}|{what}", ctx.principal.issuer, ctx.principal.subject);
+        let now = self.clock.now_millis();
+        if !always && !self.audited_recently.due(&key, now) {
+            return Ok(());
+        }
+        self.record(events()).await?;
+        self.audited_recently.recorded(key, now);
+        Ok(())
+    }
+
     /// After a commit that changed tenant or agent rows (and announced them
     /// with [`crate::directory::announce`]): this replica reads its own
     /// write at once.

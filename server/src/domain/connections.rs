@@ -975,34 +975,29 @@ pub async fn exchange(
     // A token handed again to the same agent, on the same authority,
     // discloses nothing new: recorded once per window. A refreshed or
     // narrowed token is a new token and always recorded.
-    let receiver = format!("{}|{}", ctx.principal.issuer, ctx.principal.subject);
     let handed = format!(
         "{}|{}|{}",
         connection.id,
         grant.delegation.as_ref().map_or("", |d| d.id.as_str()),
         sha256_hex(token.access_token.as_bytes())
     );
-    let now = state.clock.now_millis();
-    if refreshed || state.audited_recently.due(&receiver, &handed, now) {
-        let audit_ctx = ctx.audit();
-        state
-            .record(
-                parties
-                    .iter()
-                    .map(|party| {
-                        audit_ctx.event(
-                            party,
-                            "connection.token_exchanged",
-                            subjects.clone(),
-                            AuditOutcome::Success,
-                            details.clone(),
-                        )
-                    })
-                    .collect(),
-            )
-            .await?;
-        state.audited_recently.recorded(&receiver, &handed, now);
-    }
+    state
+        .record_repeated(ctx, &handed, refreshed, || {
+            let audit_ctx = ctx.audit();
+            parties
+                .iter()
+                .map(|party| {
+                    audit_ctx.event(
+                        party,
+                        "connection.token_exchanged",
+                        subjects.clone(),
+                        AuditOutcome::Success,
+                        details.clone(),
+                    )
+                })
+                .collect()
+        })
+        .await?;
     metrics::counter!("vaultguard_token_exchanges_total", "refreshed" => if refreshed { "true" } else { "false" })
         .increment(1);
     Ok(token)

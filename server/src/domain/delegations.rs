@@ -1220,8 +1220,9 @@ pub struct Introspection {
     pub row: std::sync::Arc<delegation::Model>,
 }
 
-/// VerifyDelegationToken: `Some` only when every check passes. Each call is
-/// audited in the caller's log; a failure for a known delegation addressed
+/// VerifyDelegationToken: `Some` only when every check passes. Each refusal
+/// is audited in the caller's log, a success once per verifier and
+/// delegation per window; a failure for a known delegation addressed
 /// to the caller also in the requesting tenant's log.
 pub async fn verify(
     state: &AppState,
@@ -1297,19 +1298,17 @@ pub async fn verify(
             // resource server checks the same token on every request it
             // serves, and a durable event per check would make the audit
             // log, not the check, the limit. Every refusal is recorded.
-            let verifier = format!("{}|{}", ctx.principal.issuer, ctx.principal.subject);
-            if state.audited_recently.due(&verifier, &row.id, now) {
-                state
-                    .record(vec![ctx.audit().event(
+            state
+                .record_repeated(ctx, &row.id, false, || {
+                    vec![ctx.audit().event(
                         &tenant,
                         "delegation.verified",
                         vec![row.id.clone()],
                         AuditOutcome::Success,
                         json!({"kid": kid, "action": row.action}),
-                    )])
-                    .await?;
-                state.audited_recently.recorded(&verifier, &row.id, now);
-            }
+                    )]
+                })
+                .await?;
             Ok(Some(Introspection { claims, row }))
         }
     }
