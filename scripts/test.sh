@@ -52,13 +52,20 @@ npx buf format -d --exit-code
 # deliberately with scripts/buf-baseline.sh when a break is intended).
 npx buf breaking --against .ci/buf-baseline.binpb
 
-step "build the CLI the cookbook test runs"
+step "build"
+# Every target of the workspace in one build, so the tests below reuse it:
+# the test runs select the whole workspace too (a narrower selection would
+# unify dependency features differently and compile the tree again).
 # tests/it/cookbook.rs runs docs/admin.md's `cargo run … vaultguard -- token`
 # lines with the binary that command starts; built here so the test need not.
-cargo build --locked -q -p vaultguard-server --bin vaultguard
+cargo build --locked -q --workspace --all-targets
+# The tests that start the CLI (cookbook, crash, replica processes) take this
+# binary as it is: no test runs cargo, whose build could outlast its timeout.
+export VAULTGUARD_TEST_CLI="$CARGO_TARGET_DIR/debug/vaultguard"
 
 step "tests on SQLite (unit and integration)"
 VAULTGUARD_TEST_DB=sqlite cargo nextest run --workspace --locked --no-fail-fast
 
 step "tests on PostgreSQL (integration)"
-VAULTGUARD_TEST_DB=postgres cargo nextest run -p vaultguard-tests --locked --no-fail-fast
+VAULTGUARD_TEST_DB=postgres cargo nextest run --workspace --locked --no-fail-fast \
+  -E 'package(vaultguard-tests)'

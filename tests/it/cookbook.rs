@@ -14,11 +14,12 @@
 //!   the CLI mints with the server's master key and issuer;
 //! - the one substitution: the CLI lines' `cargo run -q -p vaultguard-server
 //!   --bin vaultguard --` prefix becomes the binary that command would run
-//!   (`target/<profile>/vaultguard`, rebuilt here first when it is missing or
-//!   older than the server's sources; `scripts/test.sh` builds it before the
-//!   tests). Running cargo itself inside a test would wait on the build lock
-//!   of whatever cargo holds the target directory (`cargo test` does, for
-//!   the whole run). The CLI's arguments run as written.
+//!   (`scripts/test.sh` builds it before the tests and names it in
+//!   `VAULTGUARD_TEST_CLI`; run otherwise, `target/<profile>/vaultguard`,
+//!   rebuilt here first when it is missing or older than the server's
+//!   sources). Running cargo itself inside a test would wait on the build
+//!   lock of whatever cargo holds the target directory (`cargo test` does,
+//!   for the whole run). The CLI's arguments run as written.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -145,9 +146,20 @@ fn newest_mtime(path: &Path) -> SystemTime {
 }
 
 /// The `vaultguard` binary `cargo run -p vaultguard-server --bin vaultguard`
-/// would start, built first when it is missing or older than the sources it
-/// is built from.
+/// would start: the one `VAULTGUARD_TEST_CLI` names (`scripts/test.sh`
+/// builds it before the tests and sets it, so no test runs cargo), else
+/// `target/<profile>/vaultguard`, built first when it is missing or older
+/// than the sources it is built from.
 pub(crate) fn cli_binary() -> PathBuf {
+    if let Some(given) = std::env::var_os("VAULTGUARD_TEST_CLI") {
+        let binary = PathBuf::from(given);
+        assert!(
+            binary.is_file(),
+            "VAULTGUARD_TEST_CLI={} is not a file",
+            binary.display()
+        );
+        return binary;
+    }
     let profile = profile_dir();
     let binary = profile.join("vaultguard");
     let root = repo_root();
