@@ -444,7 +444,7 @@ impl Sealer {
         let change = Change::audit(tenant_id);
         self.hub.announce(&txn, &change).await?;
         txn.commit().await?;
-        self.hub.committed(&self.db, vec![change]);
+        self.hub.committed(vec![change]);
         Ok(u64::try_from(events.len()).unwrap_or(0))
     }
 }

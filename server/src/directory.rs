@@ -29,6 +29,13 @@
 //!
 //! Signing-key rows are held for Sign; a key changes only by being
 //! disabled (once and for good), which is announced.
+//!
+//! Connection and OAuth-provider rows are held for ExchangeToken. Only
+//! CONNECTED connections are held; every write to a connection (callback,
+//! refresh, narrowed refresh that rotates, NEEDS_REAUTH, disconnect) and to a
+//! provider (update, delete) is announced. The cached access token is still
+//! judged by its `access_token_expires_at` on every read, and a refresh always
+//! re-reads the row under the refresh lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,9 +45,10 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, State
 
 use std::sync::Arc;
 
+use crate::domain::connections::STATUS_CONNECTED;
 use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
-use crate::store::entities::{agent, custody_key, delegation, tenant};
+use crate::store::entities::{agent, connection, custody_key, delegation, oauth_provider, tenant};
 
 /// The PostgreSQL channel directory changes are announced on.
 pub const CHANNEL: &str = "vaultguard_directory";
@@ -57,6 +65,8 @@ pub enum Entry {
     Agent(String),
     Delegation(String),
     SigningKey(String),
+    Connection(String),
+    Provider(String),
 }
 
 impl Entry {
@@ -66,6 +76,8 @@ impl Entry {
             Self::Agent(id) => format!("agent|{id}"),
             Self::Delegation(id) => format!("delegation|{id}"),
             Self::SigningKey(id) => format!("key|{id}"),
+            Self::Connection(id) => format!("connection|{id}"),
+            Self::Provider(id) => format!("provider|{id}"),
         }
     }
 
@@ -76,6 +88,8 @@ impl Entry {
             ("agent", id) => Some(Self::Agent(id.to_owned())),
             ("delegation", id) => Some(Self::Delegation(id.to_owned())),
             ("key", id) => Some(Self::SigningKey(id.to_owned())),
+            ("connection", id) => Some(Self::Connection(id.to_owned())),
+            ("provider", id) => Some(Self::Provider(id.to_owned())),
             _ => None,
         }
     }
@@ -103,6 +117,8 @@ pub struct Directory {
     agents: RwLock<HashMap<String, agent::Model>>,
     delegations: RwLock<HashMap<String, Arc<delegation::Model>>>,
     signing_keys: RwLock<HashMap<String, Arc<custody_key::Model>>>,
+    connections: RwLock<HashMap<String, Arc<connection::Model>>>,
+    providers: RwLock<HashMap<String, Arc<oauth_provider::Model>>>,
     /// Bumped (under the map's write lock) by every invalidation.
     epoch: AtomicU64,
     /// Whether entries can be trusted (see the module docs).
@@ -118,6 +134,8 @@ impl Directory {
             agents: RwLock::default(),
             delegations: RwLock::default(),
             signing_keys: RwLock::default(),
+            connections: RwLock::default(),
+            providers: RwLock::default(),
             epoch: AtomicU64::new(0),
             live: AtomicBool::new(backend != DbBackend::Postgres),
         }
@@ -191,6 +209,50 @@ impl Directory {
         .await
     }
 
+    /// The connection `id` (any tenant's: the caller checks the owner), from
+    /// memory or the database; only CONNECTED rows are held.
+    pub async fn connection(
+        &self,
+        db: &DatabaseConnection,
+        id: &str,
+    ) -> Result<Option<Arc<connection::Model>>> {
+        self.read_through(
+            &self.connections,
+            MAX_ENTRIES,
+            id,
+            |row| row.status == STATUS_CONNECTED,
+            || async {
+                Ok(connection::Entity::find_by_id(id.to_owned())
+                    .one(db)
+                    .await?
+                    .map(Arc::new))
+            },
+        )
+        .await
+    }
+
+    /// The OAuth provider `id` (any tenant's: the caller checks the owner),
+    /// from memory or the database.
+    pub async fn provider(
+        &self,
+        db: &DatabaseConnection,
+        id: &str,
+    ) -> Result<Option<Arc<oauth_provider::Model>>> {
+        self.read_through(
+            &self.providers,
+            MAX_ENTRIES,
+            id,
+            |_| true,
+            || async {
+                Ok(oauth_provider::Entity::find_by_id(id.to_owned())
+                    .one(db)
+                    .await?
+                    .map(Arc::new))
+            },
+        )
+        .await
+    }
+
     /// `id` from `map`, else from `read`; a row read is remembered if `keep`
     /// says it may be (and no invalidation came in meanwhile), in a map of at
     /// most `max_entries`.
@@ -226,6 +288,8 @@ impl Directory {
             Entry::Agent(id) => self.drop_key(&self.agents, id),
             Entry::Delegation(id) => self.drop_key(&self.delegations, id),
             Entry::SigningKey(id) => self.drop_key(&self.signing_keys, id),
+            Entry::Connection(id) => self.drop_key(&self.connections, id),
+            Entry::Provider(id) => self.drop_key(&self.providers, id),
         }
     }
 
@@ -242,6 +306,16 @@ impl Directory {
             .signing_keys
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut connections = self
+            .connections
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut providers = self
+            .providers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections.clear();
+        providers.clear();
         tenants.clear();
         agents.clear();
         delegations.clear();
@@ -303,6 +377,8 @@ mod tests {
             Entry::Agent("agt_1".to_owned()),
             Entry::Delegation("dlg_1".to_owned()),
             Entry::SigningKey("key_1".to_owned()),
+            Entry::Connection("con_1".to_owned()),
+            Entry::Provider("prv_1".to_owned()),
         ] {
             assert_eq!(Entry::parse(&entry.payload()), Some(entry));
         }

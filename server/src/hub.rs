@@ -3,10 +3,13 @@
 //! audit events (for audit tails).
 //!
 //! Each change is first written to the database (`step_up_changes`,
-//! `audit_chain`) in the transaction that makes it. On PostgreSQL the same transaction runs `pg_notify`, delivered
-//! at commit to every replica's listener ([`run_listener`]), which publishes
-//! it here; on SQLite (one process) the writer publishes it itself after the
-//! commit. Watchers are level-triggered: a notification only says "look
+//! `audit_chain`) in the transaction that makes it. After the commit the
+//! writer publishes it to its own process's watchers ([`Hub::committed`]).
+//! On PostgreSQL the same transaction also runs `pg_notify`, delivered at
+//! commit to every replica's listener ([`run_listener`]), which publishes it
+//! to that replica's watchers unless the change came from that very process
+//! (the payload names its origin): a watcher on the writing replica is woken
+//! without waiting for the notification's round trip through the database. Watchers are level-triggered: a notification only says "look
 //! again", so a lagging watcher that misses some simply re-reads the state,
 //! and nobody — writer or other watcher — ever waits for a slow one.
 
@@ -63,6 +66,9 @@ impl Change {
 #[derive(Debug)]
 pub struct Hub {
     tx: broadcast::Sender<Change>,
+    /// Names this process in its notifications, so its listener can skip
+    /// what the process published itself.
+    origin: String,
 }
 
 impl Default for Hub {
@@ -74,7 +80,10 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(BUFFER);
-        Self { tx }
+        Self {
+            tx,
+            origin: uuid::Uuid::now_v7().simple().to_string(),
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -95,7 +104,7 @@ impl Hub {
                 "SELECT pg_notify($1, $2)",
                 [
                     CHANNEL.into(),
-                    format!("{}|{}", change.tenant_id, change.step_up_id).into(),
+                    format!("{}|{}|{}", self.origin, change.tenant_id, change.step_up_id).into(),
                 ],
             ))
             .await?;
@@ -103,14 +112,23 @@ impl Hub {
         Ok(())
     }
 
-    /// After the writer's commit: on SQLite, tell this process's watchers
-    /// (on PostgreSQL the listener does, for every replica alike).
-    pub fn committed(&self, db: &DatabaseConnection, changes: Vec<Change>) {
-        if db.get_database_backend() != DbBackend::Postgres {
-            for change in changes {
-                self.publish(change);
-            }
+    /// After the writer's commit: tells this process's watchers (the other
+    /// replicas hear the notification).
+    pub fn committed(&self, changes: Vec<Change>) {
+        for change in changes {
+            self.publish(change);
         }
+    }
+
+    /// The change a notification payload (`origin|tenant|step-up`) carries,
+    /// unless this process published it itself already.
+    fn heard(&self, payload: &str) -> Option<Change> {
+        let (origin, rest) = payload.split_once('|')?;
+        let (tenant_id, step_up_id) = rest.split_once('|')?;
+        (origin != self.origin).then(|| Change {
+            tenant_id: tenant_id.to_owned(),
+            step_up_id: step_up_id.to_owned(),
+        })
     }
 }
 
@@ -165,11 +183,8 @@ pub async fn run_listener(
                         }
                     }
                     Ok(Some(notification)) => {
-                        if let Some((tenant_id, step_up_id)) = notification.payload().split_once('|') {
-                            hub.publish(Change {
-                                tenant_id: tenant_id.to_owned(),
-                                step_up_id: step_up_id.to_owned(),
-                            });
+                        if let Some(change) = hub.heard(notification.payload()) {
+                            hub.publish(change);
                         }
                     }
                     Ok(None) => {
@@ -185,5 +200,26 @@ pub async fn run_listener(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_skips_its_own_notifications_only() {
+        let (writer, other) = (Hub::new(), Hub::new());
+        assert_ne!(writer.origin, other.origin);
+        let payload = format!("{}|tnt_1|stp_1", writer.origin);
+        assert_eq!(writer.heard(&payload), None);
+        assert_eq!(
+            other.heard(&payload),
+            Some(Change {
+                tenant_id: "tnt_1".to_owned(),
+                step_up_id: "stp_1".to_owned(),
+            })
+        );
+        assert_eq!(other.heard("tnt_1|stp_1"), None);
     }
 }

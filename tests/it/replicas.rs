@@ -542,6 +542,46 @@ async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
     r.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let r = Replicas::start().await;
+    let provider = crate::vault_connections::fake_provider(&r.a, Default::default()).await;
+    let registered = crate::vault_connections::register(&r.acme_admin, "mail", &provider).await;
+    add_rule(
+        &r.acme_admin,
+        with_counterpart(&r.acme.id, inbound("exchange:mail", pb::Effect::Allow)),
+    )
+    .await;
+    let connection = crate::vault_connections::connect(&r.acme_admin, &registered.id).await;
+    // B holds the CONNECTED row (and its cached token) after exchanging.
+    let handed = r.agents[1].exchange(&connection.id, &[]).await.unwrap();
+    for _ in 0..3 {
+        let again = r.agents[1].exchange(&connection.id, &[]).await.unwrap();
+        assert_eq!(again.access_token, handed.access_token, "the cached token");
+    }
+    crate::vault_connections::delete_connection(&r.acme_admin, &connection.id)
+        .await
+        .unwrap();
+    let lag = lag_until(
+        "B still hands out the token of a connection disconnected through A",
+        || async {
+            match r.agents[1].exchange(&connection.id, &[]).await {
+                Err(err) => {
+                    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err:?}");
+                    true
+                }
+                Ok(_) => false,
+            }
+        },
+    )
+    .await;
+    println!("disconnected through A → refused on B after {lag:?}");
+    r.stop().await;
+}
+
 /// What the test expects a step-up to go through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {

@@ -268,7 +268,7 @@ async fn listed_connections(
         .collect())
 }
 
-async fn delete_connection(
+pub(crate) async fn delete_connection(
     admin: &VaultGuardClient,
     connection_id: &str,
 ) -> Result<pb::DeleteConnectionResponse, ClientError> {
@@ -1675,10 +1675,8 @@ async fn a_ciphertext_copied_to_another_tenants_row_does_not_decrypt() {
     let globex_connection = connect(globex_admin, &globex_registered.id).await.id;
     let (_, _, globex_agent) = server.create_agent(&globex.id, "gbot").await;
     acme_agent.exchange(&acme_connection, &[]).await.unwrap();
-    globex_agent
-        .exchange(&globex_connection, &[])
-        .await
-        .unwrap();
+    // globex's agent has not exchanged yet: the server holds CONNECTED rows
+    // in memory once read, and the copy below goes behind its back.
 
     // Both ids are `con_` + hex, so they can be spliced into SQL.
     assert_id(&acme_connection, "con_");

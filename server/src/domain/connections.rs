@@ -17,6 +17,7 @@
 //!   `token_version`, so a disconnect racing a refresh wins cleanly.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -32,6 +33,7 @@ use crate::audit::{self, AuditCtx, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::{SealContext, random_token, sha256_hex};
+use crate::directory::{self, Entry};
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
 use crate::domain::{actor_json, page, parse_actor, providers, tenants::audience, to_json};
@@ -153,9 +155,39 @@ async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<connect
         .ok_or(Error::NotFound("connection"))
 }
 
-async fn provider_of(state: &AppState, row: &connection::Model) -> Result<oauth_provider::Model> {
-    oauth_provider::Entity::find_by_id(row.provider_id.clone())
-        .one(&state.db)
+/// The connection `id` of `tenant_id` for an exchange, from the directory
+/// (which holds CONNECTED rows); another tenant's or an unknown one is
+/// NOT_FOUND.
+async fn exchange_connection(
+    state: &AppState,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Arc<connection::Model>> {
+    state
+        .directory
+        .connection(&state.db, id)
+        .await?
+        .filter(|row| row.tenant_id == tenant_id)
+        .ok_or(Error::NotFound("connection"))
+}
+
+/// After an update of connection `id` made outside a transaction (a
+/// refresh): announces it to every replica and forgets it here.
+async fn connection_changed(state: &AppState, id: &str) -> Result<()> {
+    let changed = [Entry::Connection(id.to_owned())];
+    directory::announce(&state.db, &changed[0]).await?;
+    state.directory_changed(&changed);
+    Ok(())
+}
+
+/// The provider of connection `row`, from the directory.
+async fn provider_of(
+    state: &AppState,
+    row: &connection::Model,
+) -> Result<Arc<oauth_provider::Model>> {
+    state
+        .directory
+        .provider(&state.db, &row.provider_id)
         .await?
         .filter(|provider| provider.tenant_id == row.tenant_id)
         .ok_or_else(|| Error::internal("connection without its provider"))
@@ -645,6 +677,8 @@ pub async fn callback(
             .await?;
         return Ok(finished("invalid_request"));
     }
+    let changed = [Entry::Connection(row.id.clone())];
+    directory::announce(&txn, &changed[0]).await?;
     audit::append(
         &txn,
         state.clock.as_ref(),
@@ -665,6 +699,7 @@ pub async fn callback(
     )
     .await?;
     txn.commit().await?;
+    state.directory_changed(&changed);
     state.audit_committed();
     metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "connected").increment(1);
     Ok(finished(""))
@@ -820,6 +855,8 @@ pub async fn delete(
         txn.rollback().await?;
         return Err(already_disconnected());
     }
+    let changed = [Entry::Connection(row.id.clone())];
+    directory::announce(&txn, &changed[0]).await?;
     oauth_state::Entity::delete_many()
         .filter(oauth_state::Column::ConnectionId.eq(row.id.clone()))
         .exec(&txn)
@@ -842,6 +879,7 @@ pub async fn delete(
     )
     .await?;
     txn.commit().await?;
+    state.directory_changed(&changed);
     state.audit_committed();
     let row = connection::Entity::find_by_id(row.id.clone())
         .one(&state.db)
@@ -873,13 +911,13 @@ impl std::fmt::Debug for Exchanged {
 
 /// Who may use the connection, once the subject token or the policy said so.
 struct Grant {
-    connection: connection::Model,
-    provider: oauth_provider::Model,
+    connection: Arc<connection::Model>,
+    provider: Arc<oauth_provider::Model>,
     /// The scopes to hand out (sorted); equal to the granted ones for the
     /// cached token.
     scopes: Vec<String>,
     /// The delegation a subject token stands for.
-    delegation: Option<delegation::Model>,
+    delegation: Option<Arc<delegation::Model>>,
 }
 
 fn invalid_subject(reason: &str) -> Error {
@@ -1077,7 +1115,7 @@ async fn own_grant(
     agent_id: &str,
     req: &pb::ExchangeTokenRequest,
 ) -> Result<Grant> {
-    let connection = find_own(state, tenant_id, &req.connection_id).await?;
+    let connection = exchange_connection(state, tenant_id, &req.connection_id).await?;
     let provider = provider_of(state, &connection).await?;
     let scopes = effective_scopes(&req.scopes, &string_list(&connection.granted_scopes))?;
     let own = state
@@ -1206,7 +1244,7 @@ async fn exchange_step_up(
         audit::append_all(&txn, state.clock.as_ref(), events).await?;
         txn.commit().await?;
         state.audit_committed();
-        state.hub.committed(&state.db, vec![change]);
+        state.hub.committed(vec![change]);
         return step_up_required(state, &row).await;
     }
     Err(Error::Conflict("concurrent exchange step-ups"))
@@ -1256,9 +1294,7 @@ async fn delegated_grant(
     let claims = verified.claims;
     let jti = claims["jti"].as_str().unwrap_or_default();
     let row = if check_id("jti", jti, IdKind::Delegation).is_ok() {
-        delegation::Entity::find_by_id(jti.to_owned())
-            .one(&state.db)
-            .await?
+        state.directory.delegation(&state.db, jti).await?
     } else {
         None
     }
@@ -1278,11 +1314,8 @@ async fn delegated_grant(
     }
     // Only now is the connection looked up, in the token's receiving tenant:
     // any other tenant's connection stays invisible.
-    let connection = connection::Entity::find_by_id(req.connection_id.clone())
-        .one(&state.db)
-        .await?
-        .filter(|c| c.tenant_id == row.receiving_tenant_id)
-        .ok_or(Error::NotFound("connection"))?;
+    let connection =
+        exchange_connection(state, &row.receiving_tenant_id, &req.connection_id).await?;
     let provider = provider_of(state, &connection).await?;
     if row.action != format!("exchange:{}", provider.name) {
         return Err(invalid_subject(
@@ -1426,6 +1459,7 @@ async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
         // Disconnected or re-authorized meanwhile: hand nothing out.
         return Err(Error::Conflict("the connection changed during the refresh"));
     }
+    connection_changed(state, &row.id).await?;
     Ok((
         Exchanged {
             access_token: grant_result.access_token,
@@ -1467,6 +1501,7 @@ async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
             .filter(connection::Column::TokenVersion.eq(row.token_version))
             .exec(&state.db)
             .await?;
+        connection_changed(state, &row.id).await?;
     }
     let expires_in = result.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
     Ok((
@@ -1580,7 +1615,9 @@ async fn mark_needs_reauth(
         .filter(connection::Column::TokenVersion.eq(row.token_version))
         .exec(&txn)
         .await?;
+    let changed = [Entry::Connection(row.id.clone())];
     if updated.rows_affected == 1 {
+        directory::announce(&txn, &changed[0]).await?;
         audit::append(
             &txn,
             state.clock.as_ref(),
@@ -1595,6 +1632,7 @@ async fn mark_needs_reauth(
         .await?;
     }
     txn.commit().await?;
+    state.directory_changed(&changed);
     state.audit_committed();
     let mut current = row.clone();
     current.status_reason = reason;

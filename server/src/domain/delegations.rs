@@ -562,7 +562,7 @@ async fn store_step_up(
     let (handle, change) = insert_step_up(state, &txn, row).await?;
     audit::append_all(&txn, state.clock.as_ref(), events).await?;
     txn.commit().await?;
-    state.hub.committed(&state.db, vec![change]);
+    state.hub.committed(vec![change]);
     Ok(Stored::Inserted(Some(handle)))
 }
 
@@ -1179,7 +1179,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         ended += 1;
     }
     txn.commit().await?;
-    state.hub.committed(&state.db, changes);
+    state.hub.committed(changes);
     if ended > 0 {
         state.audit_committed();
         metrics::counter!("vaultguard_delegations_expired_total").increment(ended);

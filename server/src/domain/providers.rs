@@ -15,6 +15,7 @@ use vaultguard_proto::v1 as pb;
 use crate::audit::{self, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::crypto::SealContext;
+use crate::directory::{self, Entry};
 use crate::domain::{actor_json, connections, insert_audited, page, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations};
 use crate::ids::{IdKind, check_id, new_id};
@@ -358,6 +359,8 @@ pub async fn update(
     }
     .update(&txn)
     .await?;
+    let changed = [Entry::Provider(updated.id.clone())];
+    directory::announce(&txn, &changed[0]).await?;
     let mut event = details(&updated);
     event["client_secret_changed"] =
         json!(req.clear_client_secret || !req.client_secret.is_empty());
@@ -374,6 +377,7 @@ pub async fn update(
     )
     .await?;
     txn.commit().await?;
+    state.directory_changed(&changed);
     state.audit_committed();
     Ok(updated)
 }
@@ -414,6 +418,8 @@ pub async fn delete(state: &AppState, ctx: &CallContext, id: &str) -> Result<()>
         txn.rollback().await?;
         return Err(Error::NotFound("provider"));
     }
+    let changed = [Entry::Provider(current.id.clone())];
+    directory::announce(&txn, &changed[0]).await?;
     audit::append(
         &txn,
         state.clock.as_ref(),
@@ -427,6 +433,7 @@ pub async fn delete(state: &AppState, ctx: &CallContext, id: &str) -> Result<()>
     )
     .await?;
     txn.commit().await?;
+    state.directory_changed(&changed);
     state.audit_committed();
     Ok(())
 }

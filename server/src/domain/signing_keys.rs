@@ -612,7 +612,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             audit::append_all(&txn, state.clock.as_ref(), events).await?;
             txn.commit().await?;
             state.audit_committed();
-            state.hub.committed(&state.db, vec![change]);
+            state.hub.committed(vec![change]);
             Ok(Signed::StepUp {
                 auth_req_id,
                 expires_in: state.config.step_up_expires_in_seconds,

@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 
+use futures::future::Either;
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
@@ -259,7 +260,24 @@ pub async fn redeem(
     if effective_status(row, now) != STATUS_ACTIVE {
         return Err(poll_error(EXPIRED, 0));
     }
-    let (token, kid) = sign(state, row).await?;
+    // The token is signed on another task while the redemption is written
+    // (an RS256 signature takes about a millisecond); it leaves only once
+    // the redemption commits, and a failed signature commits nothing.
+    let task = {
+        let (state, row) = (state.clone(), row.clone());
+        tokio::spawn(async move { sign(&state, &row).await })
+    };
+    let signing = async move {
+        task.await
+            .map_err(|_| Error::internal("the signing task failed"))?
+    };
+    // SQLite has one connection, which the transaction holds, and signing
+    // may read the key ring: there the signature comes first.
+    let signing = if is_postgres(&state.db) {
+        Either::Left(signing)
+    } else {
+        Either::Right(std::future::ready(signing.await))
+    };
     let txn = state.db.begin().await?;
     let updated = step_up::Entity::update_many()
         .col_expr(step_up::Column::State, Expr::value(REDEEMED))
@@ -273,6 +291,7 @@ pub async fn redeem(
         txn.rollback().await?;
         return Err(invalid_grant());
     }
+    let (token, kid) = signing.await?;
     let events = party_events(
         &ctx.audit(),
         row,
@@ -330,8 +349,7 @@ async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
     view_on(&state.db, step, state.clock.now_millis()).await
 }
 
-/// The view of `step` read through `conn` (a transaction, to answer with
-/// the state it is about to commit).
+/// The view of `step` read through `conn`.
 async fn view_on<C: sea_orm::ConnectionTrait>(
     conn: &C,
     step: step_up::Model,
@@ -472,14 +490,16 @@ fn check_not_requester(ctx: &CallContext, step: &step_up::Model) -> Result<()> {
     Ok(())
 }
 
-/// Re-reads the step-up inside `txn` (under its row lock on PostgreSQL) and
-/// checks that it is still pending.
+/// Re-reads the step-up `step_up_id` addressed to `tenant_id` inside `txn`
+/// (under its row lock on PostgreSQL) and checks that it is still pending.
 async fn lock_pending(
     state: &AppState,
     txn: &DatabaseTransaction,
+    tenant_id: &str,
     step_up_id: &str,
 ) -> Result<(step_up::Model, delegation::Model)> {
-    let mut query = step_up::Entity::find_by_id(step_up_id.to_owned());
+    let mut query = step_up::Entity::find_by_id(step_up_id.to_owned())
+        .filter(step_up::Column::ReceivingTenantId.eq(tenant_id));
     if is_postgres(&state.db) {
         query = query.lock_exclusive();
     }
@@ -488,14 +508,20 @@ async fn lock_pending(
         .one(txn)
         .await?
         .ok_or_else(|| Error::internal("step-up without delegation"))?;
-    let current = effective_state(&step, &row, state.clock.now_millis());
+    check_pending(state, &step, &row)?;
+    Ok((step, row))
+}
+
+/// INVALID_STATE naming the state, unless `step` is still pending.
+fn check_pending(state: &AppState, step: &step_up::Model, row: &delegation::Model) -> Result<()> {
+    let current = effective_state(step, row, state.clock.now_millis());
     if current != PENDING {
         return Err(Error::invalid_state(
             format!("the step-up is {current}"),
             state_proto(current).as_str_name(),
         ));
     }
-    Ok((step, row))
+    Ok(())
 }
 
 /// Who denied a step-up, why, and the policy re-check if that was the cause.
@@ -569,7 +595,7 @@ pub async fn deny(
     let found = find_receiving(state, ctx, step_up_id).await?;
     check_not_requester(ctx, &found)?;
     let txn = state.db.begin().await?;
-    let (step, row) = lock_pending(state, &txn, step_up_id).await?;
+    let (step, row) = lock_pending(state, &txn, &found.receiving_tenant_id, step_up_id).await?;
     let denial = Denial {
         by: actor_json(&ctx.principal.actor())?,
         reason,
@@ -578,7 +604,7 @@ pub async fn deny(
     let change = deny_in(state, &txn, &ctx.audit(), (&step, &row), denial).await?;
     txn.commit().await?;
     state.audit_committed();
-    state.hub.committed(&state.db, vec![change]);
+    state.hub.committed(vec![change]);
     get(state, ctx, step_up_id).await
 }
 
@@ -614,16 +640,12 @@ pub async fn approve(
     v.check(validate::optional_text("comment", comment, 512));
     v.finish()?;
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    // Read and judged before the transaction: the policy re-check may read
+    // the database (SQLite has one connection, which the transaction holds).
     let found = find_receiving(state, ctx, step_up_id).await?;
     check_not_requester(ctx, &found)?;
     let found_row = delegation_of(state, &found).await?;
-    let current = effective_state(&found, &found_row, state.clock.now_millis());
-    if current != PENDING {
-        return Err(Error::invalid_state(
-            format!("the step-up is {current}"),
-            state_proto(current).as_str_name(),
-        ));
-    }
+    check_pending(state, &found, &found_row)?;
     if found.request_hash != request_hash {
         return Err(Error::invalid_state(
             "the request changed since it was shown",
@@ -646,7 +668,7 @@ pub async fn approve(
 
     let audit_ctx = ctx.audit();
     let txn = state.db.begin().await?;
-    let (step, row) = lock_pending(state, &txn, step_up_id).await?;
+    let (step, row) = lock_pending(state, &txn, &tenant_id, step_up_id).await?;
     if decision.outcome == Outcome::Block {
         let denial = Denial {
             by: system_actor_json()?,
@@ -656,7 +678,7 @@ pub async fn approve(
         let change = deny_in(state, &txn, &audit_ctx, (&step, &row), denial).await?;
         txn.commit().await?;
         state.audit_committed();
-        state.hub.committed(&state.db, vec![change]);
+        state.hub.committed(vec![change]);
         return Err(blocked_at_approval(&decision));
     }
     let now = state.clock.now_millis();
@@ -682,13 +704,28 @@ pub async fn approve(
         }
         Err(err) => return Err(err.into()),
     }
-    let approvals = step_up_approval::Entity::find()
+    // Read once: counted for the quorum and shown in the answer.
+    let approval_rows = step_up_approval::Entity::find()
         .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
-        .count(&txn)
+        .order_by_asc(step_up_approval::Column::CreatedAt)
+        .all(&txn)
         .await?;
+    let approvals = u64::try_from(approval_rows.len()).unwrap_or(u64::MAX);
     let quorum = u64::try_from(step.approvals_required.max(1)).unwrap_or(1);
+    // The rows as this transaction leaves them, for the answer.
+    let (mut step_after, mut row_after) = (step.clone(), row.clone());
+    step_after.updated_at = now;
     let change = if approvals >= quorum {
         let expires_at = now + i64::from(decision.max_ttl_seconds) * 1000;
+        row_after.status = STATUS_ACTIVE.to_owned();
+        row_after.activated_at = Some(now);
+        row_after.expires_at = Some(expires_at);
+        row_after
+            .token_algorithm
+            .clone_from(&receiving.token_algorithm);
+        step_after.state = APPROVED.to_owned();
+        step_after.decided_at = Some(now);
+        step_after.ended_at = Some(now);
         delegation::Entity::update_many()
             .col_expr(delegation::Column::Status, Expr::value(STATUS_ACTIVE))
             .col_expr(delegation::Column::ActivatedAt, Expr::value(now))
@@ -737,16 +774,17 @@ pub async fn approve(
             .await?;
         record_change(state, &txn, &step, "updated", PENDING, now).await?
     };
-    // Answer with the state this approval commits: a watching agent may
-    // redeem the token the moment the commit lands.
-    let after = step_up::Entity::find_by_id(step.id.clone())
-        .one(&txn)
-        .await?
-        .ok_or(Error::NotFound("step-up"))?;
-    let answer = view_on(&txn, after, now).await?;
+    // Answer with the state this approval commits (a watching agent may
+    // redeem the token the moment the commit lands).
+    let answer = StepUpView {
+        state: effective_state(&step_after, &row_after, now),
+        step: step_after,
+        delegation: row_after,
+        approvals: approval_rows,
+    };
     txn.commit().await?;
     state.audit_committed();
-    state.hub.committed(&state.db, vec![change]);
+    state.hub.committed(vec![change]);
     Ok((answer, decision.redacted_for(&tenant_id)))
 }
 
