@@ -345,27 +345,19 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
     }
 }
 
+/// The view of `step`: its delegation and approvals, read at once (two
+/// round trips in parallel; a watcher reads this on every wake).
 async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
-    view_on(&state.db, step, state.clock.now_millis()).await
-}
-
-/// The view of `step` read through `conn`.
-async fn view_on<C: sea_orm::ConnectionTrait>(
-    conn: &C,
-    step: step_up::Model,
-    now: Millis,
-) -> Result<StepUpView> {
-    let delegation = delegation::Entity::find_by_id(step.delegation_id.clone())
-        .one(conn)
-        .await?
-        .ok_or_else(|| Error::internal("step-up without delegation"))?;
-    let approvals = step_up_approval::Entity::find()
-        .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
-        .order_by_asc(step_up_approval::Column::CreatedAt)
-        .all(conn)
-        .await?;
+    let (delegation, approvals) = tokio::try_join!(
+        delegation::Entity::find_by_id(step.delegation_id.clone()).one(&state.db),
+        step_up_approval::Entity::find()
+            .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
+            .order_by_asc(step_up_approval::Column::CreatedAt)
+            .all(&state.db),
+    )?;
+    let delegation = delegation.ok_or_else(|| Error::internal("step-up without delegation"))?;
     Ok(StepUpView {
-        state: effective_state(&step, &delegation, now),
+        state: effective_state(&step, &delegation, state.clock.now_millis()),
         step,
         delegation,
         approvals,
