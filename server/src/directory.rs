@@ -41,7 +41,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PrimaryKeyTrait, Statement,
+};
 
 use std::sync::Arc;
 
@@ -172,18 +174,9 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<delegation::Model>>> {
-        self.read_through(
-            &self.delegations,
-            MAX_DELEGATIONS,
-            id,
-            |row| row.status != STATUS_PENDING,
-            || async {
-                Ok(delegation::Entity::find_by_id(id.to_owned())
-                    .one(db)
-                    .await?
-                    .map(Arc::new))
-            },
-        )
+        self.held::<delegation::Entity>(&self.delegations, MAX_DELEGATIONS, db, id, |row| {
+            row.status != STATUS_PENDING
+        })
         .await
     }
 
@@ -194,19 +187,8 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<custody_key::Model>>> {
-        self.read_through(
-            &self.signing_keys,
-            MAX_ENTRIES,
-            id,
-            |_| true,
-            || async {
-                Ok(custody_key::Entity::find_by_id(id.to_owned())
-                    .one(db)
-                    .await?
-                    .map(Arc::new))
-            },
-        )
-        .await
+        self.held::<custody_key::Entity>(&self.signing_keys, MAX_ENTRIES, db, id, |_| true)
+            .await
     }
 
     /// The connection `id` (any tenant's: the caller checks the owner), from
@@ -216,18 +198,9 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<connection::Model>>> {
-        self.read_through(
-            &self.connections,
-            MAX_ENTRIES,
-            id,
-            |row| row.status == STATUS_CONNECTED,
-            || async {
-                Ok(connection::Entity::find_by_id(id.to_owned())
-                    .one(db)
-                    .await?
-                    .map(Arc::new))
-            },
-        )
+        self.held::<connection::Entity>(&self.connections, MAX_ENTRIES, db, id, |row| {
+            row.status == STATUS_CONNECTED
+        })
         .await
     }
 
@@ -238,18 +211,29 @@ impl Directory {
         db: &DatabaseConnection,
         id: &str,
     ) -> Result<Option<Arc<oauth_provider::Model>>> {
-        self.read_through(
-            &self.providers,
-            MAX_ENTRIES,
-            id,
-            |_| true,
-            || async {
-                Ok(oauth_provider::Entity::find_by_id(id.to_owned())
-                    .one(db)
-                    .await?
-                    .map(Arc::new))
-            },
-        )
+        self.held::<oauth_provider::Entity>(&self.providers, MAX_ENTRIES, db, id, |_| true)
+            .await
+    }
+
+    /// The row `id` of entity `E` held shared in `map` (at most
+    /// `max_entries`), else read from the database and held if `keep` says
+    /// it may be.
+    async fn held<E>(
+        &self,
+        map: &RwLock<HashMap<String, Arc<E::Model>>>,
+        max_entries: usize,
+        db: &DatabaseConnection,
+        id: &str,
+        keep: fn(&Arc<E::Model>) -> bool,
+    ) -> Result<Option<Arc<E::Model>>>
+    where
+        E: EntityTrait,
+        E::Model: Sync,
+        <E::PrimaryKey as PrimaryKeyTrait>::ValueType: From<String>,
+    {
+        self.read_through(map, max_entries, id, keep, || async {
+            Ok(E::find_by_id(id.to_owned()).one(db).await?.map(Arc::new))
+        })
         .await
     }
 

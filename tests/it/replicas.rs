@@ -464,6 +464,18 @@ where
     started.elapsed()
 }
 
+/// Whether `result` is the FAILED_PRECONDITION of a withdrawn key or
+/// connection (any other error fails the test); `false` while it succeeds.
+fn refused<T>(result: Result<T, vaultguard_client::ClientError>) -> bool {
+    match result {
+        Err(err) => {
+            assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err:?}");
+            true
+        }
+        Ok(_) => false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revocation_through_one_replica_ends_verify_on_the_other() {
     if backend() != Backend::Postgres {
@@ -529,13 +541,7 @@ async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
     let attempts = std::sync::atomic::AtomicUsize::new(3);
     let lag = lag_until("B still signs with a key disabled through A", || async {
         let n = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        match r.agents[1].sign(sign(n)).await {
-            Err(err) => {
-                assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err:?}");
-                true
-            }
-            Ok(_) => false,
-        }
+        refused(r.agents[1].sign(sign(n)).await)
     })
     .await;
     println!("disabled through A → refused on B after {lag:?}");
@@ -567,15 +573,7 @@ async fn a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
         .unwrap();
     let lag = lag_until(
         "B still hands out the token of a connection disconnected through A",
-        || async {
-            match r.agents[1].exchange(&connection.id, &[]).await {
-                Err(err) => {
-                    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err:?}");
-                    true
-                }
-                Ok(_) => false,
-            }
-        },
+        || async { refused(r.agents[1].exchange(&connection.id, &[]).await) },
     )
     .await;
     println!("disconnected through A → refused on B after {lag:?}");
