@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not baked in when it is compiled: a target
+    // directory shared by two checkouts reuses one compiled build script,
+    // which must read the protos of the checkout being built.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let package_dir = proto_root.join("vaultguard").join("v1");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&package_dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
