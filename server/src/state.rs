@@ -75,8 +75,8 @@ impl AppState {
         Ok(())
     }
 
-    /// After a commit that changed tenant or agent rows (and announced them
-    /// with [`crate::directory::announce`]): this replica reads its own
+    /// After a commit that changed rows the directory holds (and announced
+    /// them with [`crate::directory::announce`]): this replica reads its own
     /// write at once.
     pub fn directory_changed(&self, entries: &[crate::directory::Entry]) {
         for entry in entries {

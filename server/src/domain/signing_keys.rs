@@ -91,14 +91,16 @@ pub fn public_forms(row: &custody_key::Model) -> Result<(String, String)> {
     Ok((pem, jwk))
 }
 
-async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<custody_key::Model> {
+/// The tenant's key `id` as the directory holds it (shared, not copied:
+/// Sign reads it on every call); another tenant's or an unknown one is
+/// NOT_FOUND.
+async fn find_own(state: &AppState, tenant_id: &str, id: &str) -> Result<Arc<custody_key::Model>> {
     check_id("key_id", id, IdKind::SigningKey)?;
     state
         .directory
         .signing_key(&state.db, id)
         .await?
         .filter(|row| row.tenant_id == tenant_id)
-        .map(Arc::unwrap_or_clone)
         .ok_or(Error::NotFound("signing key"))
 }
 
@@ -192,7 +194,9 @@ pub async fn create(
 
 /// GetSigningKey.
 pub async fn get(state: &AppState, ctx: &CallContext, id: &str) -> Result<custody_key::Model> {
-    find_own(state, ctx.principal.tenant_id()?, id).await
+    find_own(state, ctx.principal.tenant_id()?, id)
+        .await
+        .map(Arc::unwrap_or_clone)
 }
 
 /// ListSigningKeys, by name.
@@ -294,7 +298,9 @@ pub async fn disable(
     txn.commit().await?;
     state.directory_changed(&[disabled]);
     state.audit_committed();
-    find_own(state, &tenant_id, &row.id).await
+    find_own(state, &tenant_id, &row.id)
+        .await
+        .map(Arc::unwrap_or_clone)
 }
 
 // ---------------------------------------------------------------- Sign
