@@ -5,7 +5,7 @@
 //! caller's tenant comes from its credential, so a tenant can only ever read
 //! its own log.
 
-use sea_orm::{ConnectionTrait, QueryResult, Statement, TransactionTrait, Value as DbValue};
+use sea_orm::{ConnectionTrait, QueryResult, Statement, Value as DbValue};
 use serde_json::{Value, json};
 use vaultguard_proto::v1 as pb;
 
@@ -347,17 +347,7 @@ pub async fn list(
 
     // Both phases read one snapshot: an event the sealer links between the
     // sealed and the unsealed query would otherwise be in neither.
-    let snapshot = if crate::store::is_postgres(&state.db) {
-        state
-            .db
-            .begin_with_config(
-                Some(sea_orm::IsolationLevel::RepeatableRead),
-                Some(sea_orm::AccessMode::ReadOnly),
-            )
-            .await?
-    } else {
-        state.db.begin().await?
-    };
+    let snapshot = crate::store::begin_snapshot(&state.db).await?;
     let mut rows: Vec<AuditRow> = Vec::new();
     while phase_index < phases.len() && u64::try_from(rows.len()).unwrap_or(0) <= size {
         let sealed = phases[phase_index];

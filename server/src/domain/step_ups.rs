@@ -345,8 +345,7 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
     }
 }
 
-/// The view of `step`: its delegation and approvals, read at once (two
-/// round trips in parallel; a watcher reads this on every wake).
+/// The view of `step`: its delegation and approvals, read now.
 async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
     let (delegation, approvals) = tokio::try_join!(
         delegation::Entity::find_by_id(step.delegation_id.clone()).one(&state.db),
@@ -364,13 +363,43 @@ async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
     })
 }
 
+/// The step-up `query` finds (`missing` when none), its delegation and its
+/// approvals read in one snapshot. Read one by one, a watcher's re-read that
+/// raced an approval could pair the step-up as it was before (PENDING) with
+/// the approval that reached the quorum: a state that never existed.
+async fn snapshot_view(
+    state: &AppState,
+    query: sea_orm::Select<step_up::Entity>,
+    missing: fn() -> Error,
+) -> Result<StepUpView> {
+    let snapshot = crate::store::begin_snapshot(&state.db).await?;
+    let step = query.one(&snapshot).await?.ok_or_else(missing)?;
+    let delegation = delegation::Entity::find_by_id(step.delegation_id.clone())
+        .one(&snapshot)
+        .await?
+        .ok_or_else(|| Error::internal("step-up without delegation"))?;
+    let approvals = step_up_approval::Entity::find()
+        .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
+        .order_by_asc(step_up_approval::Column::CreatedAt)
+        .all(&snapshot)
+        .await?;
+    snapshot.commit().await?;
+    Ok(StepUpView {
+        state: effective_state(&step, &delegation, state.clock.now_millis()),
+        step,
+        delegation,
+        approvals,
+    })
+}
+
 /// The current view of the step-up an agent watches.
 pub async fn agent_view(state: &AppState, step_up_id: &str) -> Result<StepUpView> {
-    let step = step_up::Entity::find_by_id(step_up_id.to_owned())
-        .one(&state.db)
-        .await?
-        .ok_or_else(invalid_grant)?;
-    view(state, step).await
+    snapshot_view(
+        state,
+        step_up::Entity::find_by_id(step_up_id.to_owned()),
+        invalid_grant,
+    )
+    .await
 }
 
 /// A step-up addressed to the caller's tenant.
@@ -390,8 +419,10 @@ async fn find_receiving(
 
 /// GetStepUp.
 pub async fn get(state: &AppState, ctx: &CallContext, step_up_id: &str) -> Result<StepUpView> {
-    let step = find_receiving(state, ctx, step_up_id).await?;
-    view(state, step).await
+    check_id("step_up_id", step_up_id, IdKind::StepUp)?;
+    let query = step_up::Entity::find_by_id(step_up_id.to_owned())
+        .filter(step_up::Column::ReceivingTenantId.eq(ctx.principal.tenant_id()?));
+    snapshot_view(state, query, || Error::NotFound("step-up")).await
 }
 
 /// ListPendingStepUps: oldest first.
