@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sea_orm::sea_query::{
     Alias, CommonTableExpression, Expr, InsertStatement, OnConflict, PostgresQueryBuilder, Query,
-    SelectStatement, UnionType, WithClause,
+    SelectStatement, SubQueryStatement, UnionType, WithClause,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, TransactionTrait,
@@ -512,47 +512,14 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<
             None => None,
         };
         had_row.push(gate.is_some());
-        let mut rows: Option<SelectStatement> = None;
-        for event in &unit.events {
-            let mut row = Query::select();
-            row.exprs(event_values(clock, event)?.into_iter().map(Expr::val));
-            if let Some(gate) = &gate {
-                row.from(Alias::new(gate));
-            }
-            union_all(&mut rows, row);
-        }
-        let Some(rows) = rows else { continue };
-        let mut insert = Query::insert();
-        insert
-            .into_table(audit_event::Entity)
-            .columns(EVENT_COLUMNS)
-            .select_from(rows)
-            .map_err(Error::internal)?
-            .returning(
-                Query::returning()
-                    .columns([audit_event::Column::Id, audit_event::Column::TenantId]),
-            );
+        let Some(insert) = events_insert(clock, &unit.events, gate.as_deref())? else {
+            continue;
+        };
         let name = format!("e{index}");
         with.cte(cte(insert, &name));
-        union_all(
-            &mut appended,
-            Query::select()
-                .columns([Alias::new("id"), Alias::new("tenant_id")])
-                .from(Alias::new(&name))
-                .to_owned(),
-        );
+        union_all(&mut appended, inserted_events(&name));
     }
-    let pending = match appended {
-        Some(appended) => Some(
-            Query::insert()
-                .into_table(Alias::new("audit_pending"))
-                .columns([Alias::new("event_row_id"), Alias::new("tenant_id")])
-                .select_from(appended)
-                .map_err(Error::internal)?
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let pending = appended.map(pending_insert).transpose()?;
     let (sql, values) = match (inserted, pending) {
         // Nothing to report: the pending rows are the statement itself.
         (None, Some(pending)) => with.query(pending).build(PostgresQueryBuilder),
@@ -570,10 +537,82 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<
     ))
 }
 
-fn cte(
-    query: impl Into<sea_orm::sea_query::SubQueryStatement>,
-    name: &str,
-) -> CommonTableExpression {
+/// `INSERT INTO audit_events … SELECT … UNION ALL … RETURNING id,
+/// tenant_id` of `events` (each row selected `FROM gate` when given, so it
+/// exists only if the gate returned a row); `None` for no events.
+fn events_insert(
+    clock: &dyn Clock,
+    events: &[NewEvent],
+    gate: Option<&str>,
+) -> Result<Option<InsertStatement>> {
+    let mut rows: Option<SelectStatement> = None;
+    for event in events {
+        let mut row = Query::select();
+        row.exprs(event_values(clock, event)?.into_iter().map(Expr::val));
+        if let Some(gate) = gate {
+            row.from(Alias::new(gate));
+        }
+        union_all(&mut rows, row);
+    }
+    let Some(rows) = rows else { return Ok(None) };
+    let mut insert = Query::insert();
+    insert
+        .into_table(audit_event::Entity)
+        .columns(EVENT_COLUMNS)
+        .select_from(rows)
+        .map_err(Error::internal)?
+        .returning(
+            Query::returning().columns([audit_event::Column::Id, audit_event::Column::TenantId]),
+        );
+    Ok(Some(insert))
+}
+
+/// The events the common table expression `name` inserted.
+fn inserted_events(name: &str) -> SelectStatement {
+    Query::select()
+        .columns([Alias::new("id"), Alias::new("tenant_id")])
+        .from(Alias::new(name))
+        .to_owned()
+}
+
+/// The pending rows of the events `appended` selects.
+fn pending_insert(appended: SelectStatement) -> Result<InsertStatement> {
+    Ok(Query::insert()
+        .into_table(Alias::new("audit_pending"))
+        .columns([Alias::new("event_row_id"), Alias::new("tenant_id")])
+        .select_from(appended)
+        .map_err(Error::internal)?
+        .to_owned())
+}
+
+/// PostgreSQL: several writes of one transaction in one round trip. Each of
+/// `writes` becomes a common table expression under its name, `events` and
+/// their pending rows two more (`e`, `p`), and the statement's result is
+/// `last`, which may select from the writes' `RETURNING`. Every write runs
+/// whether or not `last` reads it; none sees another's rows.
+pub fn with_events(
+    clock: &dyn Clock,
+    writes: Vec<(String, SubQueryStatement)>,
+    events: &[NewEvent],
+    last: SelectStatement,
+) -> Result<Statement> {
+    let mut with = WithClause::new();
+    for (name, write) in writes {
+        with.cte(cte(write, &name));
+    }
+    if let Some(insert) = events_insert(clock, events, None)? {
+        with.cte(cte(insert, "e"));
+        with.cte(cte(pending_insert(inserted_events("e"))?, "p"));
+    }
+    let (sql, values) = with.query(last).build(PostgresQueryBuilder);
+    Ok(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        values.0,
+    ))
+}
+
+fn cte(query: impl Into<SubQueryStatement>, name: &str) -> CommonTableExpression {
     CommonTableExpression::new()
         .query(query)
         .table_name(Alias::new(name))

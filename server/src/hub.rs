@@ -13,9 +13,12 @@
 //! again", so a lagging watcher that misses some simply re-reads the state,
 //! and nobody — writer or other watcher — ever waits for a slow one.
 
+use std::sync::Arc;
+
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use tokio::sync::broadcast;
 
+use crate::domain::step_ups::StepUpView;
 use crate::error::Result;
 
 /// The PostgreSQL channel step-up changes are announced on.
@@ -31,19 +34,32 @@ pub const RESYNC: &str = "*";
 pub const AUDIT: &str = "audit";
 
 /// One committed change: which tenant, and which step-up (or [`AUDIT`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub tenant_id: String,
     pub step_up_id: String,
+    /// The step-up as the writer's transaction left it, when that is a
+    /// final decision (approved): published only to the writer's own
+    /// process, whose watchers take it instead of re-reading the database.
+    /// A decision is never undone, so the view cannot be overtaken by a
+    /// change published after it; a watcher still re-reads on every other
+    /// wake.
+    pub settled: Option<Arc<StepUpView>>,
 }
 
 impl Change {
-    /// Newly sealed audit events of `tenant_id`.
-    pub fn audit(tenant_id: &str) -> Self {
+    /// A change to step-up `step_up_id` of `tenant_id`.
+    pub fn step_up(tenant_id: &str, step_up_id: &str) -> Self {
         Self {
             tenant_id: tenant_id.to_owned(),
-            step_up_id: AUDIT.to_owned(),
+            step_up_id: step_up_id.to_owned(),
+            settled: None,
         }
+    }
+
+    /// Newly sealed audit events of `tenant_id`.
+    pub fn audit(tenant_id: &str) -> Self {
+        Self::step_up(tenant_id, AUDIT)
     }
 
     /// Whether a watcher of `step_up_id` should look again.
@@ -102,14 +118,20 @@ impl Hub {
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "SELECT pg_notify($1, $2)",
-                [
-                    CHANNEL.into(),
-                    format!("{}|{}|{}", self.origin, change.tenant_id, change.step_up_id).into(),
-                ],
+                self.notification(change),
             ))
             .await?;
         }
         Ok(())
+    }
+
+    /// The arguments of the `pg_notify(channel, payload)` announcing
+    /// `change`, for a writer that runs it as part of a larger statement.
+    pub fn notification(&self, change: &Change) -> [sea_orm::Value; 2] {
+        [
+            CHANNEL.into(),
+            format!("{}|{}|{}", self.origin, change.tenant_id, change.step_up_id).into(),
+        ]
     }
 
     /// After the writer's commit: tells this process's watchers (the other
@@ -125,10 +147,7 @@ impl Hub {
     fn heard(&self, payload: &str) -> Option<Change> {
         let (origin, rest) = payload.split_once('|')?;
         let (tenant_id, step_up_id) = rest.split_once('|')?;
-        (origin != self.origin).then(|| Change {
-            tenant_id: tenant_id.to_owned(),
-            step_up_id: step_up_id.to_owned(),
-        })
+        (origin != self.origin).then(|| Change::step_up(tenant_id, step_up_id))
     }
 }
 
@@ -166,10 +185,7 @@ pub async fn run_listener(
         // Subscribed: from here on every change is heard, so what was held
         // before (possibly missing changes) goes, and the cache is trusted.
         directory.set_live(true);
-        hub.publish(Change {
-            tenant_id: String::new(),
-            step_up_id: RESYNC.to_owned(),
-        });
+        hub.publish(Change::step_up("", RESYNC));
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -215,10 +231,7 @@ mod tests {
         assert_eq!(writer.heard(&payload), None);
         assert_eq!(
             other.heard(&payload),
-            Some(Change {
-                tenant_id: "tnt_1".to_owned(),
-                step_up_id: "stp_1".to_owned(),
-            })
+            Some(Change::step_up("tnt_1", "stp_1"))
         );
         assert_eq!(other.heard("tnt_1|stp_1"), None);
     }

@@ -1253,6 +1253,81 @@ async fn sixteen_concurrent_approvals_mint_one_token() {
     pair.server.stop().await;
 }
 
+/// Watches on the replica that approves are handed the decision it
+/// committed instead of re-reading it; with polls racing them, the token
+/// still leaves the server once and every other watch reports REDEEMED.
+#[tokio::test]
+async fn watches_and_polls_racing_for_an_approved_token_take_it_once() {
+    const WATCHES: usize = 4;
+    const POLLERS: usize = 4;
+    let pair = setup_pair().await;
+    let Pair {
+        server,
+        agent,
+        globex_admin,
+        ..
+    } = &pair;
+    steps_up(&pair, 1).await;
+    let ann = approver(&pair, "ann").await;
+    let step = pending(&pair, &ann).await;
+    let mut watches = Vec::new();
+    for _ in 0..WATCHES {
+        let mut watch = watch_step_up(agent, &step.auth_req_id, BEAT).await.unwrap();
+        assert_eq!(next_status(&mut watch).await.state(), State::Pending);
+        watches.push(watch);
+    }
+
+    approve_step_up(&ann, &step.step_up_id, &step.request_hash)
+        .await
+        .unwrap();
+    let polls: Vec<_> = (0..POLLERS)
+        .map(|_| {
+            let (agent, id) = (agent.clone(), step.auth_req_id.clone());
+            tokio::spawn(async move { retrying(|| poll(&agent, &id)).await })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for mut watch in watches {
+        let event = next_status(&mut watch).await;
+        match event.state() {
+            State::Approved => {
+                assert_eq!(event.token_type, "Bearer");
+                assert_eq!(
+                    event.delegation.as_ref().unwrap().status(),
+                    pb::DelegationStatus::Active
+                );
+                tokens.push(event.access_token);
+            }
+            State::Redeemed => {
+                assert_eq!(event.ciba_error, "invalid_grant");
+                assert!(event.access_token.is_empty());
+            }
+            other => panic!("a watch ended in {other:?}"),
+        }
+        assert_ended(&mut watch, "after the decision").await;
+    }
+    for task in polls {
+        match task.await.unwrap() {
+            Ok(response) => tokens.push(response.access_token),
+            Err(err) => {
+                expect_ciba(
+                    Err::<(), _>(err),
+                    Code::FailedPrecondition,
+                    Reason::InvalidGrant,
+                    "invalid_grant",
+                );
+            }
+        }
+    }
+    assert_eq!(tokens.len(), 1, "exactly one token");
+    assert!(globex_admin.verify(&tokens[0], "").await.unwrap().active);
+    assert_eq!(
+        in_both_logs(server, pair.logs(), "step_up.redeemed", &step.step_up_id).await,
+        [1, 1]
+    );
+    pair.server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // The approvers' queue.
 

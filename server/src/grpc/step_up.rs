@@ -7,6 +7,7 @@
 //! a small bounded channel; a client that stops reading only stalls its own
 //! task, and a client that goes away ends it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -68,8 +69,16 @@ impl StepUpApi {
         use pb::watch_step_up_response::Event;
         let mut stopping = self.0.stopping.subscribe();
         let mut last_sent: Option<(&'static str, usize)> = None;
+        // A decision committed by this process, handed over by the change
+        // that woke the watch: taken instead of re-reading the database.
+        let handed: std::sync::Mutex<Option<Arc<StepUpView>>> = std::sync::Mutex::new(None);
         loop {
-            let view = match step_ups::agent_view(&self.0, &step_up_id).await {
+            let settled = handed.lock().ok().and_then(|mut view| view.take());
+            let read = match settled {
+                Some(view) => Ok(Arc::unwrap_or_clone(view)),
+                None => step_ups::agent_view(&self.0, &step_up_id).await,
+            };
+            let view = match read {
                 Ok(view) => view,
                 // The database is unreachable: the stream stays open
                 // (heartbeats go on) and reads again on the next wake. The
@@ -152,11 +161,18 @@ impl StepUpApi {
                 u64::try_from(view.step.expires_at - self.0.clock.now_millis()).unwrap_or(0),
             );
             let id = step_up_id.clone();
+            let handed = &handed;
             let wake = wait_for_change(
                 &mut events,
                 &mut stopping,
                 tx.closed(),
-                move |change| change.concerns_step_up(&id),
+                move |change| {
+                    let concerns = change.concerns_step_up(&id);
+                    if let (true, Ok(mut slot)) = (concerns, handed.lock()) {
+                        slot.clone_from(&change.settled);
+                    }
+                    concerns
+                },
                 beat,
                 Some(until_deadline),
             )
