@@ -508,12 +508,6 @@ impl IssuerKeys {
         if key.publish_until.is_some_and(|until| until <= now) {
             return Err(Error::Unauthenticated("signing key no longer published"));
         }
-        let mut validation = Validation::new(algorithm);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[audience]);
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         // Everything above is re-checked on every call (the key may have
         // left the JWKS since); the signature, issuer and audience of a
         // byte-identical token are not, once they passed.
@@ -521,6 +515,12 @@ impl IssuerKeys {
         let claims = match self.verified.get(&fingerprint) {
             Some(claims) => claims,
             None => {
+                let mut validation = Validation::new(algorithm);
+                validation.set_issuer(&[&self.issuer]);
+                validation.set_audience(&[audience]);
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
                 let data = jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
                     .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))?;
                 let claims = Arc::new(data.claims);
