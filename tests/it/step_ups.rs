@@ -184,6 +184,51 @@ fn expect_state<T: std::fmt::Debug>(result: Result<T, ClientError>, state: &str)
     );
 }
 
+/// The tokens `polls` were handed; every other poll must have been told
+/// `invalid_grant`.
+async fn tokens_of(
+    polls: Vec<tokio::task::JoinHandle<Result<pb::PollStepUpResponse, ClientError>>>,
+) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for task in polls {
+        match task.await.unwrap() {
+            Ok(response) => tokens.push(response.access_token),
+            Err(err) => {
+                expect_ciba(
+                    Err::<(), _>(err),
+                    Code::FailedPrecondition,
+                    Reason::InvalidGrant,
+                    "invalid_grant",
+                );
+            }
+        }
+    }
+    tokens
+}
+
+/// Exactly one of `tokens` left the server, it verifies, and both parties'
+/// logs record one redemption.
+async fn assert_taken_once(pair: &Pair, step: &PendingStepUp, tokens: &[String]) {
+    assert_eq!(tokens.len(), 1, "exactly one token");
+    assert!(
+        pair.globex_admin
+            .verify(&tokens[0], "")
+            .await
+            .unwrap()
+            .active
+    );
+    assert_eq!(
+        in_both_logs(
+            &pair.server,
+            pair.logs(),
+            "step_up.redeemed",
+            &step.step_up_id
+        )
+        .await,
+        [1, 1]
+    );
+}
+
 /// The interval a CIBA error announces.
 #[track_caller]
 fn interval(metadata: &HashMap<String, String>) -> u32 {
@@ -1173,7 +1218,6 @@ async fn sixteen_concurrent_approvals_mint_one_token() {
     const POLLERS: usize = 8;
     let pair = setup_pair().await;
     let Pair {
-        server,
         agent,
         globex_admin,
         ..
@@ -1230,26 +1274,8 @@ async fn sixteen_concurrent_approvals_mint_one_token() {
             })
         })
         .collect();
-    let mut tokens = Vec::new();
-    for task in polls {
-        match task.await.unwrap() {
-            Ok(response) => tokens.push(response.access_token),
-            Err(err) => {
-                expect_ciba(
-                    Err::<(), _>(err),
-                    Code::FailedPrecondition,
-                    Reason::InvalidGrant,
-                    "invalid_grant",
-                );
-            }
-        }
-    }
-    assert_eq!(tokens.len(), 1, "exactly one token");
-    assert!(globex_admin.verify(&tokens[0], "").await.unwrap().active);
-    assert_eq!(
-        in_both_logs(server, pair.logs(), "step_up.redeemed", &step.step_up_id).await,
-        [1, 1]
-    );
+    let tokens = tokens_of(polls).await;
+    assert_taken_once(&pair, &step, &tokens).await;
     pair.server.stop().await;
 }
 
@@ -1261,12 +1287,7 @@ async fn watches_and_polls_racing_for_an_approved_token_take_it_once() {
     const WATCHES: usize = 4;
     const POLLERS: usize = 4;
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    let agent = &pair.agent;
     steps_up(&pair, 1).await;
     let ann = approver(&pair, "ann").await;
     let step = pending(&pair, &ann).await;
@@ -1306,25 +1327,8 @@ async fn watches_and_polls_racing_for_an_approved_token_take_it_once() {
         }
         assert_ended(&mut watch, "after the decision").await;
     }
-    for task in polls {
-        match task.await.unwrap() {
-            Ok(response) => tokens.push(response.access_token),
-            Err(err) => {
-                expect_ciba(
-                    Err::<(), _>(err),
-                    Code::FailedPrecondition,
-                    Reason::InvalidGrant,
-                    "invalid_grant",
-                );
-            }
-        }
-    }
-    assert_eq!(tokens.len(), 1, "exactly one token");
-    assert!(globex_admin.verify(&tokens[0], "").await.unwrap().active);
-    assert_eq!(
-        in_both_logs(server, pair.logs(), "step_up.redeemed", &step.step_up_id).await,
-        [1, 1]
-    );
+    tokens.extend(tokens_of(polls).await);
+    assert_taken_once(&pair, &step, &tokens).await;
     pair.server.stop().await;
 }
 
