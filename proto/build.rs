@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .generate_default_stubs(true)
+        .codec_path("crate::codec::Codec")
         .compile_fds(file_descriptors)?;
     Ok(())
 }

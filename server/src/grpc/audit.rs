@@ -9,8 +9,6 @@
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
@@ -24,7 +22,7 @@ use super::call_context;
 /// tails one tenant can hold. Smaller than the export's batch, which has no
 /// such multiplier.
 const TAIL_BATCH: u64 = 128;
-use super::stream::{self, Wake, wait_for_change};
+use super::stream::{self, StreamTx, Wake, wait_for_change};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
 use crate::domain::audit_log::{self, ExportPlan, TypeFilter};
@@ -50,12 +48,14 @@ impl AuditApi {
         types: TypeFilter,
         beat: Duration,
         mut events: tokio::sync::broadcast::Receiver<crate::hub::Change>,
-        tx: mpsc::Sender<Result<pb::TailAuditEventsResponse, Status>>,
+        tx: StreamTx<pb::TailAuditEventsResponse>,
     ) {
         use pb::tail_audit_events_response::Item;
         let mut stopping = self.0.stopping.subscribe();
         loop {
-            let rows = match audit_log::sealed_after(
+            // Boxed: a tail's task is as large as the largest future it
+            // awaits, held for the stream's life.
+            let rows = match Box::pin(audit_log::sealed_after(
                 &self.0,
                 &tenant_id,
                 cursor,
@@ -63,7 +63,7 @@ impl AuditApi {
                 (None, None),
                 &TypeFilter::default(),
                 TAIL_BATCH,
-            )
+            ))
             .await
             {
                 Ok(rows) => rows,
@@ -134,7 +134,7 @@ impl AuditApi {
         self,
         ctx: CallContext,
         plan: ExportPlan,
-        tx: mpsc::Sender<Result<pb::ExportAuditEventsResponse, Status>>,
+        tx: StreamTx<pb::ExportAuditEventsResponse>,
     ) {
         use pb::export_audit_events_response::Part;
         let mut digest = digest::Context::new(&digest::SHA256);
@@ -255,12 +255,12 @@ impl AuditService for AuditApi {
         let beat = Duration::from_secs(heartbeat_seconds(req.heartbeat_interval_seconds)?);
         let events = self.0.hub.subscribe();
         let (tenant_id, start, types) = audit_log::tail_start(&self.0, &ctx, &req).await?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(STREAM_BUFFER);
         tokio::spawn(
             self.clone()
                 .run_tail(tenant_id, start, types, beat, events, tx),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn export_audit_events(
@@ -269,9 +269,9 @@ impl AuditService for AuditApi {
     ) -> Reply<BoxStream<pb::ExportAuditEventsResponse>> {
         let ctx = call_context(&request)?;
         let plan = audit_log::export_plan(&self.0, &ctx, request.get_ref()).await?;
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = stream::channel(4);
         tokio::spawn(self.clone().run_export(ctx, plan, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn verify_audit_chain(

@@ -10,14 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
-use super::stream::{answer_wake, heartbeat, wait_for_change};
+use super::stream::{self, StreamTx, answer_wake, heartbeat, wait_for_change};
 use super::{call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
@@ -64,7 +63,7 @@ impl StepUpApi {
         step_up_id: String,
         mut events: broadcast::Receiver<Change>,
         beat: Duration,
-        tx: mpsc::Sender<Result<pb::WatchStepUpResponse, Status>>,
+        tx: StreamTx<pb::WatchStepUpResponse>,
     ) {
         use pb::watch_step_up_response::Event;
         let mut stopping = self.0.stopping.subscribe();
@@ -76,7 +75,9 @@ impl StepUpApi {
             let settled = handed.lock().ok().and_then(|mut view| view.take());
             let read = match settled {
                 Some(view) => Ok(Arc::unwrap_or_clone(view)),
-                None => step_ups::agent_view(&self.0, &step_up_id).await,
+                // Boxed here and below: a watch's task is as large as the
+                // largest future it awaits, held for the stream's life.
+                None => Box::pin(step_ups::agent_view(&self.0, &step_up_id)).await,
             };
             let view = match read {
                 Ok(view) => view,
@@ -127,7 +128,14 @@ impl StepUpApi {
                     if tx.is_closed() {
                         return;
                     }
-                    match step_ups::redeem(&self.0, &ctx, &view.step, &view.delegation).await {
+                    match Box::pin(step_ups::redeem(
+                        &self.0,
+                        &ctx,
+                        &view.step,
+                        &view.delegation,
+                    ))
+                    .await
+                    {
                         Ok(redeemed) => {
                             status.access_token = redeemed.token;
                             status.token_type = "Bearer".to_owned();
@@ -201,18 +209,18 @@ impl StepUpApi {
         mut settled: i64,
         mut events: broadcast::Receiver<Change>,
         beat: Duration,
-        tx: mpsc::Sender<Result<pb::WatchPendingStepUpsResponse, Status>>,
+        tx: StreamTx<pb::WatchPendingStepUpsResponse>,
     ) {
         use pb::watch_pending_step_ups_response::Event;
         let mut stopping = self.0.stopping.subscribe();
         let mut sent = std::collections::BTreeSet::new();
         loop {
-            let changes = match step_ups::changes_after(
+            let changes = match Box::pin(step_ups::changes_after(
                 &self.0,
                 &tenant_id,
                 settled,
                 CHANGES_PER_ROUND,
-            )
+            ))
             .await
             {
                 Ok(changes) => changes,
@@ -350,9 +358,9 @@ impl StepUpService for StepUpApi {
         // Subscribe first, so no change between the read and the wait is lost.
         let events = self.0.hub.subscribe();
         let (step, _) = step_ups::find_for_agent(&self.0, &ctx, &req.auth_req_id).await?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(STREAM_BUFFER);
         tokio::spawn(self.clone().run_watch(ctx, step.id, events, beat, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn get_step_up(
@@ -408,7 +416,7 @@ impl StepUpService for StepUpApi {
             Some(parsed)
         };
         let events = self.0.hub.subscribe();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(STREAM_BUFFER);
         let cursor = match resume {
             Some(cursor) => cursor,
             None => {
@@ -439,14 +447,14 @@ impl StepUpService for StepUpApi {
                     }
                     api.run_queue_watch(tenant, cursor, events, beat, tx).await;
                 });
-                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+                return Ok(Response::new(rx));
             }
         };
         tokio::spawn(
             self.clone()
                 .run_queue_watch(tenant_id, cursor, events, beat, tx),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn approve_step_up(

@@ -4,13 +4,56 @@
 
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tonic::codegen::BoxStream;
 use vaultguard_proto::v1 as pb;
 
 use crate::clock::to_timestamp;
 use crate::hub::Change;
 use crate::state::AppState;
+
+/// The sending half of a server stream: a bounded channel of boxed
+/// messages. tokio allocates a channel's slots 32 at a time as it creates
+/// the channel, and the watch messages are 700–800 bytes: unboxed, every
+/// open stream held 23 KB of empty slots (10,000 queue watches took the
+/// server from 29 to 303 MiB). Boxed, a slot is 16 bytes.
+pub(super) struct StreamTx<T>(mpsc::Sender<Result<Box<T>, Status>>);
+
+/// The client is gone: the stream has no receiver left.
+#[derive(Debug)]
+pub(super) struct Gone;
+
+impl<T> Clone for StreamTx<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> StreamTx<T> {
+    /// Queues `item`, waiting while the stream's buffer is full.
+    pub(super) async fn send(&self, item: Result<T, Status>) -> Result<(), Gone> {
+        self.0.send(item.map(Box::new)).await.map_err(|_| Gone)
+    }
+
+    /// Resolves when the client is gone.
+    pub(super) async fn closed(&self) {
+        self.0.closed().await;
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A server stream of at most `buffer` queued messages and its sender.
+pub(super) fn channel<T: Send + 'static>(buffer: usize) -> (StreamTx<T>, BoxStream<T>) {
+    let (tx, rx) = mpsc::channel::<Result<Box<T>, Status>>(buffer);
+    let messages = ReceiverStream::new(rx).map(|item| item.map(|message| *message));
+    (StreamTx(tx), Box::pin(messages))
+}
 
 /// A heartbeat at the server's current time.
 pub(super) fn heartbeat(state: &AppState) -> pb::Heartbeat {
@@ -78,7 +121,7 @@ pub(super) async fn wait_for_change(
 /// message. Returns whether the stream goes on (false: stopped, or the
 /// client is gone).
 pub(super) async fn answer_wake<T>(
-    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+    tx: &StreamTx<T>,
     wake: Wake,
     heartbeat: impl FnOnce() -> T,
 ) -> bool {
