@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
-use super::stream::{self, StreamTx, answer_wake, heartbeat, wait_for_change};
+use super::stream::{self, StreamTx, Wake, answer_wake, heartbeat, wait_for_change};
 use super::{call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
@@ -70,10 +70,9 @@ impl StepUpApi {
         let mut last_sent: Option<(&'static str, usize)> = None;
         // A decision committed by this process, handed over by the change
         // that woke the watch: taken instead of re-reading the database.
-        let handed: std::sync::Mutex<Option<Arc<StepUpView>>> = std::sync::Mutex::new(None);
+        let mut handed: Option<Arc<StepUpView>> = None;
         loop {
-            let settled = handed.lock().ok().and_then(|mut view| view.take());
-            let read = match settled {
+            let read = match handed.take() {
                 Some(view) => Ok(Arc::unwrap_or_clone(view)),
                 // Boxed here and below: a watch's task is as large as the
                 // largest future it awaits, held for the stream's life.
@@ -169,22 +168,18 @@ impl StepUpApi {
                 u64::try_from(view.step.expires_at - self.0.clock.now_millis()).unwrap_or(0),
             );
             let id = step_up_id.clone();
-            let handed = &handed;
             let wake = wait_for_change(
                 &mut events,
                 &mut stopping,
                 tx.closed(),
-                move |change| {
-                    let concerns = change.concerns_step_up(&id);
-                    if let (true, Ok(mut slot)) = (concerns, handed.lock()) {
-                        slot.clone_from(&change.settled);
-                    }
-                    concerns
-                },
+                move |change| change.concerns_step_up(&id),
                 beat,
                 Some(until_deadline),
             )
             .await;
+            if let Wake::Change(Some(change)) = &wake {
+                handed.clone_from(&change.settled);
+            }
             if !answer_wake(&tx, wake, || pb::WatchStepUpResponse {
                 event: Some(Event::Heartbeat(heartbeat(&self.0))),
             })

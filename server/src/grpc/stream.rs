@@ -63,10 +63,11 @@ pub(super) fn heartbeat(state: &AppState) -> pb::Heartbeat {
 }
 
 /// Why a watch woke up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Wake {
-    /// Something may have changed: re-read.
-    Change,
+    /// Something may have changed: re-read. Carries the relevant change
+    /// that woke the watch (none after a lag or at a deadline).
+    Change(Option<Change>),
     /// The stream was idle for a heartbeat interval.
     Heartbeat,
     /// The server is shutting down: end the stream.
@@ -97,16 +98,16 @@ pub(super) async fn wait_for_change(
                 return if deadline.is_none_or(|d| d >= heartbeat) {
                     Wake::Heartbeat
                 } else {
-                    Wake::Change
+                    Wake::Change(None)
                 };
             }
             _ = stopping.changed() => return Wake::Stop,
             received = events.recv() => match received {
-                Ok(change) if concerns(&change) => return Wake::Change,
+                Ok(change) if concerns(&change) => return Wake::Change(Some(change)),
                 Ok(_) => {}
                 // Lagged: something may have changed; closed: re-read and
                 // let the heartbeat pace the loop.
-                Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Change,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Change(None),
                 Err(broadcast::error::RecvError::Closed) => {
                     (&mut sleep).await;
                     return Wake::Heartbeat;
@@ -131,7 +132,7 @@ pub(super) async fn answer_wake<T>(
             false
         }
         Wake::Heartbeat => tx.send(Ok(heartbeat())).await.is_ok(),
-        Wake::Change => true,
+        Wake::Change(_) => true,
     }
 }
 
