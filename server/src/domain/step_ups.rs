@@ -445,16 +445,24 @@ pub async fn agent_view(state: &AppState, step_up_id: &str) -> Result<StepUpView
     .await
 }
 
+/// The query of step-up `step_up_id` if it is addressed to the caller's
+/// tenant (another tenant's reads as absent).
+fn receiving_query(
+    ctx: &CallContext,
+    step_up_id: &str,
+) -> Result<sea_orm::Select<step_up::Entity>> {
+    check_id("step_up_id", step_up_id, IdKind::StepUp)?;
+    Ok(step_up::Entity::find_by_id(step_up_id.to_owned())
+        .filter(step_up::Column::ReceivingTenantId.eq(ctx.principal.tenant_id()?)))
+}
+
 /// A step-up addressed to the caller's tenant.
 async fn find_receiving(
     state: &AppState,
     ctx: &CallContext,
     step_up_id: &str,
 ) -> Result<step_up::Model> {
-    check_id("step_up_id", step_up_id, IdKind::StepUp)?;
-    let tenant = ctx.principal.tenant_id()?;
-    step_up::Entity::find_by_id(step_up_id.to_owned())
-        .filter(step_up::Column::ReceivingTenantId.eq(tenant))
+    receiving_query(ctx, step_up_id)?
         .one(&state.db)
         .await?
         .ok_or(Error::NotFound("step-up"))
@@ -462,9 +470,7 @@ async fn find_receiving(
 
 /// GetStepUp.
 pub async fn get(state: &AppState, ctx: &CallContext, step_up_id: &str) -> Result<StepUpView> {
-    check_id("step_up_id", step_up_id, IdKind::StepUp)?;
-    let query = step_up::Entity::find_by_id(step_up_id.to_owned())
-        .filter(step_up::Column::ReceivingTenantId.eq(ctx.principal.tenant_id()?));
+    let query = receiving_query(ctx, step_up_id)?;
     snapshot_view(state, query, || Error::NotFound("step-up")).await
 }
 
