@@ -12,6 +12,12 @@ use vaultguard_server::config::Config;
 use vaultguard_server::domain::tokens;
 use vaultguard_server::{server, store, telemetry};
 
+/// mimalloc instead of glibc's malloc: a gRPC call allocates and frees many
+/// small buffers across threads, and glibc's malloc/free took ~18% of the
+/// server's CPU under load (ARCHITECTURE.md, "Where the time goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vaultguard",
