@@ -257,9 +257,11 @@ pub struct Signature {
     pub payload_hash: [u8; 32],
 }
 
-/// A private key parsed for one algorithm. The wrapped key types wipe
+/// A private key parsed for one algorithm, ready to sign any number of
+/// payloads (parsing derives the public key: for secp256k1 a scalar
+/// multiplication as costly as the signature). The wrapped key types wipe
 /// themselves on drop; `Debug` names the algorithm only.
-enum SecretKey {
+pub enum SecretKey {
     Ed25519(ed25519_dalek::SigningKey),
     Secp256k1(k256::ecdsa::SigningKey),
     P256(p256::ecdsa::SigningKey),
@@ -273,7 +275,11 @@ impl fmt::Debug for SecretKey {
 
 impl SecretKey {
     /// Parses 32 private bytes as a key of `algorithm`.
-    fn parse(algorithm: Algorithm, private: &[u8]) -> Result<Self, CustodyError> {
+    ///
+    /// # Errors
+    ///
+    /// [`CustodyError::InvalidPrivateKey`] as in [`public_key`].
+    pub fn parse(algorithm: Algorithm, private: &[u8]) -> Result<Self, CustodyError> {
         let bytes: &[u8; PRIVATE_KEY_LEN] = private
             .try_into()
             .map_err(|_| CustodyError::InvalidPrivateKey)?;
@@ -288,11 +294,34 @@ impl SecretKey {
         }
     }
 
-    const fn algorithm(&self) -> Algorithm {
+    /// The algorithm the key was parsed for.
+    pub const fn algorithm(&self) -> Algorithm {
         match self {
             Self::Ed25519(_) => Algorithm::Ed25519,
             Self::Secp256k1(_) => Algorithm::Secp256k1,
             Self::P256(_) => Algorithm::P256,
+        }
+    }
+
+    /// Signs `payload` as [`sign`] does, with this parsed key.
+    ///
+    /// # Errors
+    ///
+    /// As [`sign`], less [`CustodyError::InvalidPrivateKey`].
+    pub fn sign(&self, payload: &Payload<'_>) -> Result<Signature, CustodyError> {
+        let hash = suited_hash(self.algorithm(), payload)?;
+        self.sign_hashed(payload, hash)
+    }
+
+    fn sign_hashed(
+        &self,
+        payload: &Payload<'_>,
+        hash: [u8; HASH_LEN],
+    ) -> Result<Signature, CustodyError> {
+        match self {
+            Self::Ed25519(key) => sign_ed25519(key, payload.data(), hash),
+            Self::Secp256k1(key) => sign_secp256k1(key, hash),
+            Self::P256(key) => sign_p256(key, hash),
         }
     }
 }
@@ -472,6 +501,12 @@ pub fn sign(
     private: &[u8],
     payload: &Payload<'_>,
 ) -> Result<Signature, CustodyError> {
+    let hash = suited_hash(algorithm, payload)?;
+    SecretKey::parse(algorithm, private)?.sign_hashed(payload, hash)
+}
+
+/// The payload's hash, once its scheme is known to suit `algorithm`.
+fn suited_hash(algorithm: Algorithm, payload: &Payload<'_>) -> Result<[u8; 32], CustodyError> {
     let scheme = payload.scheme();
     if !scheme.suits(algorithm) {
         return Err(CustodyError::Unsuited {
@@ -479,12 +514,7 @@ pub fn sign(
             algorithm: algorithm.as_str(),
         });
     }
-    let hash = payload_hash(payload)?;
-    match SecretKey::parse(algorithm, private)? {
-        SecretKey::Ed25519(key) => sign_ed25519(&key, payload.data(), hash),
-        SecretKey::Secp256k1(key) => sign_secp256k1(&key, hash),
-        SecretKey::P256(key) => sign_p256(&key, hash),
-    }
+    payload_hash(payload)
 }
 
 /// PureEdDSA over the message.

@@ -28,7 +28,10 @@
 //! change by approval or denial, so they are always read afresh.
 //!
 //! Signing-key rows are held for Sign; a key changes only by being
-//! disabled (once and for good), which is announced.
+//! disabled (once and for good), which is announced. Their parsed private
+//! keys are held beside them (parsing derives the public key, for secp256k1
+//! a scalar multiplication as costly as the signature) and dropped with the
+//! row; a key's private half never changes, so they need no epoch.
 //!
 //! Connection and OAuth-provider rows are held for ExchangeToken. Only
 //! CONNECTED connections are held; every write to a connection (callback,
@@ -47,6 +50,7 @@ use sea_orm::{
 
 use std::sync::Arc;
 
+use crate::custody::SecretKey;
 use crate::domain::connections::STATUS_CONNECTED;
 use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
@@ -119,6 +123,7 @@ pub struct Directory {
     agents: RwLock<HashMap<String, agent::Model>>,
     delegations: RwLock<HashMap<String, Arc<delegation::Model>>>,
     signing_keys: RwLock<HashMap<String, Arc<custody_key::Model>>>,
+    parsed_keys: RwLock<HashMap<String, Arc<SecretKey>>>,
     connections: RwLock<HashMap<String, Arc<connection::Model>>>,
     providers: RwLock<HashMap<String, Arc<oauth_provider::Model>>>,
     /// Bumped (under the map's write lock) by every invalidation.
@@ -136,6 +141,7 @@ impl Directory {
             agents: RwLock::default(),
             delegations: RwLock::default(),
             signing_keys: RwLock::default(),
+            parsed_keys: RwLock::default(),
             connections: RwLock::default(),
             providers: RwLock::default(),
             epoch: AtomicU64::new(0),
@@ -189,6 +195,38 @@ impl Directory {
     ) -> Result<Option<Arc<custody_key::Model>>> {
         self.held::<custody_key::Entity>(&self.signing_keys, MAX_ENTRIES, db, id, |_| true)
             .await
+    }
+
+    /// The parsed private key of signing key `id`, made by `parse` on first
+    /// use. The caller has checked the key's row (its tenant, that it is
+    /// enabled) first.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `parse` returns.
+    pub fn parsed_key(
+        &self,
+        id: &str,
+        parse: impl FnOnce() -> Result<SecretKey>,
+    ) -> Result<Arc<SecretKey>> {
+        if let Some(key) = self
+            .parsed_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+        {
+            return Ok(key.clone());
+        }
+        let key = Arc::new(parse()?);
+        let mut map = self
+            .parsed_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_ENTRIES {
+            map.clear();
+        }
+        map.insert(id.to_owned(), key.clone());
+        Ok(key)
     }
 
     /// The connection `id` (any tenant's: the caller checks the owner), from
@@ -271,7 +309,10 @@ impl Directory {
             Entry::Tenant(id) => self.drop_key(&self.tenants, id),
             Entry::Agent(id) => self.drop_key(&self.agents, id),
             Entry::Delegation(id) => self.drop_key(&self.delegations, id),
-            Entry::SigningKey(id) => self.drop_key(&self.signing_keys, id),
+            Entry::SigningKey(id) => {
+                self.drop_key(&self.signing_keys, id);
+                self.drop_key(&self.parsed_keys, id);
+            }
             Entry::Connection(id) => self.drop_key(&self.connections, id),
             Entry::Provider(id) => self.drop_key(&self.providers, id),
         }
@@ -290,6 +331,10 @@ impl Directory {
             .signing_keys
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut parsed_keys = self
+            .parsed_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut connections = self
             .connections
             .write()
@@ -304,6 +349,7 @@ impl Directory {
         agents.clear();
         delegations.clear();
         signing_keys.clear();
+        parsed_keys.clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 

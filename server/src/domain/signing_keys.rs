@@ -685,11 +685,14 @@ fn produce(
     algorithm: Algorithm,
     payload: &OwnedPayload,
 ) -> Result<custody::Signature> {
-    let private = Zeroizing::new(state.master.open(
-        seal_context(&key.tenant_id, &key.id),
-        &key.private_key_ciphertext,
-    )?);
-    custody::sign(algorithm, &private, &payload.borrow()).map_err(custody_error)
+    let parsed = state.directory.parsed_key(&key.id, || {
+        let private = Zeroizing::new(state.master.open(
+            seal_context(&key.tenant_id, &key.id),
+            &key.private_key_ciphertext,
+        )?);
+        custody::SecretKey::parse(algorithm, &private).map_err(custody_error)
+    })?;
+    parsed.sign(&payload.borrow()).map_err(custody_error)
 }
 
 fn recovery_id_of(algorithm: Algorithm, produced: &custody::Signature) -> Option<i32> {
