@@ -14,6 +14,7 @@ mod m20261122_000005_create_vault;
 mod m20261122_000006_policy_delegation_details;
 mod m20261122_000007_step_up_changes;
 mod m20261122_000008_vault_details;
+mod m20261202_000009_drop_unused_delegation_indexes;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000006_policy_delegation_details::Migration),
             Box::new(m20261122_000007_step_up_changes::Migration),
             Box::new(m20261122_000008_vault_details::Migration),
+            Box::new(m20261202_000009_drop_unused_delegation_indexes::Migration),
         ]
     }
 }
