@@ -351,30 +351,27 @@ impl Sealer {
     async fn seal_tenant(&self, tenant_id: &str) -> Result<u64> {
         let txn = self.db.begin().await?;
         let backend = txn.get_database_backend();
+        let postgres = is_postgres(&txn);
         let now = self.clock.now_millis();
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
-                backend,
-                "INSERT INTO audit_heads (tenant_id, seq, hash, updated_at) VALUES (?, 0, ?, ?) ON CONFLICT (tenant_id) DO NOTHING",
-            ),
-            [tenant_id.into(), GENESIS_HASH.into(), now.into()],
-        ))
-        .await?;
-        let lock = if is_postgres(&txn) { " FOR UPDATE" } else { "" };
-        let head = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                backend,
-                placeholders(
+        let head = match self.lock_head(&txn, tenant_id).await? {
+            Some(head) => head,
+            None => {
+                // A tenant's first sealing: make its head, then lock it.
+                txn.execute_raw(Statement::from_sql_and_values(
                     backend,
-                    &format!("SELECT seq, hash FROM audit_heads WHERE tenant_id = ?{lock}"),
-                ),
-                [tenant_id.into()],
-            ))
-            .await?
-            .ok_or_else(|| Error::internal("audit head vanished"))?;
-        let mut seq: i64 = head.try_get("", "seq")?;
-        let mut prev_hash: String = head.try_get("", "hash")?;
+                    placeholders(
+                        backend,
+                        "INSERT INTO audit_heads (tenant_id, seq, hash, updated_at) VALUES (?, 0, ?, ?) ON CONFLICT (tenant_id) DO NOTHING",
+                    ),
+                    [tenant_id.into(), GENESIS_HASH.into(), now.into()],
+                ))
+                .await?;
+                self.lock_head(&txn, tenant_id)
+                    .await?
+                    .ok_or_else(|| Error::internal("audit head vanished"))?
+            }
+        };
+        let (mut seq, mut prev_hash) = head;
 
         let events = audit_event::Entity::find()
             .from_raw_sql(Statement::from_sql_and_values(
@@ -395,58 +392,131 @@ impl Sealer {
             txn.rollback().await?;
             return Ok(0);
         }
-        // One multi-row insert of the links and one delete of the pending
-        // rows per batch, not two statements per event.
-        let mut links = Vec::with_capacity(events.len() * 6);
+        let mut links = Vec::with_capacity(events.len());
         for event in &events {
             seq += 1;
             let hash = chain_hash(event, seq, &prev_hash);
-            links.extend([
-                tenant_id.into(),
-                seq.into(),
-                event.id.into(),
-                std::mem::replace(&mut prev_hash, hash.clone()).into(),
-                hash.into(),
-                now.into(),
-            ]);
+            links.push(Link {
+                seq,
+                event_row_id: event.id,
+                prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                hash,
+            });
         }
-        let rows = vec!["(?, ?, ?, ?, ?, ?)"; events.len()].join(", ");
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
+        if postgres {
+            // The links, the pending rows' deletion and the head's move in
+            // one statement of fixed text (the links travel as one JSON
+            // parameter), so it is parsed and planned once per connection
+            // whatever the batch's size. `= ANY (ARRAY(…))` keeps the
+            // generic plan on the primary key (`IN (SELECT …)` planned a
+            // sequential scan of audit_pending).
+            txn.execute_raw(Statement::from_sql_and_values(
                 backend,
-                &format!(
-                    "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES {rows}"
+                "WITH links AS (\
+                   SELECT * FROM json_to_recordset($1::json) \
+                   AS l(seq BIGINT, event_row_id BIGINT, prev_hash TEXT, hash TEXT)\
+                 ), chained AS (\
+                   INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) \
+                   SELECT $2, seq, event_row_id, prev_hash, hash, $3 FROM links\
+                 ), sealed AS (\
+                   DELETE FROM audit_pending \
+                   WHERE event_row_id = ANY (ARRAY(SELECT event_row_id FROM links))\
+                 ) \
+                 UPDATE audit_heads SET seq = $4, hash = $5, updated_at = $3 WHERE tenant_id = $2",
+                [
+                    serde_json::to_string(&links).map_err(Error::internal)?.into(),
+                    tenant_id.into(),
+                    now.into(),
+                    seq.into(),
+                    prev_hash.into(),
+                ],
+            ))
+            .await?;
+        } else {
+            // One multi-row insert of the links and one delete of the
+            // pending rows per batch, not two statements per event.
+            let rows = vec!["(?, ?, ?, ?, ?, ?)"; links.len()].join(", ");
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(
+                    backend,
+                    &format!(
+                        "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES {rows}"
+                    ),
                 ),
-            ),
-            links,
-        ))
-        .await?;
-        let ids = vec!["?"; events.len()].join(", ");
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
+                links.iter().flat_map(|link| {
+                    [
+                        tenant_id.into(),
+                        link.seq.into(),
+                        link.event_row_id.into(),
+                        link.prev_hash.clone().into(),
+                        link.hash.clone().into(),
+                        now.into(),
+                    ]
+                }),
+            ))
+            .await?;
+            let ids = vec!["?"; links.len()].join(", ");
+            txn.execute_raw(Statement::from_sql_and_values(
                 backend,
-                &format!("DELETE FROM audit_pending WHERE event_row_id IN ({ids})"),
-            ),
-            events.iter().map(|event| event.id.into()),
-        ))
-        .await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
+                placeholders(
+                    backend,
+                    &format!("DELETE FROM audit_pending WHERE event_row_id IN ({ids})"),
+                ),
+                links.iter().map(|link| link.event_row_id.into()),
+            ))
+            .await?;
+            txn.execute_raw(Statement::from_sql_and_values(
                 backend,
-                "UPDATE audit_heads SET seq = ?, hash = ?, updated_at = ? WHERE tenant_id = ?",
-            ),
-            [seq.into(), prev_hash.into(), now.into(), tenant_id.into()],
-        ))
-        .await?;
+                placeholders(
+                    backend,
+                    "UPDATE audit_heads SET seq = ?, hash = ?, updated_at = ? WHERE tenant_id = ?",
+                ),
+                [seq.into(), prev_hash.into(), now.into(), tenant_id.into()],
+            ))
+            .await?;
+        }
         let change = Change::audit(tenant_id);
         self.hub.announce(&txn, &change).await?;
         txn.commit().await?;
         self.hub.committed(vec![change]);
         Ok(u64::try_from(events.len()).unwrap_or(0))
     }
+
+    /// The tenant's head (sequence and hash), locked for this transaction
+    /// (`FOR UPDATE` on PostgreSQL; SQLite has one writer); `None` before
+    /// the tenant's first sealing.
+    async fn lock_head(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        tenant_id: &str,
+    ) -> Result<Option<(i64, String)>> {
+        let backend = txn.get_database_backend();
+        let lock = if is_postgres(txn) { " FOR UPDATE" } else { "" };
+        let Some(head) = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(
+                    backend,
+                    &format!("SELECT seq, hash FROM audit_heads WHERE tenant_id = ?{lock}"),
+                ),
+                [tenant_id.into()],
+            ))
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((head.try_get("", "seq")?, head.try_get("", "hash")?)))
+    }
+}
+
+/// One event's place in its tenant's chain.
+#[derive(Debug, serde::Serialize)]
+struct Link {
+    seq: i64,
+    event_row_id: i64,
+    prev_hash: String,
+    hash: String,
 }
 
 /// One write of a group commit: at most one row to insert (an idempotency
