@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sea_orm::sea_query::{
     Alias, CommonTableExpression, Expr, InsertStatement, OnConflict, PostgresQueryBuilder, Query,
-    SelectStatement, SubQueryStatement, UnionType, WithClause,
+    SelectStatement, SubQueryStatement, UnionType, WithQuery,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, TransactionTrait,
@@ -556,7 +556,7 @@ pub enum Written {
 /// the others alone. The answer names the units whose row was inserted;
 /// the returned flags say which units had a row at all.
 fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<bool>)> {
-    let mut with = WithClause::new();
+    let mut with = WithQuery::new();
     let mut had_row = Vec::with_capacity(units.len());
     let mut inserted: Option<SelectStatement> = None;
     let mut appended: Option<SelectStatement> = None;
@@ -666,7 +666,7 @@ pub fn with_events(
     events: &[NewEvent],
     last: SelectStatement,
 ) -> Result<Statement> {
-    let mut with = WithClause::new();
+    let mut with = WithQuery::new();
     for (name, write) in writes {
         with.cte(cte(write, &name));
     }
@@ -682,11 +682,13 @@ pub fn with_events(
     ))
 }
 
+/// The common table expression `name AS (query)`. (Built in place: the
+/// builders' `to_owned()` clones, and a group statement's expressions
+/// carry every bound value.)
 fn cte(query: impl Into<SubQueryStatement>, name: &str) -> CommonTableExpression {
-    CommonTableExpression::new()
-        .query(query)
-        .table_name(Alias::new(name))
-        .to_owned()
+    let mut cte = CommonTableExpression::new();
+    cte.query(query).table_name(Alias::new(name));
+    cte
 }
 
 fn union_all(acc: &mut Option<SelectStatement>, next: SelectStatement) {
