@@ -431,4 +431,36 @@ mod tests {
         directory.set_live(false);
         assert!(directory.cached(&map, "ten_1").is_none());
     }
+
+    #[test]
+    fn a_parsed_key_is_made_once_and_dropped_with_its_row() {
+        let directory = Directory::new(DbBackend::Sqlite);
+        let parses = std::cell::Cell::new(0);
+        let parse = || {
+            parses.set(parses.get() + 1);
+            Ok(
+                SecretKey::parse(crate::custody::Algorithm::Secp256k1, &[7; 32])
+                    .expect("a valid scalar"),
+            )
+        };
+        let first = directory.parsed_key("key_1", parse).expect("parsed");
+        let again = directory.parsed_key("key_1", parse).expect("held");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(parses.get(), 1);
+        // Disabling the key (here or on another replica) forgets its row,
+        // and the parsed key with it.
+        directory.forget(&Entry::SigningKey("key_1".to_owned()));
+        directory.parsed_key("key_1", parse).expect("parsed again");
+        assert_eq!(parses.get(), 2);
+        directory.flush();
+        directory
+            .parsed_key("key_1", parse)
+            .expect("parsed after a flush");
+        assert_eq!(parses.get(), 3);
+        // A failed parse holds nothing.
+        let failed = directory.parsed_key("key_2", || Err(crate::error::Error::internal("no")));
+        assert!(failed.is_err());
+        directory.parsed_key("key_2", parse).expect("parsed");
+        assert_eq!(parses.get(), 4);
+    }
 }
