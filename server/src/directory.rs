@@ -31,7 +31,7 @@
 //! disabled (once and for good), which is announced. Their parsed private
 //! keys are held beside them (parsing derives the public key, for secp256k1
 //! a scalar multiplication as costly as the signature) and dropped with the
-//! row; a key's private half never changes, so they need no epoch.
+//! row.
 //!
 //! Connection and OAuth-provider rows are held for ExchangeToken. Only
 //! CONNECTED connections are held; every write to a connection (callback,
@@ -198,8 +198,9 @@ impl Directory {
     }
 
     /// The parsed private key of signing key `id`, made by `parse` on first
-    /// use. The caller has checked the key's row (its tenant, that it is
-    /// enabled) first.
+    /// use and held like the rows (not while entries cannot be trusted, nor
+    /// when the key was forgotten while it was being parsed). The caller has
+    /// checked the key's row (its tenant, that it is enabled) first.
     ///
     /// # Errors
     ///
@@ -209,23 +210,12 @@ impl Directory {
         id: &str,
         parse: impl FnOnce() -> Result<SecretKey>,
     ) -> Result<Arc<SecretKey>> {
-        if let Some(key) = self
-            .parsed_keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-        {
-            return Ok(key.clone());
+        if let Some(key) = self.cached(&self.parsed_keys, id) {
+            return Ok(key);
         }
+        let epoch = self.epoch.load(Ordering::Acquire);
         let key = Arc::new(parse()?);
-        let mut map = self
-            .parsed_keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= MAX_ENTRIES {
-            map.clear();
-        }
-        map.insert(id.to_owned(), key.clone());
+        self.remember(&self.parsed_keys, MAX_ENTRIES, epoch, id, &key);
         Ok(key)
     }
 
