@@ -62,6 +62,14 @@ fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
     })
 }
 
+/// Reads an answer that RFC 6749 (§5.1, §5.2) and RFC 7009 define as a JSON
+/// object. A derived `Deserialize` would also take a JSON array, field by
+/// position, which no provider means.
+fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> serde_json::Result<T> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)?;
+    serde_json::from_value(serde_json::Value::Object(object))
+}
+
 /// A token endpoint's error answer (RFC 6749 §5.2).
 #[derive(Deserialize)]
 struct ErrorBody {
@@ -229,7 +237,7 @@ impl OAuthClient {
         let status = response.status();
         let body = read_capped(response).await?;
         if status.is_success() {
-            let grant: TokenGrant = serde_json::from_slice(&body).map_err(|_| {
+            let grant: TokenGrant = json_object(&body).map_err(|_| {
                 ProviderError::Unavailable("the token response is not OAuth JSON".to_owned())
             })?;
             if grant.access_token.is_empty() {
@@ -245,7 +253,7 @@ impl OAuthClient {
                 status.as_u16()
             )));
         }
-        match serde_json::from_slice::<ErrorBody>(&body) {
+        match json_object::<ErrorBody>(&body) {
             Ok(error) if error.error == "invalid_grant" => Err(ProviderError::InvalidGrant {
                 description: tidy(error.error_description.as_deref().unwrap_or_default(), 200),
             }),
@@ -286,7 +294,7 @@ impl OAuthClient {
             return Ok(());
         }
         let body = read_capped(response).await.unwrap_or_default();
-        match serde_json::from_slice::<ErrorBody>(&body) {
+        match json_object::<ErrorBody>(&body) {
             Ok(error) if !status.is_server_error() => Err(ProviderError::Rejected {
                 error: tidy(&error.error, 64),
                 description: tidy(error.error_description.as_deref().unwrap_or_default(), 200),
@@ -339,6 +347,16 @@ mod tests {
         let printed = format!("{grant:?}");
         assert!(!printed.contains("AT-secret") && !printed.contains("RT-secret"));
         assert_eq!(grant.expires_in, Some(3600));
+    }
+
+    #[test]
+    fn answers_that_are_not_json_objects_are_refused() {
+        // Found by `token_answers_never_panic`: a derived `Deserialize`
+        // reads a struct from an array, field by position.
+        assert!(json_object::<TokenGrant>(br#"["AT","Bearer",0]"#).is_err());
+        assert!(json_object::<ErrorBody>(br#"["invalid_grant"]"#).is_err());
+        let grant: TokenGrant = json_object(br#"{"access_token":"AT","expires_in":0}"#).unwrap();
+        assert_eq!(grant.expires_in, Some(0));
     }
 
     #[tokio::test]
@@ -417,8 +435,9 @@ mod props {
                 any::<String>(),
             ],
         ) {
-            if let Ok(grant) = serde_json::from_str::<TokenGrant>(&body) {
+            if let Ok(grant) = json_object::<TokenGrant>(body.as_bytes()) {
                 let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                prop_assert!(value.is_object());
                 let expected = match &value["expires_in"] {
                     serde_json::Value::Number(n) => n.as_u64(),
                     serde_json::Value::String(s) => s.trim().parse().ok(),
@@ -427,7 +446,10 @@ mod props {
                 prop_assert_eq!(grant.expires_in, expected);
                 let _ = format!("{grant:?}");
             }
-            let _ = serde_json::from_str::<ErrorBody>(&body);
+            if json_object::<ErrorBody>(body.as_bytes()).is_ok() {
+                let object = serde_json::from_str::<serde_json::Value>(&body).unwrap();
+                prop_assert!(object.is_object());
+            }
         }
     }
 }

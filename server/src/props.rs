@@ -18,6 +18,9 @@ pub(crate) fn config(cases: u32) -> ProptestConfig {
         .unwrap_or(cases);
     ProptestConfig {
         cases,
+        // Rejections (`prop_assume!`) grow with the cases; proptest's fixed
+        // default would abort a long local run that found nothing.
+        max_global_rejects: cases.max(1024),
         failure_persistence: None,
         ..ProptestConfig::default()
     }
