@@ -659,18 +659,21 @@ fn pending_insert(appended: SelectStatement) -> Result<InsertStatement> {
 /// `writes` becomes a common table expression under its name, `events` and
 /// their pending rows two more (`e`, `p`), and the statement's result is
 /// `last`, which may select from the writes' `RETURNING`. Every write runs
-/// whether or not `last` reads it; none sees another's rows.
+/// whether or not `last` reads it; none sees another's rows. With `gate`
+/// (the name of one of the writes), each event is written once per row that
+/// write returned: only if it changed something.
 pub fn with_events(
     clock: &dyn Clock,
     writes: Vec<(String, SubQueryStatement)>,
     events: &[NewEvent],
+    gate: Option<&str>,
     last: SelectStatement,
 ) -> Result<Statement> {
     let mut with = WithQuery::new();
     for (name, write) in writes {
         with.cte(cte(write, &name));
     }
-    if let Some(insert) = events_insert(clock, events, None)? {
+    if let Some(insert) = events_insert(clock, events, gate)? {
         with.cte(cte(insert, "e"));
         with.cte(cte(pending_insert(inserted_events("e"))?, "p"));
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use tokio::sync::broadcast;
 
-use crate::domain::step_ups::StepUpView;
+use crate::domain::step_ups::{Minted, StepUpView};
 use crate::error::Result;
 
 /// The PostgreSQL channel step-up changes are announced on.
@@ -45,6 +45,10 @@ pub struct Change {
     /// change published after it; a watcher still re-reads on every other
     /// wake.
     pub settled: Option<Arc<StepUpView>>,
+    /// With `settled` when it is an approval: the delegation's token,
+    /// signed while the approval committed, for the watcher that redeems it
+    /// (the redemption then waits for no signature). Only in this process.
+    pub minted: Option<Minted>,
 }
 
 impl Change {
@@ -54,6 +58,7 @@ impl Change {
             tenant_id: tenant_id.to_owned(),
             step_up_id: step_up_id.to_owned(),
             settled: None,
+            minted: None,
         }
     }
 

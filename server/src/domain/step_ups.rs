@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use futures::future::Either;
 use sea_orm::sea_query::{Alias, Expr, Func, Query, SubQueryStatement, UpdateStatement};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
@@ -261,7 +260,7 @@ async fn record_change_with(
             .expr(Func::cust("pg_notify").args([Expr::val(channel), Expr::val(payload)]))
             .from(Alias::new("c"))
             .to_owned();
-        let statement = audit::with_events(state.clock.as_ref(), writes, &events, notify)?;
+        let statement = audit::with_events(state.clock.as_ref(), writes, &events, None, notify)?;
         txn.execute_raw(statement).await?;
     } else {
         for update in &updates {
@@ -292,49 +291,63 @@ pub async fn record_expired(
     record_change(state, txn, step, "removed", EXPIRED, now).await
 }
 
-/// Redeems an approved step-up: the token, exactly once.
+/// A delegation token signed for an approved step-up before anyone redeemed
+/// it (see [`approve`]). Held in memory only, and handed out only by the
+/// redemption that commits; a token minted but never redeemed through it
+/// (the agent polled instead, or watches through another replica) is
+/// dropped, and that redemption signs its own.
+#[derive(Clone, PartialEq)]
+pub struct Minted {
+    token: String,
+    kid: String,
+}
+
+impl std::fmt::Debug for Minted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minted")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Signs the token of `row`, an approved delegation, on another task.
+fn mint(state: &AppState, row: &delegation::Model) -> tokio::task::JoinHandle<Option<Minted>> {
+    let (state, row) = (state.clone(), row.clone());
+    tokio::spawn(async move {
+        match sign(&state, &row).await {
+            Ok((token, kid)) => Some(Minted { token, kid }),
+            Err(err) => {
+                // The redemption signs again, and answers that error.
+                tracing::warn!(error = %err, delegation_id = %row.id, "minting a step-up token failed");
+                None
+            }
+        }
+    })
+}
+
+/// Redeems an approved step-up: the token, exactly once. `minted` is the
+/// token signed at the approval, when this process made it.
 pub async fn redeem(
     state: &AppState,
     ctx: &CallContext,
     step: &step_up::Model,
     row: &delegation::Model,
+    minted: Option<Minted>,
 ) -> Result<Redeemed> {
     let now = state.clock.now_millis();
     if effective_status(row, now) != STATUS_ACTIVE {
         return Err(poll_error(EXPIRED, 0));
     }
-    // The token is signed on another task while the redemption is written
-    // (an RS256 signature takes about a millisecond); it leaves only once
-    // the redemption commits, and a failed signature commits nothing.
-    let task = {
-        let (state, row) = (state.clone(), row.clone());
-        tokio::spawn(async move { sign(&state, &row).await })
+    // Signed before the write, so that the event names the kid used and a
+    // failed signature commits nothing; the token leaves only once the
+    // redemption commits.
+    let Minted { token, kid } = match minted {
+        Some(minted) => minted,
+        None => {
+            let (token, kid) = sign(state, row).await?;
+            Minted { token, kid }
+        }
     };
-    let signing = async move {
-        task.await
-            .map_err(|_| Error::internal("the signing task failed"))?
-    };
-    // SQLite has one connection, which the transaction holds, and signing
-    // may read the key ring: there the signature comes first.
-    let signing = if is_postgres(&state.db) {
-        Either::Left(signing)
-    } else {
-        Either::Right(std::future::ready(signing.await))
-    };
-    let txn = state.db.begin().await?;
-    let updated = step_up::Entity::update_many()
-        .col_expr(step_up::Column::State, Expr::value(REDEEMED))
-        .col_expr(step_up::Column::RedeemedAt, Expr::value(now))
-        .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
-        .filter(step_up::Column::Id.eq(step.id.clone()))
-        .filter(step_up::Column::State.eq(APPROVED))
-        .exec(&txn)
-        .await?;
-    if updated.rows_affected == 0 {
-        txn.rollback().await?;
-        return Err(invalid_grant());
-    }
-    let (token, kid) = signing.await?;
     let events = party_events(
         &ctx.audit(),
         row,
@@ -343,8 +356,42 @@ pub async fn redeem(
         &json!({"step_up_id": step.id, "kid": kid, "alg": row.token_algorithm}),
         None,
     );
-    audit::append_all(&txn, state.clock.as_ref(), events).await?;
-    txn.commit().await?;
+    let mut update = step_up::Entity::update_many()
+        .col_expr(step_up::Column::State, Expr::value(REDEEMED))
+        .col_expr(step_up::Column::RedeemedAt, Expr::value(now))
+        .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
+        .filter(step_up::Column::Id.eq(step.id.clone()))
+        .filter(step_up::Column::State.eq(APPROVED))
+        .into_query();
+    let redeemed = if is_postgres(&state.db) {
+        // One statement, its own transaction: the events are written only
+        // if the update took the step-up from approved.
+        update.returning_col(step_up::Column::Id);
+        let statement = audit::with_events(
+            state.clock.as_ref(),
+            vec![("r".to_owned(), update.into())],
+            &events,
+            Some("r"),
+            Query::select()
+                .expr_as(Expr::val(1), Alias::new("redeemed"))
+                .from(Alias::new("r"))
+                .to_owned(),
+        )?;
+        state.db.query_one_raw(statement).await?.is_some()
+    } else {
+        let txn = state.db.begin().await?;
+        if txn.execute(&update).await?.rows_affected() == 0 {
+            txn.rollback().await?;
+            false
+        } else {
+            audit::append_all(&txn, state.clock.as_ref(), events).await?;
+            txn.commit().await?;
+            true
+        }
+    };
+    if !redeemed {
+        return Err(invalid_grant());
+    }
     state.audit_committed();
     Ok(Redeemed {
         token,
@@ -358,7 +405,7 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
     let (step, row) = find_for_agent(state, ctx, auth_req_id).await?;
     let now = state.clock.now_millis();
     match effective_state(&step, &row, now) {
-        APPROVED => redeem(state, ctx, &step, &row).await,
+        APPROVED => redeem(state, ctx, &step, &row, None).await,
         PENDING => {
             let too_fast = step
                 .last_polled_at
@@ -833,6 +880,7 @@ pub async fn approve(
     let (mut step_after, mut row_after) = (step.clone(), row.clone());
     step_after.updated_at = now;
     let settled = approvals >= quorum;
+    let mut minting = None;
     let mut change = if settled {
         let expires_at = now + i64::from(decision.max_ttl_seconds) * 1000;
         row_after.status = STATUS_ACTIVE.to_owned();
@@ -876,6 +924,13 @@ pub async fn approve(
             state: APPROVED,
             now,
         };
+        // The token is signed while the approval commits (an RS256
+        // signature takes about a millisecond), so that the watcher it
+        // wakes redeems at once. SQLite's one connection is this
+        // transaction's, and signing may read the key ring.
+        if is_postgres(&state.db) {
+            minting = Some(mint(state, &row_after));
+        }
         record_change_with(state, &txn, &step, queued, vec![activate, approve], events).await?
     } else {
         let events = party_events(
@@ -910,6 +965,9 @@ pub async fn approve(
     }
     txn.commit().await?;
     state.audit_committed();
+    if let Some(minting) = minting {
+        change.minted = minting.await.ok().flatten();
+    }
     state.hub.committed(vec![change]);
     Ok((answer, decision.redacted_for(&tenant_id)))
 }

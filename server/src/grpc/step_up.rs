@@ -71,6 +71,8 @@ impl StepUpApi {
         // A decision committed by this process, handed over by the change
         // that woke the watch: taken instead of re-reading the database.
         let mut handed: Option<Arc<StepUpView>> = None;
+        // The token signed with that decision, for the redemption.
+        let mut minted: Option<step_ups::Minted> = None;
         loop {
             let read = match handed.take() {
                 Some(view) => Ok(Arc::unwrap_or_clone(view)),
@@ -132,6 +134,7 @@ impl StepUpApi {
                         &ctx,
                         &view.step,
                         &view.delegation,
+                        minted.take(),
                     ))
                     .await
                     {
@@ -179,6 +182,7 @@ impl StepUpApi {
             .await;
             if let Wake::Change(Some(change)) = &wake {
                 handed.clone_from(&change.settled);
+                minted.clone_from(&change.minted);
             }
             if !answer_wake(&tx, wake, || pb::WatchStepUpResponse {
                 event: Some(Event::Heartbeat(heartbeat(&self.0))),
