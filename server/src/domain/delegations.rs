@@ -309,7 +309,6 @@ pub(crate) fn seconds_left(until: Option<Millis>, now: Millis) -> u32 {
 }
 
 /// What RequestDelegation answers when the outcome is not BLOCK.
-#[derive(Debug)]
 pub enum Requested {
     Allowed {
         row: delegation::Model,
@@ -322,6 +321,32 @@ pub enum Requested {
         expires_in: u32,
         interval: u32,
     },
+}
+
+/// Without the token: a bearer credential must not reach a log.
+impl std::fmt::Debug for Requested {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Allowed {
+                row, expires_in, ..
+            } => f
+                .debug_struct("Allowed")
+                .field("delegation_id", &row.id)
+                .field("expires_in", expires_in)
+                .finish_non_exhaustive(),
+            Self::StepUp {
+                row,
+                auth_req_id: _,
+                expires_in,
+                interval,
+            } => f
+                .debug_struct("StepUp")
+                .field("delegation_id", &row.id)
+                .field("expires_in", expires_in)
+                .field("interval", interval)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl Requested {

@@ -194,11 +194,21 @@ pub async fn find_for_agent(
 }
 
 /// A step-up's token, handed out once.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Redeemed {
     pub token: String,
     pub expires_in: u32,
     pub delegation: delegation::Model,
+}
+
+/// Without the token: a bearer credential must not reach a log.
+impl std::fmt::Debug for Redeemed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redeemed")
+            .field("expires_in", &self.expires_in)
+            .field("delegation_id", &self.delegation.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Writes a queue change and announces it, inside `txn`.

@@ -13,10 +13,19 @@ use crate::state::AppState;
 use crate::store::entities::{agent, tenant};
 
 /// An issued access token.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IssuedToken {
     pub access_token: String,
     pub expires_in: u32,
+}
+
+/// Without the token: a bearer credential must not reach a log.
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Signs an API access token.
@@ -133,4 +142,20 @@ pub async fn client_credentials(
         )])
         .await?;
     Ok(issued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IssuedToken;
+
+    #[test]
+    fn an_issued_token_never_prints_its_token() {
+        let issued = IssuedToken {
+            access_token: "eyJ.secret.sig".to_owned(),
+            expires_in: 900,
+        };
+        let printed = format!("{issued:?}");
+        assert!(!printed.contains("secret"), "{printed}");
+        assert!(printed.contains("900"), "{printed}");
+    }
 }
