@@ -116,6 +116,8 @@ struct Row {
     measured: Measured,
     server_cpu: f64,
     load_cpu: f64,
+    /// CPU seconds of every PostgreSQL process (0 when it served nothing).
+    db_cpu: f64,
     /// Busy CPU seconds of the whole machine (every process and the
     /// kernel) and all CPU seconds it had, over the measurement.
     machine_busy: f64,
@@ -138,7 +140,7 @@ fn print_rows(title: &str, rows: &[&Row]) {
     println!();
     println!("{title}");
     println!(
-        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12} {:>12} {:>6}",
+        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6}",
         "scenario",
         "ops",
         "ops/s",
@@ -148,13 +150,14 @@ fn print_rows(title: &str, rows: &[&Row]) {
         "errors",
         "srv CPU-s/1k",
         "load CPU-s/1k",
+        "db CPU-s/1k",
         "all CPU-s/1k",
         "busy%"
     );
     for row in rows {
         let m = &row.measured;
         println!(
-            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12} {:>12} {:>6.0}",
+            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6.0}",
             row.scenario,
             m.ops,
             m.throughput(),
@@ -164,6 +167,7 @@ fn print_rows(title: &str, rows: &[&Row]) {
             m.errors,
             per_thousand(row.server_cpu, m.ops),
             per_thousand(row.load_cpu, m.ops),
+            per_thousand(row.db_cpu, m.ops),
             per_thousand(row.machine_busy, m.ops),
             if row.machine_total > 0.0 {
                 100.0 * row.machine_busy / row.machine_total
@@ -268,13 +272,16 @@ async fn measure(
     }
     let own = || server::cpu_seconds(std::process::id());
     let (server_before, load_before) = (total_cpu(sources)?, own()?);
+    let db_before = server::postgres_cpu_seconds()?;
     let (busy_before, total_before) = server::machine_cpu_seconds()?;
     let measured = load::run(op, mode, Duration::from_secs_f64(args.duration), &seq).await?;
     let (busy_after, total_after) = server::machine_cpu_seconds()?;
+    let db_cpu = (server::postgres_cpu_seconds()? - db_before).max(0.0);
     Ok(Row {
         scenario: name.to_owned(),
         server_cpu: total_cpu(sources)? - server_before,
         load_cpu: own()? - load_before,
+        db_cpu,
         machine_busy: busy_after - busy_before,
         machine_total: total_after - total_before,
         measured,
@@ -290,6 +297,7 @@ fn accumulate(total: &mut Option<Row>, other: Row) -> Result<()> {
             row.measured.merge(other.measured)?;
             row.server_cpu += other.server_cpu;
             row.load_cpu += other.load_cpu;
+            row.db_cpu += other.db_cpu;
             row.machine_busy += other.machine_busy;
             row.machine_total += other.machine_total;
         }
@@ -576,8 +584,10 @@ async fn run(args: Args) -> Result<()> {
     );
     println!(
         "CPU-s/1k = CPU seconds (user + system) the server process (srv) or this \
-         load tool (load) spent per 1,000 successful operations; all = the whole \
-         machine (server, load tool, PostgreSQL, kernel); busy% = the machine's \
+         load tool (load) spent per 1,000 successful operations; db = every \
+         PostgreSQL process (every replica's connections, the WAL writer, the \
+         checkpointer); all = the whole machine (server, load tool, PostgreSQL, \
+         kernel); busy% = the machine's \
          CPU in use (100 = every core saturated, so all CPU-s/1k bounds ops/s at \
          cores / all)."
     );

@@ -70,6 +70,38 @@ pub fn machine_cpu_seconds() -> Result<(f64, f64)> {
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
+    stat_cpu_seconds(&stat)
+}
+
+/// The user + system CPU seconds every PostgreSQL process (postmaster,
+/// backends, WAL writer, checkpointer…) has used so far, by the command name
+/// in `/proc/<pid>/stat`. A backend that exits between two readings takes
+/// its time with it; the server's pooled connections and the auxiliary
+/// processes live through a measurement.
+pub fn postgres_cpu_seconds() -> Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").context("read /proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // Processes come and go while the directory is read.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if stat.contains(" (postgres) ") {
+            total += stat_cpu_seconds(&stat)?;
+        }
+    }
+    Ok(total)
+}
+
+/// utime + stime of one `/proc/<pid>/stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> Result<f64> {
     // The command name (field 2) may hold spaces: count from its ')'.
     let rest = stat
         .rsplit_once(')')
