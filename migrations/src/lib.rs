@@ -15,6 +15,7 @@ mod m20261122_000006_policy_delegation_details;
 mod m20261122_000007_step_up_changes;
 mod m20261122_000008_vault_details;
 mod m20261202_000009_drop_unused_delegation_indexes;
+mod m20261203_000010_drop_hot_path_foreign_keys;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000007_step_up_changes::Migration),
             Box::new(m20261122_000008_vault_details::Migration),
             Box::new(m20261202_000009_drop_unused_delegation_indexes::Migration),
+            Box::new(m20261203_000010_drop_hot_path_foreign_keys::Migration),
         ]
     }
 }
