@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use sea_orm::sea_query::{Alias, Expr, Func, Query, SubQueryStatement, UpdateStatement};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+    DbBackend, EntityTrait, FromQueryResult, IntoActiveModel, JoinType, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement, TransactionTrait,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
@@ -627,17 +628,26 @@ async fn lock_step_up(
     tenant_id: &str,
     step_up_id: &str,
 ) -> Result<(step_up::Model, delegation::Model)> {
+    // One round trip: the step-up joined to its delegation. On PostgreSQL
+    // both rows are locked (`FOR UPDATE`), in the order every writer of a
+    // step-up takes them: the step-up, then its delegation, which the
+    // transaction goes on to update anyway.
+    let of_step_up = step_up::Entity::belongs_to(delegation::Entity)
+        .from(step_up::Column::DelegationId)
+        .to(delegation::Column::Id)
+        .into();
     let mut query = step_up::Entity::find_by_id(step_up_id.to_owned())
-        .filter(step_up::Column::ReceivingTenantId.eq(tenant_id));
+        .filter(step_up::Column::ReceivingTenantId.eq(tenant_id))
+        .join(JoinType::InnerJoin, of_step_up)
+        .select_also(delegation::Entity);
     if is_postgres(&state.db) {
         query = query.lock_exclusive();
     }
-    let step = query.one(txn).await?.ok_or(Error::NotFound("step-up"))?;
-    let row = delegation::Entity::find_by_id(step.delegation_id.clone())
-        .one(txn)
-        .await?
-        .ok_or_else(|| Error::internal("step-up without delegation"))?;
-    Ok((step, row))
+    match query.one(txn).await? {
+        Some((step, Some(row))) => Ok((step, row)),
+        Some((_, None)) => Err(Error::internal("step-up without delegation")),
+        None => Err(Error::NotFound("step-up")),
+    }
 }
 
 /// [`lock_step_up`], and checks that the step-up is still pending.
@@ -856,34 +866,24 @@ pub async fn approve(
         return Err(blocked_at_approval(&decision));
     }
     let now = state.clock.now_millis();
-    let inserted = step_up_approval::ActiveModel {
-        step_up_id: Set(step.id.clone()),
-        approver_subject: Set(ctx.principal.subject.clone()),
-        decision: Set("approve".to_owned()),
-        reason: Set(comment.to_owned()),
-        created_at: Set(now),
-        approver: Set(actor_json(&ctx.principal.actor())?),
-    }
-    .insert(&txn)
-    .await;
-    match inserted {
-        Ok(_) => {}
-        Err(err) if is_unique_violation(&err) => {
-            // The same approver again: nothing changes.
-            txn.rollback().await?;
-            return Ok((
-                get(state, ctx, step_up_id).await?,
-                decision.redacted_for(&tenant_id),
-            ));
-        }
-        Err(err) => return Err(err.into()),
-    }
-    // Read once: counted for the quorum and shown in the answer.
-    let approval_rows = step_up_approval::Entity::find()
-        .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
-        .order_by_asc(step_up_approval::Column::CreatedAt)
-        .all(&txn)
-        .await?;
+    let approval = step_up_approval::Model {
+        step_up_id: step.id.clone(),
+        approver_subject: ctx.principal.subject.clone(),
+        decision: "approve".to_owned(),
+        reason: comment.to_owned(),
+        created_at: now,
+        approver: actor_json(&ctx.principal.actor())?,
+    };
+    // Read once, with the new one: counted for the quorum and shown in the
+    // answer.
+    let Some(approval_rows) = add_approval(&txn, approval).await? else {
+        // The same approver again: nothing changes.
+        txn.rollback().await?;
+        return Ok((
+            get(state, ctx, step_up_id).await?,
+            decision.redacted_for(&tenant_id),
+        ));
+    };
     let approvals = u64::try_from(approval_rows.len()).unwrap_or(u64::MAX);
     let quorum = u64::try_from(step.approvals_required.max(1)).unwrap_or(1);
     // The rows as this transaction leaves them, for the answer.
@@ -980,6 +980,63 @@ pub async fn approve(
     }
     state.hub.committed(vec![change]);
     Ok((answer, decision.redacted_for(&tenant_id)))
+}
+
+/// Inserts `approval` and answers every approval of its step-up, oldest
+/// first; `None` (and nothing written) when its approver had approved it
+/// already. The caller holds the step-up's lock. PostgreSQL: one round trip,
+/// the insert and the read of the rows before it in one statement (a
+/// statement does not see its own common table expression's rows, so the
+/// new row comes from `RETURNING`).
+async fn add_approval(
+    txn: &DatabaseTransaction,
+    approval: step_up_approval::Model,
+) -> Result<Option<Vec<step_up_approval::Model>>> {
+    if !is_postgres(txn) {
+        let step_up_id = approval.step_up_id.clone();
+        return match approval.into_active_model().insert(txn).await {
+            Ok(_) => Ok(Some(
+                step_up_approval::Entity::find()
+                    .filter(step_up_approval::Column::StepUpId.eq(step_up_id))
+                    .order_by_asc(step_up_approval::Column::CreatedAt)
+                    .all(txn)
+                    .await?,
+            )),
+            Err(err) if is_unique_violation(&err) => Ok(None),
+            Err(err) => Err(err.into()),
+        };
+    }
+    let rows = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "WITH added AS (\
+               INSERT INTO step_up_approvals \
+               (step_up_id, approver_subject, decision, reason, created_at, approver) \
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING \
+               RETURNING step_up_id, approver_subject, decision, reason, created_at, approver\
+             ) \
+             SELECT *, TRUE AS added FROM added \
+             UNION ALL \
+             SELECT step_up_id, approver_subject, decision, reason, created_at, approver, FALSE \
+             FROM step_up_approvals WHERE step_up_id = $1 \
+             ORDER BY created_at",
+            [
+                approval.step_up_id.into(),
+                approval.approver_subject.into(),
+                approval.decision.into(),
+                approval.reason.into(),
+                approval.created_at.into(),
+                approval.approver.into(),
+            ],
+        ))
+        .await?;
+    let mut added = false;
+    let mut approvals = Vec::with_capacity(rows.len());
+    for row in rows {
+        added |= row.try_get::<bool>("", "added")?;
+        approvals.push(step_up_approval::Model::from_query_result(&row, "")?);
+    }
+    Ok(added.then_some(approvals))
 }
 
 /// FAILED_PRECONDITION with ACCESS_DENIED: the re-check decided BLOCK.
