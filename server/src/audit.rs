@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, InsertStatement, OnConflict, PostgresQueryBuilder, Query,
+    Alias, CommonTableExpression, Expr, InsertStatement, PostgresQueryBuilder, Query,
     SelectStatement, SubQueryStatement, UnionType, WithQuery,
 };
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, TransactionTrait,
+    ActiveModelTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityName, EntityTrait,
+    IdenStatic, Iterable, QueryTrait, Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -205,7 +206,7 @@ pub async fn append_all<C: ConnectionTrait>(
     }
     let backend = txn.get_database_backend();
     if backend == DbBackend::Postgres {
-        let (statement, _) = group_statement(
+        let statement = group_statement(
             clock,
             &[Unit {
                 insert: None,
@@ -272,6 +273,25 @@ pub fn chain_hash(event: &audit_event::Model, seq: i64, prev_hash: &str) -> Stri
         prev_hash,
     ]);
     sha256_hex(canonical.to_string().as_bytes())
+}
+
+/// A tenant's oldest pending events (parameters: the tenant, how many), in
+/// order: the pending row ids first, then their events by primary key
+/// (`= ANY (ARRAY(…))` is PostgreSQL's form of a key lookup by a list that
+/// a generic plan keeps). The plan must never scan `audit_events`, which
+/// grows forever: see `store::connect` for why it does not.
+pub fn pending_events_sql(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        "SELECT * FROM audit_events WHERE id = ANY (ARRAY(\
+           SELECT event_row_id FROM audit_pending WHERE tenant_id = $1 \
+           ORDER BY event_row_id LIMIT $2\
+         )) ORDER BY id"
+    } else {
+        "SELECT * FROM audit_events WHERE id IN (\
+           SELECT event_row_id FROM audit_pending WHERE tenant_id = ? \
+           ORDER BY event_row_id LIMIT ?\
+         ) ORDER BY id"
+    }
 }
 
 /// Links committed events into each tenant's chain, in the background.
@@ -376,11 +396,7 @@ impl Sealer {
         let events = audit_event::Entity::find()
             .from_raw_sql(Statement::from_sql_and_values(
                 backend,
-                placeholders(
-                    backend,
-                    "SELECT e.* FROM audit_pending p JOIN audit_events e ON e.id = p.event_row_id \
-                     WHERE p.tenant_id = ? ORDER BY e.id LIMIT ?",
-                ),
+                pending_events_sql(backend),
                 [
                     tenant_id.into(),
                     i64::try_from(SEAL_BATCH).unwrap_or(500).into(),
@@ -524,8 +540,71 @@ struct Link {
 /// written together or not at all.
 #[derive(Debug)]
 pub struct Unit {
-    pub insert: Option<InsertStatement>,
+    pub insert: Option<RowInsert>,
     pub events: Vec<NewEvent>,
+}
+
+/// A row a [`Unit`] inserts: as a statement (SQLite) and as a JSON object of
+/// every column (PostgreSQL's group statement), with its primary key `id`.
+#[derive(Debug)]
+pub struct RowInsert {
+    table: &'static str,
+    id: String,
+    row: serde_json::Map<String, Value>,
+    statement: InsertStatement,
+}
+
+impl RowInsert {
+    /// The insert of `active`, which must set every column (a column left
+    /// out would be NULL in the group statement, not its default) and have a
+    /// text primary key named `id`.
+    pub fn of<A>(active: A) -> Result<Self>
+    where
+        A: ActiveModelTrait,
+    {
+        let mut row = serde_json::Map::new();
+        for column in <<A as ActiveModelTrait>::Entity as EntityTrait>::Column::iter() {
+            let value = active
+                .get(column)
+                .into_value()
+                .ok_or_else(|| Error::internal(format!("column {} not set", column.as_str())))?;
+            row.insert(column.as_str().to_owned(), json_value(value)?);
+        }
+        let id = row
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::internal("a group insert needs a text id"))?
+            .to_owned();
+        let table = <A as ActiveModelTrait>::Entity::default().table_name();
+        Ok(Self {
+            table,
+            id,
+            row,
+            statement: <A as ActiveModelTrait>::Entity::insert(active).into_query(),
+        })
+    }
+}
+
+/// A column's value as `json_populate_recordset` reads it back: numbers,
+/// text, booleans and NULL as themselves, bytes as `\x…` hex (bytea's text
+/// form). Other types are refused rather than guessed at.
+fn json_value(value: sea_orm::Value) -> Result<Value> {
+    use sea_orm::Value as V;
+    Ok(match value {
+        V::Bool(v) => v.map_or(Value::Null, Value::Bool),
+        V::Int(v) => v.map_or(Value::Null, Value::from),
+        V::BigInt(v) => v.map_or(Value::Null, Value::from),
+        V::SmallInt(v) => v.map_or(Value::Null, Value::from),
+        V::String(v) => v.map_or(Value::Null, Value::String),
+        V::Bytes(v) => v.map_or(Value::Null, |bytes| {
+            Value::String(format!("\\x{}", hex::encode(bytes)))
+        }),
+        other => {
+            return Err(Error::internal(format!(
+                "a group insert cannot carry {other:?}"
+            )));
+        }
+    })
 }
 
 /// How a [`Unit`] ended.
@@ -538,72 +617,103 @@ pub enum Written {
     Conflict,
 }
 
+/// The columns of an event in a group statement's JSON parameter, with
+/// their types: [`EVENT_COLUMNS`] in order, after the unit's `gate` (the id
+/// of its row, if it has one) and the event's place `ord` in the group.
+const GROUP_EVENT_RECORD: &str = "gate TEXT, ord BIGINT, event_id TEXT, tenant_id TEXT, \
+     occurred_at BIGINT, actor_kind TEXT, actor_subject TEXT, actor_tenant_id TEXT, \
+     event_type TEXT, subject_ids TEXT, outcome TEXT, request_id TEXT, details TEXT";
+
 /// PostgreSQL: one statement writing every unit of a group, which is its
-/// own transaction (one round trip, one commit):
+/// own transaction (one round trip, one commit). Its text depends only on
+/// which tables the group inserts rows into, so each connection parses and
+/// plans it once or a few times, whatever the group's size; the rows and
+/// events travel as JSON parameters:
 ///
 /// ```sql
-/// WITH w0 AS (INSERT … ON CONFLICT DO NOTHING RETURNING 1),
-///      e0 AS (INSERT INTO audit_events (…) SELECT $… FROM w0 UNION ALL …
-///             RETURNING id, tenant_id),
-///      e1 AS (INSERT INTO audit_events (…) SELECT $… UNION ALL …   -- no row
-///             RETURNING id, tenant_id),
-///      p AS (INSERT INTO audit_pending SELECT id, tenant_id FROM e0 UNION ALL …)
-/// SELECT 0 AS unit FROM w0 UNION ALL …
+/// WITH r0 AS (INSERT INTO delegations SELECT * FROM
+///               json_populate_recordset(NULL::delegations, $1)
+///             ON CONFLICT DO NOTHING RETURNING id),
+///      kept AS (SELECT id FROM r0 UNION ALL …),
+///      e AS (INSERT INTO audit_events (…) SELECT … FROM json_to_recordset($n) AS v(…)
+///            WHERE v.gate IS NULL OR v.gate IN (SELECT id FROM kept)
+///            ORDER BY v.ord RETURNING id, tenant_id),
+///      p AS (INSERT INTO audit_pending SELECT id, tenant_id FROM e)
+/// SELECT id FROM kept
 /// ```
 ///
-/// A unit's events select `FROM` its insert, so they exist only if its row
+/// A unit's events are gated on its row's id, so they exist only if its row
 /// was inserted; a row that conflicts writes nothing of its unit and leaves
-/// the others alone. The answer names the units whose row was inserted;
-/// the returned flags say which units had a row at all.
-fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(Statement, Vec<bool>)> {
-    let mut with = WithQuery::new();
-    let mut had_row = Vec::with_capacity(units.len());
-    let mut inserted: Option<SelectStatement> = None;
-    let mut appended: Option<SelectStatement> = None;
-    for (index, unit) in units.iter().enumerate() {
+/// the others alone. The answer is the ids of the rows inserted.
+fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<Statement> {
+    let mut tables: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    let mut events = Vec::new();
+    for unit in units {
         let gate = match &unit.insert {
             Some(insert) => {
-                let mut insert = insert.clone();
-                insert
-                    .on_conflict(OnConflict::new().do_nothing().to_owned())
-                    .returning(Query::returning().expr(Expr::val(1)));
-                let name = format!("w{index}");
-                with.cte(cte(insert, &name));
-                let unit_index = i64::try_from(index).map_err(Error::internal)?;
-                union_all(
-                    &mut inserted,
-                    Query::select()
-                        .expr_as(Expr::val(unit_index), Alias::new("unit"))
-                        .from(Alias::new(&name))
-                        .to_owned(),
-                );
-                Some(name)
+                match tables.iter_mut().find(|(table, _)| *table == insert.table) {
+                    Some((_, rows)) => rows.push(Value::Object(insert.row.clone())),
+                    None => tables.push((insert.table, vec![Value::Object(insert.row.clone())])),
+                }
+                Value::String(insert.id.clone())
             }
-            None => None,
+            None => Value::Null,
         };
-        had_row.push(gate.is_some());
-        let Some(insert) = events_insert(clock, &unit.events, gate.as_deref())? else {
-            continue;
-        };
-        let name = format!("e{index}");
-        with.cte(cte(insert, &name));
-        union_all(&mut appended, inserted_events(&name));
-    }
-    let pending = appended.map(pending_insert).transpose()?;
-    let (sql, values) = match (inserted, pending) {
-        // Nothing to report: the pending rows are the statement itself.
-        (None, Some(pending)) => with.query(pending).build(PostgresQueryBuilder),
-        (Some(inserted), pending) => {
-            if let Some(pending) = pending {
-                with.cte(cte(pending, "p"));
+        for event in &unit.events {
+            let mut record = serde_json::Map::with_capacity(EVENT_COLUMNS.len() + 2);
+            record.insert("gate".to_owned(), gate.clone());
+            record.insert("ord".to_owned(), Value::from(events.len()));
+            for (column, value) in EVENT_COLUMNS.iter().zip(event_values(clock, event)?) {
+                record.insert(column.as_str().to_owned(), json_value(value)?);
             }
-            with.query(inserted).build(PostgresQueryBuilder)
+            events.push(Value::Object(record));
         }
-        (None, None) => return Err(Error::internal("an empty group commit")),
-    };
-    Ok((
-        Statement::from_sql_and_values(DbBackend::Postgres, sql, values.0),
-        had_row,
+    }
+    if tables.is_empty() && events.is_empty() {
+        return Err(Error::internal("an empty group commit"));
+    }
+    // The same tables in the same order give the same text.
+    tables.sort_by_key(|(table, _)| *table);
+    let mut sql = String::from("WITH ");
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(tables.len() + 1);
+    let mut kept = Vec::with_capacity(tables.len());
+    for (index, (table, rows)) in tables.into_iter().enumerate() {
+        values.push(
+            serde_json::to_string(&rows)
+                .map_err(Error::internal)?
+                .into(),
+        );
+        sql.push_str(&format!(
+            "r{index} AS (INSERT INTO {table} SELECT * FROM json_populate_recordset(NULL::{table}, ${}::json) \
+             ON CONFLICT DO NOTHING RETURNING id), ",
+            values.len()
+        ));
+        kept.push(format!("SELECT id FROM r{index}"));
+    }
+    if kept.is_empty() {
+        kept.push("SELECT NULL::TEXT AS id WHERE FALSE".to_owned());
+    }
+    values.push(
+        serde_json::to_string(&events)
+            .map_err(Error::internal)?
+            .into(),
+    );
+    let columns = EVENT_COLUMNS.map(|column| column.as_str()).join(", ");
+    sql.push_str(&format!(
+        "kept AS ({}), \
+         e AS (INSERT INTO audit_events ({columns}) \
+           SELECT {columns} FROM json_to_recordset(${}::json) AS v({GROUP_EVENT_RECORD}) \
+           WHERE v.gate IS NULL OR v.gate IN (SELECT id FROM kept) \
+           ORDER BY v.ord RETURNING id, tenant_id), \
+         p AS (INSERT INTO audit_pending (event_row_id, tenant_id) SELECT id, tenant_id FROM e) \
+         SELECT id FROM kept",
+        kept.join(" UNION ALL "),
+        values.len()
+    ));
+    Ok(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        values,
     ))
 }
 
@@ -709,27 +819,17 @@ async fn write_group(
     clock: &dyn Clock,
     units: &[Unit],
 ) -> Result<Vec<Written>> {
-    let (statement, had_row) = group_statement(clock, units)?;
+    let statement = group_statement(clock, units)?;
     let rows = db.query_all_raw(statement).await?;
-    let mut inserted = vec![false; had_row.len()];
+    let mut kept = std::collections::HashSet::with_capacity(rows.len());
     for row in rows {
-        let index: i64 = row.try_get("", "unit")?;
-        if let Some(slot) = usize::try_from(index)
-            .ok()
-            .and_then(|i| inserted.get_mut(i))
-        {
-            *slot = true;
-        }
+        kept.insert(row.try_get::<String>("", "id")?);
     }
-    Ok(had_row
-        .into_iter()
-        .zip(inserted)
-        .map(|(had_row, inserted)| {
-            if had_row && !inserted {
-                Written::Conflict
-            } else {
-                Written::Inserted
-            }
+    Ok(units
+        .iter()
+        .map(|unit| match &unit.insert {
+            Some(insert) if !kept.contains(&insert.id) => Written::Conflict,
+            _ => Written::Inserted,
         })
         .collect())
 }
@@ -738,7 +838,7 @@ async fn write_group(
 async fn write_one(db: &DatabaseConnection, clock: &dyn Clock, unit: &Unit) -> Result<Written> {
     let txn = db.begin().await?;
     if let Some(insert) = &unit.insert {
-        match txn.execute(insert).await {
+        match txn.execute(&insert.statement).await {
             Ok(_) => {}
             Err(err) if crate::error::is_unique_violation(&err) => {
                 txn.rollback().await?;
@@ -778,8 +878,9 @@ const SEAL_GATHER: Duration = Duration::from_millis(10);
 /// its cores idle while the next group waits).
 const GROUP_WRITERS: usize = 4;
 
-/// Most bind parameters one group statement may carry (PostgreSQL binds at
-/// most 65,535); an event takes 11, a delegation row about 25.
+/// About the most values one group statement carries (an event has 11, a
+/// delegation row about 25): a bound on a group's size, and so on how long
+/// one commit keeps its callers waiting.
 const GROUP_MAX_PARAMS: usize = 30_000;
 
 impl Recorder {
@@ -811,15 +912,16 @@ impl Recorder {
         .map(|_| ())
     }
 
-    /// Inserts `insert` and appends `events` atomically (returns after the
-    /// commit), or nothing when the row conflicts.
-    pub async fn insert_with_events(
+    /// Inserts `active` (every column set, a text `id`) and appends
+    /// `events` atomically (returns after the commit), or nothing when the
+    /// row conflicts on a unique key.
+    pub async fn insert_with_events<A: ActiveModelTrait>(
         &self,
-        insert: InsertStatement,
+        active: A,
         events: Vec<NewEvent>,
     ) -> Result<Written> {
         self.write(Unit {
-            insert: Some(insert),
+            insert: Some(RowInsert::of(active)?),
             events,
         })
         .await
@@ -882,8 +984,8 @@ impl Recorder {
     }
 
     /// Writes the group; if the group statement fails (nothing of it was
-    /// written), each unit alone, so that one unit the database refuses (say,
-    /// a row whose key vanished) fails only its own caller.
+    /// written), each unit alone, so that one unit the database rejects (say,
+    /// a value a constraint forbids) fails only its own caller.
     async fn write_isolated(
         db: &DatabaseConnection,
         clock: &dyn Clock,

@@ -6,10 +6,13 @@
 use std::collections::HashMap;
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+    Statement, TransactionTrait,
 };
 use vaultguard_client::pb;
-use vaultguard_server::audit::{GENESIS_HASH, PLATFORM_LOG, chain_hash, placeholders};
+use vaultguard_server::audit::{
+    GENESIS_HASH, PLATFORM_LOG, chain_hash, pending_events_sql, placeholders,
+};
 use vaultguard_server::store::entities::audit_event;
 use vaultguard_tests::{Backend, TestServer, backend};
 
@@ -329,6 +332,51 @@ async fn concurrent_writers_yield_a_gapless_chain() {
         "one event per change"
     );
     assert_eq!(verify_chain(db, &tenant.id).await, total);
+    server.stop().await;
+}
+
+/// The sealer reads a tenant's pending events by key however long the log
+/// grows. A pooled PostgreSQL connection plans a statement once
+/// (`force_generic_plan`), often while the statistics still say the tables
+/// are empty; planned that way, the read scanned every audit event ever
+/// written on every sealing round. The server's sessions price sequential
+/// scans out (`enable_seqscan = off`), so the plan made on an empty
+/// database is a key lookup.
+#[tokio::test]
+async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let server = TestServer::start().await;
+    // The server's own pool, with its session settings.
+    let db = &server.state.db;
+    let txn = db.begin().await.expect("one connection");
+    let sql = pending_events_sql(DbBackend::Postgres);
+    for statement in [
+        // The statistics of a young database: a handful of events.
+        "ANALYZE audit_events".to_owned(),
+        "ANALYZE audit_pending".to_owned(),
+        format!("PREPARE pending_events (TEXT, BIGINT) AS {sql}"),
+    ] {
+        txn.execute_unprepared(&statement).await.expect(&statement);
+    }
+    let plan: Vec<String> = txn
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "EXPLAIN EXECUTE pending_events ('ten_any', 500)",
+        ))
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0).expect("plan line"))
+        .collect();
+    txn.rollback().await.expect("rollback");
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using audit_events_pkey")
+            && !plan.contains("Seq Scan on audit_events"),
+        "the sealer's statement scans the log:\n{plan}"
+    );
     server.stop().await;
 }
 

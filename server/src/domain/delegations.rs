@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1::{self as pb, DelegationStatus, ErrorReason, Role};
@@ -522,8 +522,7 @@ pub async fn request(
     } else {
         // ALLOW and BLOCK: the row and its events in one statement, shared
         // with whatever else is being written at the same moment.
-        let insert = delegation::Entity::insert(active).into_query();
-        match state.recorder.insert_with_events(insert, events).await? {
+        match state.recorder.insert_with_events(active, events).await? {
             audit::Written::Inserted => Stored::Inserted(None),
             audit::Written::Conflict => Stored::Lost,
         }

@@ -15,9 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, KeyAlgorithm, SigningKeyState, SigningScheme};
 use zeroize::Zeroizing;
@@ -551,7 +549,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             let written = state
                 .recorder
                 .insert_with_events(
-                    signature::Entity::insert(active).into_query(),
+                    active,
                     vec![signed_event(
                         &ctx.audit(),
                         &key,

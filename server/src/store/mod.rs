@@ -51,7 +51,24 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
             // and 0.63 with generic ones (+15-20% ALLOW/s, +8% Sign/s in
             // `scripts/bench.sh`). Our queries are index lookups and
             // cursor pages, whose plan does not depend on the values.
-            .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_generic_plan")]));
+            //
+            // Nor may it depend on the tables' sizes when it was made: a
+            // connection plans a statement once, often on a young database
+            // whose statistics say its tables are empty, where reading a
+            // whole table costs nothing. The sealer's read of pending events
+            // was planned that way and went on reading every audit event
+            // ever written on every round (3.2M rows in 14 s of ALLOW load
+            // in `scripts/bench.sh`) until autovacuum's next ANALYZE, which
+            // on a table that grows by 10% a minute comes late. With
+            // sequential scans priced out, every statement that can use an
+            // index plans with it whatever the statistics say; a statement
+            // that has none still scans.
+            .map_sqlx_postgres_opts(|o| {
+                o.options([
+                    ("plan_cache_mode", "force_generic_plan"),
+                    ("enable_seqscan", "off"),
+                ])
+            });
     }
     Database::connect(options).await
 }
