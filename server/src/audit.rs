@@ -424,8 +424,7 @@ impl Sealer {
             // one statement of fixed text (the links travel as one JSON
             // parameter), so it is parsed and planned once per connection
             // whatever the batch's size. `= ANY (ARRAY(…))` keeps the
-            // generic plan on the primary key (`IN (SELECT …)` planned a
-            // sequential scan of audit_pending).
+            // generic plan on the primary key, `(tenant_id, event_row_id)`.
             txn.execute_raw(Statement::from_sql_and_values(
                 backend,
                 "WITH links AS (\
@@ -435,8 +434,8 @@ impl Sealer {
                    INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) \
                    SELECT $2, seq, event_row_id, prev_hash, hash, $3 FROM links\
                  ), sealed AS (\
-                   DELETE FROM audit_pending \
-                   WHERE event_row_id = ANY (ARRAY(SELECT event_row_id FROM links))\
+                   DELETE FROM audit_pending WHERE tenant_id = $2 \
+                   AND event_row_id = ANY (ARRAY(SELECT event_row_id FROM links))\
                  ) \
                  UPDATE audit_heads SET seq = $4, hash = $5, updated_at = $3 WHERE tenant_id = $2",
                 [
@@ -477,9 +476,12 @@ impl Sealer {
                 backend,
                 placeholders(
                     backend,
-                    &format!("DELETE FROM audit_pending WHERE event_row_id IN ({ids})"),
+                    &format!(
+                        "DELETE FROM audit_pending WHERE tenant_id = ? AND event_row_id IN ({ids})"
+                    ),
                 ),
-                links.iter().map(|link| link.event_row_id.into()),
+                std::iter::once(tenant_id.into())
+                    .chain(links.iter().map(|link| link.event_row_id.into())),
             ))
             .await?;
             txn.execute_raw(Statement::from_sql_and_values(

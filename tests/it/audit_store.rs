@@ -341,7 +341,8 @@ async fn concurrent_writers_yield_a_gapless_chain() {
 /// are empty; planned that way, the read scanned every audit event ever
 /// written on every sealing round. The server's sessions price sequential
 /// scans out (`enable_seqscan = off`), so the plan made on an empty
-/// database is a key lookup.
+/// database is a key lookup, and `audit_pending`'s only index leads with
+/// the tenant.
 #[tokio::test]
 async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
     if backend() != Backend::Postgres {
@@ -376,6 +377,11 @@ async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
         plan.contains("Index Scan using audit_events_pkey")
             && !plan.contains("Seq Scan on audit_events"),
         "the sealer's statement scans the log:\n{plan}"
+    );
+    // And only the tenant's pending rows, not every tenant's.
+    assert!(
+        plan.contains("Index Cond: (tenant_id = $1)") && !plan.contains("Filter: (tenant_id"),
+        "the sealer's statement reads other tenants' pending rows:\n{plan}"
     );
     server.stop().await;
 }
