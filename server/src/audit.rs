@@ -294,6 +294,21 @@ pub fn pending_events_sql(backend: DbBackend) -> &'static str {
     }
 }
 
+/// PostgreSQL: vacuums `audit_pending`. Every sealed event leaves a dead
+/// row and a dead index entry behind, and every sealing round reads the
+/// table by its index (which tenants have pending rows, a tenant's oldest
+/// ones), stepping over all of them until a vacuum removes them. Autovacuum
+/// visits a database at most once a minute, by which time a busy server has
+/// left hundreds of thousands: under a step-up load after a minute of
+/// ALLOWs, each round's three reads took 0.7–1.8 ms for a handful of live
+/// rows. The table holds only what is not sealed yet, so vacuuming it is
+/// quick. `SKIP_LOCKED`: a replica vacuuming it already will do.
+pub async fn vacuum_pending(db: &DatabaseConnection) -> Result<()> {
+    db.execute_unprepared("VACUUM (SKIP_LOCKED) audit_pending")
+        .await?;
+    Ok(())
+}
+
 /// Links committed events into each tenant's chain, in the background.
 #[derive(Debug)]
 pub struct Sealer {
@@ -322,6 +337,7 @@ impl Sealer {
 
     /// Seals until `shutdown` resolves: whenever woken, and every 200 ms.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut since_vacuum = 0_u64;
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -337,7 +353,16 @@ impl Sealer {
                 // round, which under load competed with the requests
                 // themselves; the chain now trails commits by at most
                 // SEAL_GATHER more.
-                Ok(sealed) if sealed > 0 => tokio::time::sleep(SEAL_GATHER).await,
+                Ok(sealed) if sealed > 0 => {
+                    since_vacuum += sealed;
+                    if since_vacuum >= VACUUM_AFTER_SEALED && is_postgres(&self.db) {
+                        since_vacuum = 0;
+                        if let Err(err) = vacuum_pending(&self.db).await {
+                            tracing::warn!(error = %err, "vacuuming audit_pending failed");
+                        }
+                    }
+                    tokio::time::sleep(SEAL_GATHER).await;
+                }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "audit sealing failed; will retry"),
             }
@@ -871,6 +896,10 @@ type Queued = (
     Unit,
     tokio::sync::oneshot::Sender<std::result::Result<Written, ()>>,
 );
+
+/// The sealer vacuums `audit_pending` (PostgreSQL) after sealing this many
+/// events since its last vacuum: it holds at most about as many dead rows.
+const VACUUM_AFTER_SEALED: u64 = 20_000;
 
 /// How long the sealer lets events gather after a round that sealed some.
 const SEAL_GATHER: Duration = Duration::from_millis(10);

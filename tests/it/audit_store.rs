@@ -11,7 +11,7 @@ use sea_orm::{
 };
 use vaultguard_client::pb;
 use vaultguard_server::audit::{
-    GENESIS_HASH, PLATFORM_LOG, chain_hash, pending_events_sql, placeholders,
+    GENESIS_HASH, PLATFORM_LOG, chain_hash, pending_events_sql, placeholders, vacuum_pending,
 };
 use vaultguard_server::store::entities::audit_event;
 use vaultguard_tests::{Backend, TestServer, backend};
@@ -383,6 +383,25 @@ async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
         plan.contains("Index Cond: (tenant_id = $1)") && !plan.contains("Filter: (tenant_id"),
         "the sealer's statement reads other tenants' pending rows:\n{plan}"
     );
+    server.stop().await;
+}
+
+/// The sealer's vacuum of `audit_pending` (PostgreSQL) runs on the server's
+/// pool, outside any transaction, and leaves the chain whole.
+#[tokio::test]
+async fn vacuuming_the_pending_queue_works_on_the_pool_and_keeps_the_chain() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let server = TestServer::start().await;
+    let tenant_id = a_few_changes(&server, "vacuumed").await;
+    server.wait_sealed().await;
+    vacuum_pending(&server.state.db)
+        .await
+        .expect("VACUUM audit_pending");
+    a_few_changes(&server, "after-vacuum").await;
+    server.wait_sealed().await;
+    verify_chain(&server.state.db, &tenant_id).await;
     server.stop().await;
 }
 
