@@ -571,13 +571,15 @@ pub struct Unit {
     pub events: Vec<NewEvent>,
 }
 
-/// A row a [`Unit`] inserts: as a statement (SQLite) and as a JSON object of
-/// every column (PostgreSQL's group statement), with its primary key `id`.
+/// A row a [`Unit`] inserts: as a statement (SQLite) and as the JSON text
+/// of an object of every column (PostgreSQL's group statement, which joins
+/// its rows' texts into an array: serialized once, however many times the
+/// group is written), with its primary key `id`.
 #[derive(Debug)]
 pub struct RowInsert {
     table: &'static str,
     id: String,
-    row: serde_json::Map<String, Value>,
+    row: String,
     statement: InsertStatement,
 }
 
@@ -606,7 +608,7 @@ impl RowInsert {
         Ok(Self {
             table,
             id,
-            row,
+            row: serde_json::to_string(&row).map_err(Error::internal)?,
             statement: <A as ActiveModelTrait>::Entity::insert(active).into_query(),
         })
     }
@@ -673,14 +675,14 @@ const GROUP_EVENT_RECORD: &str = "gate TEXT, ord BIGINT, event_id TEXT, tenant_i
 /// was inserted; a row that conflicts writes nothing of its unit and leaves
 /// the others alone. The answer is the ids of the rows inserted.
 fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<Statement> {
-    let mut tables: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    let mut tables: Vec<(&'static str, Vec<&str>)> = Vec::new();
     let mut events = Vec::new();
     for unit in units {
         let gate = match &unit.insert {
             Some(insert) => {
                 match tables.iter_mut().find(|(table, _)| *table == insert.table) {
-                    Some((_, rows)) => rows.push(Value::Object(insert.row.clone())),
-                    None => tables.push((insert.table, vec![Value::Object(insert.row.clone())])),
+                    Some((_, rows)) => rows.push(&insert.row),
+                    None => tables.push((insert.table, vec![&insert.row])),
                 }
                 Value::String(insert.id.clone())
             }
@@ -705,11 +707,7 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<Statement> {
     let mut values: Vec<sea_orm::Value> = Vec::with_capacity(tables.len() + 1);
     let mut kept = Vec::with_capacity(tables.len());
     for (index, (table, rows)) in tables.into_iter().enumerate() {
-        values.push(
-            serde_json::to_string(&rows)
-                .map_err(Error::internal)?
-                .into(),
-        );
+        values.push(format!("[{}]", rows.join(",")).into());
         sql.push_str(&format!(
             "r{index} AS (INSERT INTO {table} SELECT * FROM json_populate_recordset(NULL::{table}, ${}::json) \
              ON CONFLICT DO NOTHING RETURNING id), ",
