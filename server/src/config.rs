@@ -49,6 +49,12 @@ pub struct Config {
     pub database_max_connections: u32,
     /// How long a request waits for a database connection before UNAVAILABLE.
     pub database_acquire_timeout_ms: u64,
+    /// PostgreSQL: group commits of the hot writes (delegations, signatures,
+    /// audit events) in flight at once. Each takes whatever queued while
+    /// the others were writing, so more writers make more, smaller
+    /// statements; one suits a database on a few cores (ARCHITECTURE.md,
+    /// "Where the time goes"), more a database with cores to spare.
+    pub audit_group_writers: u32,
     /// The gRPC listener.
     pub grpc_addr: SocketAddr,
     /// The HTTP listener: JWKS, discovery, /healthz, /metrics.
@@ -175,6 +181,7 @@ impl Default for Config {
             database_url: String::new(),
             database_max_connections: 16,
             database_acquire_timeout_ms: 2_000,
+            audit_group_writers: 1,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             issuer: String::new(),

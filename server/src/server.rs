@@ -82,7 +82,12 @@ pub async fn prepare(
         audited_recently: Arc::new(crate::audit::Debounce::new(
             config.repeat_audit_window_seconds,
         )),
-        recorder: crate::audit::Recorder::start(db.clone(), clock.clone(), audit_wake.clone()),
+        recorder: crate::audit::Recorder::start(
+            db.clone(),
+            clock.clone(),
+            audit_wake.clone(),
+            config.audit_group_writers,
+        ),
         audit_wake,
         oauth: Arc::new(oauth),
         policy_cache: Arc::default(),
