@@ -1020,6 +1020,45 @@ pub struct Recorder {
     tx: tokio::sync::mpsc::Sender<Queued>,
 }
 
+/// The group writers' shared state: how many are writing a group, and a
+/// signal when one is done.
+#[derive(Debug, Default)]
+struct Writing {
+    busy: std::sync::atomic::AtomicUsize,
+    finished: Notify,
+}
+
+/// One writer's group in flight: counted in [`Writing::busy`] until
+/// dropped (also if the writer panics), which signals the others.
+struct Busy<'a>(&'a Writing);
+
+impl<'a> Busy<'a> {
+    fn start(writing: &'a Writing) -> Self {
+        writing
+            .busy
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(writing)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.finished.notify_one();
+    }
+}
+
+/// A writer starts a group while another is writing only once this many
+/// units queued: a smaller group would only add a statement's fixed work
+/// (executor start-up, commit, WAL flush) where waiting for the other
+/// writer would let it grow.
+const OVERLAP_MIN: usize = 16;
+
+/// How often a waiting writer looks at the queue again.
+const OVERLAP_POLL: Duration = Duration::from_millis(1);
+
 type Queued = (
     Unit,
     tokio::sync::oneshot::Sender<std::result::Result<Written, ()>>,
@@ -1047,12 +1086,14 @@ impl Recorder {
     ) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(4_096);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let writing = Arc::new(Writing::default());
         for _ in 0..writers.max(1) {
             tokio::spawn(Self::run(
                 db.clone(),
                 clock.clone(),
                 wake.clone(),
                 rx.clone(),
+                writing.clone(),
             ));
         }
         Self { tx }
@@ -1111,13 +1152,26 @@ impl Recorder {
         clock: Arc<dyn Clock>,
         wake: Arc<Notify>,
         rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Queued>>>,
+        writing: Arc<Writing>,
     ) {
         loop {
             // The queue is held only while a group is taken from it, so the
             // other writers take the next group while this one commits.
-            let group = {
+            let (group, busy) = {
                 let mut rx = rx.lock().await;
                 let Some(first) = rx.recv().await else { return };
+                // Overlap another writer's statement only with a group worth
+                // a statement of its own; else let the queue gather until
+                // that writer is done.
+                while writing.busy.load(std::sync::atomic::Ordering::Acquire) > 0
+                    && rx.len() + 1 < OVERLAP_MIN
+                {
+                    tokio::select! {
+                        () = writing.finished.notified() => {}
+                        () = tokio::time::sleep(OVERLAP_POLL) => {}
+                    }
+                }
+                let busy = Busy::start(&writing);
                 let mut params = unit_params(&first.0);
                 let mut group = vec![first];
                 while params < GROUP_MAX_PARAMS {
@@ -1129,10 +1183,11 @@ impl Recorder {
                         Err(_) => break,
                     }
                 }
-                group
+                (group, busy)
             };
             let (units, waiters): (Vec<Unit>, Vec<_>) = group.into_iter().unzip();
             let results = Self::write_isolated(&db, clock.as_ref(), units).await;
+            drop(busy);
             if results.iter().any(Result::is_ok) {
                 wake.notify_one();
             }

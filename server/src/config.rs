@@ -50,10 +50,10 @@ pub struct Config {
     /// How long a request waits for a database connection before UNAVAILABLE.
     pub database_acquire_timeout_ms: u64,
     /// PostgreSQL: group commits of the hot writes (delegations, signatures,
-    /// audit events) in flight at once. Each takes whatever queued while
-    /// the others were writing, so more writers make more, smaller
-    /// statements; one suits a database on a few cores (ARCHITECTURE.md,
-    /// "Where the time goes"), more a database with cores to spare.
+    /// audit events) in flight at once. A writer takes whatever queued
+    /// while it waited; one starts a group beside another's only once 16
+    /// units queued (ARCHITECTURE.md, "Where the time goes"). More writers
+    /// suit a database with cores to spare.
     pub audit_group_writers: u32,
     /// The gRPC listener.
     pub grpc_addr: SocketAddr,
@@ -181,7 +181,7 @@ impl Default for Config {
             database_url: String::new(),
             database_max_connections: 16,
             database_acquire_timeout_ms: 2_000,
-            audit_group_writers: 1,
+            audit_group_writers: 2,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             issuer: String::new(),
