@@ -675,18 +675,7 @@ impl ColumnArray {
         }
     }
 
-    fn bind<'q>(
-        self,
-        query: sea_orm::sqlx::query::Query<
-            'q,
-            sea_orm::sqlx::Postgres,
-            sea_orm::sqlx::postgres::PgArguments,
-        >,
-    ) -> sea_orm::sqlx::query::Query<
-        'q,
-        sea_orm::sqlx::Postgres,
-        sea_orm::sqlx::postgres::PgArguments,
-    > {
+    fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
         match self {
             Self::Bool(values) => query.bind(values),
             Self::Int2(values) => query.bind(values),
@@ -698,6 +687,10 @@ impl ColumnArray {
     }
 }
 
+/// A statement sent with sqlx directly, its parameters bound one by one.
+type PgQuery<'q> =
+    sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>;
+
 /// Gathers rows (each a list of column values in one fixed order) into
 /// one [`ColumnArray`] per column.
 #[derive(Debug)]
@@ -708,10 +701,13 @@ struct Columns {
 impl Columns {
     /// No rows yet, of the columns whose types `types` shows (their values
     /// are ignored), for about `capacity` rows.
-    fn of_types(types: &[sea_orm::Value], capacity: usize) -> Result<Self> {
+    fn of_types<'v>(
+        types: impl IntoIterator<Item = &'v sea_orm::Value>,
+        capacity: usize,
+    ) -> Result<Self> {
         Ok(Self {
             arrays: types
-                .iter()
+                .into_iter()
                 .map(|value| ColumnArray::like(value, capacity))
                 .collect::<Result<_>>()?,
         })
@@ -742,23 +738,25 @@ pub enum Written {
 
 /// The types of a group statement's event records: the unit's `gate` (the
 /// id of its row, if it has one), the event's place `ord` in the group,
-/// then [`EVENT_COLUMNS`] as [`event_values`] gives them.
-fn event_record_types() -> Vec<sea_orm::Value> {
-    use sea_orm::Value as V;
-    let mut types = vec![V::String(None); 2 + EVENT_COLUMNS.len()];
-    // `ord`, then `occurred_at`.
-    for index in [1, 4] {
-        if let Some(slot) = types.get_mut(index) {
-            *slot = V::BigInt(None);
-        }
+/// then [`EVENT_COLUMNS`] as the entity declares them (each a NULL of its
+/// type, for [`Columns::of_types`]).
+fn event_record_types() -> Result<Vec<sea_orm::Value>> {
+    use sea_orm::ColumnTrait as _;
+    use sea_orm::sea_query::ColumnType;
+    let mut types = vec![sea_orm::Value::String(None), sea_orm::Value::BigInt(None)];
+    for column in EVENT_COLUMNS {
+        types.push(match column.def().get_column_type() {
+            ColumnType::BigInteger => sea_orm::Value::BigInt(None),
+            ColumnType::String(_) | ColumnType::Text => sea_orm::Value::String(None),
+            other => {
+                return Err(Error::internal(format!(
+                    "an audit event column of type {other:?}"
+                )));
+            }
+        });
     }
-    types
+    Ok(types)
 }
-
-/// The names of a group statement's event records' fields, in the order of
-/// [`event_record_types`].
-const GROUP_EVENT_FIELDS: &str = "gate, ord, event_id, tenant_id, occurred_at, actor_kind, \
-     actor_subject, actor_tenant_id, event_type, subject_ids, outcome, request_id, details";
 
 /// PostgreSQL: one statement writing every unit of a group, which is its
 /// own transaction (one round trip, one commit). Its text depends only on
@@ -784,7 +782,7 @@ const GROUP_EVENT_FIELDS: &str = "gate, ord, event_id, tenant_id, occurred_at, a
 fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(String, Vec<ColumnArray>)> {
     let mut tables: Vec<(&'static str, Vec<&'static str>, Columns)> = Vec::new();
     let event_count = units.iter().map(|unit| unit.events.len()).sum();
-    let mut events = Columns::of_types(&event_record_types(), event_count)?;
+    let mut events = Columns::of_types(&event_record_types()?, event_count)?;
     let mut ord = 0_i64;
     for unit in units {
         let gate = match &unit.insert {
@@ -794,8 +792,8 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(String, Vec<Col
                     Some((.., rows)) => rows.push(values)?,
                     None => {
                         let names = insert.columns.iter().map(|(name, _)| *name).collect();
-                        let types: Vec<_> = insert.columns.iter().map(|(_, v)| v.clone()).collect();
-                        let mut rows = Columns::of_types(&types, units.len())?;
+                        let types = insert.columns.iter().map(|(_, value)| value);
+                        let mut rows = Columns::of_types(types, units.len())?;
                         rows.push(values)?;
                         tables.push((insert.table, names, rows));
                     }
@@ -835,7 +833,7 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(String, Vec<Col
     sql.push_str(&format!(
         "kept AS ({}), \
          e AS (INSERT INTO audit_events ({columns}) \
-           SELECT {columns} FROM {unnest} AS v({GROUP_EVENT_FIELDS}) \
+           SELECT {columns} FROM {unnest} AS v(gate, ord, {columns}) \
            WHERE v.gate IS NULL OR v.gate IN (SELECT id FROM kept) \
            ORDER BY v.ord RETURNING id, tenant_id), \
          p AS (INSERT INTO audit_pending (event_row_id, tenant_id) SELECT id, tenant_id FROM e) \
