@@ -118,10 +118,11 @@ struct Row {
     load_cpu: f64,
     /// CPU seconds of every PostgreSQL process (0 when it served nothing).
     db_cpu: f64,
-    /// Busy CPU seconds of the whole machine (every process and the
-    /// kernel) and all CPU seconds it had, over the measurement.
-    machine_busy: f64,
-    machine_total: f64,
+    /// The whole machine's CPU over the measurement.
+    machine: server::MachineCpu,
+    /// How long the sealer took, after the last operation, to chain the
+    /// audit events left (part of the measurement's time).
+    sealing: Duration,
 }
 
 fn per_thousand(cpu: f64, ops: u64) -> String {
@@ -129,6 +130,14 @@ fn per_thousand(cpu: f64, ops: u64) -> String {
         "-".to_owned()
     } else {
         format!("{:.3}", cpu * 1000.0 / ops as f64)
+    }
+}
+
+fn percent(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        100.0 * part / whole
+    } else {
+        0.0
     }
 }
 
@@ -140,7 +149,7 @@ fn print_rows(title: &str, rows: &[&Row]) {
     println!();
     println!("{title}");
     println!(
-        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6}",
+        "{:<26} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6} {:>6} {:>7}",
         "scenario",
         "ops",
         "ops/s",
@@ -152,12 +161,14 @@ fn print_rows(title: &str, rows: &[&Row]) {
         "load CPU-s/1k",
         "db CPU-s/1k",
         "all CPU-s/1k",
-        "busy%"
+        "busy%",
+        "steal%",
+        "seal s"
     );
     for row in rows {
         let m = &row.measured;
         println!(
-            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6.0}",
+            "{:<26} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>12} {:>12} {:>11} {:>12} {:>6.0} {:>6.1} {:>7.2}",
             row.scenario,
             m.ops,
             m.throughput(),
@@ -168,12 +179,10 @@ fn print_rows(title: &str, rows: &[&Row]) {
             per_thousand(row.server_cpu, m.ops),
             per_thousand(row.load_cpu, m.ops),
             per_thousand(row.db_cpu, m.ops),
-            per_thousand(row.machine_busy, m.ops),
-            if row.machine_total > 0.0 {
-                100.0 * row.machine_busy / row.machine_total
-            } else {
-                0.0
-            }
+            per_thousand(row.machine.busy, m.ops),
+            percent(row.machine.busy, row.machine.total),
+            percent(row.machine.steal, row.machine.total),
+            row.sealing.as_secs_f64(),
         );
     }
     for row in rows {
@@ -256,34 +265,49 @@ fn total_cpu(sources: &[&dyn CpuSource]) -> Result<f64> {
     sources.iter().map(|s| s.cpu_seconds()).sum()
 }
 
+/// How long a measurement waits for the audit log to be sealed.
+const SEAL_LIMIT: Duration = Duration::from_secs(120);
+
 /// Measures `op` for `--duration` (after `warm_up`), charging the CPU time
-/// of `sources` and of this process to it.
+/// of `sources` and of this process to it. With `backlog`, the measurement
+/// starts on a sealed audit log and ends once the sealer has chained every
+/// event the operations wrote: sealing is part of what an operation costs,
+/// and a rate the sealer cannot follow is not a rate the server sustains.
 async fn measure(
     args: &Args,
     name: &str,
     op: &load::Op,
     sources: &[&dyn CpuSource],
     warm_up: f64,
+    backlog: Option<&server::AuditBacklog>,
 ) -> Result<Row> {
     let mode = mode_of(args, name);
     let seq = Arc::new(AtomicU64::new(0));
     if warm_up > 0.0 {
         load::run(op, mode, Duration::from_secs_f64(warm_up), &seq).await?;
     }
+    if let Some(backlog) = backlog {
+        backlog.drain(SEAL_LIMIT).await?;
+    }
     let own = || server::cpu_seconds(std::process::id());
     let (server_before, load_before) = (total_cpu(sources)?, own()?);
     let db_before = server::postgres_cpu_seconds()?;
-    let (busy_before, total_before) = server::machine_cpu_seconds()?;
-    let measured = load::run(op, mode, Duration::from_secs_f64(args.duration), &seq).await?;
-    let (busy_after, total_after) = server::machine_cpu_seconds()?;
+    let machine_before = server::machine_cpu_seconds()?;
+    let mut measured = load::run(op, mode, Duration::from_secs_f64(args.duration), &seq).await?;
+    let sealing = match backlog {
+        Some(backlog) => backlog.drain(SEAL_LIMIT).await?,
+        None => Duration::ZERO,
+    };
+    measured.elapsed += sealing;
+    let machine = server::machine_cpu_seconds()? - machine_before;
     let db_cpu = (server::postgres_cpu_seconds()? - db_before).max(0.0);
     Ok(Row {
         scenario: name.to_owned(),
         server_cpu: total_cpu(sources)? - server_before,
         load_cpu: own()? - load_before,
         db_cpu,
-        machine_busy: busy_after - busy_before,
-        machine_total: total_after - total_before,
+        machine,
+        sealing,
         measured,
     })
 }
@@ -298,8 +322,8 @@ fn accumulate(total: &mut Option<Row>, other: Row) -> Result<()> {
             row.server_cpu += other.server_cpu;
             row.load_cpu += other.load_cpu;
             row.db_cpu += other.db_cpu;
-            row.machine_busy += other.machine_busy;
-            row.machine_total += other.machine_total;
+            row.machine += other.machine;
+            row.sealing += other.sealing;
         }
     }
     Ok(())
@@ -311,6 +335,7 @@ async fn compare_with_peer(
     backend: Backend,
     scene: &scenarios::Scene<'_>,
     names: &[String],
+    backlog: &server::AuditBacklog,
 ) -> Result<()> {
     let peer = peer::Peer::start(args.peer_workers).await?;
     eprintln!(
@@ -339,10 +364,18 @@ async fn compare_with_peer(
         let (mut a, mut b) = (None, None);
         for round in 0..args.peer_rounds.max(1) {
             let warm_up = if round == 0 { args.warmup } else { 0.0 };
-            let row = measure(args, ours_name, &ours, &[scene.server], warm_up).await?;
+            let row = measure(
+                args,
+                ours_name,
+                &ours,
+                &[scene.server],
+                warm_up,
+                Some(backlog),
+            )
+            .await?;
             accumulate(&mut a, row)?;
             let peer_name = format!("peer.{algorithm}");
-            let row = measure(args, &peer_name, &theirs, &[&peer], warm_up).await?;
+            let row = measure(args, &peer_name, &theirs, &[&peer], warm_up, None).await?;
             accumulate(&mut b, row)?;
         }
         if let (Some(a), Some(b)) = (a, b) {
@@ -436,6 +469,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
         server.startup.as_secs_f64() * 1000.0
     );
     let mut fixture = Fixture::set_up(&server).await?;
+    let backlog = server::AuditBacklog::connect(&spec.database_url).await?;
     if names.iter().any(|n| n == "exchange.cached") {
         fixture.connect_account().await?;
     }
@@ -457,14 +491,13 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
         };
         eprintln!("[{}] {name}", backend.name());
         let op = scenarios::prepare(name, &scene).await?;
-        server::wait_sealed(&spec.database_url).await?;
         let mut servers: Vec<&dyn CpuSource> = vec![&server];
         if name == "stepup.cross_replica"
             && let Some(replica) = &replica
         {
             servers.push(replica);
         }
-        rows.push(measure(args, name, &op, &servers, args.warmup).await?);
+        rows.push(measure(args, name, &op, &servers, args.warmup, Some(&backlog)).await?);
     }
     let load = match args.rate {
         Some(rate) => format!("open loop at {rate} ops/s"),
@@ -496,7 +529,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
             verify_pool: args.verify_pool,
             nonce: uuid::Uuid::new_v4().simple().to_string(),
         };
-        compare_with_peer(args, backend, &scene, names).await?;
+        compare_with_peer(args, backend, &scene, names, &backlog).await?;
     }
     if args.watch_streams > 0 {
         hold_watch_streams(backend, &server, &fixture, args.watch_streams).await?;
@@ -504,6 +537,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
     if let Some(replica) = replica {
         replica.stop().await?;
     }
+    backlog.close().await;
     server.stop().await?;
     Ok(())
 }

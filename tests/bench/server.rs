@@ -21,38 +21,91 @@ use vaultguard_client::VaultGuardClient;
 /// 100 on every Linux architecture this runs on (`getconf CLK_TCK`).
 const CLK_TCK: f64 = 100.0;
 
-/// Waits (up to a minute) until the audit sealer has chained every event
-/// committed so far (PostgreSQL; SQLite's file is the server's alone), so a
-/// scenario is not charged with sealing the previous one's backlog.
-pub async fn wait_sealed(database_url: &str) -> Result<()> {
-    if database_url.is_empty() {
-        return Ok(());
-    }
-    let db = Database::connect(database_url).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT count(*) AS n FROM audit_pending",
-            ))
-            .await?
-            .context("no count")?;
-        let pending: i64 = row.try_get("", "n")?;
-        if pending == 0 || std::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    db.close().await.ok();
-    Ok(())
+/// The audit events the sealer has not chained yet (PostgreSQL; SQLite's
+/// file is the server's alone, and `None` here).
+pub struct AuditBacklog {
+    db: Option<sea_orm::DatabaseConnection>,
 }
 
-/// The whole machine's CPU seconds so far, `(busy, total)`, over every core,
-/// from the first line of `/proc/stat` (busy: all but idle and iowait) —
-/// the server, the load tool, PostgreSQL and the kernel's network work
-/// together, so a figure can be read against what the machine has.
-pub fn machine_cpu_seconds() -> Result<(f64, f64)> {
+impl AuditBacklog {
+    pub async fn connect(database_url: &str) -> Result<Self> {
+        let db = if database_url.is_empty() {
+            None
+        } else {
+            Some(Database::connect(database_url).await?)
+        };
+        Ok(Self { db })
+    }
+
+    /// Waits (up to `limit`) until the sealer has chained every event
+    /// committed so far; returns how long that took.
+    pub async fn drain(&self, limit: Duration) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        let Some(db) = &self.db else {
+            return Ok(Duration::ZERO);
+        };
+        loop {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM audit_pending",
+                ))
+                .await?
+                .context("no count")?;
+            let pending: i64 = row.try_get("", "n")?;
+            if pending == 0 {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "{pending} audit events still unsealed after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn close(self) {
+        if let Some(db) = self.db {
+            db.close().await.ok();
+        }
+    }
+}
+
+/// The whole machine's CPU seconds so far, over every core, from the first
+/// line of `/proc/stat` — the server, the load tool, PostgreSQL and the
+/// kernel's network work together, so a figure can be read against what
+/// the machine has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// All but idle and iowait (steal included: the hypervisor's time is
+    /// not ours to use either).
+    pub busy: f64,
+    /// Every second of every core.
+    pub total: f64,
+    /// Time the hypervisor gave another guest while this one had work.
+    pub steal: f64,
+}
+
+impl std::ops::Sub for MachineCpu {
+    type Output = Self;
+    fn sub(self, before: Self) -> Self {
+        Self {
+            busy: self.busy - before.busy,
+            total: self.total - before.total,
+            steal: self.steal - before.steal,
+        }
+    }
+}
+
+impl std::ops::AddAssign for MachineCpu {
+    fn add_assign(&mut self, other: Self) {
+        self.busy += other.busy;
+        self.total += other.total;
+        self.steal += other.steal;
+    }
+}
+
+pub fn machine_cpu_seconds() -> Result<MachineCpu> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
     let ticks: Vec<f64> = line
@@ -62,8 +115,12 @@ pub fn machine_cpu_seconds() -> Result<(f64, f64)> {
         .map(|field| field.parse::<u64>().map(|t| t as f64))
         .collect::<std::result::Result<_, _>>()?;
     let total: f64 = ticks.iter().sum();
-    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    Ok(((total - idle) / CLK_TCK, total / CLK_TCK))
+    let tick = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
+    Ok(MachineCpu {
+        busy: (total - tick(3) - tick(4)) / CLK_TCK,
+        total: total / CLK_TCK,
+        steal: tick(7) / CLK_TCK,
+    })
 }
 
 /// The user + system CPU seconds `pid` has used so far.
@@ -274,7 +331,7 @@ pub struct ServerProcess {
     /// From spawn to health SERVING.
     pub startup: Duration,
     config_path: PathBuf,
-    spec: ServerSpec,
+    pub spec: ServerSpec,
     child: Child,
 }
 
