@@ -73,7 +73,7 @@ async fn verify_chain(db: &DatabaseConnection, tenant_id: &str) -> i64 {
             "link {seq} of {tenant_id}: prev_hash is not the previous link's hash"
         );
         assert_eq!(
-            chain_hash(event, seq, &prev_hash),
+            chain_hash(event, seq, &prev_hash).expect("chain hash"),
             stored_hash,
             "link {seq} of {tenant_id}: hash does not match its event"
         );

@@ -692,7 +692,7 @@ pub async fn verify(
             } else {
                 match &event {
                     None => Some((seq, "missing event")),
-                    Some(row) if chain_hash(&row.event, seq, &prev) != hash => {
+                    Some(row) if chain_hash(&row.event, seq, &prev)? != hash => {
                         Some((seq, "hash mismatch"))
                     }
                     Some(row) if row.event.tenant_id != tenant => {
