@@ -161,13 +161,31 @@ async fn open_loop(
         }
         anyhow::Ok(measured)
     });
-    let mut sent: u32 = 0;
-    loop {
-        let scheduled = started + interval * sent;
-        if scheduled >= started + duration {
-            break;
+    // The arrival times come from a thread of their own: tokio's timer
+    // has a resolution of 1 ms, so its sleeps sent the operations of each
+    // millisecond together, up to 1 ms late, and that lateness was counted
+    // in every latency (which runs from the scheduled time). A thread's
+    // sleep wakes within tens of microseconds.
+    let (ticks, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (first, end) = (started.into_std(), (started + duration).into_std());
+    let pacer = std::thread::spawn(move || {
+        let mut sent: u32 = 0;
+        loop {
+            let scheduled = first + interval * sent;
+            if scheduled >= end {
+                return;
+            }
+            let now = std::time::Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            if ticks.send(Instant::from_std(scheduled)).is_err() {
+                return;
+            }
+            sent += 1;
         }
-        tokio::time::sleep_until(scheduled).await;
+    });
+    while let Some(scheduled) = arrivals.recv().await {
         let (op, tx) = (op.clone(), tx.clone());
         let n = seq.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -175,8 +193,10 @@ async fn open_loop(
             // Timed from when it should have been sent, not when it was.
             let _ = tx.send((scheduled.elapsed(), outcome));
         });
-        sent += 1;
     }
+    pacer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the open loop's pacer panicked"))?;
     drop(tx);
     let mut measured = collector.await??;
     measured.elapsed = started.elapsed();
