@@ -331,7 +331,7 @@ pub struct ServerProcess {
     /// From spawn to health SERVING.
     pub startup: Duration,
     config_path: PathBuf,
-    pub spec: ServerSpec,
+    spec: ServerSpec,
     child: Child,
 }
 
