@@ -167,7 +167,18 @@ pub async fn run_listener(
     if db.get_database_backend() != DbBackend::Postgres {
         return;
     }
-    let pool = db.get_postgres_connection_pool().clone();
+    // A connection of its own, outside the request pool: sqlx's listener
+    // holds the connection it subscribes on for as long as it listens, so
+    // taken from the pool it would leave `database_max_connections - 1` to
+    // every request (and with two, a transaction that reads beside itself
+    // would wait for the acquire timeout). Same server and session options
+    // as the pool's connections.
+    let shared = db.get_postgres_connection_pool();
+    let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(shared.options().get_acquire_timeout())
+        .connect_lazy_with(shared.connect_options().as_ref().clone());
     loop {
         let listener = async {
             let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;

@@ -28,6 +28,7 @@ mod replica_process;
 mod replicas;
 mod sdk;
 mod secrets;
+mod small_pool;
 mod step_ups;
 mod sweep;
 mod tls;

@@ -13,6 +13,14 @@ use vaultguard_migrations::{Migrator, MigratorTrait};
 
 use crate::config::Config;
 
+/// The smallest PostgreSQL pool the server runs on. Some paths read through
+/// the pool while their transaction holds a connection (an approval's
+/// policy re-check reads what the caches miss under the step-up's row
+/// lock), so on one connection they would wait for themselves until the
+/// acquire timeout (`tests/it/small_pool.rs` runs every hot path at once on
+/// this pool, and fails on one connection).
+pub const MIN_POSTGRES_CONNECTIONS: u32 = 2;
+
 /// Opens the configured database. SQLite gets WAL, a busy timeout, foreign
 /// keys, and one pooled connection (SQLite serializes writers anyway; one
 /// connection turns lock contention into queueing instead of SQLITE_BUSY).
@@ -40,6 +48,12 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
                     .foreign_keys(true)
             });
     } else {
+        if config.database_max_connections < MIN_POSTGRES_CONNECTIONS {
+            return Err(DbErr::Custom(format!(
+                "database_max_connections must be at least {MIN_POSTGRES_CONNECTIONS} on PostgreSQL (it is {})",
+                config.database_max_connections
+            )));
+        }
         options
             .max_connections(config.database_max_connections)
             .min_connections(1)

@@ -1,0 +1,153 @@
+//! A server on the smallest database pool it accepts still serves every hot
+//! path at once: group-committed ALLOW delegations from several tenants, the
+//! sealer sealing several tenants' chains at a time, step-up approvals (a
+//! transaction and a token signed beside it) watched to the token, and
+//! Verify. Nothing may wait for a second connection while it holds the only
+//! free one (that would stall until the acquire timeout and fail the call).
+
+use std::time::Duration;
+
+use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
+use vaultguard_server::config::Config;
+use vaultguard_server::store::{self, MIN_POSTGRES_CONNECTIONS};
+use vaultguard_tests::{
+    TestOptions, TestServer, approve_step_up, next_status, request_step_up, watch_step_up,
+};
+
+use crate::crash::{assert_chain_intact, wait_all_sealed};
+use crate::delegations::ask;
+use crate::policies::{add_rule, inbound};
+
+/// The smallest `database_max_connections` the server accepts.
+const SMALLEST_POOL: u32 = MIN_POSTGRES_CONNECTIONS;
+
+fn small_pool(config: &mut Config) {
+    config.database_max_connections = SMALLEST_POOL;
+    config.rate_limit_agent_per_second = 0;
+    config.rate_limit_tenant_per_second = 0;
+    config.rate_limit_client_per_second = 0;
+}
+
+const REQUESTERS: usize = 4;
+const ALLOWS_PER_AGENT: usize = 25;
+const STEP_UPS: usize = 4;
+
+#[tokio::test]
+async fn every_hot_path_runs_at_once_on_the_smallest_pool() {
+    let server = TestServer::start_with(TestOptions {
+        adjust_config: Some(small_pool),
+        ..TestOptions::default()
+    })
+    .await;
+    let globex = server.create_tenant("globex").await;
+    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    add_rule(&globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
+    add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
+    let approver = server.human(&globex.id, "ann", &[pb::Role::Approver]).await;
+
+    let mut requesters: Vec<(pb::Tenant, VaultGuardClient, VaultGuardClient)> = Vec::new();
+    for n in 0..REQUESTERS {
+        let tenant = server.create_tenant(&format!("req{n}")).await;
+        let (_, _, agent) = server.create_agent(&tenant.id, "bot").await;
+        let admin = server.human(&tenant.id, "admin", &[pb::Role::Admin]).await;
+        requesters.push((tenant, agent, admin));
+    }
+
+    // Each requesting tenant's agent asks for ALLOW delegations and verifies
+    // nothing itself; globex verifies each token as it arrives.
+    let mut tasks = Vec::new();
+    for (_, agent, _) in &requesters {
+        let (agent, verifier, receiving) = (agent.clone(), globex_admin.clone(), globex.id.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ALLOWS_PER_AGENT {
+                let outcome = agent
+                    .request_delegation(ask(&receiving, "stock.read"))
+                    .await
+                    .expect("RequestDelegation on the small pool");
+                let DelegationOutcome::Allowed { grant, .. } = outcome else {
+                    panic!("stock.read was not allowed: {outcome:?}");
+                };
+                let answer = verifier
+                    .verify(grant.token.clone(), "stock.read")
+                    .await
+                    .expect("VerifyDelegationToken on the small pool");
+                assert!(answer.active, "a fresh token verifies active");
+            }
+        }));
+    }
+    // Meanwhile step-ups are approved and watched to their tokens.
+    let (_, first_agent, _) = &requesters[0];
+    let (agent, approver, receiving) = (first_agent.clone(), approver.clone(), globex.id.clone());
+    tasks.push(tokio::spawn(async move {
+        for n in 0..STEP_UPS {
+            let step = request_step_up(
+                &agent,
+                &approver,
+                pb::RequestDelegationRequest {
+                    binding_message: format!("pay invoice {n}"),
+                    ..ask(&receiving, "pay.invoice")
+                },
+            )
+            .await;
+            let mut watch = watch_step_up(&agent, &step.auth_req_id, 1)
+                .await
+                .expect("WatchStepUp on the small pool");
+            assert_eq!(
+                next_status(&mut watch).await.state(),
+                pb::StepUpState::Pending
+            );
+            approve_step_up(&approver, &step.step_up_id, &step.request_hash)
+                .await
+                .expect("ApproveStepUp on the small pool");
+            let approved = next_status(&mut watch).await;
+            assert_eq!(approved.state(), pb::StepUpState::Approved);
+            assert!(
+                !approved.access_token.is_empty(),
+                "the watch hands the token"
+            );
+        }
+    }));
+    for task in tasks {
+        task.await.expect("a task on the small pool");
+    }
+
+    let db = &server.state.db;
+    wait_all_sealed(db, Duration::from_secs(30)).await;
+    let allows = u64::try_from(REQUESTERS * ALLOWS_PER_AGENT).expect("count");
+    let mut requesting_links = 0;
+    for (tenant, _, admin) in &requesters {
+        requesting_links += assert_chain_intact(db, admin, &tenant.id).await;
+    }
+    let receiving_links = assert_chain_intact(db, &globex_admin, &globex.id).await;
+    // Each ALLOW is decided and its token issued in both parties' logs.
+    assert!(
+        requesting_links >= 2 * allows,
+        "{requesting_links} links in the requesting logs for {allows} ALLOWs"
+    );
+    assert!(
+        receiving_links >= 2 * allows,
+        "{receiving_links} links in the receiving log for {allows} ALLOWs"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_postgres_pool_below_the_smallest_is_refused_before_connecting() {
+    for size in 0..SMALLEST_POOL {
+        let config = Config {
+            // Nothing listens on port 1: the refusal comes before any
+            // connection is tried.
+            database_url: "postgres://postgres@127.0.0.1:1/none".to_owned(),
+            database_max_connections: size,
+            ..Config::default()
+        };
+        let refusal = store::connect(&config)
+            .await
+            .expect_err("a pool that small is refused")
+            .to_string();
+        assert!(
+            refusal.contains("database_max_connections must be at least 2"),
+            "the refusal names the setting and its floor: {refusal}"
+        );
+    }
+}
