@@ -23,7 +23,7 @@ async fn server_with(adjust: fn(&mut Config)) -> TestServer {
     .await
 }
 
-fn no_limits(config: &mut Config) {
+pub(crate) fn no_limits(config: &mut Config) {
     config.rate_limit_agent_per_second = 0;
     config.rate_limit_tenant_per_second = 0;
     config.rate_limit_client_per_second = 0;

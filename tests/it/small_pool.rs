@@ -16,16 +16,14 @@ use vaultguard_tests::{
 
 use crate::crash::{assert_chain_intact, wait_all_sealed};
 use crate::delegations::ask;
+use crate::limits::no_limits;
 use crate::policies::{add_rule, inbound};
 
-/// The smallest `database_max_connections` the server accepts.
-const SMALLEST_POOL: u32 = MIN_POSTGRES_CONNECTIONS;
-
+/// The smallest pool the server accepts, and no rate limit to refuse a
+/// call for another reason.
 fn small_pool(config: &mut Config) {
-    config.database_max_connections = SMALLEST_POOL;
-    config.rate_limit_agent_per_second = 0;
-    config.rate_limit_tenant_per_second = 0;
-    config.rate_limit_client_per_second = 0;
+    no_limits(config);
+    config.database_max_connections = MIN_POSTGRES_CONNECTIONS;
 }
 
 const REQUESTERS: usize = 4;
@@ -133,7 +131,7 @@ async fn every_hot_path_runs_at_once_on_the_smallest_pool() {
 
 #[tokio::test]
 async fn a_postgres_pool_below_the_smallest_is_refused_before_connecting() {
-    for size in 0..SMALLEST_POOL {
+    for size in 0..MIN_POSTGRES_CONNECTIONS {
         let config = Config {
             // Nothing listens on port 1: the refusal comes before any
             // connection is tried.
