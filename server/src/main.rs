@@ -86,6 +86,23 @@ enum Command {
     },
     /// Mints a bootstrap access token and prints it on stdout.
     Token(TokenArgs),
+    /// The optional upgrade to scoped rules: makes every inbound ALLOW or
+    /// STEP_UP rule that grants no scope and no resource grant any (`*`),
+    /// as such rules did before scopes were part of the policy. Each rule
+    /// changed is an audited edit; prints `tenant rule version` per rule.
+    /// Run it with the server stopped on SQLite (a running SQLite server
+    /// would keep judging by the rules it cached).
+    GrantLegacyScopes(GrantLegacyArgs),
+}
+
+#[derive(Args, Debug)]
+struct GrantLegacyArgs {
+    /// Only this tenant's rules.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// List the rules that would change, change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -250,6 +267,30 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot mint token: {e}"))?;
             println!("{}", issued.access_token);
+            Ok(())
+        }
+        Command::GrantLegacyScopes(args) => {
+            let issuer = config.effective_issuer(config.http_addr);
+            let state = server::prepare(config, clock, issuer, true).await?;
+            let granted = vaultguard_server::domain::policies::grant_legacy_scopes(
+                &state,
+                args.tenant.as_deref(),
+                args.dry_run,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot grant legacy scopes: {e}"))?;
+            for rule in &granted {
+                println!("{} {} {}", rule.tenant_id, rule.rule_id, rule.rule_version);
+            }
+            eprintln!(
+                "{} rule(s) {}",
+                granted.len(),
+                if args.dry_run {
+                    "would change"
+                } else {
+                    "now grant any scope and resource"
+                }
+            );
             Ok(())
         }
     }

@@ -923,7 +923,10 @@ async fn walk_vault(
         .push(provider.client_secret().expect("secret").to_owned());
     add_rule(
         admin,
-        with_counterpart(acme, inbound("exchange:walk-idp", pb::Effect::Allow)),
+        pb::Rule {
+            scopes: vec!["*".to_owned()],
+            ..with_counterpart(acme, inbound("exchange:walk-idp", pb::Effect::Allow))
+        },
     )
     .await;
     add_rule(

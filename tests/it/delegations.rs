@@ -169,6 +169,13 @@ fn granted(outcome: Result<DelegationOutcome, ClientError>) -> pb::DelegationGra
     }
 }
 
+fn challenge_delegation_id(outcome: &DelegationOutcome) -> String {
+    outcome
+        .delegation()
+        .map(|d| d.id.clone())
+        .unwrap_or_default()
+}
+
 #[track_caller]
 fn challenged(outcome: Result<DelegationOutcome, ClientError>) -> pb::StepUpChallenge {
     match outcome {
@@ -453,6 +460,17 @@ impl Pair {
         add_rule(&self.globex_admin, inbound(pattern, pb::Effect::Allow)).await
     }
 
+    /// Globex lets any tenant's agents do `pattern` with any scope and
+    /// resource (`*`: what every rule granted before scopes were policy).
+    pub(crate) async fn globex_allows_any_scope(&self, pattern: &str) -> pb::Rule {
+        let rule = pb::Rule {
+            scopes: vec!["*".into()],
+            resources: vec!["*".into()],
+            ..inbound(pattern, pb::Effect::Allow)
+        };
+        add_rule(&self.globex_admin, rule).await
+    }
+
     /// A tenant that is no party to the pair's delegations, and its admin.
     pub(crate) async fn third_tenant(&self) -> (pb::Tenant, VaultGuardClient) {
         let initech = self.server.create_tenant("initech").await;
@@ -485,7 +503,11 @@ async fn allow_issues_an_active_delegation_and_its_token() {
     } = &pair;
     let rule = add_rule(
         globex_admin,
-        with_counterpart(&acme.id, inbound("stock.*", pb::Effect::Allow)),
+        pb::Rule {
+            scopes: vec!["inventory:*".into()],
+            resources: vec!["https://globex.example/api/*".into()],
+            ..with_counterpart(&acme.id, inbound("stock.*", pb::Effect::Allow))
+        },
     )
     .await;
     let request = pb::RequestDelegationRequest {
@@ -501,8 +523,11 @@ async fn allow_issues_an_active_delegation_and_its_token() {
         panic!("expected ALLOW")
     };
     assert_eq!(decision.outcome, pb::Decision::Allow as i32);
-    assert_eq!(decision.inbound.as_ref().unwrap().rule_id, rule.id);
+    // Globex's rule is globex's business: acme's agent sees only the outcome.
+    assert_eq!(decision.inbound.as_ref().unwrap().rule_id, "");
     assert_eq!(decision.outbound.as_ref().unwrap().rule_id, "");
+    assert_eq!(decision.scopes, ["inventory:read", "inventory:write"]);
+    assert_eq!(decision.resource, "https://globex.example/api/stock");
     assert_eq!(decision.max_ttl_seconds, 600);
     assert_eq!(grant.token_type, "Bearer");
     assert!(
@@ -513,6 +538,11 @@ async fn allow_issues_an_active_delegation_and_its_token() {
 
     let delegation = grant.delegation.clone().unwrap();
     assert_id(&delegation.id, "dlg_");
+    let seen_by_globex = globex_admin.get_delegation(&delegation.id).await.unwrap();
+    assert_eq!(
+        seen_by_globex.decision.unwrap().inbound.unwrap().rule_id,
+        rule.id
+    );
     assert_eq!(delegation.requesting_tenant_id, acme.id);
     assert_eq!(delegation.requesting_agent_id, bot.id);
     assert_eq!(delegation.receiving_tenant_id, globex.id);
@@ -626,7 +656,20 @@ async fn step_up_leaves_a_pending_delegation_and_a_challenge() {
     let decision = outcome.decision().clone();
     assert_eq!(decision.outcome, pb::Decision::StepUp as i32);
     assert_eq!(decision.approvals_required, 2);
-    assert_eq!(decision.inbound.as_ref().unwrap().rule_id, large.id);
+    // The deciding rule is globex's: acme's agent sees the outcome only.
+    assert_eq!(decision.inbound.as_ref().unwrap().rule_id, "");
+    assert_eq!(
+        globex_admin
+            .get_delegation(&challenge_delegation_id(&outcome))
+            .await
+            .unwrap()
+            .decision
+            .unwrap()
+            .inbound
+            .unwrap()
+            .rule_id,
+        large.id
+    );
     let challenge = challenged(Ok(outcome));
     assert_eq!((challenge.expires_in, challenge.interval), (300, 5));
     let auth_req_id = &challenge.auth_req_id;
@@ -731,8 +774,9 @@ async fn block_is_refused_with_its_reason_and_leaves_a_blocked_record() {
         pb::ErrorReason::NoMatchingRule,
     );
     assert_eq!(metadata_value(&metadata, "policy_side"), "inbound");
-    assert_eq!(metadata_value(&metadata, "rule_id"), "");
-    assert_eq!(metadata_value(&metadata, "policy_version"), "0");
+    // Globex's side: its rule id and version are not acme's to see.
+    assert_eq!(metadata_value(&metadata, "rule_id"), "<absent>");
+    assert_eq!(metadata_value(&metadata, "policy_version"), "<absent>");
     let blocked_id = metadata_value(&metadata, "delegation_id").to_owned();
     assert_id(&blocked_id, "dlg_");
     for reader in [acme_admin, globex_admin, agent] {
@@ -761,8 +805,16 @@ async fn block_is_refused_with_its_reason_and_leaves_a_blocked_record() {
         pb::ErrorReason::PolicyBlocked,
     );
     assert_eq!(metadata_value(&metadata, "policy_side"), "inbound");
-    assert_eq!(metadata_value(&metadata, "rule_id"), wall.id);
-    assert_eq!(metadata_value(&metadata, "policy_version"), "1");
+    assert_eq!(metadata_value(&metadata, "rule_id"), "<absent>");
+    let seen = globex_admin
+        .get_delegation(metadata_value(&metadata, "delegation_id"))
+        .await
+        .unwrap();
+    let inbound_side = seen.decision.unwrap().inbound.unwrap();
+    assert_eq!(
+        (inbound_side.rule_id, inbound_side.policy_version),
+        (wall.id, 1)
+    );
 
     // An outbound BLOCK overrides an inbound ALLOW.
     add_rule(
@@ -856,10 +908,14 @@ async fn wildcard_and_agent_specific_rules_decide_per_agent() {
     )
     .await;
 
+    // Which of globex's rules decided is globex's to see.
+    let deciding_rule = async |delegation_id: &str| {
+        let seen = globex_admin.get_delegation(delegation_id).await.unwrap();
+        seen.decision.unwrap().inbound.unwrap().rule_id
+    };
     for action in ["stock.write", "stock.write.bulk"] {
         let (delegation, _) = grant(agent, ask(&globex.id, action)).await;
-        let inbound_rule = delegation.decision.unwrap().inbound.unwrap().rule_id;
-        assert_eq!(inbound_rule, door.id, "{action}");
+        assert_eq!(deciding_rule(&delegation.id).await, door.id, "{action}");
     }
     for (client, action) in [
         (other_agent, "stock.write"),
@@ -871,8 +927,10 @@ async fn wildcard_and_agent_specific_rules_decide_per_agent() {
             Code::PermissionDenied,
             pb::ErrorReason::PolicyBlocked,
         );
-        assert_eq!(metadata_value(&metadata, "rule_id"), wall.id, "{action}");
+        assert_eq!(metadata_value(&metadata, "rule_id"), "<absent>", "{action}");
         assert_eq!(metadata_value(&metadata, "policy_side"), "inbound");
+        let blocked = metadata_value(&metadata, "delegation_id");
+        assert_eq!(deciding_rule(blocked).await, wall.id, "{action}");
     }
     pair.server.stop().await;
 }
@@ -995,7 +1053,7 @@ async fn concurrent_requests_with_one_key_make_one_delegation() {
         agent,
         ..
     } = &pair;
-    pair.globex_allows("stock.*").await;
+    pair.globex_allows_any_scope("stock.*").await;
     let request = pb::RequestDelegationRequest {
         scopes: vec!["a".into(), "b".into()],
         ..keyed("restock-42", ask(&globex.id, "stock.write"))
@@ -1365,7 +1423,7 @@ async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
     } = &pair;
     let (initech, initech_admin) = pair.third_tenant().await;
     let (_, _, globex_agent) = server.create_agent(&globex.id, "gate").await;
-    pair.globex_allows("stock.*").await;
+    pair.globex_allows_any_scope("stock.*").await;
     let (delegation, token) = grant(
         agent,
         pb::RequestDelegationRequest {

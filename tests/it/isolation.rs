@@ -228,7 +228,17 @@ async fn setup() -> Fixture {
         ("sign:treasury", pb::Effect::Allow),
         ("exchange:mail", pb::Effect::Allow),
     ] {
-        rules.push(add_rule(&admin, own(pattern, effect)).await);
+        // Every scope of the vault's provider may be exchanged.
+        let grants = if pattern.starts_with("exchange:") {
+            vec!["*".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let rule = pb::Rule {
+            scopes: grants,
+            ..own(pattern, effect)
+        };
+        rules.push(add_rule(&admin, rule).await);
     }
 
     // --- globex, the attacker (it receives acme's shared delegation).

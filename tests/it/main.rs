@@ -10,6 +10,7 @@
 
 mod audit_log;
 mod audit_store;
+mod authority;
 mod cookbook;
 mod crash;
 mod delegations;

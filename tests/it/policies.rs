@@ -247,6 +247,34 @@ async fn judge(
         .expect("evaluate policy")
 }
 
+/// `decision` (an EvaluatePolicy answer) with each side as the tenant that
+/// owns it sees it: a requester sees none of the receiving tenant's rule
+/// ids, versions or caps (nor the reverse), so they are read back from the
+/// owner's own `policy.evaluated` event, the newest in its log.
+async fn owner_view(server: &TestServer, mut decision: pb::PolicyDecision) -> pb::PolicyDecision {
+    let sides = [
+        ("outbound", decision.outbound.as_mut()),
+        ("inbound", decision.inbound.as_mut()),
+    ];
+    for (name, side) in sides {
+        let Some(side) = side else { continue };
+        let event = server
+            .audit_events(&side.tenant_id, "policy.evaluated")
+            .await
+            .pop()
+            .expect("the owner's policy.evaluated event");
+        let details: serde_json::Value = serde_json::from_str(&event.details).expect("json");
+        let owned = &details["decision"][name];
+        side.rule_id = owned["rule_id"].as_str().unwrap_or_default().to_owned();
+        side.policy_version = owned["policy_version"].as_u64().unwrap_or_default();
+        side.max_ttl_seconds = owned["max_ttl_seconds"]
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or_default();
+    }
+    decision
+}
+
 #[track_caller]
 fn assert_side(side: Option<&pb::SideDecision>, outcome: pb::Decision, rule_id: &str, what: &str) {
     let side = side.unwrap_or_else(|| panic!("{what}: side missing"));
@@ -1215,9 +1243,19 @@ async fn evaluate_policy_is_a_dry_run_reporting_both_sides() {
     assert!(!outbound_side.explanation.is_empty());
     let inbound_side = decision.inbound.clone().unwrap();
     assert_eq!(inbound_side.tenant_id, globex.id);
-    assert_eq!(inbound_side.rule_id, inbound_rule.id);
-    assert_eq!(inbound_side.policy_version, 2);
-    assert_eq!(inbound_side.max_ttl_seconds, 900);
+    // Globex's rule, version and cap are globex's to see; its own log has them.
+    assert_eq!(
+        (
+            inbound_side.rule_id.as_str(),
+            inbound_side.policy_version,
+            inbound_side.max_ttl_seconds
+        ),
+        ("", 0, 0)
+    );
+    let owned = owner_view(server, decision.clone()).await.inbound.unwrap();
+    assert_eq!(owned.rule_id, inbound_rule.id);
+    assert_eq!(owned.policy_version, 2);
+    assert_eq!(owned.max_ttl_seconds, 900);
     assert!(
         !inbound_side.explanation.contains("4242"),
         "globex's condition values leak to acme: {}",
@@ -1234,7 +1272,11 @@ async fn evaluate_policy_is_a_dry_run_reporting_both_sides() {
     // The agent evaluating for itself gets the same decision.
     let own = judge(agent, "", &globex.id, "stock.write", &small).await;
     assert_eq!((own.outcome, own.max_ttl_seconds), (decision.outcome, 300));
-    assert_eq!(own.inbound.unwrap().rule_id, inbound_rule.id);
+    assert_eq!(
+        own.inbound.unwrap().rule_id,
+        "",
+        "globex's rule, not acme's"
+    );
 
     // BLOCK is an answer, not an error: the condition fails here.
     let large = [("amount", num(5000.0))];
@@ -1315,6 +1357,7 @@ async fn evaluation_order_decides_each_side() {
     macro_rules! decides {
         ($agent:expr, $action:expr, $pairs:expr, $outcome:expr, $rule:expr) => {{
             let decision = judge(&acme_admin, $agent, &globex.id, $action, $pairs).await;
+            let decision = owner_view(server, decision).await;
             assert_side(
                 decision.inbound.as_ref(),
                 $outcome,
@@ -1497,6 +1540,7 @@ async fn evaluation_order_decides_each_side() {
 async fn outbound_default_and_the_stricter_side_win() {
     let pair = setup_pair().await;
     let Pair {
+        server,
         globex,
         bot,
         acme_admin,
@@ -1537,7 +1581,7 @@ async fn outbound_default_and_the_stricter_side_win() {
         "least privilege",
     );
     assert_side(
-        closed.inbound.as_ref(),
+        owner_view(server, closed.clone()).await.inbound.as_ref(),
         pb::Decision::Allow,
         &globex_any.id,
         "inbound",
@@ -1577,7 +1621,7 @@ async fn outbound_default_and_the_stricter_side_win() {
         "outbound",
     );
     assert_side(
-        refused.inbound.as_ref(),
+        owner_view(server, refused.clone()).await.inbound.as_ref(),
         pb::Decision::Allow,
         &globex_any.id,
         "inbound",
@@ -1610,7 +1654,7 @@ async fn outbound_default_and_the_stricter_side_win() {
         "out",
     );
     assert_side(
-        both.inbound.as_ref(),
+        owner_view(server, both.clone()).await.inbound.as_ref(),
         pb::Decision::StepUp,
         &in_step_up.id,
         "in",
@@ -1626,7 +1670,7 @@ async fn outbound_default_and_the_stricter_side_win() {
         "out",
     );
     assert_side(
-        one.inbound.as_ref(),
+        owner_view(server, one.clone()).await.inbound.as_ref(),
         pb::Decision::StepUp,
         &inbound_only.id,
         "in",
@@ -1684,11 +1728,16 @@ async fn an_inbound_rule_never_grants_access_to_a_third_tenant() {
         metadata.get("policy_side").map(String::as_str),
         Some("inbound")
     );
-    assert_eq!(metadata.get("rule_id").map(String::as_str), Some(""));
+    assert_eq!(
+        metadata.get("rule_id"),
+        None,
+        "charlie's side is not bravo's to see"
+    );
 
     // Into alpha itself, alpha's rules do apply.
     let into_alpha = judge(&bravo_agent, &bravo_bot.id, &alpha.id, "stock.write", &[]).await;
     assert_eq!(into_alpha.outcome, pb::Decision::Allow as i32);
+    let into_alpha = owner_view(&server, into_alpha).await;
     assert_eq!(
         into_alpha.inbound.unwrap().rule_id,
         alpha_bravo.id,

@@ -558,7 +558,7 @@ async fn a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
     let registered = crate::vault_connections::register(&r.acme_admin, "mail", &provider).await;
     add_rule(
         &r.acme_admin,
-        with_counterpart(&r.acme.id, inbound("exchange:mail", pb::Effect::Allow)),
+        crate::vault_connections::mail_exchanges(&r.acme.id, pb::Effect::Allow),
     )
     .await;
     let connection = crate::vault_connections::connect(&r.acme_admin, &registered.id).await;

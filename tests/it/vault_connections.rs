@@ -40,7 +40,7 @@ const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// Where an admin console wants the browser back after connecting.
 const RETURN_URL: &str = "http://localhost/admin/connections/done";
 /// The default scopes every test provider is registered with.
-const SCOPES: [&str; 2] = ["mail.read", "mail.send"];
+pub(crate) const SCOPES: [&str; 2] = ["mail.read", "mail.send"];
 /// The lifetime of the fake provider's access tokens, in seconds.
 const ACCESS_TTL: u64 = 3600;
 
@@ -98,15 +98,22 @@ fn callback_url(server: &TestServer) -> String {
 
 /// The policy action of an exchange on the provider every test registers
 /// (`mail`).
-const EXCHANGE_MAIL: &str = "exchange:mail";
+pub(crate) const EXCHANGE_MAIL: &str = "exchange:mail";
 
-/// Lets the tenant's own agents exchange tokens of its `mail` provider.
+/// Lets the tenant's own agents exchange tokens of its `mail` provider,
+/// for any of the provider's scopes ([`SCOPES`]) on any of its connections.
 async fn allow_own_exchanges(admin: &VaultGuardClient, tenant_id: &str) -> pb::Rule {
-    add_rule(
-        admin,
-        with_counterpart(tenant_id, inbound(EXCHANGE_MAIL, pb::Effect::Allow)),
-    )
-    .await
+    add_rule(admin, mail_exchanges(tenant_id, pb::Effect::Allow)).await
+}
+
+/// An inbound rule for [`EXCHANGE_MAIL`] by `counterpart`'s agents granting
+/// every scope of [`SCOPES`] on any connection.
+pub(crate) fn mail_exchanges(counterpart: &str, effect: pb::Effect) -> pb::Rule {
+    pb::Rule {
+        scopes: strings(&SCOPES),
+        resources: strings(&["connection:*"]),
+        ..with_counterpart(counterpart, inbound(EXCHANGE_MAIL, effect))
+    }
 }
 
 /// Moves the server's clock (and so the provider's) `seconds` forward and
@@ -1607,7 +1614,12 @@ async fn another_tenant_sees_nothing_and_exchanges_only_with_a_delegation() {
     for action in [EXCHANGE_MAIL, "exchange:calendar"] {
         add_rule(
             globex_admin,
-            with_counterpart(&acme.id, inbound(action, pb::Effect::Allow)),
+            pb::Rule {
+                scopes: strings(&SCOPES),
+                default_scopes: strings(&SCOPES),
+                resources: strings(&["connection:*"]),
+                ..with_counterpart(&acme.id, inbound(action, pb::Effect::Allow))
+            },
         )
         .await;
     }
@@ -1923,11 +1935,7 @@ async fn exchange_needs_an_inbound_rule_and_a_step_up_is_redeemed_with_poll() {
         Reason::NoMatchingRule,
     );
 
-    add_rule(
-        admin,
-        with_counterpart(&acme.id, inbound(EXCHANGE_MAIL, pb::Effect::StepUp)),
-    )
-    .await;
+    add_rule(admin, mail_exchanges(&acme.id, pb::Effect::StepUp)).await;
     let first = expect_reason(
         agent.exchange(&connection_id, &[]).await,
         Code::FailedPrecondition,

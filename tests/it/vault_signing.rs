@@ -268,7 +268,7 @@ async fn step_up_of(approver: &VaultGuardClient, pending: &pb::SignStepUp) -> pb
 }
 
 /// `approver` approves the step-up behind `pending`.
-async fn approve(approver: &VaultGuardClient, pending: &pb::SignStepUp) {
+pub(crate) async fn approve(approver: &VaultGuardClient, pending: &pb::SignStepUp) {
     let step_up = step_up_of(approver, pending).await;
     approve_step_up(approver, &step_up.step_up_id, &step_up.request_hash)
         .await

@@ -977,7 +977,7 @@ pub async fn exchange(
     let grant = if req.subject_token.is_empty() {
         own_grant(state, ctx, &tenant_id, &agent_id, req).await?
     } else {
-        delegated_grant(state, &agent_id, req).await?
+        delegated_grant(state, ctx, &agent_id, req).await?
     };
     let connection = &grant.connection;
     check_usable(connection)?;
@@ -1107,7 +1107,9 @@ fn needs_reauth(row: &connection::Model) -> Error {
 }
 
 /// ExchangeToken without a subject token: the caller's tenant's connection,
-/// judged by its own policy for `exchange:<provider>`.
+/// judged by its own policy for `exchange:<provider>`, whose deciding rule
+/// must grant the provider scopes asked for (none asked: every scope the
+/// connection holds).
 async fn own_grant(
     state: &AppState,
     ctx: &CallContext,
@@ -1137,6 +1139,7 @@ async fn own_grant(
             "vg_connection_id".to_owned(),
             Attr::String(connection.id.clone()),
         )]),
+        vault_made: true,
     };
     let decision = delegations::judge_between(state, &own, agent_id, &own, &input).await?;
     match decision.outcome {
@@ -1147,29 +1150,53 @@ async fn own_grant(
             delegation: None,
         }),
         Outcome::Block => {
-            state
-                .record(vec![ctx.audit().event(
-                    tenant_id,
-                    "connection.exchange_refused",
-                    vec![connection.id.clone(), agent_id.to_owned()],
-                    AuditOutcome::Denied,
-                    json!({
-                        "connection_id": connection.id,
-                        "action": input.action,
-                        "decision": serde_json::to_value(&decision).unwrap_or(Value::Null),
-                    }),
-                )])
-                .await?;
-            Err(delegations::blocked_error_for(
-                tenant_id,
-                &decision,
-                &[("connection_id", connection.id.clone())],
-            ))
+            Err(exchange_refused(state, ctx, &connection, agent_id, &input, &decision).await?)
         }
         Outcome::StepUp => {
-            Err(exchange_step_up(state, ctx, &own, agent_id, &input, &decision).await?)
+            Err(exchange_step_up(state, ctx, (&own, &own), agent_id, &input, &decision).await?)
         }
     }
+}
+
+/// Records a refused exchange in the log of the connection's tenant (and
+/// the caller's, when another) and returns the caller's PERMISSION_DENIED.
+async fn exchange_refused(
+    state: &AppState,
+    ctx: &CallContext,
+    connection: &connection::Model,
+    agent_id: &str,
+    input: &Input,
+    decision: &crate::domain::policy_engine::Decision,
+) -> Result<Error> {
+    let caller_tenant = ctx.principal.tenant_id()?.to_owned();
+    let mut logs = vec![connection.tenant_id.clone()];
+    if caller_tenant != connection.tenant_id {
+        logs.push(caller_tenant.clone());
+    }
+    let audit_ctx = ctx.audit();
+    let events = logs
+        .iter()
+        .map(|log| {
+            audit_ctx.event(
+                log,
+                "connection.exchange_refused",
+                vec![connection.id.clone(), agent_id.to_owned()],
+                AuditOutcome::Denied,
+                json!({
+                    "connection_id": connection.id,
+                    "action": input.action,
+                    "scopes": input.scopes,
+                    "decision": serde_json::to_value(decision.redacted_for(log)).unwrap_or(Value::Null),
+                }),
+            )
+        })
+        .collect();
+    state.record(events).await?;
+    Ok(delegations::blocked_error_for(
+        &caller_tenant,
+        decision,
+        &[("connection_id", connection.id.clone())],
+    ))
 }
 
 /// The STEP_UP answer of an exchange: the pending step-up for this agent,
@@ -1180,7 +1207,7 @@ async fn own_grant(
 async fn exchange_step_up(
     state: &AppState,
     ctx: &CallContext,
-    own: &tenant::Model,
+    (requesting, receiving): (&tenant::Model, &tenant::Model),
     agent_id: &str,
     input: &Input,
     decision: &crate::domain::policy_engine::Decision,
@@ -1211,9 +1238,9 @@ async fn exchange_step_up(
         let row = delegations::new_row(
             state,
             &NewDelegation {
-                tenant_id: &own.id,
+                tenant_id: &requesting.id,
                 agent_id,
-                receiving: own,
+                receiving,
                 input,
                 scopes_json: to_json(&input.scopes)?,
                 idempotency_key: &key,
@@ -1278,9 +1305,16 @@ async fn step_up_required(state: &AppState, row: &delegation::Model) -> Result<E
 
 /// ExchangeToken with a delegation token: the token must be active, the
 /// caller's, for `exchange:<provider>` of this connection, and addressed to
-/// the connection's tenant.
+/// the connection's tenant. The provider token is narrowed to the scopes the
+/// delegation granted, and the exchange itself is judged again now, as a
+/// direct call would be (with the delegation's context and the reserved
+/// `vg_connection_id`): a BLOCK edit, a closed time window or a per-call
+/// condition wins over the delegation, and a STEP_UP is answered only by a
+/// delegation a human approved. A self-delegation thus grants nothing a
+/// direct call would not.
 async fn delegated_grant(
     state: &AppState,
+    ctx: &CallContext,
     agent_id: &str,
     req: &pb::ExchangeTokenRequest,
 ) -> Result<Grant> {
@@ -1343,23 +1377,116 @@ async fn delegated_grant(
             "the connection's tenant is suspended",
         ));
     }
-    let granted = string_list(&connection.granted_scopes);
-    let token_scopes = string_list(&row.scopes);
-    let allowed: Vec<String> = if token_scopes.is_empty() {
-        granted
-    } else {
-        granted
-            .into_iter()
-            .filter(|scope| token_scopes.contains(scope))
-            .collect()
-    };
-    let scopes = effective_scopes(&req.scopes, &allowed)?;
+    let scopes = delegated_scopes(
+        &req.scopes,
+        &string_list(&connection.granted_scopes),
+        &string_list(&row.scopes),
+        &row.id,
+    )?;
+
+    // The exchange, judged now.
+    let requesting_tenant = state
+        .directory
+        .tenant(&state.db, &row.requesting_tenant_id)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    let mut input = delegations::input_of(&row)?;
+    input.scopes.clone_from(&scopes);
+    input.context.insert(
+        "vg_connection_id".to_owned(),
+        Attr::String(connection.id.clone()),
+    );
+    let decision = delegations::judge_between(
+        state,
+        &requesting_tenant,
+        agent_id,
+        &receiving_tenant,
+        &input,
+    )
+    .await?;
+    let approved_by_a_human = row.step_up_id.is_some();
+    match decision.outcome {
+        Outcome::Allow => {}
+        Outcome::StepUp if approved_by_a_human => {}
+        Outcome::Block => {
+            return Err(
+                exchange_refused(state, ctx, &connection, agent_id, &input, &decision).await?,
+            );
+        }
+        Outcome::StepUp => {
+            input.vault_made = true;
+            input.resource = format!("connection:{}", connection.id);
+            input.requested_ttl_seconds = state
+                .config
+                .access_token_ttl_seconds
+                .min(state.config.max_token_ttl_seconds);
+            return Err(exchange_step_up(
+                state,
+                ctx,
+                (&requesting_tenant, &receiving_tenant),
+                agent_id,
+                &input,
+                &decision,
+            )
+            .await?);
+        }
+    }
     Ok(Grant {
         connection,
         provider,
         scopes,
         delegation: Some(row),
     })
+}
+
+/// The provider scopes a delegated exchange hands out: those asked for, or
+/// every scope both the connection holds and the delegation granted. A scope
+/// the connection does not hold is INVALID_ARGUMENT; one it holds but the
+/// delegation did not grant is PERMISSION_DENIED (SCOPE_NOT_GRANTED), and so
+/// is a delegation that granted none of the connection's scopes: a
+/// delegation never stands for the provider's full grant by default.
+fn delegated_scopes(
+    requested: &[String],
+    held: &[String],
+    granted: &[String],
+    delegation_id: &str,
+) -> Result<Vec<String>> {
+    let allowed: Vec<String> = held
+        .iter()
+        .filter(|scope| granted.contains(scope))
+        .cloned()
+        .collect();
+    let mut v = Violations::new();
+    for (i, scope) in requested.iter().enumerate() {
+        if !held.contains(scope) {
+            v.add(format!("scopes[{i}]"), "is not among the granted scopes");
+        }
+    }
+    v.finish()?;
+    let refused: Vec<String> = requested
+        .iter()
+        .filter(|scope| !allowed.contains(scope))
+        .cloned()
+        .collect();
+    if !refused.is_empty() || allowed.is_empty() {
+        return Err(Error::PermissionDenied {
+            reason: ErrorReason::ScopeNotGranted,
+            message: if refused.is_empty() {
+                "the delegation grants none of the connection's scopes".to_owned()
+            } else {
+                "the delegation does not grant every scope asked for".to_owned()
+            },
+            metadata: HashMap::from([
+                ("delegation_id".to_owned(), delegation_id.to_owned()),
+                ("scopes_not_granted".to_owned(), refused.join(" ")),
+            ]),
+        });
+    }
+    Ok(sorted(if requested.is_empty() {
+        allowed
+    } else {
+        requested.to_vec()
+    }))
 }
 
 fn unverified_claim(token: &str, claim: &str) -> Option<String> {

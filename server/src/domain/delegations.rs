@@ -104,6 +104,13 @@ pub struct Input {
     pub requested_ttl_seconds: u32,
     pub binding_message: String,
     pub context: BTreeMap<String, Attr>,
+    /// The request is VaultGuard's own, for a vault operation (Sign, a
+    /// tenant's own ExchangeToken): its `resource` names the vault object
+    /// (`key:…`, `connection:…`), which the action and the reserved `vg_`
+    /// attributes already judge, so rules' resource patterns do not apply
+    /// to it. Not part of the request hash.
+    #[serde(skip)]
+    pub vault_made: bool,
 }
 
 /// The raw request fields common to RequestDelegation and EvaluatePolicy.
@@ -115,23 +122,6 @@ pub struct RawInput<'a> {
     pub requested_ttl_seconds: u32,
     pub binding_message: &'a str,
     pub context: &'a std::collections::HashMap<String, pb::AttributeValue>,
-}
-
-fn check_scope(field: &str, scope: &str) -> std::result::Result<(), FieldViolation> {
-    let valid = (1..=128).contains(&scope.len())
-        && scope
-            .bytes()
-            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\');
-    if valid {
-        Ok(())
-    } else {
-        Err(FieldViolation {
-            field: field.to_owned(),
-            description:
-                "scopes are 1 to 128 printable ASCII characters without space, '\"' or '\\'"
-                    .to_owned(),
-        })
-    }
 }
 
 /// Checks every field, adding violations to `v`; `None` when any failed.
@@ -147,7 +137,7 @@ pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> O
     }
     for (i, scope) in raw.scopes.iter().enumerate() {
         let field = format!("scopes[{i}]");
-        v.check(check_scope(&field, scope));
+        v.check(engine::check_scope(&field, scope));
         if raw.scopes[..i].contains(scope) {
             v.add(field, "is a duplicate");
         }
@@ -181,6 +171,7 @@ pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> O
         requested_ttl_seconds: raw.requested_ttl_seconds,
         binding_message: raw.binding_message.to_owned(),
         context: context?,
+        vault_made: false,
     })
 }
 
@@ -363,46 +354,60 @@ pub(crate) fn parse_decision(row: &delegation::Model) -> Result<Decision> {
 
 /// The PERMISSION_DENIED of a BLOCK, with the requesting side's view of why.
 fn blocked_error(row: &delegation::Model, decision: &Decision) -> Error {
-    blocked_error_for(
-        &row.requesting_tenant_id,
-        decision,
-        &[("delegation_id", row.id.clone())],
-    )
+    let mut extra = vec![("delegation_id", row.id.clone())];
+    if !row.resource.is_empty() {
+        extra.push(("resource", row.resource.clone()));
+    }
+    blocked_error_for(&row.requesting_tenant_id, decision, &extra)
 }
 
 /// The PERMISSION_DENIED of a BLOCK as `requesting_tenant_id` may see it,
-/// with `extra` metadata (the id of what was blocked).
+/// with `extra` metadata (the id of what was blocked). The blocking side's
+/// rule id and policy version are named only when that side is the
+/// requester's own policy; scopes or a resource the deciding rule did not
+/// grant are named (they are the request's own), with their own reason.
 pub(crate) fn blocked_error_for(
     requesting_tenant_id: &str,
     decision: &Decision,
     extra: &[(&str, String)],
 ) -> Error {
-    let (direction, side) = decision
+    let visible = decision.redacted_for(requesting_tenant_id);
+    let (direction, side) = visible
         .blocking_side()
-        .unwrap_or((Direction::Inbound, &decision.inbound));
-    let reason = if direction == Direction::Inbound && side.rule_id.is_empty() {
+        .unwrap_or((Direction::Inbound, &visible.inbound));
+    let mut metadata = std::collections::HashMap::from([(
+        "policy_side".to_owned(),
+        direction.as_str().to_owned(),
+    )]);
+    if side.tenant_id == requesting_tenant_id {
+        metadata.insert("rule_id".to_owned(), side.rule_id.clone());
+        metadata.insert("policy_version".to_owned(), side.policy_version.to_string());
+    }
+    let reason = if !side.scopes_not_granted.is_empty() {
+        metadata.insert(
+            "scopes_not_granted".to_owned(),
+            side.scopes_not_granted.join(" "),
+        );
+        ErrorReason::ScopeNotGranted
+    } else if side.resource_not_granted {
+        ErrorReason::ResourceNotGranted
+    } else if direction == Direction::Inbound && decision.inbound.rule_id.is_empty() {
         ErrorReason::NoMatchingRule
     } else {
         ErrorReason::PolicyBlocked
     };
-    let visible = decision.redacted_for(requesting_tenant_id);
-    let explanation = match direction {
-        Direction::Inbound => visible.inbound.explanation,
-        Direction::Outbound => visible.outbound.explanation,
-    };
-    let mut metadata = std::collections::HashMap::from([
-        ("policy_side".to_owned(), direction.as_str().to_owned()),
-        ("rule_id".to_owned(), side.rule_id.clone()),
-        ("policy_version".to_owned(), side.policy_version.to_string()),
-    ]);
     for (key, value) in extra {
-        metadata.insert((*key).to_owned(), value.clone());
+        // `resource` (the request's own) is named only when it was refused.
+        if *key != "resource" || side.resource_not_granted {
+            metadata.insert((*key).to_owned(), value.clone());
+        }
     }
     Error::PermissionDenied {
         reason,
         message: format!(
-            "blocked by the {} policy: {explanation}",
-            direction.as_str()
+            "blocked by the {} policy: {}",
+            direction.as_str(),
+            side.explanation
         ),
         metadata,
     }
@@ -474,7 +479,13 @@ pub async fn request(
             agent_id: &agent_id,
             receiving: &receiving,
             input: &input,
-            scopes_json: to_json(&req.scopes)?,
+            // The caller's order; a request naming none stores the scopes
+            // the inbound rule gave it by default.
+            scopes_json: if req.scopes.is_empty() {
+                to_json(&decision.scopes)?
+            } else {
+                to_json(&req.scopes)?
+            },
             idempotency_key: &req.idempotency_key,
             request_hash: &request_hash,
         },
@@ -680,7 +691,7 @@ pub(crate) async fn insert_step_up(
         requesting_agent_id: Set(row.requesting_agent_id.clone()),
         auth_req_id_hash: Set(sha256_hex(handle.as_bytes())),
         state: Set("pending".to_owned()),
-        request_hash: Set(row.request_hash.clone()),
+        request_hash: Set(approval_hash(row)?),
         interval_seconds: Set(i64::from(state.config.step_up_interval_seconds)),
         last_polled_at: Set(None),
         approvals_required: Set(i32::try_from(decision.approvals_required).unwrap_or(1)),
@@ -697,6 +708,22 @@ pub(crate) async fn insert_step_up(
     .await?;
     let change = step_ups::record_created(state, txn, &created).await?;
     Ok((handle, change))
+}
+
+/// The hash an approver echoes: the request (its own hash) together with
+/// the scopes and resource the decision settled on, so an approval is bound
+/// to exactly what the token will carry, defaults included.
+fn approval_hash(row: &delegation::Model) -> Result<String> {
+    let mut scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
+    scopes.sort();
+    Ok(sha256_hex(
+        to_json(&json!({
+            "request": row.request_hash,
+            "scopes": scopes,
+            "resource": row.resource,
+        }))?
+        .as_bytes(),
+    ))
 }
 
 /// Judges a validated request of `agent_id` (of `tenant_id`) now.
@@ -731,9 +758,37 @@ pub(crate) async fn judge_between(
             action: &input.action,
             context: &input.context,
             requested_ttl_seconds: input.requested_ttl_seconds,
+            scopes: &input.scopes,
+            resource: (!input.vault_made && !input.resource.is_empty())
+                .then_some(input.resource.as_str()),
         },
     )
     .await
+}
+
+/// The request a step-up waits on, as the policy engine takes it.
+pub(crate) fn input_of(row: &delegation::Model) -> Result<Input> {
+    let context: BTreeMap<String, Attr> =
+        serde_json::from_str(&row.context).map_err(Error::internal)?;
+    let mut scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
+    scopes.sort();
+    Ok(Input {
+        receiving_tenant_id: row.receiving_tenant_id.clone(),
+        action: row.action.clone(),
+        scopes,
+        resource: row.resource.clone(),
+        requested_ttl_seconds: u32::try_from(row.ttl_seconds).unwrap_or_default(),
+        binding_message: row.binding_message.clone(),
+        context,
+        vault_made: is_vault_made(row),
+    })
+}
+
+/// Whether a delegation row is VaultGuard's own, standing for a vault
+/// operation's step-up (its idempotency key is in the `vg/` namespace,
+/// outside the alphabet of client keys).
+pub(crate) fn is_vault_made(row: &delegation::Model) -> bool {
+    row.idempotency_key.starts_with("vg/")
 }
 
 pub(crate) fn system_actor_json() -> Result<String> {
@@ -1542,7 +1597,7 @@ mod props {
                 let input = input.unwrap();
                 prop_assert!(engine::check_action("action", &input.action).is_ok());
                 prop_assert!((1..=3_600).contains(&input.requested_ttl_seconds));
-                prop_assert!(input.scopes.iter().all(|s| check_scope("s", s).is_ok()));
+                prop_assert!(input.scopes.iter().all(|s| engine::check_scope("s", s).is_ok()));
                 prop_assert!(input.scopes.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
                 prop_assert!(!input.binding_message.chars().any(char::is_control));
             }

@@ -20,7 +20,7 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::directory::Entry;
 use crate::domain::policy_engine::{
-    self as engine, Condition, Decision, Direction, Outcome, Request, TimeWindow,
+    self as engine, Condition, Decision, Direction, Grants, Outcome, Request, TimeWindow,
 };
 use crate::domain::tenants::STATUS_ACTIVE;
 use crate::domain::{actor_json, page, to_json};
@@ -50,6 +50,7 @@ struct RuleSpec {
     priority: i32,
     approvals_required: u32,
     description: String,
+    grants: Grants,
 }
 
 fn short_id(field: &str, value: &str) -> std::result::Result<Option<String>, FieldViolation> {
@@ -140,6 +141,18 @@ async fn check_rule(state: &AppState, tenant_id: &str, rule: &pb::Rule) -> Resul
         &rule.description,
         512,
     ));
+    let grants = match Grants::from_proto(
+        direction,
+        &rule.scopes,
+        &rule.default_scopes,
+        &rule.resources,
+    ) {
+        Ok(grants) => grants,
+        Err(errors) => {
+            errors.into_iter().for_each(|e| v.check(Err(e)));
+            Grants::default()
+        }
+    };
     v.finish()?;
     let (Some(direction), Some(effect)) = (direction, effect) else {
         return Err(Error::internal("validated rule lacks direction or effect"));
@@ -183,6 +196,12 @@ async fn check_rule(state: &AppState, tenant_id: &str, rule: &pb::Rule) -> Resul
         } else {
             rule.max_ttl_seconds
         },
+        // Like the lifetime cap, grants mean nothing to a BLOCK.
+        grants: if effect == Outcome::Block {
+            Grants::default()
+        } else {
+            grants
+        },
         effect,
         priority: rule.priority,
         description: rule.description.clone(),
@@ -199,6 +218,7 @@ pub fn parse_rule(model: &policy_rule::Model) -> Result<engine::Rule> {
         .map(serde_json::from_str::<TimeWindow>)
         .transpose()
         .map_err(Error::internal)?;
+    let grants: Grants = serde_json::from_str(&model.grants).map_err(Error::internal)?;
     Ok(engine::Rule {
         id: model.id.clone(),
         action_pattern: model.action_pattern.clone(),
@@ -211,11 +231,13 @@ pub fn parse_rule(model: &policy_rule::Model) -> Result<engine::Rule> {
         priority: model.priority,
         approvals_required: u32::try_from(model.approvals_required).unwrap_or_default(),
         created_at: model.created_at,
+        grants,
     })
 }
 
 /// A rule as audit events record it.
 fn rule_details(model: &policy_rule::Model) -> Value {
+    let grants: Grants = serde_json::from_str(&model.grants).unwrap_or_default();
     json!({
         "id": model.id,
         "direction": model.direction,
@@ -229,6 +251,10 @@ fn rule_details(model: &policy_rule::Model) -> Value {
         "priority": model.priority,
         "approvals_required": model.approvals_required,
         "description": model.description,
+        // What the rule grants, field by field as the proto names them.
+        "scopes": grants.scopes,
+        "default_scopes": grants.default_scopes,
+        "resources": grants.resources,
         "version": model.version,
     })
 }
@@ -372,6 +398,7 @@ pub async fn create_rule(
         created_at: Set(now),
         updated_at: Set(now),
         updated_by: Set(actor_json(&ctx.principal.actor())?),
+        grants: Set(to_json(&spec.grants)?),
     };
     let txn = state.db.begin().await?;
     let model = model.insert(&txn).await?;
@@ -550,6 +577,10 @@ pub async fn update_rule(
         .col_expr(
             policy_rule::Column::Description,
             Expr::value(spec.description),
+        )
+        .col_expr(
+            policy_rule::Column::Grants,
+            Expr::value(to_json(&spec.grants)?),
         )
         .col_expr(
             policy_rule::Column::Version,
@@ -793,15 +824,8 @@ pub async fn judge(
     } else {
         Outcome::Allow
     };
-    let outbound = engine::judge_side(
-        &requesting.id,
-        u64::try_from(requesting.policy_version).unwrap_or_default(),
-        Direction::Outbound,
-        &outbound_rules,
-        request,
-        outbound_default,
-        now,
-    );
+    // The inbound side first: it settles the scopes (the request's, or its
+    // deciding rule's defaults), which the outbound side then limits.
     let inbound = engine::judge_side(
         &receiving.id,
         u64::try_from(receiving.policy_version).unwrap_or_default(),
@@ -811,13 +835,129 @@ pub async fn judge(
         Outcome::Block,
         now,
     );
+    let settled = Request {
+        scopes: &inbound.scopes,
+        ..request.clone()
+    };
+    let outbound = engine::judge_side(
+        &requesting.id,
+        u64::try_from(requesting.policy_version).unwrap_or_default(),
+        Direction::Outbound,
+        &outbound_rules,
+        &settled,
+        outbound_default,
+        now,
+    );
     Ok(engine::combine(
         outbound,
         inbound,
+        request.resource,
         request.requested_ttl_seconds,
         state.config.max_token_ttl_seconds,
         now,
     ))
+}
+
+/// A rule the legacy upgrade gave `*` grants: its tenant, id and new rule
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyGrant {
+    pub tenant_id: String,
+    pub rule_id: String,
+    pub rule_version: i64,
+}
+
+/// The upgrade an operator may choose after scopes and resources became
+/// part of the policy: every inbound ALLOW or STEP_UP rule that grants
+/// nothing (as every rule written before did) is made to grant any scope and
+/// any resource (`*`), which is what its tokens carried before. Each rule is
+/// one audited edit (`rule.updated`, actor `system`, request id
+/// `grant-legacy-scopes`) bumping its tenant's policy version; `tenant_id`
+/// limits it to one tenant; `dry_run` lists without writing.
+pub async fn grant_legacy_scopes(
+    state: &AppState,
+    tenant_id: Option<&str>,
+    dry_run: bool,
+) -> Result<Vec<LegacyGrant>> {
+    let mut query = policy_rule::Entity::find()
+        .filter(policy_rule::Column::Direction.eq(Direction::Inbound.as_str()))
+        .filter(policy_rule::Column::Effect.ne(Outcome::Block.as_str()));
+    if let Some(tenant_id) = tenant_id {
+        query = query.filter(policy_rule::Column::TenantId.eq(tenant_id));
+    }
+    let legacy = Grants {
+        scopes: vec!["*".to_owned()],
+        default_scopes: Vec::new(),
+        resources: vec!["*".to_owned()],
+    };
+    let audit_ctx = crate::audit::AuditCtx::system("grant-legacy-scopes");
+    let mut granted = Vec::new();
+    for current in query.all(&state.db).await? {
+        if parse_rule(&current)?.grants != Grants::default() {
+            continue;
+        }
+        if dry_run {
+            granted.push(LegacyGrant {
+                tenant_id: current.tenant_id.clone(),
+                rule_id: current.id.clone(),
+                rule_version: current.version,
+            });
+            continue;
+        }
+        let now = state.clock.now_millis();
+        let txn = state.db.begin().await?;
+        let updated = policy_rule::Entity::update_many()
+            .col_expr(policy_rule::Column::Grants, Expr::value(to_json(&legacy)?))
+            .col_expr(
+                policy_rule::Column::Version,
+                Expr::col(policy_rule::Column::Version).add(1),
+            )
+            .col_expr(policy_rule::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                policy_rule::Column::UpdatedBy,
+                Expr::value(actor_json(&audit_ctx.actor)?),
+            )
+            .filter(policy_rule::Column::Id.eq(current.id.clone()))
+            .filter(policy_rule::Column::Version.eq(current.version))
+            .exec(&txn)
+            .await?;
+        if updated.rows_affected == 0 {
+            // Edited meanwhile: its admin has chosen.
+            txn.rollback().await?;
+            continue;
+        }
+        let model = policy_rule::Entity::find_by_id(current.id.clone())
+            .one(&txn)
+            .await?
+            .ok_or(Error::NotFound("rule"))?;
+        let version = bump_version(&txn, &current.tenant_id, None, None).await?;
+        audit::append(
+            &txn,
+            state.clock.as_ref(),
+            audit_ctx.event(
+                &current.tenant_id,
+                "rule.updated",
+                vec![current.id.clone()],
+                AuditOutcome::Success,
+                json!({
+                    "before": rule_details(&current),
+                    "rule": rule_details(&model),
+                    "policy_version": version,
+                    "reason": "grant-legacy-scopes",
+                }),
+            ),
+        )
+        .await?;
+        txn.commit().await?;
+        state.audit_committed();
+        state.directory_changed(&[Entry::Tenant(current.tenant_id.clone())]);
+        granted.push(LegacyGrant {
+            tenant_id: model.tenant_id,
+            rule_id: model.id,
+            rule_version: model.version,
+        });
+    }
+    Ok(granted)
 }
 
 /// Whether a tenant row is active.

@@ -114,6 +114,199 @@ pub fn pattern_specificity(pattern: &str) -> u32 {
     }
 }
 
+/// Most scope patterns, default scopes or resource patterns on a rule.
+pub const MAX_GRANTS: usize = 32;
+/// Longest scope or scope pattern.
+pub const MAX_SCOPE_LEN: usize = 128;
+/// Longest resource or resource pattern.
+pub const MAX_RESOURCE_LEN: usize = 512;
+
+/// A concrete scope: 1 to 128 printable ASCII characters without space,
+/// `"`, `\` or `*` (RFC 6749 §3.3 `scope-token`, minus the characters that
+/// need escaping in JSON and the wildcard of rules' patterns, so no token
+/// carries a scope that reads as a pattern).
+pub fn check_scope(field: &str, scope: &str) -> Result<(), FieldViolation> {
+    if check_scope_text(scope) && !scope.contains('*') {
+        Ok(())
+    } else {
+        Err(violation(
+            field,
+            "scopes are 1 to 128 printable ASCII characters without space, '\"', '\\' or '*'",
+        ))
+    }
+}
+
+fn check_scope_text(scope: &str) -> bool {
+    (1..=MAX_SCOPE_LEN).contains(&scope.len())
+        && scope
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// A scope pattern of a rule: a concrete scope (matched exactly), a prefix
+/// ending in `:*`, `.*` or `/*` (`contacts:*` matches `contacts:read` and
+/// `contacts:write.all`, not `contacts`; `mail.*` matches `mail.send`), or
+/// the lone `*` (every scope). The delimiter before the `*` keeps a prefix
+/// to whole segments: `read*` is not a pattern, so it cannot grant
+/// `readwrite`.
+pub fn check_scope_pattern(field: &str, pattern: &str) -> Result<(), FieldViolation> {
+    if !check_scope_text(pattern) {
+        return Err(violation(
+            field,
+            "scope patterns are 1 to 128 printable ASCII characters without space, '\"' or '\\'",
+        ));
+    }
+    if pattern == "*" {
+        return Ok(());
+    }
+    match scope_prefix(pattern) {
+        Some(prefix) if prefix.len() < 2 => Err(violation(
+            field,
+            "a prefix pattern needs a prefix before its ':*', '.*' or '/*'",
+        )),
+        Some(prefix) if prefix.contains('*') => Err(violation(
+            field,
+            "'*' may only be the whole pattern or follow a final ':', '.' or '/'",
+        )),
+        Some(_) => Ok(()),
+        None if pattern.contains('*') => Err(violation(
+            field,
+            "'*' may only be the whole pattern or follow a final ':', '.' or '/'",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The prefix of a prefix pattern, delimiter included (`contacts:` of
+/// `contacts:*`), or `None` for an exact scope or the lone `*`.
+fn scope_prefix(pattern: &str) -> Option<&str> {
+    let prefix = pattern.strip_suffix('*')?;
+    prefix.ends_with([':', '.', '/']).then_some(prefix)
+}
+
+/// Whether the scope pattern (already valid) grants the concrete `scope`.
+pub fn scope_matches(pattern: &str, scope: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match scope_prefix(pattern) {
+        Some(prefix) => scope.len() > prefix.len() && scope.starts_with(prefix),
+        None => pattern == scope,
+    }
+}
+
+/// A resource pattern of a rule: an exact resource (an RFC 8707 URI or any
+/// other text the resource server understands), a prefix ending in `*`
+/// (`https://api.example.com/orders/*`), or the lone `*` (every resource).
+/// 1 to 512 characters, no control characters, `*` only at the end.
+pub fn check_resource_pattern(field: &str, pattern: &str) -> Result<(), FieldViolation> {
+    if pattern.is_empty() || pattern.chars().count() > MAX_RESOURCE_LEN {
+        return Err(violation(
+            field,
+            format!("must be 1 to {MAX_RESOURCE_LEN} characters"),
+        ));
+    }
+    if pattern.chars().any(char::is_control) {
+        return Err(violation(field, "must not contain control characters"));
+    }
+    let literal = pattern.strip_suffix('*').unwrap_or(pattern);
+    if literal.contains('*') {
+        return Err(violation(field, "'*' may only end the pattern"));
+    }
+    Ok(())
+}
+
+/// Whether the resource pattern (already valid) grants `resource`.
+pub fn resource_matches(pattern: &str, resource: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => resource.len() > prefix.len() && resource.starts_with(prefix),
+        None => pattern == resource,
+    }
+}
+
+/// What a rule grants besides its effect: the scopes and resources a token
+/// decided by it may carry.
+///
+/// On an INBOUND rule (the receiving tenant's): a requested scope or resource
+/// is granted only if one of the patterns matches it, so a rule that names
+/// none grants none; `default_scopes` are what a request naming no scope
+/// gets. On an OUTBOUND rule (the requesting tenant's): the patterns limit
+/// what the tenant's own agents may ask for; a rule naming none limits
+/// nothing, and `default_scopes` are not used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+}
+
+impl Grants {
+    /// Checks a rule's grant fields (`rule.scopes`, `rule.default_scopes`,
+    /// `rule.resources`) for a rule of `direction`.
+    pub fn from_proto(
+        direction: Option<Direction>,
+        scopes: &[String],
+        default_scopes: &[String],
+        resources: &[String],
+    ) -> Result<Self, Vec<FieldViolation>> {
+        let mut violations = Vec::new();
+        let mut list =
+            |name: &str, values: &[String], check: fn(&str, &str) -> Result<(), FieldViolation>| {
+                if values.len() > MAX_GRANTS {
+                    violations.push(violation(
+                        &format!("rule.{name}"),
+                        format!("at most {MAX_GRANTS} entries"),
+                    ));
+                }
+                for (i, value) in values.iter().enumerate() {
+                    let field = format!("rule.{name}[{i}]");
+                    if let Err(v) = check(&field, value) {
+                        violations.push(v);
+                    } else if values[..i].contains(value) {
+                        violations.push(violation(&field, "is a duplicate"));
+                    }
+                }
+            };
+        list("scopes", scopes, check_scope_pattern);
+        list("default_scopes", default_scopes, check_scope);
+        list("resources", resources, check_resource_pattern);
+        if direction == Some(Direction::Outbound) && !default_scopes.is_empty() {
+            violations.push(violation(
+                "rule.default_scopes",
+                "only inbound rules give default scopes",
+            ));
+        }
+        for (i, scope) in default_scopes.iter().enumerate() {
+            if check_scope("", scope).is_ok() && !scopes.iter().any(|p| scope_matches(p, scope)) {
+                violations.push(violation(
+                    &format!("rule.default_scopes[{i}]"),
+                    "is not granted by rule.scopes",
+                ));
+            }
+        }
+        if violations.is_empty() {
+            Ok(Self {
+                scopes: scopes.to_vec(),
+                default_scopes: default_scopes.to_vec(),
+                resources: resources.to_vec(),
+            })
+        } else {
+            Err(violations)
+        }
+    }
+
+    fn grants_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|p| scope_matches(p, scope))
+    }
+
+    fn grants_resource(&self, resource: &str) -> bool {
+        self.resources.iter().any(|p| resource_matches(p, resource))
+    }
+}
+
 /// A typed attribute value as stored and compared.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -676,6 +869,7 @@ pub struct Rule {
     pub priority: i32,
     pub approvals_required: u32,
     pub created_at: Millis,
+    pub grants: Grants,
 }
 
 impl Rule {
@@ -715,6 +909,12 @@ pub struct Request<'a> {
     pub action: &'a str,
     pub context: &'a BTreeMap<String, Attr>,
     pub requested_ttl_seconds: u32,
+    /// The scopes asked for (none: the deciding inbound rule's defaults).
+    pub scopes: &'a [String],
+    /// The resource asked for; `None` when there is none to grant (no
+    /// resource, or a vault operation whose object the action and the
+    /// reserved `vg_` attributes already name).
+    pub resource: Option<&'a str>,
 }
 
 /// How one side judged a request, as recorded with the delegation and in
@@ -729,6 +929,18 @@ pub struct SideDecision {
     pub max_ttl_seconds: u32,
     pub approvals_required: u32,
     pub explanation: String,
+    /// Scopes of the request this side's deciding rule does not grant
+    /// (inbound) or does not allow its agents (outbound); each makes the
+    /// side BLOCK.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes_not_granted: Vec<String>,
+    /// Whether this side's deciding rule refused the request's resource.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resource_not_granted: bool,
+    /// The scopes this side settled on: for the inbound side the request's,
+    /// or its deciding rule's defaults when the request named none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 /// The combined decision.
@@ -740,6 +952,15 @@ pub struct Decision {
     pub max_ttl_seconds: u32,
     pub approvals_required: u32,
     pub evaluated_at: Millis,
+    /// The scopes a token of this decision carries: the request's, or the
+    /// inbound rule's defaults when it named none, each granted by both
+    /// sides. Empty on BLOCK.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// The resource a token of this decision carries (granted by both
+    /// sides), empty when none. Empty on BLOCK.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource: String,
 }
 
 fn truncate(mut text: String) -> String {
@@ -751,7 +972,11 @@ fn truncate(mut text: String) -> String {
 }
 
 /// Judges one side: `rules` are the tenant's rules of `direction`; `default`
-/// is the outcome when none matches.
+/// is the outcome when none matches. The deciding rule must also grant
+/// (inbound) or allow (outbound) the request's scopes and resource, see
+/// [`Grants`]; whatever it does not turns the side into BLOCK, naming it.
+/// For the outbound side, `request.scopes` should be what the inbound side
+/// settled on ([`SideDecision::scopes`]), so defaults are limited too.
 pub fn judge_side(
     tenant_id: &str,
     policy_version: u64,
@@ -801,22 +1026,22 @@ pub fn judge_side(
             } else {
                 format!(": {}", because.join(", "))
             };
-            SideDecision {
-                tenant_id: tenant_id.to_owned(),
-                outcome: rule.effect,
-                rule_id: rule.id.clone(),
-                policy_version,
-                max_ttl_seconds: if rule.effect == Outcome::Block {
-                    0
-                } else {
-                    rule.max_ttl_seconds
-                },
-                approvals_required: if rule.effect == Outcome::StepUp {
-                    rule.approvals_required.max(1)
-                } else {
-                    0
-                },
-                explanation: truncate(format!(
+            let granted = judge_grants(direction, rule, request);
+            let refused = !granted.scopes_not_granted.is_empty() || granted.resource_not_granted;
+            let outcome = if refused { Outcome::Block } else { rule.effect };
+            let explanation = if refused && rule.effect != Outcome::Block {
+                format!(
+                    "{} rule {} (priority {}, {}) matched{} → {}, but {} → BLOCK",
+                    direction.as_str(),
+                    rule.id,
+                    rule.priority,
+                    rule.action_pattern,
+                    because,
+                    rule.effect.label(),
+                    granted.refusal(direction),
+                )
+            } else {
+                format!(
                     "{} rule {} (priority {}, {}) matched{} → {}",
                     direction.as_str(),
                     rule.id,
@@ -824,7 +1049,31 @@ pub fn judge_side(
                     rule.action_pattern,
                     because,
                     rule.effect.label()
-                )),
+                )
+            };
+            SideDecision {
+                tenant_id: tenant_id.to_owned(),
+                outcome,
+                rule_id: rule.id.clone(),
+                policy_version,
+                max_ttl_seconds: if outcome == Outcome::Block {
+                    0
+                } else {
+                    rule.max_ttl_seconds
+                },
+                approvals_required: if outcome == Outcome::StepUp {
+                    rule.approvals_required.max(1)
+                } else {
+                    0
+                },
+                explanation: truncate(explanation),
+                scopes_not_granted: if rule.effect == Outcome::Block {
+                    Vec::new()
+                } else {
+                    granted.scopes_not_granted
+                },
+                resource_not_granted: rule.effect != Outcome::Block && granted.resource_not_granted,
+                scopes: granted.scopes,
             }
         }
         None => SideDecision {
@@ -834,6 +1083,9 @@ pub fn judge_side(
             policy_version,
             max_ttl_seconds: 0,
             approvals_required: if default == Outcome::StepUp { 1 } else { 0 },
+            scopes_not_granted: Vec::new(),
+            resource_not_granted: false,
+            scopes: request.scopes.to_vec(),
             explanation: match direction {
                 Direction::Inbound => {
                     "no inbound rule matched → BLOCK (inbound default)".to_owned()
@@ -847,11 +1099,83 @@ pub fn judge_side(
     }
 }
 
+/// What a deciding rule made of a request's scopes and resource.
+struct Granted {
+    scopes: Vec<String>,
+    scopes_not_granted: Vec<String>,
+    resource_not_granted: bool,
+}
+
+impl Granted {
+    fn refusal(&self, direction: Direction) -> String {
+        let verb = match direction {
+            Direction::Inbound => "grant",
+            Direction::Outbound => "allow",
+        };
+        let mut parts = Vec::new();
+        if !self.scopes_not_granted.is_empty() {
+            let quoted: Vec<String> = self
+                .scopes_not_granted
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect();
+            let noun = if quoted.len() == 1 { "scope" } else { "scopes" };
+            parts.push(format!("it does not {verb} {noun} {}", quoted.join(", ")));
+        }
+        if self.resource_not_granted {
+            parts.push(format!("it does not {verb} the resource"));
+        }
+        parts.join(" and ")
+    }
+}
+
+fn judge_grants(direction: Direction, rule: &Rule, request: &Request<'_>) -> Granted {
+    let grants = &rule.grants;
+    match direction {
+        Direction::Inbound => {
+            let scopes = if request.scopes.is_empty() {
+                grants.default_scopes.clone()
+            } else {
+                request.scopes.to_vec()
+            };
+            Granted {
+                scopes_not_granted: scopes
+                    .iter()
+                    .filter(|s| !grants.grants_scope(s))
+                    .cloned()
+                    .collect(),
+                resource_not_granted: request
+                    .resource
+                    .is_some_and(|r| !r.is_empty() && !grants.grants_resource(r)),
+                scopes,
+            }
+        }
+        Direction::Outbound => Granted {
+            scopes_not_granted: if grants.scopes.is_empty() {
+                Vec::new()
+            } else {
+                request
+                    .scopes
+                    .iter()
+                    .filter(|s| !grants.grants_scope(s))
+                    .cloned()
+                    .collect()
+            },
+            resource_not_granted: !grants.resources.is_empty()
+                && request
+                    .resource
+                    .is_some_and(|r| !r.is_empty() && !grants.grants_resource(r)),
+            scopes: request.scopes.to_vec(),
+        },
+    }
+}
+
 /// Combines both sides: the stricter outcome wins; the lifetime is the
 /// smallest of the request, each side's non-zero cap and the server cap.
 pub fn combine(
     outbound: SideDecision,
     inbound: SideDecision,
+    resource: Option<&str>,
     requested_ttl_seconds: u32,
     server_cap_seconds: u32,
     now: Millis,
@@ -879,6 +1203,14 @@ pub fn combine(
     } else {
         0
     };
+    let (scopes, resource) = if outcome == Outcome::Block {
+        (Vec::new(), String::new())
+    } else {
+        (
+            inbound.scopes.clone(),
+            resource.unwrap_or_default().to_owned(),
+        )
+    };
     Decision {
         outcome,
         outbound,
@@ -886,6 +1218,8 @@ pub fn combine(
         max_ttl_seconds,
         approvals_required,
         evaluated_at: now,
+        scopes,
+        resource,
     }
 }
 
@@ -901,17 +1235,35 @@ impl Decision {
         }
     }
 
-    /// The decision as `viewer_tenant` may see it: the explanation of a side
-    /// owned by another tenant is replaced by a generic text.
+    /// The decision as `viewer_tenant` may see it: of a side owned by
+    /// another tenant only the outcome and what it refused of the request
+    /// remain; its rule id, policy version, lifetime cap and explanation
+    /// are that tenant's business and are replaced by a generic text.
     pub fn redacted_for(&self, viewer_tenant: &str) -> Self {
+        fn redact(side: &mut SideDecision, text: &str) {
+            side.explanation = text.to_owned();
+            side.rule_id = String::new();
+            side.policy_version = 0;
+            side.max_ttl_seconds = 0;
+        }
         let mut out = self.clone();
         if out.outbound.tenant_id != viewer_tenant {
-            out.outbound.explanation = "decided by the requesting tenant's policy".to_owned();
+            redact(
+                &mut out.outbound,
+                "decided by the requesting tenant's policy",
+            );
         }
         if out.inbound.tenant_id != viewer_tenant {
-            out.inbound.explanation = "decided by the receiving tenant's policy".to_owned();
+            redact(&mut out.inbound, "decided by the receiving tenant's policy");
         }
         out
+    }
+
+    /// Whether a BLOCK came from scopes or a resource the deciding rules did
+    /// not grant (rather than from an effect).
+    pub fn refused_grant(&self) -> Option<(Direction, &SideDecision)> {
+        self.blocking_side()
+            .filter(|(_, side)| !side.scopes_not_granted.is_empty() || side.resource_not_granted)
     }
 
     pub fn to_proto(&self) -> pb::PolicyDecision {
@@ -922,6 +1274,8 @@ impl Decision {
             policy_version: s.policy_version,
             max_ttl_seconds: s.max_ttl_seconds,
             explanation: s.explanation.clone(),
+            scopes_not_granted: s.scopes_not_granted.clone(),
+            resource_not_granted: s.resource_not_granted,
         };
         pb::PolicyDecision {
             outcome: self.outcome.to_decision() as i32,
@@ -930,6 +1284,8 @@ impl Decision {
             max_ttl_seconds: self.max_ttl_seconds,
             approvals_required: self.approvals_required,
             evaluate_time: Some(crate::clock::to_timestamp(self.evaluated_at)),
+            scopes: self.scopes.clone(),
+            resource: self.resource.clone(),
         }
     }
 }
@@ -951,6 +1307,7 @@ mod tests {
             priority: 0,
             approvals_required: 0,
             created_at: 0,
+            grants: Grants::default(),
         }
     }
 
@@ -962,6 +1319,8 @@ mod tests {
             action,
             context,
             requested_ttl_seconds: 600,
+            scopes: &[],
+            resource: None,
         };
         judge_side(
             "tnt_b",
@@ -1154,10 +1513,14 @@ mod tests {
             max_ttl_seconds: ttl,
             approvals_required: approvals,
             explanation: String::new(),
+            scopes_not_granted: Vec::new(),
+            resource_not_granted: false,
+            scopes: Vec::new(),
         };
         let d = combine(
             side(Outcome::Allow, 300, 0),
             side(Outcome::StepUp, 0, 2),
+            None,
             600,
             86_400,
             0,
@@ -1169,6 +1532,7 @@ mod tests {
         let d = combine(
             side(Outcome::Block, 300, 0),
             side(Outcome::Allow, 0, 0),
+            None,
             600,
             86_400,
             0,
@@ -1181,11 +1545,259 @@ mod tests {
         let d = combine(
             side(Outcome::Allow, 0, 0),
             side(Outcome::Allow, 0, 0),
+            None,
             90_000,
             3_600,
             0,
         );
         assert_eq!(d.max_ttl_seconds, 3_600);
+    }
+
+    fn granting(pattern: &str, scopes: &[&str], defaults: &[&str], resources: &[&str]) -> Rule {
+        let strings = |xs: &[&str]| xs.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        Rule {
+            grants: Grants {
+                scopes: strings(scopes),
+                default_scopes: strings(defaults),
+                resources: strings(resources),
+            },
+            ..rule("rul_g", pattern, Outcome::Allow)
+        }
+    }
+
+    fn judge_with(
+        direction: Direction,
+        rules: &[Rule],
+        scopes: &[&str],
+        resource: Option<&str>,
+    ) -> SideDecision {
+        let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
+        let context = BTreeMap::new();
+        let request = Request {
+            requesting_tenant_id: "tnt_a",
+            requesting_agent_id: "agt_1",
+            receiving_tenant_id: "tnt_b",
+            action: "crm.read",
+            context: &context,
+            requested_ttl_seconds: 600,
+            scopes: &scopes,
+            resource,
+        };
+        let default = match direction {
+            Direction::Inbound => Outcome::Block,
+            Direction::Outbound => Outcome::Allow,
+        };
+        judge_side("tnt_b", 3, direction, rules, &request, default, 0)
+    }
+
+    #[test]
+    fn scope_patterns_match_whole_segments() {
+        for good in [
+            "read",
+            "contacts:*",
+            "mail.*",
+            "https://api.example.com/auth/*",
+            "*",
+        ] {
+            assert!(check_scope_pattern("p", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ":*",
+            "read*",
+            "a*b",
+            "*:*",
+            "has space",
+            "quote\"",
+            "x".repeat(129).as_str(),
+        ] {
+            assert!(check_scope_pattern("p", bad).is_err(), "{bad:?}");
+        }
+        assert!(scope_matches("contacts:*", "contacts:read"));
+        assert!(scope_matches("contacts:*", "contacts:write.all"));
+        assert!(!scope_matches("contacts:*", "contacts:"));
+        assert!(!scope_matches("contacts:*", "contacts"));
+        assert!(!scope_matches("contacts:*", "contactsx:read"));
+        assert!(scope_matches("mail.*", "mail.send"));
+        assert!(scope_matches("*", "admin"));
+        assert!(scope_matches("admin", "admin"));
+        assert!(!scope_matches("admin", "admin:all"));
+        assert!(resource_matches(
+            "https://a.example/orders/*",
+            "https://a.example/orders/7"
+        ));
+        assert!(!resource_matches(
+            "https://a.example/orders/*",
+            "https://a.example/orders/"
+        ));
+        assert!(!resource_matches(
+            "https://a.example/orders/*",
+            "https://a.example/order"
+        ));
+        assert!(resource_matches("*", "anything"));
+        assert!(check_resource_pattern("r", "a*b").is_err());
+        assert!(check_resource_pattern("r", "line\nbreak").is_err());
+    }
+
+    #[test]
+    fn an_inbound_rule_grants_only_what_it_names() {
+        let silent = granting("crm.*", &[], &[], &[]);
+        let side = judge_with(
+            Direction::Inbound,
+            std::slice::from_ref(&silent),
+            &["admin", "contacts:write"],
+            None,
+        );
+        assert_eq!(side.outcome, Outcome::Block);
+        assert_eq!(side.scopes_not_granted, vec!["admin", "contacts:write"]);
+        assert!(
+            side.explanation
+                .contains("does not grant scopes \"admin\", \"contacts:write\""),
+            "{}",
+            side.explanation
+        );
+        let side = judge_with(
+            Direction::Inbound,
+            std::slice::from_ref(&silent),
+            &[],
+            Some("https://x"),
+        );
+        assert_eq!(
+            (side.outcome, side.resource_not_granted),
+            (Outcome::Block, true)
+        );
+        // Naming nothing asks for nothing, which needs no grant.
+        assert_eq!(
+            judge_with(Direction::Inbound, &[silent], &[], None).outcome,
+            Outcome::Allow
+        );
+
+        let rule = granting(
+            "crm.*",
+            &["contacts:*", "profile"],
+            &["profile"],
+            &["https://crm.example/*"],
+        );
+        let side = judge_with(
+            Direction::Inbound,
+            std::slice::from_ref(&rule),
+            &["contacts:read"],
+            Some("https://crm.example/people"),
+        );
+        assert_eq!(
+            (side.outcome, side.scopes.clone()),
+            (Outcome::Allow, vec!["contacts:read".to_owned()])
+        );
+        let side = judge_with(Direction::Inbound, std::slice::from_ref(&rule), &[], None);
+        assert_eq!(
+            side.scopes,
+            vec!["profile"],
+            "defaults fill a request naming none"
+        );
+        let side = judge_with(
+            Direction::Inbound,
+            std::slice::from_ref(&rule),
+            &["contacts:read", "admin"],
+            None,
+        );
+        assert_eq!(
+            (side.outcome, side.scopes_not_granted.clone()),
+            (Outcome::Block, vec!["admin".to_owned()])
+        );
+        let side = judge_with(
+            Direction::Inbound,
+            &[rule],
+            &[],
+            Some("https://other.example/"),
+        );
+        assert!(side.resource_not_granted);
+
+        // A BLOCK rule refuses by its effect, not by its grants.
+        let block = Rule {
+            effect: Outcome::Block,
+            ..granting("crm.*", &[], &[], &[])
+        };
+        let side = judge_with(Direction::Inbound, &[block], &["admin"], None);
+        assert_eq!(side.outcome, Outcome::Block);
+        assert!(side.scopes_not_granted.is_empty());
+    }
+
+    #[test]
+    fn an_outbound_rule_limits_only_when_it_names_scopes() {
+        let open = granting("crm.*", &[], &[], &[]);
+        assert_eq!(
+            judge_with(Direction::Outbound, &[open], &["admin"], Some("r")).outcome,
+            Outcome::Allow
+        );
+        let limited = granting("crm.*", &["contacts:read"], &[], &["https://crm.example/*"]);
+        let side = judge_with(
+            Direction::Outbound,
+            std::slice::from_ref(&limited),
+            &["contacts:read", "admin"],
+            None,
+        );
+        assert_eq!(
+            (side.outcome, side.scopes_not_granted.clone()),
+            (Outcome::Block, vec!["admin".to_owned()])
+        );
+        assert!(
+            side.explanation.contains("does not allow scope \"admin\""),
+            "{}",
+            side.explanation
+        );
+        let side = judge_with(
+            Direction::Outbound,
+            &[limited],
+            &[],
+            Some("https://elsewhere/"),
+        );
+        assert!(side.resource_not_granted);
+        // No outbound rule: the default limits nothing.
+        assert_eq!(
+            judge_with(Direction::Outbound, &[], &["admin"], Some("r")).outcome,
+            Outcome::Allow
+        );
+    }
+
+    #[test]
+    fn a_decision_shown_to_the_counterpart_names_none_of_its_rules() {
+        let side = |tenant: &str| SideDecision {
+            tenant_id: tenant.into(),
+            outcome: Outcome::Block,
+            rule_id: format!("rul_{tenant}"),
+            policy_version: 7,
+            max_ttl_seconds: 300,
+            approvals_required: 0,
+            explanation: format!("secret terms of {tenant}"),
+            scopes_not_granted: vec!["admin".into()],
+            resource_not_granted: false,
+            scopes: Vec::new(),
+        };
+        let decision = combine(side("tnt_a"), side("tnt_b"), None, 600, 86_400, 0);
+        let seen = decision.redacted_for("tnt_a");
+        assert_eq!(seen.outbound.rule_id, "rul_tnt_a");
+        assert_eq!(
+            (
+                seen.inbound.rule_id.as_str(),
+                seen.inbound.policy_version,
+                seen.inbound.max_ttl_seconds
+            ),
+            ("", 0, 0)
+        );
+        assert!(!seen.inbound.explanation.contains("secret"));
+        assert_eq!(
+            seen.inbound.scopes_not_granted,
+            vec!["admin"],
+            "the request's own scopes stay"
+        );
+        let seen = decision.redacted_for("tnt_b");
+        assert_eq!(
+            (
+                seen.outbound.rule_id.as_str(),
+                seen.inbound.rule_id.as_str()
+            ),
+            ("", "rul_tnt_b")
+        );
     }
 }
 
@@ -1307,6 +1919,23 @@ mod props {
             })
     }
 
+    fn rule_with(pattern: &str) -> Rule {
+        Rule {
+            id: "rul_p".to_owned(),
+            action_pattern: pattern.to_owned(),
+            counterpart_tenant_id: None,
+            agent_id: None,
+            conditions: Vec::new(),
+            time_window: None,
+            effect: Outcome::Allow,
+            max_ttl_seconds: 0,
+            priority: 0,
+            approvals_required: 0,
+            created_at: 0,
+            grants: Grants::default(),
+        }
+    }
+
     fn rule_strategy() -> impl Strategy<Value = Rule> {
         (
             prop_oneof![
@@ -1351,6 +1980,7 @@ mod props {
                         priority,
                         approvals_required: 0,
                         created_at: created,
+                        grants: Grants::default(),
                     }
                 },
             )
@@ -1493,6 +2123,8 @@ mod props {
                 action: &a,
                 context: &ctx,
                 requested_ttl_seconds: 60,
+                scopes: &[],
+                resource: None,
             };
             let side = judge_side("tnt_b", 1, Direction::Inbound, &rules, &request, Outcome::Block, 0);
             let mut matching: Vec<&Rule> = rules
@@ -1615,6 +2247,50 @@ mod props {
                     }
                 }
                 Err(violations) => prop_assert!(!violations.is_empty()),
+            }
+        }
+
+        #[test]
+        fn scope_patterns_never_panic_and_a_granted_scope_matches_a_pattern(
+            patterns in prop::collection::vec(prop_oneof![
+                "[a-z]{1,4}(:|\\.|/)?\\*?".prop_map(String::from),
+                Just("*".to_owned()),
+                grammar_noise(),
+            ], 0..4),
+            defaults in prop::collection::vec("[a-z]{1,4}(:[a-z]{1,3})?".prop_map(String::from), 0..3),
+            requested in prop::collection::vec(prop_oneof![
+                "[a-z]{1,4}((:|\\.|/)[a-z]{0,3})?".prop_map(String::from),
+                grammar_noise(),
+            ], 0..4),
+        ) {
+            let Ok(grants) = Grants::from_proto(Some(Direction::Inbound), &patterns, &defaults, &[]) else {
+                return Ok(());
+            };
+            let rule = Rule { grants: grants.clone(), ..rule_with("crm.*") };
+            let context = BTreeMap::new();
+            let request = Request {
+                requesting_tenant_id: "tnt_a",
+                requesting_agent_id: "agt_1",
+                receiving_tenant_id: "tnt_b",
+                action: "crm.read",
+                context: &context,
+                requested_ttl_seconds: 60,
+                scopes: &requested,
+                resource: None,
+            };
+            let side = judge_side("tnt_b", 1, Direction::Inbound, &[rule], &request, Outcome::Block, 0);
+            if side.outcome != Outcome::Block {
+                for scope in &side.scopes {
+                    prop_assert!(grants.scopes.iter().any(|p| scope_matches(p, scope)), "{scope} granted by none of {:?}", grants.scopes);
+                }
+                if requested.is_empty() {
+                    prop_assert_eq!(&side.scopes, &grants.default_scopes);
+                } else {
+                    prop_assert_eq!(&side.scopes, &requested);
+                }
+            } else {
+                prop_assert!(!side.scopes_not_granted.is_empty());
+                prop_assert!(side.scopes_not_granted.iter().all(|s| !grants.scopes.iter().any(|p| scope_matches(p, s))));
             }
         }
 

@@ -493,6 +493,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         requested_ttl_seconds: SIGN_APPROVAL_TTL_SECONDS.min(state.config.max_token_ttl_seconds),
         binding_message: req.binding_message.clone(),
         context,
+        vault_made: true,
     };
     let decision = delegations::judge_between(state, &own, &agent_id, &own, &policy_input).await?;
     let now = state.clock.now_millis();
@@ -803,6 +804,10 @@ async fn replay(
             if delegations::effective_status(&delegation_row, now) != delegations::STATUS_ACTIVE {
                 return Err(approval_ended(&delegation_row, now));
             }
+            // The approval answered the STEP_UP; the policy still judges the
+            // signature when it is made: a rule edited to BLOCK since, or a
+            // time window that closed, wins.
+            judge_at_signing(state, ctx, key, &row, &delegation_row).await?;
             sign_approved(state, ctx, key, input, row, decision, now).await
         }
         step_ups::DENIED => Err(step_ups::ciba(
@@ -816,6 +821,47 @@ async fn replay(
             &[("delegation_id", delegation_id)],
         )),
     }
+}
+
+/// Judges an approved signature again as it is about to be made; a BLOCK
+/// now refuses it (audited) and leaves it pending.
+async fn judge_at_signing(
+    state: &AppState,
+    ctx: &CallContext,
+    key: &custody_key::Model,
+    row: &signature::Model,
+    delegation_row: &delegation::Model,
+) -> Result<()> {
+    let own = state
+        .directory
+        .tenant(&state.db, &key.tenant_id)
+        .await?
+        .ok_or(Error::NotFound("tenant"))?;
+    let decision = delegations::judge_between(
+        state,
+        &own,
+        &row.requester_subject,
+        &own,
+        &delegations::input_of(delegation_row)?,
+    )
+    .await?;
+    if decision.outcome != Outcome::Block {
+        return Ok(());
+    }
+    refuse(
+        state,
+        ctx,
+        key,
+        &row.requester_subject,
+        &row.payload_hash,
+        "blocked by policy at signing time",
+    )
+    .await?;
+    Err(delegations::blocked_error_for(
+        &key.tenant_id,
+        &decision,
+        &[("key_id", key.id.clone())],
+    ))
 }
 
 fn approval_ended(row: &delegation::Model, now: Millis) -> Error {

@@ -8,8 +8,6 @@
 //! a `step_up_changes` row (the queue feed and webhook outbox) and announces
 //! it through the [`crate::hub`], in the same transaction.
 
-use std::collections::BTreeMap;
-
 use sea_orm::sea_query::{Alias, Expr, Func, Query, SubQueryStatement, UpdateStatement};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
@@ -24,10 +22,10 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
 use crate::domain::delegations::{
-    self, Input, STATUS_ACTIVE, STATUS_DENIED, STATUS_PENDING, effective_status, judge_input,
+    self, STATUS_ACTIVE, STATUS_DENIED, STATUS_PENDING, effective_status, judge_input,
     party_events, sign, system_actor_json,
 };
-use crate::domain::policy_engine::{Attr, Decision, Direction, Outcome};
+use crate::domain::policy_engine::{Decision, Direction, Outcome};
 use crate::domain::{actor_json, page};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::hub::Change;
@@ -592,23 +590,6 @@ pub async fn list_pending(
     Ok((views, next))
 }
 
-/// The request a step-up waits on, as the policy engine takes it.
-fn input_of(row: &delegation::Model) -> Result<Input> {
-    let context: BTreeMap<String, Attr> =
-        serde_json::from_str(&row.context).map_err(Error::internal)?;
-    let mut scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
-    scopes.sort();
-    Ok(Input {
-        receiving_tenant_id: row.receiving_tenant_id.clone(),
-        action: row.action.clone(),
-        scopes,
-        resource: row.resource.clone(),
-        requested_ttl_seconds: u32::try_from(row.ttl_seconds).unwrap_or_default(),
-        binding_message: row.binding_message.clone(),
-        context,
-    })
-}
-
 /// Checks who may decide: never the requester.
 fn check_not_requester(ctx: &CallContext, step: &step_up::Model) -> Result<()> {
     if ctx.principal.subject == step.requesting_agent_id {
@@ -693,7 +674,7 @@ async fn judge_approval(
         &step.requesting_tenant_id,
         &step.requesting_agent_id,
         receiving,
-        &input_of(row)?,
+        &delegations::input_of(row)?,
     )
     .await
 }
@@ -863,7 +844,7 @@ pub async fn approve(
         txn.commit().await?;
         state.audit_committed();
         state.hub.committed(vec![change]);
-        return Err(blocked_at_approval(&decision));
+        return Err(blocked_at_approval(&decision, &tenant_id));
     }
     let now = state.clock.now_millis();
     let approval = step_up_approval::Model {
@@ -1039,23 +1020,35 @@ async fn add_approval(
     Ok(added.then_some(approvals))
 }
 
-/// FAILED_PRECONDITION with ACCESS_DENIED: the re-check decided BLOCK.
-fn blocked_at_approval(decision: &Decision) -> Error {
-    let (direction, side) = decision
+/// FAILED_PRECONDITION with ACCESS_DENIED: the re-check decided BLOCK, as
+/// the approver's tenant (`viewer_tenant`) may see it: the blocking side's
+/// rule id and policy version only when that side is the viewer's own.
+fn blocked_at_approval(decision: &Decision, viewer_tenant: &str) -> Error {
+    let visible = decision.redacted_for(viewer_tenant);
+    let (direction, side) = visible
         .blocking_side()
-        .unwrap_or((Direction::Inbound, &decision.inbound));
+        .unwrap_or((Direction::Inbound, &visible.inbound));
+    let mut metadata = std::collections::HashMap::from([
+        ("ciba_error".to_owned(), "access_denied".to_owned()),
+        ("policy_side".to_owned(), direction.as_str().to_owned()),
+    ]);
+    if side.tenant_id == viewer_tenant {
+        metadata.insert("rule_id".to_owned(), side.rule_id.clone());
+        metadata.insert("policy_version".to_owned(), side.policy_version.to_string());
+    }
+    if !side.scopes_not_granted.is_empty() {
+        metadata.insert(
+            "scopes_not_granted".to_owned(),
+            side.scopes_not_granted.join(" "),
+        );
+    }
     Error::FailedPrecondition {
         reason: ErrorReason::AccessDenied,
         message: format!(
             "the {} policy now blocks this request; the step-up is denied",
             direction.as_str()
         ),
-        metadata: std::collections::HashMap::from([
-            ("ciba_error".to_owned(), "access_denied".to_owned()),
-            ("policy_side".to_owned(), direction.as_str().to_owned()),
-            ("rule_id".to_owned(), side.rule_id.clone()),
-            ("policy_version".to_owned(), side.policy_version.to_string()),
-        ]),
+        metadata,
     }
 }
 

@@ -95,6 +95,9 @@ pub fn rule(model: policy_rule::Model) -> Result<pb::Rule, Error> {
         version: u64::try_from(model.version).unwrap_or_default(),
         update_actor: actor(Some(&model.updated_by)),
         id: model.id,
+        scopes: parsed.grants.scopes,
+        default_scopes: parsed.grants.default_scopes,
+        resources: parsed.grants.resources,
     })
 }
 

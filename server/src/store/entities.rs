@@ -151,6 +151,9 @@ pub mod policy_rule {
         pub updated_at: i64,
         /// JSON of the actor who created or last updated the rule.
         pub updated_by: String,
+        /// JSON object of what the rule grants: scope patterns, default
+        /// scopes, resource patterns (`policy_engine::Grants`).
+        pub grants: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
