@@ -67,6 +67,11 @@ async fn queues(adjust: fn(&mut Config)) -> Queues {
     let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
     let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
     let initech_admin = server.human(&initech.id, "ian", &[pb::Role::Admin]).await;
+    // Tokens first: issuing one is audited, and the refusal tests count
+    // events.
+    for agent in [&bot, &other_bot, &initech_bot] {
+        agent.bearer().await.expect("agent token");
+    }
     for admin in [&acme_admin, &globex_admin, &initech_admin] {
         add_rule(admin, inbound("pay.*", pb::Effect::StepUp)).await;
     }
