@@ -5,6 +5,12 @@
 //! unverified `iss` only chooses which verifier runs; nothing else in the
 //! token is trusted before its signature is checked. The caller's tenant
 //! comes from the verified credential only.
+//!
+//! Standing (the credential unexpired, an OIDC human's organisation still
+//! bound, the tenant active, the agent enabled) is checked when a call is
+//! admitted, and again by [`check_still_standing`] at every step of an open
+//! server stream (`grpc/stream.rs`), with the same checks in the same order,
+//! so a stream ends with the status a new call would get.
 
 use serde::{Deserialize, Serialize};
 use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
@@ -12,7 +18,6 @@ use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
 use crate::audit::AuditCtx;
 use crate::error::{Error, Result};
 use crate::state::AppState;
-use crate::store::entities::external_org;
 
 /// The `aud` of VaultGuard API access tokens. Delegation tokens carry the
 /// receiving tenant's audience instead, so one can never stand for the other.
@@ -49,7 +54,15 @@ pub struct Principal {
     pub tenant_id: Option<String>,
     pub roles: Vec<Role>,
     pub issuer: String,
+    /// When the bearer (or, without one, the client certificate) expires,
+    /// in seconds.
     pub expires_at: i64,
+    /// For an OIDC human: the external organisation whose binding names
+    /// its tenant.
+    pub organization_id: Option<String>,
+    /// For a call on a connection with a verified agent certificate: the
+    /// certificate's `notAfter`, in seconds.
+    pub certificate_expires_at: Option<i64>,
 }
 
 impl Principal {
@@ -180,12 +193,13 @@ pub async fn authenticate_call(
         (Some(token), None) => authenticate(state, token).await,
         (None, Some(certified)) => principal_from_certificate(state, certified).await,
         (Some(token), Some(certified)) => {
-            let principal = authenticate(state, token).await?;
+            let mut principal = authenticate(state, token).await?;
             if principal.agent_id() != Some(certified.agent_id.as_str()) {
                 return Err(Error::Unauthenticated(
                     "bearer token and client certificate name different callers",
                 ));
             }
+            principal.certificate_expires_at = Some(certified.expires_at);
             Ok(principal)
         }
     }
@@ -211,6 +225,8 @@ async fn principal_from_certificate(
         roles: vec![Role::Agent],
         issuer: certified.issuer,
         expires_at: certified.expires_at,
+        organization_id: None,
+        certificate_expires_at: Some(certified.expires_at),
     };
     check_standing(state, &principal).await?;
     Ok(principal)
@@ -244,22 +260,14 @@ async fn principal_from_access_token(state: &AppState, token: &str) -> Result<Pr
         roles,
         issuer: claims.iss,
         expires_at: claims.exp,
+        organization_id: None,
+        certificate_expires_at: None,
     })
 }
 
 async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Result<Principal> {
-    use sea_orm::EntityTrait;
     let identity = state.oidc.verify(token, issuer).await?;
-    let binding = external_org::Entity::find_by_id((
-        identity.issuer.clone(),
-        identity.organization_id.clone(),
-    ))
-    .one(&state.db)
-    .await?
-    .ok_or(Error::UnauthenticatedReason {
-        reason: ErrorReason::UnknownOrganization,
-        detail: "organisation not bound to a tenant",
-    })?;
+    let tenant_id = bound_tenant(state, &identity.issuer, &identity.organization_id).await?;
     // Humans from an external issuer get tenant roles only, never operator or agent.
     let roles: Vec<Role> = identity
         .roles
@@ -270,15 +278,60 @@ async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Res
     Ok(Principal {
         kind: PrincipalKind::Human,
         subject: identity.subject,
-        tenant_id: Some(binding.tenant_id),
+        tenant_id: Some(tenant_id),
         roles,
         issuer: identity.issuer,
         expires_at: identity.expires_at,
+        organization_id: Some(identity.organization_id),
+        certificate_expires_at: None,
     })
 }
 
+/// The tenant `issuer`'s organisation `organization_id` is bound to;
+/// UNAUTHENTICATED with ERROR_REASON_UNKNOWN_ORGANIZATION when none.
+async fn bound_tenant(state: &AppState, issuer: &str, organization_id: &str) -> Result<String> {
+    let binding = state
+        .directory
+        .organization(&state.db, issuer, organization_id)
+        .await?
+        .ok_or(Error::UnauthenticatedReason {
+            reason: ErrorReason::UnknownOrganization,
+            detail: "organisation not bound to a tenant",
+        })?;
+    Ok(binding.tenant_id)
+}
+
+/// Whether `principal`, authenticated when its call was admitted, still
+/// stands now: what a new call with the same credential would check, in
+/// the same order and with the same errors — the bearer (and the client
+/// certificate) unexpired on the injected clock, an OIDC human's
+/// organisation still bound to the same tenant, then [`check_standing`].
+/// Open server streams call it before every message and while idle.
+pub async fn check_still_standing(state: &AppState, principal: &Principal) -> Result<()> {
+    let now = state.clock.now_seconds();
+    if principal.certificate_expires_at.is_some_and(|at| at <= now) {
+        return Err(Error::Unauthenticated("client certificate expired"));
+    }
+    if principal.expires_at <= now {
+        return Err(Error::Unauthenticated("token expired"));
+    }
+    if let Some(organization_id) = principal.organization_id.as_deref() {
+        let tenant_id = bound_tenant(state, &principal.issuer, organization_id).await?;
+        if principal.tenant_id.as_deref() != Some(tenant_id.as_str()) {
+            // Unbound and bound to another tenant since: this credential no
+            // longer stands for the tenant the stream serves.
+            return Err(Error::UnauthenticatedReason {
+                reason: ErrorReason::UnknownOrganization,
+                detail: "organisation no longer bound to the stream's tenant",
+            });
+        }
+    }
+    check_standing(state, principal).await
+}
+
 /// Refuses principals of a suspended or unknown tenant, and disabled or
-/// deleted agents, on every call.
+/// deleted agents, on every call (and, through [`check_still_standing`],
+/// at every step of a stream).
 async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
     let Some(tenant_id) = principal.tenant_id.as_deref() else {
         return Ok(());

@@ -158,6 +158,15 @@ pub struct Config {
     /// Open server-streaming calls (watches, tails, exports) per tenant;
     /// more are refused with RESOURCE_EXHAUSTED. 0: no cap.
     pub max_streams_per_tenant: usize,
+    /// How often an open server stream re-checks its caller's standing
+    /// while it sends nothing (it is also checked before every message), in
+    /// ms; values below 50 count as 50.
+    pub stream_standing_interval_ms: u64,
+    /// PENDING step-ups one requesting tenant may have waiting in one
+    /// receiving tenant's queue (a tenant's own vault step-ups count
+    /// against itself); past it a new step-up is refused with
+    /// RESOURCE_EXHAUSTED. 0: no cap.
+    pub max_pending_step_ups_per_pair: u32,
     // TLS
     /// PEM certificate chain of both listeners; with `tls_key_file`, both
     /// serve TLS only (see `crate::tls`).
@@ -220,6 +229,8 @@ impl Default for Config {
             max_concurrent_streams_per_connection: 256,
             max_request_bytes: 1024 * 1024,
             max_streams_per_tenant: 1_000,
+            stream_standing_interval_ms: 5_000,
+            max_pending_step_ups_per_pair: 100,
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
             tls_client_ca_file: PathBuf::new(),

@@ -33,6 +33,12 @@
 //! a scalar multiplication as costly as the signature) and dropped with the
 //! row.
 //!
+//! External organisation bindings (an OIDC issuer's organisation → a
+//! tenant) are held for the standing of OIDC humans, which every call and
+//! every step of an open stream checks; unbinding is announced. They are
+//! keyed by a digest of the issuer and the organisation id, which may hold
+//! any character.
+//!
 //! Connection and OAuth-provider rows are held for ExchangeToken. Only
 //! CONNECTED connections are held; every write to a connection (callback,
 //! refresh, narrowed refresh that rotates, NEEDS_REAUTH, disconnect) and to a
@@ -54,7 +60,9 @@ use crate::custody::SecretKey;
 use crate::domain::connections::STATUS_CONNECTED;
 use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
-use crate::store::entities::{agent, connection, custody_key, delegation, oauth_provider, tenant};
+use crate::store::entities::{
+    agent, connection, custody_key, delegation, external_org, oauth_provider, tenant,
+};
 
 /// The PostgreSQL channel directory changes are announced on.
 pub const CHANNEL: &str = "vaultguard_directory";
@@ -73,9 +81,16 @@ pub enum Entry {
     SigningKey(String),
     Connection(String),
     Provider(String),
+    /// An external organisation binding, by [`Entry::organization`]'s key.
+    Organization(String),
 }
 
 impl Entry {
+    /// The entry of the binding of `issuer`'s organisation `organization_id`.
+    pub fn organization(issuer: &str, organization_id: &str) -> Self {
+        Self::Organization(organization_key(issuer, organization_id))
+    }
+
     fn payload(&self) -> String {
         match self {
             Self::Tenant(id) => format!("tenant|{id}"),
@@ -84,6 +99,7 @@ impl Entry {
             Self::SigningKey(id) => format!("key|{id}"),
             Self::Connection(id) => format!("connection|{id}"),
             Self::Provider(id) => format!("provider|{id}"),
+            Self::Organization(key) => format!("org|{key}"),
         }
     }
 
@@ -96,9 +112,17 @@ impl Entry {
             ("key", id) => Some(Self::SigningKey(id.to_owned())),
             ("connection", id) => Some(Self::Connection(id.to_owned())),
             ("provider", id) => Some(Self::Provider(id.to_owned())),
+            ("org", key) => Some(Self::Organization(key.to_owned())),
             _ => None,
         }
     }
+}
+
+/// The key of an organisation binding: a digest of the issuer and the
+/// organisation id (both free text), as a fixed-size notification payload.
+fn organization_key(issuer: &str, organization_id: &str) -> String {
+    let both = format!("{}:{issuer}{organization_id}", issuer.len());
+    crate::crypto::sha256_hex(both.as_bytes())
 }
 
 /// Announces a change of `entry` inside the writer's transaction (on
@@ -126,6 +150,7 @@ pub struct Directory {
     parsed_keys: RwLock<HashMap<String, Arc<SecretKey>>>,
     connections: RwLock<HashMap<String, Arc<connection::Model>>>,
     providers: RwLock<HashMap<String, Arc<oauth_provider::Model>>>,
+    organizations: RwLock<HashMap<String, external_org::Model>>,
     /// Bumped (under the map's write lock) by every invalidation.
     epoch: AtomicU64,
     /// Whether entries can be trusted (see the module docs).
@@ -144,6 +169,7 @@ impl Directory {
             parsed_keys: RwLock::default(),
             connections: RwLock::default(),
             providers: RwLock::default(),
+            organizations: RwLock::default(),
             epoch: AtomicU64::new(0),
             live: AtomicBool::new(backend != DbBackend::Postgres),
         }
@@ -169,6 +195,28 @@ impl Directory {
             id,
             |_| true,
             || agent::Entity::find_by_id(id.to_owned()).one(db),
+        )
+        .await
+    }
+
+    /// The binding of `issuer`'s organisation `organization_id` to a
+    /// tenant, from memory or the database.
+    pub async fn organization(
+        &self,
+        db: &DatabaseConnection,
+        issuer: &str,
+        organization_id: &str,
+    ) -> Result<Option<external_org::Model>> {
+        let key = organization_key(issuer, organization_id);
+        self.read_through(
+            &self.organizations,
+            MAX_ENTRIES,
+            &key,
+            |_| true,
+            || {
+                external_org::Entity::find_by_id((issuer.to_owned(), organization_id.to_owned()))
+                    .one(db)
+            },
         )
         .await
     }
@@ -305,6 +353,7 @@ impl Directory {
             }
             Entry::Connection(id) => self.drop_key(&self.connections, id),
             Entry::Provider(id) => self.drop_key(&self.providers, id),
+            Entry::Organization(key) => self.drop_key(&self.organizations, key),
         }
     }
 
@@ -333,6 +382,11 @@ impl Directory {
             .providers
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut organizations = self
+            .organizations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        organizations.clear();
         connections.clear();
         providers.clear();
         tenants.clear();
@@ -399,6 +453,7 @@ mod tests {
             Entry::SigningKey("key_1".to_owned()),
             Entry::Connection("con_1".to_owned()),
             Entry::Provider("prv_1".to_owned()),
+            Entry::organization("https://idp.example/", "org|1"),
         ] {
             assert_eq!(Entry::parse(&entry.payload()), Some(entry));
         }

@@ -77,6 +77,14 @@ pub enum Error {
         scope: &'static str,
         retry_after: Option<std::time::Duration>,
     },
+    /// A standing quota of the caller's tenant (not a rate) refused the
+    /// call; nothing was written.
+    #[error("resource exhausted ({reason:?}): {message}")]
+    ResourceExhausted {
+        reason: ErrorReason,
+        message: String,
+        metadata: HashMap<String, String>,
+    },
     #[error("unimplemented: {0}")]
     Unimplemented(&'static str),
     #[error("storage: {0}")]
@@ -324,6 +332,11 @@ impl From<Error> for Status {
                     details,
                 )
             }
+            Error::ResourceExhausted {
+                reason,
+                message,
+                metadata,
+            } => status_with_info(Code::ResourceExhausted, message, reason, metadata),
             Error::Unimplemented(what) => {
                 Status::unimplemented(format!("{what} is not implemented yet"))
             }

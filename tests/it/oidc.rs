@@ -233,15 +233,15 @@ async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Result<Json<V
 }
 
 /// A real OIDC issuer on 127.0.0.1 with one RSA key published.
-struct LocalIssuer {
-    url: String,
+pub(crate) struct LocalIssuer {
+    pub(crate) url: String,
     key: SigningKey,
     shared: Arc<IssuerShared>,
     task: JoinHandle<()>,
 }
 
 impl LocalIssuer {
-    async fn start(kid: &str) -> Self {
+    pub(crate) async fn start(kid: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind issuer");
         let url = format!("http://{}", listener.local_addr().expect("issuer addr"));
         let key = SigningKey::generate(kid);
@@ -269,7 +269,7 @@ impl LocalIssuer {
     }
 
     /// The server configuration trusting this issuer.
-    fn trusted(&self) -> TrustedIssuer {
+    pub(crate) fn trusted(&self) -> TrustedIssuer {
         TrustedIssuer {
             issuer: self.url.clone(),
             audience: AUDIENCE.to_owned(),
@@ -304,7 +304,7 @@ impl LocalIssuer {
     }
 
     /// Fresh, valid claims of a user of `org` with `roles`.
-    fn claims(&self, org: &str, roles: &[&str]) -> Value {
+    pub(crate) fn claims(&self, org: &str, roles: &[&str]) -> Value {
         let now = now();
         json!({
             "iss": self.url,
@@ -315,6 +315,11 @@ impl LocalIssuer {
             "org_id": org,
             "roles": roles,
         })
+    }
+
+    /// `claims` signed with the published key.
+    pub(crate) fn token(&self, claims: &Value) -> String {
+        self.key.token(claims)
     }
 
     /// A valid token of an admin of `org_acme`.
@@ -364,7 +369,12 @@ async fn start() -> Fixture {
 }
 
 /// Binds `issuer`'s organisation `org` to `tenant_id` as the operator.
-async fn bind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) -> pb::Tenant {
+pub(crate) async fn bind(
+    server: &TestServer,
+    tenant_id: &str,
+    issuer: &str,
+    org: &str,
+) -> pb::Tenant {
     let operator = server.operator().await;
     let request = operator
         .request(pb::BindExternalOrganizationRequest {
@@ -384,6 +394,26 @@ async fn bind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) -> 
         .into_inner()
         .tenant
         .expect("tenant")
+}
+
+/// Unbinds `issuer`'s organisation `org` from `tenant_id` as the operator.
+pub(crate) async fn unbind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) {
+    let operator = server.operator().await;
+    let request = operator
+        .request(pb::UnbindExternalOrganizationRequest {
+            tenant_id: tenant_id.to_owned(),
+            organization: Some(pb::ExternalOrganization {
+                issuer: issuer.to_owned(),
+                organization_id: org.to_owned(),
+            }),
+        })
+        .await
+        .expect("request");
+    operator
+        .tenants()
+        .unbind_external_organization(request)
+        .await
+        .expect("unbind external organisation");
 }
 
 pub(crate) async fn who_am_i(

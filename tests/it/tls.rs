@@ -4,6 +4,7 @@
 //! production.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -11,7 +12,9 @@ use rcgen::{
 };
 use tonic::Code;
 use vaultguard_client::{DelegationOutcome, TlsOptions, VaultGuardClient, pb};
-use vaultguard_tests::{TestOptions, TestServer, TestTls, expect_code, expect_reason};
+use vaultguard_tests::{
+    TestOptions, TestServer, TestTls, expect_code, expect_reason, next_status, watch_step_up,
+};
 
 use crate::delegations::{ask, set_suspended};
 use crate::policies::{add_rule, inbound};
@@ -43,11 +46,23 @@ impl Ca {
 
     /// A certificate and key (PEM) with `sans`, for `usage`.
     fn leaf(&self, name: &str, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> Pair {
+        self.leaf_with(name, sans, usage, |_| {})
+    }
+
+    /// [`Ca::leaf`], with `adjust` applied to its parameters.
+    fn leaf_with(
+        &self,
+        name: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Pair {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![usage];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        adjust(&mut params);
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         Pair {
@@ -615,5 +630,85 @@ async fn required_client_auth_refuses_callers_without_a_certificate() {
     let client = tls.with_certificate(&tls.ca.agent(&[&agent.id])).await;
     let me = client.who_am_i().await.expect("agent by certificate");
     assert_eq!(me.actor.expect("actor").tenant_id, tenant.id);
+    tls.server.stop().await;
+}
+
+/// A client certificate's `notAfter` ends the standing of an agent it
+/// authenticates on an open stream too (issue 23, item 2): the watch ends
+/// UNAUTHENTICATED within the re-check period (5 s by default), as a new
+/// call on the same connection is answered.
+#[tokio::test]
+async fn an_mtls_agents_watch_ends_when_its_certificate_expires() {
+    let tls = start(Mtls::Optional).await;
+    let server = &tls.server;
+    let (tenant, agent) = tenant_with_agent(server, "acme").await;
+    let admin = server
+        .human(&tenant.id, "admin@test", &[pb::Role::Admin])
+        .await;
+    add_rule(&admin, inbound("pay.*", pb::Effect::StepUp)).await;
+    // Valid for two hours of the real clock (the handshake's).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let not_after = rcgen::date_time_ymd(1970, 1, 1) + (now + Duration::from_secs(7_200));
+    let pair = tls.ca.leaf_with(
+        "agent",
+        vec![SanType::URI(
+            format!("urn:vaultguard:agent:{}", agent.id)
+                .try_into()
+                .expect("uri"),
+        )],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        |params| params.not_after = not_after,
+    );
+    let client = tls.with_certificate(&pair).await;
+    let outcome = client
+        .request_delegation(ask(&tenant.id, "pay.invoice"))
+        .await
+        .expect("request by certificate");
+    let DelegationOutcome::StepUp { challenge, .. } = outcome else {
+        panic!("not a step-up: {outcome:?}")
+    };
+    let mut watch = watch_step_up(&client, &challenge.auth_req_id, 60)
+        .await
+        .expect("watch by certificate");
+    assert_eq!(
+        next_status(&mut watch).await.state(),
+        pb::StepUpState::Pending
+    );
+
+    // Three hours on: the certificate is past its notAfter.
+    server.clock.advance(3 * 3_600 * 1_000);
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(message)) => {
+                    if let Some(pb::watch_step_up_response::Event::Status(status)) = message.event {
+                        assert!(status.access_token.is_empty(), "a token was handed out");
+                    }
+                }
+                Ok(None) => panic!("the watch ended with OK"),
+                Err(status) => return vaultguard_client::ClientError::from(status),
+            }
+        }
+    })
+    .await
+    .expect("the watch ended within the re-check period");
+    assert_eq!(
+        (ended.code(), ended.reason()),
+        (
+            Some(Code::Unauthenticated),
+            Some(pb::ErrorReason::Unauthenticated)
+        ),
+        "{ended:?}"
+    );
+    let again = client
+        .who_am_i()
+        .await
+        .expect_err("the certificate expired");
+    assert_eq!(
+        (again.code(), again.reason()),
+        (ended.code(), ended.reason())
+    );
     tls.server.stop().await;
 }

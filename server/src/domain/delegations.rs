@@ -670,8 +670,9 @@ pub(crate) fn new_row(
 }
 
 /// Inserts the step-up of a PENDING `row` (already inserted in `txn`) and its
-/// queue change; returns the `auth_req_id` and the change to announce after
-/// the commit.
+/// queue change, unless the pair's queue is full
+/// ([`step_ups::check_queue_room`]: the caller then drops `txn`); returns
+/// the `auth_req_id` and the change to announce after the commit.
 pub(crate) async fn insert_step_up(
     state: &AppState,
     txn: &sea_orm::DatabaseTransaction,
@@ -681,6 +682,13 @@ pub(crate) async fn insert_step_up(
         .step_up_id
         .clone()
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
+    step_ups::check_queue_room(
+        state,
+        txn,
+        &row.requesting_tenant_id,
+        &row.receiving_tenant_id,
+    )
+    .await?;
     let decision = parse_decision(row)?;
     let handle = auth_req_id(state, &step_up_id);
     let created = step_up::ActiveModel {

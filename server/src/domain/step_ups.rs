@@ -8,11 +8,13 @@
 //! a `step_up_changes` row (the queue feed and webhook outbox) and announces
 //! it through the [`crate::hub`], in the same transaction.
 
+use std::collections::HashMap;
+
 use sea_orm::sea_query::{Alias, Expr, Func, Query, SubQueryStatement, UpdateStatement};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    DbBackend, EntityTrait, FromQueryResult, IntoActiveModel, JoinType, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Statement, TransactionTrait,
+    DbBackend, EntityTrait, FromQueryResult, IntoActiveModel, JoinType, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
@@ -281,6 +283,68 @@ async fn record_change_with(
     Ok(change)
 }
 
+/// The advisory-lock namespace of a tenant pair's queue (PostgreSQL).
+const QUEUE_LOCK_NAMESPACE: &str = "vaultguard-step-up-queue:";
+
+/// Refuses a new step-up of `requesting` in `receiving`'s queue while the
+/// pair already has `max_pending_step_ups_per_pair` PENDING, unexpired
+/// step-ups: RESOURCE_EXHAUSTED with ERROR_REASON_STEP_UP_QUEUE_FULL, and
+/// the caller's transaction (which inserts the step-up) is dropped, so
+/// nothing of the request is written. Every way a step-up is opened
+/// (RequestDelegation, Sign, ExchangeToken) comes through here.
+///
+/// The count is exact on both backends: on PostgreSQL the transaction
+/// first takes the pair's transaction-scoped advisory lock, held until it
+/// commits, so concurrent requests on any number of replicas count one at a
+/// time and each sees the step-ups committed before it (READ COMMITTED
+/// takes a new snapshot per statement); SQLite has one writer.
+pub(crate) async fn check_queue_room(
+    state: &AppState,
+    txn: &DatabaseTransaction,
+    requesting: &str,
+    receiving: &str,
+) -> Result<()> {
+    let cap = state.config.max_pending_step_ups_per_pair;
+    if cap == 0 {
+        return Ok(());
+    }
+    if is_postgres(txn) {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            [format!("{QUEUE_LOCK_NAMESPACE}{requesting}|{receiving}").into()],
+        ))
+        .await?;
+    }
+    let pending = step_up::Entity::find()
+        .filter(step_up::Column::RequestingTenantId.eq(requesting))
+        .filter(step_up::Column::ReceivingTenantId.eq(receiving))
+        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::ExpiresAt.gt(state.clock.now_millis()))
+        .count(txn)
+        .await?;
+    if pending < u64::from(cap) {
+        return Ok(());
+    }
+    metrics::counter!("vaultguard_step_up_queue_full_total").increment(1);
+    tracing::info!(
+        requesting,
+        receiving,
+        cap,
+        "step-up refused: the pair's queue is full"
+    );
+    Err(Error::ResourceExhausted {
+        reason: ErrorReason::StepUpQueueFull,
+        message: format!(
+            "this tenant already has {cap} step-ups waiting for the receiving tenant's approvers; retry once one is decided"
+        ),
+        metadata: HashMap::from([
+            ("receiving_tenant_id".to_owned(), receiving.to_owned()),
+            ("limit".to_owned(), cap.to_string()),
+        ]),
+    })
+}
+
 /// Records the `added` change of a step-up created by RequestDelegation.
 pub async fn record_created(
     state: &AppState,
@@ -444,22 +508,50 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
     }
 }
 
-/// The view of `step`: its delegation and approvals, read now.
-async fn view(state: &AppState, step: step_up::Model) -> Result<StepUpView> {
-    let (delegation, approvals) = tokio::try_join!(
-        delegation::Entity::find_by_id(step.delegation_id.clone()).one(&state.db),
+/// The views of `steps`, in their order: their delegations and approvals
+/// read now, in two queries whatever their number (a page of a listing or
+/// of a queue snapshot, at most 500).
+async fn views(state: &AppState, steps: Vec<step_up::Model>) -> Result<Vec<StepUpView>> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let delegation_ids: Vec<String> = steps.iter().map(|s| s.delegation_id.clone()).collect();
+    let step_ids: Vec<String> = steps.iter().map(|s| s.id.clone()).collect();
+    let (delegations, approvals) = tokio::try_join!(
+        delegation::Entity::find()
+            .filter(delegation::Column::Id.is_in(delegation_ids))
+            .all(&state.db),
         step_up_approval::Entity::find()
-            .filter(step_up_approval::Column::StepUpId.eq(step.id.clone()))
+            .filter(step_up_approval::Column::StepUpId.is_in(step_ids))
             .order_by_asc(step_up_approval::Column::CreatedAt)
             .all(&state.db),
     )?;
-    let delegation = delegation.ok_or_else(|| Error::internal("step-up without delegation"))?;
-    Ok(StepUpView {
-        state: effective_state(&step, &delegation, state.clock.now_millis()),
-        step,
-        delegation,
-        approvals,
-    })
+    let mut delegations: HashMap<String, delegation::Model> = delegations
+        .into_iter()
+        .map(|row| (row.id.clone(), row))
+        .collect();
+    let mut approvals_of: HashMap<String, Vec<step_up_approval::Model>> = HashMap::new();
+    for approval in approvals {
+        approvals_of
+            .entry(approval.step_up_id.clone())
+            .or_default()
+            .push(approval);
+    }
+    let now = state.clock.now_millis();
+    steps
+        .into_iter()
+        .map(|step| {
+            let delegation = delegations
+                .remove(&step.delegation_id)
+                .ok_or_else(|| Error::internal("step-up without delegation"))?;
+            Ok(StepUpView {
+                state: effective_state(&step, &delegation, now),
+                approvals: approvals_of.remove(&step.id).unwrap_or_default(),
+                step,
+                delegation,
+            })
+        })
+        .collect()
 }
 
 /// The step-up `query` finds (`missing` when none), its delegation and its
@@ -583,11 +675,7 @@ pub async fn list_pending(
     }
     let rows = query.all(&state.db).await?;
     let (rows, next) = page::finish(rows, size, &scope, |row| row.id.clone());
-    let mut views = Vec::with_capacity(rows.len());
-    for row in rows {
-        views.push(view(state, row).await?);
-    }
-    Ok((views, next))
+    Ok((views(state, rows).await?, next))
 }
 
 /// Checks who may decide: never the requester.
@@ -1065,24 +1153,33 @@ pub async fn latest_change(state: &AppState, tenant_id: &str) -> Result<i64> {
         .unwrap_or_default())
 }
 
-/// The pending step-ups of a tenant now, oldest first, with a settled
-/// change id they are at least as current as (changes after it may repeat
-/// what the snapshot already shows).
-pub async fn pending_snapshot(state: &AppState, tenant_id: &str) -> Result<(Vec<StepUpView>, i64)> {
-    let cursor = latest_change(state, tenant_id).await?;
+/// Step-ups a queue watch's snapshot reads and sends at a time: the most a
+/// snapshot holds in memory, whatever the queue's length.
+pub const SNAPSHOT_PAGE: u64 = 100;
+
+/// One page of a queue snapshot: the step-ups pending in a tenant's queue
+/// now, oldest first, after the step-up `after` (none: from the first), at
+/// most `limit`. A snapshot is read page by page after taking its cursor
+/// with [`latest_change`]: a step-up that changes between two pages is
+/// reported again by the changes after that cursor.
+pub async fn pending_page(
+    state: &AppState,
+    tenant_id: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<StepUpView>> {
     let now = state.clock.now_millis();
-    let rows = step_up::Entity::find()
+    let mut query = step_up::Entity::find()
         .filter(step_up::Column::ReceivingTenantId.eq(tenant_id))
         .filter(step_up::Column::State.eq(PENDING))
         .filter(step_up::Column::ExpiresAt.gt(now))
         .order_by_asc(step_up::Column::Id)
-        .all(&state.db)
-        .await?;
-    let mut views = Vec::with_capacity(rows.len());
-    for row in rows {
-        views.push(view(state, row).await?);
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(step_up::Column::Id.gt(after));
     }
-    Ok((views, cursor))
+    let rows = query.all(&state.db).await?;
+    views(state, rows).await
 }
 
 /// The queue changes of a tenant after `cursor`, at most `limit`, each with
@@ -1100,15 +1197,30 @@ pub async fn changes_after(
         .limit(limit)
         .all(&state.db)
         .await?;
-    let mut out = Vec::with_capacity(changes.len());
-    for change in changes {
-        let step = step_up::Entity::find_by_id(change.step_up_id.clone())
-            .one(&state.db)
-            .await?
-            .ok_or_else(|| Error::internal("change of a missing step-up"))?;
-        out.push((change, view(state, step).await?));
+    if changes.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let step_ids: std::collections::BTreeSet<String> =
+        changes.iter().map(|c| c.step_up_id.clone()).collect();
+    let steps = step_up::Entity::find()
+        .filter(step_up::Column::Id.is_in(step_ids))
+        .all(&state.db)
+        .await?;
+    let views: HashMap<String, StepUpView> = views(state, steps)
+        .await?
+        .into_iter()
+        .map(|view| (view.step.id.clone(), view))
+        .collect();
+    changes
+        .into_iter()
+        .map(|change| {
+            let view = views
+                .get(&change.step_up_id)
+                .cloned()
+                .ok_or_else(|| Error::internal("change of a missing step-up"))?;
+            Ok((change, view))
+        })
+        .collect()
 }
 
 /// Checks a watch's heartbeat interval: 0 means 15 s, else 1 to 60 s.

@@ -377,6 +377,10 @@ pub async fn unbind_org(
     if deleted.rows_affected == 0 {
         return Err(Error::NotFound("organisation binding"));
     }
+    // Its humans lose their standing on every replica, open streams
+    // included.
+    let unbound = crate::directory::Entry::organization(&issuer, &organization_id);
+    crate::directory::announce(&txn, &unbound).await?;
     let details = json!({"issuer": issuer, "organization_id": organization_id});
     record_operator_action(
         &txn,
@@ -388,6 +392,7 @@ pub async fn unbind_org(
     )
     .await?;
     txn.commit().await?;
+    state.directory_changed(&[unbound]);
     state.audit_committed();
     let model = find(state, tenant_id).await?;
     view(state, model).await

@@ -255,7 +255,7 @@ impl AuditService for AuditApi {
         let beat = Duration::from_secs(heartbeat_seconds(req.heartbeat_interval_seconds)?);
         let events = self.0.hub.subscribe();
         let (tenant_id, start, types) = audit_log::tail_start(&self.0, &ctx, &req).await?;
-        let (tx, rx) = stream::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(&self.0, &ctx, STREAM_BUFFER);
         tokio::spawn(
             self.clone()
                 .run_tail(tenant_id, start, types, beat, events, tx),
@@ -269,7 +269,7 @@ impl AuditService for AuditApi {
     ) -> Reply<BoxStream<pb::ExportAuditEventsResponse>> {
         let ctx = call_context(&request)?;
         let plan = audit_log::export_plan(&self.0, &ctx, request.get_ref()).await?;
-        let (tx, rx) = stream::channel(4);
+        let (tx, rx) = stream::channel(&self.0, &ctx, 4);
         tokio::spawn(self.clone().run_export(ctx, plan, tx));
         Ok(Response::new(rx))
     }

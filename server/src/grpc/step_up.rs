@@ -5,7 +5,13 @@
 //! at the step-up's deadline: level-triggered, so nothing is missed and
 //! nothing waits on a slow watcher. Each stream runs in its own task feeding
 //! a small bounded channel; a client that stops reading only stalls its own
-//! task, and a client that goes away ends it.
+//! task, and a client that goes away ends it. The channel re-checks the
+//! caller's standing at every step (`super::stream`), and an agent's watch
+//! checks it again right before it redeems an approved token.
+//!
+//! A queue watch without a cursor first sends the queue as it is, read
+//! [`step_ups::SNAPSHOT_PAGE`] step-ups at a time, then a heartbeat that
+//! marks the snapshot's end, then the changes after the snapshot's cursor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +135,14 @@ impl StepUpApi {
                     if tx.is_closed() {
                         return;
                     }
+                    // And only for an agent in good standing now: one
+                    // disabled (or whose tenant was suspended, or whose
+                    // token expired) since the watch began gets what a poll
+                    // would get, and the step-up stays approved, unredeemed.
+                    if let Err(status) = tx.standing().await {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     match Box::pin(step_ups::redeem(
                         &self.0,
                         &ctx,
@@ -192,6 +206,71 @@ impl StepUpApi {
                 return;
             }
         }
+    }
+
+    /// Sends a queue watch's snapshot: `first`, then the following pages of
+    /// [`step_ups::SNAPSHOT_PAGE`] step-ups, each read once the one before
+    /// is queued (a slow client holds at most a page and the channel), as
+    /// ADDED events carrying the snapshot's `cursor`; then a heartbeat,
+    /// which tells the client it holds the whole queue. False when the
+    /// stream ended meanwhile (the client left, or a read failed).
+    async fn send_snapshot(
+        &self,
+        tenant_id: &str,
+        cursor: i64,
+        first: Vec<StepUpView>,
+        tx: &StreamTx<pb::WatchPendingStepUpsResponse>,
+    ) -> bool {
+        use pb::watch_pending_step_ups_response::Event;
+        let full = |page: &[StepUpView]| {
+            u64::try_from(page.len()).unwrap_or(u64::MAX) >= step_ups::SNAPSHOT_PAGE
+        };
+        let mut page = first;
+        loop {
+            let more = full(&page);
+            let last = page.last().map(|view| view.step.id.clone());
+            let now = self.0.clock.now_millis();
+            for view in page {
+                let message = match convert::step_up(view, tenant_id, now) {
+                    Ok(step_up) => pb::WatchPendingStepUpsResponse {
+                        cursor: cursor.to_string(),
+                        event: Some(Event::Change(pb::PendingStepUpEvent {
+                            event_type: pb::PendingStepUpEventType::Added as i32,
+                            step_up: Some(step_up),
+                        })),
+                    },
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return false;
+                    }
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return false;
+                }
+            }
+            let (true, Some(last)) = (more, last) else {
+                break;
+            };
+            page = match Box::pin(step_ups::pending_page(
+                &self.0,
+                tenant_id,
+                Some(&last),
+                step_ups::SNAPSHOT_PAGE,
+            ))
+            .await
+            {
+                Ok(page) => page,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return false;
+                }
+            };
+        }
+        let end = pb::WatchPendingStepUpsResponse {
+            cursor: cursor.to_string(),
+            event: Some(Event::Heartbeat(heartbeat(&self.0))),
+        };
+        tx.send(Ok(end)).await.is_ok()
     }
 
     /// Runs one queue watch until the client leaves.
@@ -357,7 +436,7 @@ impl StepUpService for StepUpApi {
         // Subscribe first, so no change between the read and the wait is lost.
         let events = self.0.hub.subscribe();
         let (step, _) = step_ups::find_for_agent(&self.0, &ctx, &req.auth_req_id).await?;
-        let (tx, rx) = stream::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(&self.0, &ctx, STREAM_BUFFER);
         tokio::spawn(self.clone().run_watch(ctx, step.id, events, beat, tx));
         Ok(Response::new(rx))
     }
@@ -397,7 +476,6 @@ impl StepUpService for StepUpApi {
         &self,
         request: Request<pb::WatchPendingStepUpsRequest>,
     ) -> Reply<BoxStream<pb::WatchPendingStepUpsResponse>> {
-        use pb::watch_pending_step_ups_response::Event;
         let ctx = call_context(&request)?;
         let req = request.into_inner();
         let tenant_id = ctx.principal.tenant_id().map_err(Status::from)?.to_owned();
@@ -415,36 +493,23 @@ impl StepUpService for StepUpApi {
             Some(parsed)
         };
         let events = self.0.hub.subscribe();
-        let (tx, rx) = stream::channel(STREAM_BUFFER);
+        let (tx, rx) = stream::channel(&self.0, &ctx, STREAM_BUFFER);
         let cursor = match resume {
             Some(cursor) => cursor,
             None => {
-                let (views, cursor) = step_ups::pending_snapshot(&self.0, &tenant_id).await?;
-                let now = self.0.clock.now_millis();
-                let snapshot = views
-                    .into_iter()
-                    .map(|view| {
-                        convert::step_up(view, &tenant_id, now).map(|step_up| {
-                            pb::WatchPendingStepUpsResponse {
-                                cursor: cursor.to_string(),
-                                event: Some(Event::Change(pb::PendingStepUpEvent {
-                                    event_type: pb::PendingStepUpEventType::Added as i32,
-                                    step_up: Some(step_up),
-                                })),
-                            }
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let tx = tx.clone();
+                // The cursor first: every change after it is sent after the
+                // snapshot, so a step-up that changes while the snapshot is
+                // read page by page is reported again.
+                let cursor = step_ups::latest_change(&self.0, &tenant_id).await?;
+                let first =
+                    step_ups::pending_page(&self.0, &tenant_id, None, step_ups::SNAPSHOT_PAGE)
+                        .await?;
                 let api = self.clone();
                 let tenant = tenant_id.clone();
                 tokio::spawn(async move {
-                    for message in snapshot {
-                        if tx.send(Ok(message)).await.is_err() {
-                            return;
-                        }
+                    if api.send_snapshot(&tenant, cursor, first, &tx).await {
+                        api.run_queue_watch(tenant, cursor, events, beat, tx).await;
                     }
-                    api.run_queue_watch(tenant, cursor, events, beat, tx).await;
                 });
                 return Ok(Response::new(rx));
             }

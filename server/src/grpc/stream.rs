@@ -1,26 +1,45 @@
-//! What the server-streaming RPCs share: waiting, level-triggered, for a
-//! relevant hub notification, a heartbeat, a deadline, the client leaving
-//! or the server shutting down.
+//! What the server-streaming RPCs share: the caller's standing re-checked
+//! at every step, and waiting, level-triggered, for a relevant hub
+//! notification, a heartbeat, a deadline, the client leaving or the server
+//! shutting down.
+//!
+//! Every server stream of the contract is made by [`channel`], which is
+//! given the call's caller: the stream it returns re-checks the caller's
+//! standing ([`crate::auth::check_still_standing`]: credential unexpired,
+//! OIDC organisation still bound, tenant active, agent enabled) before it
+//! hands each message to the transport, and every
+//! `stream_standing_interval_ms` while it has nothing to send. A caller out
+//! of standing gets the status a new call with its credential would get,
+//! and the stream ends (its producer sees the client gone). A producer about
+//! to hand out something that must not reach a caller out of standing even
+//! once (WatchStepUp's redemption of an approved token) asks
+//! [`StreamTx::standing`] first.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::codegen::BoxStream;
 use vaultguard_proto::v1 as pb;
 
+use crate::auth::{CallContext, Principal};
 use crate::clock::to_timestamp;
 use crate::hub::Change;
 use crate::state::AppState;
+
+/// The shortest re-check period `stream_standing_interval_ms` may set.
+const MIN_STANDING_INTERVAL_MS: u64 = 50;
 
 /// The sending half of a server stream: a bounded channel of boxed
 /// messages. tokio allocates a channel's slots 32 at a time as it creates
 /// the channel, and the watch messages are 700–800 bytes: unboxed, every
 /// open stream held 23 KB of empty slots (10,000 queue watches took the
 /// server from 29 to 303 MiB). Boxed, a slot is 16 bytes.
-pub(super) struct StreamTx<T>(mpsc::Sender<Result<Box<T>, Status>>);
+pub(super) struct StreamTx<T> {
+    tx: mpsc::Sender<Result<Box<T>, Status>>,
+    standing: Standing,
+}
 
 /// The client is gone: the stream has no receiver left.
 #[derive(Debug)]
@@ -28,31 +47,128 @@ pub(super) struct Gone;
 
 impl<T> Clone for StreamTx<T> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self {
+            tx: self.tx.clone(),
+            standing: self.standing.clone(),
+        }
     }
 }
 
 impl<T> StreamTx<T> {
     /// Queues `item`, waiting while the stream's buffer is full.
     pub(super) async fn send(&self, item: Result<T, Status>) -> Result<(), Gone> {
-        self.0.send(item.map(Box::new)).await.map_err(|_| Gone)
+        self.tx.send(item.map(Box::new)).await.map_err(|_| Gone)
     }
 
     /// Resolves when the client is gone.
     pub(super) async fn closed(&self) {
-        self.0.closed().await;
+        self.tx.closed().await;
     }
 
     pub(super) fn is_closed(&self) -> bool {
-        self.0.is_closed()
+        self.tx.is_closed()
+    }
+
+    /// Whether the stream's caller stands now; else the status a new call
+    /// with its credential gets. The stream re-checks before every message
+    /// anyway: this is for a producer about to do what must not happen at
+    /// all for a caller out of standing (redeem a token).
+    pub(super) async fn standing(&self) -> Result<(), Status> {
+        self.standing.check().await
     }
 }
 
-/// A server stream of at most `buffer` queued messages and its sender.
-pub(super) fn channel<T: Send + 'static>(buffer: usize) -> (StreamTx<T>, BoxStream<T>) {
+/// The caller of one server stream, whose standing the stream re-checks.
+#[derive(Clone)]
+struct Standing {
+    state: AppState,
+    principal: Arc<Principal>,
+}
+
+impl Standing {
+    async fn check(&self) -> Result<(), Status> {
+        // Boxed: the check may read the database, and a stream holds the
+        // future it awaits for as long as it is open.
+        Box::pin(crate::auth::check_still_standing(
+            &self.state,
+            &self.principal,
+        ))
+        .await
+        .map_err(|err| {
+            metrics::counter!("vaultguard_stream_standing_refusals_total").increment(1);
+            Status::from(err)
+        })
+    }
+}
+
+/// A server stream for `caller` of at most `buffer` queued messages, and
+/// its sender. The stream re-checks the caller's standing before each
+/// message and every `stream_standing_interval_ms` while idle, and ends
+/// with the refusal a new call would get once the caller no longer stands
+/// (see the module docs).
+pub(super) fn channel<T: Send + 'static>(
+    state: &AppState,
+    caller: &CallContext,
+    buffer: usize,
+) -> (StreamTx<T>, BoxStream<T>) {
     let (tx, rx) = mpsc::channel::<Result<Box<T>, Status>>(buffer);
-    let messages = ReceiverStream::new(rx).map(|item| item.map(|message| *message));
-    (StreamTx(tx), Box::pin(messages))
+    let standing = Standing {
+        state: state.clone(),
+        principal: Arc::new(caller.principal.clone()),
+    };
+    let every = Duration::from_millis(
+        state
+            .config
+            .stream_standing_interval_ms
+            .max(MIN_STANDING_INTERVAL_MS),
+    );
+    let messages = guarded(rx, standing.clone(), every);
+    (StreamTx { tx, standing }, messages)
+}
+
+/// What a guarded stream holds between two messages.
+struct Guard<T> {
+    rx: mpsc::Receiver<Result<Box<T>, Status>>,
+    standing: Standing,
+    tick: tokio::time::Interval,
+}
+
+/// The messages of `rx`, each handed on only after a standing check, with
+/// a check every `every` while none comes. A failed check is the stream's
+/// last item; dropping the receiver then tells the producer the client is
+/// gone.
+fn guarded<T: Send + 'static>(
+    rx: mpsc::Receiver<Result<Box<T>, Status>>,
+    standing: Standing,
+    every: Duration,
+) -> BoxStream<T> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let guard = Guard { rx, standing, tick };
+    Box::pin(futures::stream::unfold(Some(guard), |guard| async move {
+        let mut guard = guard?;
+        loop {
+            tokio::select! {
+                item = guard.rx.recv() => {
+                    let message = match item? {
+                        Ok(message) => message,
+                        // The producer's own end of the stream.
+                        Err(status) => return Some((Err(status), None)),
+                    };
+                    if let Err(status) = guard.standing.check().await {
+                        return Some((Err(status), None));
+                    }
+                    guard.tick.reset();
+                    return Some((Ok(*message), Some(guard)));
+                }
+                _ = guard.tick.tick() => {
+                    if let Err(status) = guard.standing.check().await {
+                        return Some((Err(status), None));
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// A heartbeat at the server's current time.
