@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -75,8 +76,18 @@ pub struct Config {
     /// Trusted OIDC issuers.
     pub trusted_issuers: Vec<TrustedIssuer>,
     /// The least time between two JWKS fetches of one issuer when an unknown
-    /// `kid` shows up.
+    /// `kid` shows up; also the shortest lifetime a fetched key set gets,
+    /// whatever the issuer's `Cache-Control` says.
     pub jwks_min_refresh_seconds: u64,
+    /// The longest a fetched key set is used without fetching it again: an
+    /// issuer's `Cache-Control: max-age` is honoured up to this, and a key
+    /// set without one lives this long. A key the issuer removed stops
+    /// verifying at the latest this long after the last fetch.
+    pub jwks_max_age_seconds: u64,
+    /// While an issuer's key set cannot be fetched (its fetches fail and are
+    /// backed off), keys of the expired set keep verifying for this long
+    /// past its expiry; 0: not at all.
+    pub jwks_stale_grace_seconds: u64,
     /// How often the database is probed for the health service.
     pub health_probe_interval_ms: u64,
     /// How long a step-up waits for a human before it expires (CIBA
@@ -95,6 +106,18 @@ pub struct Config {
     pub webhook_timeout_ms: u64,
     /// Attempts at one change before the deliverer skips it.
     pub webhook_max_attempts: u32,
+    /// Tenants whose webhooks this process delivers to at once (each
+    /// tenant's notices in order, tenants independently of each other).
+    pub webhook_concurrent_tenants: usize,
+    /// CIDR blocks that outbound requests (provider endpoints, webhooks,
+    /// issuers' discovery and JWKS) may reach although the outbound address
+    /// policy forbids them (loopback, private, link-local …; see
+    /// `crate::outbound`). Empty: none.
+    pub outbound_allowed_networks: Vec<String>,
+    /// How outbound requests look names up; `None` (always, outside tests):
+    /// the system resolver. Never read from a file.
+    #[serde(skip)]
+    pub outbound_lookup: Option<Arc<dyn crate::outbound::NameLookup>>,
     /// Accept `http://` OAuth provider endpoints and return URLs
     /// (development and tests only; production providers are `https://`).
     pub oauth_allow_http: bool,
@@ -200,6 +223,8 @@ impl Default for Config {
             max_token_ttl_seconds: 86_400,
             trusted_issuers: Vec::new(),
             jwks_min_refresh_seconds: 10,
+            jwks_max_age_seconds: 3_600,
+            jwks_stale_grace_seconds: 900,
             health_probe_interval_ms: 1_000,
             step_up_expires_in_seconds: 300,
             step_up_interval_seconds: 5,
@@ -208,6 +233,9 @@ impl Default for Config {
             webhook_poll_interval_ms: 1_000,
             webhook_timeout_ms: 10_000,
             webhook_max_attempts: 12,
+            webhook_concurrent_tenants: 16,
+            outbound_allowed_networks: Vec::new(),
+            outbound_lookup: None,
             oauth_allow_http: false,
             oauth_redirect_uri: String::new(),
             oauth_state_ttl_seconds: 600,

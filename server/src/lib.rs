@@ -19,6 +19,7 @@ pub mod issuer;
 pub mod limits;
 pub mod oauth_client;
 pub mod oidc;
+pub mod outbound;
 #[cfg(test)]
 mod props;
 pub mod server;

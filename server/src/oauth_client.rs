@@ -1,7 +1,9 @@
 //! VaultGuard as an OAuth 2.0 client of the providers tenants register: the
 //! token endpoint (authorization code with PKCE, refresh) and RFC 7009
-//! revocation, over one shared `reqwest` client, plus the per-connection
-//! single-flight locks that make concurrent exchanges share one refresh.
+//! revocation, over one shared client of the outbound address policy
+//! ([`crate::outbound`]: a provider endpoint on a loopback, private or
+//! metadata address is never called), plus the per-connection single-flight
+//! locks that make concurrent exchanges share one refresh.
 //!
 //! Nothing here logs or returns a token: [`TokenGrant`]'s `Debug` redacts
 //! them, and [`ProviderError`] carries only the provider's error code, a
@@ -14,6 +16,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
+
+use crate::outbound::{self, Outbound};
 
 /// The most bytes read from a provider's response.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -121,7 +125,7 @@ pub struct ClientAuth<'a> {
 
 /// The shared client and the single-flight locks.
 pub struct OAuthClient {
-    http: reqwest::Client,
+    http: outbound::Client,
     flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
 
@@ -161,15 +165,15 @@ pub fn tidy(text: &str, max: usize) -> String {
 }
 
 impl OAuthClient {
-    /// A client with the given per-call timeout; it never follows redirects.
-    pub fn new(timeout_ms: u64) -> anyhow::Result<Self> {
+    /// A client under `outbound`'s address policy with the given per-call
+    /// timeout; it never follows redirects.
+    pub fn new(outbound: &Outbound, timeout_ms: u64) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(timeout_ms.max(1));
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("VaultGuard/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = outbound.client(outbound::ClientOptions {
+            timeout,
+            connect_timeout: timeout.min(Duration::from_secs(5)),
+            user_agent: concat!("VaultGuard/", env!("CARGO_PKG_VERSION")),
+        })?;
         Ok(Self {
             http,
             flights: Mutex::new(HashMap::new()),
@@ -195,17 +199,19 @@ impl OAuthClient {
         lock
     }
 
+    /// The POST of `pairs` to `url`, or why the address policy refuses it.
     fn post(
         &self,
         url: &str,
         auth: ClientAuth<'_>,
         pairs: &[(&str, &str)],
-    ) -> reqwest::RequestBuilder {
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let mut pairs = pairs.to_vec();
         pairs.push(("client_id", auth.client_id));
         let mut request = self
             .http
             .post(url)
+            .map_err(|refusal| ProviderError::Unavailable(refusal.to_string()))?
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -219,7 +225,7 @@ impl OAuthClient {
                 format!("Basic {}", STANDARD.encode(credentials)),
             );
         }
-        request.body(form_body(&pairs))
+        Ok(request.body(form_body(&pairs)))
     }
 
     /// Calls a token endpoint with `pairs` (the grant's parameters).
@@ -230,10 +236,10 @@ impl OAuthClient {
         pairs: &[(&str, &str)],
     ) -> Result<TokenGrant, ProviderError> {
         let response = self
-            .post(url, auth, pairs)
+            .post(url, auth, pairs)?
             .send()
             .await
-            .map_err(|err| ProviderError::Unavailable(err.without_url().to_string()))?;
+            .map_err(unavailable)?;
         let status = response.status();
         let body = read_capped(response).await?;
         if status.is_success() {
@@ -285,10 +291,10 @@ impl OAuthClient {
                     ("token", refresh_token),
                     ("token_type_hint", "refresh_token"),
                 ],
-            )
+            )?
             .send()
             .await
-            .map_err(|err| ProviderError::Unavailable(err.without_url().to_string()))?;
+            .map_err(unavailable)?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -306,6 +312,15 @@ impl OAuthClient {
             ))),
         }
     }
+}
+
+/// A failed send as a [`ProviderError`]: a refusal of the address policy
+/// says so; other errors without the URL.
+fn unavailable(err: reqwest::Error) -> ProviderError {
+    if outbound::is_forbidden_error(&err) {
+        return ProviderError::Unavailable(outbound::Refusal::ForbiddenAddress.to_string());
+    }
+    ProviderError::Unavailable(err.without_url().to_string())
 }
 
 async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
@@ -361,7 +376,11 @@ mod tests {
 
     #[tokio::test]
     async fn one_flight_per_key_while_held() {
-        let client = OAuthClient::new(1_000).unwrap();
+        let outbound = Outbound::new(
+            outbound::Policy::default(),
+            Arc::new(outbound::SystemLookup),
+        );
+        let client = OAuthClient::new(&outbound, 1_000).unwrap();
         let a = client.flight("con_1");
         let b = client.flight("con_1");
         assert!(Arc::ptr_eq(&a, &b));

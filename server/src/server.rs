@@ -66,13 +66,10 @@ pub async fn prepare(
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot load issuer keys: {e}"))?;
-    let oidc = OidcVerifier::new(
-        &config.trusted_issuers,
-        clock.clone(),
-        config.jwks_min_refresh_seconds,
-    )
-    .map_err(|e| anyhow::anyhow!("cannot build OIDC verifier: {e}"))?;
-    let oauth = crate::oauth_client::OAuthClient::new(config.oauth_timeout_ms)
+    let outbound = Arc::new(crate::outbound::Outbound::from_config(&config)?);
+    let oidc = OidcVerifier::new(&config, clock.clone(), &outbound)
+        .map_err(|e| anyhow::anyhow!("cannot build OIDC verifier: {e}"))?;
+    let oauth = crate::oauth_client::OAuthClient::new(&outbound, config.oauth_timeout_ms)
         .map_err(|e| anyhow::anyhow!("cannot build the OAuth client: {e}"))?;
     let audit_wake = Arc::new(Notify::new());
     let limits = crate::limits::Limits::new(&config)
@@ -90,6 +87,7 @@ pub async fn prepare(
         ),
         audit_wake,
         oauth: Arc::new(oauth),
+        outbound,
         policy_cache: Arc::default(),
         directory: Arc::new(crate::directory::Directory::new(db.get_database_backend())),
         db,

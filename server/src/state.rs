@@ -29,6 +29,9 @@ pub struct AppState {
     /// Flips to true when the process starts shutting down; long-lived
     /// streams end themselves (UNAVAILABLE) so the drain can finish.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The outbound address policy every request to a third party obeys,
+    /// and the clients built on it.
+    pub outbound: Arc<crate::outbound::Outbound>,
     /// The OAuth client of connected accounts and its single-flight locks.
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.

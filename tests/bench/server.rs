@@ -361,6 +361,7 @@ impl ServerProcess {
              http_addr = \"{http_addr}\"\n\
              issuer = {issuer:?}\n\
              oauth_allow_http = true\n\
+             outbound_allowed_networks = [\"127.0.0.0/8\"]\n\
              database_max_connections = 16\n\
              rate_limit_agent_per_second = 0\n\
              rate_limit_tenant_per_second = {tenant_rate}\n\

@@ -23,6 +23,7 @@ mod jwt_attacks;
 mod limits;
 mod oidc;
 mod outage;
+mod outbound;
 mod policies;
 mod polyglot;
 mod replica_process;

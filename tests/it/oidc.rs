@@ -6,9 +6,9 @@
 //! a tenant and signs its own JWTs (RS256, by hand) so that every header
 //! field, claim and signature byte is under the test's control.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::KeySize;
@@ -16,7 +16,8 @@ use aws_lc_rs::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -200,6 +201,10 @@ struct IssuerShared {
     jwks: Mutex<Value>,
     /// When set, both endpoints answer 503.
     failing: AtomicBool,
+    /// How long the JWKS endpoint takes to answer, in ms.
+    jwks_delay_ms: AtomicU64,
+    /// The JWKS answer's `Cache-Control` header, if any.
+    jwks_cache_control: Mutex<Option<String>>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
 }
@@ -223,13 +228,24 @@ async fn discovery_document(
     })))
 }
 
-async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Result<Json<Value>, StatusCode> {
+async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Response {
     shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    let delay = shared.jwks_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if shared.failing.load(Ordering::SeqCst) {
-        return Err(StatusCode::SERVICE_UNAVAILABLE);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let jwks = shared.jwks.lock().expect("jwks lock").clone();
-    Ok(Json(jwks))
+    let mut response = Json(jwks).into_response();
+    if let Some(value) = shared.jwks_cache_control.lock().expect("lock").clone() {
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_str(&value).expect("header value"),
+        );
+    }
+    response
 }
 
 /// A real OIDC issuer on 127.0.0.1 with one RSA key published.
@@ -249,6 +265,8 @@ impl LocalIssuer {
             base_url: url.clone(),
             discovery_issuer: Mutex::new(url.clone()),
             failing: AtomicBool::new(false),
+            jwks_delay_ms: AtomicU64::new(0),
+            jwks_cache_control: Mutex::new(None),
             jwks: Mutex::new(json!({ "keys": [key.jwk()] })),
             discovery_fetches: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
@@ -293,6 +311,19 @@ impl LocalIssuer {
     /// Makes the discovery document name `issuer` as its issuer.
     fn set_discovery_issuer(&self, issuer: &str) {
         *self.shared.discovery_issuer.lock().expect("discovery lock") = issuer.to_owned();
+    }
+
+    /// Makes the JWKS endpoint answer only after `delay`.
+    fn set_jwks_delay(&self, delay: Duration) {
+        self.shared.jwks_delay_ms.store(
+            u64::try_from(delay.as_millis()).expect("delay in ms"),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Sends `Cache-Control: <value>` with the JWKS from now on.
+    fn set_jwks_cache_control(&self, value: &str) {
+        *self.shared.jwks_cache_control.lock().expect("lock") = Some(value.to_owned());
     }
 
     fn jwks_fetches(&self) -> usize {
@@ -1088,22 +1119,28 @@ async fn issuer_outage_refuses_new_kids_but_keeps_cached_keys() {
         .await
         .expect("cached key survives a failed re-fetch");
 
-    // A discovery document naming another issuer is not followed.
+    // A discovery document naming another issuer is not followed (once the
+    // failed fetch's 1 s back-off has passed, the fetch is tried again).
     issuer.set_failing(false);
     issuer.set_discovery_issuer("http://evil.invalid");
     let fetches = issuer.jwks_fetches();
+    let discoveries = issuer.discovery_fetches();
+    server.clock.advance(1_100);
     assert_refused(
         "discovery names another issuer",
         who_am_i(&server, &new_token).await,
     );
+    assert_eq!(issuer.discovery_fetches(), discoveries + 1);
     assert_eq!(
         issuer.jwks_fetches(),
         fetches,
         "the JWKS of a mismatched discovery is not fetched"
     );
 
-    // Back to normal: the new key is picked up.
+    // Back to normal: after the second (2 s) back-off the new key is
+    // picked up.
     issuer.set_discovery_issuer(&issuer.url);
+    server.clock.advance(2_100);
     who_am_i(&server, &new_token)
         .await
         .expect("rotated key after the outage");
@@ -1210,5 +1247,168 @@ async fn issuer_configured_with_trailing_slash_authenticates() {
         .expect("token with the configured iss");
     assert_eq!(me.actor.expect("actor").tenant_id, acme.id);
 
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_after_its_lifetime() {
+    let Fixture { issuer, server, .. } = start().await;
+    let old_token = issuer.admin_token();
+    // The issuer says its key set may be cached for two minutes.
+    issuer.set_jwks_cache_control("public, max-age=120");
+    who_am_i(&server, &old_token)
+        .await
+        .expect("token of the first key");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    // The issuer rotates the key out. Within the lifetime the cached key
+    // keeps verifying, without a fetch.
+    let rotated = SigningKey::generate("key-2");
+    issuer.publish(&[&rotated]);
+    server.clock.advance(60_000);
+    who_am_i(&server, &old_token)
+        .await
+        .expect("cached key within its lifetime");
+    assert_eq!(
+        issuer.jwks_fetches(),
+        1,
+        "a fresh cached key needs no fetch"
+    );
+
+    // Past the lifetime the key set is fetched again and the removed key no
+    // longer verifies; the current one does, from the new cache.
+    server.clock.advance(61_000);
+    assert_refused(
+        "a key rotated out, past the cache lifetime",
+        who_am_i(&server, &old_token).await,
+    );
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "the expired key set was re-fetched"
+    );
+    who_am_i(
+        &server,
+        &rotated.token(&issuer.claims(ORG_ACME, &["admin"])),
+    )
+    .await
+    .expect("the current key");
+    assert_eq!(issuer.jwks_fetches(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_issuer_is_asked_once_per_back_off_period() {
+    let Fixture { issuer, server, .. } = start().await;
+    who_am_i(&server, &issuer.admin_token())
+        .await
+        .expect("token of the first key");
+    let before = issuer.discovery_fetches();
+
+    // The issuer goes down; tokens with an unknown kid keep coming.
+    issuer.set_failing(true);
+    let unknown = SigningKey::generate("key-2");
+    let token = unknown.token(&issuer.claims(ORG_ACME, &["admin"]));
+    assert_refused("issuer down", who_am_i(&server, &token).await);
+    assert_eq!(issuer.discovery_fetches(), before + 1);
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_refused("issuer down, backing off", who_am_i(&server, &token).await);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusals while backing off are quick: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        issuer.discovery_fetches(),
+        before + 1,
+        "no fetch within the first back-off period"
+    );
+
+    // One more fetch once the back-off (1 s, then doubling) has passed.
+    server.clock.advance(1_100);
+    for _ in 0..5 {
+        assert_refused("issuer still down", who_am_i(&server, &token).await);
+    }
+    assert_eq!(issuer.discovery_fetches(), before + 2);
+    server.clock.advance(1_100);
+    assert_refused("second back-off (2 s)", who_am_i(&server, &token).await);
+    assert_eq!(
+        issuer.discovery_fetches(),
+        before + 2,
+        "the back-off doubled"
+    );
+    server.clock.advance(1_000);
+    assert_refused("issuer still down", who_am_i(&server, &token).await);
+    assert_eq!(issuer.discovery_fetches(), before + 3);
+
+    // The cached key keeps verifying throughout; once the issuer is back
+    // and the back-off passed, the new key is picked up.
+    who_am_i(&server, &issuer.admin_token())
+        .await
+        .expect("cached key while the issuer is down");
+    issuer.set_failing(false);
+    issuer.publish(&[&issuer.key, &unknown]);
+    server.clock.advance(5_000);
+    who_am_i(&server, &token)
+        .await
+        .expect("the new key after the outage");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_jwks_endpoint_does_not_block_cached_keys() {
+    let Fixture { issuer, server, .. } = start().await;
+    let cached = issuer.admin_token();
+    who_am_i(&server, &cached).await.expect("first key");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    // The issuer rotates in a second key and its JWKS endpoint turns slow.
+    let rotated = SigningKey::generate("key-2");
+    issuer.publish(&[&issuer.key, &rotated]);
+    issuer.set_jwks_delay(Duration::from_secs(3));
+    let new_token = rotated.token(&issuer.claims(ORG_ACME, &["admin"]));
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, token) = (server.grpc_url(), new_token.clone());
+            tokio::spawn(async move {
+                let client = VaultGuardClient::connect(url)
+                    .await
+                    .unwrap()
+                    .with_bearer(&token);
+                let request = client.request(pb::WhoAmIRequest {}).await.unwrap();
+                client.auth().who_am_i(request).await.map(|_| ())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Meanwhile a token with the cached kid verifies at once.
+    let started = Instant::now();
+    who_am_i(&server, &cached)
+        .await
+        .expect("cached key during a slow fetch");
+    println!(
+        "a cached kid verified in {:?} during another kid's 3 s JWKS fetch",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a cached kid waited {:?} for another kid's fetch",
+        started.elapsed()
+    );
+
+    // The callers with the new kid shared one fetch.
+    for call in waiting {
+        call.await
+            .unwrap()
+            .expect("the new key after the slow fetch");
+    }
+    assert_eq!(
+        issuer.jwks_fetches(),
+        2,
+        "one fetch for the concurrent unknown kids"
+    );
     server.stop().await;
 }

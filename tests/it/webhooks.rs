@@ -7,7 +7,7 @@
 //! waits are skipped by moving the server's clock, not by sleeping.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ impl Delivery {
 #[derive(Debug)]
 struct Shared {
     answer: AtomicU16,
+    /// How long the receiver takes to answer, in ms (0: at once).
+    delay_ms: AtomicU64,
     deliveries: Mutex<Vec<Delivery>>,
 }
 
@@ -94,6 +96,10 @@ async fn receive(
         body: body.to_vec(),
         answered: answer,
     });
+    let delay = shared.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     StatusCode::from_u16(answer).unwrap()
 }
 
@@ -120,6 +126,7 @@ impl Receiver {
         let addr = listener.local_addr().expect("receiver addr");
         let shared = Arc::new(Shared {
             answer: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
             deliveries: Mutex::new(Vec::new()),
         });
         let router = Router::new()
@@ -138,6 +145,14 @@ impl Receiver {
     /// Answers `status` from now on.
     fn answer(&self, status: u16) {
         self.shared.answer.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers only after `delay` from now on (the request is recorded as
+    /// it arrives).
+    fn delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(u64::try_from(delay.as_millis()).unwrap(), Ordering::SeqCst);
     }
 
     fn deliveries(&self) -> Vec<Delivery> {
@@ -771,31 +786,30 @@ async fn concurrent_deliverers_deliver_each_change_once_in_order() {
     globex_steps_up(&pair).await;
     let receiver = Receiver::start().await;
     let (_, secret) = set_ok(globex_admin, &receiver.url).await;
+
+    // Four more deliverers race the server's own, as other replicas would
+    // (each with tasks of its own): the claim on the tenant's row lets one
+    // of them attempt a change at a time.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(webhooks::run_deliverer(
+                server.state.clone(),
+                stopped.clone(),
+            ))
+        })
+        .collect();
     let mut expected = Vec::new();
     for _ in 0..5 {
         let delegation = request_step_up(&pair).await;
         expected.push(delivery_id(server, &globex.id, &delegation.step_up_id, "added").await);
     }
-
-    // Four more deliverers race the server's own (on PostgreSQL as if on
-    // other replicas: the advisory lock lets one deliver at a time).
-    let client = webhooks::http_client(&server.state.config).unwrap();
-    let racers: Vec<_> = (0..4)
-        .map(|_| {
-            let (state, client) = (server.state.clone(), client.clone());
-            tokio::spawn(async move {
-                for _ in 0..40 {
-                    webhooks::deliver_due(&state, &client).await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        })
-        .collect();
     receiver.wait_for(expected.len()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
     for racer in racers {
         racer.await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let deliveries = receiver.deliveries();
     let ids: Vec<&str> = deliveries.iter().map(Delivery::id).collect();
     assert_eq!(ids, expected, "each change once, in order");
@@ -806,6 +820,50 @@ async fn concurrent_deliverers_deliver_each_change_once_in_order() {
     assert_eq!(
         format!("chg_{}", row.delivered_change_id),
         expected[expected.len() - 1]
+    );
+    pair.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_tenant_endpoint_does_not_delay_another_tenants_notices() {
+    let pair = setup_pair().await;
+    let (initech, initech_admin) = pair.third_tenant().await;
+    globex_steps_up(&pair).await;
+    add_rule(&initech_admin, inbound("pay.*", pb::Effect::StepUp)).await;
+
+    // Globex's receiver answers only after 9.9 s (within the 10 s timeout);
+    // initech's answers at once.
+    let slow = Receiver::start().await;
+    slow.delay(Duration::from_millis(9_900));
+    let fast = Receiver::start().await;
+    set_ok(&pair.globex_admin, &slow.url).await;
+    set_ok(&initech_admin, &fast.url).await;
+
+    // A globex notice is in flight at its slow receiver …
+    request_step_up(&pair).await;
+    slow.wait_for(1).await;
+
+    // … while initech's notice arrives within its normal latency.
+    let started = std::time::Instant::now();
+    let request = pb::RequestDelegationRequest {
+        binding_message: BINDING_MESSAGE.to_owned(),
+        ..ask(&initech.id, "pay.invoice")
+    };
+    let Ok(DelegationOutcome::StepUp { challenge, .. }) =
+        pair.agent.request_delegation(request).await
+    else {
+        panic!("initech's request was not a step-up");
+    };
+    let step_up_id = challenge.delegation.expect("delegation").step_up_id;
+    let deliveries = fast.wait_for(1).await;
+    let latency = started.elapsed();
+    println!(
+        "initech's notice arrived {latency:?} after its request, beside globex's 9.9 s receiver"
+    );
+    assert_eq!(deliveries[0].json()["step_up_id"], step_up_id);
+    assert!(
+        latency < Duration::from_secs(3),
+        "initech's notice waited {latency:?} behind globex's slow receiver"
     );
     pair.server.stop().await;
 }

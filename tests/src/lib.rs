@@ -108,6 +108,13 @@ pub struct TestOptions {
     /// Changes the server's configuration before it starts (small limits
     /// for `tests/it/limits.rs`).
     pub adjust_config: Option<fn(&mut Config)>,
+    /// Start WITHOUT the outbound allowance for 127.0.0.0/8 and ::1 that
+    /// every other test server has (its third parties listen there), so the
+    /// outbound address policy refuses loopback like a production server.
+    pub outbound_strict: bool,
+    /// How the server looks names up for its outbound requests, instead of
+    /// the system resolver (a test's own DNS answers, to rebind a name).
+    pub outbound_lookup: Option<Arc<dyn vaultguard_server::outbound::NameLookup>>,
 }
 
 /// TLS for a test server: the PEM files it serves with and how the
@@ -249,6 +256,15 @@ impl TestServer {
             webhook_allow_http: true,
             oauth_allow_http: true,
             webhook_poll_interval_ms: 200,
+            // The tests' OAuth providers, OIDC issuers and webhook receivers
+            // listen on loopback, which the outbound address policy refuses
+            // unless allowed (`outbound_strict` leaves it refused).
+            outbound_allowed_networks: if options.outbound_strict {
+                Vec::new()
+            } else {
+                vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()]
+            },
+            outbound_lookup: options.outbound_lookup.clone(),
             database_acquire_timeout_ms: 1_000,
             master_key: primary
                 .as_ref()

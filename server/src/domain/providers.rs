@@ -142,6 +142,24 @@ fn check_settings(
     }
 }
 
+/// The outbound address policy's early check of the endpoints VaultGuard
+/// calls itself (token and revocation; the authorize URL is the browser's):
+/// a forbidden IP literal, or a name resolving now to a forbidden address,
+/// is a violation of its field ([`crate::outbound`]).
+async fn check_endpoints(
+    state: &AppState,
+    v: &mut Violations,
+    token_url: &str,
+    revocation_url: &str,
+) {
+    let http = state.config.oauth_allow_http;
+    for (field, value) in [("token_url", token_url), ("revocation_url", revocation_url)] {
+        if let Ok(url) = validate::url(field, value, http, false) {
+            v.check(state.outbound.check_registered_url(field, &url).await);
+        }
+    }
+}
+
 fn seal_context<'a>(tenant_id: &'a str, provider_id: &'a str) -> SealContext<'a> {
     SealContext {
         table: TABLE,
@@ -243,6 +261,7 @@ pub async fn create(
         &req.scopes,
         &req.extra_authorize_params,
     );
+    check_endpoints(state, &mut v, &req.token_url, &req.revocation_url).await;
     v.finish()?;
     let now = state.clock.now_millis();
     let id = new_id(IdKind::Provider);
@@ -328,6 +347,7 @@ pub async fn update(
         &req.scopes,
         &req.extra_authorize_params,
     );
+    check_endpoints(state, &mut v, &req.token_url, &req.revocation_url).await;
     if req.clear_client_secret && !req.client_secret.is_empty() {
         v.add(
             "clear_client_secret",

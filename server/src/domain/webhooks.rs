@@ -19,29 +19,48 @@
 //! Delivery is at least once: the `X-VaultGuard-Delivery` id (`chg_<change
 //! id>`) is the same on every retry, for the receiver to de-duplicate.
 //!
-//! Concurrency: on PostgreSQL one deliverer runs a pass at a time, across
-//! replicas (a transaction-scoped advisory lock held for the pass; the others
-//! skip their pass); on SQLite (one process) a mutex serialises passes.
-//! Every write of delivery state is a conditional update on the row as the
-//! attempt read it (position, attempts, sealed secret), so a webhook re-set
-//! or removed while a delivery is in flight is never overwritten by that
-//! delivery's outcome. Re-setting a webhook restarts delivery after the
-//! tenant's latest change and clears the delivery status.
+//! Tenants are independent: the deliverer of each process looks for tenants
+//! with a due change every `webhook_poll_interval_ms` and runs a task per
+//! tenant (at most `webhook_concurrent_tenants` at once), which delivers
+//! that tenant's changes in order until none is due or one fails. A tenant
+//! whose receiver answers slowly (or times out) holds only its own task: no
+//! other tenant's notice waits for it.
+//!
+//! Across replicas a tenant is delivered by one deliverer at a time through
+//! a lease on its row, not a lock: before each attempt the deliverer claims
+//! the row by a conditional UPDATE that pushes `next_attempt_at` past the
+//! attempt's deadline (`webhook_timeout_ms` plus a minute), so no other
+//! deliverer finds it due meanwhile; the attempt's outcome is written
+//! conditionally on the row as claimed. Should the process die mid-attempt,
+//! the lease runs out and another one carries on (at least once). No
+//! database connection or transaction is held across the HTTP call: the
+//! claim and the outcome are one statement each. Every write of delivery
+//! state is conditional on the row as the attempt read it (position,
+//! attempts, lease, sealed secret), so a webhook re-set or removed while a
+//! delivery is in flight is never overwritten by that delivery's outcome.
+//! Re-setting a webhook restarts delivery after the tenant's latest change
+//! and clears the delivery status.
+//!
+//! Deliveries go through the outbound address policy's client
+//! ([`crate::outbound`]): a URL on a loopback, private, link-local or
+//! metadata address is refused when it is set (`url` INVALID_ARGUMENT) and,
+//! for a name that resolves there later, at connection time (the attempt
+//! fails with reason `forbidden address`).
 //!
 //! Commit order: on PostgreSQL ids come from a sequence and two transactions
 //! can commit out of id order; a change becomes deliverable only once it is
 //! [`step_ups::CHANGE_SETTLE_MILLIS`] old, so a slightly later commit of a smaller id is not
 //! overtaken. SQLite serialises writers, so ids commit in order there.
 
-use std::sync::LazyLock;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
-use futures::StreamExt;
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::json;
 use vaultguard_proto::v1 as pb;
@@ -49,13 +68,12 @@ use vaultguard_proto::v1 as pb;
 use crate::audit::{self, Outcome};
 use crate::auth::CallContext;
 use crate::clock::{Millis, to_timestamp};
-use crate::config::Config;
 use crate::crypto::{SealContext, random_token};
 use crate::domain::step_ups;
 use crate::error::{Error, FieldViolation, Result, is_unique_violation};
+use crate::outbound;
 use crate::state::AppState;
 use crate::store::entities::{step_up_change, tenant_webhook};
-use crate::store::is_postgres;
 
 /// The prefix of signing secrets, so that leaked ones are recognisable.
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -72,28 +90,19 @@ pub const DELIVERY_PREFIX: &str = "chg_";
 
 /// The table name bound into the sealed secret.
 const TABLE: &str = "tenant_webhooks";
-/// The advisory lock that keeps delivery to one replica at a time (the
-/// sweeper's is `…0001`).
-const DELIVERER_LOCK: i64 = 0x7661_756c_7467_0057;
 /// The first retry delay; it doubles with each failed attempt …
 const FIRST_BACKOFF_MILLIS: Millis = 1_000;
 /// … up to this.
 const MAX_BACKOFF_MILLIS: Millis = 5 * 60 * 1_000;
-/// Tenants served per pass; the rest wait for the next pass.
-const TENANTS_PER_PASS: u64 = 100;
-/// Changes delivered to one tenant per pass, so that one busy tenant does
-/// not hold the pass (and the lock) for long.
-const CHANGES_PER_TENANT: usize = 20;
-/// Tenants delivered to concurrently within a pass (each one in order).
-const CONCURRENT_TENANTS: usize = 8;
-/// Passes run back to back while they find work, before the loop sleeps.
-const PASSES_PER_TICK: usize = 10;
+/// Due tenants read per poll; the rest are found by the next one.
+const TENANTS_PER_POLL: u64 = 256;
+/// Changes a tenant's task delivers before it lets a waiting tenant have
+/// its slot (it then queues for one again).
+const CHANGES_PER_TURN: usize = 20;
+/// How much longer than the attempt's timeout a claim lasts.
+const LEASE_MARGIN_MILLIS: Millis = 60_000;
 /// The longest stored failure reason.
 const MAX_REASON_CHARS: usize = 256;
-
-/// Serialises delivery passes within one process on SQLite (PostgreSQL
-/// passes serialise on the advisory lock, across processes too).
-static PASS: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
 
 // ---------------------------------------------------------------------------
 // Configuration: SetApprovalWebhook, GetApprovalWebhook.
@@ -181,6 +190,11 @@ pub async fn set(
         return remove(state, ctx, &tenant_id).await;
     }
     let parsed = validate_url(url, state.config.webhook_allow_http)?;
+    state
+        .outbound
+        .check_registered_url("url", &parsed)
+        .await
+        .map_err(Error::from)?;
     let host = parsed.host_str().unwrap_or_default().to_owned();
 
     let secret = format!("{SECRET_PREFIX}{}", random_token(32)?);
@@ -304,15 +318,17 @@ pub fn to_proto(row: &tenant_webhook::Model) -> pb::ApprovalWebhook {
 // ---------------------------------------------------------------------------
 // Delivery.
 
-/// The HTTP client deliveries use: the configured timeout, no redirects.
-pub fn http_client(config: &Config) -> Result<reqwest::Client> {
-    let timeout = Duration::from_millis(config.webhook_timeout_ms.max(1));
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("VaultGuard-Webhook/", env!("CARGO_PKG_VERSION")))
-        .build()
+/// The HTTP client deliveries use: the outbound address policy, the
+/// configured timeout, no redirects.
+pub fn http_client(state: &AppState) -> Result<outbound::Client> {
+    let timeout = Duration::from_millis(state.config.webhook_timeout_ms.max(1));
+    state
+        .outbound
+        .client(outbound::ClientOptions {
+            timeout,
+            connect_timeout: timeout.min(Duration::from_secs(5)),
+            user_agent: concat!("VaultGuard-Webhook/", env!("CARGO_PKG_VERSION")),
+        })
         .map_err(|err| Error::internal(err.without_url()))
 }
 
@@ -371,7 +387,7 @@ enum Attempt {
 /// the URL.
 async fn attempt(
     state: &AppState,
-    client: &reqwest::Client,
+    client: &outbound::Client,
     hook: &tenant_webhook::Model,
     change: &step_up_change::Model,
 ) -> Attempt {
@@ -394,8 +410,16 @@ async fn attempt(
         }
     };
     let t = state.clock.now_seconds();
-    let sent = client
-        .post(hook.url.as_str())
+    let request = match client.post(hook.url.as_str()) {
+        Ok(request) => request,
+        Err(outbound::Refusal::ForbiddenAddress) => {
+            return Attempt::Failed("forbidden address".to_owned());
+        }
+        Err(outbound::Refusal::InvalidUrl) => {
+            return Attempt::Failed("invalid request".to_owned());
+        }
+    };
+    let sent = request
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(SIGNATURE_HEADER, signature(&secret, t, &body))
         .header(EVENT_HEADER, event_name(&change.kind))
@@ -406,6 +430,9 @@ async fn attempt(
     match sent {
         Ok(response) if response.status().is_success() => Attempt::Delivered,
         Ok(response) => Attempt::Failed(format!("HTTP {}", response.status().as_u16())),
+        Err(err) if outbound::is_forbidden_error(&err) => {
+            Attempt::Failed("forbidden address".to_owned())
+        }
         Err(err) if err.is_timeout() => Attempt::Failed("timeout".to_owned()),
         Err(err) if err.is_connect() => Attempt::Failed("connection failed".to_owned()),
         Err(err) if err.is_builder() => Attempt::Failed("invalid request".to_owned()),
@@ -428,9 +455,48 @@ async fn next_change(
         .await?)
 }
 
+/// Claims `hook`'s row for one attempt: pushes `next_attempt_at` to the
+/// attempt's deadline, conditionally on the row being as `hook` read it;
+/// returns the row as claimed, or `None` when another deliverer claimed it
+/// first or the webhook changed.
+async fn claim(
+    state: &AppState,
+    hook: &tenant_webhook::Model,
+    now: Millis,
+) -> Result<Option<tenant_webhook::Model>> {
+    let timeout = Millis::try_from(state.config.webhook_timeout_ms).unwrap_or(Millis::MAX / 4);
+    let lease_until = now
+        .saturating_add(timeout)
+        .saturating_add(LEASE_MARGIN_MILLIS);
+    let claimed = tenant_webhook::Entity::update_many()
+        .col_expr(
+            tenant_webhook::Column::NextAttemptAt,
+            Expr::value(lease_until),
+        )
+        .filter(unchanged(hook))
+        .exec(&state.db)
+        .await?;
+    Ok((claimed.rows_affected > 0).then(|| tenant_webhook::Model {
+        next_attempt_at: lease_until,
+        ..hook.clone()
+    }))
+}
+
+/// The condition "the row is as `hook` read it" of every delivery write.
+fn unchanged(hook: &tenant_webhook::Model) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(tenant_webhook::Column::TenantId.eq(hook.tenant_id.as_str()))
+        .add(tenant_webhook::Column::UpdatedAt.eq(hook.updated_at))
+        .add(tenant_webhook::Column::SecretCiphertext.eq(hook.secret_ciphertext.clone()))
+        .add(tenant_webhook::Column::DeliveredChangeId.eq(hook.delivered_change_id))
+        .add(tenant_webhook::Column::Attempts.eq(hook.attempts))
+        .add(tenant_webhook::Column::NextAttemptAt.eq(hook.next_attempt_at))
+}
+
 /// Writes the outcome of an attempt at `change`, conditionally on the row
-/// being as `hook` read it; returns the row as written, or `None` when the
-/// webhook was re-set or removed meanwhile.
+/// being as `hook` (the claimed row) says; returns the row as written, or
+/// `None` when the webhook was re-set, removed or claimed by another
+/// deliverer meanwhile.
 async fn record(
     state: &AppState,
     hook: &tenant_webhook::Model,
@@ -491,32 +557,42 @@ async fn record(
             tenant_webhook::Column::LastFailureReason,
             Expr::value(next.last_failure_reason.clone()),
         )
-        .filter(tenant_webhook::Column::TenantId.eq(hook.tenant_id.as_str()))
-        .filter(tenant_webhook::Column::UpdatedAt.eq(hook.updated_at))
-        .filter(tenant_webhook::Column::SecretCiphertext.eq(hook.secret_ciphertext.clone()))
-        .filter(tenant_webhook::Column::DeliveredChangeId.eq(hook.delivered_change_id))
-        .filter(tenant_webhook::Column::Attempts.eq(hook.attempts))
+        .filter(unchanged(hook))
         .exec(&state.db)
         .await?;
     Ok((updated.rows_affected > 0).then_some(next))
 }
 
-/// Delivers `hook`'s tenant's due changes in order until one fails, none is
-/// left or the per-pass share is used; returns the attempts made.
+/// Delivers `tenant_id`'s due changes in order, at most `max_changes`,
+/// until one fails or none is due (the webhook backing off, claimed by
+/// another deliverer, or nothing left); returns the attempts made and
+/// whether it stopped only because of `max_changes`.
 async fn deliver_tenant(
     state: &AppState,
-    client: &reqwest::Client,
-    mut hook: tenant_webhook::Model,
-    settled: Millis,
-) -> Result<u64> {
+    client: &outbound::Client,
+    tenant_id: &str,
+    max_changes: usize,
+) -> Result<(u64, bool)> {
     let mut attempted = 0;
-    for _ in 0..CHANGES_PER_TENANT {
-        let Some(change) = next_change(state, &hook, settled).await? else {
-            break;
+    for _ in 0..max_changes {
+        let now = state.clock.now_millis();
+        let Some(hook) = tenant_webhook::Entity::find_by_id(tenant_id.to_owned())
+            .one(&state.db)
+            .await?
+            .filter(|hook| hook.next_attempt_at <= now)
+        else {
+            return Ok((attempted, false));
         };
+        let settled = step_ups::settled_at(state, now);
+        let Some(change) = next_change(state, &hook, settled).await? else {
+            return Ok((attempted, false));
+        };
+        let Some(hook) = claim(state, &hook, now).await? else {
+            return Ok((attempted, false));
+        };
+        // The HTTP call: no database connection is held while it runs.
         let outcome = attempt(state, client, &hook, &change).await;
         attempted += 1;
-        let delivered = matches!(outcome, Attempt::Delivered);
         match &outcome {
             Attempt::Delivered => {
                 metrics::counter!("vaultguard_webhook_deliveries_total", "result" => "success")
@@ -541,49 +617,14 @@ async fn deliver_tenant(
                 );
             }
         }
-        match record(state, &hook, &change, &outcome).await? {
-            Some(next) if delivered => hook = next,
-            // A failure waits for its back-off; a re-set or removed webhook
-            // is picked up afresh by a later pass.
-            _ => break,
+        let recorded = record(state, &hook, &change, &outcome).await?;
+        if recorded.is_none() || !matches!(outcome, Attempt::Delivered) {
+            // A failure waits for its back-off; a re-set, removed or
+            // re-claimed webhook is picked up afresh by a later poll.
+            return Ok((attempted, false));
         }
     }
-    Ok(attempted)
-}
-
-/// The right to deliver, for one pass.
-enum PassLock {
-    /// SQLite: one process, the in-process mutex suffices.
-    Local,
-    /// PostgreSQL: the advisory lock, held until this transaction ends.
-    Held(DatabaseTransaction),
-    /// PostgreSQL: another replica is delivering.
-    Busy,
-}
-
-/// Takes the deliverer's advisory lock on PostgreSQL.
-async fn lock(state: &AppState) -> Result<PassLock> {
-    if !is_postgres(&state.db) {
-        return Ok(PassLock::Local);
-    }
-    let txn = state.db.begin().await?;
-    let row = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_try_advisory_xact_lock($1) AS locked",
-            [DELIVERER_LOCK.into()],
-        ))
-        .await?;
-    let locked = row
-        .map(|r| r.try_get::<bool>("", "locked"))
-        .transpose()?
-        .unwrap_or(false);
-    if locked {
-        Ok(PassLock::Held(txn))
-    } else {
-        txn.rollback().await?;
-        Ok(PassLock::Busy)
-    }
+    Ok((attempted, true))
 }
 
 /// `EXISTS` body: the webhook's tenant has an undelivered change created at
@@ -609,87 +650,120 @@ fn pending_changes(settled: Millis) -> sea_orm::sea_query::SelectStatement {
         .to_owned()
 }
 
-/// One delivery pass over the tenants with a due change (their webhook's
-/// back-off elapsed and an undelivered change exists); returns the
-/// deliveries attempted. On PostgreSQL only one replica delivers at a time;
-/// the others return 0 at once.
-pub async fn deliver_due(state: &AppState, client: &reqwest::Client) -> Result<u64> {
-    // SQLite has no lock across connections: one process, one pass at a time.
-    let _local = if is_postgres(&state.db) {
-        None
-    } else {
-        Some(PASS.lock().await)
-    };
-    let lock = lock(state).await?;
-    if matches!(lock, PassLock::Busy) {
-        return Ok(0);
-    }
+/// The tenants with a due change: their webhook's back-off (or another
+/// deliverer's claim) elapsed, and an undelivered settled change exists.
+async fn due_tenants(state: &AppState) -> Result<Vec<String>> {
     let now = state.clock.now_millis();
     let settled = step_ups::settled_at(state, now);
-    let pending = pending_changes(settled);
-    let due = tenant_webhook::Entity::find()
+    Ok(tenant_webhook::Entity::find()
+        .select_only()
+        .column(tenant_webhook::Column::TenantId)
         .filter(tenant_webhook::Column::NextAttemptAt.lte(now))
-        .filter(Expr::exists(pending))
+        .filter(Expr::exists(pending_changes(settled)))
         .order_by_asc(tenant_webhook::Column::NextAttemptAt)
         .order_by_asc(tenant_webhook::Column::TenantId)
-        .limit(TENANTS_PER_PASS)
+        .limit(TENANTS_PER_POLL)
+        .into_tuple()
         .all(&state.db)
-        .await?;
-    let results: Vec<(String, Result<u64>)> = futures::stream::iter(due)
-        .map(|hook| async move {
-            let tenant_id = hook.tenant_id.clone();
-            (
-                tenant_id,
-                deliver_tenant(state, client, hook, settled).await,
-            )
-        })
-        .buffer_unordered(CONCURRENT_TENANTS)
-        .collect()
-        .await;
-    if let PassLock::Held(txn) = lock {
-        txn.rollback().await?;
+        .await?)
+}
+
+/// The tenants that have a task in this process; a task removes its
+/// tenant when it ends (or is aborted).
+#[derive(Default)]
+struct Running(Mutex<HashSet<String>>);
+
+impl Running {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    let mut attempted = 0;
-    for (tenant_id, result) in results {
-        match result {
-            Ok(n) => attempted += n,
+}
+
+/// Removes its tenant from [`Running`] when dropped.
+struct RunningEntry {
+    running: Arc<Running>,
+    tenant_id: String,
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        self.running.set().remove(&self.tenant_id);
+    }
+}
+
+/// One tenant's task: waits for a slot, delivers a turn of its changes,
+/// and queues for a slot again while a turn ends with more to deliver.
+async fn tenant_task(
+    state: AppState,
+    client: outbound::Client,
+    slots: Arc<tokio::sync::Semaphore>,
+    entry: RunningEntry,
+) {
+    loop {
+        let Ok(_slot) = slots.acquire().await else {
+            return;
+        };
+        match deliver_tenant(&state, &client, &entry.tenant_id, CHANGES_PER_TURN).await {
+            Ok((_, true)) => {}
+            Ok((_, false)) => return,
             Err(err) => {
-                tracing::warn!(tenant_id = %tenant_id, error = %err, "approval webhook delivery pass failed");
+                tracing::warn!(tenant_id = %entry.tenant_id, error = %err, "approval webhook delivery failed");
+                return;
             }
         }
     }
-    Ok(attempted)
 }
 
-/// Runs [`deliver_due`] every `webhook_poll_interval_ms` (back to back while
-/// passes find work) until `stop` flips.
+/// Looks for tenants with a due change every `webhook_poll_interval_ms` and
+/// starts a task for each one without a task yet (at most
+/// `webhook_concurrent_tenants` deliver at once), until `stop` flips; the
+/// tasks in flight are then dropped (a claimed attempt is retried when its
+/// lease runs out).
 pub async fn run_deliverer(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let period = Duration::from_millis(state.config.webhook_poll_interval_ms.max(50));
-    let client = match http_client(&state.config) {
+    let client = match http_client(&state) {
         Ok(client) => client,
         Err(err) => {
             tracing::error!(error = %err, "cannot build the webhook HTTP client; approval webhooks are not delivered");
             return;
         }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.config.webhook_concurrent_tenants.max(1),
+    ));
+    let running = Arc::new(Running::default());
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             () = tokio::time::sleep(period) => {}
         }
-        for _ in 0..PASSES_PER_TICK {
-            let pass = tokio::select! {
-                _ = stop.changed() => return,
-                pass = deliver_due(&state, &client) => pass,
-            };
-            match pass {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "approval webhook delivery failed");
-                    break;
-                }
+        while tasks.try_join_next().is_some() {}
+        let due = tokio::select! {
+            _ = stop.changed() => return,
+            due = due_tenants(&state) => due,
+        };
+        let due = match due {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot look for due approval webhooks");
+                continue;
             }
+        };
+        for tenant_id in due {
+            if !running.set().insert(tenant_id.clone()) {
+                continue;
+            }
+            let entry = RunningEntry {
+                running: running.clone(),
+                tenant_id,
+            };
+            tasks.spawn(tenant_task(
+                state.clone(),
+                client.clone(),
+                slots.clone(),
+                entry,
+            ));
         }
     }
 }
