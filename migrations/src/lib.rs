@@ -17,6 +17,7 @@ mod m20261122_000008_vault_details;
 mod m20261202_000009_drop_unused_delegation_indexes;
 mod m20261203_000010_drop_hot_path_foreign_keys;
 mod m20261203_000011_audit_pending_keyed_by_tenant;
+mod m20261204_000412_vault_leases_bindings_return_origins;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000009_drop_unused_delegation_indexes::Migration),
             Box::new(m20261203_000010_drop_hot_path_foreign_keys::Migration),
             Box::new(m20261203_000011_audit_pending_keyed_by_tenant::Migration),
+            Box::new(m20261204_000412_vault_leases_bindings_return_origins::Migration),
         ]
     }
 }

@@ -33,5 +33,6 @@ mod step_ups;
 mod sweep;
 mod tls;
 mod vault_connections;
+mod vault_io;
 mod vault_signing;
 mod webhooks;
