@@ -674,12 +674,21 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
     );
     assert_eq!(listed[1], created);
 
+    // The stored secret is bound to the endpoints and client it was given
+    // for: moving them without giving it again is refused, and changes
+    // nothing.
+    let moved = pb::UpdateOAuthProviderRequest {
+        revocation_url: String::new(),
+        client_id: "rotated-client".to_owned(),
+        ..unchanged(&created)
+    };
+    expect_invalid(update_provider(admin, moved.clone()).await, "client_secret");
+    assert_eq!(get_provider(admin, &created.id).await.unwrap(), created);
+
     // An update without a secret keeps the stored one; the name stays.
     let kept = update_provider(
         admin,
         pb::UpdateOAuthProviderRequest {
-            revocation_url: String::new(),
-            client_id: "rotated-client".to_owned(),
             scopes: strings(&["mail.read"]),
             extra_authorize_params: HashMap::new(),
             ..unchanged(&created)
@@ -695,7 +704,12 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
             kept.revocation_url.as_str(),
             kept.client_id.as_str()
         ),
-        (created.id.as_str(), "zeta-mail", "", "rotated-client")
+        (
+            created.id.as_str(),
+            "zeta-mail",
+            created.revocation_url.as_str(),
+            created.client_id.as_str()
+        )
     );
     assert!(kept.client_secret_set, "an empty client_secret keeps it");
     assert_eq!(kept.scopes, strings(&["mail.read"]));
@@ -703,16 +717,23 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
     assert_eq!(kept.create_time, created.create_time);
     assert_eq!(get_provider(admin, &created.id).await.unwrap(), kept);
 
+    // Clearing the secret lets the endpoints and client move.
     let cleared = update_provider(
         admin,
         pb::UpdateOAuthProviderRequest {
             clear_client_secret: true,
-            ..unchanged(&kept)
+            scopes: strings(&["mail.read"]),
+            extra_authorize_params: HashMap::new(),
+            ..moved
         },
     )
     .await
     .unwrap();
     assert!(!cleared.client_secret_set, "cleared");
+    assert_eq!(
+        (cleared.revocation_url.as_str(), cleared.client_id.as_str()),
+        ("", "rotated-client")
+    );
     let new_secret = "replacement-client-secret-5d1e0b";
     let replaced = update_provider(
         admin,
