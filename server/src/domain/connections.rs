@@ -219,6 +219,26 @@ fn issued_by(row: &connection::Model, provider: &oauth_provider::Model) -> bool 
         && row.issuer_revocation_url == provider.revocation_url
 }
 
+/// The provider of `row` as stored now, when `cached` (the directory's
+/// copy) fails `matches`: a replica whose copy is a moment old must not
+/// drop tokens or refuse a flow that the current settings allow. `None`
+/// when the stored provider fails `matches` too.
+async fn provider_matching(
+    state: &AppState,
+    row: &connection::Model,
+    cached: Arc<oauth_provider::Model>,
+    matches: impl Fn(&oauth_provider::Model) -> bool,
+) -> Result<Option<Arc<oauth_provider::Model>>> {
+    if matches(&cached) {
+        return Ok(Some(cached));
+    }
+    Ok(oauth_provider::Entity::find_by_id(row.provider_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|stored| stored.tenant_id == row.tenant_id && matches(stored))
+        .map(Arc::new))
+}
+
 fn client_auth<'a>(provider: &'a oauth_provider::Model, secret: Option<&'a str>) -> ClientAuth<'a> {
     ClientAuth {
         client_id: &provider.client_id,
@@ -611,10 +631,14 @@ pub async fn callback(
             .await?;
         return Ok(finished("invalid_request"));
     };
-    let provider = provider_of(state, &row).await?;
-    if flow.token_url != provider.token_url || flow.client_id != provider.client_id {
-        // The code and the PKCE verifier go only to the token endpoint the
-        // flow was started for, with its client.
+    // The code and the PKCE verifier go only to the token endpoint the flow
+    // was started for, with its client.
+    let cached = provider_of(state, &row).await?;
+    let Some(provider) = provider_matching(state, &row, cached, |provider| {
+        flow.token_url == provider.token_url && flow.client_id == provider.client_id
+    })
+    .await?
+    else {
         metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "failed").increment(1);
         state
             .record(vec![failed(
@@ -623,7 +647,7 @@ pub async fn callback(
             )])
             .await?;
         return Ok(finished("invalid_request"));
-    }
+    };
     let verifier = open(
         state,
         Sealed::PkceVerifier,
@@ -857,10 +881,12 @@ pub async fn delete(
     if row.status == STATUS_DISCONNECTED {
         return Err(already_disconnected());
     }
-    let provider = provider_of(state, &row).await?;
+    let cached = provider_of(state, &row).await?;
+    let issuer = provider_matching(state, &row, cached.clone(), |p| issued_by(&row, p)).await?;
+    let provider = issuer.clone().unwrap_or(cached);
     let (revoked, revocation_note) = match (&provider.revocation_url, &row.refresh_token_ciphertext)
     {
-        (_, Some(_)) if !issued_by(&row, &provider) => (
+        (_, Some(_)) if issuer.is_none() => (
             false,
             "not revoked: the provider's endpoints or client changed since the tokens were issued"
                 .to_owned(),
@@ -1641,7 +1667,7 @@ fn without_lease(
 async fn refresh_under_lease(
     state: &AppState,
     row: connection::Model,
-    provider: &oauth_provider::Model,
+    provider: &Arc<oauth_provider::Model>,
     scope: Option<&str>,
     lease: &Lease,
 ) -> Result<(Exchanged, bool, bool)> {
@@ -1729,14 +1755,16 @@ async fn refresh_under_lease(
 async fn refresh(
     state: &AppState,
     row: &connection::Model,
-    provider: &oauth_provider::Model,
+    provider: &Arc<oauth_provider::Model>,
     scope: Option<&str>,
 ) -> Result<(TokenGrant, Option<String>)> {
-    if !issued_by(row, provider) {
+    let Some(provider) =
+        provider_matching(state, row, provider.clone(), |p| issued_by(row, p)).await?
+    else {
         // The provider's endpoint or client moved since these tokens were
         // issued: they may go nowhere else, so they are dropped.
         return Err(mark_needs_reauth(state, row, ENDPOINTS_CHANGED, Discard::Tokens).await?);
-    }
+    };
     let Some(sealed) = &row.refresh_token_ciphertext else {
         return Err(mark_needs_reauth(
             state,
@@ -1747,7 +1775,7 @@ async fn refresh(
         .await?);
     };
     let refresh_token = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
-    let secret = providers::client_secret(state, provider)?;
+    let secret = providers::client_secret(state, &provider)?;
     let mut pairs = vec![
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token.as_str()),
@@ -1760,7 +1788,7 @@ async fn refresh(
         .oauth
         .token(
             &provider.token_url,
-            client_auth(provider, secret.as_deref()),
+            client_auth(&provider, secret.as_deref()),
             &pairs,
         )
         .await
