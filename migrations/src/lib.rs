@@ -19,6 +19,7 @@ mod m20261203_000010_drop_hot_path_foreign_keys;
 mod m20261203_000011_audit_pending_keyed_by_tenant;
 mod m20261204_000012_index_step_up_queues;
 mod m20261206_000013_rule_grants;
+mod m20261206_000014_vault_leases_bindings_return_origins;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -43,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000011_audit_pending_keyed_by_tenant::Migration),
             Box::new(m20261204_000012_index_step_up_queues::Migration),
             Box::new(m20261206_000013_rule_grants::Migration),
+            Box::new(m20261206_000014_vault_leases_bindings_return_origins::Migration),
         ]
     }
 }

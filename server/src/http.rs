@@ -101,18 +101,42 @@ async fn metrics_text() -> Response {
 }
 
 /// The headers of every callback answer: the URL carried a code and a
-/// state, so nothing may cache it or leak it onward.
-const CALLBACK_HEADERS: [(header::HeaderName, &str); 4] = [
+/// state, so nothing may cache it or leak it onward; the page runs no
+/// script, loads nothing, cannot be framed and is never sniffed as
+/// anything but what it says.
+const CALLBACK_HEADERS: [(header::HeaderName, &str); 5] = [
     (header::CACHE_CONTROL, "no-store"),
     (header::REFERRER_POLICY, "no-referrer"),
     (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
     (
         header::CONTENT_SECURITY_POLICY,
-        "default-src 'none'; style-src 'unsafe-inline'",
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
+         form-action 'none'; frame-ancestors 'none'",
     ),
 ];
 
+/// `text` escaped for HTML text and quoted attribute values: `&`, `<`,
+/// `>`, `"` and `'` become character references, everything else stays.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// A small result page; `title` and `text` are escaped here, so callers
+/// may pass whatever came in the request.
 fn callback_page(status: StatusCode, title: &str, text: &str) -> Response {
+    let (title, text) = (escape_html(title), escape_html(text));
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
          <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{text}</p></body></html>"
@@ -207,6 +231,60 @@ async fn oauth_callback(
                 "Something went wrong",
                 "VaultGuard could not finish the connection. Try again later.",
             )
+        }
+    }
+}
+
+/// Property tests of the callback page's escaping.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::escape_html;
+    use crate::props::{PURE_CASES, config};
+
+    /// Decodes the five references `escape_html` writes (written
+    /// independently of it).
+    fn unescape(text: &str) -> String {
+        text.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#x27;", "'")
+            .replace("&amp;", "&")
+    }
+
+    #[test]
+    fn markup_is_escaped() {
+        assert_eq!(
+            escape_html("<script>alert(\"x\" & 'y')</script>"),
+            "&lt;script&gt;alert(&quot;x&quot; &amp; &#x27;y&#x27;)&lt;/script&gt;"
+        );
+        assert_eq!(escape_html("&lt;"), "&amp;lt;");
+        assert_eq!(escape_html("plain text, é"), "plain text, é");
+    }
+
+    proptest! {
+        #![proptest_config(config(PURE_CASES))]
+
+        /// Nothing that opens a tag, an attribute value or a reference
+        /// survives, and the text reads back unchanged.
+        #[test]
+        fn escaped_text_has_no_markup_and_round_trips(text in prop_oneof![
+            any::<String>(),
+            "[<>&\"' a-z;#x0-9/=]{0,40}".prop_map(String::from),
+        ]) {
+            let escaped = escape_html(&text);
+            prop_assert!(!escaped.contains(['<', '>', '"', '\'']));
+            for (i, _) in escaped.match_indices('&') {
+                let rest = &escaped[i..];
+                prop_assert!(
+                    ["&amp;", "&lt;", "&gt;", "&quot;", "&#x27;"]
+                        .iter()
+                        .any(|r| rest.starts_with(r)),
+                    "a bare & at {} in {}", i, escaped
+                );
+            }
+            prop_assert_eq!(unescape(&escaped), text);
         }
     }
 }

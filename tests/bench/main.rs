@@ -17,6 +17,7 @@ mod load;
 mod peer;
 mod scenarios;
 mod server;
+mod slow_provider;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -108,6 +109,14 @@ struct Args {
     /// fairness: the flooding tenant's closed-loop workers.
     #[arg(long, default_value_t = 64)]
     flood_concurrency: usize,
+    /// vault.slow_provider: how long the slow tenant's provider takes to
+    /// answer a token request, ms.
+    #[arg(long, default_value_t = 2_000)]
+    provider_delay_ms: u64,
+    /// vault.slow_provider: exchanges in flight at once against it, each on
+    /// a connection of its own.
+    #[arg(long, default_value_t = 32)]
+    slow_exchanges: usize,
 }
 
 /// One line of a table.
@@ -427,9 +436,13 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
         .unwrap_or_default();
     let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
     spec.log_filter = args.server_log.clone();
-    // fairness runs on a server of its own, with a tenant limit.
+    // fairness runs on a server of its own, with a tenant limit, and so
+    // does vault.slow_provider.
     let (fair, names): (Vec<String>, Vec<String>) =
         names.into_iter().partition(|name| name == "fairness");
+    let (slow, names): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| name == "vault.slow_provider");
     let mut outcome = if names.is_empty() {
         Ok(())
     } else {
@@ -445,6 +458,17 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
             warmup: args.warmup,
         };
         outcome = fairness::run(backend, &spec, &settings).await;
+    }
+    if outcome.is_ok() && !slow.is_empty() {
+        let settings = slow_provider::Settings {
+            provider_delay: Duration::from_millis(args.provider_delay_ms),
+            slow_exchanges: args.slow_exchanges,
+            victim_rate: args.victim_rate,
+            connections: args.connections,
+            duration: args.duration,
+            warmup: args.warmup,
+        };
+        outcome = slow_provider::run(backend, &spec, &settings).await;
     }
     if let Some(database) = database {
         database.drop_now().await?;

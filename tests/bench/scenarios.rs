@@ -27,6 +27,7 @@ pub const ALL: &[&str] = &[
     "stepup.approve_to_watch",
     "stepup.cross_replica",
     "fairness",
+    "vault.slow_provider",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -98,6 +99,9 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
             step_up(cx, replica).await
         }
         "fairness" => bail!("fairness runs on a server of its own (fairness.rs)"),
+        "vault.slow_provider" => {
+            bail!("vault.slow_provider runs on a server of its own (slow_provider.rs)")
+        }
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
 }

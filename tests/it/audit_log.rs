@@ -66,6 +66,7 @@ const READ_ONLY: &[&str] = &[
     "VaultService/ListConnections",
     "VaultService/GetSigningKey",
     "VaultService/ListSigningKeys",
+    "VaultService/GetVaultSettings",
     "AuditService/ListAuditEvents",
     "AuditService/TailAuditEvents",
     "AuditService/VerifyAuditChain",
@@ -141,7 +142,10 @@ const AUDITED: &[(&str, &[&str])] = &[
     ),
     ("AuditService/ExportAuditEvents", &["audit.exported"]),
     ("VaultService/CreateOAuthProvider", &["provider.created"]),
-    ("VaultService/UpdateOAuthProvider", &["provider.updated"]),
+    (
+        "VaultService/UpdateOAuthProvider",
+        &["provider.updated", "connection.needs_reauth"],
+    ),
     ("VaultService/DeleteOAuthProvider", &["provider.deleted"]),
     (
         "VaultService/StartConnection",
@@ -171,6 +175,10 @@ const AUDITED: &[(&str, &[&str])] = &[
         "VaultService/Sign",
         &["key.signed", "key.sign_refused", "delegation.decided"],
     ),
+    (
+        "VaultService/UpdateVaultSettings",
+        &["vault.settings_updated"],
+    ),
 ];
 
 /// The areas an event type may start with (AuditService's contract).
@@ -188,6 +196,7 @@ const AREAS: &[&str] = &[
     "key",
     "issuer_key",
     "audit",
+    "vault",
 ];
 
 fn audited(rpc: &str) -> Option<&'static [&'static str]> {
@@ -989,6 +998,24 @@ async fn walk_vault(
         .await
         .expect("list providers");
     walk.read("VaultService/ListOAuthProviders");
+
+    let rpc = "VaultService/UpdateVaultSettings";
+    let rid = walk.rid(rpc);
+    let request = pb::UpdateVaultSettingsRequest {
+        return_origins: vec!["https://console.acme.example".to_owned()],
+    };
+    admin
+        .vault()
+        .update_vault_settings(tagged(admin, request, &rid).await)
+        .await
+        .expect("update vault settings");
+    walk.expect(rpc, &rid, &[acme], &["vault.settings_updated"]);
+    admin
+        .vault()
+        .get_vault_settings(req(admin, pb::GetVaultSettingsRequest {}).await)
+        .await
+        .expect("get vault settings");
+    walk.read("VaultService/GetVaultSettings");
 
     let rpc = "VaultService/StartConnection";
     let rid = walk.rid(rpc);

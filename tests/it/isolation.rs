@@ -120,6 +120,8 @@ struct Victim {
     key: pb::SigningKey,
     signature_key: String,
     webhook_url: String,
+    /// acme's registered OAuth return origins.
+    return_origins: Vec<String>,
     org: pb::ExternalOrganization,
     head_sequence: u64,
     head_hash: String,
@@ -284,6 +286,15 @@ async fn setup() -> Fixture {
     let provider = register(&admin, "mail", &oauth).await;
     let connection_id = connect(&admin, &provider.id).await.id;
     let b_provider = register(&b_admin, "mail", &oauth).await;
+    let return_origins = vec!["https://console.acme.example".to_owned()];
+    rpc!(
+        &admin,
+        vault.update_vault_settings,
+        pb::UpdateVaultSettingsRequest {
+            return_origins: return_origins.clone(),
+        }
+    )
+    .expect("acme's return origins");
     let key = create_key(&admin, "treasury", pb::KeyAlgorithm::Ed25519, "")
         .await
         .expect("create acme's key");
@@ -391,6 +402,7 @@ async fn setup() -> Fixture {
         key,
         signature_key,
         webhook_url: receiver.url.clone(),
+        return_origins,
         org,
         head_sequence: head.head_sequence,
         head_hash: head.head_hash,
@@ -1248,6 +1260,35 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
         "/vaultguard.v1.VaultService/Sign" => {
             not_found(c.sign(sign_request(&a.key.id, &a.signature_key)).await)
         }
+        // No tenant field: globex's own settings, never acme's origins.
+        "/vaultguard.v1.VaultService/GetVaultSettings" => {
+            let settings = rpc!(c, vault.get_vault_settings, pb::GetVaultSettingsRequest {})
+                .expect("globex reads its vault settings")
+                .settings
+                .expect("settings");
+            assert!(
+                settings
+                    .return_origins
+                    .iter()
+                    .all(|origin| !a.return_origins.contains(origin)),
+                "{settings:?}"
+            );
+        }
+        // No tenant field: changes globex's settings only (acme's are
+        // checked unchanged by the snapshot and by still_works).
+        "/vaultguard.v1.VaultService/UpdateVaultSettings" => {
+            let settings = rpc!(
+                c,
+                vault.update_vault_settings,
+                pb::UpdateVaultSettingsRequest {
+                    return_origins: vec!["https://console.globex.example".to_owned()],
+                }
+            )
+            .expect("globex updates its vault settings")
+            .settings
+            .expect("settings");
+            assert_eq!(settings.return_origins, ["https://console.globex.example"]);
+        }
 
         // -------------------------------------------------------------- audit
         // Only globex's log, even filtered on acme's ids; acme's page token
@@ -1763,6 +1804,15 @@ async fn still_works(f: &Fixture) {
     )
     .expect("acme's webhook");
     assert_eq!(webhook.webhook.expect("webhook").url, a.webhook_url);
+    let vault_settings = rpc!(
+        &a.admin,
+        vault.get_vault_settings,
+        pb::GetVaultSettingsRequest {}
+    )
+    .expect("acme's vault settings")
+    .settings
+    .expect("settings");
+    assert_eq!(vault_settings.return_origins, a.return_origins);
     let tenant = rpc!(
         &a.admin,
         tenants.get_tenant,

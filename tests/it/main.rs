@@ -37,5 +37,6 @@ mod stream_standing;
 mod sweep;
 mod tls;
 mod vault_connections;
+mod vault_io;
 mod vault_signing;
 mod webhooks;

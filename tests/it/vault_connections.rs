@@ -47,7 +47,7 @@ const ACCESS_TTL: u64 = 3600;
 // ---------------------------------------------------------------------------
 // Fixtures.
 
-fn strings(items: &[&str]) -> Vec<String> {
+pub(crate) fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
@@ -63,7 +63,7 @@ pub(crate) async fn fake_provider(server: &TestServer, options: ProviderOptions)
 }
 
 /// `provider` registered as `name` with [`SCOPES`] and `access_type=offline`.
-fn registration(name: &str, provider: &FakeProvider) -> pb::CreateOAuthProviderRequest {
+pub(crate) fn registration(name: &str, provider: &FakeProvider) -> pb::CreateOAuthProviderRequest {
     pb::CreateOAuthProviderRequest {
         name: name.to_owned(),
         authorize_url: provider.authorize_url(),
@@ -77,7 +77,7 @@ fn registration(name: &str, provider: &FakeProvider) -> pb::CreateOAuthProviderR
 }
 
 /// The update that keeps every setting of `provider` (and its secret).
-fn unchanged(provider: &pb::OAuthProvider) -> pb::UpdateOAuthProviderRequest {
+pub(crate) fn unchanged(provider: &pb::OAuthProvider) -> pb::UpdateOAuthProviderRequest {
     pb::UpdateOAuthProviderRequest {
         provider_id: provider.id.clone(),
         authorize_url: provider.authorize_url.clone(),
@@ -92,7 +92,7 @@ fn unchanged(provider: &pb::OAuthProvider) -> pb::UpdateOAuthProviderRequest {
 }
 
 /// VaultGuard's OAuth callback, the `redirect_uri` it sends providers.
-fn callback_url(server: &TestServer) -> String {
+pub(crate) fn callback_url(server: &TestServer) -> String {
     format!("{}/oauth/callback", server.http_url())
 }
 
@@ -102,7 +102,7 @@ pub(crate) const EXCHANGE_MAIL: &str = "exchange:mail";
 
 /// Lets the tenant's own agents exchange tokens of its `mail` provider,
 /// for any of the provider's scopes ([`SCOPES`]) on any of its connections.
-async fn allow_own_exchanges(admin: &VaultGuardClient, tenant_id: &str) -> pb::Rule {
+pub(crate) async fn allow_own_exchanges(admin: &VaultGuardClient, tenant_id: &str) -> pb::Rule {
     add_rule(admin, mail_exchanges(tenant_id, pb::Effect::Allow)).await
 }
 
@@ -139,7 +139,7 @@ pub(crate) struct Registered {
 
 /// [`setup_pair`] and acme's `mail` provider; with `allow_exchanges`, acme
 /// also lets its own agents exchange its tokens.
-async fn registered(allow_exchanges: bool) -> Registered {
+pub(crate) async fn registered(allow_exchanges: bool) -> Registered {
     let pair = setup_pair().await;
     let provider = fake_provider(&pair.server, ProviderOptions::default()).await;
     let registered = register(&pair.acme_admin, "mail", &provider).await;
@@ -196,7 +196,7 @@ async fn list_providers(admin: &VaultGuardClient) -> Result<Vec<pb::OAuthProvide
     Ok(response.into_inner().providers)
 }
 
-async fn update_provider(
+pub(crate) async fn update_provider(
     admin: &VaultGuardClient,
     input: pb::UpdateOAuthProviderRequest,
 ) -> Result<pb::OAuthProvider, ClientError> {
@@ -226,7 +226,7 @@ pub(crate) async fn register(
         .expect("register the provider")
 }
 
-async fn start_connection(
+pub(crate) async fn start_connection(
     admin: &VaultGuardClient,
     input: pb::StartConnectionRequest,
 ) -> Result<pb::StartConnectionResponse, ClientError> {
@@ -235,7 +235,10 @@ async fn start_connection(
 }
 
 /// StartConnection for `provider_id` with its default scopes; must succeed.
-async fn start(admin: &VaultGuardClient, provider_id: &str) -> pb::StartConnectionResponse {
+pub(crate) async fn start(
+    admin: &VaultGuardClient,
+    provider_id: &str,
+) -> pb::StartConnectionResponse {
     start_connection(
         admin,
         pb::StartConnectionRequest {
@@ -247,7 +250,7 @@ async fn start(admin: &VaultGuardClient, provider_id: &str) -> pb::StartConnecti
     .expect("start connection")
 }
 
-async fn get_connection(
+pub(crate) async fn get_connection(
     admin: &VaultGuardClient,
     connection_id: &str,
 ) -> Result<pb::Connection, ClientError> {
@@ -287,6 +290,20 @@ pub(crate) async fn delete_connection(
     Ok(admin.vault().delete_connection(request).await?.into_inner())
 }
 
+/// UpdateVaultSettings: the tenant's return origins become `origins`.
+pub(crate) async fn set_return_origins(
+    admin: &VaultGuardClient,
+    origins: &[&str],
+) -> Result<pb::VaultSettings, ClientError> {
+    let request = admin
+        .request(pb::UpdateVaultSettingsRequest {
+            return_origins: strings(origins),
+        })
+        .await?;
+    let response = admin.vault().update_vault_settings(request).await?;
+    Ok(response.into_inner().settings.expect("settings"))
+}
+
 /// A well-formed own-token ExchangeToken for `connection_id`.
 fn exchange_request(connection_id: &str) -> pb::ExchangeTokenRequest {
     pb::ExchangeTokenRequest {
@@ -307,7 +324,7 @@ async fn exchange_raw(
 
 /// `agent.exchange`, retrying the retryable ABORTED answer as the contract
 /// allows (how a storage conflict between concurrent callers may surface).
-async fn exchange_retrying(
+pub(crate) async fn exchange_retrying(
     agent: &VaultGuardClient,
     connection_id: &str,
 ) -> Result<pb::ExchangeTokenResponse, ClientError> {
@@ -326,7 +343,7 @@ async fn exchange_retrying(
 // The browser's side of the flow.
 
 /// One GET without following redirects: the status and the `Location`.
-async fn hop(url: &str) -> (u16, Option<String>) {
+pub(crate) async fn hop(url: &str) -> (u16, Option<String>) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -341,7 +358,7 @@ async fn hop(url: &str) -> (u16, Option<String>) {
 
 /// Opens `authorize_url` as a browser would, following every redirect
 /// (provider, then VaultGuard's callback); returns the final status.
-async fn follow(authorize_url: &str) -> u16 {
+pub(crate) async fn follow(authorize_url: &str) -> u16 {
     reqwest::get(authorize_url)
         .await
         .expect("follow the authorize URL")
@@ -350,7 +367,7 @@ async fn follow(authorize_url: &str) -> u16 {
 }
 
 /// The query of `url` as a map (the last value of a repeated name wins).
-fn query(url: &str) -> HashMap<String, String> {
+pub(crate) fn query(url: &str) -> HashMap<String, String> {
     url::Url::parse(url)
         .unwrap_or_else(|e| panic!("{url} is not a URL: {e}"))
         .query_pairs()
@@ -366,7 +383,7 @@ fn without_query(url: &str) -> String {
 }
 
 /// The provider's redirect to VaultGuard's callback for `authorize_url`.
-async fn provider_redirect(server: &TestServer, authorize_url: &str) -> String {
+pub(crate) async fn provider_redirect(server: &TestServer, authorize_url: &str) -> String {
     let (status, location) = hop(authorize_url).await;
     assert_eq!(status, 302, "the provider redirects back");
     let location = location.expect("the provider's Location");
@@ -386,7 +403,7 @@ pub(crate) async fn connect(admin: &VaultGuardClient, provider_id: &str) -> pb::
 }
 
 /// GETs the provider's userinfo with `access_token`; returns the status.
-async fn userinfo(provider: &FakeProvider, access_token: &str) -> u16 {
+pub(crate) async fn userinfo(provider: &FakeProvider, access_token: &str) -> u16 {
     reqwest::Client::new()
         .get(provider.userinfo_url())
         .bearer_auth(access_token)
@@ -432,7 +449,7 @@ fn scope_set(scope: &str) -> HashSet<&str> {
 /// Asserts `response` is a proper RFC 8693 answer carrying one of
 /// `provider`'s access tokens for exactly `scopes`, and that the token works
 /// at the provider.
-async fn assert_working_token(
+pub(crate) async fn assert_working_token(
     provider: &FakeProvider,
     response: &pb::ExchangeTokenResponse,
     scopes: &[&str],
@@ -538,7 +555,7 @@ async fn assert_never_leaked(
 
 /// Asserts that no refresh token `provider` issued, nor its client secret,
 /// was logged, stored in plaintext, audited or returned in `answers`.
-async fn assert_provider_secrets_kept(
+pub(crate) async fn assert_provider_secrets_kept(
     server: &TestServer,
     provider: &FakeProvider,
     answers: &[String],
@@ -664,12 +681,21 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
     );
     assert_eq!(listed[1], created);
 
+    // The stored secret is bound to the endpoints and client it was given
+    // for: moving them without giving it again is refused, and changes
+    // nothing.
+    let moved = pb::UpdateOAuthProviderRequest {
+        revocation_url: String::new(),
+        client_id: "rotated-client".to_owned(),
+        ..unchanged(&created)
+    };
+    expect_invalid(update_provider(admin, moved.clone()).await, "client_secret");
+    assert_eq!(get_provider(admin, &created.id).await.unwrap(), created);
+
     // An update without a secret keeps the stored one; the name stays.
     let kept = update_provider(
         admin,
         pb::UpdateOAuthProviderRequest {
-            revocation_url: String::new(),
-            client_id: "rotated-client".to_owned(),
             scopes: strings(&["mail.read"]),
             extra_authorize_params: HashMap::new(),
             ..unchanged(&created)
@@ -685,7 +711,12 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
             kept.revocation_url.as_str(),
             kept.client_id.as_str()
         ),
-        (created.id.as_str(), "zeta-mail", "", "rotated-client")
+        (
+            created.id.as_str(),
+            "zeta-mail",
+            created.revocation_url.as_str(),
+            created.client_id.as_str()
+        )
     );
     assert!(kept.client_secret_set, "an empty client_secret keeps it");
     assert_eq!(kept.scopes, strings(&["mail.read"]));
@@ -693,16 +724,23 @@ async fn provider_crud_round_trip_never_returns_the_client_secret() {
     assert_eq!(kept.create_time, created.create_time);
     assert_eq!(get_provider(admin, &created.id).await.unwrap(), kept);
 
+    // Clearing the secret lets the endpoints and client move.
     let cleared = update_provider(
         admin,
         pb::UpdateOAuthProviderRequest {
             clear_client_secret: true,
-            ..unchanged(&kept)
+            scopes: strings(&["mail.read"]),
+            extra_authorize_params: HashMap::new(),
+            ..moved
         },
     )
     .await
     .unwrap();
     assert!(!cleared.client_secret_set, "cleared");
+    assert_eq!(
+        (cleared.revocation_url.as_str(), cleared.client_id.as_str()),
+        ("", "rotated-client")
+    );
     let new_secret = "replacement-client-secret-5d1e0b";
     let replaced = update_provider(
         admin,
@@ -1014,7 +1052,11 @@ async fn a_connection_completes_through_the_provider_and_the_callback() {
         );
     }
 
-    // With a return URL, the callback's last hop is a 303 to it.
+    // With a return URL on a registered origin, the callback's last hop is
+    // a 303 to it.
+    set_return_origins(admin, &["http://localhost"])
+        .await
+        .expect("register the console's origin");
     let started = start_connection(
         admin,
         pb::StartConnectionRequest {
@@ -1458,6 +1500,9 @@ async fn a_refusal_or_failed_code_exchange_fails_the_connection() {
 
     // The user says no at the provider.
     provider.set_deny(true);
+    set_return_origins(admin, &["http://localhost"])
+        .await
+        .expect("register the console's origin");
     let started = start_connection(
         admin,
         pb::StartConnectionRequest {

@@ -30,7 +30,10 @@
 //! delay that widens race windows), and everything it saw or issued can be
 //! read back: counters of calls, every token it issued (so a test can search
 //! logs, responses and database rows for leaks), the refresh tokens
-//! presented and the scope of the last refresh.
+//! presented, the scope of the last refresh, and every token or revocation
+//! request as it arrived, before any check ([`FakeProvider::received`]: a
+//! provider standing for an attacker's server records what it was sent even
+//! when it would refuse it).
 //!
 //! Access-token expiry is measured on [`ProviderOptions::clock`] when set
 //! (pass the test server's clock so that moving it expires the provider's
@@ -129,6 +132,37 @@ struct AccessGrant {
     expires_at_millis: i64,
 }
 
+/// A token or revocation request as it arrived, before any check.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `/token` or `/revoke`.
+    pub path: String,
+    /// The form fields of the body, decoded.
+    pub form: HashMap<String, String>,
+    /// The client id and secret of an `Authorization: Basic` header,
+    /// decoded (RFC 6749 §2.3.1), if one came.
+    pub basic: Option<(String, String)>,
+    /// The raw `Authorization` header, if any.
+    pub authorization: Option<String>,
+}
+
+impl Received {
+    /// Whether `secret` occurs anywhere in the request: a form value, the
+    /// decoded Basic credentials or the raw header.
+    pub fn contains(&self, secret: &str) -> bool {
+        !secret.is_empty()
+            && (self.form.values().any(|v| v.contains(secret))
+                || self
+                    .basic
+                    .as_ref()
+                    .is_some_and(|(id, pw)| id.contains(secret) || pw.contains(secret))
+                || self
+                    .authorization
+                    .as_ref()
+                    .is_some_and(|h| h.contains(secret)))
+    }
+}
+
 /// What the provider issued and saw.
 #[derive(Debug, Default)]
 struct Ledger {
@@ -142,6 +176,7 @@ struct Ledger {
     last_refresh_scope: Option<String>,
     last_authorize_query: Option<HashMap<String, String>>,
     token_auth: Vec<ClientAuth>,
+    received: Vec<Received>,
     next_family: u64,
 }
 
@@ -382,6 +417,12 @@ impl FakeProvider {
     pub fn token_client_auth(&self) -> Vec<ClientAuth> {
         self.shared.ledger().token_auth.clone()
     }
+
+    /// Every request to `/token` and `/revoke`, in arrival order, recorded
+    /// before the client is authenticated or anything else is checked.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.ledger().received.clone()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -554,6 +595,34 @@ fn authenticate(
     }
 }
 
+/// Records a token or revocation request as it arrived.
+fn record_received(
+    shared: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let basic = authorization
+        .as_deref()
+        .and_then(|value| value.strip_prefix("Basic "))
+        .and_then(|encoded| STANDARD.decode(encoded.trim()).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|decoded| {
+            decoded
+                .split_once(':')
+                .map(|(id, secret)| (form_decode(id), form_decode(secret)))
+        });
+    shared.ledger().received.push(Received {
+        path: path.to_owned(),
+        form: form.clone(),
+        basic,
+        authorization,
+    });
+}
+
 /// The form fields of a body (the last value of a repeated field wins).
 fn parse_form(body: &Bytes) -> HashMap<String, String> {
     url::form_urlencoded::parse(body)
@@ -570,6 +639,7 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let form = parse_form(&body);
+    record_received(&shared, "/token", &headers, &form);
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
     match grant_type {
         "authorization_code" => shared.code_exchanges.fetch_add(1, Ordering::SeqCst),
@@ -715,6 +785,7 @@ fn refresh(shared: &Shared, form: &HashMap<String, String>) -> Response {
 
 async fn revoke(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let form = parse_form(&body);
+    record_received(&shared, "/revoke", &headers, &form);
     if let Err(refusal) = authenticate(&shared, &headers, &form) {
         return refusal.into_response();
     }

@@ -10,21 +10,35 @@
 //! Concurrency:
 //! - A `state` is consumed by a conditional UPDATE (`used_at IS NULL`), so a
 //!   replayed callback loses even when it races the first one.
+//! - No transaction, and no pooled database connection, is held across a
+//!   provider's HTTP call (a provider answering slowly would otherwise hold
+//!   the pool every tenant shares).
 //! - Refreshes of one connection are single-flight: in this process behind
-//!   [`OAuthClient::flight`]; across PostgreSQL replicas behind a
-//!   transaction-scoped advisory lock. Whoever waited re-reads the row and
-//!   finds the fresh token. Every write of the tokens is conditional on
-//!   `token_version`, so a disconnect racing a refresh wins cleanly.
+//!   [`crate::oauth_client::OAuthClient::flight`]; across replicas behind
+//!   the refresh lease on the row (holder and expiry on the server's clock,
+//!   taken by a conditional UPDATE, given back by the UPDATE that stores the
+//!   result; a dead holder's lease lapses). Whoever waited re-reads the row
+//!   and finds the fresh token. Every write of the tokens is conditional on
+//!   `token_version`, so a disconnect racing a refresh wins cleanly, and a
+//!   rotating provider never sees one refresh token twice.
+//!
+//! Endpoints: the tokens of a connection are bound to the token endpoint,
+//! revocation endpoint and client id they were issued under
+//! (`issuer_*` columns), and a pending authorization to the token endpoint
+//! and client it was started for. Nothing is sent anywhere else: a
+//! connection whose provider moved has its tokens dropped (NEEDS_REAUTH),
+//! and a callback whose provider moved exchanges no code.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1::{self as pb, ConnectionStatus, ErrorReason};
@@ -36,13 +50,14 @@ use crate::crypto::{SealContext, random_token, sha256_hex};
 use crate::directory::{self, Entry};
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
-use crate::domain::{actor_json, page, parse_actor, providers, tenants::audience, to_json};
+use crate::domain::{
+    actor_json, page, parse_actor, providers, tenants::audience, to_json, vault_settings,
+};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::oauth_client::{ClientAuth, ProviderError, TokenGrant, tidy};
 use crate::state::AppState;
 use crate::store::entities::{connection, delegation, oauth_provider, oauth_state, tenant};
-use crate::store::is_postgres;
 use crate::validate;
 
 pub const STATUS_PENDING: &str = "pending";
@@ -58,8 +73,9 @@ pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:acce
 const MAX_SUBJECT_TOKEN_BYTES: usize = 8192;
 /// Lifetime assumed for a provider access token without `expires_in`.
 const DEFAULT_ACCESS_TTL_SECONDS: u64 = 300;
-/// The advisory-lock namespace of refreshes (PostgreSQL).
-const REFRESH_LOCK_NAMESPACE: &str = "vaultguard-refresh:";
+/// The status reason of a connection whose tokens were dropped because the
+/// provider's token or revocation endpoint, or its client, changed.
+pub const ENDPOINTS_CHANGED: &str = "the provider's token or revocation endpoint or client id changed since these tokens were issued; they were discarded unsent";
 
 /// A status as the proto names it.
 pub fn status_proto(status: &str) -> ConnectionStatus {
@@ -193,6 +209,36 @@ async fn provider_of(
         .ok_or_else(|| Error::internal("connection without its provider"))
 }
 
+/// Whether `row`'s stored tokens were issued at `provider`'s current token
+/// endpoint, for its current client, while it had its current revocation
+/// endpoint: only then may they (and the client secret with them) be sent
+/// to those endpoints.
+fn issued_by(row: &connection::Model, provider: &oauth_provider::Model) -> bool {
+    row.issuer_token_url == provider.token_url
+        && row.issuer_client_id == provider.client_id
+        && row.issuer_revocation_url == provider.revocation_url
+}
+
+/// The provider of `row` as stored now, when `cached` (the directory's
+/// copy) fails `matches`: a replica whose copy is a moment old must not
+/// drop tokens or refuse a flow that the current settings allow. `None`
+/// when the stored provider fails `matches` too.
+async fn provider_matching(
+    state: &AppState,
+    row: &connection::Model,
+    cached: Arc<oauth_provider::Model>,
+    matches: impl Fn(&oauth_provider::Model) -> bool,
+) -> Result<Option<Arc<oauth_provider::Model>>> {
+    if matches(&cached) {
+        return Ok(Some(cached));
+    }
+    Ok(oauth_provider::Entity::find_by_id(row.provider_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|stored| stored.tenant_id == row.tenant_id && matches(stored))
+        .map(Arc::new))
+}
+
 fn client_auth<'a>(provider: &'a oauth_provider::Model, secret: Option<&'a str>) -> ClientAuth<'a> {
     ClientAuth {
         client_id: &provider.client_id,
@@ -276,22 +322,6 @@ pub fn redirect_uri(state: &AppState) -> String {
     }
 }
 
-fn check_return_url(
-    state: &AppState,
-    value: &str,
-) -> std::result::Result<(), crate::error::FieldViolation> {
-    let loopback = reqwest::Url::parse(value)
-        .ok()
-        .is_some_and(|url| url.host_str() == Some("localhost"));
-    validate::url(
-        "return_url",
-        value,
-        state.config.oauth_allow_http || loopback,
-        false,
-    )
-    .map(|_| ())
-}
-
 /// StartConnection: a PENDING connection (or the one being re-authorized),
 /// a single-use `state` bound to the tenant, provider, connection and
 /// initiator, and the authorize URL with its PKCE challenge.
@@ -312,7 +342,12 @@ pub async fn start(
     }
     providers::check_scopes("scopes", &req.scopes, &mut v);
     if !req.return_url.is_empty() {
-        v.check(check_return_url(state, &req.return_url));
+        let settings = vault_settings::load(state, &tenant_id).await?;
+        v.check(vault_settings::check_return_url(
+            state.config.oauth_allow_http,
+            &vault_settings::return_origins(&settings),
+            &req.return_url,
+        ));
     }
     v.finish()?;
     let provider = providers::find(state, &tenant_id, "provider_id", &req.provider_id).await?;
@@ -376,6 +411,11 @@ pub async fn start(
                 token_type: Set(String::new()),
                 access_token_scope: Set(String::new()),
                 token_version: Set(0),
+                refresh_lease_holder: Set(None),
+                refresh_lease_expires_at: Set(None),
+                issuer_token_url: Set(String::new()),
+                issuer_revocation_url: Set(None),
+                issuer_client_id: Set(String::new()),
             }
             .insert(&txn)
             .await?
@@ -400,6 +440,8 @@ pub async fn start(
         created_at: Set(now),
         return_url: Set(req.return_url.clone()),
         redirect_uri: Set(redirect.clone()),
+        token_url: Set(provider.token_url.clone()),
+        client_id: Set(provider.client_id.clone()),
     }
     .insert(&txn)
     .await?;
@@ -537,9 +579,18 @@ pub async fn callback(
             .await?;
         return Ok(CallbackOutcome::Refused(reason));
     }
+    // The return URL was on a registered origin when the flow started; it is
+    // used only if it still is.
+    let return_url = if flow.return_url.is_empty()
+        || !vault_settings::still_allowed(state, &flow.tenant_id, &flow.return_url).await?
+    {
+        String::new()
+    } else {
+        flow.return_url.clone()
+    };
     let finished = |error: &str| CallbackOutcome::Finished {
         connection_id: flow.connection_id.clone(),
-        return_url: flow.return_url.clone(),
+        return_url: return_url.clone(),
         error: error.to_owned(),
     };
     let failed = |error: &str, description: &str| {
@@ -580,7 +631,23 @@ pub async fn callback(
             .await?;
         return Ok(finished("invalid_request"));
     };
-    let provider = provider_of(state, &row).await?;
+    // The code and the PKCE verifier go only to the token endpoint the flow
+    // was started for, with its client.
+    let cached = provider_of(state, &row).await?;
+    let Some(provider) = provider_matching(state, &row, cached, |provider| {
+        flow.token_url == provider.token_url && flow.client_id == provider.client_id
+    })
+    .await?
+    else {
+        metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "failed").increment(1);
+        state
+            .record(vec![failed(
+                "invalid_request",
+                "the provider's token endpoint or client id changed after the flow started",
+            )])
+            .await?;
+        return Ok(finished("invalid_request"));
+    };
     let verifier = open(
         state,
         Sealed::PkceVerifier,
@@ -636,8 +703,20 @@ pub async fn callback(
         .transpose()?;
     let has_refresh = refresh.is_some();
     let txn = state.db.begin().await?;
-    let update = connection::Entity::update_many()
+    let update = without_lease(connection::Entity::update_many())
         .col_expr(connection::Column::Status, Expr::value(STATUS_CONNECTED))
+        .col_expr(
+            connection::Column::IssuerTokenUrl,
+            Expr::value(provider.token_url.clone()),
+        )
+        .col_expr(
+            connection::Column::IssuerRevocationUrl,
+            Expr::value(provider.revocation_url.clone()),
+        )
+        .col_expr(
+            connection::Column::IssuerClientId,
+            Expr::value(provider.client_id.clone()),
+        )
         .col_expr(
             connection::Column::Scopes,
             Expr::value(to_json(&requested)?),
@@ -802,9 +881,16 @@ pub async fn delete(
     if row.status == STATUS_DISCONNECTED {
         return Err(already_disconnected());
     }
-    let provider = provider_of(state, &row).await?;
+    let cached = provider_of(state, &row).await?;
+    let issuer = provider_matching(state, &row, cached.clone(), |p| issued_by(&row, p)).await?;
+    let provider = issuer.clone().unwrap_or(cached);
     let (revoked, revocation_note) = match (&provider.revocation_url, &row.refresh_token_ciphertext)
     {
+        (_, Some(_)) if issuer.is_none() => (
+            false,
+            "not revoked: the provider's endpoints or client changed since the tokens were issued"
+                .to_owned(),
+        ),
         (Some(url), Some(sealed)) => {
             let refresh = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
             let secret = providers::client_secret(state, &provider)?;
@@ -828,7 +914,7 @@ pub async fn delete(
     };
     let now = state.clock.now_millis();
     let txn = state.db.begin().await?;
-    let updated = connection::Entity::update_many()
+    let updated = without_lease(connection::Entity::update_many())
         .col_expr(connection::Column::Status, Expr::value(STATUS_DISCONNECTED))
         .col_expr(
             connection::Column::RefreshTokenCiphertext,
@@ -1522,48 +1608,246 @@ async fn cached_or_refreshed(state: &AppState, grant: &Grant) -> Result<(Exchang
     if let Some(token) = fresh_cached(state, &grant.connection, now)? {
         return Ok((token, false, false));
     }
+    single_flight(state, grant, None).await
+}
+
+/// A token for fewer scopes than granted: a refresh with `scope` (RFC 6749
+/// §6), never cached (the cache holds the full grant's token). Refreshes of
+/// one connection stay serialized under the same lease, since a rotating
+/// provider invalidates the refresh token each time.
+async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool)> {
+    let scope = grant.scopes.join(" ");
+    let (token, _, rotated) = single_flight(state, grant, Some(scope)).await?;
+    Ok((token, rotated))
+}
+
+/// How much longer than the provider call's own timeout a refresh lease
+/// lasts: the lease's UPDATE before the call and the store after it.
+const REFRESH_LEASE_MARGIN_MILLIS: u64 = 5_000;
+/// The first pause between two looks at a lease another caller holds; it
+/// doubles up to [`LEASE_POLL_MAX`].
+const LEASE_POLL_FIRST: Duration = Duration::from_millis(20);
+const LEASE_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// How long a refresh lease lasts (on the server's clock). The provider
+/// call is cut at `oauth_timeout_ms`, so a live holder has always finished
+/// with the old refresh token before its lease lapses; only a holder that
+/// died (or stalled longer than that) gives way.
+fn lease_millis(state: &AppState) -> u64 {
+    state
+        .config
+        .oauth_timeout_ms
+        .max(1)
+        .saturating_add(REFRESH_LEASE_MARGIN_MILLIS)
+}
+
+/// A refresh lease this caller holds on a connection row.
+struct Lease {
+    /// Random per refresh, so releasing never ends another caller's lease.
+    holder: String,
+    /// The `token_version` the lease was taken at; the store is conditional
+    /// on it.
+    token_version: i64,
+}
+
+/// One refresh of a connection at a time, on every replica, and no
+/// database connection held while the provider answers. In this process
+/// callers queue on [`crate::oauth_client::OAuthClient::flight`] (no
+/// database work while they wait); across replicas the refresh lease on the
+/// row decides: it is taken by a conditional UPDATE and given back by the
+/// UPDATE that stores the result. Whoever finds it held re-reads the row
+/// with a bounded poll until the holder stored (it then finds the fresh
+/// token) or the lease ended (it then takes it). The part under the lease
+/// runs on a task of its own, so a caller that goes away mid-call does not
+/// strand a rotated refresh token or leave the lease to lapse.
+///
+/// `scope` asks for a narrowed token (never cached); `None` for the
+/// connection's cached token.
+async fn single_flight(
+    state: &AppState,
+    grant: &Grant,
+    scope: Option<String>,
+) -> Result<(Exchanged, bool, bool)> {
     let flight = state.oauth.flight(&grant.connection.id);
-    let _held = flight.lock().await;
-    if is_postgres(&state.db) {
-        let txn = state.db.begin().await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            sea_orm::DatabaseBackend::Postgres,
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            [format!("{REFRESH_LOCK_NAMESPACE}{}", grant.connection.id).into()],
-        ))
-        .await?;
-        let result = refresh_locked(state, grant).await;
-        txn.commit().await?;
-        result
-    } else {
-        refresh_locked(state, grant).await
+    let in_process = flight.lock_owned().await;
+    let lease_ms = lease_millis(state);
+    let give_up =
+        tokio::time::Instant::now() + Duration::from_millis(lease_ms) + Duration::from_secs(1);
+    let mut pause = LEASE_POLL_FIRST;
+    loop {
+        let row = reload_usable(state, &grant.connection.id).await?;
+        let now = state.clock.now_millis();
+        if scope.is_none()
+            && let Some(token) = fresh_cached(state, &row, now)?
+        {
+            return Ok((token, false, false));
+        }
+        if let Some(lease) = take_lease(state, &row, now, lease_ms).await? {
+            let task_state = state.clone();
+            let provider = grant.provider.clone();
+            let task = tokio::spawn(async move {
+                let _in_process = in_process;
+                refresh_under_lease(&task_state, row, &provider, scope.as_deref(), &lease).await
+            });
+            return task
+                .await
+                .map_err(|_| Error::internal("the refresh task ended abnormally"))?;
+        }
+        if tokio::time::Instant::now() >= give_up {
+            return Err(refresh_in_progress(&row));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LEASE_POLL_MAX);
     }
 }
 
-/// Under the refresh lock: re-read (a caller ahead of us may have refreshed
-/// already), else refresh and store.
-async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool, bool)> {
-    let row = reload_usable(state, &grant.connection.id).await?;
-    let now = state.clock.now_millis();
-    if let Some(token) = fresh_cached(state, &row, now)? {
-        return Ok((token, false, false));
+/// UNAVAILABLE PROVIDER_ERROR for a caller that waited a whole lease for
+/// another replica's refresh of `row`.
+fn refresh_in_progress(row: &connection::Model) -> Error {
+    Error::Unavailable {
+        reason: ErrorReason::ProviderError,
+        message: "a refresh of this connection is still in progress at the provider; retry later"
+            .to_owned(),
+        metadata: HashMap::from([("connection_id".to_owned(), row.id.clone())]),
     }
-    let (grant_result, rotated) = refresh(state, &row, &grant.provider, None).await?;
+}
+
+/// Takes the refresh lease of `row` if it is free or lapsed and the row is
+/// still CONNECTED at the version read: one conditional UPDATE, no
+/// transaction.
+async fn take_lease(
+    state: &AppState,
+    row: &connection::Model,
+    now: Millis,
+    lease_ms: u64,
+) -> Result<Option<Lease>> {
+    let holder = random_token(16)?;
+    let until = now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+    let taken = connection::Entity::update_many()
+        .col_expr(
+            connection::Column::RefreshLeaseHolder,
+            Expr::value(Some(holder.clone())),
+        )
+        .col_expr(
+            connection::Column::RefreshLeaseExpiresAt,
+            Expr::value(Some(until)),
+        )
+        .filter(connection::Column::Id.eq(row.id.clone()))
+        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
+        .filter(connection::Column::TokenVersion.eq(row.token_version))
+        .filter(
+            Condition::any()
+                .add(connection::Column::RefreshLeaseExpiresAt.is_null())
+                .add(connection::Column::RefreshLeaseExpiresAt.lte(now)),
+        )
+        .exec(&state.db)
+        .await?;
+    Ok((taken.rows_affected == 1).then_some(Lease {
+        holder,
+        token_version: row.token_version,
+    }))
+}
+
+/// Gives the lease back after a refresh that stored nothing (the provider
+/// failed, or a narrowed token without rotation). A failure here only
+/// leaves the lease to lapse.
+async fn release_lease(state: &AppState, id: &str, lease: &Lease) {
+    let released = connection::Entity::update_many()
+        .col_expr(
+            connection::Column::RefreshLeaseHolder,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            connection::Column::RefreshLeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .filter(connection::Column::Id.eq(id))
+        .filter(connection::Column::RefreshLeaseHolder.eq(lease.holder.clone()))
+        .exec(&state.db)
+        .await;
+    if let Err(err) = released {
+        tracing::warn!(connection_id = %id, error = %err, "refresh lease not released; it lapses");
+    }
+}
+
+/// Sets the columns that end a refresh lease (whoever holds it: the write
+/// that carries them moves `token_version`, so any other holder's store
+/// fails anyway).
+fn without_lease(
+    update: sea_orm::UpdateMany<connection::Entity>,
+) -> sea_orm::UpdateMany<connection::Entity> {
+    update
+        .col_expr(
+            connection::Column::RefreshLeaseHolder,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            connection::Column::RefreshLeaseExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+}
+
+/// Under the lease: refresh at the provider (no database connection held
+/// meanwhile), then store the result and end the lease in one conditional
+/// UPDATE. A cached-token refresh stores the access token (and a rotated
+/// refresh token); a narrowed one stores only a rotated refresh token.
+async fn refresh_under_lease(
+    state: &AppState,
+    row: connection::Model,
+    provider: &Arc<oauth_provider::Model>,
+    scope: Option<&str>,
+    lease: &Lease,
+) -> Result<(Exchanged, bool, bool)> {
+    let (grant_result, rotated) = match refresh(state, &row, provider, scope).await {
+        Ok(refreshed) => refreshed,
+        Err(err) => {
+            // NEEDS_REAUTH already ended the lease with the status change.
+            release_lease(state, &row.id, lease).await;
+            return Err(err);
+        }
+    };
+    let now = state.clock.now_millis();
     let expires_in = grant_result
         .expires_in
         .unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
-    let granted = string_list(&row.granted_scopes);
-    let scope = granted_scope_text(&grant_result, &granted);
-    let token_type = token_type(&grant_result);
-    let mut update = with_access_token(
-        state,
-        connection::Entity::update_many(),
-        &row,
-        &grant_result,
-        &scope,
-        now,
-    )?
-    .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)));
+    let (token, update) = if let Some(scope) = scope {
+        let requested: Vec<String> = scope.split(' ').map(str::to_owned).collect();
+        let token = Exchanged {
+            token_type: token_type(&grant_result),
+            scope: granted_scope_text(&grant_result, &requested),
+            access_token: grant_result.access_token.clone(),
+            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
+        };
+        let update = rotated.is_some().then(|| {
+            connection::Entity::update_many()
+                .col_expr(connection::Column::TokenVersion, next_token_version())
+        });
+        (token, update)
+    } else {
+        let granted = string_list(&row.granted_scopes);
+        let scope = granted_scope_text(&grant_result, &granted);
+        let token = Exchanged {
+            access_token: grant_result.access_token.clone(),
+            token_type: token_type(&grant_result),
+            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
+            scope: scope.clone(),
+        };
+        let update = with_access_token(
+            state,
+            connection::Entity::update_many(),
+            &row,
+            &grant_result,
+            &scope,
+            now,
+        )?;
+        (token, Some(update))
+    };
+    let Some(mut update) = update else {
+        release_lease(state, &row.id, lease).await;
+        return Ok((token, true, false));
+    };
+    update =
+        without_lease(update).col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)));
     if let Some(new_refresh) = rotated.as_deref() {
         update = update.col_expr(
             connection::Column::RefreshTokenCiphertext,
@@ -1579,67 +1863,16 @@ async fn refresh_locked(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
     let stored = update
         .filter(connection::Column::Id.eq(row.id.clone()))
         .filter(connection::Column::Status.eq(STATUS_CONNECTED))
-        .filter(connection::Column::TokenVersion.eq(row.token_version))
+        .filter(connection::Column::TokenVersion.eq(lease.token_version))
         .exec(&state.db)
         .await?;
     if stored.rows_affected == 0 {
-        // Disconnected or re-authorized meanwhile: hand nothing out.
+        // Disconnected, re-authorized or invalidated meanwhile: hand
+        // nothing out.
         return Err(Error::Conflict("the connection changed during the refresh"));
     }
     connection_changed(state, &row.id).await?;
-    Ok((
-        Exchanged {
-            access_token: grant_result.access_token,
-            token_type,
-            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
-            scope,
-        },
-        true,
-        rotated.is_some(),
-    ))
-}
-
-/// A token for fewer scopes than granted: a refresh with `scope` (RFC 6749
-/// §6), never cached (the cache holds the full grant's token). Refreshes of
-/// one connection stay serialized, since a rotating provider invalidates the
-/// refresh token each time.
-async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, bool)> {
-    let flight = state.oauth.flight(&grant.connection.id);
-    let _held = flight.lock().await;
-    let row = reload_usable(state, &grant.connection.id).await?;
-    let scope = grant.scopes.join(" ");
-    let (result, rotated) = refresh(state, &row, &grant.provider, Some(&scope)).await?;
-    let now = state.clock.now_millis();
-    if let Some(new_refresh) = rotated.as_deref() {
-        connection::Entity::update_many()
-            .col_expr(
-                connection::Column::RefreshTokenCiphertext,
-                Expr::value(Some(seal(
-                    state,
-                    Sealed::RefreshToken,
-                    &row.tenant_id,
-                    &row.id,
-                    new_refresh,
-                )?)),
-            )
-            .col_expr(connection::Column::LastRefreshAt, Expr::value(Some(now)))
-            .col_expr(connection::Column::TokenVersion, next_token_version())
-            .filter(connection::Column::Id.eq(row.id.clone()))
-            .filter(connection::Column::TokenVersion.eq(row.token_version))
-            .exec(&state.db)
-            .await?;
-        connection_changed(state, &row.id).await?;
-    }
-    let expires_in = result.expires_in.unwrap_or(DEFAULT_ACCESS_TTL_SECONDS);
-    Ok((
-        Exchanged {
-            token_type: token_type(&result),
-            scope: granted_scope_text(&result, &grant.scopes),
-            access_token: result.access_token,
-            expires_in: u32::try_from(expires_in).unwrap_or(u32::MAX),
-        },
-        rotated.is_some(),
-    ))
+    Ok((token, true, rotated.is_some()))
 }
 
 /// Calls the token endpoint with the stored refresh token. `invalid_grant`
@@ -1649,14 +1882,27 @@ async fn narrowed_token(state: &AppState, grant: &Grant) -> Result<(Exchanged, b
 async fn refresh(
     state: &AppState,
     row: &connection::Model,
-    provider: &oauth_provider::Model,
+    provider: &Arc<oauth_provider::Model>,
     scope: Option<&str>,
 ) -> Result<(TokenGrant, Option<String>)> {
+    let Some(provider) =
+        provider_matching(state, row, provider.clone(), |p| issued_by(row, p)).await?
+    else {
+        // The provider's endpoint or client moved since these tokens were
+        // issued: they may go nowhere else, so they are dropped.
+        return Err(mark_needs_reauth(state, row, ENDPOINTS_CHANGED, Discard::Tokens).await?);
+    };
     let Some(sealed) = &row.refresh_token_ciphertext else {
-        return Err(mark_needs_reauth(state, row, "the provider issued no refresh token").await?);
+        return Err(mark_needs_reauth(
+            state,
+            row,
+            "the provider issued no refresh token",
+            Discard::AccessToken,
+        )
+        .await?);
     };
     let refresh_token = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
-    let secret = providers::client_secret(state, provider)?;
+    let secret = providers::client_secret(state, &provider)?;
     let mut pairs = vec![
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token.as_str()),
@@ -1669,7 +1915,7 @@ async fn refresh(
         .oauth
         .token(
             &provider.token_url,
-            client_auth(provider, secret.as_deref()),
+            client_auth(&provider, secret.as_deref()),
             &pairs,
         )
         .await
@@ -1687,7 +1933,7 @@ async fn refresh(
             } else {
                 format!("the provider refused the refresh token (invalid_grant: {description})")
             };
-            Err(mark_needs_reauth(state, row, &reason).await?)
+            Err(mark_needs_reauth(state, row, &reason, Discard::AccessToken).await?)
         }
         Err(err) => {
             tracing::warn!(connection_id = %row.id, error = %err, "refresh failed");
@@ -1711,17 +1957,35 @@ async fn refresh(
     }
 }
 
-/// Marks a connection NEEDS_REAUTH (once, audited) and returns the error
-/// the caller gets.
+/// What NEEDS_REAUTH erases besides the cached access token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Discard {
+    /// Only the cached access token (the refresh token stays, for the
+    /// revocation at disconnection).
+    AccessToken,
+    /// The refresh token too: it may not be sent anywhere any more.
+    Tokens,
+}
+
+/// Marks a connection NEEDS_REAUTH (once, audited), ending any refresh
+/// lease, and returns the error the caller gets.
 async fn mark_needs_reauth(
     state: &AppState,
     row: &connection::Model,
     reason: &str,
+    discard: Discard,
 ) -> Result<Error> {
     let now = state.clock.now_millis();
     let reason = tidy(reason, 256);
     let txn = state.db.begin().await?;
-    let updated = connection::Entity::update_many()
+    let mut update = without_lease(connection::Entity::update_many());
+    if discard == Discard::Tokens {
+        update = update.col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        );
+    }
+    let updated = update
         .col_expr(connection::Column::Status, Expr::value(STATUS_NEEDS_REAUTH))
         .col_expr(
             connection::Column::StatusReason,
@@ -1753,7 +2017,11 @@ async fn mark_needs_reauth(
                 "connection.needs_reauth",
                 vec![row.id.clone(), row.provider_id.clone()],
                 AuditOutcome::Failure,
-                json!({"connection_id": row.id, "reason": reason}),
+                json!({
+                    "connection_id": row.id,
+                    "reason": reason,
+                    "refresh_token_discarded": discard == Discard::Tokens,
+                }),
             ),
         )
         .await?;
@@ -1764,6 +2032,83 @@ async fn mark_needs_reauth(
     let mut current = row.clone();
     current.status_reason = reason;
     Ok(needs_reauth(&current))
+}
+
+/// After UpdateOAuthProvider moved provider `provider_id`'s token or
+/// revocation endpoint or its client id, in its transaction: every
+/// connection still holding tokens issued under the old settings turns
+/// NEEDS_REAUTH with its sealed tokens erased (they may not be sent to the
+/// new endpoints, and VaultGuard can no longer use them at the old ones),
+/// each audited as `connection.needs_reauth` by `actor` and announced.
+/// Returns the connections changed.
+pub(crate) async fn discard_for_moved_provider<C: sea_orm::ConnectionTrait>(
+    txn: &C,
+    state: &AppState,
+    actor: &AuditCtx,
+    tenant_id: &str,
+    provider_id: &str,
+) -> Result<Vec<Entry>> {
+    let holding = Condition::any()
+        .add(connection::Column::RefreshTokenCiphertext.is_not_null())
+        .add(connection::Column::AccessTokenCiphertext.is_not_null());
+    let ids: Vec<String> = connection::Entity::find()
+        .select_only()
+        .column(connection::Column::Id)
+        .filter(connection::Column::TenantId.eq(tenant_id))
+        .filter(connection::Column::ProviderId.eq(provider_id))
+        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
+        .filter(holding.clone())
+        .into_tuple()
+        .all(txn)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = state.clock.now_millis();
+    without_lease(connection::Entity::update_many())
+        .col_expr(connection::Column::Status, Expr::value(STATUS_NEEDS_REAUTH))
+        .col_expr(
+            connection::Column::StatusReason,
+            Expr::value(ENDPOINTS_CHANGED),
+        )
+        .col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
+        .col_expr(connection::Column::TokenVersion, next_token_version())
+        .filter(connection::Column::Id.is_in(ids.clone()))
+        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
+        .exec(txn)
+        .await?;
+    let mut events = Vec::with_capacity(ids.len());
+    let mut changed = Vec::with_capacity(ids.len());
+    for id in ids {
+        events.push(actor.event(
+            tenant_id,
+            "connection.needs_reauth",
+            vec![id.clone(), provider_id.to_owned()],
+            AuditOutcome::Failure,
+            json!({
+                "connection_id": id,
+                "reason": ENDPOINTS_CHANGED,
+                "refresh_token_discarded": true,
+            }),
+        ));
+        let entry = Entry::Connection(id);
+        directory::announce(txn, &entry).await?;
+        changed.push(entry);
+    }
+    audit::append_all(txn, state.clock.as_ref(), events).await?;
+    Ok(changed)
 }
 
 /// Property tests of what connections parse from outside: the callback

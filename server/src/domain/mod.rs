@@ -14,6 +14,7 @@ pub mod signing_keys;
 pub mod step_ups;
 pub mod tenants;
 pub mod tokens;
+pub mod vault_settings;
 pub mod webhooks;
 
 use serde_json::{Value, json};

@@ -20,7 +20,7 @@ use crate::domain::{actor_json, connections, insert_audited, page, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
-use crate::store::entities::{connection, oauth_provider};
+use crate::store::entities::{connection, oauth_provider, oauth_state};
 use crate::validate;
 
 const TABLE: &str = "oauth_providers";
@@ -356,6 +356,26 @@ pub async fn update(
     }
     v.finish()?;
     let current = find(state, &tenant_id, "provider_id", &req.provider_id).await?;
+    // Where the stored secret and tokens may be sent: the token and
+    // revocation endpoints, for the client id.
+    let moved = settings.token_url != current.token_url
+        || settings.revocation_url != current.revocation_url
+        || settings.client_id != current.client_id;
+    // Where a pending authorization's code and verifier may be sent, and
+    // where its user was sent to log in.
+    let flows_moved = moved || settings.authorize_url != current.authorize_url;
+    if moved
+        && !current.client_secret_ciphertext.is_empty()
+        && req.client_secret.is_empty()
+        && !req.clear_client_secret
+    {
+        return Err(Error::invalid(
+            "client_secret",
+            "must be given again (or cleared with clear_client_secret) when token_url, \
+             revocation_url or client_id changes: the stored secret is only ever sent to the \
+             endpoints it was registered for",
+        ));
+    }
     let now = state.clock.now_millis();
     let secret = if req.clear_client_secret {
         Vec::new()
@@ -379,15 +399,35 @@ pub async fn update(
     }
     .update(&txn)
     .await?;
-    let changed = [Entry::Provider(updated.id.clone())];
+    let mut changed = vec![Entry::Provider(updated.id.clone())];
     directory::announce(&txn, &changed[0]).await?;
+    let audit_ctx = ctx.audit();
+    let invalidated = if moved {
+        connections::discard_for_moved_provider(&txn, state, &audit_ctx, &tenant_id, &updated.id)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let cancelled = if flows_moved {
+        oauth_state::Entity::delete_many()
+            .filter(oauth_state::Column::ProviderId.eq(updated.id.clone()))
+            .filter(oauth_state::Column::UsedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected
+    } else {
+        0
+    };
     let mut event = details(&updated);
     event["client_secret_changed"] =
         json!(req.clear_client_secret || !req.client_secret.is_empty());
+    event["connections_needing_reauth"] = json!(invalidated.len());
+    event["pending_authorizations_cancelled"] = json!(cancelled);
+    changed.extend(invalidated);
     audit::append(
         &txn,
         state.clock.as_ref(),
-        ctx.audit().event(
+        audit_ctx.event(
             &tenant_id,
             "provider.updated",
             vec![updated.id.clone()],

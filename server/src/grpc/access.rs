@@ -248,6 +248,14 @@ pub const MATRIX: &[(&str, Access)] = &[
         Access::Roles(ADMIN),
     ),
     ("/vaultguard.v1.VaultService/Sign", Access::Roles(AGENT)),
+    (
+        "/vaultguard.v1.VaultService/GetVaultSettings",
+        Access::Roles(ADMIN),
+    ),
+    (
+        "/vaultguard.v1.VaultService/UpdateVaultSettings",
+        Access::Roles(ADMIN),
+    ),
     // Audit
     (
         "/vaultguard.v1.AuditService/ListAuditEvents",

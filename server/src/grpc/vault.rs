@@ -8,10 +8,10 @@ use super::call_context;
 use crate::clock::to_timestamp;
 use crate::domain::connections::{self, TOKEN_TYPE_ACCESS_TOKEN};
 use crate::domain::signing_keys::{self, Signed};
-use crate::domain::{parse_actor, providers};
+use crate::domain::{parse_actor, providers, vault_settings as domain_vault_settings};
 use crate::error::Error;
 use crate::state::AppState;
-use crate::store::entities::{connection, custody_key, oauth_provider, signature};
+use crate::store::entities::{connection, custody_key, oauth_provider, signature, vault_settings};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -45,6 +45,15 @@ fn connection(row: connection::Model) -> pb::Connection {
         last_refresh_time: row.last_refresh_at.map(to_timestamp),
         update_time: Some(to_timestamp(row.updated_at)),
         status_reason: row.status_reason,
+    }
+}
+
+fn vault_settings(row: vault_settings::Model) -> pb::VaultSettings {
+    let set = row.updated_at > 0;
+    pb::VaultSettings {
+        return_origins: domain_vault_settings::return_origins(&row),
+        update_time: set.then(|| to_timestamp(row.updated_at)),
+        update_actor: parse_actor(&row.updated_by),
     }
 }
 
@@ -301,6 +310,29 @@ impl VaultService for VaultApi {
                     delegation_id,
                 })),
             },
+        }))
+    }
+
+    async fn get_vault_settings(
+        &self,
+        request: Request<pb::GetVaultSettingsRequest>,
+    ) -> Reply<pb::GetVaultSettingsResponse> {
+        let ctx = call_context(&request)?;
+        let row = domain_vault_settings::get(&self.0, &ctx).await?;
+        Ok(Response::new(pb::GetVaultSettingsResponse {
+            settings: Some(vault_settings(row)),
+        }))
+    }
+
+    async fn update_vault_settings(
+        &self,
+        request: Request<pb::UpdateVaultSettingsRequest>,
+    ) -> Reply<pb::UpdateVaultSettingsResponse> {
+        let ctx = call_context(&request)?;
+        let row =
+            domain_vault_settings::update(&self.0, &ctx, &request.get_ref().return_origins).await?;
+        Ok(Response::new(pb::UpdateVaultSettingsResponse {
+            settings: Some(vault_settings(row)),
         }))
     }
 }

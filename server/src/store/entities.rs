@@ -382,6 +382,11 @@ pub mod oauth_state {
         pub created_at: i64,
         pub return_url: String,
         pub redirect_uri: String,
+        /// The token endpoint the code and PKCE verifier may be sent to (the
+        /// provider's when the flow started).
+        pub token_url: String,
+        /// The client the flow was started for.
+        pub client_id: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -427,6 +432,19 @@ pub mod connection {
         pub access_token_scope: String,
         /// Bumped by every write of the stored tokens (optimistic locking).
         pub token_version: i64,
+        /// Who holds the refresh lease (a random id per refresh), if anyone.
+        pub refresh_lease_holder: Option<String>,
+        /// When the refresh lease lapses (server clock, ms); a holder that
+        /// died gives way to the next caller then.
+        pub refresh_lease_expires_at: Option<i64>,
+        /// The token endpoint that issued the stored tokens: the only one
+        /// the refresh token is ever sent to.
+        pub issuer_token_url: String,
+        /// The revocation endpoint the provider had when the tokens were
+        /// issued: the only one the refresh token is ever revoked at.
+        pub issuer_revocation_url: Option<String>,
+        /// The client the stored tokens were issued to.
+        pub issuer_client_id: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -502,6 +520,30 @@ pub mod signature {
         pub decision: String,
         pub recovery_id: Option<i32>,
         pub signed_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod vault_settings {
+    use sea_orm::entity::prelude::*;
+
+    /// A tenant's vault settings; no row means the defaults (no return
+    /// origin registered).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "vault_settings")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        /// JSON array of origins (`scheme://host[:port]`, normalised) the
+        /// OAuth callback may send a browser back to.
+        pub return_origins: String,
+        pub updated_at: i64,
+        /// JSON of the admin who last changed them.
+        pub updated_by: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
