@@ -641,16 +641,7 @@ async fn a_self_delegation_grants_nothing_a_direct_exchange_would_not() {
         .exchange_delegated(&any_mailbox_token, &everyday, &[])
         .await
         .unwrap();
-    update_rule(
-        acme_admin,
-        pb::Rule {
-            effect: pb::Effect::Block as i32,
-            ..allow.clone()
-        },
-        allow.version,
-    )
-    .await
-    .unwrap();
+    set_effect(acme_admin, &allow, pb::Effect::Block, allow.version).await;
     expect_reason(
         agent
             .exchange_delegated(&any_mailbox_token, &everyday, &[])
@@ -679,16 +670,7 @@ async fn a_delegation_no_human_approved_does_not_answer_a_step_up_now() {
     )
     .await;
     let token = delegated_token(&pair, &resource).await;
-    update_rule(
-        &pair.globex_admin,
-        pb::Rule {
-            effect: pb::Effect::StepUp as i32,
-            ..rule.clone()
-        },
-        rule.version,
-    )
-    .await
-    .unwrap();
+    set_effect(&pair.globex_admin, &rule, pb::Effect::StepUp, rule.version).await;
     let metadata = expect_reason(
         pair.agent
             .exchange_delegated(&token, &connection_id, &[])
@@ -706,6 +688,17 @@ async fn a_delegation_no_human_approved_does_not_answer_a_step_up_now() {
     assert_eq!(pending.receiving_tenant_id, pair.globex.id);
     assert_eq!(pending.scopes, ["mail.read"]);
     pair.server.stop().await;
+}
+
+/// Turns `rule` (at `version`) into one deciding `effect`, as its admin.
+async fn set_effect(admin: &VaultGuardClient, rule: &pb::Rule, effect: pb::Effect, version: u64) {
+    let changed = pb::Rule {
+        effect: effect as i32,
+        ..rule.clone()
+    };
+    update_rule(admin, changed, version)
+        .await
+        .expect("update the rule");
 }
 
 async fn get_delegation_as(client: &VaultGuardClient, id: &str) -> pb::Delegation {
@@ -747,16 +740,7 @@ async fn an_approved_signature_is_judged_again_when_it_is_made() {
     let approver = server.human(&acme.id, "ann", &[pb::Role::Approver]).await;
     crate::vault_signing::approve(&approver, &pending).await;
     // Between the approval and the signature the rule turns to BLOCK.
-    update_rule(
-        acme_admin,
-        pb::Rule {
-            effect: pb::Effect::Block as i32,
-            ..rule.clone()
-        },
-        rule.version,
-    )
-    .await
-    .unwrap();
+    set_effect(acme_admin, &rule, pb::Effect::Block, rule.version).await;
     expect_reason(
         agent.sign(request.clone()).await,
         Code::PermissionDenied,
@@ -764,16 +748,7 @@ async fn an_approved_signature_is_judged_again_when_it_is_made() {
     );
     assert_eq!(server.audit_events(&acme.id, "key.signed").await.len(), 0);
     // Back to STEP_UP: the approval given answers it, and it signs.
-    update_rule(
-        acme_admin,
-        pb::Rule {
-            effect: pb::Effect::StepUp as i32,
-            ..rule.clone()
-        },
-        rule.version + 1,
-    )
-    .await
-    .unwrap();
+    set_effect(acme_admin, &rule, pb::Effect::StepUp, rule.version + 1).await;
     let answer = agent.sign(request).await.unwrap();
     assert!(
         matches!(answer.outcome, Some(pb::sign_response::Outcome::Signed(_))),
@@ -856,16 +831,7 @@ async fn no_answer_names_the_counterparts_rules() {
     );
     // Acme's outbound rule turns to BLOCK: the approval's refusal does not
     // name it to globex.
-    update_rule(
-        acme_admin,
-        pb::Rule {
-            effect: pb::Effect::Block as i32,
-            ..acme_rule.clone()
-        },
-        acme_rule.version,
-    )
-    .await
-    .unwrap();
+    set_effect(acme_admin, &acme_rule, pb::Effect::Block, acme_rule.version).await;
     let metadata = expect_reason(
         approve_step_up(&approver, &pending.step_up_id, &pending.request_hash).await,
         Code::FailedPrecondition,

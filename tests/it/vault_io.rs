@@ -28,7 +28,7 @@ use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 use vaultguard_tests::{Backend, TestServer, backend, expect_invalid, expect_reason};
 
 use crate::delegations::{Pair, ask};
-use crate::policies::{add_rule, inbound, with_counterpart};
+use crate::policies::{add_rule, inbound};
 use crate::vault_connections::{
     Registered, SCOPES, allow_own_exchanges, assert_working_token, callback_url, connect,
     connected, delete_connection, expire_access_tokens, get_connection, query, register,
@@ -295,11 +295,7 @@ async fn two_replicas_share_one_refresh_and_a_rotating_provider_never_sees_a_tok
     )
     .await;
     let registered = register(&admin, "mail", &provider).await;
-    add_rule(
-        &admin,
-        with_counterpart(&acme.id, inbound("exchange:mail", pb::Effect::Allow)),
-    )
-    .await;
+    allow_own_exchanges(&admin, &acme.id).await;
     let connection_id = connect(&admin, &registered.id).await.id;
     agent_a.exchange(&connection_id, &[]).await.expect("first");
     provider.set_delay(Duration::from_millis(300));

@@ -332,6 +332,7 @@ impl StepUpApi {
                 }
             };
             let full = u64::try_from(changes.len()).unwrap_or(0) >= CHANGES_PER_ROUND;
+            let settled_before = settled;
             let horizon = step_ups::settled_at(&self.0, self.0.clock.now_millis());
             let mut fresh = false;
             let mut settling = true;
@@ -375,7 +376,10 @@ impl StepUpApi {
                     settling = false;
                 }
             }
-            if full && fresh {
+            // A full round may have more behind it: read on while it sent
+            // something or moved the settled cursor (a round of repeats
+            // that settled meanwhile sends nothing but moves it).
+            if full && (fresh || settled != settled_before) {
                 continue;
             }
             let tenant = tenant_id.clone();

@@ -10,7 +10,10 @@
 //! hands each message to the transport, and every
 //! `stream_standing_interval_ms` while it has nothing to send. A caller out
 //! of standing gets the status a new call with its credential would get,
-//! and the stream ends (its producer sees the client gone). A producer about
+//! and the stream ends (its producer sees the client gone). While the
+//! database cannot be reached, standing is unknown and the stream goes on
+//! (heartbeats are all that flow then; watches outlive an outage), and the
+//! next check decides. A producer about
 //! to hand out something that must not reach a caller out of standing even
 //! once (WatchStepUp's redemption of an approved token) asks
 //! [`StreamTx::standing`] first.
@@ -86,19 +89,49 @@ struct Standing {
 }
 
 impl Standing {
+    /// The strict check, before handing out something that needs standing
+    /// (a token): a database that cannot be reached refuses too.
     async fn check(&self) -> Result<(), Status> {
+        match self.check_unless_unreachable().await {
+            Ok(Checked::Stands) => Ok(()),
+            Ok(Checked::Unknown(err)) => Err(Status::from(err)),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// The check between messages. While the database cannot be reached the
+    /// caller's standing is unknown, and the stream goes on: no message of
+    /// substance can be made then (every one is read from the database or
+    /// follows a commit to it; what flows is heartbeats), and nothing can
+    /// change a standing either, so ending the stream would only break the
+    /// promise that watches outlive an outage. The next check decides.
+    async fn check_unless_unreachable(&self) -> Result<Checked, Status> {
         // Boxed: the check may read the database, and a stream holds the
         // future it awaits for as long as it is open.
-        Box::pin(crate::auth::check_still_standing(
+        match Box::pin(crate::auth::check_still_standing(
             &self.state,
             &self.principal,
         ))
         .await
-        .map_err(|err| {
-            metrics::counter!("vaultguard_stream_standing_refusals_total").increment(1);
-            Status::from(err)
-        })
+        {
+            Ok(()) => Ok(Checked::Stands),
+            Err(err) if crate::error::is_database_unavailable(&err) => {
+                tracing::debug!("stream standing unknown while the database is unreachable");
+                Ok(Checked::Unknown(err))
+            }
+            Err(err) => {
+                metrics::counter!("vaultguard_stream_standing_refusals_total").increment(1);
+                Err(Status::from(err))
+            }
+        }
     }
+}
+
+/// What a standing check found.
+enum Checked {
+    Stands,
+    /// The database could not be reached; the error it gave.
+    Unknown(crate::error::Error),
 }
 
 /// A server stream for `caller` of at most `buffer` queued messages, and
@@ -155,14 +188,14 @@ fn guarded<T: Send + 'static>(
                         // The producer's own end of the stream.
                         Err(status) => return Some((Err(status), None)),
                     };
-                    if let Err(status) = guard.standing.check().await {
+                    if let Err(status) = guard.standing.check_unless_unreachable().await {
                         return Some((Err(status), None));
                     }
                     guard.tick.reset();
                     return Some((Ok(*message), Some(guard)));
                 }
                 _ = guard.tick.tick() => {
-                    if let Err(status) = guard.standing.check().await {
+                    if let Err(status) = guard.standing.check_unless_unreachable().await {
                         return Some((Err(status), None));
                     }
                 }
