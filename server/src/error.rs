@@ -77,6 +77,10 @@ pub enum Error {
         scope: &'static str,
         retry_after: Option<std::time::Duration>,
     },
+    /// The request message did not arrive within the read deadline
+    /// (`request_body_timeout_ms`); nothing was done.
+    #[error("request body not read within {timeout_ms} ms")]
+    RequestBodyTimeout { timeout_ms: u64 },
     #[error("unimplemented: {0}")]
     Unimplemented(&'static str),
     #[error("storage: {0}")]
@@ -324,6 +328,12 @@ impl From<Error> for Status {
                     details,
                 )
             }
+            Error::RequestBodyTimeout { timeout_ms } => status_with_info(
+                Code::DeadlineExceeded,
+                format!("request message not received within {timeout_ms} ms"),
+                ErrorReason::RequestBodyTimeout,
+                HashMap::from([("timeout_ms".to_owned(), timeout_ms.to_string())]),
+            ),
             Error::Unimplemented(what) => {
                 Status::unimplemented(format!("{what} is not implemented yet"))
             }

@@ -21,6 +21,8 @@ pub mod oauth_client;
 pub mod oidc;
 #[cfg(test)]
 mod props;
+pub mod request_body;
+pub mod request_id;
 pub mod server;
 pub mod state;
 pub mod store;
