@@ -1,7 +1,8 @@
 //! Growing a victim's append-only log from outside (issue 23, item 8): a
 //! caller's `x-request-id` is stored in every event its call writes, and
 //! refusals that anyone can cause (IssueToken with a wrong secret for a
-//! known `client_id`, NOT_FOUND answers) were one event each. Request ids
+//! known `client_id`, NOT_FOUND answers, a replayed OAuth callback) were
+//! one event each. Request ids
 //! are now short and plain or replaced (`server/src/request_id.rs`), and
 //! such refusals are recorded a bounded number of times per window and key,
 //! the rest counted (`audit::RefusalDebounce`).
@@ -228,6 +229,13 @@ async fn refusal_floods_leave_a_bounded_trail_that_counts_them() {
             .expect("request");
         expect_code(admin.agents().get_agent(request).await, Code::NotFound);
     }
+    // And 100 made-up delegation ids.
+    for n in 0..100 {
+        expect_code(
+            admin.get_delegation(format!("dlg_{n:032}")).await,
+            Code::NotFound,
+        );
+    }
     server.wait_sealed().await;
     let (events, _) = trace(&server, &acme.id, "auth.token_refused").await;
     assert!(
@@ -239,6 +247,11 @@ async fn refusal_floods_leave_a_bounded_trail_that_counts_them() {
         events <= 10,
         "{events} auth.not_found events for 200 refusals"
     );
+    let (events, _) = trace(&server, &acme.id, "delegation.not_found").await;
+    assert!(
+        events <= 10,
+        "{events} delegation.not_found events for 100 refusals"
+    );
 
     // Once the window is over, the latest refusal of each is written with
     // the count of the others: every refusal is accounted for.
@@ -247,14 +260,17 @@ async fn refusal_floods_leave_a_bounded_trail_that_counts_them() {
     loop {
         let refusals = trace(&server, &acme.id, "auth.token_refused").await;
         let probes = trace(&server, &acme.id, "auth.not_found").await;
-        if refusals.1 == 500 && probes.1 == 200 {
+        let delegations = trace(&server, &acme.id, "delegation.not_found").await;
+        if refusals.1 == 500 && probes.1 == 200 && delegations.1 == 100 {
             assert!(refusals.0 <= 11, "{refusals:?}");
             assert!(probes.0 <= 11, "{probes:?}");
+            assert!(delegations.0 <= 11, "{delegations:?}");
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "refusals accounted for: {refusals:?} of 500, {probes:?} of 200"
+            "(events, refusals) accounted for: {refusals:?} of 500, {probes:?} of 200, \
+             {delegations:?} of 100"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
