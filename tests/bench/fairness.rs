@@ -38,7 +38,7 @@ pub struct Settings {
 }
 
 /// An agent of a fresh tenant `slug` on `connections` channels.
-async fn agent_pool(
+pub(crate) async fn agent_pool(
     server: &ServerProcess,
     operator: &VaultGuardClient,
     slug: &str,
@@ -72,7 +72,7 @@ async fn agent_pool(
 }
 
 /// ALLOW delegations to `receiver` by the agents of `pool`, round-robin.
-fn allow_op(pool: Arc<Vec<VaultGuardClient>>, receiver: String) -> Op {
+pub(crate) fn allow_op(pool: Arc<Vec<VaultGuardClient>>, receiver: String) -> Op {
     op(move |seq| {
         let (pool, receiver) = (pool.clone(), receiver.clone());
         async move {
@@ -113,7 +113,8 @@ async fn paced_refusals(server: &ServerProcess) -> Result<f64> {
     Ok(total)
 }
 
-fn line(name: &str, m: &Measured) {
+/// One row of a victim table: ops, ops/s, p50/p99/p999 ms, errors.
+pub(crate) fn line(name: &str, m: &Measured) {
     println!(
         "{:<28} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8}",
         name,

@@ -27,6 +27,7 @@ pub const ALL: &[&str] = &[
     "stepup.approve_to_watch",
     "stepup.cross_replica",
     "fairness",
+    "flood.slow_body",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -98,6 +99,7 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
             step_up(cx, replica).await
         }
         "fairness" => bail!("fairness runs on a server of its own (fairness.rs)"),
+        "flood.slow_body" => bail!("flood.slow_body runs on a server of its own (flood.rs)"),
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
 }
