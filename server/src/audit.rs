@@ -1333,12 +1333,244 @@ impl Debounce {
     }
 }
 
+/// Bounds what an outsider can make VaultGuard write into a tenant's
+/// append-only log by being refused (issue 23, item 8): IssueToken with a
+/// wrong secret for a known `client_id` (`auth.token_refused`), NOT_FOUND
+/// answers (`auth.not_found`, `delegation.not_found`), the OAuth callback
+/// with a spent or expired `state` (`connection.callback_refused`). Each
+/// such refusal was one event; a loop of them grew the log without bound.
+///
+/// Refusals are grouped by a key naming who was refused and where (the
+/// `client_id`; the principal and method; the connection). A key's first
+/// `per_window` refusals of a window (`refusal_audit_window_seconds`,
+/// starting at its first recorded event) are recorded as before; later
+/// ones in the window are counted, not written. The next event recorded for
+/// the key carries the count in its details as `suppressed`: the first
+/// refusal after the window, or, if none comes, the latest suppressed
+/// refusal itself, written when the window is over by
+/// [`run_refusal_flusher`] (so its `suppressed` counts the ones before it).
+/// Every recorded event is a real refusal, and the refusals of a key are
+/// its events plus the sum of their `suppressed`. A flood of one key thus
+/// writes at most `per_window + 1` events a window, and a suppressed
+/// refusal waits for no database write at all.
+///
+/// Per process: N replicas record up to N times as many. Memory is bounded
+/// by [`RefusalDebounce::MAX_KEYS`]: keys whose window is over with nothing
+/// left to report are dropped every second; past the cap new keys are
+/// recorded without debouncing (the log stays complete).
+#[derive(Debug)]
+pub struct RefusalDebounce {
+    window_ms: i64,
+    per_window: u32,
+    keys: std::sync::Mutex<std::collections::HashMap<String, RefusalWindow>>,
+}
+
+/// One key's current window.
+#[derive(Debug)]
+struct RefusalWindow {
+    /// When the window began: the key's first recorded event in it.
+    started: crate::clock::Millis,
+    /// Events of the key recorded in the window.
+    recorded: u32,
+    /// Refusals of the key not recorded since its last recorded event.
+    suppressed: u64,
+    /// The latest of those, written by the flusher if no later refusal
+    /// carries the count.
+    latest: Option<Vec<NewEvent>>,
+}
+
+/// Refusal events to write now, and the count of earlier refusals of their
+/// key their details carry (`suppressed`).
+#[derive(Debug)]
+pub struct AdmittedRefusal {
+    pub events: Vec<NewEvent>,
+    pub suppressed: u64,
+}
+
+/// `events` with `suppressed` in their details (when not 0).
+fn with_suppressed(mut events: Vec<NewEvent>, suppressed: u64) -> Vec<NewEvent> {
+    if suppressed > 0 {
+        for event in &mut events {
+            if let Value::Object(details) = &mut event.details {
+                details.insert("suppressed".to_owned(), Value::from(suppressed));
+            }
+        }
+    }
+    events
+}
+
+impl RefusalDebounce {
+    pub const MAX_KEYS: usize = 100_000;
+
+    /// Windows of `window_seconds` (0: every refusal is recorded) holding
+    /// `per_window` recorded events each (at least 1).
+    pub fn new(window_seconds: u32, per_window: u32) -> Self {
+        Self {
+            window_ms: i64::from(window_seconds) * 1_000,
+            per_window: per_window.max(1),
+            keys: std::sync::Mutex::default(),
+        }
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, RefusalWindow>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A refusal of `key` at `now`, recorded as `events`: `Some` with the
+    /// events to write (carrying the count of the refusals suppressed
+    /// before them), or `None` when it is only counted.
+    pub fn admit(
+        &self,
+        key: &str,
+        now: crate::clock::Millis,
+        events: Vec<NewEvent>,
+    ) -> Option<AdmittedRefusal> {
+        if self.window_ms == 0 {
+            return Some(AdmittedRefusal {
+                events,
+                suppressed: 0,
+            });
+        }
+        let mut keys = self.keys();
+        if !keys.contains_key(key) && keys.len() >= Self::MAX_KEYS {
+            let window_ms = self.window_ms;
+            keys.retain(|_, w| w.suppressed > 0 || now.saturating_sub(w.started) < window_ms);
+            if keys.len() >= Self::MAX_KEYS {
+                tracing::warn!("refusal debounce full; recording without it");
+                return Some(AdmittedRefusal {
+                    events,
+                    suppressed: 0,
+                });
+            }
+        }
+        let window = keys.entry(key.to_owned()).or_insert(RefusalWindow {
+            started: now,
+            recorded: 0,
+            suppressed: 0,
+            latest: None,
+        });
+        if now.saturating_sub(window.started) >= self.window_ms {
+            window.started = now;
+            window.recorded = 0;
+        }
+        if window.recorded >= self.per_window {
+            window.suppressed += 1;
+            window.latest = Some(events);
+            return None;
+        }
+        window.recorded += 1;
+        let suppressed = std::mem::take(&mut window.suppressed);
+        window.latest = None;
+        Some(AdmittedRefusal {
+            events: with_suppressed(events, suppressed),
+            suppressed,
+        })
+    }
+
+    /// The write of an admitted refusal of `key` failed: its place in the
+    /// window and the count it carried return.
+    pub fn give_back(&self, key: &str, suppressed: u64) {
+        if let Some(window) = self.keys().get_mut(key) {
+            window.recorded = window.recorded.saturating_sub(1);
+            window.suppressed += suppressed;
+        }
+    }
+
+    /// The keys whose window is over with refusals left unrecorded, each
+    /// with its latest refusal carrying the count of the others (that
+    /// event opens the key's next window). Forgets keys with nothing left.
+    pub fn due_summaries(&self, now: crate::clock::Millis) -> Vec<(String, AdmittedRefusal)> {
+        let mut due = Vec::new();
+        let window_ms = self.window_ms;
+        let mut keys = self.keys();
+        keys.retain(|key, window| {
+            if now.saturating_sub(window.started) < window_ms {
+                return true;
+            }
+            let Some(latest) = window.latest.take() else {
+                // Over, and nothing to report: the same as no entry.
+                return false;
+            };
+            let suppressed = window.suppressed.saturating_sub(1);
+            *window = RefusalWindow {
+                started: now,
+                recorded: 1,
+                suppressed: 0,
+                latest: None,
+            };
+            due.push((
+                key.clone(),
+                AdmittedRefusal {
+                    events: with_suppressed(latest, suppressed),
+                    suppressed,
+                },
+            ));
+            true
+        });
+        due
+    }
+
+    /// A summary of `key` from [`Self::due_summaries`] was not written:
+    /// it waits for the next round.
+    fn put_back(&self, key: String, summary: AdmittedRefusal) {
+        let mut keys = self.keys();
+        let window = keys.entry(key).or_insert(RefusalWindow {
+            started: 0,
+            recorded: 0,
+            suppressed: 0,
+            latest: None,
+        });
+        // Due again at once: the next round (or the key's next refusal)
+        // reports it.
+        window.started = crate::clock::Millis::MIN;
+        window.suppressed += summary.suppressed + 1;
+        window.latest = Some(summary.events);
+    }
+}
+
+/// Writes the refusal summaries of [`RefusalDebounce`] whose window is
+/// over, every second until the server stops, then every one still
+/// pending (a stopping server leaves no count unrecorded if the database
+/// takes it).
+pub async fn run_refusal_flusher(
+    refusals: Arc<RefusalDebounce>,
+    recorder: Recorder,
+    clock: Arc<dyn Clock>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        let now = if stopping {
+            crate::clock::Millis::MAX
+        } else {
+            clock.now_millis()
+        };
+        for (key, summary) in refusals.due_summaries(now) {
+            if let Err(err) = recorder.record(summary.events.clone()).await {
+                tracing::warn!(error = %err, "refusal summary not recorded; retrying");
+                refusals.put_back(key, summary);
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::{
-        AuditCtx, ColumnArray, Debounce, Outcome, RowInsert, Unit, chain_hash, group_statement,
+        AuditCtx, ColumnArray, Debounce, Outcome, RefusalDebounce, RowInsert, Unit, chain_hash,
+        group_statement,
     };
     use crate::clock::SystemClock;
     use crate::crypto::sha256_hex;
@@ -1475,6 +1707,83 @@ mod tests {
         // Another reader, or another object, is its own key.
         assert!(debounce.due("agt_2|dlg_1", 2_000));
         assert!(debounce.due("agt_1|dlg_2", 2_000));
+    }
+
+    fn refusal(request_id: &str) -> Vec<super::NewEvent> {
+        vec![AuditCtx::system(request_id).event(
+            "ten_a",
+            "auth.token_refused",
+            vec!["agt_1".to_owned()],
+            Outcome::Denied,
+            json!({"reason": "invalid_client_secret"}),
+        )]
+    }
+
+    fn suppressed(admitted: &super::AdmittedRefusal) -> Option<u64> {
+        admitted.events[0].details["suppressed"].as_u64()
+    }
+
+    #[test]
+    fn refusals_past_the_window_budget_are_counted_and_reported_once() {
+        let refusals = RefusalDebounce::new(60, 2);
+        let key = "auth.token_refused|agt_1";
+        for n in 0..2 {
+            let admitted = refusals.admit(key, 1_000 + n, refusal("r")).unwrap();
+            assert_eq!(suppressed(&admitted), None);
+        }
+        for n in 0..5 {
+            assert!(refusals.admit(key, 2_000 + n, refusal("r")).is_none());
+        }
+        // Another key has a window of its own.
+        assert!(refusals.admit("other", 2_000, refusal("r")).is_some());
+        assert!(refusals.due_summaries(60_999).is_empty(), "window not over");
+        // The next window's first refusal carries the count.
+        let admitted = refusals.admit(key, 61_000, refusal("next")).unwrap();
+        assert_eq!(suppressed(&admitted), Some(5));
+        assert_eq!(admitted.suppressed, 5);
+        assert!(refusals.due_summaries(200_000).is_empty(), "nothing left");
+    }
+
+    #[test]
+    fn a_window_over_with_suppressed_refusals_is_summarised_by_its_latest() {
+        let refusals = RefusalDebounce::new(60, 1);
+        let key = "k";
+        assert!(refusals.admit(key, 0, refusal("first")).is_some());
+        for n in 1..=4 {
+            assert!(refusals.admit(key, n, refusal(&format!("r{n}"))).is_none());
+        }
+        let due = refusals.due_summaries(60_000);
+        assert_eq!(due.len(), 1);
+        let (due_key, summary) = &due[0];
+        assert_eq!(due_key, key);
+        // The latest refusal, carrying the three before it.
+        assert_eq!(summary.events[0].request_id, "r4");
+        assert_eq!(suppressed(summary), Some(3));
+        // It opened the next window: a refusal right after is counted.
+        assert!(refusals.admit(key, 60_001, refusal("again")).is_none());
+        // A failed write puts it back, count and all.
+        let (due_key, summary) = refusals.due_summaries(120_001).remove(0);
+        assert_eq!(suppressed(&summary), None, "only itself");
+        refusals.put_back(due_key, summary);
+        let (_, summary) = refusals.due_summaries(120_002).remove(0);
+        assert_eq!(summary.events[0].request_id, "again");
+    }
+
+    #[test]
+    fn a_failed_write_gives_its_count_back_and_a_zero_window_records_all() {
+        let refusals = RefusalDebounce::new(60, 1);
+        assert!(refusals.admit("k", 0, refusal("a")).is_some());
+        assert!(refusals.admit("k", 1, refusal("b")).is_none());
+        let admitted = refusals.admit("k", 60_000, refusal("c")).unwrap();
+        assert_eq!(admitted.suppressed, 1);
+        refusals.give_back("k", admitted.suppressed);
+        let admitted = refusals.admit("k", 60_001, refusal("d")).unwrap();
+        assert_eq!(suppressed(&admitted), Some(1));
+
+        let every = RefusalDebounce::new(0, 1);
+        for n in 0..10 {
+            assert!(every.admit("k", n, refusal("x")).is_some());
+        }
     }
 
     #[test]

@@ -190,6 +190,27 @@ pub struct Config {
     /// against itself); past it a new step-up is refused with
     /// RESOURCE_EXHAUSTED. 0: no cap.
     pub max_pending_step_ups_per_pair: u32,
+    /// How long the request message of a unary or server-streaming call may
+    /// take to arrive in full (its gRPC frame and the end of the request
+    /// stream), from its headers; later, the call is answered
+    /// DEADLINE_EXCEEDED without any work (see `crate::request_body`). 0: no
+    /// deadline.
+    pub request_body_timeout_ms: u64,
+    /// Bytes of request messages the process holds while their calls wait
+    /// for the rest; a call that would go beyond is answered UNAVAILABLE
+    /// (`cause` = `request_bytes`). A message that arrives whole is never
+    /// counted. 0: no cap.
+    pub max_waiting_request_bytes: usize,
+    /// Refusals that an outsider can cause in a tenant's log (IssueToken
+    /// with a wrong secret for a known `client_id`, NOT_FOUND answers, the
+    /// OAuth callback with a spent `state`) are recorded at most
+    /// `refusal_audit_events_per_window` times per window of this many
+    /// seconds and key; the rest are counted, and the next recorded event
+    /// of the key carries the count (`suppressed`). 0: every refusal.
+    pub refusal_audit_window_seconds: u32,
+    /// Refusal events recorded per key and window (see
+    /// `refusal_audit_window_seconds`); at least 1.
+    pub refusal_audit_events_per_window: u32,
     // TLS
     /// PEM certificate chain of both listeners; with `tls_key_file`, both
     /// serve TLS only (see `crate::tls`).
@@ -259,6 +280,10 @@ impl Default for Config {
             max_streams_per_tenant: 1_000,
             stream_standing_interval_ms: 5_000,
             max_pending_step_ups_per_pair: 100,
+            request_body_timeout_ms: 10_000,
+            max_waiting_request_bytes: 64 * 1024 * 1024,
+            refusal_audit_window_seconds: 60,
+            refusal_audit_events_per_window: 10,
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
             tls_client_ca_file: PathBuf::new(),

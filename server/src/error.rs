@@ -85,6 +85,10 @@ pub enum Error {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// The request message did not arrive within the read deadline
+    /// (`request_body_timeout_ms`); nothing was done.
+    #[error("request body not read within {timeout_ms} ms")]
+    RequestBodyTimeout { timeout_ms: u64 },
     #[error("unimplemented: {0}")]
     Unimplemented(&'static str),
     #[error("storage: {0}")]
@@ -337,6 +341,12 @@ impl From<Error> for Status {
                 message,
                 metadata,
             } => status_with_info(Code::ResourceExhausted, message, reason, metadata),
+            Error::RequestBodyTimeout { timeout_ms } => status_with_info(
+                Code::DeadlineExceeded,
+                format!("request message not received within {timeout_ms} ms"),
+                ErrorReason::RequestBodyTimeout,
+                HashMap::from([("timeout_ms".to_owned(), timeout_ms.to_string())]),
+            ),
             Error::Unimplemented(what) => {
                 Status::unimplemented(format!("{what} is not implemented yet"))
             }

@@ -22,6 +22,8 @@ pub mod oidc;
 pub mod outbound;
 #[cfg(test)]
 mod props;
+pub mod request_body;
+pub mod request_id;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -42,8 +42,10 @@
 //!   body is dropped (stream ended or client gone); past the cap it is
 //!   refused with RESOURCE_EXHAUSTED, scope `streams`.
 //! - **Concurrent requests** ([`OverloadLayer`]): at most
-//!   `max_concurrent_requests` calls between arrival and response headers
-//!   in the whole process; past that a call is shed at once with
+//!   `max_concurrent_requests` calls between their request message having
+//!   been read in full ([`crate::request_body`]: a call whose message is
+//!   slow or never comes holds no slot) and their response headers, in the
+//!   whole process; past that a call is shed at once with
 //!   UNAVAILABLE (`ERROR_REASON_UNAVAILABLE`, metadata `cause` =
 //!   `overloaded`) instead of queueing: UNAVAILABLE says "retry with back-off,
 //!   perhaps on another replica", which gRPC clients retry by default, while
@@ -65,7 +67,6 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use prost::Message;
 use prost::bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -337,34 +338,22 @@ impl Limits {
     }
 
     /// Applies the limits of public calls: `IssueToken` counts against the
-    /// `client_id` it presents. The request body is read here (bounded by
-    /// `max_request_bytes`) and put back for the handler.
-    pub async fn admit_public(
-        &self,
-        path: &str,
-        request: &mut Request<Body>,
-    ) -> Result<(), Status> {
+    /// `client_id` it presents, read from the message
+    /// [`crate::request_body::RequestBodyLayer`] read before (bounded by
+    /// `max_request_bytes` and `request_body_timeout_ms`).
+    pub fn admit_public<B>(&self, path: &str, request: &mut Request<B>) -> Result<(), Status> {
         let Some(client) = &self.client else {
             return Ok(());
         };
         if path != ISSUE_TOKEN {
             return Ok(());
         }
-        let body = std::mem::replace(request.body_mut(), Body::empty());
-        let limit = self.max_request_bytes.saturating_add(5);
-        let bytes = match http_body_util::Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                // As tonic answers an oversized message.
-                return Err(Status::out_of_range(format!(
-                    "request message larger than {} bytes",
-                    self.max_request_bytes
-                )));
-            }
-            Err(_) => return Err(Status::cancelled("request body not received")),
-        };
+        let bytes = request
+            .extensions()
+            .get::<crate::request_body::ReadMessage>()
+            .map(|read| read.0.clone())
+            .unwrap_or_default();
         let client_id = presented_client_id(&bytes);
-        *request.body_mut() = Body::new(http_body_util::Full::new(bytes));
         // An unparsable request is refused by the handler's decoder anyway;
         // it still spends the shared bucket of the empty id.
         let mut key = client_id.unwrap_or_default();

@@ -34,6 +34,11 @@ use crate::oidc::OidcVerifier;
 use crate::state::AppState;
 use crate::{health, http, store};
 
+/// The largest decoded header list of one gRPC call (HTTP/2
+/// `SETTINGS_MAX_HEADER_LIST_SIZE`; hyper's default, stated here because the
+/// cost of a waiting call depends on it).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// Opens storage (migrating it first when `migrate` is set), loads the master
 /// key and the issuer keys, and returns the shared state. The CLI uses this
 /// too, to mint bootstrap tokens.
@@ -78,6 +83,10 @@ pub async fn prepare(
         limits: Arc::new(limits),
         audited_recently: Arc::new(crate::audit::Debounce::new(
             config.repeat_audit_window_seconds,
+        )),
+        refusals: Arc::new(crate::audit::RefusalDebounce::new(
+            config.refusal_audit_window_seconds,
+            config.refusal_audit_events_per_window,
         )),
         recorder: crate::audit::Recorder::start(
             db.clone(),
@@ -136,6 +145,12 @@ pub async fn serve(
         state.clone(),
         stop_rx.clone(),
     ));
+    let refusals_task = tokio::spawn(crate::audit::run_refusal_flusher(
+        state.refusals.clone(),
+        state.recorder.clone(),
+        state.clock.clone(),
+        stop_rx.clone(),
+    ));
     let limits_task = tokio::spawn(crate::limits::run_janitor(
         state.limits.clone(),
         stop_rx.clone(),
@@ -171,9 +186,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // In order: a caller's request id is kept only if short and plain
+    // (else one is made up) and echoed on the response; the request message
+    // is read in full within its deadline; only then does the call take a
+    // concurrency slot, get authenticated and meet its rate limits.
+    let request_body = crate::request_body::RequestBodyLayer::new(&state.config)
+        .map_err(|e| anyhow::anyhow!("cannot read the contract's descriptors: {e}"))?;
     let layers = ServiceBuilder::new()
+        .map_request(crate::request_id::sanitize::<tonic::body::Body>)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(request_body)
         .layer(crate::limits::OverloadLayer::new(
             state.config.max_concurrent_requests,
         ))
@@ -184,7 +207,13 @@ pub async fn serve(
     let max_request = state.limits.max_request_bytes();
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = crate::tls::grpc_server_builder(tls.as_ref())?
+        // A connection whose peer stops answering pings is closed within
+        // 50 s; an idle healthy one is kept.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // What one call's headers may hold once decoded (HPACK lets a few
+        // bytes on the wire stand for many): room for an 8 KiB bearer.
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .max_concurrent_streams(
             Some(state.config.max_concurrent_streams_per_connection).filter(|max| *max > 0),
         )
@@ -239,7 +268,10 @@ pub async fn serve(
         );
 
     let mut http_stop = stop_rx.clone();
-    let http_app = http::router(state.clone(), healthy);
+    // The OAuth callback audits its request id too.
+    let http_app = http::router(state.clone(), healthy).layer(tower::util::MapRequestLayer::new(
+        crate::request_id::sanitize::<axum::body::Body>,
+    ));
     let http_shutdown = async move {
         let _ = http_stop.changed().await;
     };
@@ -279,7 +311,8 @@ pub async fn serve(
         sweeper_task,
         listener_task,
         webhook_task,
-        limits_task
+        limits_task,
+        refusals_task
     );
     grpc_result?;
     http_result?;

@@ -46,6 +46,9 @@ pub struct AppState {
     /// verification of a delegation, an agent handed the same provider
     /// token again).
     pub audited_recently: Arc<audit::Debounce>,
+    /// Refusals an outsider can cause in a tenant's log, recorded a bounded
+    /// number of times per window and key ([`audit::RefusalDebounce`]).
+    pub refusals: Arc<audit::RefusalDebounce>,
 }
 
 impl AppState {
@@ -75,6 +78,25 @@ impl AppState {
         }
         self.record(events()).await?;
         self.audited_recently.recorded(key, now);
+        Ok(())
+    }
+
+    /// Appends the refusal `events` of `key` (who was refused, and where)
+    /// unless the key's budget of recorded refusals for the current window
+    /// is spent ([`audit::RefusalDebounce`]); then the refusal is only
+    /// counted, and the key's next recorded event carries the count
+    /// (`suppressed` in its details). Like [`Self::record`], a recorded
+    /// refusal is answered only once its events are durable.
+    pub async fn record_refusal(&self, key: String, events: Vec<NewEvent>) -> Result<()> {
+        let now = self.clock.now_millis();
+        let Some(admitted) = self.refusals.admit(&key, now, events) else {
+            metrics::counter!("vaultguard_audit_refusals_suppressed_total").increment(1);
+            return Ok(());
+        };
+        if let Err(err) = self.record(admitted.events).await {
+            self.refusals.give_back(&key, admitted.suppressed);
+            return Err(err);
+        }
         Ok(())
     }
 

@@ -113,6 +113,7 @@ async fn paced_refusals(server: &ServerProcess) -> Result<f64> {
     Ok(total)
 }
 
+/// One row of a victim table: ops, ops/s, p50/p99/p999 ms, errors.
 pub(crate) fn line(name: &str, m: &Measured) {
     println!(
         "{:<28} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8}",

@@ -13,6 +13,7 @@
 
 mod fairness;
 mod fixture;
+mod flood;
 mod load;
 mod peer;
 mod scenarios;
@@ -103,7 +104,7 @@ struct Args {
     /// fairness: the per-tenant rate limit (calls per second, and burst).
     #[arg(long, default_value_t = 200)]
     tenant_limit: u32,
-    /// fairness: the victim tenant's arrival rate, ops/s.
+    /// fairness, flood.slow_body: the victim tenant's arrival rate, ops/s.
     #[arg(long, default_value_t = 50.0)]
     victim_rate: f64,
     /// fairness: the flooding tenant's closed-loop workers.
@@ -117,6 +118,12 @@ struct Args {
     /// a connection of its own.
     #[arg(long, default_value_t = 32)]
     slow_exchanges: usize,
+    /// flood.slow_body: HTTP/2 connections of the slow-body flood.
+    #[arg(long, default_value_t = 5)]
+    flood_connections: usize,
+    /// flood.slow_body: IssueToken calls the flood holds on each connection.
+    #[arg(long, default_value_t = 256)]
+    flood_streams: usize,
 }
 
 /// One line of a table.
@@ -436,13 +443,17 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
         .unwrap_or_default();
     let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
     spec.log_filter = args.server_log.clone();
-    // fairness runs on a server of its own, with a tenant limit, and so
-    // does vault.slow_provider.
+    // fairness runs on a server of its own, with a tenant limit, and so do
+    // vault.slow_provider and flood.slow_body (the latter with the default
+    // limits).
     let (fair, names): (Vec<String>, Vec<String>) =
         names.into_iter().partition(|name| name == "fairness");
     let (slow, names): (Vec<String>, Vec<String>) = names
         .into_iter()
         .partition(|name| name == "vault.slow_provider");
+    let (slow_body, names): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| name == "flood.slow_body");
     let mut outcome = if names.is_empty() {
         Ok(())
     } else {
@@ -469,6 +480,17 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
             warmup: args.warmup,
         };
         outcome = slow_provider::run(backend, &spec, &settings).await;
+    }
+    if outcome.is_ok() && !slow_body.is_empty() {
+        let settings = flood::Settings {
+            victim_rate: args.victim_rate,
+            connections: args.connections,
+            flood_connections: args.flood_connections,
+            flood_streams: args.flood_streams,
+            duration: args.duration,
+            warmup: args.warmup,
+        };
+        outcome = flood::run(backend, &spec, &settings).await;
     }
     if let Some(database) = database {
         database.drop_now().await?;

@@ -28,6 +28,7 @@ pub const ALL: &[&str] = &[
     "stepup.cross_replica",
     "fairness",
     "vault.slow_provider",
+    "flood.slow_body",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -102,6 +103,7 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
         "vault.slow_provider" => {
             bail!("vault.slow_provider runs on a server of its own (slow_provider.rs)")
         }
+        "flood.slow_body" => bail!("flood.slow_body runs on a server of its own (flood.rs)"),
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
 }

@@ -306,6 +306,9 @@ pub struct ServerSpec {
     /// off. Every other limit is off: throughput runs measure the server,
     /// not its throttles.
     pub tenant_limit: Option<(u32, u32)>,
+    /// Every limit at the server's defaults instead (`tenant_limit` is
+    /// ignored): the overload scenarios measure the server as it ships.
+    pub default_limits: bool,
 }
 
 impl ServerSpec {
@@ -319,6 +322,7 @@ impl ServerSpec {
             master_key: base64::engine::general_purpose::STANDARD.encode(key),
             log_filter: "warn".to_owned(),
             tenant_limit: None,
+            default_limits: false,
         })
     }
 }
@@ -363,15 +367,22 @@ impl ServerProcess {
              oauth_allow_http = true\n\
              outbound_allowed_networks = [\"127.0.0.0/8\"]\n\
              database_max_connections = 16\n\
-             rate_limit_agent_per_second = 0\n\
-             rate_limit_tenant_per_second = {tenant_rate}\n\
-             rate_limit_tenant_burst = {tenant_burst}\n\
-             rate_limit_client_per_second = 0\n\
-             max_concurrent_requests = 0\n\
-             max_concurrent_streams_per_connection = 0\n\
-             max_streams_per_tenant = 0\n",
-            tenant_rate = spec.tenant_limit.map_or(0, |(rate, _)| rate),
-            tenant_burst = spec.tenant_limit.map_or(0, |(_, burst)| burst),
+             {limits}",
+            limits = if spec.default_limits {
+                String::new()
+            } else {
+                format!(
+                    "rate_limit_agent_per_second = 0\n\
+                     rate_limit_tenant_per_second = {tenant_rate}\n\
+                     rate_limit_tenant_burst = {tenant_burst}\n\
+                     rate_limit_client_per_second = 0\n\
+                     max_concurrent_requests = 0\n\
+                     max_concurrent_streams_per_connection = 0\n\
+                     max_streams_per_tenant = 0\n",
+                    tenant_rate = spec.tenant_limit.map_or(0, |(rate, _)| rate),
+                    tenant_burst = spec.tenant_limit.map_or(0, |(_, burst)| burst),
+                )
+            },
             data_dir = data_dir.display().to_string(),
             database_url = spec.database_url,
             master_key = spec.master_key,

@@ -2353,7 +2353,10 @@ async fn eight_concurrent_writers_leave_a_gapless_chain_and_the_tail_sees_each_e
 /// (human subject, request id, free text for details): commas, quotes, line
 /// breaks and every formula-leading character, in the cells that carry
 /// them verbatim (actor_subject, request_id) and inside details (a rule's
-/// description, a suspension reason).
+/// description, a suspension reason). A request id other than 1–128
+/// characters of `[A-Za-z0-9._:-]` is replaced by a server-made one
+/// (`server/src/request_id.rs`), so of these only `-req:1` (which a
+/// spreadsheet reads as a formula) and `plain-req` reach the log as sent.
 const TRICKY: [(&str, &str, &str); 7] = [
     (
         "=HYPERLINK(\"https://evil.example\",\"click\")",
@@ -2361,7 +2364,7 @@ const TRICKY: [(&str, &str, &str); 7] = [
         "plain, with a comma",
     ),
     ("+SUM(A1:A9)", "+req", "say \"hi\", then leave"),
-    ("-2+3,\"x\"", "-req,\"quoted\"", "line one\nline two"),
+    ("-2+3,\"x\"", "-req:1", "line one\nline two"),
     (
         "@cmd|' /C calc'!A0",
         "@req",
@@ -2490,10 +2493,22 @@ async fn csv_and_ndjson_exports_round_trip_and_are_audited() {
             .iter()
             .find(|e| e.actor.as_ref().is_some_and(|a| a.subject == subject))
             .unwrap_or_else(|| panic!("no event by {subject:?}"));
-        assert_eq!(
-            (event.event_type.as_str(), event.request_id.as_str()),
-            ("rule.created", rid)
-        );
+        let kept = rid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b));
+        if kept {
+            assert_eq!(
+                (event.event_type.as_str(), event.request_id.as_str()),
+                ("rule.created", rid)
+            );
+        } else {
+            assert_eq!(event.event_type, "rule.created");
+            assert!(
+                uuid::Uuid::parse_str(&event.request_id).is_ok(),
+                "{rid:?} was replaced by a server-made id, not {:?}",
+                event.request_id
+            );
+        }
     }
     let reasons: Vec<Value> = log
         .iter()

@@ -494,40 +494,64 @@ async fn an_oversized_request_is_refused_and_writes_nothing() {
     server.stop().await;
 }
 
-/// A call of GetJwks (public) whose request message never comes: the
-/// handler waits for it, so the call stays in flight until dropped.
-async fn hanging_call(server: &TestServer) -> tokio::task::JoinHandle<()> {
-    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
-        .expect("url")
-        .connect()
+/// A trusted OIDC issuer that accepts connections and never answers: a
+/// call bearing a token of it waits in authentication (fetching the
+/// issuer's discovery document, up to the 5 s HTTP timeout), holding its
+/// concurrency slot. Returns the issuer's URL and the listener's task.
+async fn silent_issuer() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("connect");
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (url, task)
+}
+
+/// WhoAmI with a (badly signed) token of `issuer`: in flight until dropped,
+/// or until the issuer fetch times out.
+async fn hanging_call(server: &TestServer, issuer: &str) -> tokio::task::JoinHandle<()> {
+    use base64::Engine as _;
+    let b64 = |value: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    let token = format!(
+        "{}.{}.c2ln",
+        b64(serde_json::json!({"alg": "RS256", "kid": "k1", "typ": "JWT"})),
+        b64(serde_json::json!({"iss": issuer, "aud": "vaultguard", "sub": "someone"})),
+    );
+    let client = server.with_bearer(&token).await;
     tokio::spawn(async move {
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.expect("ready");
-        let never = futures::stream::pending::<pb::GetJwksRequest>();
-        let _ = grpc
-            .client_streaming::<_, pb::GetJwksRequest, pb::GetJwksResponse, _>(
-                tonic::Request::new(never),
-                http::uri::PathAndQuery::from_static("/vaultguard.v1.IssuerKeyService/GetJwks"),
-                tonic_prost::ProstCodec::default(),
-            )
-            .await;
+        let _ = who_am_i(&client).await;
     })
 }
 
 #[tokio::test]
 async fn calls_beyond_the_concurrency_cap_are_shed_at_once() {
-    let server = server_with(|config| {
-        no_limits(config);
-        config.max_concurrent_requests = 2;
+    // Two calls waiting on a slow dependency (an OIDC issuer that never
+    // answers) hold the two slots. (A call whose request message never
+    // comes holds none: `slow_body.rs`.)
+    let (issuer, silent) = silent_issuer().await;
+    let server = TestServer::start_with(TestOptions {
+        adjust_config: Some(|config: &mut Config| {
+            no_limits(config);
+            config.max_concurrent_requests = 2;
+        }),
+        ..TestOptions::trusting(&issuer)
     })
     .await;
     let acme = server.create_tenant("acme").await;
     let admin = server
         .human(&acme.id, "admin@acme", &[pb::Role::Admin])
         .await;
-    let hanging = [hanging_call(&server).await, hanging_call(&server).await];
+    let hanging = [
+        hanging_call(&server, &issuer).await,
+        hanging_call(&server, &issuer).await,
+    ];
 
     // Once both are in flight, a third call is shed without waiting.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -567,6 +591,7 @@ async fn calls_beyond_the_concurrency_cap_are_shed_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    silent.abort();
     server.stop().await;
 }
 

@@ -27,6 +27,7 @@ use vaultguard_server::store::entities::audit_event;
 pub use vaultguard_client::ClientError;
 
 pub mod oauth_provider;
+pub mod slow_body;
 
 /// The database backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -568,14 +568,19 @@ pub async fn callback(
     if !consumed {
         let reason = refusal.unwrap_or("state already used");
         metrics::counter!("vaultguard_oauth_callbacks_total", "result" => "refused").increment(1);
+        // Anyone holding a spent callback URL can replay it: debounced per
+        // connection (`audit::RefusalDebounce`).
         state
-            .record(vec![audit_ctx.event(
-                &flow.tenant_id,
-                "connection.callback_refused",
-                vec![flow.connection_id.clone(), flow.provider_id.clone()],
-                AuditOutcome::Denied,
-                json!({"connection_id": flow.connection_id, "reason": reason}),
-            )])
+            .record_refusal(
+                format!("connection.callback_refused|{}", flow.connection_id),
+                vec![audit_ctx.event(
+                    &flow.tenant_id,
+                    "connection.callback_refused",
+                    vec![flow.connection_id.clone(), flow.provider_id.clone()],
+                    AuditOutcome::Denied,
+                    json!({"connection_id": flow.connection_id, "reason": reason}),
+                )],
+            )
             .await?;
         return Ok(CallbackOutcome::Refused(reason));
     }

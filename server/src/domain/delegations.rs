@@ -918,14 +918,23 @@ async fn find_visible(
         Some(row) if visible_to(&row, ctx) => Ok(row),
         _ => {
             if let Ok(tenant) = ctx.principal.tenant_id() {
+                // Debounced per caller: a probing loop leaves a bounded
+                // trail that counts it (`audit::RefusalDebounce`).
+                let key = format!(
+                    "delegation.not_found|{}|{}",
+                    ctx.principal.issuer, ctx.principal.subject
+                );
                 state
-                    .record(vec![ctx.audit().event(
-                        tenant,
-                        "delegation.not_found",
-                        vec![delegation_id.to_owned()],
-                        AuditOutcome::Denied,
-                        json!({}),
-                    )])
+                    .record_refusal(
+                        key,
+                        vec![ctx.audit().event(
+                            tenant,
+                            "delegation.not_found",
+                            vec![delegation_id.to_owned()],
+                            AuditOutcome::Denied,
+                            json!({}),
+                        )],
+                    )
                     .await?;
             }
             Err(Error::NotFound("delegation"))

@@ -60,7 +60,8 @@ pub async fn mint(
 
 /// The OAuth 2.0 client-credentials grant. Every refusal is the same
 /// UNAUTHENTICATED to the caller; when the agent exists, its tenant's audit
-/// log records the refusal and why.
+/// log records the refusal and why (at most `refusal_audit_events_per_window`
+/// events per `client_id` and window, see [`crate::audit::RefusalDebounce`]).
 pub async fn client_credentials(
     state: &AppState,
     request_id: &str,
@@ -111,14 +112,21 @@ pub async fn client_credentials(
         request_id: request_id.to_owned(),
     };
     if let Some(reason) = refusal {
+        // Anyone who knows a client_id can be refused: debounced per
+        // client_id, so that a guessing loop cannot grow the tenant's log
+        // without bound (the count of the refusals not written is in the
+        // next event written).
         state
-            .record(vec![audit_ctx.event(
-                &agent.tenant_id,
-                "auth.token_refused",
-                vec![agent.id.clone()],
-                Outcome::Denied,
-                json!({"reason": reason}),
-            )])
+            .record_refusal(
+                format!("auth.token_refused|{}", agent.id),
+                vec![audit_ctx.event(
+                    &agent.tenant_id,
+                    "auth.token_refused",
+                    vec![agent.id.clone()],
+                    Outcome::Denied,
+                    json!({"reason": reason}),
+                )],
+            )
             .await?;
         return Err(Error::Unauthenticated(reason));
     }

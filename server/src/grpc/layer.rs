@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::state::AppState;
 
 /// The request id header, set by the outer request-id layer.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: &str = crate::request_id::HEADER;
 
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
@@ -77,7 +77,7 @@ async fn admit(state: &AppState, request: &mut Request<Body>, path: &str) -> Res
     };
     let Access::Roles(allowed) = access else {
         // Rate limits of public calls (IssueToken per presented client_id).
-        state.limits.admit_public(path, request).await?;
+        state.limits.admit_public(path, request)?;
         request.extensions_mut().insert(RequestId(request_id));
         return Ok(());
     };
@@ -186,6 +186,8 @@ const NOT_FOUND_NOT_AUDITED_HERE: &[&str] = &[
 /// another tenant or nowhere — so the caller's log never tells the two
 /// apart. Like every audited refusal, the answer waits for the event to be
 /// durable; if it cannot be written the caller gets UNAVAILABLE instead.
+/// Debounced per caller and method ([`crate::audit::RefusalDebounce`]): a
+/// probing loop leaves a bounded trail with the count of what it tried.
 async fn audit_not_found(
     state: &AppState,
     caller: &CallContext,
@@ -213,7 +215,11 @@ async fn audit_not_found(
         crate::audit::Outcome::Denied,
         serde_json::json!({ "method": path }),
     );
-    match state.record(vec![event]).await {
+    let key = format!(
+        "auth.not_found|{}|{}|{path}",
+        caller.principal.issuer, caller.principal.subject
+    );
+    match state.record_refusal(key, vec![event]).await {
         Ok(()) => response,
         Err(err) => Status::from(err).into_http(),
     }
