@@ -105,6 +105,9 @@ pub async fn create_rule(
                 effect: effect as i32,
                 max_ttl_seconds: 3600,
                 approvals_required: u32::from(effect == pb::Effect::StepUp),
+                // Any scope: the exchange scenarios hand out the provider's
+                // scopes, which the deciding rule must grant.
+                scopes: vec!["*".to_owned()],
                 ..Default::default()
             }),
         })
