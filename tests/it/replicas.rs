@@ -413,7 +413,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
             .await
             .unwrap()
             .expect("row");
-        assert_eq!(row.status, "expired", "{id}");
+        assert_eq!(row.status, delegation::Status::Expired, "{id}");
         assert_eq!(
             audit.in_both(logs, "delegation.expired", id),
             [1, 1],
@@ -426,7 +426,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
             .await
             .unwrap()
             .expect("step-up");
-        assert_eq!(row.state, "expired");
+        assert_eq!(row.state, step_up::State::Expired);
         let shown = get_step_up(&approver, &step.step_up_id).await.unwrap();
         assert_eq!(shown.state(), State::Expired);
     }
