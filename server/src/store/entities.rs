@@ -647,9 +647,10 @@ pub mod connection {
             (Self::Connected, Self::Connected),
             (Self::NeedsReauth, Self::Connected),
             // A refresh the provider refuses (`invalid_grant`), a missing
-            // refresh token, or UpdateOAuthProvider moving the endpoints or
-            // client the tokens were issued to (which also erases what a
-            // NEEDS_REAUTH connection still holds).
+            // refresh token, or the endpoints or client the tokens were
+            // issued to gone from the provider: found at refresh, or by
+            // UpdateOAuthProvider (which also erases what a NEEDS_REAUTH
+            // connection still holds).
             (Self::Connected, Self::NeedsReauth),
             (Self::NeedsReauth, Self::NeedsReauth),
             // DeleteConnection (tenant admin).
