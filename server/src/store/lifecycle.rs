@@ -197,22 +197,24 @@ mod tests {
         states.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// A lifecycle of two states that go back and forth, created in
+    /// `first`: nothing is terminal.
+    fn toggles<S: Lifecycle>(first: S, second: S) {
+        assert!(check_table::<S>().is_empty());
+        assert!(first.can_become(second) && second.can_become(first));
+        assert_eq!(S::INITIAL, [first]);
+    }
+
     #[test]
     fn tenants_are_suspended_and_reactivated() {
-        use tenant::Status::*;
         assert_eq!(stored(tenant::Status::as_str), ["active", "suspended"]);
-        assert!(check_table::<tenant::Status>().is_empty());
-        assert!(Active.can_become(Suspended) && Suspended.can_become(Active));
-        assert_eq!(tenant::Status::INITIAL, [Active]);
+        toggles(tenant::Status::Active, tenant::Status::Suspended);
     }
 
     #[test]
     fn agents_are_disabled_and_enabled() {
-        use agent::Status::*;
         assert_eq!(stored(agent::Status::as_str), ["active", "disabled"]);
-        assert!(check_table::<agent::Status>().is_empty());
-        assert!(Active.can_become(Disabled) && Disabled.can_become(Active));
-        assert_eq!(agent::Status::INITIAL, [Active]);
+        toggles(agent::Status::Active, agent::Status::Disabled);
     }
 
     #[test]
