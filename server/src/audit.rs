@@ -1586,7 +1586,7 @@ mod tests {
             requester_subject: "agt_a".to_owned(),
             idempotency_key: format!("key-{id}"),
             payload_hash: "00".to_owned(),
-            status: "signed".to_owned(),
+            status: signature::Status::Signed,
             signature: signed.then(|| vec![1, 2, 3]),
             delegation_id: None,
             created_at: 1,

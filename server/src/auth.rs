@@ -18,6 +18,7 @@ use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
 use crate::audit::AuditCtx;
 use crate::error::{Error, Result};
 use crate::state::AppState;
+use crate::store::entities::{agent, tenant};
 
 /// The `aud` of VaultGuard API access tokens. Delegation tokens carry the
 /// receiving tenant's audience instead, so one can never stand for the other.
@@ -341,7 +342,7 @@ async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
         .tenant(&state.db, tenant_id)
         .await?
         .ok_or(Error::Unauthenticated("token names an unknown tenant"))?;
-    if tenant.status != crate::domain::tenants::STATUS_ACTIVE {
+    if tenant.status != tenant::Status::Active {
         return Err(Error::denied(
             ErrorReason::TenantSuspended,
             "tenant is suspended",
@@ -354,7 +355,7 @@ async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
             .await?
             .filter(|agent| agent.tenant_id == tenant_id)
             .ok_or(Error::Unauthenticated("token names an unknown agent"))?;
-        if agent.status != crate::domain::agents::STATUS_ACTIVE {
+        if agent.status != agent::Status::Active {
             return Err(Error::denied(
                 ErrorReason::AgentDisabled,
                 "agent is disabled",

@@ -57,8 +57,6 @@ use sea_orm::{
 use std::sync::Arc;
 
 use crate::custody::SecretKey;
-use crate::domain::connections::STATUS_CONNECTED;
-use crate::domain::delegations::STATUS_PENDING;
 use crate::error::Result;
 use crate::store::entities::{
     agent, connection, custody_key, delegation, external_org, oauth_provider, tenant,
@@ -229,7 +227,7 @@ impl Directory {
         id: &str,
     ) -> Result<Option<Arc<delegation::Model>>> {
         self.held::<delegation::Entity>(&self.delegations, MAX_DELEGATIONS, db, id, |row| {
-            row.status != STATUS_PENDING
+            row.status != delegation::Status::Pending
         })
         .await
     }
@@ -275,7 +273,7 @@ impl Directory {
         id: &str,
     ) -> Result<Option<Arc<connection::Model>>> {
         self.held::<connection::Entity>(&self.connections, MAX_ENTRIES, db, id, |row| {
-            row.status == STATUS_CONNECTED
+            row.status == connection::Status::Connected
         })
         .await
     }

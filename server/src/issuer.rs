@@ -36,6 +36,7 @@ use crate::clock::{Clock, Millis};
 use crate::crypto::{MasterKey, SealContext, random_token};
 use crate::error::{Error, Result, is_unique_violation};
 use crate::store::entities::issuer_key;
+use crate::store::lifecycle::Transitions;
 
 /// Every algorithm VaultGuard signs with.
 pub const ALGORITHMS: [TokenAlgorithm; 3] = [
@@ -43,9 +44,6 @@ pub const ALGORITHMS: [TokenAlgorithm; 3] = [
     TokenAlgorithm::Es256,
     TokenAlgorithm::Eddsa,
 ];
-
-const STATUS_ACTIVE: &str = "active";
-const STATUS_RETIRED: &str = "retired";
 
 /// The stored name of an algorithm.
 pub fn algorithm_name(algorithm: TokenAlgorithm) -> &'static str {
@@ -300,23 +298,40 @@ impl IssuerKeys {
         let txn = self.db.begin().await?;
         let current = issuer_key::Entity::find()
             .filter(issuer_key::Column::Algorithm.eq(alg_name))
-            .filter(issuer_key::Column::Status.eq(STATUS_ACTIVE))
+            .filter(issuer_key::Column::Status.eq(issuer_key::Status::Active))
             .one(&txn)
             .await?;
         let retired = match current {
-            Some(current) => {
-                let mut retiring: issuer_key::ActiveModel = current.into();
-                retiring.status = Set(STATUS_RETIRED.to_owned());
-                retiring.retired_at = Set(Some(now));
-                retiring.publish_until = Set(Some(now + self.max_token_ttl_millis));
-                Some(retiring.update(&txn).await?)
+            Some(mut retiring) => {
+                let publish_until = now + self.max_token_ttl_millis;
+                let updated = issuer_key::Entity::update_many()
+                    .into_state(issuer_key::Status::Retired)
+                    .col_expr(
+                        issuer_key::Column::RetiredAt,
+                        sea_orm::sea_query::Expr::value(Some(now)),
+                    )
+                    .col_expr(
+                        issuer_key::Column::PublishUntil,
+                        sea_orm::sea_query::Expr::value(Some(publish_until)),
+                    )
+                    .filter(issuer_key::Column::Kid.eq(retiring.kid.clone()))
+                    .exec(&txn)
+                    .await?;
+                // None when a concurrent rotation retired it first: its new
+                // key then refuses this one below.
+                (updated.rows_affected == 1).then(|| {
+                    retiring.status = issuer_key::Status::Retired;
+                    retiring.retired_at = Some(now);
+                    retiring.publish_until = Some(publish_until);
+                    retiring
+                })
             }
             None => None,
         };
         let inserted = issuer_key::ActiveModel {
             kid: Set(kid.clone()),
             algorithm: Set(alg_name.to_owned()),
-            status: Set(STATUS_ACTIVE.to_owned()),
+            status: Set(issuer_key::Status::Active),
             private_key_ciphertext: Set(sealed),
             public_jwk: Set(jwk.to_string()),
             created_at: Set(now),
@@ -395,7 +410,7 @@ impl IssuerKeys {
                     publish_until: row.publish_until,
                 }),
             );
-            if row.status == STATUS_ACTIVE {
+            if row.status == issuer_key::Status::Active {
                 ring.active.insert(
                     algorithm as i32,
                     Arc::new(ActiveKey {

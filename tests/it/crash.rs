@@ -203,7 +203,7 @@ pub(crate) async fn assert_no_half_written_delegation(
             row.id,
             row.status
         );
-        if row.status == "active" {
+        if row.status == delegation::Status::Active {
             active += 1;
             let issued = if row.step_up_id.is_some() {
                 "step_up.approved"
@@ -735,15 +735,21 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
         assert_eq!(by_key.len(), 1, "{key} names one delegation");
         assert_eq!(&by_key[0].id, id, "{key}");
         if seen.revoked.contains(id) {
-            assert_eq!(row.status, "revoked", "{key}");
+            assert_eq!(row.status, delegation::Status::Revoked, "{key}");
         } else if key.starts_with("churn-") {
             // Revoked by an attempt whose answer the kill lost, or still
             // active when the load stopped.
-            assert!(row.status == "active" || row.status == "revoked", "{key}");
+            assert!(
+                matches!(
+                    row.status,
+                    delegation::Status::Active | delegation::Status::Revoked
+                ),
+                "{key}"
+            );
         } else {
-            assert_eq!(row.status, "active", "{key}");
+            assert_eq!(row.status, delegation::Status::Active, "{key}");
         }
-        if row.status == "revoked" {
+        if row.status == delegation::Status::Revoked {
             assert_eq!(
                 audit.in_both(logs, "delegation.revoked", id),
                 [1, 1],
@@ -774,14 +780,17 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
             "{id}"
         );
         if seen.approved.contains(id) || seen.step_up_jtis.contains(id) {
-            assert_eq!(row.status, "active", "{id}");
+            assert_eq!(row.status, delegation::Status::Active, "{id}");
             let step = step_up::Entity::find_by_id(row.step_up_id.clone().expect("step-up"))
                 .one(&db)
                 .await
                 .unwrap()
                 .expect("its step-up");
             assert!(
-                step.state == "approved" || step.state == "redeemed",
+                matches!(
+                    step.state,
+                    step_up::State::Approved | step_up::State::Redeemed
+                ),
                 "{id}: {}",
                 step.state
             );
@@ -794,7 +803,7 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("no row for the jti {jti}"));
-        assert_eq!(row.status, "active");
+        assert_eq!(row.status, delegation::Status::Active);
         assert_eq!(
             audit.in_both(logs, "step_up.redeemed", jti),
             [1, 1],
@@ -808,7 +817,7 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("no row for the signature {signature_id} ({key})"));
-        assert_eq!(row.status, "signed");
+        assert_eq!(row.status, signature::Status::Signed);
         assert_eq!(&row.idempotency_key, key);
         assert_eq!(
             audit.count(&fx.acme, "key.signed", signature_id),
@@ -822,7 +831,7 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
         .await
         .unwrap();
     for row in &all_signed {
-        assert_eq!(row.status, "signed", "{}", row.id);
+        assert_eq!(row.status, signature::Status::Signed, "{}", row.id);
         assert_eq!(
             audit.count(&fx.acme, "key.signed", &row.id),
             1,

@@ -340,7 +340,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
     // Past the 60 s of the ALLOWed delegations on both replicas' shared
     // clock: the replicas' own sweepers (every 5 s) end them.
     let db = r.a.state.db.clone();
-    let open = |status: &'static str| {
+    let open = |status: delegation::Status| {
         let db = db.clone();
         async move {
             delegation::Entity::find()
@@ -353,7 +353,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
     };
     r.a.clock.advance(61_000);
     let waited = Instant::now();
-    while open("active").await > 0 {
+    while open(delegation::Status::Active).await > 0 {
         assert!(
             waited.elapsed() < Duration::from_secs(12),
             "the replicas' sweepers did not end the expired delegations"
@@ -362,7 +362,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
     }
     let by_sweepers = waited.elapsed();
     assert_eq!(
-        open("pending").await,
+        open(delegation::Status::Pending).await,
         pending.len(),
         "the step-ups run 300 s"
     );
@@ -384,7 +384,10 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
             for _ in 0..200 {
                 ended += sweep_expired(&state, now).await.expect("sweep");
                 let left = delegation::Entity::find()
-                    .filter(delegation::Column::Status.is_in(["active", "pending"]))
+                    .filter(
+                        delegation::Column::Status
+                            .is_in([delegation::Status::Active, delegation::Status::Pending]),
+                    )
                     .all(&db)
                     .await
                     .unwrap();
@@ -413,7 +416,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
             .await
             .unwrap()
             .expect("row");
-        assert_eq!(row.status, "expired", "{id}");
+        assert_eq!(row.status, delegation::Status::Expired, "{id}");
         assert_eq!(
             audit.in_both(logs, "delegation.expired", id),
             [1, 1],
@@ -426,7 +429,7 @@ async fn both_replicas_sweeping_end_each_expired_delegation_once() {
             .await
             .unwrap()
             .expect("step-up");
-        assert_eq!(row.state, "expired");
+        assert_eq!(row.state, step_up::State::Expired);
         let shown = get_step_up(&approver, &step.step_up_id).await.unwrap();
         assert_eq!(shown.state(), State::Expired);
     }

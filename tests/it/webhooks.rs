@@ -299,7 +299,7 @@ async fn delivery_id(server: &TestServer, tenant_id: &str, step_up_id: &str, kin
     let change = changes(server, tenant_id)
         .await
         .into_iter()
-        .find(|c| c.step_up_id == step_up_id && c.kind == kind)
+        .find(|c| c.step_up_id == step_up_id && c.kind.as_str() == kind)
         .unwrap_or_else(|| panic!("no {kind} change for {step_up_id}"));
     format!("chg_{}", change.id)
 }

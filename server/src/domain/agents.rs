@@ -18,10 +18,8 @@ use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
 use crate::store::entities::agent;
+use crate::store::lifecycle::Transitions;
 use crate::validate;
-
-pub const STATUS_ACTIVE: &str = "active";
-pub const STATUS_DISABLED: &str = "disabled";
 
 /// The prefix of client secrets, so that leaked secrets are recognisable by
 /// secret scanners.
@@ -32,11 +30,21 @@ fn new_secret() -> Result<String> {
     Ok(format!("{SECRET_PREFIX}{}", random_token(32)?))
 }
 
-pub fn status_of(model: &agent::Model) -> AgentStatus {
-    if model.status == STATUS_ACTIVE {
-        AgentStatus::Active
-    } else {
-        AgentStatus::Disabled
+impl From<agent::Status> for AgentStatus {
+    fn from(status: agent::Status) -> Self {
+        match status {
+            agent::Status::Active => Self::Active,
+            agent::Status::Disabled => Self::Disabled,
+        }
+    }
+}
+
+/// The stored status a ListAgents filter names (none: any).
+fn stored_status(status: AgentStatus) -> Option<agent::Status> {
+    match status {
+        AgentStatus::Active => Some(agent::Status::Active),
+        AgentStatus::Disabled => Some(agent::Status::Disabled),
+        AgentStatus::Unspecified => None,
     }
 }
 
@@ -71,7 +79,7 @@ pub async fn create(
         tenant_id: Set(tenant_id.clone()),
         name: Set(name.to_owned()),
         description: Set(description.to_owned()),
-        status: Set(STATUS_ACTIVE.to_owned()),
+        status: Set(agent::Status::Active),
         secret_digest: Set(state.master.secret_digest(&secret)),
         secret_rotated_at: Set(now),
         created_at: Set(now),
@@ -133,12 +141,8 @@ pub async fn list(
     if let Some(after) = after {
         query = query.filter(agent::Column::Id.gt(after));
     }
-    match status {
-        Some(AgentStatus::Active) => query = query.filter(agent::Column::Status.eq(STATUS_ACTIVE)),
-        Some(AgentStatus::Disabled) => {
-            query = query.filter(agent::Column::Status.eq(STATUS_DISABLED))
-        }
-        _ => {}
+    if let Some(stored) = status.and_then(stored_status) {
+        query = query.filter(agent::Column::Status.eq(stored));
     }
     let rows = query.all(&state.db).await?;
     Ok(page::finish(rows, size, &scope, |row| row.id.clone()))
@@ -154,25 +158,27 @@ pub async fn set_disabled(
 ) -> Result<agent::Model> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let current = find_own(state, &tenant_id, agent_id).await?;
-    let (from, to, event_type) = if disable {
-        (STATUS_ACTIVE, STATUS_DISABLED, "agent.disabled")
+    let (to, event_type) = if disable {
+        (agent::Status::Disabled, "agent.disabled")
     } else {
-        (STATUS_DISABLED, STATUS_ACTIVE, "agent.enabled")
+        (agent::Status::Active, "agent.enabled")
     };
     let txn = state.db.begin().await?;
     let updated = agent::Entity::update_many()
-        .col_expr(agent::Column::Status, sea_orm::sea_query::Expr::value(to))
+        .into_state(to)
         .col_expr(
             agent::Column::UpdatedAt,
             sea_orm::sea_query::Expr::value(state.clock.now_millis()),
         )
         .filter(agent::Column::Id.eq(current.id.clone()))
         .filter(agent::Column::TenantId.eq(tenant_id.clone()))
-        .filter(agent::Column::Status.eq(from))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 0 {
-        return Err(Error::invalid_state(format!("agent is already {to}"), to));
+        return Err(Error::invalid_state(
+            format!("agent is already {to}"),
+            to.as_str(),
+        ));
     }
     audit::append(
         &txn,

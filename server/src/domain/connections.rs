@@ -57,13 +57,10 @@ use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::oauth_client::{ClientAuth, ProviderError, TokenGrant, tidy};
 use crate::state::AppState;
+use crate::store::entities::connection::Status;
 use crate::store::entities::{connection, delegation, oauth_provider, oauth_state, tenant};
+use crate::store::lifecycle::{Lifecycle, Transitions};
 use crate::validate;
-
-pub const STATUS_PENDING: &str = "pending";
-pub const STATUS_CONNECTED: &str = "connected";
-pub const STATUS_NEEDS_REAUTH: &str = "needs_reauth";
-pub const STATUS_DISCONNECTED: &str = "disconnected";
 
 /// RFC 8693 values.
 pub const GRANT_TYPE_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -77,25 +74,26 @@ const DEFAULT_ACCESS_TTL_SECONDS: u64 = 300;
 /// provider's token or revocation endpoint, or its client, changed.
 pub const ENDPOINTS_CHANGED: &str = "the provider's token or revocation endpoint or client id changed since these tokens were issued; they were discarded unsent";
 
-/// A status as the proto names it.
-pub fn status_proto(status: &str) -> ConnectionStatus {
-    match status {
-        STATUS_PENDING => ConnectionStatus::Pending,
-        STATUS_CONNECTED => ConnectionStatus::Connected,
-        STATUS_NEEDS_REAUTH => ConnectionStatus::NeedsReauth,
-        STATUS_DISCONNECTED => ConnectionStatus::Disconnected,
-        _ => ConnectionStatus::Unspecified,
+impl From<Status> for ConnectionStatus {
+    fn from(status: Status) -> Self {
+        match status {
+            Status::Pending => Self::Pending,
+            Status::Connected => Self::Connected,
+            Status::NeedsReauth => Self::NeedsReauth,
+            Status::Disconnected => Self::Disconnected,
+        }
     }
 }
 
-fn status_column(status: ConnectionStatus) -> Option<&'static str> {
-    Some(match status {
-        ConnectionStatus::Pending => STATUS_PENDING,
-        ConnectionStatus::Connected => STATUS_CONNECTED,
-        ConnectionStatus::NeedsReauth => STATUS_NEEDS_REAUTH,
-        ConnectionStatus::Disconnected => STATUS_DISCONNECTED,
-        ConnectionStatus::Unspecified => return None,
-    })
+/// The stored status a ListConnections filter names (none: any).
+fn stored_status(status: ConnectionStatus) -> Option<Status> {
+    match status {
+        ConnectionStatus::Pending => Some(Status::Pending),
+        ConnectionStatus::Connected => Some(Status::Connected),
+        ConnectionStatus::NeedsReauth => Some(Status::NeedsReauth),
+        ConnectionStatus::Disconnected => Some(Status::Disconnected),
+        ConnectionStatus::Unspecified => None,
+    }
 }
 
 /// A JSON array column as strings.
@@ -268,9 +266,11 @@ pub async fn list(
     let (size, token) = page::parts(req.page.as_ref());
     let size = v.take(validate::page_size("page.page_size", size));
     v.finish()?;
-    let status = status.flatten().and_then(status_column);
+    let status = status.flatten().and_then(stored_status);
     let size = size.unwrap_or(50);
-    let scope = format!("connections|{tenant_id}|{}|{status:?}", req.provider_id);
+    // The page scope names the stored string, as it always has.
+    let named = status.map(Status::as_str);
+    let scope = format!("connections|{tenant_id}|{}|{named:?}", req.provider_id);
     let after = page::decode("page.page_token", &scope, token)?;
     let mut query = connection::Entity::find()
         .filter(connection::Column::TenantId.eq(tenant_id))
@@ -361,7 +361,7 @@ pub async fn start(
                 "belongs to another provider than provider_id",
             ));
         }
-        if row.status == STATUS_DISCONNECTED {
+        if row.status == Status::Disconnected {
             return Err(Error::invalid_state(
                 "the connection is disconnected; start a new one",
                 ConnectionStatus::Disconnected.as_str_name(),
@@ -394,7 +394,7 @@ pub async fn start(
                 id: Set(new_id(IdKind::Connection)),
                 tenant_id: Set(tenant_id.clone()),
                 provider_id: Set(provider.id.clone()),
-                status: Set(STATUS_PENDING.to_owned()),
+                status: Set(Status::Pending),
                 scopes: Set(to_json(&scopes)?),
                 refresh_token_ciphertext: Set(None),
                 access_token_ciphertext: Set(None),
@@ -626,7 +626,7 @@ pub async fn callback(
     let Some(row) = connection::Entity::find_by_id(flow.connection_id.clone())
         .one(&state.db)
         .await?
-        .filter(|row| row.tenant_id == flow.tenant_id && row.status != STATUS_DISCONNECTED)
+        .filter(|row| row.tenant_id == flow.tenant_id && row.status.can_become(Status::Connected))
     else {
         state
             .record(vec![failed(
@@ -709,7 +709,7 @@ pub async fn callback(
     let has_refresh = refresh.is_some();
     let txn = state.db.begin().await?;
     let update = without_lease(connection::Entity::update_many())
-        .col_expr(connection::Column::Status, Expr::value(STATUS_CONNECTED))
+        .into_state(Status::Connected)
         .col_expr(
             connection::Column::IssuerTokenUrl,
             Expr::value(provider.token_url.clone()),
@@ -748,7 +748,6 @@ pub async fn callback(
         .col_expr(connection::Column::StatusReason, Expr::value(String::new()))
         .col_expr(connection::Column::UpdatedAt, Expr::value(now))
         .filter(connection::Column::Id.eq(row.id.clone()))
-        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 0 {
@@ -777,7 +776,7 @@ pub async fn callback(
                 "provider": provider.name,
                 "granted_scopes": granted,
                 "refresh_token_stored": has_refresh,
-                "reauthorized": row.status != STATUS_PENDING,
+                "reauthorized": row.status != Status::Pending,
             }),
         ),
     )
@@ -883,7 +882,7 @@ pub async fn delete(
 ) -> Result<(connection::Model, bool)> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let row = find_own(state, &tenant_id, id).await?;
-    if row.status == STATUS_DISCONNECTED {
+    if row.status == Status::Disconnected {
         return Err(already_disconnected());
     }
     let cached = provider_of(state, &row).await?;
@@ -919,27 +918,18 @@ pub async fn delete(
     };
     let now = state.clock.now_millis();
     let txn = state.db.begin().await?;
-    let updated = without_lease(connection::Entity::update_many())
-        .col_expr(connection::Column::Status, Expr::value(STATUS_DISCONNECTED))
-        .col_expr(
-            connection::Column::RefreshTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        )
-        .col_expr(
-            connection::Column::AccessTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        )
-        .col_expr(
-            connection::Column::AccessTokenExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
+    let erase = erasing(
+        without_lease(connection::Entity::update_many()),
+        Discard::Tokens,
+    );
+    let updated = erase
+        .into_state(Status::Disconnected)
         .col_expr(
             connection::Column::StatusReason,
             Expr::value(revocation_note.clone()),
         )
         .col_expr(connection::Column::UpdatedAt, Expr::value(now))
         .filter(connection::Column::Id.eq(row.id.clone()))
-        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 0 {
@@ -1158,12 +1148,12 @@ fn effective_scopes(requested: &[String], allowed: &[String]) -> Result<Vec<Stri
 /// `Ok` for a CONNECTED connection; otherwise the error an exchange answers:
 /// NEEDS_REAUTH, or INVALID_STATE naming the state.
 fn check_usable(row: &connection::Model) -> Result<()> {
-    match row.status.as_str() {
-        STATUS_CONNECTED => Ok(()),
-        STATUS_NEEDS_REAUTH => Err(needs_reauth(row)),
-        other => Err(Error::invalid_state(
+    match row.status {
+        Status::Connected => Ok(()),
+        Status::NeedsReauth => Err(needs_reauth(row)),
+        other @ (Status::Pending | Status::Disconnected) => Err(Error::invalid_state(
             format!("the connection is {other}"),
-            status_proto(other).as_str_name(),
+            ConnectionStatus::from(other).as_str_name(),
         )),
     }
 }
@@ -1317,7 +1307,7 @@ async fn exchange_step_up(
             .one(&state.db)
             .await?;
         if let Some(row) = &latest
-            && delegations::effective_status(row, now) == delegations::STATUS_PENDING
+            && delegations::effective_status(row, now) == delegation::Status::Pending
         {
             return step_up_required(state, row).await;
         }
@@ -1434,7 +1424,7 @@ async fn delegated_grant(
     if row.requesting_agent_id != agent_id {
         return Err(invalid_subject("the token was issued to another agent"));
     }
-    if delegations::effective_status(&row, now) != delegations::STATUS_ACTIVE {
+    if delegations::effective_status(&row, now) != delegation::Status::Active {
         return Err(invalid_subject("the delegation is not active"));
     }
     // Only now is the connection looked up, in the token's receiving tenant:
@@ -1738,7 +1728,7 @@ async fn take_lease(
             Expr::value(Some(until)),
         )
         .filter(connection::Column::Id.eq(row.id.clone()))
-        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
+        .filter(connection::Column::Status.eq(Status::Connected))
         .filter(connection::Column::TokenVersion.eq(row.token_version))
         .filter(
             Condition::any()
@@ -1867,7 +1857,7 @@ async fn refresh_under_lease(
     }
     let stored = update
         .filter(connection::Column::Id.eq(row.id.clone()))
-        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
+        .filter(connection::Column::Status.eq(Status::Connected))
         .filter(connection::Column::TokenVersion.eq(lease.token_version))
         .exec(&state.db)
         .await?;
@@ -1962,7 +1952,7 @@ async fn refresh(
     }
 }
 
-/// What NEEDS_REAUTH erases besides the cached access token.
+/// Which sealed tokens a write erases.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Discard {
     /// Only the cached access token (the refresh token stays, for the
@@ -1970,6 +1960,46 @@ enum Discard {
     AccessToken,
     /// The refresh token too: it may not be sent anywhere any more.
     Tokens,
+}
+
+/// Erases the sealed tokens `discard` names: the cached access token and
+/// its expiry always, the refresh token too for [`Discard::Tokens`].
+fn erasing(
+    update: sea_orm::UpdateMany<connection::Entity>,
+    discard: Discard,
+) -> sea_orm::UpdateMany<connection::Entity> {
+    let update = update
+        .col_expr(
+            connection::Column::AccessTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        )
+        .col_expr(
+            connection::Column::AccessTokenExpiresAt,
+            Expr::value(Option::<i64>::None),
+        );
+    match discard {
+        Discard::AccessToken => update,
+        Discard::Tokens => update.col_expr(
+            connection::Column::RefreshTokenCiphertext,
+            Expr::value(Option::<Vec<u8>>::None),
+        ),
+    }
+}
+
+/// The UPDATE that turns connections in one of `from` NEEDS_REAUTH for
+/// `reason`: it erases what `discard` names, ends any refresh lease and
+/// moves `token_version`. The caller says which rows.
+fn needing_reauth(
+    from: &[Status],
+    reason: &str,
+    discard: Discard,
+    now: Millis,
+) -> sea_orm::UpdateMany<connection::Entity> {
+    erasing(without_lease(connection::Entity::update_many()), discard)
+        .transition(from, Status::NeedsReauth)
+        .col_expr(connection::Column::StatusReason, Expr::value(reason))
+        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
+        .col_expr(connection::Column::TokenVersion, next_token_version())
 }
 
 /// Marks a connection NEEDS_REAUTH (once, audited), ending any refresh
@@ -1983,31 +2013,8 @@ async fn mark_needs_reauth(
     let now = state.clock.now_millis();
     let reason = tidy(reason, 256);
     let txn = state.db.begin().await?;
-    let mut update = without_lease(connection::Entity::update_many());
-    if discard == Discard::Tokens {
-        update = update.col_expr(
-            connection::Column::RefreshTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        );
-    }
-    let updated = update
-        .col_expr(connection::Column::Status, Expr::value(STATUS_NEEDS_REAUTH))
-        .col_expr(
-            connection::Column::StatusReason,
-            Expr::value(reason.clone()),
-        )
-        .col_expr(
-            connection::Column::AccessTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        )
-        .col_expr(
-            connection::Column::AccessTokenExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
-        .col_expr(connection::Column::TokenVersion, next_token_version())
+    let updated = needing_reauth(&[Status::Connected], &reason, discard, now)
         .filter(connection::Column::Id.eq(row.id.clone()))
-        .filter(connection::Column::Status.eq(STATUS_CONNECTED))
         .filter(connection::Column::TokenVersion.eq(row.token_version))
         .exec(&txn)
         .await?;
@@ -2061,7 +2068,7 @@ pub(crate) async fn discard_for_moved_provider<C: sea_orm::ConnectionTrait>(
         .column(connection::Column::Id)
         .filter(connection::Column::TenantId.eq(tenant_id))
         .filter(connection::Column::ProviderId.eq(provider_id))
-        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
+        .filter(Status::guard_into(Status::NeedsReauth))
         .filter(holding.clone())
         .into_tuple()
         .all(txn)
@@ -2070,28 +2077,9 @@ pub(crate) async fn discard_for_moved_provider<C: sea_orm::ConnectionTrait>(
         return Ok(Vec::new());
     }
     let now = state.clock.now_millis();
-    without_lease(connection::Entity::update_many())
-        .col_expr(connection::Column::Status, Expr::value(STATUS_NEEDS_REAUTH))
-        .col_expr(
-            connection::Column::StatusReason,
-            Expr::value(ENDPOINTS_CHANGED),
-        )
-        .col_expr(
-            connection::Column::RefreshTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        )
-        .col_expr(
-            connection::Column::AccessTokenCiphertext,
-            Expr::value(Option::<Vec<u8>>::None),
-        )
-        .col_expr(
-            connection::Column::AccessTokenExpiresAt,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(connection::Column::UpdatedAt, Expr::value(now))
-        .col_expr(connection::Column::TokenVersion, next_token_version())
+    let stale = Status::sources(Status::NeedsReauth);
+    needing_reauth(&stale, ENDPOINTS_CHANGED, Discard::Tokens, now)
         .filter(connection::Column::Id.is_in(ids.clone()))
-        .filter(connection::Column::Status.ne(STATUS_DISCONNECTED))
         .exec(txn)
         .await?;
     let mut events = Vec::with_capacity(ids.len());

@@ -36,15 +36,8 @@ use crate::issuer::parse_algorithm;
 use crate::state::AppState;
 use crate::store::entities::{agent, delegation, step_up, tenant};
 use crate::store::is_postgres;
+use crate::store::lifecycle::{Lifecycle, Transitions};
 use crate::validate;
-
-pub const STATUS_PENDING: &str = "pending";
-pub const STATUS_ACTIVE: &str = "active";
-pub const STATUS_DENIED: &str = "denied";
-pub const STATUS_EXPIRED: &str = "expired";
-pub const STATUS_REVOKED: &str = "revoked";
-pub const STATUS_RELINQUISHED: &str = "relinquished";
-pub const STATUS_BLOCKED: &str = "blocked";
 
 /// The purpose string under which `auth_req_id`s are derived from step-up ids.
 const AUTH_REQ_ID_PURPOSE: &str = "vaultguard/v1 auth_req_id";
@@ -55,41 +48,42 @@ const SWEEP_BATCH: u64 = 500;
 /// Largest accepted token, in bytes.
 const MAX_TOKEN_BYTES: usize = 8192;
 
-/// A status as the proto names it.
-pub fn status_proto(status: &str) -> DelegationStatus {
-    match status {
-        STATUS_PENDING => DelegationStatus::Pending,
-        STATUS_ACTIVE => DelegationStatus::Active,
-        STATUS_DENIED => DelegationStatus::Denied,
-        STATUS_EXPIRED => DelegationStatus::Expired,
-        STATUS_REVOKED => DelegationStatus::Revoked,
-        STATUS_RELINQUISHED => DelegationStatus::Relinquished,
-        STATUS_BLOCKED => DelegationStatus::Blocked,
-        _ => DelegationStatus::Unspecified,
+impl From<delegation::Status> for DelegationStatus {
+    fn from(status: delegation::Status) -> Self {
+        match status {
+            delegation::Status::Pending => Self::Pending,
+            delegation::Status::Active => Self::Active,
+            delegation::Status::Denied => Self::Denied,
+            delegation::Status::Expired => Self::Expired,
+            delegation::Status::Revoked => Self::Revoked,
+            delegation::Status::Relinquished => Self::Relinquished,
+            delegation::Status::Blocked => Self::Blocked,
+        }
     }
 }
 
-fn status_column(status: DelegationStatus) -> Option<&'static str> {
-    Some(match status {
-        DelegationStatus::Pending => STATUS_PENDING,
-        DelegationStatus::Active => STATUS_ACTIVE,
-        DelegationStatus::Denied => STATUS_DENIED,
-        DelegationStatus::Expired => STATUS_EXPIRED,
-        DelegationStatus::Revoked => STATUS_REVOKED,
-        DelegationStatus::Relinquished => STATUS_RELINQUISHED,
-        DelegationStatus::Blocked => STATUS_BLOCKED,
-        DelegationStatus::Unspecified => return None,
-    })
+/// The stored status a ListDelegations filter names (none for UNSPECIFIED).
+fn stored_status(status: DelegationStatus) -> Option<delegation::Status> {
+    match status {
+        DelegationStatus::Pending => Some(delegation::Status::Pending),
+        DelegationStatus::Active => Some(delegation::Status::Active),
+        DelegationStatus::Denied => Some(delegation::Status::Denied),
+        DelegationStatus::Expired => Some(delegation::Status::Expired),
+        DelegationStatus::Revoked => Some(delegation::Status::Revoked),
+        DelegationStatus::Relinquished => Some(delegation::Status::Relinquished),
+        DelegationStatus::Blocked => Some(delegation::Status::Blocked),
+        DelegationStatus::Unspecified => None,
+    }
 }
 
-/// The status with expiry applied: a PENDING or ACTIVE row past its
-/// `expires_at` is EXPIRED even before the sweeper rewrites it.
-pub fn effective_status(row: &delegation::Model, now: Millis) -> &str {
-    let live = row.status == STATUS_PENDING || row.status == STATUS_ACTIVE;
-    if live && row.expires_at.is_some_and(|at| at <= now) {
-        STATUS_EXPIRED
+/// The status with expiry applied: a row the sweeper will expire (PENDING
+/// or ACTIVE) past its `expires_at` is EXPIRED before it is rewritten.
+pub fn effective_status(row: &delegation::Model, now: Millis) -> delegation::Status {
+    let expired = row.expires_at.is_some_and(|at| at <= now);
+    if expired && row.status.can_become(delegation::Status::Expired) {
+        delegation::Status::Expired
     } else {
-        &row.status
+        row.status
     }
 }
 
@@ -624,18 +618,18 @@ pub(crate) fn new_row(
 ) -> Result<delegation::Model> {
     let (status, activated_at, expires_at, ended) = match decision.outcome {
         Outcome::Allow => (
-            STATUS_ACTIVE,
+            delegation::Status::Active,
             Some(now),
             Some(now + i64::from(decision.max_ttl_seconds) * 1000),
             false,
         ),
         Outcome::StepUp => (
-            STATUS_PENDING,
+            delegation::Status::Pending,
             None,
             Some(now + i64::from(state.config.step_up_expires_in_seconds) * 1000),
             false,
         ),
-        Outcome::Block => (STATUS_BLOCKED, None, None, true),
+        Outcome::Block => (delegation::Status::Blocked, None, None, true),
     };
     Ok(delegation::Model {
         id: new_id(IdKind::Delegation),
@@ -647,7 +641,7 @@ pub(crate) fn new_row(
         resource: new.input.resource.clone(),
         binding_message: new.input.binding_message.clone(),
         context: to_json(&new.input.context)?,
-        status: status.to_owned(),
+        status,
         decision: to_json(decision)?,
         idempotency_key: new.idempotency_key.to_owned(),
         request_hash: new.request_hash.to_owned(),
@@ -698,7 +692,7 @@ pub(crate) async fn insert_step_up(
         requesting_tenant_id: Set(row.requesting_tenant_id.clone()),
         requesting_agent_id: Set(row.requesting_agent_id.clone()),
         auth_req_id_hash: Set(sha256_hex(handle.as_bytes())),
-        state: Set("pending".to_owned()),
+        state: Set(step_up::State::Pending),
         request_hash: Set(approval_hash(row)?),
         interval_seconds: Set(i64::from(state.config.step_up_interval_seconds)),
         last_polled_at: Set(None),
@@ -854,7 +848,7 @@ async fn replay(
         }
         Outcome::Allow => {
             let status = effective_status(&row, now);
-            if status != STATUS_ACTIVE {
+            if status != delegation::Status::Active {
                 return Err(ended_error(&row, status));
             }
             if !is_active(&tenant_row(state, &row.receiving_tenant_id).await?) {
@@ -879,10 +873,10 @@ async fn replay(
     }
 }
 
-fn ended_error(row: &delegation::Model, status: &str) -> Error {
+fn ended_error(row: &delegation::Model, status: delegation::Status) -> Error {
     let mut err = Error::invalid_state(
         format!("the delegation is {status}"),
-        status_proto(status).as_str_name(),
+        DelegationStatus::from(status).as_str_name(),
     );
     if let Error::FailedPrecondition { metadata, .. } = &mut err {
         metadata.insert("delegation_id".to_owned(), row.id.clone());
@@ -988,7 +982,7 @@ pub async fn list(
                 false,
             ))
             .flatten()
-            .and_then(status_column)
+            .and_then(stored_status)
         {
             statuses.push(status);
         }
@@ -1002,12 +996,14 @@ pub async fn list(
     let size = v.take(validate::page_size("page.page_size", page.page_size));
     v.finish()?;
     let size = size.unwrap_or(50);
-    statuses.sort_unstable();
+    statuses.sort_unstable_by_key(|status| status.as_str());
     statuses.dedup();
+    // The page scope names the stored strings, as it always has.
+    let named: Vec<&str> = statuses.iter().map(|status| status.as_str()).collect();
     let own_agent = ctx.principal.agent_id().map(str::to_owned);
     let agent_filter = own_agent.clone().or(agent_filter);
     let scope = format!(
-        "delegations|{tenant}|{own_agent:?}|{side:?}|{statuses:?}|{}|{counterpart:?}|{agent_filter:?}",
+        "delegations|{tenant}|{own_agent:?}|{side:?}|{named:?}|{}|{counterpart:?}|{agent_filter:?}",
         req.action
     );
     let after = page::decode("page.page_token", &scope, &page.page_token)?;
@@ -1044,17 +1040,21 @@ pub async fn list(
         .limit(size + 1);
     if !statuses.is_empty() {
         let mut any = Condition::any();
-        for status in &statuses {
-            any = any.add(match *status {
-                STATUS_PENDING | STATUS_ACTIVE => Condition::all()
-                    .add(C::Status.eq(*status))
+        // Expiry applied as `effective_status` applies it.
+        use delegation::Status as S;
+        for &status in &statuses {
+            any = any.add(match status {
+                S::Pending | S::Active => Condition::all()
+                    .add(C::Status.eq(status))
                     .add(C::ExpiresAt.gt(now)),
-                STATUS_EXPIRED => Condition::any().add(C::Status.eq(STATUS_EXPIRED)).add(
+                S::Expired => Condition::any().add(C::Status.eq(S::Expired)).add(
                     Condition::all()
-                        .add(C::Status.is_in([STATUS_PENDING, STATUS_ACTIVE]))
+                        .add(S::guard_into(S::Expired))
                         .add(C::ExpiresAt.lte(now)),
                 ),
-                other => Condition::all().add(C::Status.eq(other)),
+                S::Denied | S::Revoked | S::Relinquished | S::Blocked => {
+                    Condition::all().add(C::Status.eq(status))
+                }
             });
         }
         query = query.filter(any);
@@ -1078,14 +1078,14 @@ async fn end_active(
     state: &AppState,
     ctx: &CallContext,
     row: delegation::Model,
-    to: &'static str,
+    to: delegation::Status,
     event_type: &'static str,
     reason: &str,
 ) -> Result<delegation::Model> {
     let now = state.clock.now_millis();
     let txn = state.db.begin().await?;
     let updated = delegation::Entity::update_many()
-        .col_expr(delegation::Column::Status, Expr::value(to))
+        .into_state(to)
         .col_expr(delegation::Column::EndedAt, Expr::value(now))
         .col_expr(
             delegation::Column::EndedBy,
@@ -1093,7 +1093,6 @@ async fn end_active(
         )
         .col_expr(delegation::Column::EndReason, Expr::value(reason))
         .filter(delegation::Column::Id.eq(row.id.clone()))
-        .filter(delegation::Column::Status.eq(STATUS_ACTIVE))
         .filter(delegation::Column::ExpiresAt.gt(now))
         .exec(&txn)
         .await?;
@@ -1154,7 +1153,7 @@ pub async fn revoke(
         state,
         ctx,
         row,
-        STATUS_REVOKED,
+        delegation::Status::Revoked,
         "delegation.revoked",
         reason,
     )
@@ -1184,7 +1183,7 @@ pub async fn relinquish(
         state,
         ctx,
         row,
-        STATUS_RELINQUISHED,
+        delegation::Status::Relinquished,
         "delegation.relinquished",
         reason,
     )
@@ -1215,7 +1214,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         }
     }
     let due = delegation::Entity::find()
-        .filter(delegation::Column::Status.is_in([STATUS_PENDING, STATUS_ACTIVE]))
+        .filter(delegation::Status::guard_into(delegation::Status::Expired))
         .filter(delegation::Column::ExpiresAt.lte(now))
         .order_by_asc(delegation::Column::ExpiresAt)
         .limit(SWEEP_BATCH)
@@ -1227,12 +1226,11 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
     let mut changes = Vec::new();
     for row in due {
         let updated = delegation::Entity::update_many()
-            .col_expr(delegation::Column::Status, Expr::value(STATUS_EXPIRED))
+            .transition(&[row.status], delegation::Status::Expired)
             .col_expr(delegation::Column::EndedAt, Expr::value(now))
             .col_expr(delegation::Column::EndedBy, Expr::value(system.clone()))
             .col_expr(delegation::Column::EndReason, Expr::value("expired"))
             .filter(delegation::Column::Id.eq(row.id.clone()))
-            .filter(delegation::Column::Status.eq(row.status.clone()))
             .filter(delegation::Column::ExpiresAt.lte(now))
             .exec(&txn)
             .await?;
@@ -1246,20 +1244,19 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         {
             // A pending step-up leaves the queue; an approved one whose token
             // was never taken can no longer be redeemed.
-            let from = if row.status == STATUS_PENDING {
-                step_ups::PENDING
+            let from = if row.status == delegation::Status::Pending {
+                step_up::State::Pending
             } else {
-                step_ups::APPROVED
+                step_up::State::Approved
             };
             let expired = step_up::Entity::update_many()
-                .col_expr(step_up::Column::State, Expr::value(step_ups::EXPIRED))
+                .transition(&[from], step_up::State::Expired)
                 .col_expr(step_up::Column::EndedAt, Expr::value(now))
                 .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
                 .filter(step_up::Column::Id.eq(step.id.clone()))
-                .filter(step_up::Column::State.eq(from))
                 .exec(&txn)
                 .await?;
-            if expired.rows_affected > 0 && from == step_ups::PENDING {
+            if expired.rows_affected > 0 && from == step_up::State::Pending {
                 changes.push(step_ups::record_expired(state, &txn, &step, now).await?);
             }
         }
@@ -1268,7 +1265,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
             &row,
             "delegation.expired",
             AuditOutcome::Success,
-            &json!({"previous_status": row.status}),
+            &json!({"previous_status": row.status.as_str()}),
             None,
         );
         audit::append_all(&txn, state.clock.as_ref(), events).await?;
@@ -1373,7 +1370,7 @@ pub async fn verify(
         || claims["action"].as_str() != Some(row.action.as_str())
     {
         Some("claims do not match the delegation")
-    } else if effective_status(&row, now) != STATUS_ACTIVE {
+    } else if effective_status(&row, now) != delegation::Status::Active {
         Some("delegation not active")
     } else if !required_action.is_empty() && row.action != required_action {
         Some("action differs from required_action")
@@ -1424,7 +1421,7 @@ pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Re
         .directory
         .agent(&state.db, &row.requesting_agent_id)
         .await?
-        .is_some_and(|a| a.status == crate::domain::agents::STATUS_ACTIVE))
+        .is_some_and(|a| a.status == agent::Status::Active))
 }
 
 async fn record_verification(
@@ -1508,7 +1505,7 @@ pub async fn evaluate(
         .one(&state.db)
         .await?
         .ok_or(Error::NotFound("agent"))?;
-    if agent.status != crate::domain::agents::STATUS_ACTIVE {
+    if agent.status != agent::Status::Active {
         return Err(Error::denied(
             ErrorReason::AgentDisabled,
             "the requesting agent is disabled",

@@ -22,7 +22,6 @@ use crate::directory::Entry;
 use crate::domain::policy_engine::{
     self as engine, Condition, Decision, Direction, Grants, Outcome, Request, TimeWindow,
 };
-use crate::domain::tenants::STATUS_ACTIVE;
 use crate::domain::{actor_json, page, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations};
 use crate::ids::{IdKind, check_id, new_id};
@@ -30,8 +29,23 @@ use crate::state::AppState;
 use crate::store::entities::{agent, policy_rule, tenant};
 use crate::validate;
 
-pub const OUTBOUND_ALLOW: &str = "allow";
-pub const OUTBOUND_BLOCK: &str = "block";
+impl From<tenant::OutboundDefault> for pb::OutboundDefault {
+    fn from(default: tenant::OutboundDefault) -> Self {
+        match default {
+            tenant::OutboundDefault::Allow => Self::Allow,
+            tenant::OutboundDefault::Block => Self::Block,
+        }
+    }
+}
+
+impl From<tenant::OutboundDefault> for Outcome {
+    fn from(default: tenant::OutboundDefault) -> Self {
+        match default {
+            tenant::OutboundDefault::Allow => Self::Allow,
+            tenant::OutboundDefault::Block => Self::Block,
+        }
+    }
+}
 
 /// The longest tenant or agent id accepted in a selector.
 const MAX_ID_LEN: usize = 64;
@@ -226,7 +240,7 @@ pub fn parse_rule(model: &policy_rule::Model) -> Result<engine::Rule> {
         agent_id: model.agent_id.clone(),
         conditions,
         time_window,
-        effect: Outcome::parse(&model.effect),
+        effect: model.effect.into(),
         max_ttl_seconds: u32::try_from(model.max_ttl_seconds).unwrap_or_default(),
         priority: model.priority,
         approvals_required: u32::try_from(model.approvals_required).unwrap_or_default(),
@@ -240,13 +254,13 @@ fn rule_details(model: &policy_rule::Model) -> Value {
     let grants: Grants = serde_json::from_str(&model.grants).unwrap_or_default();
     json!({
         "id": model.id,
-        "direction": model.direction,
+        "direction": model.direction.as_str(),
         "action_pattern": model.action_pattern,
         "counterpart_tenant_id": model.counterpart_tenant_id,
         "agent_id": model.agent_id,
         "conditions": serde_json::from_str::<Value>(&model.conditions).unwrap_or(Value::Null),
         "time_window": model.time_window.as_deref().and_then(|w| serde_json::from_str::<Value>(w).ok()),
-        "effect": model.effect,
+        "effect": model.effect.as_str(),
         "max_ttl_seconds": model.max_ttl_seconds,
         "priority": model.priority,
         "approvals_required": model.approvals_required,
@@ -265,7 +279,7 @@ async fn bump_version<C: ConnectionTrait>(
     txn: &C,
     tenant_id: &str,
     expected: Option<i64>,
-    settings: Option<(&str, Millis, String)>,
+    settings: Option<(tenant::OutboundDefault, Millis, String)>,
 ) -> Result<i64> {
     let mut update = tenant::Entity::update_many()
         .col_expr(
@@ -383,13 +397,13 @@ pub async fn create_rule(
     let model = policy_rule::ActiveModel {
         id: Set(new_id(IdKind::Rule)),
         tenant_id: Set(tenant_id.clone()),
-        direction: Set(spec.direction.as_str().to_owned()),
+        direction: Set(spec.direction),
         action_pattern: Set(spec.action_pattern),
         counterpart_tenant_id: Set(spec.counterpart_tenant_id),
         agent_id: Set(spec.agent_id),
         conditions: Set(to_json(&spec.conditions)?),
         time_window: Set(spec.time_window.as_ref().map(to_json).transpose()?),
-        effect: Set(spec.effect.as_str().to_owned()),
+        effect: Set(spec.effect.into()),
         max_ttl_seconds: Set(i64::from(spec.max_ttl_seconds)),
         priority: Set(spec.priority),
         approvals_required: Set(i32::try_from(spec.approvals_required).unwrap_or(10)),
@@ -459,7 +473,7 @@ pub async fn list_rules(
     let mut query =
         policy_rule::Entity::find().filter(policy_rule::Column::TenantId.eq(&tenant_id));
     if let Some(direction) = direction {
-        query = query.filter(policy_rule::Column::Direction.eq(direction.as_str()));
+        query = query.filter(policy_rule::Column::Direction.eq(direction));
     }
     if let Some(counterpart) = &counterpart {
         query = query.filter(policy_rule::Column::CounterpartTenantId.eq(counterpart.clone()));
@@ -481,9 +495,10 @@ pub async fn list_rules(
         .map(|row| parse_rule(&row).map(|rule| (row, rule)))
         .collect::<Result<Vec<_>>>()?;
     ordered.sort_by(|(a_row, a), (b_row, b)| {
-        Direction::parse(&a_row.direction)
+        a_row
+            .direction
             .as_str()
-            .cmp(Direction::parse(&b_row.direction).as_str())
+            .cmp(b_row.direction.as_str())
             .then_with(|| a.evaluation_order(b))
     });
     // The cursor is "position:id"; the id re-anchors it when rules moved.
@@ -535,7 +550,7 @@ pub async fn update_rule(
             Error::InvalidArgument(_) => Error::invalid("rule.id", "is not a rule id"),
             other => other,
         })?;
-    if Direction::parse(&current.direction) != spec.direction {
+    if current.direction != spec.direction {
         return Err(Error::invalid("rule.direction", "cannot be changed"));
     }
     if current.version != expected {
@@ -563,7 +578,7 @@ pub async fn update_rule(
         )
         .col_expr(
             policy_rule::Column::Effect,
-            Expr::value(spec.effect.as_str()),
+            Expr::value(policy_rule::Effect::from(spec.effect)),
         )
         .col_expr(
             policy_rule::Column::MaxTtlSeconds,
@@ -683,8 +698,10 @@ pub async fn update_settings(
     v.finish()?;
     let expected = positive(expected_policy_version, "expected_policy_version")?;
     let default = match default {
-        Some(pb::OutboundDefault::Block) => OUTBOUND_BLOCK,
-        _ => OUTBOUND_ALLOW,
+        Some(pb::OutboundDefault::Block) => tenant::OutboundDefault::Block,
+        Some(pb::OutboundDefault::Allow | pb::OutboundDefault::Unspecified) | None => {
+            tenant::OutboundDefault::Allow
+        }
     };
     let txn = state.db.begin().await?;
     let version = bump_version(
@@ -706,7 +723,7 @@ pub async fn update_settings(
             "policy.settings_updated",
             vec![tenant_id.clone()],
             AuditOutcome::Success,
-            json!({"outbound_default": default, "policy_version": version}),
+            json!({"outbound_default": default.as_str(), "policy_version": version}),
         ),
     )
     .await?;
@@ -723,7 +740,7 @@ async fn side_rules<C: ConnectionTrait>(
 ) -> Result<Vec<engine::Rule>> {
     policy_rule::Entity::find()
         .filter(policy_rule::Column::TenantId.eq(tenant_id))
-        .filter(policy_rule::Column::Direction.eq(direction.as_str()))
+        .filter(policy_rule::Column::Direction.eq(direction))
         .all(conn)
         .await?
         .iter()
@@ -819,11 +836,7 @@ pub async fn judge(
     let (requesting, outbound_rules) =
         side_at(state, requesting.clone(), Direction::Outbound).await?;
     let (receiving, inbound_rules) = side_at(state, receiving.clone(), Direction::Inbound).await?;
-    let outbound_default = if requesting.outbound_default == OUTBOUND_BLOCK {
-        Outcome::Block
-    } else {
-        Outcome::Allow
-    };
+    let outbound_default = Outcome::from(requesting.outbound_default);
     // The inbound side first: it settles the scopes (the request's, or its
     // deciding rule's defaults), which the outbound side then limits.
     let inbound = engine::judge_side(
@@ -880,8 +893,8 @@ pub async fn grant_legacy_scopes(
     dry_run: bool,
 ) -> Result<Vec<LegacyGrant>> {
     let mut query = policy_rule::Entity::find()
-        .filter(policy_rule::Column::Direction.eq(Direction::Inbound.as_str()))
-        .filter(policy_rule::Column::Effect.ne(Outcome::Block.as_str()));
+        .filter(policy_rule::Column::Direction.eq(Direction::Inbound))
+        .filter(policy_rule::Column::Effect.ne(policy_rule::Effect::Block));
     if let Some(tenant_id) = tenant_id {
         query = query.filter(policy_rule::Column::TenantId.eq(tenant_id));
     }
@@ -962,7 +975,7 @@ pub async fn grant_legacy_scopes(
 
 /// Whether a tenant row is active.
 pub fn is_active(model: &tenant::Model) -> bool {
-    model.status == STATUS_ACTIVE
+    model.status == tenant::Status::Active
 }
 
 #[cfg(test)]
@@ -974,9 +987,9 @@ mod tests {
             id: "tnt_1".to_owned(),
             slug: "acme".to_owned(),
             display_name: "Acme".to_owned(),
-            status: STATUS_ACTIVE.to_owned(),
+            status: tenant::Status::Active,
             token_algorithm: "RS256".to_owned(),
-            outbound_default: "allow".to_owned(),
+            outbound_default: tenant::OutboundDefault::Allow,
             policy_version: version,
             created_at: 0,
             updated_at: 0,

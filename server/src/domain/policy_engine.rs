@@ -11,6 +11,7 @@ use vaultguard_proto::v1 as pb;
 
 use crate::clock::Millis;
 use crate::error::FieldViolation;
+use crate::store::entities::policy_rule;
 
 /// Longest action or action pattern.
 pub const MAX_ACTION_LEN: usize = 128;
@@ -756,29 +757,10 @@ impl TimeWindow {
     }
 }
 
-/// Which side of a request a rule judges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
+/// Which side of a request a rule judges (a rule's stored `direction`).
+pub use crate::store::entities::policy_rule::Direction;
 
 impl Direction {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Inbound => "inbound",
-            Self::Outbound => "outbound",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        if s == "outbound" {
-            Self::Outbound
-        } else {
-            Self::Inbound
-        }
-    }
-
     pub fn from_proto(d: pb::RuleDirection) -> Option<Self> {
         match d {
             pb::RuleDirection::Inbound => Some(Self::Inbound),
@@ -813,14 +795,6 @@ impl Outcome {
         }
     }
 
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "allow" => Self::Allow,
-            "step_up" => Self::StepUp,
-            _ => Self::Block,
-        }
-    }
-
     pub fn from_effect(e: pb::Effect) -> Option<Self> {
         match e {
             pb::Effect::Allow => Some(Self::Allow),
@@ -851,6 +825,27 @@ impl Outcome {
             Self::Allow => "ALLOW",
             Self::StepUp => "STEP_UP",
             Self::Block => "BLOCK",
+        }
+    }
+}
+
+/// A rule's stored effect is the outcome it decides.
+impl From<policy_rule::Effect> for Outcome {
+    fn from(effect: policy_rule::Effect) -> Self {
+        match effect {
+            policy_rule::Effect::Allow => Self::Allow,
+            policy_rule::Effect::StepUp => Self::StepUp,
+            policy_rule::Effect::Block => Self::Block,
+        }
+    }
+}
+
+impl From<Outcome> for policy_rule::Effect {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Allow => Self::Allow,
+            Outcome::StepUp => Self::StepUp,
+            Outcome::Block => Self::Block,
         }
     }
 }

@@ -450,7 +450,7 @@ pub async fn delete(state: &AppState, ctx: &CallContext, id: &str) -> Result<()>
     let txn = state.db.begin().await?;
     let live = connection::Entity::find()
         .filter(connection::Column::ProviderId.eq(current.id.clone()))
-        .filter(connection::Column::Status.ne(connections::STATUS_DISCONNECTED))
+        .filter(connection::Column::Status.ne(connection::Status::Disconnected))
         .count(&txn)
         .await?;
     if live > 0 {
@@ -466,7 +466,7 @@ pub async fn delete(state: &AppState, ctx: &CallContext, id: &str) -> Result<()>
         .await?;
     connection::Entity::delete_many()
         .filter(connection::Column::ProviderId.eq(current.id.clone()))
-        .filter(connection::Column::Status.eq(connections::STATUS_DISCONNECTED))
+        .filter(connection::Column::Status.eq(connection::Status::Disconnected))
         .exec(&txn)
         .await?;
     let deleted = oauth_provider::Entity::delete_many()

@@ -34,13 +34,8 @@ use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
 use crate::store::entities::{custody_key, delegation, signature, step_up};
+use crate::store::lifecycle::Transitions;
 use crate::validate;
-
-pub const KEY_ENABLED: &str = "enabled";
-pub const KEY_DISABLED: &str = "disabled";
-
-const SIG_PENDING: &str = "pending";
-const SIG_SIGNED: &str = "signed";
 
 /// The largest message `Sign` takes.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -58,12 +53,21 @@ pub fn algorithm_proto(stored: &str) -> KeyAlgorithm {
     }
 }
 
-/// The proto state of a stored key.
-pub fn state_proto(stored: &str) -> SigningKeyState {
-    match stored {
-        KEY_ENABLED => SigningKeyState::Enabled,
-        KEY_DISABLED => SigningKeyState::Disabled,
-        _ => SigningKeyState::Unspecified,
+impl From<custody_key::Status> for SigningKeyState {
+    fn from(status: custody_key::Status) -> Self {
+        match status {
+            custody_key::Status::Enabled => Self::Enabled,
+            custody_key::Status::Disabled => Self::Disabled,
+        }
+    }
+}
+
+/// The stored status a ListSigningKeys filter names (none: any).
+fn stored_status(state: SigningKeyState) -> Option<custody_key::Status> {
+    match state {
+        SigningKeyState::Enabled => Some(custody_key::Status::Enabled),
+        SigningKeyState::Disabled => Some(custody_key::Status::Disabled),
+        SigningKeyState::Unspecified => None,
     }
 }
 
@@ -155,7 +159,7 @@ pub async fn create(
         tenant_id: tenant_id.clone(),
         name: req.name.clone(),
         algorithm: algorithm.as_str().to_owned(),
-        status: KEY_ENABLED.to_owned(),
+        status: custody_key::Status::Enabled,
         public_key: public.raw.clone(),
         ethereum_address: public.ethereum_address.clone(),
         created_at: now,
@@ -220,14 +224,8 @@ pub async fn list(
         .filter(custody_key::Column::TenantId.eq(tenant_id))
         .order_by_asc(custody_key::Column::Name)
         .limit(size + 1);
-    match filter {
-        Some(SigningKeyState::Enabled) => {
-            query = query.filter(custody_key::Column::Status.eq(KEY_ENABLED));
-        }
-        Some(SigningKeyState::Disabled) => {
-            query = query.filter(custody_key::Column::Status.eq(KEY_DISABLED));
-        }
-        _ => {}
+    if let Some(stored) = filter.and_then(stored_status) {
+        query = query.filter(custody_key::Column::Status.eq(stored));
     }
     if let Some(after) = after {
         query = query.filter(custody_key::Column::Name.gt(after));
@@ -259,7 +257,7 @@ pub async fn disable(
     let now = state.clock.now_millis();
     let txn = state.db.begin().await?;
     let updated = custody_key::Entity::update_many()
-        .col_expr(custody_key::Column::Status, Expr::value(KEY_DISABLED))
+        .into_state(custody_key::Status::Disabled)
         .col_expr(custody_key::Column::DisabledAt, Expr::value(Some(now)))
         .col_expr(
             custody_key::Column::DisabledBy,
@@ -271,7 +269,6 @@ pub async fn disable(
         )
         .col_expr(custody_key::Column::UpdatedAt, Expr::value(now))
         .filter(custody_key::Column::Id.eq(row.id.clone()))
-        .filter(custody_key::Column::Status.eq(KEY_ENABLED))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 0 {
@@ -463,7 +460,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     // The idempotency key is looked up only on the paths that refuse; a
     // first request that is stored loses to an earlier row of its key at
     // the unique index and answers from that row.
-    if key.status != KEY_ENABLED {
+    if key.status != custody_key::Status::Enabled {
         if let Some(existing) = find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await?
         {
             return replay(state, ctx, &key, &input, existing, &request_hash).await;
@@ -504,7 +501,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         requester_subject: agent_id.clone(),
         idempotency_key: req.idempotency_key.clone(),
         payload_hash: payload_hex.clone(),
-        status: SIG_PENDING.to_owned(),
+        status: signature::Status::Pending,
         signature: None,
         delegation_id: None,
         created_at: now,
@@ -540,7 +537,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         Outcome::Allow => {
             let produced = produce(state, &key, algorithm, &input.payload)?;
             let mut row = row;
-            row.status = SIG_SIGNED.to_owned();
+            row.status = signature::Status::Signed;
             row.signature = Some(produced.bytes.clone());
             row.recovery_id = recovery_id_of(algorithm, &produced);
             row.signed_at = Some(now);
@@ -766,7 +763,7 @@ async fn replay(
         });
     }
     let decision = stored_decision(&row)?;
-    if row.status == SIG_SIGNED {
+    if row.status == signature::Status::Signed {
         return Ok(Signed::Signed {
             row: Box::new(row),
             decision,
@@ -790,18 +787,18 @@ async fn replay(
         .ok_or_else(|| Error::internal("signing step-up missing"))?;
     let now = state.clock.now_millis();
     match step_ups::effective_state(&step, &delegation_row, now) {
-        step_ups::PENDING => Ok(Signed::StepUp {
+        step_up::State::Pending => Ok(Signed::StepUp {
             auth_req_id: delegations::auth_req_id(state, &step_up_id),
             expires_in: delegations::seconds_left(Some(step.expires_at), now),
             interval: u32::try_from(step.interval_seconds).unwrap_or(5),
             delegation_id,
             decision,
         }),
-        step_ups::APPROVED | step_ups::REDEEMED => {
-            if key.status != KEY_ENABLED {
+        step_up::State::Approved | step_up::State::Redeemed => {
+            if key.status != custody_key::Status::Enabled {
                 return Err(key_disabled(key));
             }
-            if delegations::effective_status(&delegation_row, now) != delegations::STATUS_ACTIVE {
+            if delegations::effective_status(&delegation_row, now) != delegation::Status::Active {
                 return Err(approval_ended(&delegation_row, now));
             }
             // The approval answered the STEP_UP; the policy still judges the
@@ -810,12 +807,12 @@ async fn replay(
             judge_at_signing(state, ctx, key, &row, &delegation_row).await?;
             sign_approved(state, ctx, key, input, row, decision, now).await
         }
-        step_ups::DENIED => Err(step_ups::ciba(
+        step_up::State::Denied => Err(step_ups::ciba(
             ErrorReason::AccessDenied,
             "access_denied",
             &[("delegation_id", delegation_id)],
         )),
-        _ => Err(step_ups::ciba(
+        step_up::State::Expired => Err(step_ups::ciba(
             ErrorReason::ExpiredToken,
             "expired_token",
             &[("delegation_id", delegation_id)],
@@ -866,7 +863,7 @@ async fn judge_at_signing(
 
 fn approval_ended(row: &delegation::Model, now: Millis) -> Error {
     let extra = [("delegation_id", row.id.clone())];
-    if delegations::effective_status(row, now) == delegations::STATUS_EXPIRED {
+    if delegations::effective_status(row, now) == delegation::Status::Expired {
         step_ups::ciba(ErrorReason::ExpiredToken, "expired_token", &extra)
     } else {
         // Revoked or relinquished after the approval.
@@ -890,7 +887,7 @@ async fn sign_approved(
     let produced = produce(state, key, algorithm, &input.payload)?;
     let txn = state.db.begin().await?;
     let updated = signature::Entity::update_many()
-        .col_expr(signature::Column::Status, Expr::value(SIG_SIGNED))
+        .into_state(signature::Status::Signed)
         .col_expr(
             signature::Column::Signature,
             Expr::value(Some(produced.bytes.clone())),
@@ -902,12 +899,11 @@ async fn sign_approved(
         .col_expr(signature::Column::SignedAt, Expr::value(Some(now)))
         .col_expr(signature::Column::UpdatedAt, Expr::value(now))
         .filter(signature::Column::Id.eq(row.id.clone()))
-        .filter(signature::Column::Status.eq(SIG_PENDING))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 1 {
         let mut signed = row.clone();
-        signed.status = SIG_SIGNED.to_owned();
+        signed.status = signature::Status::Signed;
         signed.signature = Some(produced.bytes);
         signed.signed_at = Some(now);
         audit::append(
@@ -932,7 +928,7 @@ async fn sign_approved(
     let stored = signature::Entity::find_by_id(row.id.clone())
         .one(&state.db)
         .await?
-        .filter(|r| r.status == SIG_SIGNED)
+        .filter(|r| r.status == signature::Status::Signed)
         .ok_or(Error::Conflict("concurrent signing"))?;
     Ok(Signed::Signed {
         row: Box::new(stored),

@@ -24,8 +24,7 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
 use crate::domain::delegations::{
-    self, STATUS_ACTIVE, STATUS_DENIED, STATUS_PENDING, effective_status, judge_input,
-    party_events, sign, system_actor_json,
+    self, effective_status, judge_input, party_events, sign, system_actor_json,
 };
 use crate::domain::policy_engine::{Decision, Direction, Outcome};
 use crate::domain::{actor_json, page};
@@ -33,15 +32,12 @@ use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::hub::Change;
 use crate::ids::{IdKind, check_id};
 use crate::state::AppState;
+use crate::store::entities::step_up::State;
+use crate::store::entities::step_up_change::Kind;
 use crate::store::entities::{delegation, step_up, step_up_approval, step_up_change, tenant};
 use crate::store::is_postgres;
+use crate::store::lifecycle::Transitions;
 use crate::validate;
-
-pub const PENDING: &str = "pending";
-pub const APPROVED: &str = "approved";
-pub const DENIED: &str = "denied";
-pub const EXPIRED: &str = "expired";
-pub const REDEEMED: &str = "redeemed";
 
 /// How old a change must be before readers of the feed treat everything
 /// up to it as final. On PostgreSQL ids come from a sequence and two
@@ -62,25 +58,37 @@ pub fn settled_at(state: &AppState, now: Millis) -> Millis {
 /// Seconds added to the interval on each `slow_down`.
 const SLOW_DOWN_STEP: i64 = 5;
 
-pub fn state_proto(state: &str) -> StepUpState {
-    match state {
-        PENDING => StepUpState::Pending,
-        APPROVED => StepUpState::Approved,
-        DENIED => StepUpState::Denied,
-        EXPIRED => StepUpState::Expired,
-        REDEEMED => StepUpState::Redeemed,
-        _ => StepUpState::Unspecified,
+impl From<State> for StepUpState {
+    fn from(state: State) -> Self {
+        match state {
+            State::Pending => Self::Pending,
+            State::Approved => Self::Approved,
+            State::Denied => Self::Denied,
+            State::Expired => Self::Expired,
+            State::Redeemed => Self::Redeemed,
+        }
     }
 }
 
-/// The CIBA error string PollStepUp answers in `state`.
-pub fn ciba_error(state: &str) -> &'static str {
+impl From<Kind> for pb::PendingStepUpEventType {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Added => Self::Added,
+            Kind::Updated => Self::Updated,
+            Kind::Removed => Self::Removed,
+        }
+    }
+}
+
+/// The CIBA error string PollStepUp answers in `state` (none when approved:
+/// the token).
+pub fn ciba_error(state: State) -> &'static str {
     match state {
-        PENDING => "authorization_pending",
-        DENIED => "access_denied",
-        EXPIRED => "expired_token",
-        REDEEMED => "invalid_grant",
-        _ => "",
+        State::Pending => "authorization_pending",
+        State::Denied => "access_denied",
+        State::Expired => "expired_token",
+        State::Redeemed => "invalid_grant",
+        State::Approved => "",
     }
 }
 
@@ -91,24 +99,22 @@ pub struct StepUpView {
     pub delegation: delegation::Model,
     pub approvals: Vec<step_up_approval::Model>,
     /// The state with expiry applied.
-    pub state: &'static str,
+    pub state: State,
 }
 
 /// The state with expiry applied: a pending step-up past its deadline, or an
 /// approved one whose delegation expired before redemption, is expired.
-pub fn effective_state(
-    step: &step_up::Model,
-    row: &delegation::Model,
-    now: Millis,
-) -> &'static str {
-    match step.state.as_str() {
-        PENDING if step.expires_at <= now => EXPIRED,
-        PENDING => PENDING,
-        APPROVED if effective_status(row, now) != STATUS_ACTIVE => EXPIRED,
-        APPROVED => APPROVED,
-        DENIED => DENIED,
-        REDEEMED => REDEEMED,
-        _ => EXPIRED,
+pub fn effective_state(step: &step_up::Model, row: &delegation::Model, now: Millis) -> State {
+    match step.state {
+        State::Pending if step.expires_at <= now => State::Expired,
+        State::Approved if effective_status(row, now) != delegation::Status::Active => {
+            State::Expired
+        }
+        state @ (State::Pending
+        | State::Approved
+        | State::Denied
+        | State::Expired
+        | State::Redeemed) => state,
     }
 }
 
@@ -139,17 +145,18 @@ fn invalid_grant() -> Error {
     ciba(ErrorReason::InvalidGrant, "invalid_grant", &[])
 }
 
-/// The answer of a CIBA poll in a state that has no token.
-fn poll_error(state: &str, interval: i64) -> Error {
+/// The answer of a CIBA poll in a state that has no token (or no longer:
+/// a redeemed one's, or one whose redemption lost a race).
+fn poll_error(state: State, interval: i64) -> Error {
     match state {
-        PENDING => ciba(
+        State::Pending => ciba(
             ErrorReason::AuthorizationPending,
             "authorization_pending",
             &[("interval", interval.to_string())],
         ),
-        DENIED => ciba(ErrorReason::AccessDenied, "access_denied", &[]),
-        EXPIRED => ciba(ErrorReason::ExpiredToken, "expired_token", &[]),
-        _ => invalid_grant(),
+        State::Denied => ciba(ErrorReason::AccessDenied, "access_denied", &[]),
+        State::Expired => ciba(ErrorReason::ExpiredToken, "expired_token", &[]),
+        State::Approved | State::Redeemed => invalid_grant(),
     }
 }
 
@@ -217,8 +224,8 @@ async fn record_change(
     state: &AppState,
     txn: &DatabaseTransaction,
     step: &step_up::Model,
-    kind: &str,
-    new_state: &str,
+    kind: Kind,
+    new_state: State,
     now: Millis,
 ) -> Result<Change> {
     let change = QueueChange {
@@ -230,9 +237,9 @@ async fn record_change(
 }
 
 /// A change of a step-up's place in its tenant's queue.
-struct QueueChange<'a> {
-    kind: &'a str,
-    state: &'a str,
+struct QueueChange {
+    kind: Kind,
+    state: State,
     now: Millis,
 }
 
@@ -243,7 +250,7 @@ async fn record_change_with(
     state: &AppState,
     txn: &DatabaseTransaction,
     step: &step_up::Model,
-    queued: QueueChange<'_>,
+    queued: QueueChange,
     updates: Vec<UpdateStatement>,
     events: Vec<NewEvent>,
 ) -> Result<Change> {
@@ -252,8 +259,8 @@ async fn record_change_with(
         tenant_id: Set(step.receiving_tenant_id.clone()),
         step_up_id: Set(step.id.clone()),
         delegation_id: Set(step.delegation_id.clone()),
-        kind: Set(queued.kind.to_owned()),
-        state: Set(queued.state.to_owned()),
+        kind: Set(queued.kind),
+        state: Set(queued.state),
         created_at: Set(queued.now),
         ..Default::default()
     })
@@ -319,7 +326,7 @@ pub(crate) async fn check_queue_room(
     let pending = step_up::Entity::find()
         .filter(step_up::Column::RequestingTenantId.eq(requesting))
         .filter(step_up::Column::ReceivingTenantId.eq(receiving))
-        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::State.eq(State::Pending))
         .filter(step_up::Column::ExpiresAt.gt(state.clock.now_millis()))
         .count(txn)
         .await?;
@@ -351,7 +358,15 @@ pub async fn record_created(
     txn: &DatabaseTransaction,
     step: &step_up::Model,
 ) -> Result<Change> {
-    record_change(state, txn, step, "added", PENDING, step.created_at).await
+    record_change(
+        state,
+        txn,
+        step,
+        Kind::Added,
+        State::Pending,
+        step.created_at,
+    )
+    .await
 }
 
 /// Records the `removed` change of a step-up the sweeper expired.
@@ -361,7 +376,7 @@ pub async fn record_expired(
     step: &step_up::Model,
     now: Millis,
 ) -> Result<Change> {
-    record_change(state, txn, step, "removed", EXPIRED, now).await
+    record_change(state, txn, step, Kind::Removed, State::Expired, now).await
 }
 
 /// A delegation token signed for an approved step-up before anyone redeemed
@@ -408,8 +423,8 @@ pub async fn redeem(
     minted: Option<Minted>,
 ) -> Result<Redeemed> {
     let now = state.clock.now_millis();
-    if effective_status(row, now) != STATUS_ACTIVE {
-        return Err(poll_error(EXPIRED, 0));
+    if effective_status(row, now) != delegation::Status::Active {
+        return Err(poll_error(State::Expired, 0));
     }
     // Signed before the write, so that the event names the kid used and a
     // failed signature commits nothing; the token leaves only once the
@@ -430,11 +445,10 @@ pub async fn redeem(
         None,
     );
     let mut update = step_up::Entity::update_many()
-        .col_expr(step_up::Column::State, Expr::value(REDEEMED))
+        .into_state(State::Redeemed)
         .col_expr(step_up::Column::RedeemedAt, Expr::value(now))
         .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
         .filter(step_up::Column::Id.eq(step.id.clone()))
-        .filter(step_up::Column::State.eq(APPROVED))
         .into_query();
     let redeemed = if is_postgres(&state.db) {
         // One statement, its own transaction: the events are written only
@@ -478,8 +492,8 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
     let (step, row) = find_for_agent(state, ctx, auth_req_id).await?;
     let now = state.clock.now_millis();
     match effective_state(&step, &row, now) {
-        APPROVED => redeem(state, ctx, &step, &row, None).await,
-        PENDING => {
+        State::Approved => redeem(state, ctx, &step, &row, None).await,
+        State::Pending => {
             let too_fast = step
                 .last_polled_at
                 .is_some_and(|last| now - last < step.interval_seconds * 1000);
@@ -501,10 +515,12 @@ pub async fn poll(state: &AppState, ctx: &CallContext, auth_req_id: &str) -> Res
                     &[("interval", interval.to_string())],
                 ))
             } else {
-                Err(poll_error(PENDING, interval))
+                Err(poll_error(State::Pending, interval))
             }
         }
-        other => Err(poll_error(other, step.interval_seconds)),
+        other @ (State::Denied | State::Expired | State::Redeemed) => {
+            Err(poll_error(other, step.interval_seconds))
+        }
     }
 }
 
@@ -651,7 +667,7 @@ pub async fn list_pending(
     let now = state.clock.now_millis();
     let mut query = step_up::Entity::find()
         .filter(step_up::Column::ReceivingTenantId.eq(tenant))
-        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::State.eq(State::Pending))
         .filter(step_up::Column::ExpiresAt.gt(now))
         .order_by_asc(step_up::Column::Id)
         .limit(size + 1);
@@ -770,10 +786,10 @@ async fn judge_approval(
 /// INVALID_STATE naming the state, unless `step` is still pending.
 fn check_pending(state: &AppState, step: &step_up::Model, row: &delegation::Model) -> Result<()> {
     let current = effective_state(step, row, state.clock.now_millis());
-    if current != PENDING {
+    if current != State::Pending {
         return Err(Error::invalid_state(
             format!("the step-up is {current}"),
-            state_proto(current).as_str_name(),
+            StepUpState::from(current).as_str_name(),
         ));
     }
     Ok(())
@@ -801,17 +817,16 @@ async fn deny_in(
     } = denial;
     let now = state.clock.now_millis();
     let deny = step_up::Entity::update_many()
-        .col_expr(step_up::Column::State, Expr::value(DENIED))
+        .into_state(State::Denied)
         .col_expr(step_up::Column::DecidedAt, Expr::value(now))
         .col_expr(step_up::Column::EndedAt, Expr::value(now))
         .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
         .col_expr(step_up::Column::DeniedBy, Expr::value(denied_by.clone()))
         .col_expr(step_up::Column::DenyReason, Expr::value(reason))
         .filter(step_up::Column::Id.eq(step.id.clone()))
-        .filter(step_up::Column::State.eq(PENDING))
         .into_query();
     let end = delegation::Entity::update_many()
-        .col_expr(delegation::Column::Status, Expr::value(STATUS_DENIED))
+        .into_state(delegation::Status::Denied)
         .col_expr(delegation::Column::EndedAt, Expr::value(now))
         .col_expr(delegation::Column::EndedBy, Expr::value(denied_by))
         .col_expr(
@@ -819,7 +834,6 @@ async fn deny_in(
             Expr::value(if reason.is_empty() { "denied" } else { reason }),
         )
         .filter(delegation::Column::Id.eq(row.id.clone()))
-        .filter(delegation::Column::Status.eq(STATUS_PENDING))
         .into_query();
     let events = party_events(
         audit_ctx,
@@ -830,8 +844,8 @@ async fn deny_in(
         decision,
     );
     let queued = QueueChange {
-        kind: "removed",
-        state: DENIED,
+        kind: Kind::Removed,
+        state: State::Denied,
         now,
     };
     record_change_with(state, txn, step, queued, vec![deny, end], events).await
@@ -962,17 +976,17 @@ pub async fn approve(
     let mut minting = None;
     let mut change = if settled {
         let expires_at = now + i64::from(decision.max_ttl_seconds) * 1000;
-        row_after.status = STATUS_ACTIVE.to_owned();
+        row_after.status = delegation::Status::Active;
         row_after.activated_at = Some(now);
         row_after.expires_at = Some(expires_at);
         row_after
             .token_algorithm
             .clone_from(&receiving.token_algorithm);
-        step_after.state = APPROVED.to_owned();
+        step_after.state = State::Approved;
         step_after.decided_at = Some(now);
         step_after.ended_at = Some(now);
         let activate = delegation::Entity::update_many()
-            .col_expr(delegation::Column::Status, Expr::value(STATUS_ACTIVE))
+            .into_state(delegation::Status::Active)
             .col_expr(delegation::Column::ActivatedAt, Expr::value(now))
             .col_expr(delegation::Column::ExpiresAt, Expr::value(expires_at))
             .col_expr(
@@ -980,15 +994,13 @@ pub async fn approve(
                 Expr::value(receiving.token_algorithm.clone()),
             )
             .filter(delegation::Column::Id.eq(row.id.clone()))
-            .filter(delegation::Column::Status.eq(STATUS_PENDING))
             .into_query();
         let approve = step_up::Entity::update_many()
-            .col_expr(step_up::Column::State, Expr::value(APPROVED))
+            .into_state(State::Approved)
             .col_expr(step_up::Column::DecidedAt, Expr::value(now))
             .col_expr(step_up::Column::EndedAt, Expr::value(now))
             .col_expr(step_up::Column::UpdatedAt, Expr::value(now))
             .filter(step_up::Column::Id.eq(step.id.clone()))
-            .filter(step_up::Column::State.eq(PENDING))
             .into_query();
         let events = party_events(
             &audit_ctx,
@@ -999,8 +1011,8 @@ pub async fn approve(
             Some(&decision),
         );
         let queued = QueueChange {
-            kind: "removed",
-            state: APPROVED,
+            kind: Kind::Removed,
+            state: State::Approved,
             now,
         };
         // The token is signed while the approval commits (an RS256
@@ -1025,8 +1037,8 @@ pub async fn approve(
             .filter(step_up::Column::Id.eq(step.id.clone()))
             .into_query();
         let queued = QueueChange {
-            kind: "updated",
-            state: PENDING,
+            kind: Kind::Updated,
+            state: State::Pending,
             now,
         };
         record_change_with(state, &txn, &step, queued, vec![touch], events).await?
@@ -1171,7 +1183,7 @@ pub async fn pending_page(
     let now = state.clock.now_millis();
     let mut query = step_up::Entity::find()
         .filter(step_up::Column::ReceivingTenantId.eq(tenant_id))
-        .filter(step_up::Column::State.eq(PENDING))
+        .filter(step_up::Column::State.eq(State::Pending))
         .filter(step_up::Column::ExpiresAt.gt(now))
         .order_by_asc(step_up::Column::Id)
         .limit(limit);

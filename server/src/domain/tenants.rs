@@ -16,10 +16,26 @@ use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::{algorithm_name, parse_algorithm};
 use crate::state::AppState;
 use crate::store::entities::{external_org, tenant};
+use crate::store::lifecycle::Transitions;
 use crate::validate;
 
-pub const STATUS_ACTIVE: &str = "active";
-pub const STATUS_SUSPENDED: &str = "suspended";
+impl From<tenant::Status> for TenantStatus {
+    fn from(status: tenant::Status) -> Self {
+        match status {
+            tenant::Status::Active => Self::Active,
+            tenant::Status::Suspended => Self::Suspended,
+        }
+    }
+}
+
+/// The stored status a ListTenants filter names (none: any).
+fn stored_status(status: TenantStatus) -> Option<tenant::Status> {
+    match status {
+        TenantStatus::Active => Some(tenant::Status::Active),
+        TenantStatus::Suspended => Some(tenant::Status::Suspended),
+        TenantStatus::Unspecified => None,
+    }
+}
 
 /// A tenant with its external organisation bindings.
 #[derive(Debug, Clone)]
@@ -30,11 +46,7 @@ pub struct TenantView {
 
 impl TenantView {
     pub fn status(&self) -> TenantStatus {
-        if self.tenant.status == STATUS_ACTIVE {
-            TenantStatus::Active
-        } else {
-            TenantStatus::Suspended
-        }
+        self.tenant.status.into()
     }
 
     pub fn token_algorithm(&self) -> TokenAlgorithm {
@@ -128,9 +140,9 @@ pub async fn create(
         id: Set(id.clone()),
         slug: Set(slug.to_owned()),
         display_name: Set(display_name.to_owned()),
-        status: Set(STATUS_ACTIVE.to_owned()),
+        status: Set(tenant::Status::Active),
         token_algorithm: Set(algorithm_name(algorithm).to_owned()),
-        outbound_default: Set("allow".to_owned()),
+        outbound_default: Set(tenant::OutboundDefault::Allow),
         policy_version: Set(0),
         created_at: Set(now),
         updated_at: Set(now),
@@ -188,6 +200,7 @@ pub async fn list(
     let status = violations.take(validate::enum_value::<TenantStatus>("status", status, true));
     violations.finish()?;
     let (size, status) = (size.unwrap_or(50), status.flatten());
+    let stored = status.and_then(stored_status);
     let scope = format!("tenants|{status:?}");
     let after = page::decode("page.page_token", &scope, page_token)?;
 
@@ -197,14 +210,8 @@ pub async fn list(
     if let Some(after) = after {
         query = query.filter(tenant::Column::Id.gt(after));
     }
-    match status {
-        Some(TenantStatus::Active) => {
-            query = query.filter(tenant::Column::Status.eq(STATUS_ACTIVE))
-        }
-        Some(TenantStatus::Suspended) => {
-            query = query.filter(tenant::Column::Status.eq(STATUS_SUSPENDED))
-        }
-        _ => {}
+    if let Some(stored) = stored {
+        query = query.filter(tenant::Column::Status.eq(stored));
     }
     let rows = query.all(&state.db).await?;
     let (rows, next) = page::finish(rows, size, &scope, |row| row.id.clone());
@@ -228,21 +235,20 @@ pub async fn set_suspended(
     violations.check(check_id("tenant_id", tenant_id, IdKind::Tenant));
     violations.check(validate::optional_text("reason", reason, 500));
     violations.finish()?;
-    let (from, to, event_type) = if suspend {
-        (STATUS_ACTIVE, STATUS_SUSPENDED, "tenant.suspended")
+    let (to, event_type) = if suspend {
+        (tenant::Status::Suspended, "tenant.suspended")
     } else {
-        (STATUS_SUSPENDED, STATUS_ACTIVE, "tenant.reactivated")
+        (tenant::Status::Active, "tenant.reactivated")
     };
     let now = state.clock.now_millis();
     let txn = state.db.begin().await?;
     let updated = tenant::Entity::update_many()
-        .col_expr(tenant::Column::Status, sea_orm::sea_query::Expr::value(to))
+        .into_state(to)
         .col_expr(
             tenant::Column::UpdatedAt,
             sea_orm::sea_query::Expr::value(now),
         )
         .filter(tenant::Column::Id.eq(tenant_id))
-        .filter(tenant::Column::Status.eq(from))
         .exec(&txn)
         .await?;
     if updated.rows_affected == 0 {
@@ -250,7 +256,7 @@ pub async fn set_suspended(
         let current = find(state, tenant_id).await?;
         return Err(Error::invalid_state(
             format!("tenant is already {}", current.status),
-            &current.status,
+            current.status.as_str(),
         ));
     }
     let details = json!({"reason": reason});
@@ -414,7 +420,7 @@ pub async fn update_settings(
         .one(&txn)
         .await?
         .ok_or(Error::NotFound("tenant"))?;
-    if current.status != STATUS_ACTIVE {
+    if current.status != tenant::Status::Active {
         return Err(Error::denied(
             ErrorReason::TenantSuspended,
             "tenant is suspended",

@@ -96,9 +96,9 @@ pub async fn client_credentials(
         .verify_secret(client_secret, &agent.secret_digest)
     {
         Some("invalid_client_secret")
-    } else if agent.status != crate::domain::agents::STATUS_ACTIVE {
+    } else if agent.status != agent::Status::Active {
         Some("agent_disabled")
-    } else if tenant.status != crate::domain::tenants::STATUS_ACTIVE {
+    } else if tenant.status != tenant::Status::Active {
         Some("tenant_suspended")
     } else {
         None

@@ -73,7 +73,7 @@ use crate::domain::step_ups;
 use crate::error::{Error, FieldViolation, Result, is_unique_violation};
 use crate::outbound;
 use crate::state::AppState;
-use crate::store::entities::{step_up_change, tenant_webhook};
+use crate::store::entities::{step_up, step_up_change, tenant_webhook};
 
 /// The prefix of signing secrets, so that leaked ones are recognisable.
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -342,25 +342,23 @@ pub fn backoff_millis(attempts: i32) -> Millis {
 
 /// The proto name of a stored step-up state (`pending` →
 /// `STEP_UP_STATE_PENDING`).
-fn state_name(state: &str) -> &'static str {
-    pb::StepUpState::from_str_name(&format!("STEP_UP_STATE_{}", state.to_ascii_uppercase()))
-        .unwrap_or(pb::StepUpState::Unspecified)
-        .as_str_name()
+fn state_name(state: step_up::State) -> &'static str {
+    pb::StepUpState::from(state).as_str_name()
 }
 
 /// The event name of a change kind (`added` → `step_up.added`).
-fn event_name(kind: &str) -> String {
+fn event_name(kind: step_up_change::Kind) -> String {
     format!("step_up.{kind}")
 }
 
 /// The JSON body POSTed for `change`: ids only.
 pub fn body_of(change: &step_up_change::Model) -> Result<Vec<u8>> {
     serde_json::to_vec(&json!({
-        "event": event_name(&change.kind),
+        "event": event_name(change.kind),
         "step_up_id": change.step_up_id,
         "delegation_id": change.delegation_id,
         "tenant_id": change.tenant_id,
-        "state": state_name(&change.state),
+        "state": state_name(change.state),
         "time": to_timestamp(change.created_at).to_string(),
     }))
     .map_err(Error::internal)
@@ -422,7 +420,7 @@ async fn attempt(
     let sent = request
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(SIGNATURE_HEADER, signature(&secret, t, &body))
-        .header(EVENT_HEADER, event_name(&change.kind))
+        .header(EVENT_HEADER, event_name(change.kind))
         .header(DELIVERY_HEADER, format!("{DELIVERY_PREFIX}{}", change.id))
         .body(body)
         .send()
@@ -600,7 +598,7 @@ async fn deliver_tenant(
                 tracing::debug!(
                     tenant_id = %hook.tenant_id,
                     delivery = %format!("{DELIVERY_PREFIX}{}", change.id),
-                    event = %event_name(&change.kind),
+                    event = %event_name(change.kind),
                     "approval webhook delivered"
                 );
             }
@@ -834,8 +832,8 @@ mod tests {
             tenant_id: "ten_1".into(),
             step_up_id: "stp_1".into(),
             delegation_id: "dlg_1".into(),
-            kind: "removed".into(),
-            state: "approved".into(),
+            kind: step_up_change::Kind::Removed,
+            state: step_up::State::Approved,
             created_at: 1_700_000_000_250,
         };
         let body: serde_json::Value = serde_json::from_slice(&body_of(&change).unwrap()).unwrap();

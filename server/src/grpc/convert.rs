@@ -5,15 +5,14 @@ use std::collections::BTreeMap;
 use vaultguard_proto::v1 as pb;
 
 use crate::clock::{Millis, to_timestamp};
-use crate::domain::agents::status_of;
 use crate::domain::delegations;
 use crate::domain::parse_actor;
-use crate::domain::policies::{OUTBOUND_BLOCK, parse_rule};
-use crate::domain::policy_engine::{Attr, Decision, Direction};
+use crate::domain::policies::parse_rule;
+use crate::domain::policy_engine::{Attr, Decision};
 use crate::domain::tenants::{TenantView, audience};
 use crate::error::Error;
 use crate::issuer::parse_algorithm;
-use crate::store::entities::{agent, delegation, issuer_key, policy_rule, tenant};
+use crate::store::entities::{agent, delegation, issuer_key, policy_rule, step_up, tenant};
 
 pub fn tenant(view: TenantView) -> pb::Tenant {
     let status = view.status();
@@ -45,7 +44,7 @@ pub fn tenant(view: TenantView) -> pb::Tenant {
 
 pub fn agent(model: agent::Model) -> pb::Agent {
     pb::Agent {
-        status: status_of(&model) as i32,
+        status: pb::AgentStatus::from(model.status) as i32,
         id: model.id,
         tenant_id: model.tenant_id,
         name: model.name,
@@ -56,12 +55,17 @@ pub fn agent(model: agent::Model) -> pb::Agent {
     }
 }
 
+impl From<issuer_key::Status> for pb::IssuerKeyStatus {
+    fn from(status: issuer_key::Status) -> Self {
+        match status {
+            issuer_key::Status::Active => Self::Active,
+            issuer_key::Status::Retired => Self::Retired,
+        }
+    }
+}
+
 pub fn issuer_key(model: issuer_key::Model) -> pb::IssuerKey {
-    let status = if model.status == "active" {
-        pb::IssuerKeyStatus::Active
-    } else {
-        pb::IssuerKeyStatus::Retired
-    };
+    let status = pb::IssuerKeyStatus::from(model.status);
     pb::IssuerKey {
         algorithm: parse_algorithm(&model.algorithm).unwrap_or(pb::TokenAlgorithm::Rs256) as i32,
         kid: model.kid,
@@ -79,7 +83,7 @@ fn actor(stored: Option<&str>) -> Option<pb::Actor> {
 pub fn rule(model: policy_rule::Model) -> Result<pb::Rule, Error> {
     let parsed = parse_rule(&model)?;
     Ok(pb::Rule {
-        direction: Direction::parse(&model.direction).to_proto() as i32,
+        direction: model.direction.to_proto() as i32,
         action_pattern: model.action_pattern,
         counterpart_tenant_id: model.counterpart_tenant_id.unwrap_or_default(),
         agent_id: model.agent_id.unwrap_or_default(),
@@ -103,11 +107,7 @@ pub fn rule(model: policy_rule::Model) -> Result<pb::Rule, Error> {
 
 pub fn policy_settings(model: tenant::Model) -> pb::PolicySettings {
     pb::PolicySettings {
-        outbound_default: if model.outbound_default == OUTBOUND_BLOCK {
-            pb::OutboundDefault::Block
-        } else {
-            pb::OutboundDefault::Allow
-        } as i32,
+        outbound_default: pb::OutboundDefault::from(model.outbound_default) as i32,
         policy_version: u64::try_from(model.policy_version).unwrap_or_default(),
         update_time: model.policy_updated_at.map(to_timestamp),
         update_actor: actor(model.policy_updated_by.as_deref()),
@@ -121,7 +121,7 @@ pub fn delegation(
     viewer_tenant: &str,
     now: Millis,
 ) -> Result<pb::Delegation, Error> {
-    let status = delegations::status_proto(delegations::effective_status(&row, now));
+    let status = pb::DelegationStatus::from(delegations::effective_status(&row, now));
     let decision: Decision = serde_json::from_str(&row.decision).map_err(Error::internal)?;
     let context: BTreeMap<String, Attr> =
         serde_json::from_str(&row.context).map_err(Error::internal)?;
@@ -186,11 +186,11 @@ pub fn step_up(
     let context: BTreeMap<String, Attr> =
         serde_json::from_str(&delegation.context).map_err(Error::internal)?;
     let scopes: Vec<String> = serde_json::from_str(&delegation.scopes).map_err(Error::internal)?;
-    let expired_now = state == crate::domain::step_ups::EXPIRED && step.ended_at.is_none();
+    let expired_now = state == step_up::State::Expired && step.ended_at.is_none();
     Ok(pb::StepUp {
         step_up_id: step.id,
         delegation_id: delegation.id,
-        state: crate::domain::step_ups::state_proto(state) as i32,
+        state: pb::StepUpState::from(state) as i32,
         requesting_tenant_id: step.requesting_tenant_id,
         requesting_agent_id: step.requesting_agent_id,
         receiving_tenant_id: step.receiving_tenant_id,

@@ -26,11 +26,12 @@ use super::stream::{self, StreamTx, Wake, answer_wake, heartbeat, wait_for_chang
 use super::{call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
-use crate::domain::step_ups::{self, APPROVED, PENDING, StepUpView};
+use crate::domain::step_ups::{self, StepUpView};
 use crate::domain::webhooks;
 use crate::error::{Error, is_database_unavailable};
 use crate::hub::Change;
 use crate::state::AppState;
+use crate::store::entities::step_up;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -48,7 +49,7 @@ impl StepUpApi {
     fn status(&self, ctx: &CallContext, view: &StepUpView) -> Result<pb::StepUpStatus, Status> {
         let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
         Ok(pb::StepUpStatus {
-            state: step_ups::state_proto(view.state) as i32,
+            state: pb::StepUpState::from(view.state) as i32,
             delegation: Some(convert::delegation(
                 view.delegation.clone(),
                 &viewer,
@@ -73,7 +74,7 @@ impl StepUpApi {
     ) {
         use pb::watch_step_up_response::Event;
         let mut stopping = self.0.stopping.subscribe();
-        let mut last_sent: Option<(&'static str, usize)> = None;
+        let mut last_sent: Option<(step_up::State, usize)> = None;
         // A decision committed by this process, handed over by the change
         // that woke the watch: taken instead of re-reading the database.
         let mut handed: Option<Arc<StepUpView>> = None;
@@ -128,8 +129,8 @@ impl StepUpApi {
                         return;
                     }
                 };
-                let mut terminal = view.state != PENDING;
-                if view.state == APPROVED {
+                let mut terminal = view.state != step_up::State::Pending;
+                if view.state == step_up::State::Approved {
                     // Redeem only for a client still listening: a watch the
                     // agent dropped must leave the token to its poll.
                     if tx.is_closed() {
@@ -339,11 +340,7 @@ impl StepUpApi {
             for (change, view) in changes {
                 if !sent.contains(&change.id) {
                     fresh = true;
-                    let event_type = match change.kind.as_str() {
-                        "added" => pb::PendingStepUpEventType::Added,
-                        "updated" => pb::PendingStepUpEventType::Updated,
-                        _ => pb::PendingStepUpEventType::Removed,
-                    };
+                    let event_type = pb::PendingStepUpEventType::from(change.kind);
                     let step_up =
                         match convert::step_up(view, &tenant_id, self.0.clock.now_millis()) {
                             Ok(step_up) => step_up,

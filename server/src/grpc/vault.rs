@@ -33,7 +33,7 @@ fn provider(row: oauth_provider::Model) -> pb::OAuthProvider {
 
 fn connection(row: connection::Model) -> pb::Connection {
     pb::Connection {
-        status: connections::status_proto(&row.status) as i32,
+        status: pb::ConnectionStatus::from(row.status) as i32,
         requested_scopes: connections::string_list(&row.scopes),
         granted_scopes: connections::string_list(&row.granted_scopes),
         connected_by: row.connected_by.as_deref().and_then(parse_actor),
@@ -61,7 +61,7 @@ fn signing_key(row: custody_key::Model) -> Result<pb::SigningKey, Error> {
     let (pem, jwk) = signing_keys::public_forms(&row)?;
     Ok(pb::SigningKey {
         algorithm: signing_keys::algorithm_proto(&row.algorithm) as i32,
-        state: signing_keys::state_proto(&row.status) as i32,
+        state: pb::SigningKeyState::from(row.status) as i32,
         create_actor: parse_actor(&row.created_by),
         disable_actor: row.disabled_by.as_deref().and_then(parse_actor),
         id: row.id,

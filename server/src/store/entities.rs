@@ -1,5 +1,10 @@
 //! SeaORM entities, one module per table. Times are milliseconds since the
-//! Unix epoch; JSON-valued columns are TEXT holding serde_json.
+//! Unix epoch; JSON-valued columns are TEXT holding serde_json. A column
+//! holding one of a few words is an enum of its module stored as those words
+//! ([`stored_enum!`]); the states of a row that changes over time come with
+//! their entity's table of transitions ([`Lifecycle`]).
+
+use crate::store::lifecycle::{Lifecycle, stored_enum};
 
 pub mod tenant {
     use sea_orm::entity::prelude::*;
@@ -11,9 +16,9 @@ pub mod tenant {
         pub id: String,
         pub slug: String,
         pub display_name: String,
-        pub status: String,
+        pub status: Status,
         pub token_algorithm: String,
-        pub outbound_default: String,
+        pub outbound_default: OutboundDefault,
         pub policy_version: i64,
         pub created_at: i64,
         pub updated_at: i64,
@@ -26,6 +31,35 @@ pub mod tenant {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A tenant's standing: a suspended tenant's principals are refused.
+        pub enum Status {
+            Active = "active",
+            Suspended = "suspended",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        const INITIAL: &'static [Self] = &[Self::Active];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // SuspendTenant (operator).
+            (Self::Active, Self::Suspended),
+            // ReactivateTenant (operator).
+            (Self::Suspended, Self::Active),
+        ];
+    }
+
+    super::stored_enum! {
+        /// What a tenant's outbound side decides when none of its rules
+        /// matches a request.
+        pub enum OutboundDefault {
+            Allow = "allow",
+            Block = "block",
+        }
+    }
 }
 
 pub mod external_org {
@@ -59,7 +93,7 @@ pub mod agent {
         pub tenant_id: String,
         pub name: String,
         pub description: String,
-        pub status: String,
+        pub status: Status,
         pub secret_digest: Vec<u8>,
         pub secret_rotated_at: i64,
         pub created_at: i64,
@@ -70,6 +104,26 @@ pub mod agent {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// An agent's standing: a disabled agent is refused.
+        pub enum Status {
+            Active = "active",
+            Disabled = "disabled",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        const INITIAL: &'static [Self] = &[Self::Active];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // DisableAgent (tenant admin).
+            (Self::Active, Self::Disabled),
+            // EnableAgent (tenant admin).
+            (Self::Disabled, Self::Active),
+        ];
+    }
 }
 
 pub mod issuer_key {
@@ -81,7 +135,7 @@ pub mod issuer_key {
         #[sea_orm(primary_key, auto_increment = false)]
         pub kid: String,
         pub algorithm: String,
-        pub status: String,
+        pub status: Status,
         pub private_key_ciphertext: Vec<u8>,
         pub public_jwk: String,
         pub created_at: i64,
@@ -93,6 +147,26 @@ pub mod issuer_key {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// An issuer key's use: the active key of its algorithm signs; a
+        /// retired one is only published until its last token expires.
+        pub enum Status {
+            Active = "active",
+            Retired = "retired",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        const INITIAL: &'static [Self] = &[Self::Active];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // RotateIssuerKey (operator): the algorithm's new key retires
+            // the old one in the same transaction.
+            (Self::Active, Self::Retired),
+        ];
+    }
 }
 
 pub mod audit_event {
@@ -131,8 +205,7 @@ pub mod policy_rule {
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: String,
         pub tenant_id: String,
-        /// `inbound` or `outbound`.
-        pub direction: String,
+        pub direction: Direction,
         pub action_pattern: String,
         pub counterpart_tenant_id: Option<String>,
         pub agent_id: Option<String>,
@@ -140,8 +213,7 @@ pub mod policy_rule {
         pub conditions: String,
         /// JSON time window, if any.
         pub time_window: Option<String>,
-        /// `allow`, `step_up` or `block`.
-        pub effect: String,
+        pub effect: Effect,
         pub max_ttl_seconds: i64,
         pub priority: i32,
         pub approvals_required: i32,
@@ -160,6 +232,24 @@ pub mod policy_rule {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// Which side of a request a rule judges: the receiving tenant's
+        /// (inbound) or the requesting tenant's (outbound).
+        pub enum Direction {
+            Inbound = "inbound",
+            Outbound = "outbound",
+        }
+    }
+
+    super::stored_enum! {
+        /// What a rule decides when it matches.
+        pub enum Effect {
+            Allow = "allow",
+            StepUp = "step_up",
+            Block = "block",
+        }
+    }
 }
 
 pub mod delegation {
@@ -180,9 +270,8 @@ pub mod delegation {
         pub binding_message: String,
         /// JSON object of context attributes.
         pub context: String,
-        /// `pending`, `active`, `denied`, `expired`, `revoked`,
-        /// `relinquished` or `blocked`; expiry is also applied at read time.
-        pub status: String,
+        /// Expiry is also applied at read time (`effective_status`).
+        pub status: Status,
         /// JSON of the policy decision taken at request time.
         pub decision: String,
         pub idempotency_key: String,
@@ -207,6 +296,44 @@ pub mod delegation {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A delegation's status.
+        pub enum Status {
+            /// Waiting for its step-up.
+            Pending = "pending",
+            /// Its token is valid until `expires_at`.
+            Active = "active",
+            Denied = "denied",
+            Expired = "expired",
+            Revoked = "revoked",
+            Relinquished = "relinquished",
+            /// Refused by policy when requested.
+            Blocked = "blocked",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        /// ALLOW, STEP_UP and BLOCK decisions at RequestDelegation (and at
+        /// the vault's Sign and ExchangeToken, which open delegations too).
+        const INITIAL: &'static [Self] = &[Self::Pending, Self::Active, Self::Blocked];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // Its step-up approved (quorum reached, policy re-checked).
+            (Self::Pending, Self::Active),
+            // Its step-up denied, or blocked by the re-check at approval.
+            (Self::Pending, Self::Denied),
+            // The sweeper, past `expires_at` (the step-up deadline, or the
+            // token's expiry).
+            (Self::Pending, Self::Expired),
+            (Self::Active, Self::Expired),
+            // RevokeDelegation (receiving tenant's admin).
+            (Self::Active, Self::Revoked),
+            // RelinquishDelegation (requesting agent or its tenant's admin).
+            (Self::Active, Self::Relinquished),
+        ];
+    }
 }
 
 pub mod step_up {
@@ -223,8 +350,8 @@ pub mod step_up {
         pub requesting_agent_id: String,
         /// SHA-256 of the `auth_req_id`; the id itself is never stored.
         pub auth_req_id_hash: String,
-        /// `pending`, `approved`, `denied`, `expired` or `redeemed`.
-        pub state: String,
+        /// Expiry is also applied at read time (`effective_state`).
+        pub state: State,
         pub request_hash: String,
         pub interval_seconds: i64,
         pub last_polled_at: Option<i64>,
@@ -244,6 +371,37 @@ pub mod step_up {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A step-up's state.
+        pub enum State {
+            Pending = "pending",
+            /// Its delegation is active; its token not taken yet.
+            Approved = "approved",
+            Denied = "denied",
+            Expired = "expired",
+            /// Its token was handed out (once).
+            Redeemed = "redeemed",
+        }
+    }
+
+    impl super::Lifecycle for State {
+        type Entity = Entity;
+        const COLUMN: Column = Column::State;
+        const INITIAL: &'static [Self] = &[Self::Pending];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // ApproveStepUp reaching the quorum.
+            (Self::Pending, Self::Approved),
+            // DenyStepUp, or the policy re-check at approval blocking.
+            (Self::Pending, Self::Denied),
+            // The sweeper, when its delegation expires: undecided, or
+            // approved but never redeemed.
+            (Self::Pending, Self::Expired),
+            (Self::Approved, Self::Expired),
+            // PollStepUp or WatchStepUp handing out the token.
+            (Self::Approved, Self::Redeemed),
+        ];
+    }
 }
 
 pub mod step_up_approval {
@@ -283,10 +441,9 @@ pub mod step_up_change {
         pub tenant_id: String,
         pub step_up_id: String,
         pub delegation_id: String,
-        /// `added`, `updated` or `removed`.
-        pub kind: String,
+        pub kind: Kind,
         /// The step-up's state after the change.
-        pub state: String,
+        pub state: super::step_up::State,
         pub created_at: i64,
     }
 
@@ -294,6 +451,18 @@ pub mod step_up_change {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// How a change moved a step-up in its tenant's queue.
+        pub enum Kind {
+            /// Opened (pending).
+            Added = "added",
+            /// Still pending, with a new approval.
+            Updated = "updated",
+            /// Decided or expired: out of the queue.
+            Removed = "removed",
+        }
+    }
 }
 
 pub mod tenant_webhook {
@@ -405,8 +574,7 @@ pub mod connection {
         pub id: String,
         pub tenant_id: String,
         pub provider_id: String,
-        /// `pending`, `connected`, `needs_reauth` or `disconnected`.
-        pub status: String,
+        pub status: Status,
         /// JSON array of the scopes requested by the last StartConnection.
         pub scopes: String,
         /// The refresh token sealed under the master key.
@@ -451,6 +619,46 @@ pub mod connection {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A connection's status.
+        pub enum Status {
+            /// Started, never authorized.
+            Pending = "pending",
+            /// Holds tokens the exchange hands out.
+            Connected = "connected",
+            /// Its tokens can no longer be used: the account must be
+            /// authorized again (StartConnection with its id).
+            NeedsReauth = "needs_reauth",
+            /// Its tokens erased (and revoked at the provider if it could).
+            Disconnected = "disconnected",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        /// StartConnection without a connection id.
+        const INITIAL: &'static [Self] = &[Self::Pending];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // The OAuth callback's code exchange (a connected one is
+            // re-authorized in place).
+            (Self::Pending, Self::Connected),
+            (Self::Connected, Self::Connected),
+            (Self::NeedsReauth, Self::Connected),
+            // A refresh the provider refuses (`invalid_grant`), a missing
+            // refresh token, or the endpoints or client the tokens were
+            // issued to gone from the provider: found at refresh, or by
+            // UpdateOAuthProvider (which also erases what a NEEDS_REAUTH
+            // connection still holds).
+            (Self::Connected, Self::NeedsReauth),
+            (Self::NeedsReauth, Self::NeedsReauth),
+            // DeleteConnection (tenant admin).
+            (Self::Pending, Self::Disconnected),
+            (Self::Connected, Self::Disconnected),
+            (Self::NeedsReauth, Self::Disconnected),
+        ];
+    }
 }
 
 pub mod custody_key {
@@ -465,8 +673,7 @@ pub mod custody_key {
         pub name: String,
         /// `ed25519`, `secp256k1` or `p256`.
         pub algorithm: String,
-        /// `enabled` or `disabled`.
-        pub status: String,
+        pub status: Status,
         /// The private key sealed under the master key.
         pub private_key_ciphertext: Vec<u8>,
         /// The raw public key (32 bytes Ed25519, 65-byte SEC1 point otherwise).
@@ -487,6 +694,24 @@ pub mod custody_key {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A signing key's status.
+        pub enum Status {
+            Enabled = "enabled",
+            Disabled = "disabled",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        const INITIAL: &'static [Self] = &[Self::Enabled];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // DisableSigningKey (tenant admin), for good.
+            (Self::Enabled, Self::Disabled),
+        ];
+    }
 }
 
 pub mod signature {
@@ -504,8 +729,7 @@ pub mod signature {
         pub idempotency_key: String,
         /// Lowercase hex of the 32-byte payload hash.
         pub payload_hash: String,
-        /// `pending` (waiting for a step-up), `signed` or `refused`.
-        pub status: String,
+        pub status: Status,
         pub signature: Option<Vec<u8>>,
         /// The PENDING delegation standing for a stepped-up request.
         pub delegation_id: Option<String>,
@@ -526,6 +750,27 @@ pub mod signature {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A signature request's status (refusals are audited, not stored).
+        pub enum Status {
+            /// Waiting for its step-up.
+            Pending = "pending",
+            Signed = "signed",
+        }
+    }
+
+    impl super::Lifecycle for Status {
+        type Entity = Entity;
+        const COLUMN: Column = Column::Status;
+        /// Sign: signed at once on ALLOW, pending on STEP_UP.
+        const INITIAL: &'static [Self] = &[Self::Pending, Self::Signed];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // Sign repeated with its idempotency key after the step-up's
+            // approval.
+            (Self::Pending, Self::Signed),
+        ];
+    }
 }
 
 pub mod vault_settings {

@@ -1,7 +1,9 @@
-//! Storage: the database connection and the SeaORM entities. Only the domain
-//! layer uses this module; gRPC adapters never see an entity.
+//! Storage: the database connection, the SeaORM entities and their
+//! lifecycles. Only the domain layer uses this module; gRPC adapters never
+//! see an entity.
 
 pub mod entities;
+pub mod lifecycle;
 
 use std::time::Duration;
 
