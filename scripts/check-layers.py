@@ -67,10 +67,17 @@ LAYERS = [
 
 LAYER_NAMES = {0: "test-only", 1: "top", 2: "domain", 3: "services", 4: "bottom"}
 
-# Edges known to break the rules until a branch that removes them is merged.
-# Each entry is (from, to); the check reports them as "allowed for now" and
-# fails once one of them is gone, so the list is emptied when it lands.
-ALLOWED_FOR_NOW = {}
+# Edges known to break the rules until a branch that removes them is merged,
+# each allowed only for exactly the items listed: the check fails when the
+# edge names anything else, and when it names less (narrow or remove the
+# entry), so the list empties as the branch lands.
+ALLOWED_FOR_NOW = {
+    # i24-life moves the lifecycle states into enums of store/entities.rs.
+    ("auth.rs", "domain/agents.rs"): {"STATUS_ACTIVE"},
+    ("auth.rs", "domain/tenants.rs"): {"STATUS_ACTIVE"},
+    ("directory.rs", "domain/connections.rs"): {"STATUS_CONNECTED"},
+    ("directory.rs", "domain/delegations.rs"): {"STATUS_PENDING"},
+}
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "server" / "src"
 

@@ -52,6 +52,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The handles authentication reads, borrowed from here.
+    pub fn authenticator(&self) -> crate::auth::Authenticator<'_> {
+        crate::auth::Authenticator {
+            db: &self.db,
+            clock: self.clock.as_ref(),
+            keys: &self.keys,
+            oidc: &self.oidc,
+            directory: &self.directory,
+        }
+    }
+
     /// Appends `events` in a transaction of their own (for events that
     /// record a refusal or a read, with no state change to share a
     /// transaction with) and wakes the sealer.
