@@ -383,6 +383,20 @@ impl std::fmt::Debug for Minted {
     }
 }
 
+/// An approval's outcome as its transaction left it, handed to this
+/// process's watchers with the change ([`crate::hub::Change::payload`]),
+/// who take it instead of re-reading the database. A decision is never
+/// undone, so it cannot be overtaken by a change published after it; a
+/// watcher still re-reads on every other wake.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub view: StepUpView,
+    /// The delegation's token, signed while the approval committed, for
+    /// the watcher that redeems it (the redemption then waits for no
+    /// signature).
+    pub minted: Option<Minted>,
+}
+
 /// Signs the token of `row`, an approved delegation, on another task.
 fn mint(state: &AppState, row: &delegation::Model) -> tokio::task::JoinHandle<Option<Minted>> {
     let (state, row) = (state.clone(), row.clone());
@@ -1039,13 +1053,15 @@ pub async fn approve(
         delegation: row_after,
         approvals: approval_rows,
     };
-    if settled {
-        change.settled = Some(std::sync::Arc::new(answer.clone()));
-    }
     txn.commit().await?;
     state.audit_committed();
-    if let Some(minting) = minting {
-        change.minted = minting.await.ok().flatten();
+    if settled {
+        let minted = match minting {
+            Some(minting) => minting.await.ok().flatten(),
+            None => None,
+        };
+        let view = answer.clone();
+        change.payload = Some(std::sync::Arc::new(Decided { view, minted }));
     }
     state.hub.committed(vec![change]);
     Ok((answer, decision.redacted_for(&tenant_id)))
