@@ -35,7 +35,7 @@ pub struct AppState {
     /// The OAuth client of connected accounts and its single-flight locks.
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.
-    pub policy_cache: Arc<crate::domain::policies::PolicyCache>,
+    pub policy_cache: Arc<crate::domain::policy_cache::PolicyCache>,
     /// The group-commit writer of stand-alone audit events.
     pub recorder: audit::Recorder,
     /// Tenant and agent rows, kept current on every replica.

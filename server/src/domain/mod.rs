@@ -8,6 +8,7 @@ pub mod connections;
 pub mod delegations;
 pub mod page;
 pub mod policies;
+pub mod policy_cache;
 pub mod policy_engine;
 pub mod providers;
 pub mod signing_keys;
