@@ -51,7 +51,7 @@ const AUTH_REQ_ID_PURPOSE: &str = "vaultguard/v1 auth_req_id";
 /// The advisory lock that keeps the sweeper to one replica at a time.
 const SWEEPER_LOCK: i64 = 0x7661_756c_7467_0001;
 /// Rows the sweeper ends per transaction.
-const SWEEP_BATCH: u64 = 500;
+pub const SWEEP_BATCH: u64 = 500;
 /// Largest accepted token, in bytes.
 const MAX_TOKEN_BYTES: usize = 8192;
 
@@ -1281,32 +1281,6 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         metrics::counter!("vaultguard_delegations_expired_total").increment(ended);
     }
     Ok(ended)
-}
-
-/// Runs [`sweep_expired`] every `sweep_interval_ms` until `stop` flips.
-pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let period = std::time::Duration::from_millis(state.config.sweep_interval_ms.max(100));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(period) => {}
-        }
-        loop {
-            match sweep_expired(&state, state.clock.now_millis()).await {
-                Ok(n) if n >= SWEEP_BATCH => continue,
-                Ok(_) => break,
-                Err(err) => {
-                    tracing::warn!(error = %err, "delegation sweep failed");
-                    break;
-                }
-            }
-        }
-        if let Err(err) =
-            crate::domain::connections::prune_states(&state, state.clock.now_millis()).await
-        {
-            tracing::warn!(error = %err, "OAuth state pruning failed");
-        }
-    }
 }
 
 /// What an active token says, for the introspection answer.
