@@ -10,6 +10,7 @@ pub mod page;
 pub mod policies;
 pub mod policy_cache;
 pub mod policy_engine;
+pub mod provider_reads;
 pub mod providers;
 pub mod signing_keys;
 pub mod step_ups;
