@@ -77,6 +77,8 @@ ALLOWED_FOR_NOW = {
     ("auth.rs", "domain/tenants.rs"): {"STATUS_ACTIVE"},
     ("directory.rs", "domain/connections.rs"): {"STATUS_CONNECTED"},
     ("directory.rs", "domain/delegations.rs"): {"STATUS_PENDING"},
+    ("domain/delegations.rs", "domain/step_ups.rs"): {"APPROVED", "EXPIRED", "PENDING"},
+    ("domain/step_up_queue.rs", "domain/step_ups.rs"): {"EXPIRED", "PENDING"},
 }
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "server" / "src"
@@ -144,11 +146,10 @@ def module_path(rel):
 
 
 def parse_use_tree(toks, i, prefix, out):
-    """Parses one use tree starting at toks[i]; appends the full paths it
-    names to `out` (with the line of their first segment); returns the index
-    after it."""
+    """Parses one use tree starting at toks[i]; appends to `out` each full
+    path it names, the local name it binds (None for a glob or `as _`) and
+    the line; returns the index after the tree."""
     path = list(prefix)
-    line = toks[i][2] if i < len(toks) else 0
     while i < len(toks):
         kind, text, line = toks[i]
         if text == "{":
@@ -159,7 +160,7 @@ def parse_use_tree(toks, i, prefix, out):
                     i += 1
             return i + 1
         if text == "*":
-            out.append((tuple(path), line))
+            out.append((tuple(path), None, line))
             return i + 1
         if kind == "ident":
             if text != "self":
@@ -168,9 +169,11 @@ def parse_use_tree(toks, i, prefix, out):
             if i < len(toks) and toks[i][1] == "::":
                 i += 1
                 continue
-            if i < len(toks) and toks[i][1] == "as":
+            local = path[-1] if path else None
+            if i + 1 < len(toks) and toks[i][1] == "as":
+                local = None if toks[i + 1][1] == "_" else toks[i + 1][1]
                 i += 2
-            out.append((tuple(path), line))
+            out.append((tuple(path), local, line))
             return i
         return i + 1
     return i
@@ -200,13 +203,18 @@ def resolve(segments, current, files, crate_alias):
 
 
 def edges_of(rel, files):
-    """(target module path, item named in it, line) for every path to another module of the
-    crate that the file names outside comments, strings and test items."""
+    """(target module path, item named in it, line) for every path to another
+    module of the crate that the file names outside comments, strings and
+    test items. A module brought in by `use` (`use crate::domain::step_ups;`)
+    counts by the items the code names through it (`step_ups::PENDING`)."""
     toks = tokens((ROOT / rel).read_text())
     own = module_path(rel)
     crate_alias = "vaultguard_server" if rel.as_posix() == "main.rs" else "crate"
     found = []
-    # Inline modules: a stack of (brace depth at which it closes, name, test).
+    # Local names of imported modules -> (module path, line of the use).
+    modules = {}
+    named = []  # (local name, token index, line) of `name::item` in code
+    # Inline modules: a stack of (brace depth at which it closes, name).
     inline = []
     depth = 0
     pending_mod = None
@@ -264,27 +272,43 @@ def edges_of(rel, files):
             while j < len(toks) and toks[j][1] != ";":
                 j += 1
             if not in_test:
-                for segments, at in paths:
+                for segments, local, at in paths:
                     target = resolve(segments, current, files, crate_alias)
-                    if target is not None:
+                    if target is None:
+                        continue
+                    if target[1] == "self" and local is not None:
+                        modules[local] = (target[0], at)
+                    else:
                         found.append((*target, at))
+            elif test_semicolon and depth == test_depth:
+                test_depth = None
             i = j + 1
             continue
-        if kind == "ident" and text in ("crate", "super", "self", crate_alias):
-            if i + 1 < len(toks) and toks[i + 1][1] == "::":
-                previous = toks[i - 1][1] if i else ""
-                segments = [text]
-                j = i + 1
-                while j + 1 < len(toks) and toks[j][1] == "::" and toks[j + 1][0] == "ident":
-                    segments.append(toks[j + 1][1])
-                    j += 2
-                if previous != "::" and not in_test:
+        if kind == "ident" and i + 1 < len(toks) and toks[i + 1][1] == "::":
+            previous = toks[i - 1][1] if i else ""
+            segments = [text]
+            j = i + 1
+            while j + 1 < len(toks) and toks[j][1] == "::" and toks[j + 1][0] == "ident":
+                segments.append(toks[j + 1][1])
+                j += 2
+            if previous != "::" and not in_test:
+                if text in ("crate", "super", "self", crate_alias):
                     target = resolve(segments, current, files, crate_alias)
                     if target is not None:
                         found.append((*target, line))
-                i = j
-                continue
+                elif len(segments) > 1:
+                    named.append((text, segments[1], line))
+            i = j
+            continue
         i += 1
+    used = set()
+    for local, item, line in named:
+        if local in modules:
+            found.append((modules[local][0], item, line))
+            used.add(local)
+    for local, (module, line) in modules.items():
+        if local not in used:
+            found.append((module, "self", line))
     return found
 
 

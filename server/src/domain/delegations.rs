@@ -29,7 +29,7 @@ use crate::directory;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, page, step_ups, to_json};
+use crate::domain::{actor_json, page, step_up_queue, step_ups, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -671,7 +671,7 @@ pub(crate) fn new_row(
 
 /// Inserts the step-up of a PENDING `row` (already inserted in `txn`) and its
 /// queue change, unless the pair's queue is full
-/// ([`step_ups::check_queue_room`]: the caller then drops `txn`); returns
+/// ([`step_up_queue::check_queue_room`]: the caller then drops `txn`); returns
 /// the `auth_req_id` and the change to announce after the commit.
 pub(crate) async fn insert_step_up(
     state: &AppState,
@@ -682,7 +682,7 @@ pub(crate) async fn insert_step_up(
         .step_up_id
         .clone()
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
-    step_ups::check_queue_room(
+    step_up_queue::check_queue_room(
         state,
         txn,
         &row.requesting_tenant_id,
@@ -714,7 +714,7 @@ pub(crate) async fn insert_step_up(
     }
     .insert(txn)
     .await?;
-    let change = step_ups::record_created(state, txn, &created).await?;
+    let change = step_up_queue::record_created(state, txn, &created).await?;
     Ok((handle, change))
 }
 
@@ -1260,7 +1260,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
                 .exec(&txn)
                 .await?;
             if expired.rows_affected > 0 && from == step_ups::PENDING {
-                changes.push(step_ups::record_expired(state, &txn, &step, now).await?);
+                changes.push(step_up_queue::record_expired(state, &txn, &step, now).await?);
             }
         }
         let events = party_events(

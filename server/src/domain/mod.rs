@@ -13,6 +13,7 @@ pub mod policy_engine;
 pub mod provider_reads;
 pub mod providers;
 pub mod signing_keys;
+pub mod step_up_queue;
 pub mod step_ups;
 pub mod tenants;
 pub mod tokens;
