@@ -23,7 +23,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
 use super::stream::{self, StreamTx, Wake, answer_wake, heartbeat, wait_for_change};
-use super::{call_context, convert};
+use super::{Reply, call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
 use crate::domain::step_ups::{self, APPROVED, PENDING, StepUpView};
@@ -31,8 +31,6 @@ use crate::domain::webhooks;
 use crate::error::{Error, is_database_unavailable};
 use crate::hub::Change;
 use crate::state::AppState;
-
-type Reply<T> = Result<Response<T>, Status>;
 
 /// Messages buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 16;

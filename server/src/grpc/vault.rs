@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::vault_service_server::VaultService;
 
-use super::call_context;
+use super::{Reply, call_context};
 use crate::clock::to_timestamp;
 use crate::domain::connections::{self, TOKEN_TYPE_ACCESS_TOKEN};
 use crate::domain::signing_keys::{self, Signed};
@@ -14,8 +14,6 @@ use crate::domain::{
 use crate::error::Error;
 use crate::state::AppState;
 use crate::store::entities::{connection, custody_key, oauth_provider, signature, vault_settings};
-
-type Reply<T> = Result<Response<T>, Status>;
 
 fn provider(row: oauth_provider::Model) -> pb::OAuthProvider {
     pb::OAuthProvider {
