@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """The layering check of server/src: imports only look down, and no file
-imports itself back through others.
+imports itself back through others (ARCHITECTURE.md, "Architecture
+invariants"). Run by scripts/test.sh, which .ci/run calls.
 
-Reads every server/src/**/*.rs, derives file -> file edges from the paths the
-code names (`use crate::…`, `use super::…`, and `crate::x::y` / `super::x`
-paths written in code; `vaultguard_server::…` in main.rs), places every file
-in a layer from LAYERS below, and fails, naming the offending edges, on:
+Reads every server/src/**/*.rs and derives file -> file edges from the paths
+the code names: `use crate::…` and `use super::…` trees, `crate::x::y` and
+`super::x` paths in code (`vaultguard_server::…` in main.rs), and
+`m::item` in code where `m` is a module brought in by `use` (so an edge
+lists the items it uses). Each file gets its layer from LAYERS below, and
+the check fails, naming the offending edges, on:
   - a file that no LAYERS row places (a new file must be placed);
   - an edge from a file to one in a higher layer (a lower number);
   - a cycle among files (each strongly connected component is printed with
@@ -13,8 +16,9 @@ in a layer from LAYERS below, and fails, naming the offending edges, on:
 Comments, strings and `#[cfg(test)]` items are left out: test code may build
 what the code under test is handed (an AppState, a hub), and does not ship.
 
-    scripts/check-layers.py            # the check (exit 1 on a violation)
-    scripts/check-layers.py --graph    # also print every edge by layer
+    scripts/check-layers.py               # the check (exit 1 on a violation)
+    scripts/check-layers.py --graph       # also print every file's edges by layer
+    scripts/check-layers.py --self-test   # the parser and checks on a known tree
 """
 
 import fnmatch
@@ -129,8 +133,6 @@ def tokens(text):
             end += 1
         elif kind in ("ident", "path_sep", "punct"):
             out.append((kind, match.group(), line))
-        elif kind == "hashes":  # never the last group; kept for clarity
-            pass
         line += text.count("\n", pos, end)
         pos = end
     return out
@@ -202,12 +204,12 @@ def resolve(segments, current, files, crate_alias):
     return None
 
 
-def edges_of(rel, files):
+def edges_of(root, rel, files):
     """(target module path, item named in it, line) for every path to another
     module of the crate that the file names outside comments, strings and
     test items. A module brought in by `use` (`use crate::domain::step_ups;`)
     counts by the items the code names through it (`step_ups::PENDING`)."""
-    toks = tokens((ROOT / rel).read_text())
+    toks = tokens((root / rel).read_text())
     own = module_path(rel)
     crate_alias = "vaultguard_server" if rel.as_posix() == "main.rs" else "crate"
     found = []
@@ -312,8 +314,8 @@ def edges_of(rel, files):
     return found
 
 
-def layer_of(rel):
-    for layer, pattern in LAYERS:
+def layer_of(rel, table):
+    for layer, pattern in table:
         if fnmatch.fnmatchcase(rel, pattern):
             return layer
     return None
@@ -353,27 +355,27 @@ def strongly_connected(nodes, edges):
     return components
 
 
-def main():
-    show_graph = "--graph" in sys.argv[1:]
-    sources = sorted(p.relative_to(ROOT) for p in ROOT.rglob("*.rs"))
+def graph_of(root):
+    """The files under `root` and their edges: (from, to) -> {item: line}."""
+    sources = sorted(p.relative_to(root) for p in root.rglob("*.rs"))
     files = {module_path(rel): rel.as_posix() for rel in sources}
-    # (from, to) -> {item names: first line naming it}
     edges = {}
     for rel in sources:
         name = rel.as_posix()
-        for target, item, line in edges_of(rel, files):
+        for target, item, line in edges_of(root, rel, files):
             target_name = files[target]
             if target_name in (name, "lib.rs"):
                 continue
             edges.setdefault((name, target_name), {}).setdefault(item, line)
+    return [rel.as_posix() for rel in sources], edges
 
-    problems = []
-    layers = {}
-    for rel in sources:
-        name = rel.as_posix()
-        layers[name] = layer_of(name)
-        if layers[name] is None:
-            problems.append(f"{name}: in no layer (add it to LAYERS in {sys.argv[0]})")
+
+def check(sources, edges, table, allowed_for_now):
+    """The problems of a graph under a layer table, and the edges allowed
+    for now that it still has."""
+    problems, notes = [], []
+    layers = {name: layer_of(name, table) for name in sources}
+    problems += [f"{name}: in no layer (add it to LAYERS in scripts/check-layers.py)" for name, layer in layers.items() if layer is None]
 
     def where(edge):
         items = edges[edge]
@@ -383,7 +385,7 @@ def main():
     # Edges allowed for now: only while they name nothing but the listed
     # items, and reported once they name fewer.
     allowed = set()
-    for edge, names in sorted(ALLOWED_FOR_NOW.items()):
+    for edge, names in sorted(allowed_for_now.items()):
         used = set(edges.get(edge, {}))
         if not used:
             problems.append(f"{edge[0]} -> {edge[1]} is gone: remove it from ALLOWED_FOR_NOW")
@@ -393,7 +395,7 @@ def main():
             problems.append(f"{edge[0]} -> {edge[1]} no longer uses {', '.join(sorted(names - used))}: narrow ALLOWED_FOR_NOW")
         else:
             allowed.add(edge)
-            print(f"allowed for now: {edge[0]} -> {edge[1]}  [{where(edge)}]")
+            notes.append(f"allowed for now: {edge[0]} -> {edge[1]}  [{where(edge)}]")
 
     for edge in sorted(edges):
         source, target = edge
@@ -419,8 +421,74 @@ def main():
             if t in members
         ]
         problems.append(f"import cycle among {len(component)} files: {', '.join(component)}\n" + "\n".join(inner))
+    return problems, notes, layers
 
-    if show_graph:
+
+SELF_TEST = {
+    # Every way a file names another: use trees, renames, modules imported
+    # by use and named through, paths in code, super, and what is not code.
+    "lib.rs": "pub mod a; pub mod b; pub mod c; pub mod d; #[cfg(test)] mod t;",
+    "a/mod.rs": "pub mod x;\nuse crate::{b::{self, One as Uno}, c};\nfn f() { b::two(); c::Three; }",
+    "a/x.rs": "use super::super::d::Four;\n/// crate::c::NotThis\n/* crate::c::Nor /* this */ */\nfn g() { let s = \"crate::c::\\\"Nor\"; let c = '\"'; let r = r#\"crate::c::\"Raw\"#; }",
+    "b.rs": "pub fn two() { crate::d::five(); }\n#[cfg(test)]\nmod tests { use crate::a::x::Up; }",
+    "c.rs": "#[cfg(test)]\nuse crate::a::Up;\npub struct Three; fn h<'a>(x: &'a str) { crate::d::six(x) }",
+    "d.rs": "pub fn five() {} pub fn six(_: &str) {} pub struct Four;",
+    "t.rs": "use crate::a::Anything;",
+}
+
+
+def self_test():
+    """The parser and the checks on a small tree with known edges."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        for name, text in SELF_TEST.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        sources, edges = graph_of(root)
+        found = {edge: set(items) for edge, items in edges.items()}
+        expected = {
+            ("a/mod.rs", "b.rs"): {"One", "two"},
+            ("a/mod.rs", "c.rs"): {"Three"},
+            ("a/x.rs", "d.rs"): {"Four"},
+            ("b.rs", "d.rs"): {"five"},
+            ("c.rs", "d.rs"): {"six"},
+            ("t.rs", "a/mod.rs"): {"Anything"},
+        }
+        assert found == expected, found
+        table = [(1, "a/*"), (2, "b.rs"), (2, "c.rs"), (3, "d.rs"), (0, "t.rs")]
+        problems, _, _ = check(sources, edges, table, {})
+        assert problems == ["lib.rs: in no layer (add it to LAYERS in scripts/check-layers.py)"], problems
+        table.append((1, "lib.rs"))
+        assert check(sources, edges, table, {})[0] == []
+        # Upward and circular: d.rs (layer 3) naming b.rs (layer 2).
+        edges[("d.rs", "b.rs")] = {"two": 1}
+        problems = check(sources, edges, table, {})[0]
+        assert len(problems) == 2 and problems[0].startswith("upward import: d.rs (services) -> b.rs (domain)"), problems
+        assert problems[1].startswith("import cycle among 2 files: b.rs, d.rs"), problems
+        # Allowed for exactly its items, and reported when it changes.
+        assert check(sources, edges, table, {("d.rs", "b.rs"): {"two"}})[0] == []
+        edges[("d.rs", "b.rs")]["three"] = 2
+        problems = check(sources, edges, table, {("d.rs", "b.rs"): {"two"}})[0]
+        assert problems[0].startswith("d.rs -> b.rs is allowed for two only"), problems
+        problems = check(sources, edges, table, {("d.rs", "b.rs"): {"two", "three", "four"}})[0]
+        assert problems[0].startswith("d.rs -> b.rs no longer uses four"), problems
+        del edges[("d.rs", "b.rs")]
+        problems = check(sources, edges, table, {("d.rs", "b.rs"): {"two"}})[0]
+        assert problems == ["d.rs -> b.rs is gone: remove it from ALLOWED_FOR_NOW"], problems
+    print("check-layers self-test passed")
+
+
+def main():
+    if "--self-test" in sys.argv[1:]:
+        self_test()
+        return 0
+    sources, edges = graph_of(ROOT)
+    problems, notes, layers = check(sources, edges, LAYERS, ALLOWED_FOR_NOW)
+    for note in notes:
+        print(note)
+    if "--graph" in sys.argv[1:]:
         for layer in sorted(set(layers.values()) - {None}):
             members = sorted(n for n, l in layers.items() if l == layer)
             print(f"layer {layer} ({LAYER_NAMES[layer]}), {len(members)} files")
