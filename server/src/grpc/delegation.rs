@@ -9,7 +9,6 @@ use vaultguard_proto::v1::delegation_service_server::DelegationService;
 use super::{Reply, call_context, convert};
 use crate::auth::CallContext;
 use crate::domain::delegations::{self, Requested};
-use crate::domain::policy_engine::Decision;
 use crate::state::AppState;
 use crate::store::entities::delegation;
 
@@ -28,13 +27,13 @@ impl DelegationApi {
         )?)
     }
 
+    /// The decision recorded on a delegation as the caller's tenant sees it.
     fn decision_for(
         &self,
         ctx: &CallContext,
         row: &delegation::Model,
     ) -> Result<pb::PolicyDecision, Status> {
-        let decision: Decision = serde_json::from_str(&row.decision)
-            .map_err(|e| Status::from(crate::error::Error::internal(e)))?;
+        let decision = delegations::parse_decision(row)?;
         let viewer = ctx.principal.tenant_id.clone().unwrap_or_default();
         Ok(decision.redacted_for(&viewer).to_proto())
     }
