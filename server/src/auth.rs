@@ -15,9 +15,14 @@
 use serde::{Deserialize, Serialize};
 use vaultguard_proto::v1::{Actor, ErrorReason, PrincipalKind, Role};
 
+use sea_orm::DatabaseConnection;
+
 use crate::audit::AuditCtx;
+use crate::clock::Clock;
+use crate::directory::Directory;
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::issuer::IssuerKeys;
+use crate::oidc::OidcVerifier;
 use crate::store::entities::{agent, tenant};
 
 /// The `aud` of VaultGuard API access tokens. Delegation tokens carry the
@@ -26,6 +31,20 @@ pub const API_AUDIENCE: &str = "vaultguard";
 
 /// Tokens longer than this are refused before any parsing.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// What authentication reads: the handles it is given for one call (from
+/// `AppState::authenticator`, borrowed, so nothing is cloned per call).
+#[derive(Clone, Copy)]
+pub struct Authenticator<'a> {
+    pub db: &'a DatabaseConnection,
+    pub clock: &'a dyn Clock,
+    /// VaultGuard's own tokens.
+    pub keys: &'a IssuerKeys,
+    /// Trusted external issuers' JWTs.
+    pub oidc: &'a OidcVerifier,
+    /// Tenant, agent and organisation-binding rows, for the standing.
+    pub directory: &'a Directory,
+}
 
 /// The claims of a VaultGuard API access token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,19 +173,19 @@ fn unverified_issuer(token: &str) -> Option<String> {
 
 /// Authenticates a bearer token and checks the caller's standing (tenant
 /// active, agent enabled).
-pub async fn authenticate(state: &AppState, token: &str) -> Result<Principal> {
+pub async fn authenticate(auth: Authenticator<'_>, token: &str) -> Result<Principal> {
     if token.is_empty() || token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
         return Err(Error::Unauthenticated("malformed bearer token"));
     }
     let issuer = unverified_issuer(token).ok_or(Error::Unauthenticated("token has no issuer"))?;
-    let principal = if issuer == state.keys.issuer() {
-        principal_from_access_token(state, token).await?
-    } else if state.oidc.is_trusted(&issuer) {
-        principal_from_oidc(state, token, &issuer).await?
+    let principal = if issuer == auth.keys.issuer() {
+        principal_from_access_token(auth, token).await?
+    } else if auth.oidc.is_trusted(&issuer) {
+        principal_from_oidc(auth, token, &issuer).await?
     } else {
         return Err(Error::Unauthenticated("issuer not trusted"));
     };
-    check_standing(state, &principal).await?;
+    check_standing(auth, &principal).await?;
     Ok(principal)
 }
 
@@ -181,20 +200,20 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Principal> {
 ///   identities;
 /// - a certificate naming no agent leaves the bearer to decide.
 pub async fn authenticate_call(
-    state: &AppState,
+    auth: Authenticator<'_>,
     bearer: Option<&str>,
     client_certificate: Option<&rustls::pki_types::CertificateDer<'_>>,
 ) -> Result<Principal> {
     let certified = match client_certificate {
-        Some(der) => crate::tls::certificate_agent(der, state.clock.now_seconds())?,
+        Some(der) => crate::tls::certificate_agent(der, auth.clock.now_seconds())?,
         None => None,
     };
     match (bearer, certified) {
         (None, None) => Err(Error::Unauthenticated("missing bearer token")),
-        (Some(token), None) => authenticate(state, token).await,
-        (None, Some(certified)) => principal_from_certificate(state, certified).await,
+        (Some(token), None) => authenticate(auth, token).await,
+        (None, Some(certified)) => principal_from_certificate(auth, certified).await,
         (Some(token), Some(certified)) => {
-            let mut principal = authenticate(state, token).await?;
+            let mut principal = authenticate(auth, token).await?;
             if principal.agent_id() != Some(certified.agent_id.as_str()) {
                 return Err(Error::Unauthenticated(
                     "bearer token and client certificate name different callers",
@@ -209,12 +228,12 @@ pub async fn authenticate_call(
 /// The agent a verified client certificate names, with its tenant from the
 /// agent row; refuses an unknown agent and checks the standing.
 async fn principal_from_certificate(
-    state: &AppState,
+    auth: Authenticator<'_>,
     certified: crate::tls::CertificateAgent,
 ) -> Result<Principal> {
-    let agent = state
+    let agent = auth
         .directory
-        .agent(&state.db, &certified.agent_id)
+        .agent(auth.db, &certified.agent_id)
         .await?
         .ok_or(Error::Unauthenticated(
             "client certificate names an unknown agent",
@@ -229,12 +248,12 @@ async fn principal_from_certificate(
         organization_id: None,
         certificate_expires_at: Some(certified.expires_at),
     };
-    check_standing(state, &principal).await?;
+    check_standing(auth, &principal).await?;
     Ok(principal)
 }
 
-async fn principal_from_access_token(state: &AppState, token: &str) -> Result<Principal> {
-    let verified = state
+async fn principal_from_access_token(auth: Authenticator<'_>, token: &str) -> Result<Principal> {
+    let verified = auth
         .keys
         .verify::<AccessClaims>(token, API_AUDIENCE)
         .await?;
@@ -266,9 +285,13 @@ async fn principal_from_access_token(state: &AppState, token: &str) -> Result<Pr
     })
 }
 
-async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Result<Principal> {
-    let identity = state.oidc.verify(token, issuer).await?;
-    let tenant_id = bound_tenant(state, &identity.issuer, &identity.organization_id).await?;
+async fn principal_from_oidc(
+    auth: Authenticator<'_>,
+    token: &str,
+    issuer: &str,
+) -> Result<Principal> {
+    let identity = auth.oidc.verify(token, issuer).await?;
+    let tenant_id = bound_tenant(auth, &identity.issuer, &identity.organization_id).await?;
     // Humans from an external issuer get tenant roles only, never operator or agent.
     let roles: Vec<Role> = identity
         .roles
@@ -290,10 +313,14 @@ async fn principal_from_oidc(state: &AppState, token: &str, issuer: &str) -> Res
 
 /// The tenant `issuer`'s organisation `organization_id` is bound to;
 /// UNAUTHENTICATED with ERROR_REASON_UNKNOWN_ORGANIZATION when none.
-async fn bound_tenant(state: &AppState, issuer: &str, organization_id: &str) -> Result<String> {
-    let binding = state
+async fn bound_tenant(
+    auth: Authenticator<'_>,
+    issuer: &str,
+    organization_id: &str,
+) -> Result<String> {
+    let binding = auth
         .directory
-        .organization(&state.db, issuer, organization_id)
+        .organization(auth.db, issuer, organization_id)
         .await?
         .ok_or(Error::UnauthenticatedReason {
             reason: ErrorReason::UnknownOrganization,
@@ -308,8 +335,8 @@ async fn bound_tenant(state: &AppState, issuer: &str, organization_id: &str) -> 
 /// certificate) unexpired on the injected clock, an OIDC human's
 /// organisation still bound to the same tenant, then [`check_standing`].
 /// Open server streams call it before every message and while idle.
-pub async fn check_still_standing(state: &AppState, principal: &Principal) -> Result<()> {
-    let now = state.clock.now_seconds();
+pub async fn check_still_standing(auth: Authenticator<'_>, principal: &Principal) -> Result<()> {
+    let now = auth.clock.now_seconds();
     if principal.certificate_expires_at.is_some_and(|at| at <= now) {
         return Err(Error::Unauthenticated("client certificate expired"));
     }
@@ -317,7 +344,7 @@ pub async fn check_still_standing(state: &AppState, principal: &Principal) -> Re
         return Err(Error::Unauthenticated("token expired"));
     }
     if let Some(organization_id) = principal.organization_id.as_deref() {
-        let tenant_id = bound_tenant(state, &principal.issuer, organization_id).await?;
+        let tenant_id = bound_tenant(auth, &principal.issuer, organization_id).await?;
         if principal.tenant_id.as_deref() != Some(tenant_id.as_str()) {
             // Unbound and bound to another tenant since: this credential no
             // longer stands for the tenant the stream serves.
@@ -327,19 +354,19 @@ pub async fn check_still_standing(state: &AppState, principal: &Principal) -> Re
             });
         }
     }
-    check_standing(state, principal).await
+    check_standing(auth, principal).await
 }
 
 /// Refuses principals of a suspended or unknown tenant, and disabled or
 /// deleted agents, on every call (and, through [`check_still_standing`],
 /// at every step of a stream).
-async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
+async fn check_standing(auth: Authenticator<'_>, principal: &Principal) -> Result<()> {
     let Some(tenant_id) = principal.tenant_id.as_deref() else {
         return Ok(());
     };
-    let tenant = state
+    let tenant = auth
         .directory
-        .tenant(&state.db, tenant_id)
+        .tenant(auth.db, tenant_id)
         .await?
         .ok_or(Error::Unauthenticated("token names an unknown tenant"))?;
     if tenant.status != tenant::Status::Active {
@@ -349,9 +376,9 @@ async fn check_standing(state: &AppState, principal: &Principal) -> Result<()> {
         ));
     }
     if let Some(agent_id) = principal.agent_id() {
-        let agent = state
+        let agent = auth
             .directory
-            .agent(&state.db, agent_id)
+            .agent(auth.db, agent_id)
             .await?
             .filter(|agent| agent.tenant_id == tenant_id)
             .ok_or(Error::Unauthenticated("token names an unknown agent"))?;

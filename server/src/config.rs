@@ -2,11 +2,25 @@
 //! environment variables (`VAULTGUARD_*`), then command-line flags, each
 //! overriding the one before.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Deserialize;
+
+/// The future a [`NameLookup`] returns.
+pub type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>;
+
+/// How outbound requests look names up: the system resolver
+/// (`crate::outbound::SystemLookup`) unless a test injects its own
+/// ([`Config::outbound_lookup`]). Declared here, beside the setting that
+/// carries it, so the configuration needs nothing above it.
+pub trait NameLookup: Send + Sync + std::fmt::Debug {
+    /// The addresses `host` resolves to.
+    fn lookup(&self, host: &str) -> LookupFuture;
+}
 
 /// A trusted OIDC issuer whose JWTs authenticate tenant humans.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -117,7 +131,7 @@ pub struct Config {
     /// How outbound requests look names up; `None` (always, outside tests):
     /// the system resolver. Never read from a file.
     #[serde(skip)]
-    pub outbound_lookup: Option<Arc<dyn crate::outbound::NameLookup>>,
+    pub outbound_lookup: Option<Arc<dyn NameLookup>>,
     /// Accept `http://` OAuth provider endpoints and return URLs
     /// (development and tests only; production providers are `https://`).
     pub oauth_allow_http: bool,

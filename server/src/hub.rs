@@ -13,12 +13,12 @@
 //! again", so a lagging watcher that misses some simply re-reads the state,
 //! and nobody — writer or other watcher — ever waits for a slow one.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use tokio::sync::broadcast;
 
-use crate::domain::step_ups::{Minted, StepUpView};
 use crate::error::Result;
 
 /// The PostgreSQL channel step-up changes are announced on.
@@ -33,22 +33,34 @@ pub const RESYNC: &str = "*";
 /// tenant's log).
 pub const AUDIT: &str = "audit";
 
+/// What a writer hands its own process's watchers with a change. The hub
+/// carries it without looking inside: the writer puts its value in, and the
+/// watchers that know its type take it back out (`Arc::downcast`).
+pub type Payload = Arc<dyn Any + Send + Sync>;
+
 /// One committed change: which tenant, and which step-up (or [`AUDIT`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Change {
     pub tenant_id: String,
     pub step_up_id: String,
-    /// The step-up as the writer's transaction left it, when that is a
-    /// final decision (approved): published only to the writer's own
-    /// process, whose watchers take it instead of re-reading the database.
-    /// A decision is never undone, so the view cannot be overtaken by a
-    /// change published after it; a watcher still re-reads on every other
-    /// wake.
-    pub settled: Option<Arc<StepUpView>>,
-    /// With `settled` when it is an approval: the delegation's token,
-    /// signed while the approval committed, for the watcher that redeems it
-    /// (the redemption then waits for no signature). Only in this process.
-    pub minted: Option<Minted>,
+    /// What the writer's transaction left, for the watchers of this process
+    /// only (never sent to other replicas): an approval's decided step-up
+    /// and its token, which a watcher takes instead of re-reading the
+    /// database (`crate::domain::step_ups::Decided`).
+    pub payload: Option<Payload>,
+}
+
+/// Payloads are equal when they are the same value (the hub cannot look
+/// inside them).
+impl PartialEq for Change {
+    fn eq(&self, other: &Self) -> bool {
+        let same_payload = match (&self.payload, &other.payload) {
+            (None, None) => true,
+            (Some(one), Some(other)) => Arc::ptr_eq(one, other),
+            _ => false,
+        };
+        self.tenant_id == other.tenant_id && self.step_up_id == other.step_up_id && same_payload
+    }
 }
 
 impl Change {
@@ -57,8 +69,7 @@ impl Change {
         Self {
             tenant_id: tenant_id.to_owned(),
             step_up_id: step_up_id.to_owned(),
-            settled: None,
-            minted: None,
+            payload: None,
         }
     }
 

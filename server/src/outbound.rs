@@ -41,9 +41,7 @@
 //! A name that does not resolve yet is accepted: the connection-time check
 //! decides when it is used.
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +49,10 @@ use ipnet::IpNet;
 
 use crate::config::Config;
 use crate::error::FieldViolation;
+
+/// How outbound requests look names up; declared in `crate::config`, beside
+/// the setting that carries a test's own (`Config::outbound_lookup`).
+pub use crate::config::{LookupFuture, NameLookup};
 
 /// How long registration waits for a name's addresses before it accepts
 /// the URL and leaves the check to connection time.
@@ -171,16 +173,6 @@ impl Policy {
         let ip = canonical(ip);
         self.allowed.iter().any(|net| net.contains(&ip))
     }
-}
-
-/// The future a [`NameLookup`] returns.
-pub type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>;
-
-/// How outbound requests look names up: the system resolver
-/// ([`SystemLookup`]) unless a test injects its own (`Config::outbound_lookup`).
-pub trait NameLookup: Send + Sync + std::fmt::Debug {
-    /// The addresses `host` resolves to.
-    fn lookup(&self, host: &str) -> LookupFuture;
 }
 
 /// The operating system's resolver (`getaddrinfo` on a blocking thread).

@@ -28,6 +28,7 @@ use crate::audit::Sealer;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+use crate::domain::{connections, delegations};
 use crate::grpc;
 use crate::issuer::IssuerKeys;
 use crate::oidc::OidcVerifier;
@@ -137,10 +138,7 @@ pub async fn serve(
         state.hub.clone(),
     );
     let sealer_task = tokio::spawn(sealer.run(stop_rx.clone()));
-    let sweeper_task = tokio::spawn(crate::domain::delegations::run_sweeper(
-        state.clone(),
-        stop_rx.clone(),
-    ));
+    let sweeper_task = tokio::spawn(run_sweeper(state.clone(), stop_rx.clone()));
     let webhook_task = tokio::spawn(crate::domain::webhooks::run_deliverer(
         state.clone(),
         stop_rx.clone(),
@@ -318,4 +316,30 @@ pub async fn serve(
     http_result?;
     tracing::info!("vaultguard stopped");
     Ok(())
+}
+
+/// The sweeper: every `sweep_interval_ms` until `stop` flips, ends expired
+/// delegations ([`delegations::sweep_expired`], a batch at a time) and
+/// prunes spent OAuth authorization states ([`connections::prune_states`]).
+async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = Duration::from_millis(state.config.sweep_interval_ms.max(100));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        loop {
+            match delegations::sweep_expired(&state, state.clock.now_millis()).await {
+                Ok(n) if n >= delegations::SWEEP_BATCH => continue,
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "delegation sweep failed");
+                    break;
+                }
+            }
+        }
+        if let Err(err) = connections::prune_states(&state, state.clock.now_millis()).await {
+            tracing::warn!(error = %err, "OAuth state pruning failed");
+        }
+    }
 }

@@ -35,7 +35,7 @@ pub struct AppState {
     /// The OAuth client of connected accounts and its single-flight locks.
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.
-    pub policy_cache: Arc<crate::domain::policies::PolicyCache>,
+    pub policy_cache: Arc<crate::domain::policy_cache::PolicyCache>,
     /// The group-commit writer of stand-alone audit events.
     pub recorder: audit::Recorder,
     /// Tenant and agent rows, kept current on every replica.
@@ -52,6 +52,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The handles authentication reads, borrowed from here.
+    pub fn authenticator(&self) -> crate::auth::Authenticator<'_> {
+        crate::auth::Authenticator {
+            db: &self.db,
+            clock: self.clock.as_ref(),
+            keys: &self.keys,
+            oidc: &self.oidc,
+            directory: &self.directory,
+        }
+    }
+
     /// Appends `events` in a transaction of their own (for events that
     /// record a refusal or a read, with no state change to share a
     /// transaction with) and wakes the sealer.

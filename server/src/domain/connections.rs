@@ -51,7 +51,7 @@ use crate::directory::{self, Entry};
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
 use crate::domain::{
-    actor_json, page, parse_actor, providers, tenants::audience, to_json, vault_settings,
+    actor_json, page, parse_actor, provider_reads, tenants::audience, to_json, vault_settings,
 };
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
@@ -340,7 +340,7 @@ pub async fn start(
             IdKind::Connection,
         ));
     }
-    providers::check_scopes("scopes", &req.scopes, &mut v);
+    provider_reads::check_scopes("scopes", &req.scopes, &mut v);
     if !req.return_url.is_empty() {
         let settings = vault_settings::load(state, &tenant_id).await?;
         v.check(vault_settings::check_return_url(
@@ -350,7 +350,7 @@ pub async fn start(
         ));
     }
     v.finish()?;
-    let provider = providers::find(state, &tenant_id, "provider_id", &req.provider_id).await?;
+    let provider = provider_reads::find(state, &tenant_id, "provider_id", &req.provider_id).await?;
     let existing = if req.connection_id.is_empty() {
         None
     } else {
@@ -370,7 +370,7 @@ pub async fn start(
         Some(row)
     };
     let scopes = if req.scopes.is_empty() {
-        providers::scopes(&provider)
+        provider_reads::scopes(&provider)
     } else {
         req.scopes.clone()
     };
@@ -471,7 +471,7 @@ pub async fn start(
         .map_err(|_| Error::internal("stored authorize_url does not parse"))?;
     {
         let mut query = url.query_pairs_mut();
-        for (key, value) in providers::extra_params(&provider) {
+        for (key, value) in provider_reads::extra_params(&provider) {
             query.append_pair(&key, &value);
         }
         query
@@ -660,7 +660,7 @@ pub async fn callback(
         &row.id,
         &flow.pkce_verifier_ciphertext,
     )?;
-    let secret = providers::client_secret(state, &provider)?;
+    let secret = provider_reads::client_secret(state, &provider)?;
     let grant = state
         .oauth
         .token(
@@ -897,7 +897,7 @@ pub async fn delete(
         ),
         (Some(url), Some(sealed)) => {
             let refresh = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
-            let secret = providers::client_secret(state, &provider)?;
+            let secret = provider_reads::client_secret(state, &provider)?;
             match state
                 .oauth
                 .revoke(url, client_auth(&provider, secret.as_deref()), &refresh)
@@ -1052,7 +1052,7 @@ pub async fn exchange(
         &req.connection_id,
         IdKind::Connection,
     ));
-    providers::check_scopes("scopes", &req.scopes, &mut v);
+    provider_reads::check_scopes("scopes", &req.scopes, &mut v);
     v.finish()?;
 
     let grant = if req.subject_token.is_empty() {
@@ -1897,7 +1897,7 @@ async fn refresh(
         .await?);
     };
     let refresh_token = open(state, Sealed::RefreshToken, &row.tenant_id, &row.id, sealed)?;
-    let secret = providers::client_secret(state, &provider)?;
+    let secret = provider_reads::client_secret(state, &provider)?;
     let mut pairs = vec![
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token.as_str()),

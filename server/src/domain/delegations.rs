@@ -29,7 +29,7 @@ use crate::directory;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, page, step_ups, to_json};
+use crate::domain::{actor_json, page, step_up_queue, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -44,7 +44,7 @@ const AUTH_REQ_ID_PURPOSE: &str = "vaultguard/v1 auth_req_id";
 /// The advisory lock that keeps the sweeper to one replica at a time.
 const SWEEPER_LOCK: i64 = 0x7661_756c_7467_0001;
 /// Rows the sweeper ends per transaction.
-const SWEEP_BATCH: u64 = 500;
+pub const SWEEP_BATCH: u64 = 500;
 /// Largest accepted token, in bytes.
 const MAX_TOKEN_BYTES: usize = 8192;
 
@@ -665,7 +665,7 @@ pub(crate) fn new_row(
 
 /// Inserts the step-up of a PENDING `row` (already inserted in `txn`) and its
 /// queue change, unless the pair's queue is full
-/// ([`step_ups::check_queue_room`]: the caller then drops `txn`); returns
+/// ([`step_up_queue::check_queue_room`]: the caller then drops `txn`); returns
 /// the `auth_req_id` and the change to announce after the commit.
 pub(crate) async fn insert_step_up(
     state: &AppState,
@@ -676,7 +676,7 @@ pub(crate) async fn insert_step_up(
         .step_up_id
         .clone()
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
-    step_ups::check_queue_room(
+    step_up_queue::check_queue_room(
         state,
         txn,
         &row.requesting_tenant_id,
@@ -708,7 +708,7 @@ pub(crate) async fn insert_step_up(
     }
     .insert(txn)
     .await?;
-    let change = step_ups::record_created(state, txn, &created).await?;
+    let change = step_up_queue::record_created(state, txn, &created).await?;
     Ok((handle, change))
 }
 
@@ -1257,7 +1257,7 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
                 .exec(&txn)
                 .await?;
             if expired.rows_affected > 0 && from == step_up::State::Pending {
-                changes.push(step_ups::record_expired(state, &txn, &step, now).await?);
+                changes.push(step_up_queue::record_expired(state, &txn, &step, now).await?);
             }
         }
         let events = party_events(
@@ -1278,32 +1278,6 @@ pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
         metrics::counter!("vaultguard_delegations_expired_total").increment(ended);
     }
     Ok(ended)
-}
-
-/// Runs [`sweep_expired`] every `sweep_interval_ms` until `stop` flips.
-pub async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let period = std::time::Duration::from_millis(state.config.sweep_interval_ms.max(100));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(period) => {}
-        }
-        loop {
-            match sweep_expired(&state, state.clock.now_millis()).await {
-                Ok(n) if n >= SWEEP_BATCH => continue,
-                Ok(_) => break,
-                Err(err) => {
-                    tracing::warn!(error = %err, "delegation sweep failed");
-                    break;
-                }
-            }
-        }
-        if let Err(err) =
-            crate::domain::connections::prune_states(&state, state.clock.now_millis()).await
-        {
-            tracing::warn!(error = %err, "OAuth state pruning failed");
-        }
-    }
 }
 
 /// What an active token says, for the introspection answer.

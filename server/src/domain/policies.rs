@@ -748,51 +748,6 @@ async fn side_rules<C: ConnectionTrait>(
         .collect()
 }
 
-/// Parsed rules of one side of one tenant, with the tenant row they were read
-/// with. Every rule or settings edit bumps the tenant's `policy_version` in
-/// its own transaction and announces the tenant (`crate::directory`), so an
-/// entry whose version equals the directory's tenant row holds exactly the
-/// current rules: a judgement reads nothing from the database unless a
-/// version moved. A replica other than the editor's judges by the previous
-/// version until the edit's notification reaches it (about a millisecond);
-/// the decision records the version it used.
-#[derive(Debug, Default)]
-pub struct PolicyCache {
-    entries: std::sync::RwLock<std::collections::HashMap<SideKey, CachedSide>>,
-}
-
-/// A tenant id and a direction name.
-type SideKey = (String, &'static str);
-/// The tenant row the rules were read with, and the parsed rules.
-type CachedSide = (tenant::Model, Arc<Vec<engine::Rule>>);
-
-impl PolicyCache {
-    fn get(&self, current: &tenant::Model, direction: Direction) -> Option<Arc<Vec<engine::Rule>>> {
-        let entries = self
-            .entries
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries
-            .get(&(current.id.clone(), direction.as_str()))
-            .filter(|(at, _)| at.policy_version == current.policy_version)
-            .map(|(_, rules)| rules.clone())
-    }
-
-    fn put(&self, at: &tenant::Model, direction: Direction, rules: Arc<Vec<engine::Rule>>) {
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (at.id.clone(), direction.as_str());
-        let newer = entries
-            .get(&key)
-            .is_none_or(|(cached, _)| cached.policy_version <= at.policy_version);
-        if newer {
-            entries.insert(key, (at.clone(), rules));
-        }
-    }
-}
-
 /// One side's rules at `current`'s version: from the cache, or read with the
 /// version before and after (equal versions prove no edit committed in
 /// between, whatever the isolation level), then cached. Returns the tenant
@@ -824,7 +779,7 @@ async fn side_at(
 
 /// Judges `request` by the requesting tenant's outbound rules and the
 /// receiving tenant's inbound rules, each side's rules matching its
-/// recorded version (see [`PolicyCache`]). The tenant rows are the
+/// recorded version (see [`PolicyCache`](crate::domain::policy_cache::PolicyCache)). The tenant rows are the
 /// directory's (`crate::directory`), read by the caller for this request.
 pub async fn judge(
     state: &AppState,
@@ -981,6 +936,7 @@ pub fn is_active(model: &tenant::Model) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::policy_cache::PolicyCache;
 
     fn tenant_at(version: i64) -> tenant::Model {
         tenant::Model {

@@ -10,16 +10,16 @@
 
 use std::collections::HashMap;
 
-use sea_orm::sea_query::{Alias, Expr, Func, Query, SubQueryStatement, UpdateStatement};
+use sea_orm::sea_query::{Alias, Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    DbBackend, EntityTrait, FromQueryResult, IntoActiveModel, JoinType, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    FromQueryResult, IntoActiveModel, JoinType, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    Statement, TransactionTrait,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
 
-use crate::audit::{self, AuditCtx, NewEvent, Outcome as AuditOutcome};
+use crate::audit::{self, AuditCtx, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
@@ -27,6 +27,7 @@ use crate::domain::delegations::{
     self, effective_status, judge_input, party_events, sign, system_actor_json,
 };
 use crate::domain::policy_engine::{Decision, Direction, Outcome};
+use crate::domain::step_up_queue::{QueueChange, record_change_with};
 use crate::domain::{actor_json, page};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::hub::Change;
@@ -219,166 +220,6 @@ impl std::fmt::Debug for Redeemed {
     }
 }
 
-/// Writes a queue change and announces it, inside `txn`.
-async fn record_change(
-    state: &AppState,
-    txn: &DatabaseTransaction,
-    step: &step_up::Model,
-    kind: Kind,
-    new_state: State,
-    now: Millis,
-) -> Result<Change> {
-    let change = QueueChange {
-        kind,
-        state: new_state,
-        now,
-    };
-    record_change_with(state, txn, step, change, Vec::new(), Vec::new()).await
-}
-
-/// A change of a step-up's place in its tenant's queue.
-struct QueueChange {
-    kind: Kind,
-    state: State,
-    now: Millis,
-}
-
-/// Writes `updates`, `events` and the queue change, and announces the
-/// change, inside `txn`. On PostgreSQL that is one statement (one round trip
-/// on the way from a decision to its watchers), on SQLite one per write.
-async fn record_change_with(
-    state: &AppState,
-    txn: &DatabaseTransaction,
-    step: &step_up::Model,
-    queued: QueueChange,
-    updates: Vec<UpdateStatement>,
-    events: Vec<NewEvent>,
-) -> Result<Change> {
-    let change = Change::step_up(&step.receiving_tenant_id, &step.id);
-    let mut insert = step_up_change::Entity::insert(step_up_change::ActiveModel {
-        tenant_id: Set(step.receiving_tenant_id.clone()),
-        step_up_id: Set(step.id.clone()),
-        delegation_id: Set(step.delegation_id.clone()),
-        kind: Set(queued.kind),
-        state: Set(queued.state),
-        created_at: Set(queued.now),
-        ..Default::default()
-    })
-    .into_query();
-    if is_postgres(txn) {
-        insert.returning_col(step_up_change::Column::Id);
-        let mut writes: Vec<(String, SubQueryStatement)> = updates
-            .into_iter()
-            .enumerate()
-            .map(|(index, update)| (format!("w{index}"), update.into()))
-            .collect();
-        writes.push(("c".to_owned(), insert.into()));
-        let [channel, payload] = state.hub.notification(&change);
-        let notify = Query::select()
-            .expr(Func::cust("pg_notify").args([Expr::val(channel), Expr::val(payload)]))
-            .from(Alias::new("c"))
-            .to_owned();
-        let statement = audit::with_events(state.clock.as_ref(), writes, &events, None, notify)?;
-        txn.execute_raw(statement).await?;
-    } else {
-        for update in &updates {
-            txn.execute(update).await?;
-        }
-        audit::append_all(txn, state.clock.as_ref(), events).await?;
-        txn.execute(&insert).await?;
-    }
-    Ok(change)
-}
-
-/// The advisory-lock namespace of a tenant pair's queue (PostgreSQL).
-const QUEUE_LOCK_NAMESPACE: &str = "vaultguard-step-up-queue:";
-
-/// Refuses a new step-up of `requesting` in `receiving`'s queue while the
-/// pair already has `max_pending_step_ups_per_pair` PENDING, unexpired
-/// step-ups: RESOURCE_EXHAUSTED with ERROR_REASON_STEP_UP_QUEUE_FULL, and
-/// the caller's transaction (which inserts the step-up) is dropped, so
-/// nothing of the request is written. Every way a step-up is opened
-/// (RequestDelegation, Sign, ExchangeToken) comes through here.
-///
-/// The count is exact on both backends: on PostgreSQL the transaction
-/// first takes the pair's transaction-scoped advisory lock, held until it
-/// commits, so concurrent requests on any number of replicas count one at a
-/// time and each sees the step-ups committed before it (READ COMMITTED
-/// takes a new snapshot per statement); SQLite has one writer.
-pub(crate) async fn check_queue_room(
-    state: &AppState,
-    txn: &DatabaseTransaction,
-    requesting: &str,
-    receiving: &str,
-) -> Result<()> {
-    let cap = state.config.max_pending_step_ups_per_pair;
-    if cap == 0 {
-        return Ok(());
-    }
-    if is_postgres(txn) {
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            [format!("{QUEUE_LOCK_NAMESPACE}{requesting}|{receiving}").into()],
-        ))
-        .await?;
-    }
-    let pending = step_up::Entity::find()
-        .filter(step_up::Column::RequestingTenantId.eq(requesting))
-        .filter(step_up::Column::ReceivingTenantId.eq(receiving))
-        .filter(step_up::Column::State.eq(State::Pending))
-        .filter(step_up::Column::ExpiresAt.gt(state.clock.now_millis()))
-        .count(txn)
-        .await?;
-    if pending < u64::from(cap) {
-        return Ok(());
-    }
-    metrics::counter!("vaultguard_step_up_queue_full_total").increment(1);
-    tracing::info!(
-        requesting,
-        receiving,
-        cap,
-        "step-up refused: the pair's queue is full"
-    );
-    Err(Error::ResourceExhausted {
-        reason: ErrorReason::StepUpQueueFull,
-        message: format!(
-            "this tenant already has {cap} step-ups waiting for the receiving tenant's approvers; retry once one is decided"
-        ),
-        metadata: HashMap::from([
-            ("receiving_tenant_id".to_owned(), receiving.to_owned()),
-            ("limit".to_owned(), cap.to_string()),
-        ]),
-    })
-}
-
-/// Records the `added` change of a step-up created by RequestDelegation.
-pub async fn record_created(
-    state: &AppState,
-    txn: &DatabaseTransaction,
-    step: &step_up::Model,
-) -> Result<Change> {
-    record_change(
-        state,
-        txn,
-        step,
-        Kind::Added,
-        State::Pending,
-        step.created_at,
-    )
-    .await
-}
-
-/// Records the `removed` change of a step-up the sweeper expired.
-pub async fn record_expired(
-    state: &AppState,
-    txn: &DatabaseTransaction,
-    step: &step_up::Model,
-    now: Millis,
-) -> Result<Change> {
-    record_change(state, txn, step, Kind::Removed, State::Expired, now).await
-}
-
 /// A delegation token signed for an approved step-up before anyone redeemed
 /// it (see [`approve`]). Held in memory only, and handed out only by the
 /// redemption that commits; a token minted but never redeemed through it
@@ -396,6 +237,20 @@ impl std::fmt::Debug for Minted {
             .field("kid", &self.kid)
             .finish_non_exhaustive()
     }
+}
+
+/// An approval's outcome as its transaction left it, handed to this
+/// process's watchers with the change ([`crate::hub::Change::payload`]),
+/// who take it instead of re-reading the database. A decision is never
+/// undone, so it cannot be overtaken by a change published after it; a
+/// watcher still re-reads on every other wake.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub view: StepUpView,
+    /// The delegation's token, signed while the approval committed, for
+    /// the watcher that redeems it (the redemption then waits for no
+    /// signature).
+    pub minted: Option<Minted>,
 }
 
 /// Signs the token of `row`, an approved delegation, on another task.
@@ -1051,13 +906,15 @@ pub async fn approve(
         delegation: row_after,
         approvals: approval_rows,
     };
-    if settled {
-        change.settled = Some(std::sync::Arc::new(answer.clone()));
-    }
     txn.commit().await?;
     state.audit_committed();
-    if let Some(minting) = minting {
-        change.minted = minting.await.ok().flatten();
+    if settled {
+        let minted = match minting {
+            Some(minting) => minting.await.ok().flatten(),
+            None => None,
+        };
+        let view = answer.clone();
+        change.payload = Some(std::sync::Arc::new(Decided { view, minted }));
     }
     state.hub.committed(vec![change]);
     Ok((answer, decision.redacted_for(&tenant_id)))

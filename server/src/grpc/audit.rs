@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::audit_service_server::AuditService;
 
-use super::call_context;
+use super::{Reply, call_context};
 
 /// Rows a tail reads at a time. A client that stops reading blocks its tail
 /// with at most this batch plus the stream's channel in memory; the
@@ -28,8 +28,6 @@ use crate::clock::to_timestamp;
 use crate::domain::audit_log::{self, ExportPlan, TypeFilter};
 use crate::domain::step_ups::heartbeat_seconds;
 use crate::state::AppState;
-
-type Reply<T> = Result<Response<T>, Status>;
 
 /// Largest export chunk.
 const CHUNK: usize = 64 * 1024;

@@ -82,7 +82,12 @@ async fn admit(state: &AppState, request: &mut Request<Body>, path: &str) -> Res
         return Ok(());
     };
     let client_certificate = crate::tls::peer_certificate(request.extensions());
-    let principal = authenticate_call(state, bearer(request), client_certificate.as_ref()).await?;
+    let principal = authenticate_call(
+        state.authenticator(),
+        bearer(request),
+        client_certificate.as_ref(),
+    )
+    .await?;
     // Rate limits and open-stream caps, before any handler or database work.
     state.limits.admit(&principal, path, request)?;
     if !allowed.iter().any(|role| principal.has_role(*role)) {

@@ -23,7 +23,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::step_up_service_server::StepUpService;
 
 use super::stream::{self, StreamTx, Wake, answer_wake, heartbeat, wait_for_change};
-use super::{call_context, convert};
+use super::{Reply, call_context, convert};
 use crate::auth::CallContext;
 use crate::clock::to_timestamp;
 use crate::domain::step_ups::{self, StepUpView};
@@ -32,8 +32,6 @@ use crate::error::{Error, is_database_unavailable};
 use crate::hub::Change;
 use crate::state::AppState;
 use crate::store::entities::step_up;
-
-type Reply<T> = Result<Response<T>, Status>;
 
 /// Messages buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 16;
@@ -77,12 +75,16 @@ impl StepUpApi {
         let mut last_sent: Option<(step_up::State, usize)> = None;
         // A decision committed by this process, handed over by the change
         // that woke the watch: taken instead of re-reading the database.
-        let mut handed: Option<Arc<StepUpView>> = None;
+        let mut handed: Option<Arc<step_ups::Decided>> = None;
         // The token signed with that decision, for the redemption.
         let mut minted: Option<step_ups::Minted> = None;
         loop {
             let read = match handed.take() {
-                Some(view) => Ok(Arc::unwrap_or_clone(view)),
+                Some(decided) => {
+                    let decided = Arc::unwrap_or_clone(decided);
+                    minted = decided.minted;
+                    Ok(decided.view)
+                }
                 // Boxed here and below: a watch's task is as large as the
                 // largest future it awaits, held for the stream's life.
                 None => Box::pin(step_ups::agent_view(&self.0, &step_up_id)).await,
@@ -196,8 +198,11 @@ impl StepUpApi {
             )
             .await;
             if let Wake::Change(Some(change)) = &wake {
-                handed.clone_from(&change.settled);
-                minted.clone_from(&change.minted);
+                handed = change
+                    .payload
+                    .clone()
+                    .and_then(|payload| payload.downcast::<step_ups::Decided>().ok());
+                minted = None;
             }
             if !answer_wake(&tx, wake, || pb::WatchStepUpResponse {
                 event: Some(Event::Heartbeat(heartbeat(&self.0))),

@@ -109,7 +109,7 @@ impl Standing {
         // Boxed: the check may read the database, and a stream holds the
         // future it awaits for as long as it is open.
         match Box::pin(crate::auth::check_still_standing(
-            &self.state,
+            self.state.authenticator(),
             &self.principal,
         ))
         .await

@@ -4,21 +4,21 @@ use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::vault_service_server::VaultService;
 
-use super::call_context;
+use super::{Reply, call_context};
 use crate::clock::to_timestamp;
 use crate::domain::connections::{self, TOKEN_TYPE_ACCESS_TOKEN};
 use crate::domain::signing_keys::{self, Signed};
-use crate::domain::{parse_actor, providers, vault_settings as domain_vault_settings};
+use crate::domain::{
+    parse_actor, provider_reads, providers, vault_settings as domain_vault_settings,
+};
 use crate::error::Error;
 use crate::state::AppState;
 use crate::store::entities::{connection, custody_key, oauth_provider, signature, vault_settings};
 
-type Reply<T> = Result<Response<T>, Status>;
-
 fn provider(row: oauth_provider::Model) -> pb::OAuthProvider {
     pb::OAuthProvider {
-        scopes: providers::scopes(&row),
-        extra_authorize_params: providers::extra_params(&row).into_iter().collect(),
+        scopes: provider_reads::scopes(&row),
+        extra_authorize_params: provider_reads::extra_params(&row).into_iter().collect(),
         client_secret_set: !row.client_secret_ciphertext.is_empty(),
         id: row.id,
         name: row.name,
