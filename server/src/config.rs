@@ -67,7 +67,7 @@ pub struct Config {
     /// PostgreSQL: group commits of the hot writes (delegations, signatures,
     /// audit events) in flight at once. A writer takes whatever queued
     /// while it waited; one starts a group beside another's only once 16
-    /// units queued (ARCHITECTURE.md, "Where the time goes"). More writers
+    /// units queued (docs/performance.md). More writers
     /// suit a database with cores to spare.
     pub audit_group_writers: u32,
     /// The gRPC listener.

@@ -14,7 +14,7 @@ use vaultguard_server::{server, store, telemetry};
 
 /// mimalloc instead of glibc's malloc: a gRPC call allocates and frees many
 /// small buffers across threads, and glibc's malloc/free took ~18% of the
-/// server's CPU under load (ARCHITECTURE.md, "Where the time goes").
+/// server's CPU under load (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
