@@ -3,9 +3,10 @@
 // page of its own that the tests fill in (username and password), users that
 // carry `org_id` and `roles` claims, and one public client for the console.
 //
-//   node tests/console/oidc-provider.mjs [--port 0] [--users users.json]
+//   node tests/console/oidc-provider.mjs [--port 0] [--host localhost] [--users users.json]
 //
-// It prints `ISSUER http://127.0.0.1:<port>` on stdout once it listens, and
+// It listens on 127.0.0.1 and prints `ISSUER http://<host>:<port>` on stdout
+// once it does, and
 // runs until killed. Users come from --users (a JSON array of {username,
 // password, org_id, roles}) or OIDC_USERS (the same JSON), else two demo
 // users.
@@ -17,6 +18,12 @@
 // this provider before VaultGuard has a port. The scope `vaultguard` grants
 // the claims `org_id` and `roles`, which go into the ID token
 // (conformIdTokenClaims: false), where VaultGuard maps them.
+//
+// The issuer's host is `localhost` by default, so the provider is another
+// site than a console on 127.0.0.1, as an organisation's identity provider
+// is: the browser then applies the cross-site cookie rules (a SameSite=Strict
+// cookie is not sent on the redirect back from the provider) that a
+// same-site test provider would hide.
 import { createServer } from "node:http";
 import { generateKeyPairSync, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -26,6 +33,7 @@ import Provider from "oidc-provider";
 const { values: args } = parseArgs({
   options: {
     port: { type: "string", default: "0" },
+    host: { type: "string", default: "localhost" },
     users: { type: "string" },
   },
 });
@@ -85,7 +93,7 @@ async function readForm(req) {
 
 const server = createServer();
 await new Promise((resolve) => server.listen(Number(args.port), "127.0.0.1", resolve));
-const issuer = `http://127.0.0.1:${server.address().port}`;
+const issuer = `http://${args.host}:${server.address().port}`;
 
 const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
 const signingKey = { ...privateKey.export({ format: "jwk" }), kid: "test-sso-1", use: "sig", alg: "RS256" };
