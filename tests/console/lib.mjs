@@ -38,6 +38,8 @@ export function check(condition, message) {
  */
 export async function newPage(browser, options = {}) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, ...options });
+  // Fail fast: every step here takes well under a second on a quiet machine.
+  context.setDefaultTimeout(10_000);
   const page = await context.newPage();
   page.dialogs = [];
   page.errors = [];

@@ -5,7 +5,7 @@
 //
 //   node tests/console/oidc-provider.mjs [--port 0] [--host localhost] [--users users.json]
 //
-// It listens on 127.0.0.1 and prints `ISSUER http://<host>:<port>` on stdout
+// It listens on the loopback addresses and prints `ISSUER http://<host>:<port>` on stdout
 // once it does, and
 // runs until killed. Users come from --users (a JSON array of {username,
 // password, org_id, roles}) or OIDC_USERS (the same JSON), else two demo
@@ -92,7 +92,8 @@ async function readForm(req) {
 }
 
 const server = createServer();
-await new Promise((resolve) => server.listen(Number(args.port), "127.0.0.1", resolve));
+// Both loopbacks: the browser may try `localhost` as ::1 first.
+await new Promise((resolve) => server.listen({ port: Number(args.port), host: "::", ipv6Only: false }, resolve));
 const issuer = `http://${args.host}:${server.address().port}`;
 
 const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
