@@ -92,9 +92,16 @@ async function readForm(req) {
 }
 
 const server = createServer();
-// Both loopbacks: the browser may try `localhost` as ::1 first.
-await new Promise((resolve) => server.listen({ port: Number(args.port), host: "::", ipv6Only: false }, resolve));
-const issuer = `http://${args.host}:${server.address().port}`;
+await new Promise((resolve) => server.listen(Number(args.port), "127.0.0.1", resolve));
+const port = server.address().port;
+// The same port on ::1 too, where there is IPv6: a browser may try
+// `localhost` as ::1 first.
+const server6 = createServer();
+await new Promise((resolve) => {
+  server6.once("error", resolve);
+  server6.listen(port, "::1", resolve);
+});
+const issuer = `http://${args.host}:${port}`;
 
 const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
 const signingKey = { ...privateKey.export({ format: "jwk" }), kid: "test-sso-1", use: "sig", alg: "RS256" };
@@ -133,7 +140,7 @@ const provider = new Provider(issuer, {
 provider.on("server_error", (_ctx, err) => console.error("oidc-provider server_error:", err));
 
 const callback = provider.callback();
-server.on("request", async (req, res) => {
+async function handle(req, res) {
   const url = new URL(req.url, issuer);
   const match = /^\/interaction\/([\w-]+)(\/login)?$/.exec(url.pathname);
   if (!match) return callback(req, res);
@@ -175,7 +182,9 @@ server.on("request", async (req, res) => {
     res.setHeader("Content-Type", "text/plain; charset=utf-8");
     return res.end(`interaction failed: ${err.message}`);
   }
-});
+}
+server.on("request", handle);
+server6.on("request", handle);
 
 console.log(`ISSUER ${issuer}`);
-for (const signal of ["SIGTERM", "SIGINT"]) process.on(signal, () => server.close(() => process.exit(0)));
+for (const signal of ["SIGTERM", "SIGINT"]) process.on(signal, () => process.exit(0));
