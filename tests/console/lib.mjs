@@ -48,6 +48,14 @@ export async function newPage(browser, options = {}) {
     void dialog.dismiss();
   });
   page.on("pageerror", (err) => page.errors.push(String(err)));
+  // The last navigations, for a failure's message.
+  page.trail = [];
+  page.on("response", (res) => {
+    if (res.request().isNavigationRequest()) page.trail = [...page.trail.slice(-7), `${res.status()} ${res.url()}`];
+  });
+  page.on("requestfailed", (req) => {
+    page.trail = [...page.trail.slice(-7), `failed (${req.failure()?.errorText}) ${req.url()}`];
+  });
   page.on("console", (msg) => {
     if (msg.type() === "error" && /Content Security Policy/i.test(msg.text())) page.errors.push(msg.text());
   });
@@ -60,13 +68,21 @@ export async function newPage(browser, options = {}) {
  * console. Returns when the shell shows who is signed in.
  */
 export async function signInWithIssuer(page, base, user) {
-  await page.goto(`${base}/console/`);
-  await page.locator(tid("signin-issuer")).first().click();
-  await page.locator("#username").fill(user.username);
-  await page.locator("#password").fill(user.password);
-  await page.locator("#login-submit").click();
-  await page.waitForURL((url) => url.href.startsWith(`${base}/console/`), { timeout: 10_000 });
-  await page.locator(tid("whoami")).waitFor({ timeout: 10_000 });
+  try {
+    await page.goto(`${base}/console/`);
+    await page.locator(tid("signin-issuer")).first().click();
+    await page.locator("#username").fill(user.username);
+    await page.locator("#password").fill(user.password);
+    await page.locator("#login-submit").click();
+    await page.waitForURL((url) => url.href.startsWith(`${base}/console/`), { timeout: 10_000 });
+    await page.locator(tid("whoami")).waitFor({ timeout: 10_000 });
+  } catch (err) {
+    const body = (await page.locator("body").innerText().catch(() => "")).slice(0, 400);
+    throw new Failure(
+      `signing in ${user.username} through the issuer failed at ${page.url()}: ${err.message.split("\n")[0]}\n` +
+        `  navigations:\n    ${page.trail.join("\n    ")}\n  page says: ${body}`,
+    );
+  }
 }
 
 /**

@@ -291,7 +291,7 @@ const scenarios = [
       await visit(`/approvals/${made.approved}`, tid("step-up-detail"));
       await visit(`/approvals/${made.denied}`, tid("step-up-detail"));
       await visit("/delegations", tid("delegation-row"));
-      await admin.locator(tid("delegation-row")).first().click();
+      await admin.locator(tid("delegation-row")).first().locator("a").first().click();
       await admin.locator(tid("delegation-detail")).waitFor();
       await axeCheck(admin, "a delegation");
       await visit("/graph", tid("trust-graph"));

@@ -101,10 +101,18 @@ fn start_provider() -> (Running, String) {
             .expect("start the OpenID Provider (node)"),
     );
     let stdout = child.0.stdout.take().expect("provider stdout");
+    let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout)
+    stdout
         .read_line(&mut line)
         .expect("read the provider's first line");
+    // Keep reading: a provider writing to a closed pipe would die.
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            eprintln!("oidc-provider: {line}");
+        }
+    });
     let issuer = line
         .trim()
         .strip_prefix("ISSUER ")
