@@ -297,7 +297,10 @@ async fn the_console_works_in_a_real_browser() {
         );
     }
     assert!(
-        script.stdout.lines().any(|l| l.starts_with("RESULT ok 7/7")),
+        script
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("RESULT ok 7/7")),
         "{}",
         script.stdout
     );
