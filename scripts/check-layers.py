@@ -36,6 +36,7 @@ LAYERS = [
     (1, "lib.rs"),
     (1, "server.rs"),
     (1, "http.rs"),
+    (1, "console.rs"),
     (1, "grpc/*"),
     # 2. The domain, and AppState (its context, assembled by server.rs).
     (2, "domain/*"),

@@ -20,6 +20,7 @@ mod m20261203_000011_audit_pending_keyed_by_tenant;
 mod m20261204_000012_index_step_up_queues;
 mod m20261206_000013_rule_grants;
 mod m20261206_000014_vault_leases_bindings_return_origins;
+mod m20261206_000015_console_sessions;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -45,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000012_index_step_up_queues::Migration),
             Box::new(m20261206_000013_rule_grants::Migration),
             Box::new(m20261206_000014_vault_leases_bindings_return_origins::Migration),
+            Box::new(m20261206_000015_console_sessions::Migration),
         ]
     }
 }

@@ -42,6 +42,41 @@ pub struct TrustedIssuer {
     /// before matching `admin`, `approver` and `auditor`.
     #[serde(default)]
     pub role_prefix: String,
+    /// The console's OAuth client at this issuer: when set, the console
+    /// offers "Sign in with <issuer>" (authorization code with PKCE, S256)
+    /// and maps the ID token's claims with `tenant_claim`, `roles_claim`
+    /// and `role_prefix` exactly as bearer tokens are mapped.
+    #[serde(default)]
+    pub console_client_id: Option<String>,
+    /// The console client's secret (sent as `client_secret_basic`); none
+    /// for a public client, which PKCE alone protects.
+    #[serde(default)]
+    pub console_client_secret: Option<String>,
+    /// Scopes the console asks for besides `openid` (for example the scope
+    /// that puts the organisation and roles claims into the ID token).
+    #[serde(default)]
+    pub console_scopes: Vec<String>,
+    /// The name on the console's sign-in button; default: the issuer's host.
+    #[serde(default)]
+    pub console_display_name: Option<String>,
+}
+
+impl Default for TrustedIssuer {
+    /// An issuer with the serde defaults (`org_id`, `roles`, no prefix, no
+    /// console client); `issuer` and `audience` still to be set.
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: String::new(),
+            tenant_claim: default_tenant_claim(),
+            roles_claim: default_roles_claim(),
+            role_prefix: String::new(),
+            console_client_id: None,
+            console_client_secret: None,
+            console_scopes: Vec::new(),
+            console_display_name: None,
+        }
+    }
 }
 
 fn default_tenant_claim() -> String {
@@ -153,6 +188,11 @@ pub struct Config {
     pub repeat_audit_window_seconds: u32,
     /// `json` or `text`.
     pub log_format: String,
+    /// How long a console session lasts after sign-in.
+    pub console_session_seconds: u32,
+    /// The lifetime of a console access token (the app asks for the next
+    /// one before it ends); at most 600.
+    pub console_token_seconds: u32,
     // Limits (see `crate::limits`; per process, so N replicas admit N times)
     /// Calls per second each agent may make (token bucket refill); 0: no
     /// agent limit.
@@ -278,6 +318,8 @@ impl Default for Config {
             oauth_refresh_margin_seconds: 60,
             repeat_audit_window_seconds: 60,
             log_format: "text".to_owned(),
+            console_session_seconds: 8 * 3600,
+            console_token_seconds: 300,
             rate_limit_agent_per_second: 500,
             rate_limit_agent_burst: 1_000,
             rate_limit_tenant_per_second: 2_000,

@@ -93,6 +93,37 @@ enum Command {
     /// Run it with the server stopped on SQLite (a running SQLite server
     /// would keep judging by the rules it cached).
     GrantLegacyScopes(GrantLegacyArgs),
+    /// Prints a one-time console sign-in link for a tenant's person (for a
+    /// server with no identity provider configured): it signs one browser
+    /// in once, within --ttl-seconds.
+    ConsoleLink(ConsoleLinkArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConsoleLinkArgs {
+    /// The tenant id (`tnt_…`).
+    #[arg(long)]
+    tenant: String,
+    /// A role of the session: admin, approver or auditor (repeat for more).
+    #[arg(long = "role", value_enum, required = true)]
+    roles: Vec<ConsoleRole>,
+    /// Who the session stands for (shown in the audit log).
+    #[arg(long, default_value = "console-link")]
+    subject: String,
+    /// How long the link may be used, in seconds.
+    #[arg(long, default_value_t = 300)]
+    ttl_seconds: u32,
+    /// The HTTP address the server publishes its console at, when no
+    /// --issuer is configured.
+    #[arg(long, env = "VAULTGUARD_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ConsoleRole {
+    Admin,
+    Approver,
+    Auditor,
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +298,36 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot mint token: {e}"))?;
             println!("{}", issued.access_token);
+            Ok(())
+        }
+        Command::ConsoleLink(args) => {
+            if let Some(addr) = args.http_addr {
+                config.http_addr = addr;
+            }
+            let issuer = config.effective_issuer(config.http_addr);
+            let base = issuer.clone();
+            let state = server::prepare(config, clock.clone(), issuer, true).await?;
+            let roles: Vec<Role> = args
+                .roles
+                .iter()
+                .map(|role| match role {
+                    ConsoleRole::Admin => Role::Admin,
+                    ConsoleRole::Approver => Role::Approver,
+                    ConsoleRole::Auditor => Role::Auditor,
+                })
+                .collect();
+            let secret = vaultguard_server::domain::console_sessions::create_link(
+                &state,
+                &args.tenant,
+                &args.subject,
+                &roles,
+                args.ttl_seconds,
+                clock.now_millis(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot make a sign-in link: {e}"))?;
+            // The fragment never reaches a server log: the browser keeps it.
+            println!("{base}/console/link#{secret}");
             Ok(())
         }
         Command::GrantLegacyScopes(args) => {

@@ -252,10 +252,63 @@ impl OidcVerifier {
 
     /// Verifies a token whose unverified `iss` is `issuer`.
     pub async fn verify(&self, token: &str, issuer: &str) -> Result<ExternalIdentity> {
-        let state = self
-            .issuers
+        let state = self.issuer_state(issuer)?;
+        let claims = self
+            .verified_claims(state, token, &state.config.audience)
+            .await?;
+        identity_from_claims(&state.config, &claims)
+    }
+
+    /// Verifies an ID token the console received from `issuer`'s token
+    /// endpoint: signed by the issuer's keys, `aud` the console's client,
+    /// unexpired, carrying the sign-in's `nonce`; then maps organisation and
+    /// roles exactly as [`Self::verify`] maps a bearer token's.
+    pub async fn verify_id_token(
+        &self,
+        token: &str,
+        issuer: &str,
+        client_id: &str,
+        nonce: &str,
+    ) -> Result<ExternalIdentity> {
+        let state = self.issuer_state(issuer)?;
+        let claims = self.verified_claims(state, token, client_id).await?;
+        if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+            return Err(Error::Unauthenticated("ID token nonce does not match"));
+        }
+        identity_from_claims(&state.config, &claims)
+    }
+
+    /// The issuer's authorization and token endpoints, from its discovery
+    /// document (fetched each time: sign-ins are rare).
+    pub async fn endpoints(&self, issuer: &str) -> anyhow::Result<Endpoints> {
+        let state = self.issuer_state(issuer)?;
+        let discovery_url = format!(
+            "{}/.well-known/openid-configuration",
+            state.config.issuer.trim_end_matches('/')
+        );
+        let (body, _) = get_document(&self.fetcher.http, &discovery_url).await?;
+        let endpoints: Endpoints = serde_json::from_slice(&body)?;
+        anyhow::ensure!(
+            endpoints.issuer.trim_end_matches('/') == state.config.issuer.trim_end_matches('/'),
+            "discovery document names another issuer"
+        );
+        Ok(endpoints)
+    }
+
+    fn issuer_state(&self, issuer: &str) -> Result<&Arc<IssuerState>> {
+        self.issuers
             .get(issuer.trim_end_matches('/'))
-            .ok_or(Error::Unauthenticated("issuer not trusted"))?;
+            .ok_or(Error::Unauthenticated("issuer not trusted"))
+    }
+
+    /// The claims of `token`, signed by one of `state`'s issuer keys, with
+    /// that `iss`, audience `audience` and valid time claims.
+    async fn verified_claims(
+        &self,
+        state: &Arc<IssuerState>,
+        token: &str,
+        audience: &str,
+    ) -> Result<Value> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::Unauthenticated("malformed token header"))?;
         if !ACCEPTED.contains(&header.alg) {
@@ -281,7 +334,7 @@ impl OidcVerifier {
         }
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&state.config.issuer]);
-        validation.set_audience(&[&state.config.audience]);
+        validation.set_audience(&[audience]);
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
@@ -289,35 +342,7 @@ impl OidcVerifier {
             .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))?;
         let claims = data.claims;
         check_time_claims(&claims, self.fetcher.clock.now_seconds())?;
-        let organization_id = claims
-            .get(&state.config.tenant_claim)
-            .and_then(Value::as_str)
-            .filter(|org| !org.is_empty())
-            .ok_or(Error::Unauthenticated("token has no organisation claim"))?
-            .to_owned();
-        let roles = match claims.get(&state.config.roles_claim) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
-            Some(Value::String(text)) => text.split_whitespace().map(str::to_owned).collect(),
-            _ => Vec::new(),
-        };
-        let roles = roles
-            .into_iter()
-            .filter_map(|role: String| {
-                role.strip_prefix(state.config.role_prefix.as_str())
-                    .map(str::to_owned)
-            })
-            .collect();
-        Ok(ExternalIdentity {
-            issuer: state.config.issuer.clone(),
-            subject: claims["sub"].as_str().unwrap_or_default().to_owned(),
-            organization_id,
-            roles,
-            expires_at: claims["exp"].as_i64().unwrap_or_default(),
-        })
+        Ok(claims)
     }
 
     /// The key `kid` of `state`'s issuer: from the cache while it is fresh;
@@ -470,6 +495,49 @@ async fn get_document(
     Ok((body, headers))
 }
 
+/// An issuer's endpoints for the authorization-code flow.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoints {
+    pub issuer: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+}
+
+/// The holder a verified token's claims describe: the organisation from
+/// `tenant_claim`, the roles from `roles_claim` (an array or a
+/// space-separated string) that carry `role_prefix`, stripped of it.
+fn identity_from_claims(config: &TrustedIssuer, claims: &Value) -> Result<ExternalIdentity> {
+    let organization_id = claims
+        .get(&config.tenant_claim)
+        .and_then(Value::as_str)
+        .filter(|org| !org.is_empty())
+        .ok_or(Error::Unauthenticated("token has no organisation claim"))?
+        .to_owned();
+    let roles = match claims.get(&config.roles_claim) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::String(text)) => text.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    };
+    let roles = roles
+        .into_iter()
+        .filter_map(|role: String| {
+            role.strip_prefix(config.role_prefix.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    Ok(ExternalIdentity {
+        issuer: config.issuer.clone(),
+        subject: claims["sub"].as_str().unwrap_or_default().to_owned(),
+        organization_id,
+        roles,
+        expires_at: claims["exp"].as_i64().unwrap_or_default(),
+    })
+}
+
 /// The issuer's key set (through its discovery document) and the JWKS
 /// answer's `max-age`.
 async fn fetch_jwks(
@@ -593,6 +661,7 @@ mod props {
             tenant_claim: "org_id".to_owned(),
             roles_claim: "roles".to_owned(),
             role_prefix: String::new(),
+            ..Default::default()
         };
         let config = Config {
             trusted_issuers: vec![trusted],

@@ -203,6 +203,7 @@ pub async fn serve(
 
     // Every service decodes at most this much of one request message.
     let max_request = state.limits.max_request_bytes();
+    let api = api_routes(&state, max_request);
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = crate::tls::grpc_server_builder(tls.as_ref())?
         // A connection whose peer stops answering pings is closed within
@@ -215,46 +216,11 @@ pub async fn serve(
         .max_concurrent_streams(
             Some(state.config.max_concurrent_streams_per_connection).filter(|max| *max > 0),
         )
-        .layer(layers)
+        .layer(layers.clone())
+        .add_routes(api.clone())
         .add_service(health_service.max_decoding_message_size(max_request))
         .add_service(reflection_v1.max_decoding_message_size(max_request))
         .add_service(reflection_v1alpha.max_decoding_message_size(max_request))
-        .add_service(
-            TenantServiceServer::new(grpc::TenantApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            AgentServiceServer::new(grpc::AgentApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            AuthServiceServer::new(grpc::AuthApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            IssuerKeyServiceServer::new(grpc::IssuerKeyApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            PolicyServiceServer::new(grpc::PolicyApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            DelegationServiceServer::new(grpc::DelegationApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            StepUpServiceServer::new(grpc::StepUpApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            VaultServiceServer::new(grpc::VaultApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(
-            AuditServiceServer::new(grpc::AuditApi(state.clone()))
-                .max_decoding_message_size(max_request),
-        )
         .serve_with_incoming_shutdown(
             // Nagle off: a unary answer is several small writes (headers,
             // message, trailers), and Nagle holding them for the peer's
@@ -267,9 +233,21 @@ pub async fn serve(
 
     let mut http_stop = stop_rx.clone();
     // The OAuth callback audits its request id too.
-    let http_app = http::router(state.clone(), healthy).layer(tower::util::MapRequestLayer::new(
-        crate::request_id::sanitize::<axum::body::Body>,
-    ));
+    // The console's gRPC-Web calls go through the same layers (request id,
+    // whole message before capacity, concurrency, authentication, limits)
+    // to the same services.
+    let grpc_web = tower::util::BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(layers)
+            .service(api),
+    );
+    let http_app = http::router(state.clone(), healthy)
+        .merge(crate::console::router(state.clone()))
+        .fallback(move |request: axum::extract::Request| grpc_web_call(grpc_web.clone(), request))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::request_id::sanitize::<axum::body::Body>,
+        ));
     let http_shutdown = async move {
         let _ = http_stop.changed().await;
     };
@@ -318,6 +296,76 @@ pub async fn serve(
     Ok(())
 }
 
+/// VaultGuard's own services (not health or reflection), served as gRPC on
+/// the gRPC listener and as gRPC-Web on the HTTP one.
+fn api_routes(state: &AppState, max_request: usize) -> tonic::service::Routes {
+    tonic::service::Routes::new(
+        TenantServiceServer::new(grpc::TenantApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        AgentServiceServer::new(grpc::AgentApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        AuthServiceServer::new(grpc::AuthApi(state.clone())).max_decoding_message_size(max_request),
+    )
+    .add_service(
+        IssuerKeyServiceServer::new(grpc::IssuerKeyApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        PolicyServiceServer::new(grpc::PolicyApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        DelegationServiceServer::new(grpc::DelegationApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        StepUpServiceServer::new(grpc::StepUpApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        VaultServiceServer::new(grpc::VaultApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .add_service(
+        AuditServiceServer::new(grpc::AuditApi(state.clone()))
+            .max_decoding_message_size(max_request),
+    )
+    .prepare()
+}
+
+/// The gRPC-Web service behind the HTTP listener's other routes.
+type GrpcWeb = tower::util::BoxCloneSyncService<
+    ::http::Request<axum::body::Body>,
+    ::http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// A request no HTTP route took: a gRPC-Web call (by its content type) goes
+/// to the services; anything else is 404.
+async fn grpc_web_call(
+    service: GrpcWeb,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+    let grpc_web = request
+        .headers()
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc-web"));
+    if !grpc_web {
+        return ::http::StatusCode::NOT_FOUND.into_response();
+    }
+    match service.oneshot(request).await {
+        Ok(response) => response.into_response(),
+        Err(never) => match never {},
+    }
+}
+
 /// The sweeper: every `sweep_interval_ms` until `stop` flips, ends expired
 /// delegations ([`delegations::sweep_expired`], a batch at a time) and
 /// prunes spent OAuth authorization states ([`connections::prune_states`]).
@@ -340,6 +388,11 @@ async fn run_sweeper(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
         }
         if let Err(err) = connections::prune_states(&state, state.clock.now_millis()).await {
             tracing::warn!(error = %err, "OAuth state pruning failed");
+        }
+        if let Err(err) =
+            crate::domain::console_sessions::prune(&state, state.clock.now_millis()).await
+        {
+            tracing::warn!(error = %err, "console session pruning failed");
         }
     }
 }

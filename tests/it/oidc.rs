@@ -30,8 +30,8 @@ use vaultguard_server::config::TrustedIssuer;
 use vaultguard_tests::{ClientError, TestOptions, TestServer, expect_code};
 
 const AUDIENCE: &str = "vaultguard-test";
-const ORG_ACME: &str = "org_acme";
-const ORG_BETA: &str = "org_beta";
+pub(crate) const ORG_ACME: &str = "org_acme";
+pub(crate) const ORG_BETA: &str = "org_beta";
 
 // ---------------------------------------------------------------------------
 // Keys and hand-made JWTs
@@ -207,6 +207,24 @@ struct IssuerShared {
     jwks_cache_control: Mutex<Option<String>>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
+    /// The key the ID tokens of the code flow are signed with.
+    id_key: Arc<SigningKey>,
+    /// Who signs in at `/authorize` (claims besides iss, aud, iat, exp, nonce).
+    user: Mutex<Value>,
+    /// Codes handed out by `/authorize`, not yet redeemed.
+    codes: Mutex<std::collections::HashMap<String, IssuedCode>>,
+    /// How many codes `/token` redeemed.
+    redeemed: AtomicUsize,
+}
+
+/// What `/authorize` remembers of a code for `/token`.
+#[derive(Clone)]
+struct IssuedCode {
+    client_id: String,
+    redirect_uri: String,
+    nonce: String,
+    challenge: String,
+    user: Value,
 }
 
 async fn discovery_document(
@@ -224,8 +242,102 @@ async fn discovery_document(
     Ok(Json(json!({
         "issuer": issuer,
         "jwks_uri": format!("{}/jwks", shared.base_url),
+        "authorization_endpoint": format!("{}/authorize", shared.base_url),
+        "token_endpoint": format!("{}/token", shared.base_url),
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
         "id_token_signing_alg_values_supported": ["RS256"],
     })))
+}
+
+/// The authorization endpoint: the configured user "signs in" at once and
+/// the browser goes back with a code (RFC 6749 §4.1.2). Only PKCE S256
+/// requests of the code flow with a nonce are served.
+async fn authorize(
+    State(shared): State<Arc<IssuerShared>>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let get = |key: &str| query.get(key).cloned().unwrap_or_default();
+    if get("response_type") != "code"
+        || get("code_challenge_method") != "S256"
+        || get("code_challenge").is_empty()
+        || get("nonce").is_empty()
+        || !get("scope").split(' ').any(|scope| scope == "openid")
+    {
+        return (StatusCode::BAD_REQUEST, "not an OIDC code + PKCE request").into_response();
+    }
+    let code = uuid::Uuid::new_v4().simple().to_string();
+    let user = shared.user.lock().expect("user lock").clone();
+    shared.codes.lock().expect("codes lock").insert(
+        code.clone(),
+        IssuedCode {
+            client_id: get("client_id"),
+            redirect_uri: get("redirect_uri"),
+            nonce: get("nonce"),
+            challenge: get("code_challenge"),
+            user,
+        },
+    );
+    let mut back = url::Url::parse(&get("redirect_uri")).expect("redirect_uri");
+    back.query_pairs_mut()
+        .append_pair("code", &code)
+        .append_pair("state", &get("state"));
+    (StatusCode::FOUND, [(header::LOCATION, back.to_string())]).into_response()
+}
+
+/// The token endpoint of the code flow (public client, PKCE S256): an ID
+/// token signed with the published key, `aud` the client, the nonce.
+async fn token_endpoint(
+    State(shared): State<Arc<IssuerShared>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(&body).into_owned().collect();
+    let get = |key: &str| form.get(key).cloned().unwrap_or_default();
+    let refuse =
+        |error: &str| (StatusCode::BAD_REQUEST, Json(json!({"error": error}))).into_response();
+    if get("grant_type") != "authorization_code" {
+        return refuse("unsupported_grant_type");
+    }
+    let Some(issued) = shared
+        .codes
+        .lock()
+        .expect("codes lock")
+        .remove(&get("code"))
+    else {
+        return refuse("invalid_grant");
+    };
+    let challenge = b64url(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        get("code_verifier").as_bytes(),
+    ));
+    if challenge != issued.challenge
+        || get("redirect_uri") != issued.redirect_uri
+        || get("client_id") != issued.client_id
+    {
+        return refuse("invalid_grant");
+    }
+    shared.redeemed.fetch_add(1, Ordering::SeqCst);
+    let now = now();
+    let mut claims = json!({
+        "iss": shared.base_url,
+        "aud": issued.client_id,
+        "iat": now,
+        "exp": now + 300,
+        "nonce": issued.nonce,
+    });
+    if let (Some(claims), Some(user)) = (claims.as_object_mut(), issued.user.as_object()) {
+        for (key, value) in user {
+            claims.insert(key.clone(), value.clone());
+        }
+    }
+    Json(json!({
+        "access_token": "opaque-access-token",
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "id_token": shared.id_key.token(&claims),
+    }))
+    .into_response()
 }
 
 async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Response {
@@ -251,7 +363,7 @@ async fn jwks_document(State(shared): State<Arc<IssuerShared>>) -> Response {
 /// A real OIDC issuer on 127.0.0.1 with one RSA key published.
 pub(crate) struct LocalIssuer {
     pub(crate) url: String,
-    key: SigningKey,
+    key: Arc<SigningKey>,
     shared: Arc<IssuerShared>,
     task: JoinHandle<()>,
 }
@@ -260,8 +372,14 @@ impl LocalIssuer {
     pub(crate) async fn start(kid: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind issuer");
         let url = format!("http://{}", listener.local_addr().expect("issuer addr"));
-        let key = SigningKey::generate(kid);
+        let key = Arc::new(SigningKey::generate(kid));
         let shared = Arc::new(IssuerShared {
+            id_key: key.clone(),
+            user: Mutex::new(
+                json!({"sub": "auth0|alice", "org_id": ORG_ACME, "roles": ["approver"]}),
+            ),
+            codes: Mutex::new(std::collections::HashMap::new()),
+            redeemed: AtomicUsize::new(0),
             base_url: url.clone(),
             discovery_issuer: Mutex::new(url.clone()),
             failing: AtomicBool::new(false),
@@ -274,6 +392,8 @@ impl LocalIssuer {
         let router = Router::new()
             .route("/.well-known/openid-configuration", get(discovery_document))
             .route("/jwks", get(jwks_document))
+            .route("/authorize", get(authorize))
+            .route("/token", axum::routing::post(token_endpoint))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -294,7 +414,29 @@ impl LocalIssuer {
             tenant_claim: "org_id".to_owned(),
             roles_claim: "roles".to_owned(),
             role_prefix: String::new(),
+            ..Default::default()
         }
+    }
+
+    /// The configuration trusting this issuer with a console client.
+    pub(crate) fn trusted_with_console(&self, client_id: &str) -> TrustedIssuer {
+        TrustedIssuer {
+            console_client_id: Some(client_id.to_owned()),
+            console_display_name: Some("Acme SSO".to_owned()),
+            console_scopes: vec!["vaultguard".to_owned()],
+            ..self.trusted()
+        }
+    }
+
+    /// Who signs in at `/authorize` from now on (`sub`, organisation, roles).
+    pub(crate) fn set_user(&self, sub: &str, org: &str, roles: &[&str]) {
+        *self.shared.user.lock().expect("user lock") =
+            json!({"sub": sub, "org_id": org, "roles": roles});
+    }
+
+    /// How many codes the token endpoint redeemed.
+    pub(crate) fn codes_redeemed(&self) -> usize {
+        self.shared.redeemed.load(Ordering::SeqCst)
     }
 
     /// Publishes exactly `keys` from now on.

@@ -263,6 +263,7 @@ async fn internal_outbound_urls_are_refused_at_registration_without_the_allowanc
             tenant_claim: "org_id".to_owned(),
             roles_claim: "roles".to_owned(),
             role_prefix: String::new(),
+            ..Default::default()
         }],
         ..Config::default()
     };

@@ -146,6 +146,7 @@ impl TestOptions {
                 tenant_claim: "org_id".to_owned(),
                 roles_claim: "roles".to_owned(),
                 role_prefix: String::new(),
+                ..Default::default()
             }],
             ..Self::default()
         }

@@ -378,10 +378,7 @@ pub async fn start(
     let expires_at = now + i64::from(state.config.oauth_state_ttl_seconds) * 1000;
     let state_value = random_token(32)?;
     let verifier = random_token(48)?;
-    let challenge = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        verifier.as_bytes(),
-    ));
+    let challenge = crate::crypto::pkce_challenge(&verifier);
     let redirect = redirect_uri(state);
     let state_hash = sha256_hex(state_value.as_bytes());
     let initiator = actor_json(&ctx.principal.actor())?;

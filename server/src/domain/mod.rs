@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod audit_log;
 pub mod connections;
+pub mod console_sessions;
 pub mod delegations;
 pub mod page;
 pub mod policies;

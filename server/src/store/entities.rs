@@ -796,3 +796,82 @@ pub mod vault_settings {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod console_session {
+    use sea_orm::entity::prelude::*;
+
+    /// A console session; the cookie holds the secret, the row its hash.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "console_sessions")]
+    pub struct Model {
+        /// SHA-256 (hex) of the session secret.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub subject: String,
+        /// Role names, space-separated (`admin approver auditor`).
+        pub roles: String,
+        /// The trusted issuer the person signed in with; empty for a link.
+        pub issuer: String,
+        /// The organisation the issuer named; empty for a link.
+        pub organization_id: String,
+        pub created_at: i64,
+        pub expires_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod console_link {
+    use sea_orm::entity::prelude::*;
+
+    /// A one-time sign-in link made by `vaultguard console-link`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "console_links")]
+    pub struct Model {
+        /// SHA-256 (hex) of the link's secret.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub subject: String,
+        /// Role names, space-separated.
+        pub roles: String,
+        pub created_at: i64,
+        pub expires_at: i64,
+        pub used_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod console_login {
+    use sea_orm::entity::prelude::*;
+
+    /// An OIDC sign-in in progress.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "console_logins")]
+    pub struct Model {
+        /// SHA-256 (hex) of the `state` sent to the issuer.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// The trusted issuer, as configured.
+        pub issuer: String,
+        /// The PKCE verifier sealed under the master key.
+        pub verifier_ciphertext: Vec<u8>,
+        /// The nonce the ID token must carry.
+        pub nonce: String,
+        pub created_at: i64,
+        pub expires_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
