@@ -45,6 +45,15 @@ if (!args.world) {
  */
 const world = JSON.parse(readFileSync(args.world, "utf8"));
 const base = world.base;
+
+/** shoot saves a README picture of `page` when the world asks for them. */
+async function shoot(page, name) {
+  if (!world.screenshots) return;
+  await page.waitForTimeout(300);
+  const path = `${world.screenshots}/${name}.png`;
+  await page.screenshot({ path, animations: "disabled", caret: "hide" });
+  console.log(`SHOT ${path}`);
+}
 const only = args.only ? new Set(args.only.split(",")) : null;
 
 const started = Date.now();
@@ -211,9 +220,11 @@ const scenarios = [
       const id = await a.pending();
       await alice.locator(queueItem(id)).waitFor({ timeout: 1_000 });
       await bob.locator(queueItem(id)).waitFor({ timeout: 1_000 });
+      await shoot(alice, "queue");
       await openRequest(alice, id);
       await a.line(/^STEP_UP \S+ watching/);
       check((await alice.locator(tid("quorum")).innerText()).includes("0 of 2"), "quorum not 0 of 2");
+      await shoot(alice, "request");
       await alice.locator(tid("approve-button")).click();
       const result = await alice.locator(tid("decision-result")).innerText();
       check(/1 of 2/.test(result), `the first approval does not say 1 of 2: ${result}`);
@@ -305,7 +316,9 @@ const scenarios = [
       await admin.locator(tid("delegation-detail")).waitFor();
       await axeCheck(admin, "a delegation");
       await visit("/graph", tid("trust-graph"));
+      await shoot(admin, "trust-graph");
       await visit("/audit", tid("audit-row"));
+      await shoot(admin, "audit");
       await visit("/admin/agents", tid("create-agent"));
       await visit("/admin/policies", tid("rule-row"));
       await visit("/admin/vault", "main h1");

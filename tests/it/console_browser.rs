@@ -260,6 +260,9 @@ async fn the_console_works_in_a_real_browser() {
         "actions": ACTIONS.iter().map(|(k, a, _)| ((*k).to_owned(), json!(a))).collect::<serde_json::Map<_, _>>(),
         "users": users,
         "link": link,
+        // VAULTGUARD_CONSOLE_SCREENSHOTS=<dir>: the scenarios also photograph
+        // the queue, a request, the graph and the audit log (README pictures).
+        "screenshots": std::env::var("VAULTGUARD_CONSOLE_SCREENSHOTS").ok(),
     });
     let world_file = out.path().join("world.json");
     std::fs::write(&world_file, world.to_string()).expect("write world.json");
