@@ -499,7 +499,7 @@ fn failure_page(status: StatusCode, message: &str) -> Response {
          <body><main class=\"signin\" id=\"main\"><h1>Sign-in failed</h1>\
          <p class=\"banner banner-bad\" role=\"alert\" data-testid=\"signin-failure\">{}</p>\
          <p><a href=\"/console/\">Back to the console</a></p></main></body></html>",
-        escape_html(message)
+        crate::http::escape_html(message)
     );
     (
         status,
@@ -507,21 +507,6 @@ fn failure_page(status: StatusCode, message: &str) -> Response {
         page,
     )
         .into_response()
-}
-
-fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -540,11 +525,22 @@ mod tests {
         assert_eq!(cookie(&request_headers, "missing"), None);
     }
 
-    #[test]
-    fn failure_pages_escape_what_they_say() {
-        assert_eq!(
-            escape_html("<img src=x onerror=alert(1)> & \"'"),
-            "&lt;img src=x onerror=alert(1)&gt; &amp; &quot;&#39;"
+    #[tokio::test]
+    async fn failure_pages_escape_what_they_say() {
+        let page = failure_page(
+            StatusCode::BAD_REQUEST,
+            "<img src=x onerror=alert(1)> & \"'",
         );
+        assert_eq!(page.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(page.headers()[header::CONTENT_SECURITY_POLICY], CSP);
+        let body = axum::body::to_bytes(page.into_body(), 64 * 1024)
+            .await
+            .expect("body");
+        let body = String::from_utf8(body.to_vec()).expect("utf-8");
+        assert!(
+            body.contains("&lt;img src=x onerror=alert(1)&gt; &amp; &quot;&#x27;"),
+            "{body}"
+        );
+        assert!(!body.contains("<img"), "{body}");
     }
 }

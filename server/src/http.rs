@@ -118,7 +118,7 @@ const CALLBACK_HEADERS: [(header::HeaderName, &str); 5] = [
 
 /// `text` escaped for HTML text and quoted attribute values: `&`, `<`,
 /// `>`, `"` and `'` become character references, everything else stays.
-fn escape_html(text: &str) -> String {
+pub(crate) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -142,25 +142,6 @@ async fn create_rule(admin: &vaultguard_client::VaultGuardClient, action: &str, 
         .expect("create rule");
 }
 
-async fn bind(server: &TestServer, tenant_id: &str, issuer: &str, org: &str) {
-    let operator = server.operator().await;
-    let request = operator
-        .request(pb::BindExternalOrganizationRequest {
-            tenant_id: tenant_id.to_owned(),
-            organization: Some(pb::ExternalOrganization {
-                issuer: issuer.to_owned(),
-                organization_id: org.to_owned(),
-            }),
-        })
-        .await
-        .expect("request");
-    operator
-        .tenants()
-        .bind_external_organization(request)
-        .await
-        .expect("bind external organisation");
-}
-
 /// Runs a command to its end; panics with its output unless it succeeds.
 fn run(command: &mut Command) -> String {
     let shown = format!("{command:?}");
@@ -209,8 +190,8 @@ async fn the_console_works_in_a_real_browser() {
     let globex = server.create_tenant("globex").await;
     let acme = server.create_tenant("acme").await;
     let initech = server.create_tenant("initech").await;
-    bind(&server, &acme.id, &issuer, ORG_ACME).await;
-    bind(&server, &initech.id, &issuer, ORG_INITECH).await;
+    crate::oidc::bind(&server, &acme.id, &issuer, ORG_ACME).await;
+    crate::oidc::bind(&server, &initech.id, &issuer, ORG_INITECH).await;
     let (agent, secret, _) = server.create_agent(&globex.id, "console-e2e-bot").await;
     let acme_admin = server
         .human(&acme.id, "admin@acme.test", &[pb::Role::Admin])
