@@ -901,7 +901,7 @@ async fn walk_vault(
     let request = provider.registration("walk-idp", &["read"]);
     let created = walk
         .call(
-            &admin,
+            admin,
             "VaultService/CreateOAuthProvider",
             &[acme],
             &["provider.created"],
@@ -922,7 +922,7 @@ async fn walk_vault(
         ..Default::default()
     };
     walk.call(
-        &admin,
+        admin,
         "VaultService/UpdateOAuthProvider",
         &[acme],
         &["provider.updated"],
@@ -948,7 +948,7 @@ async fn walk_vault(
         return_origins: vec!["https://console.acme.example".to_owned()],
     };
     walk.call(
-        &admin,
+        admin,
         "VaultService/UpdateVaultSettings",
         &[acme],
         &["vault.settings_updated"],
@@ -968,7 +968,7 @@ async fn walk_vault(
     };
     let started = walk
         .call(
-            &admin,
+            admin,
             "VaultService/StartConnection",
             &[acme],
             &["connection.started"],
@@ -1026,7 +1026,7 @@ async fn walk_vault(
     };
     let exchanged = walk
         .call(
-            &agent,
+            agent,
             "VaultService/ExchangeToken",
             &[acme],
             &["connection.token_exchanged"],
@@ -1045,7 +1045,7 @@ async fn walk_vault(
     };
     let key = walk
         .call(
-            &admin,
+            admin,
             "VaultService/CreateSigningKey",
             &[acme],
             &["key.created"],
@@ -1069,7 +1069,7 @@ async fn walk_vault(
         ..Default::default()
     };
     let signed = walk
-        .call(&agent, "VaultService/Sign", &[acme], &["key.signed"])
+        .call(agent, "VaultService/Sign", &[acme], &["key.signed"])
         .raw_sign(request)
         .await
         .expect("sign");
@@ -1082,7 +1082,7 @@ async fn walk_vault(
         reason: "audit walk".to_owned(),
     };
     walk.call(
-        &admin,
+        admin,
         "VaultService/DisableSigningKey",
         &[acme],
         &["key.disabled"],
@@ -1096,7 +1096,7 @@ async fn walk_vault(
     };
     let deleted = walk
         .call(
-            &admin,
+            admin,
             "VaultService/DeleteConnection",
             &[acme],
             &["connection.disconnected"],
@@ -1109,7 +1109,7 @@ async fn walk_vault(
         provider_id: created.id.clone(),
     };
     walk.call(
-        &admin,
+        admin,
         "VaultService/DeleteOAuthProvider",
         &[acme],
         &["provider.deleted"],

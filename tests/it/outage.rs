@@ -130,17 +130,12 @@ async fn poll_load(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(30), async {
-            Ok::<_, ClientError>(
-                agent
-                    .poll_step_up(pb::PollStepUpRequest {
-                        auth_req_id: auth_req_id.clone(),
-                    })
-                    .await?,
-            )
-        })
-        .await
-        .expect("PollStepUp hung for 30 s");
+        let request = pb::PollStepUpRequest {
+            auth_req_id: auth_req_id.clone(),
+        };
+        let result = tokio::time::timeout(Duration::from_secs(30), agent.poll_step_up(request))
+            .await
+            .expect("PollStepUp hung for 30 s");
         let code = code_of(&result);
         assert_ne!(code, None, "nobody approved the polled step-up");
         // A pending answer is the database answering.

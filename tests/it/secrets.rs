@@ -533,8 +533,7 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
             auth_req_id: challenge.auth_req_id.clone(),
         })
         .await
-        .expect_err("another agent's auth_req_id")
-        .into();
+        .expect_err("another agent's auth_req_id");
     scan.error(&err);
     // A tampered delegation token verified by the receiving tenant.
     let (head, _) = grant.token.rsplit_once('.').expect("jwt");

@@ -137,7 +137,7 @@ async fn ledger(server: &TestServer) -> [i64; 5] {
 }
 
 async fn deny(admin: &VaultGuardClient, step_up_id: &str) {
-    vaultguard_tests::calls::deny(&admin, &step_up_id.to_owned(), "no")
+    vaultguard_tests::calls::deny(admin, step_up_id, "no")
         .await
         .unwrap();
 }
