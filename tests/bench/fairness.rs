@@ -20,9 +20,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 
-use crate::fixture::{ALLOW_ACTION, create_rule, create_tenant};
+use crate::fixture::{ALLOW_ACTION, Tenant, create_rule, create_tenant};
 use crate::load::{self, Measured, Mode, Op, op};
 use crate::server::{Backend, ServerProcess, ServerSpec};
+use vaultguard_tests::Rpc;
 
 /// What the scenario is run with.
 pub struct Settings {
@@ -45,19 +46,24 @@ pub(crate) async fn agent_pool(
     connections: usize,
 ) -> Result<Arc<Vec<VaultGuardClient>>> {
     let tenant = create_tenant(server, operator, slug, pb::TokenAlgorithm::Eddsa).await?;
-    let request = tenant
+    agent_clients(server, &tenant, &format!("{slug}-bot"), connections).await
+}
+
+/// A new agent `name` of `tenant` on `connections` channels, each holding
+/// a token.
+pub(crate) async fn agent_clients(
+    server: &ServerProcess,
+    tenant: &Tenant,
+    name: &str,
+    connections: usize,
+) -> Result<Arc<Vec<VaultGuardClient>>> {
+    let created = tenant
         .admin
-        .request(pb::CreateAgentRequest {
-            name: format!("{slug}-bot"),
+        .create_agent(pb::CreateAgentRequest {
+            name: name.to_owned(),
             description: String::new(),
         })
         .await?;
-    let created = tenant
-        .admin
-        .agents()
-        .create_agent(request)
-        .await?
-        .into_inner();
     let agent_id = created.agent.context("no agent")?.id;
     let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
@@ -69,6 +75,25 @@ pub(crate) async fn agent_pool(
         clients.push(client);
     }
     Ok(Arc::new(clients))
+}
+
+/// The operator, a fresh receiving tenant `{prefix}-receiver` whose inbound
+/// rule allows `bench.*`, and the ALLOW delegations a pool of
+/// `{prefix}-victim` agents asks of it: the victim of every fairness
+/// scenario.
+pub(crate) async fn victim_of(
+    server: &ServerProcess,
+    prefix: &str,
+    connections: usize,
+) -> Result<(VaultGuardClient, String, Op)> {
+    let operator = server.human("operator", None).await?;
+    let algorithm = pb::TokenAlgorithm::Eddsa;
+    let slug = format!("{prefix}-receiver");
+    let receiver = create_tenant(server, &operator, &slug, algorithm).await?;
+    create_rule(&receiver, "bench.*", pb::Effect::Allow, "").await?;
+    let victim = agent_pool(server, &operator, &format!("{prefix}-victim"), connections).await?;
+    let receiver_id = receiver.id.clone();
+    Ok((operator, receiver_id.clone(), allow_op(victim, receiver_id)))
 }
 
 /// ALLOW delegations to `receiver` by the agents of `pool`, round-robin.
@@ -113,6 +138,18 @@ async fn paced_refusals(server: &ServerProcess) -> Result<f64> {
     Ok(total)
 }
 
+/// A victim table: the header (`first` names the first column), then a
+/// [`line`] per measurement.
+pub(crate) fn table(first: &str, rows: &[(&str, &Measured)]) {
+    println!(
+        "{:<28} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        first, "ops", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    );
+    for (name, m) in rows {
+        line(name, m);
+    }
+}
+
 /// One row of a victim table: ops, ops/s, p50/p99/p999 ms, errors.
 pub(crate) fn line(name: &str, m: &Measured) {
     println!(
@@ -139,19 +176,10 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.victim_rate,
         settings.flood_concurrency
     );
-    let operator = server.human("operator", None).await?;
-    let receiver = create_tenant(
-        &server,
-        &operator,
-        "fair-receiver",
-        pb::TokenAlgorithm::Eddsa,
-    )
-    .await?;
-    create_rule(&receiver, "bench.*", pb::Effect::Allow, "").await?;
-    let victim = agent_pool(&server, &operator, "fair-victim", settings.connections).await?;
+    let (operator, receiver_id, victim_op) =
+        victim_of(&server, "fair", settings.connections).await?;
     let flooder = agent_pool(&server, &operator, "fair-flooder", settings.connections).await?;
-    let victim_op = allow_op(victim, receiver.id.clone());
-    let flood_op = allow_op(flooder, receiver.id.clone());
+    let flood_op = allow_op(flooder, receiver_id);
     let victim_mode = Mode::Open {
         rate: settings.victim_rate,
     };
@@ -207,13 +235,14 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.duration,
         settings.warmup
     );
-    println!(
-        "{:<28} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "delegation.allow", "ops", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    table(
+        "delegation.allow",
+        &[
+            ("victim, alone", &alone),
+            ("victim, during the flood", &flooded),
+            ("flooder (errors = refused)", &flood),
+        ],
     );
-    line("victim, alone", &alone);
-    line("victim, during the flood", &flooded);
-    line("flooder (errors = refused)", &flood);
     if let Some(error) = &flood.first_error {
         println!("  flooder's first error: {error}");
     }

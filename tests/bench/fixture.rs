@@ -10,6 +10,7 @@ use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 
 use crate::server::ServerProcess;
+use vaultguard_tests::Rpc;
 
 /// The action every ALLOW delegation asks for (an inbound ALLOW rule of each
 /// receiving tenant matches `bench.*`).
@@ -73,14 +74,13 @@ pub async fn create_tenant(
     )?;
     let admin = server.human("admin", Some(&tenant.id)).await?;
     // The setting again through UpdateTenantSettings, as an admin would.
-    let request = admin
-        .request(pb::UpdateTenantSettingsRequest {
+    admin
+        .update_tenant_settings(pb::UpdateTenantSettingsRequest {
             settings: Some(pb::TenantSettings {
                 token_algorithm: algorithm as i32,
             }),
         })
         .await?;
-    admin.tenants().update_tenant_settings(request).await?;
     Ok(Tenant {
         id: tenant.id,
         admin,
@@ -95,9 +95,9 @@ pub async fn create_rule(
     effect: pb::Effect,
     counterpart: &str,
 ) -> Result<()> {
-    let request = tenant
+    tenant
         .admin
-        .request(pb::CreateRuleRequest {
+        .create_rule(pb::CreateRuleRequest {
             rule: Some(pb::Rule {
                 direction: pb::RuleDirection::Inbound as i32,
                 action_pattern: pattern.to_owned(),
@@ -112,7 +112,6 @@ pub async fn create_rule(
             }),
         })
         .await?;
-    tenant.admin.policies().create_rule(request).await?;
     Ok(())
 }
 
@@ -126,19 +125,13 @@ impl Fixture {
             pb::TokenAlgorithm::Rs256,
         )
         .await?;
-        let request = requester
+        let created = requester
             .admin
-            .request(pb::CreateAgentRequest {
+            .create_agent(pb::CreateAgentRequest {
                 name: "bench-bot".to_owned(),
                 description: String::new(),
             })
             .await?;
-        let created = requester
-            .admin
-            .agents()
-            .create_agent(request)
-            .await?
-            .into_inner();
         let agent_id = required(created.agent, "agent")?.id;
 
         let mut receivers = HashMap::new();
@@ -204,16 +197,7 @@ impl Fixture {
         let provider = FakeProvider::start(ProviderOptions::default()).await;
         let admin = &self.requester.admin;
         let request = admin
-            .request(pb::CreateOAuthProviderRequest {
-                name: PROVIDER_NAME.to_owned(),
-                authorize_url: provider.authorize_url(),
-                token_url: provider.token_url(),
-                revocation_url: provider.revocation_url(),
-                client_id: provider.client_id().to_owned(),
-                client_secret: provider.client_secret().unwrap_or_default().to_owned(),
-                scopes: vec!["mail.read".to_owned()],
-                extra_authorize_params: HashMap::new(),
-            })
+            .request(provider.registration(PROVIDER_NAME, &["mail.read"]))
             .await?;
         let registered = required(
             admin

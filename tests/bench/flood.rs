@@ -20,11 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use vaultguard_client::pb;
 use vaultguard_tests::slow_body::{Flood, FloodSpec};
 
-use crate::fairness::{agent_pool, allow_op, line};
-use crate::fixture::{create_rule, create_tenant};
+use crate::fairness::{table, victim_of};
 use crate::load::{self, Measured, Mode};
 use crate::server::{Backend, ServerProcess, ServerSpec};
 
@@ -79,17 +77,7 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.flood_connections,
         settings.flood_streams
     );
-    let operator = server.human("operator", None).await?;
-    let receiver = create_tenant(
-        &server,
-        &operator,
-        "flood-receiver",
-        pb::TokenAlgorithm::Eddsa,
-    )
-    .await?;
-    create_rule(&receiver, "bench.*", pb::Effect::Allow, "").await?;
-    let victim = agent_pool(&server, &operator, "flood-victim", settings.connections).await?;
-    let victim_op = allow_op(victim, receiver.id.clone());
+    let (_, _, victim_op) = victim_of(&server, "flood", settings.connections).await?;
     let mode = Mode::Open {
         rate: settings.victim_rate,
     };
@@ -127,12 +115,13 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.duration,
         settings.warmup
     );
-    println!(
-        "{:<28} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "delegation.allow", "ops", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    table(
+        "delegation.allow",
+        &[
+            ("victim, alone", &alone.measured),
+            ("victim, during the flood", &flooded.measured),
+        ],
     );
-    line("victim, alone", &alone.measured);
-    line("victim, during the flood", &flooded.measured);
     for (name, p) in [("alone", &alone), ("flooded", &flooded)] {
         if let Some(error) = &p.measured.first_error {
             println!("  victim ({name}) first error: {error}");

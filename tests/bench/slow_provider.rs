@@ -13,7 +13,6 @@
 //! a pooled connection across the provider's call, and 16 of them emptied
 //! the pool for everyone; the victim's p99 should now be unaffected.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -22,10 +21,11 @@ use anyhow::{Context, Result, ensure};
 use vaultguard_client::pb;
 use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
 
-use crate::fairness::{agent_pool, allow_op, line};
+use crate::fairness::{agent_clients, table, victim_of};
 use crate::fixture::{create_rule, create_tenant};
 use crate::load::{self, Mode, op};
 use crate::server::{Backend, ServerProcess, ServerSpec};
+use vaultguard_tests::Rpc;
 
 /// What the scenario is run with.
 pub struct Settings {
@@ -52,34 +52,19 @@ async fn connect_accounts(
     count: usize,
 ) -> Result<Vec<String>> {
     let admin = &tenant.admin;
-    let request = admin
-        .request(pb::CreateOAuthProviderRequest {
-            name: PROVIDER_NAME.to_owned(),
-            authorize_url: provider.authorize_url(),
-            token_url: provider.token_url(),
-            revocation_url: provider.revocation_url(),
-            client_id: provider.client_id().to_owned(),
-            client_secret: provider.client_secret().unwrap_or_default().to_owned(),
-            scopes: vec!["mail.read".to_owned()],
-            extra_authorize_params: HashMap::new(),
-        })
-        .await?;
     let registered = admin
-        .vault()
-        .create_o_auth_provider(request)
+        .create_o_auth_provider(provider.registration(PROVIDER_NAME, &["mail.read"]))
         .await?
-        .into_inner()
         .provider
         .context("no provider")?;
     let mut ids = Vec::with_capacity(count);
     for _ in 0..count {
-        let request = admin
-            .request(pb::StartConnectionRequest {
+        let started = admin
+            .start_connection(pb::StartConnectionRequest {
                 provider_id: registered.id.clone(),
                 ..Default::default()
             })
             .await?;
-        let started = admin.vault().start_connection(request).await?.into_inner();
         let page = reqwest::get(&started.authorize_url).await?;
         ensure!(
             page.status().is_success(),
@@ -103,17 +88,7 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.slow_exchanges,
         settings.victim_rate
     );
-    let operator = server.human("operator", None).await?;
-    let receiver = create_tenant(
-        &server,
-        &operator,
-        "slow-receiver",
-        pb::TokenAlgorithm::Eddsa,
-    )
-    .await?;
-    create_rule(&receiver, "bench.*", pb::Effect::Allow, "").await?;
-    let victim = agent_pool(&server, &operator, "slow-victim", settings.connections).await?;
-    let victim_op = allow_op(victim, receiver.id.clone());
+    let (operator, _, victim_op) = victim_of(&server, "slow", settings.connections).await?;
 
     // The slow tenant: connect with a fast provider, then slow it down.
     let slow = create_tenant(&server, &operator, "slow-tenant", pb::TokenAlgorithm::Eddsa).await?;
@@ -123,30 +98,7 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
     })
     .await;
     let connections = Arc::new(connect_accounts(&slow, &provider, settings.slow_exchanges).await?);
-    let request = slow
-        .admin
-        .request(pb::CreateAgentRequest {
-            name: "slow-bot".to_owned(),
-            description: String::new(),
-        })
-        .await?;
-    let created = slow
-        .admin
-        .agents()
-        .create_agent(request)
-        .await?
-        .into_inner();
-    let agent_id = created.agent.context("no agent")?.id;
-    let mut clients = Vec::new();
-    for _ in 0..settings.connections.max(1) {
-        let client = server
-            .anonymous()
-            .await?
-            .with_client_credentials(agent_id.clone(), created.client_secret.clone());
-        client.bearer().await?;
-        clients.push(client);
-    }
-    let clients = Arc::new(clients);
+    let clients = agent_clients(&server, &slow, "slow-bot", settings.connections).await?;
     provider.set_delay(settings.provider_delay);
     let exchange_op = op(move |seq| {
         let (clients, connections) = (clients.clone(), connections.clone());
@@ -196,13 +148,14 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
         settings.duration,
         settings.warmup
     );
-    println!(
-        "{:<28} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "operation", "ops", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors"
+    table(
+        "operation",
+        &[
+            ("victim ALLOW, alone", &alone),
+            ("victim ALLOW, during", &during),
+            ("slow exchanges", &slow_measured),
+        ],
     );
-    line("victim ALLOW, alone", &alone);
-    line("victim ALLOW, during", &during);
-    line("slow exchanges", &slow_measured);
     for (name, m) in [
         ("alone", &alone),
         ("during", &during),

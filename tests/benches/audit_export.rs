@@ -29,6 +29,7 @@ use sea_orm::{ConnectionTrait, Statement, TransactionTrait, Value as DbValue};
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_server::audit::placeholders;
 use vaultguard_server::clock::Clock;
+use vaultguard_tests::Rpc;
 use vaultguard_tests::{TestServer, backend, count_rows};
 
 /// The growth target, in MiB.
@@ -277,19 +278,13 @@ async fn measure_export(
     let hwm_before_kib = status_kib("VmHWM");
     let sampler = Sampler::start();
     let started = Instant::now();
-    let request = auditor
-        .request(pb::ExportAuditEventsRequest {
+    let mut stream = auditor
+        .export_audit_events(pb::ExportAuditEventsRequest {
             format: format as i32,
             ..Default::default()
         })
         .await
-        .expect("request");
-    let mut stream = auditor
-        .audit()
-        .export_audit_events(request)
-        .await
-        .expect("export")
-        .into_inner();
+        .expect("export");
     let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let (mut bytes, mut chunks) = (0u64, 0u64);
     let mut summary = None;
@@ -360,16 +355,10 @@ async fn run() -> bool {
         .human(&tenant.id, "bench-auditor", &[pb::Role::Auditor])
         .await;
     let verify_started = Instant::now();
-    let request = auditor
-        .request(pb::VerifyAuditChainRequest::default())
-        .await
-        .expect("request");
     let verified = auditor
-        .audit()
-        .verify_audit_chain(request)
+        .verify_audit_chain(pb::VerifyAuditChainRequest::default())
         .await
-        .expect("verify")
-        .into_inner();
+        .expect("verify");
     assert!(verified.ok, "{verified:?}");
     println!(
         "VerifyAuditChain: {} events checked in {:.2} s",

@@ -21,6 +21,7 @@
 use std::time::{Duration, Instant};
 
 use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_tests::Rpc;
 use vaultguard_tests::{
     Backend, TestServer, approve_step_up, backend, next_status, request_step_up, watch_step_up,
 };
@@ -43,9 +44,7 @@ impl Parties {
         let requesting = server.create_tenant("bench-requester").await;
         let receiving = server.create_tenant("bench-receiver").await;
         let (agent, agent_secret, _) = server.create_agent(&requesting.id, "bench-bot").await;
-        let admin = server
-            .human(&receiving.id, "bench-admin", &[pb::Role::Admin])
-            .await;
+        let admin = server.admin(&receiving.id, "bench-admin").await;
         let step_up_rule = pb::CreateRuleRequest {
             rule: Some(pb::Rule {
                 direction: pb::RuleDirection::Inbound as i32,
@@ -56,8 +55,7 @@ impl Parties {
             }),
         };
         admin
-            .policies()
-            .create_rule(admin.request(step_up_rule).await.unwrap())
+            .create_rule(step_up_rule)
             .await
             .expect("the STEP_UP rule");
         Self {
@@ -79,11 +77,7 @@ impl Parties {
     /// An approver of the receiving tenant, talking to `server`.
     async fn approver_on(&self, server: &TestServer) -> VaultGuardClient {
         server
-            .human(
-                &self.receiving_tenant,
-                "bench-approver",
-                &[pb::Role::Approver],
-            )
+            .approver(&self.receiving_tenant, "bench-approver")
             .await
     }
 

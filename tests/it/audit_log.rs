@@ -36,6 +36,11 @@ use crate::policies::{add_rule, inbound, with_counterpart};
 
 use pb::export_audit_events_response::Part;
 use pb::tail_audit_events_response::Item;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::Tag;
+use vaultguard_tests::contract::{call_empty, every_method};
+use vaultguard_tests::require_backend;
+use vaultguard_tests::rpc::Tagged;
 
 // ---------------------------------------------------------------------------
 // The audit tables: every RPC of the contract is in exactly one of them.
@@ -206,24 +211,6 @@ fn audited(rpc: &str) -> Option<&'static [&'static str]> {
         .map(|(_, types)| *types)
 }
 
-/// Every RPC of the contract as `Service/Method`, with whether it streams.
-fn every_rpc() -> Vec<(String, bool)> {
-    let set = prost_types::FileDescriptorSet::decode(vaultguard_proto::FILE_DESCRIPTOR_SET)
-        .expect("descriptor set");
-    let mut rpcs = Vec::new();
-    for file in &set.file {
-        for service in &file.service {
-            for method in &service.method {
-                rpcs.push((
-                    format!("{}/{}", service.name(), method.name()),
-                    method.server_streaming(),
-                ));
-            }
-        }
-    }
-    rpcs
-}
-
 /// The field names of message `vaultguard.v1.<name>`, from the descriptor.
 fn message_fields(name: &str) -> BTreeSet<String> {
     let set = prost_types::FileDescriptorSet::decode(vaultguard_proto::FILE_DESCRIPTOR_SET)
@@ -243,25 +230,11 @@ fn message_fields(name: &str) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------
 // AuditService calls.
 
-/// `message` as a request of `client` carrying `x-request-id: request_id`.
-async fn tagged<T>(client: &VaultGuardClient, message: T, request_id: &str) -> tonic::Request<T> {
-    let mut request = client.request(message).await.expect("request");
-    request
-        .metadata_mut()
-        .insert("x-request-id", request_id.parse().expect("request id"));
-    request
-}
-
 async fn list(
     reader: &VaultGuardClient,
     filter: pb::ListAuditEventsRequest,
 ) -> Result<pb::ListAuditEventsResponse, ClientError> {
-    let request = reader.request(filter).await?;
-    Ok(reader
-        .audit()
-        .list_audit_events(request)
-        .await?
-        .into_inner())
+    reader.list_audit_events(filter).await
 }
 
 /// Every event matching `filter` through all pages of `page_size`.
@@ -316,18 +289,13 @@ async fn verify(
     to_sequence: u64,
     include_receipt: bool,
 ) -> Result<pb::VerifyAuditChainResponse, ClientError> {
-    let request = reader
-        .request(pb::VerifyAuditChainRequest {
+    reader
+        .verify_audit_chain(pb::VerifyAuditChainRequest {
             from_sequence,
             to_sequence,
             include_receipt,
         })
-        .await?;
-    Ok(reader
-        .audit()
-        .verify_audit_chain(request)
-        .await?
-        .into_inner())
+        .await
 }
 
 type Tail = tonic::Streaming<pb::TailAuditEventsResponse>;
@@ -336,12 +304,7 @@ async fn tail(
     reader: &VaultGuardClient,
     request: pb::TailAuditEventsRequest,
 ) -> Result<Tail, ClientError> {
-    let request = reader.request(request).await?;
-    Ok(reader
-        .audit()
-        .tail_audit_events(request)
-        .await?
-        .into_inner())
+    reader.tail_audit_events(request).await
 }
 
 fn tail_after(after_sequence: u64) -> pb::TailAuditEventsRequest {
@@ -393,12 +356,7 @@ async fn export(
     reader: &VaultGuardClient,
     request: pb::ExportAuditEventsRequest,
 ) -> Result<Exported, ClientError> {
-    let request = reader.request(request).await?;
-    let mut stream = reader
-        .audit()
-        .export_audit_events(request)
-        .await?
-        .into_inner();
+    let mut stream = reader.export_audit_events(request).await?;
     let mut file = Vec::new();
     let mut summary = None;
     while let Some(message) = stream.message().await? {
@@ -690,9 +648,7 @@ async fn sealed_tenant(
         server.create_agent(&tenant.id, &format!("agent-{n}")).await;
     }
     server.wait_sealed().await;
-    let auditor = server
-        .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&tenant.id).await;
     (tenant, auditor)
 }
 
@@ -758,7 +714,10 @@ async fn check_receipt(
 
 #[test]
 fn every_rpc_is_either_read_only_or_mapped_to_its_audit_events() {
-    let rpcs = every_rpc();
+    let rpcs: Vec<(String, bool)> = every_method()
+        .into_iter()
+        .map(|m| (m.rpc, m.server_streaming))
+        .collect();
     assert!(rpcs.len() >= 61, "the whole contract: {}", rpcs.len());
     let names: BTreeSet<&str> = rpcs.iter().map(|(name, _)| name.as_str()).collect();
     let mut unlisted = Vec::new();
@@ -854,41 +813,42 @@ impl Walk {
         self.exercised.insert(rpc.to_owned());
     }
 
+    /// A request id for the next call, `rpc`, which must leave each of
+    /// `types` in each of `logs`.
+    #[track_caller]
+    fn next(&mut self, rpc: &str, logs: &[&str], types: &[&'static str]) -> String {
+        let rid = self.rid(rpc);
+        self.expect(rpc, &rid, logs, types);
+        rid
+    }
+
+    /// `client`, its next call tagged as `rpc` (see [`Self::next`]).
+    #[track_caller]
+    fn call<'a>(
+        &mut self,
+        client: &'a VaultGuardClient,
+        rpc: &str,
+        logs: &[&str],
+        types: &[&'static str],
+    ) -> Tagged<'a> {
+        client.tagged(self.next(rpc, logs, types))
+    }
+
+    /// Awaits `call` to the read-only `rpc`, which must succeed.
+    async fn reads<T, E: std::fmt::Debug>(
+        &mut self,
+        rpc: &str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> T {
+        let answer = call.await.unwrap_or_else(|err| panic!("{rpc}: {err:?}"));
+        self.read(rpc);
+        answer
+    }
+
     fn read(&mut self, rpc: &str) {
         assert!(READ_ONLY.contains(&rpc), "{rpc} is not in READ_ONLY");
         self.exercised.insert(rpc.to_owned());
     }
-}
-
-/// Calls `/vaultguard.v1.<rpc>` with an empty message and `bearer`.
-async fn raw_call(
-    server: &TestServer,
-    rpc: &str,
-    streaming: bool,
-    bearer: &str,
-) -> Result<(), tonic::Status> {
-    let channel = server.anonymous().await.channel();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let mut request = tonic::Request::new(());
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {bearer}").parse().expect("bearer"),
-    );
-    let path = format!("/vaultguard.v1.{rpc}").parse().expect("path");
-    let codec: tonic_prost::ProstCodec<(), ()> = tonic_prost::ProstCodec::default();
-    if streaming {
-        let mut stream = grpc
-            .server_streaming(request, path, codec)
-            .await?
-            .into_inner();
-        stream.message().await?;
-    } else {
-        grpc.unary(request, path, codec).await?;
-    }
-    Ok(())
 }
 
 /// The step-up of a STEP_UP outcome: (auth_req_id, step_up_id, request_hash).
@@ -900,18 +860,12 @@ async fn step_up_of(
         panic!("not a step-up: {response:?}")
     };
     let step_up_id = challenge.delegation.expect("delegation").step_up_id;
-    let request = approver
-        .request(pb::GetStepUpRequest {
+    let shown = approver
+        .get_step_up(pb::GetStepUpRequest {
             step_up_id: step_up_id.clone(),
         })
         .await
-        .expect("request");
-    let shown = approver
-        .step_ups()
-        .get_step_up(request)
-        .await
         .expect("get step-up")
-        .into_inner()
         .step_up
         .expect("step-up");
     (challenge.auth_req_id, step_up_id, shown.request_hash)
@@ -944,30 +898,20 @@ async fn walk_vault(
     )
     .await;
 
-    let rpc = "VaultService/CreateOAuthProvider";
-    let rid = walk.rid(rpc);
-    let request = pb::CreateOAuthProviderRequest {
-        name: "walk-idp".to_owned(),
-        authorize_url: provider.authorize_url(),
-        token_url: provider.token_url(),
-        revocation_url: provider.revocation_url(),
-        client_id: provider.client_id().to_owned(),
-        client_secret: provider.client_secret().expect("secret").to_owned(),
-        scopes: vec!["read".to_owned()],
-        extra_authorize_params: HashMap::new(),
-    };
-    let created = admin
-        .vault()
-        .create_o_auth_provider(tagged(admin, request, &rid).await)
+    let request = provider.registration("walk-idp", &["read"]);
+    let created = walk
+        .call(
+            admin,
+            "VaultService/CreateOAuthProvider",
+            &[acme],
+            &["provider.created"],
+        )
+        .create_o_auth_provider(request)
         .await
         .expect("create provider")
-        .into_inner()
         .provider
         .expect("provider");
-    walk.expect(rpc, &rid, &[acme], &["provider.created"]);
 
-    let rpc = "VaultService/UpdateOAuthProvider";
-    let rid = walk.rid(rpc);
     let request = pb::UpdateOAuthProviderRequest {
         provider_id: created.id.clone(),
         authorize_url: provider.authorize_url(),
@@ -977,59 +921,61 @@ async fn walk_vault(
         scopes: vec!["read".to_owned(), "write".to_owned()],
         ..Default::default()
     };
-    admin
-        .vault()
-        .update_o_auth_provider(tagged(admin, request, &rid).await)
-        .await
-        .expect("update provider");
-    walk.expect(rpc, &rid, &[acme], &["provider.updated"]);
+    walk.call(
+        admin,
+        "VaultService/UpdateOAuthProvider",
+        &[acme],
+        &["provider.updated"],
+    )
+    .update_o_auth_provider(request)
+    .await
+    .expect("update provider");
     let request = pb::GetOAuthProviderRequest {
         provider_id: created.id.clone(),
     };
     admin
-        .vault()
-        .get_o_auth_provider(req(admin, request).await)
+        .get_o_auth_provider(request)
         .await
         .expect("get provider");
     walk.read("VaultService/GetOAuthProvider");
     admin
-        .vault()
-        .list_o_auth_providers(req(admin, pb::ListOAuthProvidersRequest::default()).await)
+        .list_o_auth_providers(pb::ListOAuthProvidersRequest::default())
         .await
         .expect("list providers");
     walk.read("VaultService/ListOAuthProviders");
 
-    let rpc = "VaultService/UpdateVaultSettings";
-    let rid = walk.rid(rpc);
     let request = pb::UpdateVaultSettingsRequest {
         return_origins: vec!["https://console.acme.example".to_owned()],
     };
+    walk.call(
+        admin,
+        "VaultService/UpdateVaultSettings",
+        &[acme],
+        &["vault.settings_updated"],
+    )
+    .update_vault_settings(request)
+    .await
+    .expect("update vault settings");
     admin
-        .vault()
-        .update_vault_settings(tagged(admin, request, &rid).await)
-        .await
-        .expect("update vault settings");
-    walk.expect(rpc, &rid, &[acme], &["vault.settings_updated"]);
-    admin
-        .vault()
-        .get_vault_settings(req(admin, pb::GetVaultSettingsRequest {}).await)
+        .get_vault_settings(pb::GetVaultSettingsRequest {})
         .await
         .expect("get vault settings");
     walk.read("VaultService/GetVaultSettings");
 
-    let rpc = "VaultService/StartConnection";
-    let rid = walk.rid(rpc);
     let request = pb::StartConnectionRequest {
         provider_id: created.id.clone(),
         ..Default::default()
     };
-    let started = admin
-        .vault()
-        .start_connection(tagged(admin, request, &rid).await)
+    let started = walk
+        .call(
+            admin,
+            "VaultService/StartConnection",
+            &[acme],
+            &["connection.started"],
+        )
+        .start_connection(request)
         .await
-        .expect("start connection")
-        .into_inner();
-    walk.expect(rpc, &rid, &[acme], &["connection.started"]);
+        .expect("start connection");
     // The browser's round trip: the provider's redirect, then the callback
     // under its own request id.
     let browser = reqwest::Client::builder()
@@ -1045,6 +991,7 @@ async fn walk_vault(
         .to_str()
         .expect("location")
         .to_owned();
+    let rpc = "VaultService/StartConnection";
     let rid = walk.rid("callback");
     let landed = browser
         .get(&location)
@@ -1059,120 +1006,117 @@ async fn walk_vault(
         connection_id: connection_id.clone(),
     };
     let connection = admin
-        .vault()
-        .get_connection(req(admin, request).await)
+        .get_connection(request)
         .await
         .expect("get connection")
-        .into_inner()
         .connection
         .expect("connection");
     assert_eq!(connection.status, pb::ConnectionStatus::Connected as i32);
     walk.read("VaultService/GetConnection");
     admin
-        .vault()
-        .list_connections(req(admin, pb::ListConnectionsRequest::default()).await)
+        .list_connections(pb::ListConnectionsRequest::default())
         .await
         .expect("list connections");
     walk.read("VaultService/ListConnections");
 
-    let rpc = "VaultService/ExchangeToken";
-    let rid = walk.rid(rpc);
     let request = pb::ExchangeTokenRequest {
         grant_type: vaultguard_client::GRANT_TYPE_TOKEN_EXCHANGE.to_owned(),
         connection_id: connection_id.clone(),
         ..Default::default()
     };
-    let exchanged = agent
-        .vault()
-        .exchange_token(tagged(agent, request, &rid).await)
+    let exchanged = walk
+        .call(
+            agent,
+            "VaultService/ExchangeToken",
+            &[acme],
+            &["connection.token_exchanged"],
+        )
+        .exchange_token(request)
         .await
-        .expect("exchange")
-        .into_inner();
-    walk.expect(rpc, &rid, &[acme], &["connection.token_exchanged"]);
+        .expect("exchange");
     walk.secrets.push(exchanged.access_token);
     walk.secrets.extend(provider.issued_refresh_tokens());
     walk.secrets.extend(provider.issued_access_tokens());
 
-    let rpc = "VaultService/CreateSigningKey";
-    let rid = walk.rid(rpc);
     let request = pb::CreateSigningKeyRequest {
         name: "walk-key".to_owned(),
         algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
         description: "audit walk".to_owned(),
     };
-    let key = admin
-        .vault()
-        .create_signing_key(tagged(admin, request, &rid).await)
+    let key = walk
+        .call(
+            admin,
+            "VaultService/CreateSigningKey",
+            &[acme],
+            &["key.created"],
+        )
+        .create_signing_key(request)
         .await
         .expect("create key")
-        .into_inner()
         .key
         .expect("key");
-    walk.expect(rpc, &rid, &[acme], &["key.created"]);
     agent.public_key(&key.id).await.expect("get key");
     walk.read("VaultService/GetSigningKey");
     agent
-        .vault()
-        .list_signing_keys(req(agent, pb::ListSigningKeysRequest::default()).await)
+        .list_signing_keys(pb::ListSigningKeysRequest::default())
         .await
         .expect("list keys");
     walk.read("VaultService/ListSigningKeys");
-    let rpc = "VaultService/Sign";
-    let rid = walk.rid(rpc);
     let request = pb::SignRequest {
         key_id: key.id.clone(),
         payload: Some(pb::sign_request::Payload::Digest(vec![7; 32])),
         idempotency_key: "walk-sign".to_owned(),
         ..Default::default()
     };
-    let signed = agent
-        .vault()
-        .sign(tagged(agent, request, &rid).await)
+    let signed = walk
+        .call(agent, "VaultService/Sign", &[acme], &["key.signed"])
+        .raw_sign(request)
         .await
-        .expect("sign")
-        .into_inner();
+        .expect("sign");
     assert!(matches!(
         signed.outcome,
         Some(pb::sign_response::Outcome::Signed(_))
     ));
-    walk.expect(rpc, &rid, &[acme], &["key.signed"]);
-    let rpc = "VaultService/DisableSigningKey";
-    let rid = walk.rid(rpc);
     let request = pb::DisableSigningKeyRequest {
         key_id: key.id.clone(),
         reason: "audit walk".to_owned(),
     };
-    admin
-        .vault()
-        .disable_signing_key(tagged(admin, request, &rid).await)
-        .await
-        .expect("disable key");
-    walk.expect(rpc, &rid, &[acme], &["key.disabled"]);
+    walk.call(
+        admin,
+        "VaultService/DisableSigningKey",
+        &[acme],
+        &["key.disabled"],
+    )
+    .disable_signing_key(request)
+    .await
+    .expect("disable key");
 
-    let rpc = "VaultService/DeleteConnection";
-    let rid = walk.rid(rpc);
     let request = pb::DeleteConnectionRequest {
         connection_id: connection_id.clone(),
     };
-    let deleted = admin
-        .vault()
-        .delete_connection(tagged(admin, request, &rid).await)
+    let deleted = walk
+        .call(
+            admin,
+            "VaultService/DeleteConnection",
+            &[acme],
+            &["connection.disconnected"],
+        )
+        .delete_connection(request)
         .await
-        .expect("delete connection")
-        .into_inner();
+        .expect("delete connection");
     assert!(deleted.revoked_at_provider);
-    walk.expect(rpc, &rid, &[acme], &["connection.disconnected"]);
-    let rpc = "VaultService/DeleteOAuthProvider";
-    let rid = walk.rid(rpc);
     let request = pb::DeleteOAuthProviderRequest {
         provider_id: created.id.clone(),
     };
-    admin
-        .vault()
-        .delete_o_auth_provider(tagged(admin, request, &rid).await)
-        .await
-        .expect("delete provider");
-    walk.expect(rpc, &rid, &[acme], &["provider.deleted"]);
+    walk.call(
+        admin,
+        "VaultService/DeleteOAuthProvider",
+        &[acme],
+        &["provider.deleted"],
+    )
+    .delete_o_auth_provider(request)
+    .await
+    .expect("delete provider");
 }
 
 #[allow(clippy::too_many_lines)]
@@ -1185,27 +1129,17 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
     // TenantService.
     let mut tenants = Vec::new();
     for slug in ["acme", "globex"] {
-        let rpc = "TenantService/CreateTenant";
-        let rid = walk.rid(rpc);
         let request = pb::CreateTenantRequest {
             slug: slug.to_owned(),
             display_name: slug.to_owned(),
             settings: None,
         };
-        let tenant = operator
-            .tenants()
-            .create_tenant(tagged(&operator, request, &rid).await)
-            .await
-            .expect("create tenant")
-            .into_inner()
-            .tenant
-            .expect("tenant");
-        walk.expect(
-            rpc,
-            &rid,
-            &[tenant.id.as_str(), PLATFORM_LOG],
-            &["tenant.created"],
-        );
+        let rpc = "TenantService/CreateTenant";
+        let rid = walk.rid(rpc);
+        let created = operator.tagged(&rid).create_tenant(request).await;
+        let tenant = created.expect("create tenant").tenant.expect("tenant");
+        let logs = [tenant.id.as_str(), PLATFORM_LOG];
+        walk.expect(rpc, &rid, &logs, &["tenant.created"]);
         tenants.push(tenant);
     }
     let (acme, globex) = (tenants[0].id.clone(), tenants[1].id.clone());
@@ -1220,8 +1154,8 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
                 reason: "audit walk".to_owned(),
             };
             operator
-                .tenants()
-                .suspend_tenant(tagged(&operator, request, &rid).await)
+                .tagged(&rid)
+                .suspend_tenant(request)
                 .await
                 .expect("suspend");
         } else {
@@ -1230,8 +1164,8 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
                 reason: "audit walk".to_owned(),
             };
             operator
-                .tenants()
-                .reactivate_tenant(tagged(&operator, request, &rid).await)
+                .tagged(&rid)
+                .reactivate_tenant(request)
                 .await
                 .expect("reactivate");
         }
@@ -1241,73 +1175,67 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         issuer: IDP.to_owned(),
         organization_id: "org_walk".to_owned(),
     };
-    let rpc = "TenantService/BindExternalOrganization";
-    let rid = walk.rid(rpc);
     let request = pb::BindExternalOrganizationRequest {
         tenant_id: acme.clone(),
         organization: Some(organization.clone()),
     };
-    operator
-        .tenants()
-        .bind_external_organization(tagged(&operator, request, &rid).await)
-        .await
-        .expect("bind");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &operator,
+        "TenantService/BindExternalOrganization",
         &[acme.as_str(), PLATFORM_LOG],
         &["tenant.organization_bound"],
-    );
-    let rpc = "TenantService/UnbindExternalOrganization";
-    let rid = walk.rid(rpc);
+    )
+    .bind_external_organization(request)
+    .await
+    .expect("bind");
     let request = pb::UnbindExternalOrganizationRequest {
         tenant_id: acme.clone(),
         organization: Some(organization),
     };
-    operator
-        .tenants()
-        .unbind_external_organization(tagged(&operator, request, &rid).await)
-        .await
-        .expect("unbind");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &operator,
+        "TenantService/UnbindExternalOrganization",
         &[acme.as_str(), PLATFORM_LOG],
         &["tenant.organization_unbound"],
-    );
+    )
+    .unbind_external_organization(request)
+    .await
+    .expect("unbind");
 
-    let acme_admin = server.human(&acme, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(&globex, "gina", &[pb::Role::Admin]).await;
-    let rpc = "TenantService/UpdateTenantSettings";
-    let rid = walk.rid(rpc);
+    let acme_admin = server.admin(&acme, "alice").await;
+    let globex_admin = server.admin(&globex, "gina").await;
     let request = pb::UpdateTenantSettingsRequest {
         settings: Some(pb::TenantSettings {
             token_algorithm: pb::TokenAlgorithm::Es256 as i32,
         }),
     };
-    acme_admin
-        .tenants()
-        .update_tenant_settings(tagged(&acme_admin, request, &rid).await)
-        .await
-        .expect("update settings");
-    walk.expect(rpc, &rid, &[acme.as_str()], &["tenant.settings_updated"]);
+    walk.call(
+        &acme_admin,
+        "TenantService/UpdateTenantSettings",
+        &[acme.as_str()],
+        &["tenant.settings_updated"],
+    )
+    .update_tenant_settings(request)
+    .await
+    .expect("update settings");
 
     // AgentService.
     let mut agents = Vec::new();
     for name in ["bot", "spare"] {
-        let rpc = "AgentService/CreateAgent";
-        let rid = walk.rid(rpc);
         let request = pb::CreateAgentRequest {
             name: name.to_owned(),
             description: String::new(),
         };
-        let created = acme_admin
-            .agents()
-            .create_agent(tagged(&acme_admin, request, &rid).await)
+        let created = walk
+            .call(
+                &acme_admin,
+                "AgentService/CreateAgent",
+                &[acme.as_str()],
+                &["agent.created"],
+            )
+            .create_agent(request)
             .await
-            .expect("create agent")
-            .into_inner();
-        walk.expect(rpc, &rid, &[acme.as_str()], &["agent.created"]);
+            .expect("create agent");
         walk.secrets.push(created.client_secret.clone());
         agents.push((created.agent.expect("agent"), created.client_secret));
     }
@@ -1318,35 +1246,26 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         ("AgentService/RotateAgentSecret", "agent.secret_rotated"),
     ] {
         let rid = walk.rid(rpc);
-        let mut agents = acme_admin.agents();
+        let admin = acme_admin.tagged(&rid);
+        let agent_id = spare.clone();
         match rpc {
             "AgentService/DisableAgent" => {
-                let request = pb::DisableAgentRequest {
-                    agent_id: spare.clone(),
-                };
-                agents
-                    .disable_agent(tagged(&acme_admin, request, &rid).await)
+                admin
+                    .disable_agent(pb::DisableAgentRequest { agent_id })
                     .await
                     .expect("disable");
             }
             "AgentService/EnableAgent" => {
-                let request = pb::EnableAgentRequest {
-                    agent_id: spare.clone(),
-                };
-                agents
-                    .enable_agent(tagged(&acme_admin, request, &rid).await)
+                admin
+                    .enable_agent(pb::EnableAgentRequest { agent_id })
                     .await
                     .expect("enable");
             }
             _ => {
-                let request = pb::RotateAgentSecretRequest {
-                    agent_id: spare.clone(),
-                };
-                let rotated = agents
-                    .rotate_agent_secret(tagged(&acme_admin, request, &rid).await)
+                let rotated = admin
+                    .rotate_agent_secret(pb::RotateAgentSecretRequest { agent_id })
                     .await
-                    .expect("rotate")
-                    .into_inner();
+                    .expect("rotate");
                 walk.secrets.push(rotated.client_secret);
             }
         }
@@ -1355,8 +1274,11 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
 
     // AuthService.
     let (bot, bot_secret) = agents[0].clone();
-    let rpc = "AuthService/IssueToken";
-    let rid = walk.rid(rpc);
+    let rid = walk.next(
+        "AuthService/IssueToken",
+        &[acme.as_str()],
+        &["auth.token_issued"],
+    );
     let mut request = tonic::Request::new(pb::IssueTokenRequest {
         grant_type: "client_credentials".to_owned(),
         client_id: bot.id.clone(),
@@ -1373,7 +1295,7 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         .await
         .expect("issue token")
         .into_inner();
-    walk.expect(rpc, &rid, &[acme.as_str()], &["auth.token_issued"]);
+    let rpc = "AuthService/IssueToken";
     let rid = walk.rid(rpc);
     let mut request = tonic::Request::new(pb::IssueTokenRequest {
         grant_type: "client_credentials".to_owned(),
@@ -1390,17 +1312,18 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
     let agent = server.with_bearer(&issued.access_token).await;
 
     // IssuerKeyService.
-    let rpc = "IssuerKeyService/RotateIssuerKey";
-    let rid = walk.rid(rpc);
     let request = pb::RotateIssuerKeyRequest {
         algorithm: pb::TokenAlgorithm::Rs256 as i32,
     };
-    operator
-        .issuer_keys()
-        .rotate_issuer_key(tagged(&operator, request, &rid).await)
-        .await
-        .expect("rotate issuer key");
-    walk.expect(rpc, &rid, &[PLATFORM_LOG], &["issuer_key.rotated"]);
+    walk.call(
+        &operator,
+        "IssuerKeyService/RotateIssuerKey",
+        &[PLATFORM_LOG],
+        &["issuer_key.rotated"],
+    )
+    .rotate_issuer_key(request)
+    .await
+    .expect("rotate issuer key");
 
     // PolicyService.
     let mut rules = Vec::new();
@@ -1409,33 +1332,25 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         ("pay.*", pb::Effect::StepUp),
         ("tmp.*", pb::Effect::Block),
     ] {
-        let rpc = "PolicyService/CreateRule";
-        let rid = walk.rid(rpc);
         let rule = pb::Rule {
             approvals_required: u32::from(effect == pb::Effect::StepUp),
             ..inbound(pattern, effect)
         };
-        let created = globex_admin
-            .policies()
-            .create_rule(
-                tagged(
-                    &globex_admin,
-                    pb::CreateRuleRequest { rule: Some(rule) },
-                    &rid,
-                )
-                .await,
+        let created = walk
+            .call(
+                &globex_admin,
+                "PolicyService/CreateRule",
+                &[globex.as_str()],
+                &["rule.created"],
             )
+            .create_rule(pb::CreateRuleRequest { rule: Some(rule) })
             .await
             .expect("create rule")
-            .into_inner()
             .rule
             .expect("rule");
-        walk.expect(rpc, &rid, &[globex.as_str()], &["rule.created"]);
         rules.push(created);
     }
     let tmp = rules[2].clone();
-    let rpc = "PolicyService/UpdateRule";
-    let rid = walk.rid(rpc);
     let request = pb::UpdateRuleRequest {
         rule: Some(pb::Rule {
             description: "edited by the walk".to_owned(),
@@ -1443,38 +1358,41 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         }),
         expected_version: tmp.version,
     };
-    globex_admin
-        .policies()
-        .update_rule(tagged(&globex_admin, request, &rid).await)
-        .await
-        .expect("update rule");
-    walk.expect(rpc, &rid, &[globex.as_str()], &["rule.updated"]);
-    let rpc = "PolicyService/DeleteRule";
-    let rid = walk.rid(rpc);
+    walk.call(
+        &globex_admin,
+        "PolicyService/UpdateRule",
+        &[globex.as_str()],
+        &["rule.updated"],
+    )
+    .update_rule(request)
+    .await
+    .expect("update rule");
     let request = pb::DeleteRuleRequest {
         rule_id: tmp.id.clone(),
         expected_version: 0,
     };
-    globex_admin
-        .policies()
-        .delete_rule(tagged(&globex_admin, request, &rid).await)
-        .await
-        .expect("delete rule");
-    walk.expect(rpc, &rid, &[globex.as_str()], &["rule.deleted"]);
-    let rpc = "PolicyService/UpdatePolicySettings";
-    let rid = walk.rid(rpc);
+    walk.call(
+        &globex_admin,
+        "PolicyService/DeleteRule",
+        &[globex.as_str()],
+        &["rule.deleted"],
+    )
+    .delete_rule(request)
+    .await
+    .expect("delete rule");
     let request = pb::UpdatePolicySettingsRequest {
         outbound_default: pb::OutboundDefault::Allow as i32,
         expected_policy_version: 0,
     };
-    globex_admin
-        .policies()
-        .update_policy_settings(tagged(&globex_admin, request, &rid).await)
-        .await
-        .expect("update policy settings");
-    walk.expect(rpc, &rid, &[globex.as_str()], &["policy.settings_updated"]);
-    let rpc = "PolicyService/EvaluatePolicy";
-    let rid = walk.rid(rpc);
+    walk.call(
+        &globex_admin,
+        "PolicyService/UpdatePolicySettings",
+        &[globex.as_str()],
+        &["policy.settings_updated"],
+    )
+    .update_policy_settings(request)
+    .await
+    .expect("update policy settings");
     let request = pb::EvaluatePolicyRequest {
         requesting_agent_id: bot.id.clone(),
         receiving_tenant_id: globex.clone(),
@@ -1482,17 +1400,15 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         requested_ttl_seconds: 600,
         ..Default::default()
     };
-    acme_admin
-        .policies()
-        .evaluate_policy(tagged(&acme_admin, request, &rid).await)
-        .await
-        .expect("evaluate");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &acme_admin,
+        "PolicyService/EvaluatePolicy",
         &[acme.as_str(), globex.as_str()],
         &["policy.evaluated"],
-    );
+    )
+    .evaluate_policy(request)
+    .await
+    .expect("evaluate");
 
     // DelegationService.
     let request_delegation = async |walk: &mut Walk, action: &str, types: &[&'static str]| {
@@ -1503,11 +1419,10 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
             ..ask(&globex, action)
         };
         let response = agent
-            .delegations()
-            .request_delegation(tagged(&agent, request, &rid).await)
+            .tagged(&rid)
+            .raw_request_delegation(request)
             .await
-            .expect("request delegation")
-            .into_inner();
+            .expect("request delegation");
         walk.expect(rpc, &rid, &[acme.as_str(), globex.as_str()], types);
         response
     };
@@ -1531,56 +1446,49 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         )
         .await,
     );
-    let rpc = "DelegationService/VerifyDelegationToken";
-    let rid = walk.rid(rpc);
     let request = pb::VerifyDelegationTokenRequest {
         token: first.token.clone(),
         required_action: "read.data".to_owned(),
     };
-    let verified = globex_admin
-        .delegations()
-        .verify_delegation_token(tagged(&globex_admin, request, &rid).await)
+    let verified = walk
+        .call(
+            &globex_admin,
+            "DelegationService/VerifyDelegationToken",
+            &[globex.as_str()],
+            &["delegation.verified"],
+        )
+        .verify_delegation_token(request)
         .await
-        .expect("verify token")
-        .into_inner();
+        .expect("verify token");
     assert!(verified.active);
     walk.secrets.push(first.token.clone());
     walk.secrets.push(second.token.clone());
-    walk.expect(rpc, &rid, &[globex.as_str()], &["delegation.verified"]);
-    let rpc = "DelegationService/RevokeDelegation";
-    let rid = walk.rid(rpc);
     let request = pb::RevokeDelegationRequest {
         delegation_id: first.delegation.expect("delegation").id,
         reason: "walk".to_owned(),
     };
-    globex_admin
-        .delegations()
-        .revoke_delegation(tagged(&globex_admin, request, &rid).await)
-        .await
-        .expect("revoke");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &globex_admin,
+        "DelegationService/RevokeDelegation",
         &[acme.as_str(), globex.as_str()],
         &["delegation.revoked"],
-    );
-    let rpc = "DelegationService/RelinquishDelegation";
-    let rid = walk.rid(rpc);
+    )
+    .revoke_delegation(request)
+    .await
+    .expect("revoke");
     let request = pb::RelinquishDelegationRequest {
         delegation_id: second.delegation.expect("delegation").id,
         reason: "walk".to_owned(),
     };
-    agent
-        .delegations()
-        .relinquish_delegation(tagged(&agent, request, &rid).await)
-        .await
-        .expect("relinquish");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &agent,
+        "DelegationService/RelinquishDelegation",
         &[acme.as_str(), globex.as_str()],
         &["delegation.relinquished"],
-    );
+    )
+    .relinquish_delegation(request)
+    .await
+    .expect("relinquish");
 
     // StepUpService: approve + poll, approve + watch, deny.
     let mut step_ups = Vec::new();
@@ -1594,56 +1502,50 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         step_ups.push(step_up_of(response, &globex_admin).await);
     }
     for (_, step_up_id, request_hash) in &step_ups[..2] {
-        let rpc = "StepUpService/ApproveStepUp";
-        let rid = walk.rid(rpc);
         let request = pb::ApproveStepUpRequest {
             step_up_id: step_up_id.clone(),
             request_hash: request_hash.clone(),
             comment: String::new(),
         };
-        globex_admin
-            .step_ups()
-            .approve_step_up(tagged(&globex_admin, request, &rid).await)
-            .await
-            .expect("approve");
-        walk.expect(
-            rpc,
-            &rid,
+        walk.call(
+            &globex_admin,
+            "StepUpService/ApproveStepUp",
             &[acme.as_str(), globex.as_str()],
             &["step_up.approved"],
-        );
+        )
+        .approve_step_up(request)
+        .await
+        .expect("approve");
     }
-    let rpc = "StepUpService/PollStepUp";
-    let rid = walk.rid(rpc);
     let request = pb::PollStepUpRequest {
         auth_req_id: step_ups[0].0.clone(),
     };
-    let polled = agent
-        .step_ups()
-        .poll_step_up(tagged(&agent, request, &rid).await)
+    let polled = walk
+        .call(
+            &agent,
+            "StepUpService/PollStepUp",
+            &[acme.as_str(), globex.as_str()],
+            &["step_up.redeemed"],
+        )
+        .poll_step_up(request)
         .await
-        .expect("poll")
-        .into_inner();
+        .expect("poll");
     assert!(!polled.access_token.is_empty());
     walk.secrets.push(polled.access_token);
-    walk.expect(
-        rpc,
-        &rid,
-        &[acme.as_str(), globex.as_str()],
-        &["step_up.redeemed"],
-    );
-    let rpc = "StepUpService/WatchStepUp";
-    let rid = walk.rid(rpc);
     let request = pb::WatchStepUpRequest {
         auth_req_id: step_ups[1].0.clone(),
         heartbeat_interval_seconds: 1,
     };
-    let mut watch = agent
-        .step_ups()
-        .watch_step_up(tagged(&agent, request, &rid).await)
+    let mut watch = walk
+        .call(
+            &agent,
+            "StepUpService/WatchStepUp",
+            &[acme.as_str(), globex.as_str()],
+            &["step_up.redeemed"],
+        )
+        .watch_step_up(request)
         .await
-        .expect("watch")
-        .into_inner();
+        .expect("watch");
     let first_message = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
         .expect("a watch message")
@@ -1660,67 +1562,55 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         other => panic!("expected the approved status, got {other:?}"),
     }
     drop(watch);
-    walk.expect(
-        rpc,
-        &rid,
-        &[acme.as_str(), globex.as_str()],
-        &["step_up.redeemed"],
-    );
-    let rpc = "StepUpService/DenyStepUp";
-    let rid = walk.rid(rpc);
     let request = pb::DenyStepUpRequest {
         step_up_id: step_ups[2].1.clone(),
         reason: "walk".to_owned(),
     };
-    globex_admin
-        .step_ups()
-        .deny_step_up(tagged(&globex_admin, request, &rid).await)
-        .await
-        .expect("deny");
-    walk.expect(
-        rpc,
-        &rid,
+    walk.call(
+        &globex_admin,
+        "StepUpService/DenyStepUp",
         &[acme.as_str(), globex.as_str()],
         &["step_up.denied"],
-    );
+    )
+    .deny_step_up(request)
+    .await
+    .expect("deny");
     for (url, event_type) in [
         ("https://hooks.audit-walk.example/approvals", "webhook.set"),
         ("", "webhook.removed"),
     ] {
-        let rpc = "StepUpService/SetApprovalWebhook";
-        let rid = walk.rid(rpc);
         let request = pb::SetApprovalWebhookRequest {
             url: url.to_owned(),
         };
-        let set = globex_admin
-            .step_ups()
-            .set_approval_webhook(tagged(&globex_admin, request, &rid).await)
+        let set = walk
+            .call(
+                &globex_admin,
+                "StepUpService/SetApprovalWebhook",
+                &[globex.as_str()],
+                &[event_type],
+            )
+            .set_approval_webhook(request)
             .await
-            .expect("set webhook")
-            .into_inner();
+            .expect("set webhook");
         if !set.signing_secret.is_empty() {
             walk.secrets.push(set.signing_secret);
         }
-        walk.expect(rpc, &rid, &[globex.as_str()], &[event_type]);
     }
 
     // AuditService.
     server.wait_sealed().await;
-    let globex_auditor = server
-        .human(&globex, "auditor@test", &[pb::Role::Auditor])
-        .await;
-    let rpc = "AuditService/ExportAuditEvents";
-    let rid = walk.rid(rpc);
-    let mut stream = globex_auditor
-        .audit()
-        .export_audit_events(
-            tagged(&globex_auditor, export_all(pb::ExportFormat::Ndjson), &rid).await,
+    let globex_auditor = server.auditor(&globex).await;
+    let mut stream = walk
+        .call(
+            &globex_auditor,
+            "AuditService/ExportAuditEvents",
+            &[globex.as_str()],
+            &["audit.exported"],
         )
+        .export_audit_events(export_all(pb::ExportFormat::Ndjson))
         .await
-        .expect("export")
-        .into_inner();
+        .expect("export");
     while stream.message().await.expect("export stream").is_some() {}
-    walk.expect(rpc, &rid, &[globex.as_str()], &["audit.exported"]);
 
     walk_vault(&mut walk, &acme, &acme_admin, &agent).await;
 
@@ -1730,13 +1620,14 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         .mint("alice", Some(acme.as_str()), &[pb::Role::Admin])
         .await;
     let mut skipped = Vec::new();
-    for (rpc, streaming) in every_rpc() {
+    for method in every_method() {
+        let (rpc, path, streaming) = (method.rpc, method.path, method.server_streaming);
         if !rpc.starts_with("VaultService/") || walk.exercised.contains(&rpc) {
             continue;
         }
-        let mut result = raw_call(&server, &rpc, streaming, &admin_token).await;
+        let mut result = call_empty(&server, &path, streaming, Some(&admin_token)).await;
         if matches!(&result, Err(status) if status.code() == Code::PermissionDenied) {
-            result = raw_call(&server, &rpc, streaming, &issued.access_token).await;
+            result = call_empty(&server, &path, streaming, Some(&issued.access_token)).await;
         }
         match result {
             Err(status) if status.code() == Code::Unimplemented => skipped.push(rpc),
@@ -1762,9 +1653,7 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
     // Each expected event is in the right log, with the call's request id.
     let mut logs: HashMap<String, Vec<(String, String, String, String)>> = HashMap::new();
     for log in [acme.as_str(), globex.as_str()] {
-        let auditor = server
-            .human(log, "auditor@test", &[pb::Role::Auditor])
-            .await;
+        let auditor = server.auditor(log).await;
         let events = list_pages(
             &auditor,
             pb::ListAuditEventsRequest {
@@ -1869,18 +1758,11 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
     // And every log's chain verifies.
     server.wait_sealed().await;
     for log in [&acme, &globex] {
-        let auditor = server
-            .human(log, "auditor@test", &[pb::Role::Auditor])
-            .await;
+        let auditor = server.auditor(log).await;
         let verified = verify(&auditor, 0, 0, false).await.expect("verify");
         assert!(verified.ok, "{log}: {verified:?}");
     }
     server.stop().await;
-}
-
-/// `message` as a request of `client`.
-async fn req<T>(client: &VaultGuardClient, message: T) -> tonic::Request<T> {
-    client.request(message).await.expect("request")
 }
 
 /// Calls every implemented read-only RPC successfully.
@@ -1896,140 +1778,53 @@ async fn reads_write_nothing(
     rule_id: &str,
 ) {
     let operator = server.operator().await;
-    let acme_admin = server.human(acme, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(globex, "gina", &[pb::Role::Admin]).await;
-    let auditor = server
-        .human(globex, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let acme_admin = server.admin(acme, "alice").await;
+    let globex_admin = server.admin(globex, "gina").await;
+    let auditor = server.auditor(globex).await;
+    let (tenant_id, agent_id) = (acme.to_owned(), bot_id.to_owned());
+    let (rule_id, step_up_id) = (rule_id.to_owned(), step_up_id.to_owned());
 
-    operator
-        .tenants()
-        .get_tenant(
-            req(
-                &operator,
-                pb::GetTenantRequest {
-                    tenant_id: acme.to_owned(),
-                },
-            )
-            .await,
-        )
-        .await
-        .expect("get tenant");
-    walk.read("TenantService/GetTenant");
-    operator
-        .tenants()
-        .list_tenants(req(&operator, pb::ListTenantsRequest::default()).await)
-        .await
-        .expect("list tenants");
-    walk.read("TenantService/ListTenants");
-    acme_admin
-        .agents()
-        .get_agent(
-            req(
-                &acme_admin,
-                pb::GetAgentRequest {
-                    agent_id: bot_id.to_owned(),
-                },
-            )
-            .await,
-        )
-        .await
-        .expect("get agent");
-    walk.read("AgentService/GetAgent");
-    acme_admin
-        .agents()
-        .list_agents(req(&acme_admin, pb::ListAgentsRequest::default()).await)
-        .await
-        .expect("list agents");
-    walk.read("AgentService/ListAgents");
-    agent.who_am_i().await.expect("who am i");
-    walk.read("AuthService/WhoAmI");
-    operator
-        .issuer_keys()
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .expect("jwks");
-    walk.read("IssuerKeyService/GetJwks");
-    operator
-        .issuer_keys()
-        .list_issuer_keys(req(&operator, pb::ListIssuerKeysRequest::default()).await)
-        .await
-        .expect("list issuer keys");
-    walk.read("IssuerKeyService/ListIssuerKeys");
-    globex_admin
-        .policies()
-        .get_rule(
-            req(
-                &globex_admin,
-                pb::GetRuleRequest {
-                    rule_id: rule_id.to_owned(),
-                },
-            )
-            .await,
-        )
-        .await
-        .expect("get rule");
-    walk.read("PolicyService/GetRule");
-    globex_admin
-        .policies()
-        .list_rules(req(&globex_admin, pb::ListRulesRequest::default()).await)
-        .await
-        .expect("list rules");
-    walk.read("PolicyService/ListRules");
-    globex_admin
-        .policies()
-        .get_policy_settings(req(&globex_admin, pb::GetPolicySettingsRequest {}).await)
-        .await
-        .expect("policy settings");
-    walk.read("PolicyService/GetPolicySettings");
-    let listed = globex_admin
-        .delegations()
-        .list_delegations(req(&globex_admin, pb::ListDelegationsRequest::default()).await)
-        .await
-        .expect("list delegations")
-        .into_inner();
-    walk.read("DelegationService/ListDelegations");
+    let tenant = operator.get_tenant(pb::GetTenantRequest { tenant_id });
+    walk.reads("TenantService/GetTenant", tenant).await;
+    let tenants = operator.list_tenants(pb::ListTenantsRequest::default());
+    walk.reads("TenantService/ListTenants", tenants).await;
+    let bot = acme_admin.get_agent(pb::GetAgentRequest { agent_id });
+    walk.reads("AgentService/GetAgent", bot).await;
+    let agents = acme_admin.list_agents(pb::ListAgentsRequest::default());
+    walk.reads("AgentService/ListAgents", agents).await;
+    walk.reads("AuthService/WhoAmI", agent.who_am_i()).await;
+    let mut issuer_keys = operator.issuer_keys();
+    let jwks = issuer_keys.get_jwks(pb::GetJwksRequest {});
+    walk.reads("IssuerKeyService/GetJwks", jwks).await;
+    let keys = operator.list_issuer_keys(pb::ListIssuerKeysRequest::default());
+    walk.reads("IssuerKeyService/ListIssuerKeys", keys).await;
+    let rule = globex_admin.get_rule(pb::GetRuleRequest { rule_id });
+    walk.reads("PolicyService/GetRule", rule).await;
+    let rules = globex_admin.list_rules(pb::ListRulesRequest::default());
+    walk.reads("PolicyService/ListRules", rules).await;
+    let settings = globex_admin.get_policy_settings(pb::GetPolicySettingsRequest {});
+    walk.reads("PolicyService/GetPolicySettings", settings)
+        .await;
+    let listed = globex_admin.list_delegations(pb::ListDelegationsRequest::default());
+    let listed = walk
+        .reads("DelegationService/ListDelegations", listed)
+        .await;
     let delegation_id = listed.delegations.first().expect("a delegation").id.clone();
-    globex_admin
-        .get_delegation(delegation_id)
-        .await
-        .expect("get delegation");
-    walk.read("DelegationService/GetDelegation");
-    globex_admin
-        .step_ups()
-        .get_step_up(
-            req(
-                &globex_admin,
-                pb::GetStepUpRequest {
-                    step_up_id: step_up_id.to_owned(),
-                },
-            )
-            .await,
-        )
-        .await
-        .expect("get step-up");
-    walk.read("StepUpService/GetStepUp");
-    globex_admin
-        .step_ups()
-        .list_pending_step_ups(req(&globex_admin, pb::ListPendingStepUpsRequest::default()).await)
-        .await
-        .expect("list pending");
-    walk.read("StepUpService/ListPendingStepUps");
+    let delegation = globex_admin.get_delegation(delegation_id);
+    walk.reads("DelegationService/GetDelegation", delegation)
+        .await;
+    let step_up = globex_admin.get_step_up(pb::GetStepUpRequest { step_up_id });
+    walk.reads("StepUpService/GetStepUp", step_up).await;
+    let pending = globex_admin.list_pending_step_ups(pb::ListPendingStepUpsRequest::default());
+    walk.reads("StepUpService/ListPendingStepUps", pending)
+        .await;
     let mut queue = globex_admin
-        .step_ups()
-        .watch_pending_step_ups(
-            req(
-                &globex_admin,
-                pb::WatchPendingStepUpsRequest {
-                    cursor: String::new(),
-                    heartbeat_interval_seconds: 1,
-                },
-            )
-            .await,
-        )
+        .watch_pending_step_ups(pb::WatchPendingStepUpsRequest {
+            cursor: String::new(),
+            heartbeat_interval_seconds: 1,
+        })
         .await
-        .expect("watch pending")
-        .into_inner();
+        .expect("watch pending");
     tokio::time::timeout(Duration::from_secs(10), queue.message())
         .await
         .expect("a queue message")
@@ -2038,8 +1833,7 @@ async fn reads_write_nothing(
     walk.read("StepUpService/WatchPendingStepUps");
     // No webhook is set any more: NOT_FOUND, and still nothing written.
     let webhook = globex_admin
-        .step_ups()
-        .get_approval_webhook(req(&globex_admin, pb::GetApprovalWebhookRequest {}).await)
+        .get_approval_webhook(pb::GetApprovalWebhookRequest {})
         .await;
     expect_code(webhook, Code::NotFound);
     walk.read("StepUpService/GetApprovalWebhook");
@@ -2242,9 +2036,7 @@ async fn eight_concurrent_writers_leave_a_gapless_chain_and_the_tail_sees_each_e
     let server = TestServer::start().await;
     let tenant = server.create_tenant("busy").await;
     let (agent, _, _) = server.create_agent(&tenant.id, "bot").await;
-    let auditor = server
-        .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&tenant.id).await;
 
     // The tail, opened before any write, collects until told the head.
     let mut stream = tail(&auditor, tail_after(0)).await.expect("tail");
@@ -2382,14 +2174,14 @@ async fn csv_and_ndjson_exports_round_trip_and_are_audited() {
     let tenant = server.create_tenant("exports").await;
     let operator = server.operator().await;
     for (n, (subject, rid, description)) in TRICKY.iter().enumerate() {
-        let admin = server.human(&tenant.id, subject, &[pb::Role::Admin]).await;
+        let admin = server.admin(&tenant.id, subject).await;
         let rule = pb::Rule {
             description: (*description).to_owned(),
             ..inbound(&format!("x{n}.*"), pb::Effect::Allow)
         };
         admin
-            .policies()
-            .create_rule(tagged(&admin, pb::CreateRuleRequest { rule: Some(rule) }, rid).await)
+            .tagged(*rid)
+            .create_rule(pb::CreateRuleRequest { rule: Some(rule) })
             .await
             .expect("create rule");
     }
@@ -2399,25 +2191,18 @@ async fn csv_and_ndjson_exports_round_trip_and_are_audited() {
             tenant_id: tenant.id.clone(),
             reason: reason.to_owned(),
         };
-        operator
-            .tenants()
-            .suspend_tenant(operator.request(request).await.expect("request"))
-            .await
-            .expect("suspend");
+        operator.suspend_tenant(request).await.expect("suspend");
         let request = pb::ReactivateTenantRequest {
             tenant_id: tenant.id.clone(),
             reason: format!("{reason}, again"),
         };
         operator
-            .tenants()
-            .reactivate_tenant(operator.request(request).await.expect("request"))
+            .reactivate_tenant(request)
             .await
             .expect("reactivate");
     }
     server.wait_sealed().await;
-    let auditor = server
-        .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&tenant.id).await;
     let log = whole_log(&auditor).await;
     assert_eq!(
         log.len(),
@@ -2740,9 +2525,7 @@ async fn another_tenants_auditor_sees_nothing_of_this_log() {
     let server = &pair.server;
     let (initech, _) = pair.third_tenant().await;
     server.wait_sealed().await;
-    let outsider = server
-        .human(&initech.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let outsider = server.auditor(&initech.id).await;
     let foreign = [
         pair.acme.id.as_str(),
         pair.globex.id.as_str(),
@@ -2753,9 +2536,7 @@ async fn another_tenants_auditor_sees_nothing_of_this_log() {
 
     // The parties see the delegation (the control)...
     for log in pair.logs() {
-        let auditor = server
-            .human(log, "auditor@test", &[pb::Role::Auditor])
-            .await;
+        let auditor = server.auditor(log).await;
         let events = list_pages(
             &auditor,
             pb::ListAuditEventsRequest {
@@ -2803,9 +2584,7 @@ async fn another_tenants_auditor_sees_nothing_of_this_log() {
     }
 
     // A page token of another tenant's listing is not a token of this one.
-    let globex_auditor = server
-        .human(&pair.globex.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let globex_auditor = server.auditor(&pair.globex.id).await;
     let one = |page_token: String| pb::ListAuditEventsRequest {
         page: Some(pb::PageRequest {
             page_size: 1,
@@ -2877,17 +2656,10 @@ async fn another_tenants_auditor_sees_nothing_of_this_log() {
     );
     check_receipt(server, &initech.id, &verified).await;
     // The pair's heads are beyond the outsider's: cursors are per tenant.
-    let globex_head = verify(
-        &server
-            .human(&pair.globex.id, "auditor@test", &[pb::Role::Auditor])
-            .await,
-        0,
-        0,
-        false,
-    )
-    .await
-    .expect("verify")
-    .head_sequence;
+    let globex_head = verify(&server.auditor(&pair.globex.id).await, 0, 0, false)
+        .await
+        .expect("verify")
+        .head_sequence;
     assert!(globex_head > own_head);
     expect_code(
         tail(&outsider, tail_after(globex_head)).await,
@@ -2906,9 +2678,7 @@ async fn only_admins_and_auditors_of_the_tenant_read_its_log() {
     pair_with_activity(&pair).await;
     let server = &pair.server;
     let operator = server.operator().await;
-    let approver = server
-        .human(&pair.globex.id, "approver@test", &[pb::Role::Approver])
-        .await;
+    let approver = server.approver(&pair.globex.id, "approver@test").await;
     let agent = &pair.agent;
     for (who, client) in [
         ("operator", &operator),
@@ -2944,9 +2714,7 @@ async fn only_admins_and_auditors_of_the_tenant_read_its_log() {
     }
     // The tenant's admins read it as its auditors do.
     let admin_view = whole_log(&pair.globex_admin).await;
-    let auditor = server
-        .human(&pair.globex.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&pair.globex.id).await;
     assert_eq!(admin_view, whole_log(&auditor).await);
     assert!(admin_view.len() >= 4);
     assert!(
@@ -2963,9 +2731,7 @@ async fn bad_input_is_refused_naming_the_field() {
     let pair = setup_pair().await;
     pair_with_activity(&pair).await;
     let server = &pair.server;
-    let auditor = server
-        .human(&pair.globex.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&pair.globex.id).await;
     let now = server.clock.now_millis();
     let backwards = || pb::ListAuditEventsRequest {
         start_time: Some(timestamp(now)),
@@ -3242,9 +3008,7 @@ async fn list_filters_and_pages_agree_with_the_whole_log() {
         .await
         .expect("revoke");
     server.wait_sealed().await;
-    let auditor = server
-        .human(&pair.globex.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&pair.globex.id).await;
     let all = whole_log(&auditor).await;
     assert!(all.len() >= 8, "{}", all.len());
 
@@ -3507,7 +3271,7 @@ async fn rule_events_record_the_whole_rule() {
     // rule but the output-only bookkeeping.
     let server = TestServer::start().await;
     let tenant = server.create_tenant("rules").await;
-    let admin = server.human(&tenant.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&tenant.id, "alice").await;
     let rule = add_rule(
         &admin,
         pb::Rule {
@@ -3523,15 +3287,9 @@ async fn rule_events_record_the_whole_rule() {
         }),
         expected_version: rule.version,
     };
-    admin
-        .policies()
-        .update_rule(admin.request(request).await.expect("request"))
-        .await
-        .expect("update rule");
+    admin.update_rule(request).await.expect("update rule");
     server.wait_sealed().await;
-    let auditor = server
-        .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = server.auditor(&tenant.id).await;
     let events = list_pages(
         &auditor,
         pb::ListAuditEventsRequest {
@@ -3717,11 +3475,9 @@ async fn unsealed_events_come_after_the_sealed_ones_oldest_first_and_before_them
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_write_one_gapless_chain_and_each_tails_it_whole() {
+async fn postgres_only_two_replicas_write_one_gapless_chain_and_each_tails_it_whole() {
     // Two server processes share one database only on PostgreSQL.
-    if backend() != Backend::Postgres {
-        return;
-    }
+    require_backend(Backend::Postgres);
     const WRITERS_PER_REPLICA: usize = 4;
     const EACH: usize = 100;
     let first = TestServer::start().await;
@@ -3730,9 +3486,7 @@ async fn two_replicas_write_one_gapless_chain_and_each_tails_it_whole() {
     let second = TestServer::start_replica_of(&first).await;
     let mut streams = Vec::new();
     for server in [&first, &second] {
-        let auditor = server
-            .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-            .await;
+        let auditor = server.auditor(&tenant.id).await;
         streams.push(tail(&auditor, tail_after(0)).await.expect("tail"));
     }
     let mut writers = Vec::new();
@@ -3747,9 +3501,7 @@ async fn two_replicas_write_one_gapless_chain_and_each_tails_it_whole() {
     }
     first.wait_sealed().await;
     let expected = u64::try_from(2 + 2 * WRITERS_PER_REPLICA * EACH).expect("n");
-    let auditor = second
-        .human(&tenant.id, "auditor@test", &[pb::Role::Auditor])
-        .await;
+    let auditor = second.auditor(&tenant.id).await;
     let verified = verify(&auditor, 0, 0, false).await.expect("verify");
     assert!(verified.ok, "{verified:?}");
     assert_eq!(
@@ -3829,7 +3581,7 @@ async fn event_details_stay_within_16_kib() {
     // must not produce a larger event.
     let server = TestServer::start().await;
     let (tenant, auditor) = sealed_tenant(&server, "bigrule", 0).await;
-    let admin = server.human(&tenant.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&tenant.id, "alice").await;
     let values: Vec<pb::AttributeValue> = (0..64)
         .map(|n| crate::policies::text(&format!("{n:03}{}", "v".repeat(253))))
         .collect();
@@ -3870,7 +3622,7 @@ async fn spawn_writer(
     name: &str,
     count: usize,
 ) -> tokio::task::JoinHandle<()> {
-    let admin = server.human(tenant_id, name, &[pb::Role::Admin]).await;
+    let admin = server.admin(tenant_id, name).await;
     let input = pb::EvaluatePolicyRequest {
         requesting_agent_id: agent_id.to_owned(),
         receiving_tenant_id: tenant_id.to_owned(),
@@ -3880,10 +3632,8 @@ async fn spawn_writer(
     };
     tokio::spawn(async move {
         for _ in 0..count {
-            let request = admin.request(input.clone()).await.expect("request");
             admin
-                .policies()
-                .evaluate_policy(request)
+                .evaluate_policy(input.clone())
                 .await
                 .expect("evaluate policy");
         }

@@ -14,6 +14,8 @@ use vaultguard_server::audit::{
     GENESIS_HASH, PLATFORM_LOG, chain_hash, pending_events_sql, placeholders, vacuum_pending,
 };
 use vaultguard_server::store::entities::audit_event;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 use vaultguard_tests::{Backend, TestServer, backend};
 
 /// Every audit event of `tenant_id`, by row id.
@@ -114,18 +116,8 @@ async fn verify_chain(db: &DatabaseConnection, tenant_id: &str) -> i64 {
 async fn a_few_changes(server: &TestServer, slug: &str) -> String {
     let tenant = server.create_tenant(slug).await;
     let (agent, _secret, _client) = server.create_agent(&tenant.id, "builder").await;
-    let admin = server
-        .human(&tenant.id, "admin@test", &[pb::Role::Admin])
-        .await;
-    let request = admin
-        .request(pb::RotateAgentSecretRequest {
-            agent_id: agent.id.clone(),
-        })
-        .await
-        .expect("request");
-    admin
-        .agents()
-        .rotate_agent_secret(request)
+    let admin = server.admin(&tenant.id, "admin@test").await;
+    vaultguard_tests::calls::rotate_secret(&admin, &agent.id)
         .await
         .expect("rotate secret");
     tenant.id
@@ -300,21 +292,14 @@ async fn concurrent_writers_yield_a_gapless_chain() {
     let tenant = server.create_tenant("busy").await;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
-        let admin = server
-            .human(&tenant.id, "admin@test", &[pb::Role::Admin])
-            .await;
+        let admin = server.admin(&tenant.id, "admin@test").await;
         tasks.push(tokio::spawn(async move {
             for n in 0..AGENTS_PER_TASK {
-                let request = admin
-                    .request(pb::CreateAgentRequest {
+                admin
+                    .create_agent(pb::CreateAgentRequest {
                         name: format!("agent-{task}-{n}"),
                         description: String::new(),
                     })
-                    .await
-                    .expect("request");
-                admin
-                    .agents()
-                    .create_agent(request)
                     .await
                     .expect("create agent");
             }
@@ -344,10 +329,8 @@ async fn concurrent_writers_yield_a_gapless_chain() {
 /// database is a key lookup, and `audit_pending`'s only index leads with
 /// the tenant.
 #[tokio::test]
-async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_sealing_reads_pending_events_by_key_whatever_the_statistics() {
+    require_backend(Backend::Postgres);
     let server = TestServer::start().await;
     // The server's own pool, with its session settings.
     let db = &server.state.db;
@@ -389,10 +372,8 @@ async fn sealing_reads_pending_events_by_key_whatever_the_statistics() {
 /// The sealer's vacuum of `audit_pending` (PostgreSQL) runs on the server's
 /// pool, outside any transaction, and leaves the chain whole.
 #[tokio::test]
-async fn vacuuming_the_pending_queue_works_on_the_pool_and_keeps_the_chain() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_vacuuming_the_pending_queue_works_on_the_pool_and_keeps_the_chain() {
+    require_backend(Backend::Postgres);
     let server = TestServer::start().await;
     let tenant_id = a_few_changes(&server, "vacuumed").await;
     server.wait_sealed().await;

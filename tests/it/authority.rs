@@ -24,10 +24,10 @@ use vaultguard_tests::{
 
 use crate::delegations::{Pair, ask, setup_pair};
 use crate::policies::{
-    add_rule, cond, create_rule, evaluate, inbound, outbound, text, update_rule, when,
-    with_counterpart,
+    add_rule, cond, create_rule, evaluate, inbound, outbound, text, when, with_counterpart,
 };
 use crate::vault_connections::{EXCHANGE_MAIL, SCOPES, connect, fake_provider, register};
+use vaultguard_tests::calls::update_rule;
 
 use pb::ConditionOperator as Op;
 use pb::ErrorReason as Reason;
@@ -103,7 +103,7 @@ async fn tokens_issued(pair: &Pair, tenant_id: &str) -> usize {
 #[tokio::test]
 async fn scopes_and_resources_no_rule_granted_are_refused_not_signed() {
     let pair = setup_pair().await;
-    let Pair { globex, agent, .. } = &pair;
+    vaultguard_tests::parts!(pair => globex, agent);
     pair.globex_allows("crm.read").await;
 
     let metadata = expect_reason(
@@ -157,13 +157,7 @@ async fn scopes_and_resources_no_rule_granted_are_refused_not_signed() {
 #[tokio::test]
 async fn rules_grant_scopes_and_resources_by_pattern_with_defaults() {
     let pair = setup_pair().await;
-    let Pair {
-        globex,
-        agent,
-        globex_admin,
-        bot,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => globex, agent, globex_admin, bot);
     let rule = add_rule(
         globex_admin,
         granting(
@@ -318,13 +312,7 @@ async fn bad_grants_are_refused_naming_the_field_and_write_nothing() {
 #[tokio::test]
 async fn an_outbound_rule_limits_what_its_agents_may_ask_for() {
     let pair = setup_pair().await;
-    let Pair {
-        globex,
-        agent,
-        globex_admin,
-        acme_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => globex, agent, globex_admin, acme_admin);
     add_rule(
         globex_admin,
         granting(
@@ -388,16 +376,8 @@ async fn an_outbound_rule_limits_what_its_agents_may_ask_for() {
 #[tokio::test]
 async fn an_approval_is_bound_to_the_granted_scopes_and_the_recheck_judges_them() {
     let pair = setup_pair().await;
-    let Pair {
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
-    let approver = pair
-        .server
-        .human(&globex.id, "ann", &[pb::Role::Approver])
-        .await;
+    vaultguard_tests::parts!(pair => globex, agent, globex_admin);
+    let approver = pair.server.approver(&globex.id, "ann").await;
     let rule = add_rule(
         globex_admin,
         granting(
@@ -572,13 +552,7 @@ async fn a_delegated_exchange_is_narrowed_to_the_scopes_the_delegation_granted()
 #[tokio::test]
 async fn a_self_delegation_grants_nothing_a_direct_exchange_would_not() {
     let pair = setup_pair().await;
-    let Pair {
-        acme,
-        agent,
-        acme_admin,
-        server,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => acme, agent, acme_admin, server);
     let provider = fake_provider(server, ProviderOptions::default()).await;
     let registered = register(acme_admin, "mail", &provider).await;
     let everyday = connect(acme_admin, &registered.id).await.id;
@@ -680,10 +654,7 @@ async fn a_delegation_no_human_approved_does_not_answer_a_step_up_now() {
     );
     assert!(metadata.contains_key("auth_req_id"), "{metadata:?}");
     // The step-up waits in globex's queue, for globex's approvers.
-    let approver = pair
-        .server
-        .human(&pair.globex.id, "ann", &[pb::Role::Approver])
-        .await;
+    let approver = pair.server.approver(&pair.globex.id, "ann").await;
     let pending = get_delegation_as(&approver, &metadata["delegation_id"]).await;
     assert_eq!(pending.receiving_tenant_id, pair.globex.id);
     assert_eq!(pending.scopes, ["mail.read"]);
@@ -711,13 +682,7 @@ async fn get_delegation_as(client: &VaultGuardClient, id: &str) -> pb::Delegatio
 #[tokio::test]
 async fn an_approved_signature_is_judged_again_when_it_is_made() {
     let pair = setup_pair().await;
-    let Pair {
-        acme,
-        agent,
-        acme_admin,
-        server,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => acme, agent, acme_admin, server);
     let key =
         crate::vault_signing::create_key(acme_admin, "treasury", pb::KeyAlgorithm::Ed25519, "")
             .await
@@ -737,7 +702,7 @@ async fn an_approved_signature_is_judged_again_when_it_is_made() {
     let Some(pb::sign_response::Outcome::StepUp(pending)) = answer.outcome else {
         panic!("expected a step-up: {answer:?}")
     };
-    let approver = server.human(&acme.id, "ann", &[pb::Role::Approver]).await;
+    let approver = server.approver(&acme.id, "ann").await;
     crate::vault_signing::approve(&approver, &pending).await;
     // Between the approval and the signature the rule turns to BLOCK.
     set_effect(acme_admin, &rule, pb::Effect::Block, rule.version).await;
@@ -765,15 +730,7 @@ async fn an_approved_signature_is_judged_again_when_it_is_made() {
 #[tokio::test]
 async fn no_answer_names_the_counterparts_rules() {
     let pair = setup_pair().await;
-    let Pair {
-        acme,
-        globex,
-        agent,
-        acme_admin,
-        globex_admin,
-        server,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => acme, globex, agent, acme_admin, globex_admin, server);
     let blocking = add_rule(globex_admin, inbound("crm.delete", pb::Effect::Block)).await;
     let metadata = expect_reason(
         agent
@@ -817,7 +774,7 @@ async fn no_answer_names_the_counterparts_rules() {
     )
     .await;
     pair.globex_allows("crm.read").await;
-    let approver = server.human(&globex.id, "ann", &[pb::Role::Approver]).await;
+    let approver = server.approver(&globex.id, "ann").await;
     let pending = request_step_up(agent, &approver, ask(&globex.id, "crm.read")).await;
     let shown = get_step_up(&approver, &pending.step_up_id).await.unwrap();
     let outbound_side = shown.decision.unwrap().outbound.unwrap();

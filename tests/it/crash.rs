@@ -40,6 +40,7 @@ use crate::cookbook::cli_binary;
 use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::replica_process::{Running, free_port};
 use crate::vault_signing::create_key;
+use vaultguard_tests::Rpc;
 
 /// How many times the server is killed.
 const KILLS: usize = 4;
@@ -153,16 +154,10 @@ pub(crate) async fn assert_chain_intact(
         (1, links),
         "{tenant_id}: sequence numbers 1..={links} without a gap"
     );
-    let request = admin
-        .request(pb::VerifyAuditChainRequest::default())
-        .await
-        .expect("request");
     let verified = admin
-        .audit()
-        .verify_audit_chain(request)
+        .verify_audit_chain(pb::VerifyAuditChainRequest::default())
         .await
-        .expect("VerifyAuditChain")
-        .into_inner();
+        .expect("VerifyAuditChain");
     assert!(
         verified.ok,
         "{tenant_id}: chain broken at {} ({})",
@@ -338,8 +333,8 @@ impl Fixture {
         .await;
         let acme = server.create_tenant("acme").await;
         let globex = server.create_tenant("globex").await;
-        let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
-        let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+        let globex_admin = server.admin(&globex.id, "gina").await;
+        let acme_admin = server.admin(&acme.id, "alice").await;
         add_rule(&globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
         add_rule(&globex_admin, inbound("stock.write", pb::Effect::StepUp)).await;
         let mut agents = Vec::new();

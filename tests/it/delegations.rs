@@ -18,7 +18,9 @@ use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::domain::delegations::sweep_expired;
 use vaultguard_server::error::Error;
 use vaultguard_server::state::AppState;
-use vaultguard_tests::{Backend, TestServer, backend, expect_code, expect_invalid, expect_reason};
+use vaultguard_tests::{Backend, TestServer, expect_code, expect_invalid, expect_reason};
+
+pub(crate) use vaultguard_tests::fixtures::{Pair, ask, setup_pair};
 
 use crate::policies::{
     add_rule, assert_id, cond, context, evaluate, inbound, num, outbound, set_outbound_default,
@@ -26,20 +28,11 @@ use crate::policies::{
 };
 
 use pb::DelegationStatus as Status;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 
 // ---------------------------------------------------------------------------
 // Requests.
-
-/// A request for `action` on `receiving` for 600 seconds, with no key (the
-/// SDK fills in a random one).
-pub(crate) fn ask(receiving: &str, action: &str) -> pb::RequestDelegationRequest {
-    pb::RequestDelegationRequest {
-        receiving_tenant_id: receiving.to_owned(),
-        action: action.to_owned(),
-        requested_ttl_seconds: 600,
-        ..Default::default()
-    }
-}
 
 fn keyed(key: &str, request: pb::RequestDelegationRequest) -> pb::RequestDelegationRequest {
     pb::RequestDelegationRequest {
@@ -153,12 +146,7 @@ async fn raw_request(
     client: &VaultGuardClient,
     request: pb::RequestDelegationRequest,
 ) -> Result<pb::RequestDelegationResponse, ClientError> {
-    let request = client.request(request).await?;
-    Ok(client
-        .delegations()
-        .request_delegation(request)
-        .await?
-        .into_inner())
+    client.raw_request_delegation(request).await
 }
 
 #[track_caller]
@@ -197,12 +185,7 @@ async fn list(
     client: &VaultGuardClient,
     filter: pb::ListDelegationsRequest,
 ) -> Result<pb::ListDelegationsResponse, ClientError> {
-    let request = client.request(filter).await?;
-    Ok(client
-        .delegations()
-        .list_delegations(request)
-        .await?
-        .into_inner())
+    client.list_delegations(filter).await
 }
 
 async fn listed_ids(client: &VaultGuardClient, filter: pb::ListDelegationsRequest) -> Vec<String> {
@@ -423,84 +406,12 @@ fn seconds_between(
 }
 
 // ---------------------------------------------------------------------------
-// A requesting tenant (acme, agent `bot`) and a receiving tenant (globex).
-
-pub(crate) struct Pair {
-    pub(crate) server: TestServer,
-    pub(crate) acme: pb::Tenant,
-    pub(crate) globex: pb::Tenant,
-    pub(crate) bot: pb::Agent,
-    pub(crate) agent: VaultGuardClient,
-    pub(crate) acme_admin: VaultGuardClient,
-    pub(crate) globex_admin: VaultGuardClient,
-}
-
-pub(crate) async fn setup_pair() -> Pair {
-    let server = TestServer::start().await;
-    let acme = server.create_tenant("acme").await;
-    let globex = server.create_tenant("globex").await;
-    let (bot, _, agent) = server.create_agent(&acme.id, "bot").await;
-    agent.bearer().await.expect("agent token");
-    let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
-    Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    }
-}
-
-impl Pair {
-    /// Globex lets any tenant's agents do `pattern`.
-    pub(crate) async fn globex_allows(&self, pattern: &str) -> pb::Rule {
-        add_rule(&self.globex_admin, inbound(pattern, pb::Effect::Allow)).await
-    }
-
-    /// Globex lets any tenant's agents do `pattern` with any scope and
-    /// resource (`*`: what every rule granted before scopes were policy).
-    pub(crate) async fn globex_allows_any_scope(&self, pattern: &str) -> pb::Rule {
-        let rule = pb::Rule {
-            scopes: vec!["*".into()],
-            resources: vec!["*".into()],
-            ..inbound(pattern, pb::Effect::Allow)
-        };
-        add_rule(&self.globex_admin, rule).await
-    }
-
-    /// A tenant that is no party to the pair's delegations, and its admin.
-    pub(crate) async fn third_tenant(&self) -> (pb::Tenant, VaultGuardClient) {
-        let initech = self.server.create_tenant("initech").await;
-        let admin = self
-            .server
-            .human(&initech.id, "ian", &[pb::Role::Admin])
-            .await;
-        (initech, admin)
-    }
-
-    pub(crate) fn logs(&self) -> [&str; 2] {
-        [self.acme.id.as_str(), self.globex.id.as_str()]
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The three outcomes.
 
 #[tokio::test]
 async fn allow_issues_an_active_delegation_and_its_token() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin, globex_admin);
     let rule = add_rule(
         globex_admin,
         pb::Rule {
@@ -575,7 +486,7 @@ async fn allow_issues_an_active_delegation_and_its_token() {
         globex_admin.clone(),
         server.human(&acme.id, "aud", &[pb::Role::Auditor]).await,
         server.human(&globex.id, "aud", &[pb::Role::Auditor]).await,
-        server.human(&globex.id, "ann", &[pb::Role::Approver]).await,
+        server.approver(&globex.id, "ann").await,
     ];
     for reader in &readers {
         let seen = reader.get_delegation(&delegation.id).await.unwrap();
@@ -624,13 +535,7 @@ async fn allow_issues_an_active_delegation_and_its_token() {
 #[tokio::test]
 async fn step_up_leaves_a_pending_delegation_and_a_challenge() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, globex_admin);
     pair.globex_allows("pay.*").await;
     let large = add_rule(
         globex_admin,
@@ -756,14 +661,7 @@ async fn step_up_leaves_a_pending_delegation_and_a_challenge() {
 #[tokio::test]
 async fn block_is_refused_with_its_reason_and_leaves_a_blocked_record() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, acme_admin, globex_admin);
 
     // No inbound rule at all.
     let metadata = expect_reason(
@@ -887,15 +785,7 @@ async fn block_is_refused_with_its_reason_and_leaves_a_blocked_record() {
 #[tokio::test]
 async fn wildcard_and_agent_specific_rules_decide_per_agent() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, globex_admin);
     let (_, _, other_agent) = server.create_agent(&acme.id, "other-bot").await;
     let from_acme = |rule: pb::Rule| with_counterpart(&acme.id, rule);
     let wall = add_rule(globex_admin, from_acme(inbound("*", pb::Effect::Block))).await;
@@ -938,13 +828,7 @@ async fn wildcard_and_agent_specific_rules_decide_per_agent() {
 #[tokio::test]
 async fn token_lifetime_is_the_smallest_of_request_rules_and_cap() {
     let pair = setup_pair().await;
-    let Pair {
-        globex,
-        agent,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => globex, agent, acme_admin, globex_admin);
     let capped = |max_ttl_seconds: u32, rule: pb::Rule| pb::Rule {
         max_ttl_seconds,
         ..rule
@@ -992,13 +876,7 @@ async fn token_lifetime_is_the_smallest_of_request_rules_and_cap() {
 #[tokio::test]
 async fn a_delegation_within_one_tenant_is_judged_and_audited_once() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        agent,
-        acme_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, agent, acme_admin);
     let own = add_rule(
         acme_admin,
         with_counterpart(&acme.id, inbound("sign:key-1", pb::Effect::Allow)),
@@ -1046,13 +924,7 @@ async fn a_delegation_within_one_tenant_is_judged_and_audited_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_with_one_key_make_one_delegation() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent);
     pair.globex_allows_any_scope("stock.*").await;
     let request = pb::RequestDelegationRequest {
         scopes: vec!["a".into(), "b".into()],
@@ -1154,13 +1026,7 @@ async fn concurrent_requests_with_one_key_make_one_delegation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_revokes_leave_one_terminal_state_and_one_event() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, globex_admin);
     pair.globex_allows("stock.*").await;
 
     for round in 0..4 {
@@ -1233,13 +1099,7 @@ async fn concurrent_revokes_leave_one_terminal_state_and_one_event() {
 async fn a_revoke_racing_the_sweeper_ends_each_delegation_once() {
     const COUNT: usize = 16;
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, globex_admin);
     pair.globex_allows("stock.*").await;
     let mut ids = Vec::new();
     for _ in 0..COUNT {
@@ -1342,20 +1202,14 @@ async fn set_token_algorithm(
     admin: &VaultGuardClient,
     algorithm: pb::TokenAlgorithm,
 ) -> pb::Tenant {
-    let request = admin
-        .request(pb::UpdateTenantSettingsRequest {
+    admin
+        .update_tenant_settings(pb::UpdateTenantSettingsRequest {
             settings: Some(pb::TenantSettings {
                 token_algorithm: algorithm as i32,
             }),
         })
         .await
-        .unwrap();
-    admin
-        .tenants()
-        .update_tenant_settings(request)
-        .await
         .unwrap()
-        .into_inner()
         .tenant
         .unwrap()
 }
@@ -1373,7 +1227,7 @@ async fn tokens_verify_offline_with_pyjwt_for_every_algorithm() {
         ("eddsa-shop", pb::TokenAlgorithm::Eddsa, "EdDSA"),
     ] {
         let tenant = server.create_tenant(slug).await;
-        let admin = server.human(&tenant.id, "root", &[pb::Role::Admin]).await;
+        let admin = server.admin(&tenant.id, "root").await;
         let updated = set_token_algorithm(&admin, algorithm).await;
         assert_eq!(updated.settings.unwrap().token_algorithm, algorithm as i32);
         add_rule(&admin, inbound("*", pb::Effect::Allow)).await;
@@ -1412,15 +1266,7 @@ async fn tokens_verify_offline_with_pyjwt_for_every_algorithm() {
 #[tokio::test]
 async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin, globex_admin);
     let (initech, initech_admin) = pair.third_tenant().await;
     let (_, _, globex_agent) = server.create_agent(&globex.id, "gate").await;
     pair.globex_allows_any_scope("stock.*").await;
@@ -1539,31 +1385,15 @@ async fn verify_introspects_active_tokens_and_says_nothing_about_others() {
 #[tokio::test]
 async fn tokens_survive_issuer_key_rotation() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, globex_admin);
     pair.globex_allows("*").await;
     let issuer = server.http_url();
     let (_, old_token) = grant(agent, ask(&globex.id, "stock.write")).await;
     let old_kid = jwt_part(&old_token, 0)["kid"].as_str().unwrap().to_owned();
 
     let operator = server.operator().await;
-    let request = operator
-        .request(pb::RotateIssuerKeyRequest {
-            algorithm: pb::TokenAlgorithm::Rs256 as i32,
-        })
-        .await
-        .unwrap();
-    let rotated = operator
-        .issuer_keys()
-        .rotate_issuer_key(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated =
+        vaultguard_tests::calls::rotate_issuer_key(&operator, pb::TokenAlgorithm::Rs256).await;
     let new_kid = rotated.key.unwrap().kid;
     assert_eq!(rotated.retired.unwrap().kid, old_kid);
 
@@ -1594,15 +1424,7 @@ async fn tokens_survive_issuer_key_rotation() {
 #[tokio::test]
 async fn only_the_two_parties_see_or_end_a_delegation() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent, acme_admin, globex_admin);
     let (initech, initech_admin) = pair.third_tenant().await;
     pair.globex_allows("stock.*").await;
     let (delegation, token) = grant(agent, ask(&globex.id, "stock.write")).await;
@@ -1685,15 +1507,7 @@ async fn only_the_two_parties_see_or_end_a_delegation() {
 #[tokio::test]
 async fn relinquish_ends_a_delegation_from_the_requesting_side() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin, globex_admin);
     pair.globex_allows("stock.*").await;
     let (delegation, token) = grant(agent, ask(&globex.id, "stock.write")).await;
 
@@ -1761,15 +1575,7 @@ async fn relinquish_ends_a_delegation_from_the_requesting_side() {
 #[tokio::test]
 async fn list_delegations_filters_and_pages() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin, globex_admin);
     pair.globex_allows("stock.*").await;
     let (gate, _, globex_agent) = server.create_agent(&globex.id, "gate").await;
     let (initech, initech_admin) = pair.third_tenant().await;
@@ -1981,13 +1787,7 @@ async fn list_delegations_filters_and_pages() {
 #[tokio::test]
 async fn expiry_applies_on_read_before_the_sweeper_runs() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent, globex_admin);
     pair.globex_allows("stock.*").await;
     add_rule(globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
     let (delegation, token) = grant(agent, for_seconds(60, ask(&globex.id, "stock.write"))).await;
@@ -2056,12 +1856,7 @@ async fn expiry_applies_on_read_before_the_sweeper_runs() {
 #[tokio::test]
 async fn bad_requests_are_refused_naming_the_field_and_write_nothing() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        agent,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, agent);
     pair.globex_allows("*").await;
     let footprint = || async {
         (
@@ -2088,32 +1883,22 @@ pub(crate) async fn set_suspended(operator: &VaultGuardClient, tenant_id: &str, 
     let tenant_id = tenant_id.to_owned();
     let reason = "test".to_owned();
     if suspended {
-        let request = operator
-            .request(pb::SuspendTenantRequest { tenant_id, reason })
+        operator
+            .suspend_tenant(pb::SuspendTenantRequest { tenant_id, reason })
             .await
             .unwrap();
-        operator.tenants().suspend_tenant(request).await.unwrap();
     } else {
-        let request = operator
-            .request(pb::ReactivateTenantRequest { tenant_id, reason })
+        operator
+            .reactivate_tenant(pb::ReactivateTenantRequest { tenant_id, reason })
             .await
             .unwrap();
-        operator.tenants().reactivate_tenant(request).await.unwrap();
     }
 }
 
 #[tokio::test]
 async fn a_suspended_tenant_can_neither_receive_nor_request() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin);
     pair.globex_allows("*").await;
     let operator = server.operator().await;
 
@@ -2171,22 +1956,14 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn standing_changed_through_one_replica_is_enforced_by_the_other_within_a_second() {
+async fn postgres_only_standing_changed_through_one_replica_is_enforced_by_the_other_within_a_second()
+ {
     // Replica B holds tenant and agent rows in memory (the directory); a
     // suspension or a disabled agent written through replica A must reach it
     // by notification. Two processes share a database only on PostgreSQL.
-    if backend() != Backend::Postgres {
-        return;
-    }
+    require_backend(Backend::Postgres);
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, bot, agent, acme_admin);
     pair.globex_allows("*").await;
     let replica = TestServer::start_replica_of(server).await;
     let agent_on_b = replica.with_bearer(&agent.bearer().await.unwrap()).await;
@@ -2211,13 +1988,12 @@ async fn standing_changed_through_one_replica_is_enforced_by_the_other_within_a_
     );
     set_suspended(&operator, &globex.id, false).await;
 
-    let request = acme_admin
-        .request(pb::DisableAgentRequest {
+    acme_admin
+        .disable_agent(pb::DisableAgentRequest {
             agent_id: bot.id.clone(),
         })
         .await
         .unwrap();
-    acme_admin.agents().disable_agent(request).await.unwrap();
     let took = refused_within(pb::ErrorReason::AgentDisabled, || {
         agent_on_b.request_delegation(ask(&globex.id, "stock.write"))
     })

@@ -6,6 +6,7 @@
 use std::process::Command;
 
 use vaultguard_client::pb;
+use vaultguard_tests::Rpc;
 use vaultguard_tests::TestServer;
 
 /// The output of one grpcurl run.
@@ -141,18 +142,12 @@ async fn grpcurl_creates_a_tenant_only_with_a_bearer() {
 
     // The generated client sees the same tenant.
     let operator = server.with_bearer(&token).await;
-    let request = operator
-        .request(pb::GetTenantRequest {
+    let fetched = operator
+        .get_tenant(pb::GetTenantRequest {
             tenant_id: id.to_owned(),
         })
         .await
-        .expect("request");
-    let fetched = operator
-        .tenants()
-        .get_tenant(request)
-        .await
-        .expect("get tenant")
-        .into_inner();
+        .expect("get tenant");
     assert_eq!(fetched.tenant.expect("tenant").slug, "acme");
 
     // A second create with the same slug is refused, and grpcurl shows why.

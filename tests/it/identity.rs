@@ -3,6 +3,7 @@
 
 use tonic::Code;
 use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_tests::Rpc;
 use vaultguard_tests::{TestServer, expect_code, expect_invalid};
 
 async fn who(
@@ -22,47 +23,33 @@ async fn tenant_and_agent_lifecycle() {
 
     // Listing pages through every tenant, oldest first.
     let first = operator
-        .tenants()
-        .list_tenants(
-            operator
-                .request(pb::ListTenantsRequest {
-                    page: Some(pb::PageRequest {
-                        page_size: 1,
-                        page_token: String::new(),
-                    }),
-                    status: 0,
-                })
-                .await
-                .unwrap(),
-        )
+        .list_tenants(pb::ListTenantsRequest {
+            page: Some(pb::PageRequest {
+                page_size: 1,
+                page_token: String::new(),
+            }),
+            status: 0,
+        })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(first.tenants.len(), 1);
     assert_eq!(first.tenants[0].id, acme.id);
     let token = first.page.unwrap().next_page_token;
     assert!(!token.is_empty());
     let second = operator
-        .tenants()
-        .list_tenants(
-            operator
-                .request(pb::ListTenantsRequest {
-                    page: Some(pb::PageRequest {
-                        page_size: 1,
-                        page_token: token,
-                    }),
-                    status: 0,
-                })
-                .await
-                .unwrap(),
-        )
+        .list_tenants(pb::ListTenantsRequest {
+            page: Some(pb::PageRequest {
+                page_size: 1,
+                page_token: token,
+            }),
+            status: 0,
+        })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(second.tenants[0].id, globex.id);
 
     // An agent is created, obtains a token and calls an authenticated RPC.
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let (agent, secret, agent_client) = server.create_agent(&acme.id, "inventory-bot").await;
     assert!(
         secret.starts_with("vgs_") && secret.len() >= 40,
@@ -76,30 +63,17 @@ async fn tenant_and_agent_lifecycle() {
     assert_eq!(me.roles, vec![pb::Role::Agent as i32]);
 
     let listed = admin
-        .agents()
-        .list_agents(
-            admin
-                .request(pb::ListAgentsRequest::default())
-                .await
-                .unwrap(),
-        )
+        .list_agents(pb::ListAgentsRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(listed.agents.len(), 1);
 
     // A second agent with the same name is refused.
     let dup = admin
-        .agents()
-        .create_agent(
-            admin
-                .request(pb::CreateAgentRequest {
-                    name: "inventory-bot".into(),
-                    description: String::new(),
-                })
-                .await
-                .unwrap(),
-        )
+        .create_agent(pb::CreateAgentRequest {
+            name: "inventory-bot".into(),
+            description: String::new(),
+        })
         .await;
     expect_code(dup, Code::AlreadyExists);
 
@@ -124,48 +98,26 @@ async fn tenant_and_agent_lifecycle() {
         Code::Unauthenticated,
     );
     let again = admin
-        .agents()
-        .disable_agent(
-            admin
-                .request(pb::DisableAgentRequest {
-                    agent_id: agent.id.clone(),
-                })
-                .await
-                .unwrap(),
-        )
+        .disable_agent(pb::DisableAgentRequest {
+            agent_id: agent.id.clone(),
+        })
         .await;
     assert_eq!(
         expect_code(again, Code::FailedPrecondition).reason(),
         Some(pb::ErrorReason::InvalidState)
     );
     admin
-        .agents()
-        .enable_agent(
-            admin
-                .request(pb::EnableAgentRequest {
-                    agent_id: agent.id.clone(),
-                })
-                .await
-                .unwrap(),
-        )
+        .enable_agent(pb::EnableAgentRequest {
+            agent_id: agent.id.clone(),
+        })
         .await
         .unwrap();
     who(&agent_client).await.unwrap();
 
     // Rotating the secret: the old one stops working, the new one works.
-    let rotated = admin
-        .agents()
-        .rotate_agent_secret(
-            admin
-                .request(pb::RotateAgentSecretRequest {
-                    agent_id: agent.id.clone(),
-                })
-                .await
-                .unwrap(),
-        )
+    let rotated = vaultguard_tests::calls::rotate_secret(&admin, &agent.id)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_ne!(rotated.client_secret, secret);
     expect_code(
         fresh.issue_token(&agent.id, &secret).await,
@@ -187,17 +139,11 @@ async fn tenant_and_agent_lifecycle() {
 
     // Duplicate slugs are refused.
     let dup = operator
-        .tenants()
-        .create_tenant(
-            operator
-                .request(pb::CreateTenantRequest {
-                    slug: "acme".into(),
-                    display_name: "Again".into(),
-                    settings: None,
-                })
-                .await
-                .unwrap(),
-        )
+        .create_tenant(pb::CreateTenantRequest {
+            slug: "acme".into(),
+            display_name: "Again".into(),
+            settings: None,
+        })
         .await;
     expect_code(dup, Code::AlreadyExists);
     server.stop().await;
@@ -209,23 +155,16 @@ async fn suspended_tenant_is_refused_everywhere() {
     let operator = server.operator().await;
     let acme = server.create_tenant("acme").await;
     let (agent, secret, agent_client) = server.create_agent(&acme.id, "bot").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     who(&agent_client).await.unwrap();
 
     let suspended = operator
-        .tenants()
-        .suspend_tenant(
-            operator
-                .request(pb::SuspendTenantRequest {
-                    tenant_id: acme.id.clone(),
-                    reason: "billing".into(),
-                })
-                .await
-                .unwrap(),
-        )
+        .suspend_tenant(pb::SuspendTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: "billing".into(),
+        })
         .await
         .unwrap()
-        .into_inner()
         .tenant
         .unwrap();
     assert_eq!(suspended.status, pb::TenantStatus::Suspended as i32);
@@ -241,45 +180,25 @@ async fn suspended_tenant_is_refused_everywhere() {
             .await,
         Code::Unauthenticated,
     );
-    let listed = admin
-        .agents()
-        .list_agents(
-            admin
-                .request(pb::ListAgentsRequest::default())
-                .await
-                .unwrap(),
-        )
-        .await;
+    let listed = admin.list_agents(pb::ListAgentsRequest::default()).await;
     assert_eq!(
         expect_code(listed, Code::PermissionDenied).reason(),
         Some(pb::ErrorReason::TenantSuspended)
     );
 
     let twice = operator
-        .tenants()
-        .suspend_tenant(
-            operator
-                .request(pb::SuspendTenantRequest {
-                    tenant_id: acme.id.clone(),
-                    reason: String::new(),
-                })
-                .await
-                .unwrap(),
-        )
+        .suspend_tenant(pb::SuspendTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: String::new(),
+        })
         .await;
     expect_code(twice, Code::FailedPrecondition);
 
     operator
-        .tenants()
-        .reactivate_tenant(
-            operator
-                .request(pb::ReactivateTenantRequest {
-                    tenant_id: acme.id.clone(),
-                    reason: String::new(),
-                })
-                .await
-                .unwrap(),
-        )
+        .reactivate_tenant(pb::ReactivateTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: String::new(),
+        })
         .await
         .unwrap();
     who(&agent_client).await.unwrap();
@@ -293,9 +212,7 @@ async fn another_tenant_sees_and_changes_nothing() {
     let globex = server.create_tenant("globex").await;
     let (agent, _, acme_agent) = server.create_agent(&acme.id, "bot").await;
     let (_, _, globex_agent) = server.create_agent(&globex.id, "spy").await;
-    let intruder = server
-        .human(&globex.id, "mallory", &[pb::Role::Admin])
-        .await;
+    let intruder = server.admin(&globex.id, "mallory").await;
     // Both agents hold tokens before counting (issuing one is audited).
     who(&acme_agent).await.unwrap();
     who(&globex_agent).await.unwrap();
@@ -303,66 +220,34 @@ async fn another_tenant_sees_and_changes_nothing() {
 
     // Agent RPCs on another tenant's agent: NOT_FOUND, nothing changed.
     let id = || agent.id.clone();
-    let agents = intruder.agents();
     expect_code(
-        agents
-            .clone()
-            .get_agent(
-                intruder
-                    .request(pb::GetAgentRequest { agent_id: id() })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .get_agent(pb::GetAgentRequest { agent_id: id() })
             .await,
         Code::NotFound,
     );
     expect_code(
-        agents
-            .clone()
-            .disable_agent(
-                intruder
-                    .request(pb::DisableAgentRequest { agent_id: id() })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .disable_agent(pb::DisableAgentRequest { agent_id: id() })
             .await,
         Code::NotFound,
     );
     expect_code(
-        agents
-            .clone()
-            .enable_agent(
-                intruder
-                    .request(pb::EnableAgentRequest { agent_id: id() })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .enable_agent(pb::EnableAgentRequest { agent_id: id() })
             .await,
         Code::NotFound,
     );
     expect_code(
-        agents
-            .clone()
-            .rotate_agent_secret(
-                intruder
-                    .request(pb::RotateAgentSecretRequest { agent_id: id() })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .rotate_agent_secret(pb::RotateAgentSecretRequest { agent_id: id() })
             .await,
         Code::NotFound,
     );
-    let listed = agents
-        .clone()
-        .list_agents(
-            intruder
-                .request(pb::ListAgentsRequest::default())
-                .await
-                .unwrap(),
-        )
+    let listed = intruder
+        .list_agents(pb::ListAgentsRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(listed.agents.iter().all(|a| a.tenant_id == globex.id));
     who(&acme_agent).await.unwrap();
 
@@ -370,90 +255,49 @@ async fn another_tenant_sees_and_changes_nothing() {
     let get = |client: &VaultGuardClient| {
         let client = client.clone();
         let tenant_id = acme.id.clone();
-        async move {
-            client
-                .tenants()
-                .get_tenant(
-                    client
-                        .request(pb::GetTenantRequest { tenant_id })
-                        .await
-                        .unwrap(),
-                )
-                .await
-        }
+        async move { client.get_tenant(pb::GetTenantRequest { tenant_id }).await }
     };
     expect_code(get(&intruder).await, Code::NotFound);
     expect_code(get(&globex_agent).await, Code::NotFound);
     let own = intruder
-        .tenants()
-        .get_tenant(
-            intruder
-                .request(pb::GetTenantRequest {
-                    tenant_id: String::new(),
-                })
-                .await
-                .unwrap(),
-        )
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: String::new(),
+        })
         .await
         .unwrap();
-    assert_eq!(own.into_inner().tenant.unwrap().id, globex.id);
+    assert_eq!(own.tenant.unwrap().id, globex.id);
 
     // Operator-only RPCs: PERMISSION_DENIED for a tenant admin, naming the role.
-    let tenants = intruder.tenants();
-    let denied = tenants
-        .clone()
-        .suspend_tenant(
-            intruder
-                .request(pb::SuspendTenantRequest {
-                    tenant_id: acme.id.clone(),
-                    reason: String::new(),
-                })
-                .await
-                .unwrap(),
-        )
+    let denied = intruder
+        .suspend_tenant(pb::SuspendTenantRequest {
+            tenant_id: acme.id.clone(),
+            reason: String::new(),
+        })
         .await;
     let err = expect_code(denied, Code::PermissionDenied);
     assert_eq!(err.reason(), Some(pb::ErrorReason::RoleRequired));
     expect_code(
-        tenants
-            .clone()
-            .reactivate_tenant(
-                intruder
-                    .request(pb::ReactivateTenantRequest {
-                        tenant_id: acme.id.clone(),
-                        reason: String::new(),
-                    })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .reactivate_tenant(pb::ReactivateTenantRequest {
+                tenant_id: acme.id.clone(),
+                reason: String::new(),
+            })
             .await,
         Code::PermissionDenied,
     );
     expect_code(
-        tenants
-            .clone()
-            .create_tenant(
-                intruder
-                    .request(pb::CreateTenantRequest {
-                        slug: "evil".into(),
-                        display_name: "Evil".into(),
-                        settings: None,
-                    })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .create_tenant(pb::CreateTenantRequest {
+                slug: "evil".into(),
+                display_name: "Evil".into(),
+                settings: None,
+            })
             .await,
         Code::PermissionDenied,
     );
     expect_code(
-        tenants
-            .clone()
-            .list_tenants(
-                intruder
-                    .request(pb::ListTenantsRequest::default())
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .list_tenants(pb::ListTenantsRequest::default())
             .await,
         Code::PermissionDenied,
     );
@@ -464,55 +308,32 @@ async fn another_tenant_sees_and_changes_nothing() {
         })
     };
     expect_code(
-        tenants
-            .clone()
-            .bind_external_organization(
-                intruder
-                    .request(pb::BindExternalOrganizationRequest {
-                        tenant_id: acme.id.clone(),
-                        organization: org(),
-                    })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .bind_external_organization(pb::BindExternalOrganizationRequest {
+                tenant_id: acme.id.clone(),
+                organization: org(),
+            })
             .await,
         Code::PermissionDenied,
     );
     expect_code(
-        tenants
-            .clone()
-            .unbind_external_organization(
-                intruder
-                    .request(pb::UnbindExternalOrganizationRequest {
-                        tenant_id: acme.id.clone(),
-                        organization: org(),
-                    })
-                    .await
-                    .unwrap(),
-            )
-            .await,
-        Code::PermissionDenied,
-    );
-    let keys = intruder.issuer_keys();
-    expect_code(
-        keys.clone()
-            .list_issuer_keys(
-                intruder
-                    .request(pb::ListIssuerKeysRequest {})
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .unbind_external_organization(pb::UnbindExternalOrganizationRequest {
+                tenant_id: acme.id.clone(),
+                organization: org(),
+            })
             .await,
         Code::PermissionDenied,
     );
     expect_code(
-        keys.clone()
-            .rotate_issuer_key(
-                intruder
-                    .request(pb::RotateIssuerKeyRequest { algorithm: 0 })
-                    .await
-                    .unwrap(),
-            )
+        intruder
+            .list_issuer_keys(pb::ListIssuerKeysRequest {})
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        intruder
+            .rotate_issuer_key(pb::RotateIssuerKeyRequest { algorithm: 0 })
             .await,
         Code::PermissionDenied,
     );
@@ -523,22 +344,16 @@ async fn another_tenant_sees_and_changes_nothing() {
         let client = client.clone();
         async move {
             client
-                .agents()
-                .create_agent(
-                    client
-                        .request(pb::CreateAgentRequest {
-                            name: "sneaky".into(),
-                            description: String::new(),
-                        })
-                        .await
-                        .unwrap(),
-                )
+                .create_agent(pb::CreateAgentRequest {
+                    name: "sneaky".into(),
+                    description: String::new(),
+                })
                 .await
         }
     };
     expect_code(create(&acme_agent).await, Code::PermissionDenied);
     expect_code(
-        create(&server.human(&acme.id, "bob", &[pb::Role::Approver]).await).await,
+        create(&server.approver(&acme.id, "bob").await).await,
         Code::PermissionDenied,
     );
     expect_code(
@@ -546,20 +361,13 @@ async fn another_tenant_sees_and_changes_nothing() {
         Code::PermissionDenied,
     );
     let settings = intruder
-        .tenants()
-        .update_tenant_settings(
-            intruder
-                .request(pb::UpdateTenantSettingsRequest {
-                    settings: Some(pb::TenantSettings {
-                        token_algorithm: pb::TokenAlgorithm::Eddsa as i32,
-                    }),
-                })
-                .await
-                .unwrap(),
-        )
+        .update_tenant_settings(pb::UpdateTenantSettingsRequest {
+            settings: Some(pb::TenantSettings {
+                token_algorithm: pb::TokenAlgorithm::Eddsa as i32,
+            }),
+        })
         .await
         .unwrap()
-        .into_inner()
         .tenant
         .unwrap();
     assert_eq!(
@@ -569,29 +377,18 @@ async fn another_tenant_sees_and_changes_nothing() {
 
     // A token naming a tenant that does not exist is refused.
     let ghost = server
-        .human(
-            "tnt_00000000000000000000000000000000",
-            "ghost",
-            &[pb::Role::Admin],
-        )
+        .admin("tnt_00000000000000000000000000000000", "ghost")
         .await;
     expect_code(ghost.who_am_i().await, Code::Unauthenticated);
 
     // Nothing of acme changed: only globex's own settings event was added.
     let acme_now = server.operator().await;
     let acme_after = acme_now
-        .tenants()
-        .get_tenant(
-            acme_now
-                .request(pb::GetTenantRequest {
-                    tenant_id: acme.id.clone(),
-                })
-                .await
-                .unwrap(),
-        )
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: acme.id.clone(),
+        })
         .await
         .unwrap()
-        .into_inner()
         .tenant
         .unwrap();
     assert_eq!(acme_after.status, pb::TenantStatus::Active as i32);
@@ -618,7 +415,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let server = TestServer::start().await;
     let operator = server.operator().await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let tenants_before = server.count("tenants").await;
     let agents_before = server.count("agents").await;
     let audit_before = server.count("audit_events").await;
@@ -632,12 +429,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 token_algorithm: alg,
             }),
         };
-        async move {
-            operator
-                .tenants()
-                .create_tenant(operator.request(request).await.unwrap())
-                .await
-        }
+        async move { operator.create_tenant(request).await }
     };
     expect_invalid(create_tenant("", "Name", 0).await, "slug");
     expect_invalid(create_tenant("ab", "Name", 0).await, "slug");
@@ -659,12 +451,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
             name: name.into(),
             description: description.into(),
         };
-        async move {
-            admin
-                .agents()
-                .create_agent(admin.request(request).await.unwrap())
-                .await
-        }
+        async move { admin.create_agent(request).await }
     };
     expect_invalid(create_agent("", "").await, "name");
     expect_invalid(create_agent("Bad Name", "").await, "name");
@@ -676,44 +463,26 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
     expect_invalid(
         admin
-            .agents()
-            .get_agent(
-                admin
-                    .request(pb::GetAgentRequest {
-                        agent_id: "agt_nope".into(),
-                    })
-                    .await
-                    .unwrap(),
-            )
+            .get_agent(pb::GetAgentRequest {
+                agent_id: "agt_nope".into(),
+            })
             .await,
         "agent_id",
     );
     expect_invalid(
         admin
-            .agents()
-            .disable_agent(
-                admin
-                    .request(pb::DisableAgentRequest {
-                        agent_id: String::new(),
-                    })
-                    .await
-                    .unwrap(),
-            )
+            .disable_agent(pb::DisableAgentRequest {
+                agent_id: String::new(),
+            })
             .await,
         "agent_id",
     );
     expect_invalid(
         admin
-            .agents()
-            .list_agents(
-                admin
-                    .request(pb::ListAgentsRequest {
-                        page: None,
-                        status: 7,
-                    })
-                    .await
-                    .unwrap(),
-            )
+            .list_agents(pb::ListAgentsRequest {
+                page: None,
+                status: 7,
+            })
             .await,
         "status",
     );
@@ -724,13 +493,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         }),
         status: 0,
     };
-    expect_invalid(
-        operator
-            .tenants()
-            .list_tenants(operator.request(bad_page).await.unwrap())
-            .await,
-        "page.page_size",
-    );
+    expect_invalid(operator.list_tenants(bad_page).await, "page.page_size");
     let bad_token = pb::ListTenantsRequest {
         page: Some(pb::PageRequest {
             page_size: 10,
@@ -738,35 +501,17 @@ async fn bad_input_is_refused_and_changes_nothing() {
         }),
         status: 0,
     };
-    expect_invalid(
-        operator
-            .tenants()
-            .list_tenants(operator.request(bad_token).await.unwrap())
-            .await,
-        "page.page_token",
-    );
+    expect_invalid(operator.list_tenants(bad_token).await, "page.page_token");
     let long_reason = pb::SuspendTenantRequest {
         tenant_id: acme.id.clone(),
         reason: "r".repeat(501),
     };
-    expect_invalid(
-        operator
-            .tenants()
-            .suspend_tenant(operator.request(long_reason).await.unwrap())
-            .await,
-        "reason",
-    );
+    expect_invalid(operator.suspend_tenant(long_reason).await, "reason");
     let bad_tenant = pb::SuspendTenantRequest {
         tenant_id: "acme".into(),
         reason: String::new(),
     };
-    expect_invalid(
-        operator
-            .tenants()
-            .suspend_tenant(operator.request(bad_tenant).await.unwrap())
-            .await,
-        "tenant_id",
-    );
+    expect_invalid(operator.suspend_tenant(bad_tenant).await, "tenant_id");
     let untrusted = pb::BindExternalOrganizationRequest {
         tenant_id: acme.id.clone(),
         organization: Some(pb::ExternalOrganization {
@@ -775,10 +520,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         }),
     };
     expect_invalid(
-        operator
-            .tenants()
-            .bind_external_organization(operator.request(untrusted).await.unwrap())
-            .await,
+        operator.bind_external_organization(untrusted).await,
         "organization.issuer",
     );
     let bad_settings = pb::UpdateTenantSettingsRequest {
@@ -787,21 +529,12 @@ async fn bad_input_is_refused_and_changes_nothing() {
         }),
     };
     expect_invalid(
-        admin
-            .tenants()
-            .update_tenant_settings(admin.request(bad_settings).await.unwrap())
-            .await,
+        admin.update_tenant_settings(bad_settings).await,
         "settings.token_algorithm",
     );
     expect_invalid(
         operator
-            .issuer_keys()
-            .rotate_issuer_key(
-                operator
-                    .request(pb::RotateIssuerKeyRequest { algorithm: 9 })
-                    .await
-                    .unwrap(),
-            )
+            .rotate_issuer_key(pb::RotateIssuerKeyRequest { algorithm: 9 })
             .await,
         "algorithm",
     );
@@ -853,22 +586,15 @@ async fn bad_input_is_refused_and_changes_nothing() {
 async fn tenant_settings_choose_the_token_algorithm() {
     let server = TestServer::start().await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let updated = admin
-        .tenants()
-        .update_tenant_settings(
-            admin
-                .request(pb::UpdateTenantSettingsRequest {
-                    settings: Some(pb::TenantSettings {
-                        token_algorithm: pb::TokenAlgorithm::Es256 as i32,
-                    }),
-                })
-                .await
-                .unwrap(),
-        )
+        .update_tenant_settings(pb::UpdateTenantSettingsRequest {
+            settings: Some(pb::TenantSettings {
+                token_algorithm: pb::TokenAlgorithm::Es256 as i32,
+            }),
+        })
         .await
         .unwrap()
-        .into_inner()
         .tenant
         .unwrap();
     assert_eq!(
@@ -877,13 +603,7 @@ async fn tenant_settings_choose_the_token_algorithm() {
     );
     expect_invalid(
         admin
-            .tenants()
-            .update_tenant_settings(
-                admin
-                    .request(pb::UpdateTenantSettingsRequest { settings: None })
-                    .await
-                    .unwrap(),
-            )
+            .update_tenant_settings(pb::UpdateTenantSettingsRequest { settings: None })
             .await,
         "settings",
     );

@@ -24,7 +24,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 use tonic::Code;
 use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
@@ -42,6 +41,7 @@ use crate::vault_signing::create_key;
 use crate::webhooks::Receiver;
 
 use pb::ErrorReason as Reason;
+use vaultguard_tests::contract::every_method;
 
 /// The trusted OIDC issuer acme's external organisation is bound to (never
 /// contacted: only the binding matters here).
@@ -211,8 +211,8 @@ async fn setup() -> Fixture {
     .expect("bind acme's organisation");
     let (bot, bot_secret, agent) = server.create_agent(&acme.id, "bot").await;
     let (disabled, _, _) = server.create_agent(&acme.id, "retired").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-    let approver = server.human(&acme.id, "carol", &[pb::Role::Approver]).await;
+    let admin = server.admin(&acme.id, "alice").await;
+    let approver = server.approver(&acme.id, "carol").await;
     let auditor = server.human(&acme.id, "audrey", &[pb::Role::Auditor]).await;
     rpc!(
         &admin,
@@ -246,12 +246,8 @@ async fn setup() -> Fixture {
     // --- globex, the attacker (it receives acme's shared delegation).
     let globex = server.create_tenant("globex").await;
     let (_, b_bot_secret, b_agent) = server.create_agent(&globex.id, "globex-bot").await;
-    let b_admin = server
-        .human(&globex.id, "mallory", &[pb::Role::Admin])
-        .await;
-    let b_approver = server
-        .human(&globex.id, "trudy", &[pb::Role::Approver])
-        .await;
+    let b_admin = server.admin(&globex.id, "mallory").await;
+    let b_approver = server.approver(&globex.id, "trudy").await;
     let b_auditor = server.human(&globex.id, "eve", &[pb::Role::Auditor]).await;
     add_rule(&b_admin, inbound("shared.read", pb::Effect::Allow)).await;
     add_rule(
@@ -1636,26 +1632,6 @@ async fn wait_webhook_idle(server: &TestServer, tenant_id: &str) {
 // ---------------------------------------------------------------------------
 // The sweep.
 
-/// Every RPC of the contract, as full method paths.
-fn every_method() -> Vec<String> {
-    let set =
-        prost_types::FileDescriptorSet::decode(vaultguard_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut methods = Vec::new();
-    for file in &set.file {
-        for service in &file.service {
-            for method in &service.method {
-                methods.push(format!(
-                    "/{}.{}/{}",
-                    file.package(),
-                    service.name(),
-                    method.name()
-                ));
-            }
-        }
-    }
-    methods
-}
-
 #[tokio::test]
 async fn every_rpc_keeps_another_tenants_objects_out_of_reach() {
     let started = std::time::Instant::now();
@@ -1667,7 +1643,7 @@ async fn every_rpc_keeps_another_tenants_objects_out_of_reach() {
     wait_webhook_idle(&f.server, &a.tenant.id).await;
     let before = snapshot(&f.server, &a.tenant.id).await;
 
-    let methods = every_method();
+    let methods: Vec<String> = every_method().into_iter().map(|m| m.path).collect();
     assert!(methods.len() >= 61, "the contract: {}", methods.len());
     let mut uncovered = Vec::new();
     let mut calls = 0;

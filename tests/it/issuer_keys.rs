@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use vaultguard_client::pb;
+use vaultguard_tests::Rpc;
 use vaultguard_tests::TestServer;
 
 async fn http_jwks(server: &TestServer) -> Value {
@@ -35,16 +36,9 @@ async fn rotation_keeps_old_tokens_valid_until_they_expire() {
     let (_, _, agent) = server.create_agent(&acme.id, "bot").await;
 
     let keys = operator
-        .issuer_keys()
-        .list_issuer_keys(
-            operator
-                .request(pb::ListIssuerKeysRequest {})
-                .await
-                .unwrap(),
-        )
+        .list_issuer_keys(pb::ListIssuerKeysRequest {})
         .await
         .unwrap()
-        .into_inner()
         .keys;
     assert_eq!(keys.len(), 3, "one active key per algorithm");
     assert!(
@@ -91,19 +85,8 @@ async fn rotation_keeps_old_tokens_valid_until_they_expire() {
     let old_kid = token_kid(&old_token);
     assert!(kids(&jwks).contains(&old_kid));
 
-    let rotated = operator
-        .issuer_keys()
-        .rotate_issuer_key(
-            operator
-                .request(pb::RotateIssuerKeyRequest {
-                    algorithm: pb::TokenAlgorithm::Rs256 as i32,
-                })
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated =
+        vaultguard_tests::calls::rotate_issuer_key(&operator, pb::TokenAlgorithm::Rs256).await;
     let new_kid = rotated.key.unwrap().kid;
     let retired = rotated.retired.unwrap();
     assert_eq!(retired.kid, old_kid);

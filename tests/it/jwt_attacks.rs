@@ -33,6 +33,7 @@ use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::vault_signing::{create_key, sign_message, sign_now};
 
 use pb::TokenAlgorithm as Alg;
+use vaultguard_tests::Rpc;
 
 /// The audit reason of every Verify refused by the signature or claim checks.
 const GENERIC_REASON: &str = "signature, type, issuer, audience or time";
@@ -744,18 +745,11 @@ async fn a_retired_issuer_key_stops_verifying_after_its_publication_window() {
 
     let operator = server.operator().await;
     let rotated = operator
-        .issuer_keys()
-        .rotate_issuer_key(
-            operator
-                .request(pb::RotateIssuerKeyRequest {
-                    algorithm: Alg::Rs256 as i32,
-                })
-                .await
-                .unwrap(),
-        )
+        .rotate_issuer_key(pb::RotateIssuerKeyRequest {
+            algorithm: Alg::Rs256 as i32,
+        })
         .await
-        .expect("rotate")
-        .into_inner();
+        .expect("rotate");
     assert_eq!(rotated.retired.expect("retired key").kid, old_kid);
     who_am_i(server, &access)
         .await
@@ -782,9 +776,7 @@ async fn a_retired_issuer_key_stops_verifying_after_its_publication_window() {
     );
     assert_bearers_refused(server, &[("retired kid".to_owned(), access)]).await;
     // The admin's own token expired with the jump: a fresh one.
-    let globex_admin = server
-        .human(&pair.globex.id, "gina", &[pb::Role::Admin])
-        .await;
+    let globex_admin = server.admin(&pair.globex.id, "gina").await;
     let fresh = Pair {
         globex_admin,
         ..pair

@@ -16,11 +16,7 @@ use crate::policies::{add_rule, inbound, text};
 
 /// A server whose limits are all off, then changed by `adjust`.
 async fn server_with(adjust: fn(&mut Config)) -> TestServer {
-    TestServer::start_with(TestOptions {
-        adjust_config: Some(adjust),
-        ..TestOptions::default()
-    })
-    .await
+    TestServer::start_adjusted(adjust).await
 }
 
 pub(crate) fn no_limits(config: &mut Config) {
@@ -137,9 +133,7 @@ async fn the_tenant_limit_spans_agents_and_humans_and_spares_other_tenants() {
     // Both agents and the tenant's humans are out of budget now.
     rate_limited(who_am_i(&first).await, "tenant");
     rate_limited(who_am_i(&second).await, "tenant");
-    let admin = server
-        .human(&acme.id, "admin@acme", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme").await;
     rate_limited(who_am_i(&admin).await, "tenant");
     // Another tenant is not.
     for _ in 0..10 {
@@ -287,9 +281,7 @@ async fn parked_refusals_hold_no_overload_slot() {
     let globex = server.create_tenant("globex").await;
     let (_, _, flooder) = server.create_agent(&acme.id, "flooder").await;
     flooder.bearer().await.expect("token");
-    let admin = server
-        .human(&globex.id, "admin@globex", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&globex.id, "admin@globex").await;
 
     // 200 calls of acme's agent at once, each retried while it is shed at
     // arrival (8 slots), until refused: nearly all of them park for 5 s.
@@ -425,9 +417,7 @@ async fn an_oversized_request_is_refused_and_writes_nothing() {
     })
     .await;
     let acme = server.create_tenant("acme").await;
-    let admin = server
-        .human(&acme.id, "admin@acme", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme").await;
     // A valid rule of ~20 KB: 16 conditions of 4 values of 256 bytes.
     let values: Vec<pb::AttributeValue> = (0..4)
         .map(|n| text(&format!("{n:03}{}", "v".repeat(253))))
@@ -545,9 +535,7 @@ async fn calls_beyond_the_concurrency_cap_are_shed_at_once() {
     })
     .await;
     let acme = server.create_tenant("acme").await;
-    let admin = server
-        .human(&acme.id, "admin@acme", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme").await;
     let hanging = [
         hanging_call(&server, &issuer).await,
         hanging_call(&server, &issuer).await,
@@ -621,15 +609,11 @@ async fn a_tenant_holds_at_most_its_cap_of_open_streams() {
     .await;
     let acme = server.create_tenant("acme").await;
     let globex = server.create_tenant("globex").await;
-    let approver = server
-        .human(&acme.id, "approver@acme", &[pb::Role::Approver])
-        .await;
+    let approver = server.approver(&acme.id, "approver@acme").await;
     let auditor = server
         .human(&acme.id, "auditor@acme", &[pb::Role::Auditor])
         .await;
-    let outsider = server
-        .human(&globex.id, "approver@globex", &[pb::Role::Approver])
-        .await;
+    let outsider = server.approver(&globex.id, "approver@globex").await;
 
     let first = watch_queue(&approver).await.expect("first stream");
     let _second = watch_queue(&approver).await.expect("second stream");

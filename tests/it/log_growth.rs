@@ -16,14 +16,11 @@ use tonic::metadata::AsciiMetadataValue;
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_server::config::Config;
 use vaultguard_server::store::entities::audit_event;
-use vaultguard_tests::{TestOptions, TestServer, expect_code};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::{TestServer, expect_code};
 
 async fn server_with(adjust: fn(&mut Config)) -> TestServer {
-    TestServer::start_with(TestOptions {
-        adjust_config: Some(adjust),
-        ..TestOptions::default()
-    })
-    .await
+    TestServer::start_adjusted(adjust).await
 }
 
 /// IssueToken for `client_id` with a wrong secret, sending `request_id` (if
@@ -86,9 +83,7 @@ async fn hostile_request_ids_never_reach_the_audit_log() {
     .await;
     let acme = server.create_tenant("acme").await;
     let (agent, _, _) = server.create_agent(&acme.id, "bot").await;
-    let admin = server
-        .human(&acme.id, "admin@acme", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme").await;
     let anonymous = server.anonymous().await;
 
     let megabyte = "r".repeat(1024 * 1024);
@@ -208,9 +203,7 @@ async fn refusal_floods_leave_a_bounded_trail_that_counts_them() {
     .await;
     let acme = server.create_tenant("acme").await;
     let (agent, secret, _) = server.create_agent(&acme.id, "bot").await;
-    let admin = server
-        .human(&acme.id, "admin@acme", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme").await;
     let anonymous = server.anonymous().await;
 
     // An outsider guesses the agent's secret 500 times.
@@ -228,13 +221,14 @@ async fn refusal_floods_leave_a_bounded_trail_that_counts_them() {
     }
     // The tenant's admin probes 200 made-up agent ids.
     for n in 0..200 {
-        let request = admin
-            .request(pb::GetAgentRequest {
-                agent_id: format!("agt_{n:032}"),
-            })
-            .await
-            .expect("request");
-        expect_code(admin.agents().get_agent(request).await, Code::NotFound);
+        expect_code(
+            admin
+                .get_agent(pb::GetAgentRequest {
+                    agent_id: format!("agt_{n:032}"),
+                })
+                .await,
+            Code::NotFound,
+        );
     }
     // And 100 made-up delegation ids.
     for n in 0..100 {

@@ -26,7 +26,7 @@ use tonic_health::pb::health_client::HealthClient;
 use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::store::entities::delegation;
 use vaultguard_tests::{
-    Backend, PendingStepUp, Proxy, StepUpWatch, TestOptions, TestServer, approve_step_up, backend,
+    Backend, PendingStepUp, Proxy, StepUpWatch, TestOptions, TestServer, approve_step_up,
     request_step_up, watch_step_up,
 };
 
@@ -37,6 +37,8 @@ use crate::crash::{
 };
 use crate::delegations::ask;
 use crate::policies::{add_rule, inbound};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 
 /// How long the database stays unreachable.
 const OUTAGE: Duration = Duration::from_secs(12);
@@ -128,16 +130,12 @@ async fn poll_load(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(30), async {
-            let request = agent
-                .request(pb::PollStepUpRequest {
-                    auth_req_id: auth_req_id.clone(),
-                })
-                .await?;
-            Ok::<_, ClientError>(agent.step_ups().poll_step_up(request).await?)
-        })
-        .await
-        .expect("PollStepUp hung for 30 s");
+        let request = pb::PollStepUpRequest {
+            auth_req_id: auth_req_id.clone(),
+        };
+        let result = tokio::time::timeout(Duration::from_secs(30), agent.poll_step_up(request))
+            .await
+            .expect("PollStepUp hung for 30 s");
         let code = code_of(&result);
         assert_ne!(code, None, "nobody approved the polled step-up");
         // A pending answer is the database answering.
@@ -225,10 +223,8 @@ async fn next_status_within(watch: &mut StepUpWatch, within: Duration) -> pb::St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_database_outage_fails_fast_and_the_server_recovers_by_itself() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_a_database_outage_fails_fast_and_the_server_recovers_by_itself() {
+    require_backend(Backend::Postgres);
     let proxy = Proxy::to_postgres().await;
     let a = TestServer::start_with(TestOptions {
         database_proxy: Some(proxy.addr),
@@ -241,13 +237,13 @@ async fn a_database_outage_fails_fast_and_the_server_recovers_by_itself() {
 
     let acme = a.create_tenant("acme").await;
     let globex = a.create_tenant("globex").await;
-    let globex_admin = a.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let globex_admin = a.admin(&globex.id, "gina").await;
     add_rule(&globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
     add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
     let (bot, _, agent_a) = a.create_agent(&acme.id, "bot").await;
     agent_a.bearer().await.expect("agent token");
-    let approver_a = a.human(&globex.id, "ann", &[pb::Role::Approver]).await;
-    let approver_b = b.human(&globex.id, "bob", &[pb::Role::Approver]).await;
+    let approver_a = a.approver(&globex.id, "ann").await;
+    let approver_b = b.approver(&globex.id, "bob").await;
 
     // Three step-ups: one decided during the outage, one after it, one never.
     let pay = |n: u32| ask(&globex.id, &format!("pay.n{n}"));
@@ -434,7 +430,7 @@ async fn a_database_outage_fails_fast_and_the_server_recovers_by_itself() {
         }
     }
     let (delegations, active) = assert_no_half_written_delegation(&a.state.db, &audit, logs).await;
-    let acme_admin = b.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let acme_admin = b.admin(&acme.id, "alice").await;
     let acme_links = assert_chain_intact(&a.state.db, &acme_admin, &acme.id).await;
     let globex_links = assert_chain_intact(&a.state.db, &globex_admin, &globex.id).await;
 

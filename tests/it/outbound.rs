@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
+use vaultguard_client::{ClientError, DelegationOutcome, pb};
 use vaultguard_server::clock::{Clock, OffsetClock};
 use vaultguard_server::config::{Config, TrustedIssuer};
 use vaultguard_server::outbound::{LookupFuture, NameLookup};
@@ -34,6 +34,9 @@ use vaultguard_tests::{TestOptions, TestServer, captured_logs, expect_code, expe
 
 use crate::delegations::ask;
 use crate::policies::{add_rule, inbound};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::create_provider;
+use vaultguard_tests::calls::{set_webhook, webhook};
 
 /// A public address a name points at while it is registered (never
 /// connected to: nothing is delivered before the name is rebound).
@@ -109,37 +112,6 @@ impl Drop for Counter {
 // ---------------------------------------------------------------------------
 // Calls.
 
-async fn set_webhook(
-    admin: &VaultGuardClient,
-    url: &str,
-) -> Result<pb::SetApprovalWebhookResponse, ClientError> {
-    let request = admin
-        .request(pb::SetApprovalWebhookRequest {
-            url: url.to_owned(),
-        })
-        .await?;
-    Ok(admin
-        .step_ups()
-        .set_approval_webhook(request)
-        .await?
-        .into_inner())
-}
-
-async fn get_webhook(admin: &VaultGuardClient) -> pb::ApprovalWebhook {
-    let request = admin
-        .request(pb::GetApprovalWebhookRequest {})
-        .await
-        .unwrap();
-    admin
-        .step_ups()
-        .get_approval_webhook(request)
-        .await
-        .expect("get webhook")
-        .into_inner()
-        .webhook
-        .expect("webhook")
-}
-
 fn provider_registration(token_url: &str, revocation_url: &str) -> pb::CreateOAuthProviderRequest {
     pb::CreateOAuthProviderRequest {
         name: "mail".to_owned(),
@@ -151,15 +123,6 @@ fn provider_registration(token_url: &str, revocation_url: &str) -> pb::CreateOAu
         scopes: vec!["mail.read".to_owned()],
         extra_authorize_params: HashMap::new(),
     }
-}
-
-async fn create_provider(
-    admin: &VaultGuardClient,
-    input: pb::CreateOAuthProviderRequest,
-) -> Result<pb::OAuthProvider, ClientError> {
-    let request = admin.request(input).await?;
-    let response = admin.vault().create_o_auth_provider(request).await?;
-    Ok(response.into_inner().provider.expect("provider"))
 }
 
 /// A JWT-shaped bearer claiming issuer `iss` with a `kid` no cache holds
@@ -176,8 +139,7 @@ fn token_of(iss: &str) -> String {
 
 async fn who_am_i(server: &TestServer, token: &str) -> Result<pb::WhoAmIResponse, ClientError> {
     let client = server.with_bearer(token).await;
-    let request = client.request(pb::WhoAmIRequest {}).await?;
-    Ok(client.auth().who_am_i(request).await?.into_inner())
+    client.raw_who_am_i(pb::WhoAmIRequest {}).await
 }
 
 // ---------------------------------------------------------------------------
@@ -191,7 +153,7 @@ async fn internal_outbound_urls_are_refused_at_registration_without_the_allowanc
     })
     .await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let third_party = Counter::start().await;
     let port = third_party.port;
 
@@ -307,8 +269,8 @@ async fn a_name_rebound_to_loopback_is_refused_at_connection_time() {
     .await;
     let acme = server.create_tenant("acme").await;
     let globex = server.create_tenant("globex").await;
-    let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let acme_admin = server.admin(&acme.id, "alice").await;
+    let globex_admin = server.admin(&globex.id, "gina").await;
     let (_, _, agent) = server.create_agent(&acme.id, "bot").await;
     add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
 
@@ -348,13 +310,13 @@ async fn a_name_rebound_to_loopback_is_refused_at_connection_time() {
     else {
         panic!("expected a step-up");
     };
-    let mut shown = get_webhook(&globex_admin).await;
+    let mut shown = webhook(&globex_admin).await;
     for _ in 0..100 {
         if !shown.last_failure_reason.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        shown = get_webhook(&globex_admin).await;
+        shown = webhook(&globex_admin).await;
     }
     assert_eq!(shown.last_failure_reason, "forbidden address");
     assert!(shown.last_success_time.is_none());
@@ -368,19 +330,13 @@ async fn a_name_rebound_to_loopback_is_refused_at_connection_time() {
 
     // The provider's token endpoint is refused: the callback's code
     // exchange never reaches it, and the connection is not connected.
-    let request = acme_admin
-        .request(pb::StartConnectionRequest {
+    let started = acme_admin
+        .start_connection(pb::StartConnectionRequest {
             provider_id: registered.id.clone(),
             ..Default::default()
         })
         .await
-        .unwrap();
-    let started = acme_admin
-        .vault()
-        .start_connection(request)
-        .await
-        .expect("start connection")
-        .into_inner();
+        .expect("start connection");
     reqwest::get(&started.authorize_url)
         .await
         .expect("the browser's round trip");
@@ -415,7 +371,7 @@ async fn only_permitted_addresses_of_a_name_are_connected_to() {
     .await;
     let acme = server.create_tenant("acme").await;
     let globex = server.create_tenant("globex").await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let globex_admin = server.admin(&globex.id, "gina").await;
     let (_, _, agent) = server.create_agent(&acme.id, "bot").await;
     add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
     dns.point("hooks.mixed.test", &[PUBLIC]);
@@ -444,7 +400,7 @@ async fn only_permitted_addresses_of_a_name_are_connected_to() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let shown = get_webhook(&globex_admin).await;
+    let shown = webhook(&globex_admin).await;
     assert_eq!(shown.last_failure_reason, "");
     assert!(captured_logs().contains("169.254.169.254"));
     server.stop().await;

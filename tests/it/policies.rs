@@ -3,74 +3,24 @@
 //! EvaluatePolicy dry run, the evaluation order of each side, the outbound
 //! default, and why a tenant's inbound rule never speaks for a third tenant.
 
-use std::collections::HashMap;
-
 use sea_orm::{ColumnTrait, QueryFilter};
 use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
 use vaultguard_server::store::entities::audit_event;
 use vaultguard_tests::{TestServer, expect_code, expect_invalid, expect_reason};
 
-use crate::delegations::{Pair, ask, bad_requests, evaluation, setup_pair};
+use crate::delegations::{ask, bad_requests, evaluation, setup_pair};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::{delete_rule, get_rule, update_rule};
+pub(crate) use vaultguard_tests::fixtures::{
+    add_rule, cond, context, create_rule, inbound, num, outbound, rule, text, when,
+    with_counterpart,
+};
 
 type Op = pb::ConditionOperator;
 
 // ---------------------------------------------------------------------------
 // Rules and context values.
-
-pub(crate) fn rule(direction: pb::RuleDirection, pattern: &str, effect: pb::Effect) -> pb::Rule {
-    pb::Rule {
-        direction: direction as i32,
-        action_pattern: pattern.to_owned(),
-        effect: effect as i32,
-        ..Default::default()
-    }
-}
-
-/// An inbound rule for any tenant and any agent.
-pub(crate) fn inbound(pattern: &str, effect: pb::Effect) -> pb::Rule {
-    rule(pb::RuleDirection::Inbound, pattern, effect)
-}
-
-/// An outbound rule for any tenant and any agent.
-pub(crate) fn outbound(pattern: &str, effect: pb::Effect) -> pb::Rule {
-    rule(pb::RuleDirection::Outbound, pattern, effect)
-}
-
-/// `rule` limited to the counterpart tenant `tenant_id`.
-pub(crate) fn with_counterpart(tenant_id: &str, rule: pb::Rule) -> pb::Rule {
-    pb::Rule {
-        counterpart_tenant_id: tenant_id.to_owned(),
-        ..rule
-    }
-}
-
-/// `rule` with `conditions`.
-pub(crate) fn when(conditions: Vec<pb::Condition>, rule: pb::Rule) -> pb::Rule {
-    pb::Rule { conditions, ..rule }
-}
-
-pub(crate) fn num(value: f64) -> pb::AttributeValue {
-    pb::AttributeValue {
-        kind: Some(pb::attribute_value::Kind::NumberValue(value)),
-    }
-}
-
-pub(crate) fn text(value: &str) -> pb::AttributeValue {
-    pb::AttributeValue {
-        kind: Some(pb::attribute_value::Kind::StringValue(value.to_owned())),
-    }
-}
-
-/// A comparison of `attribute` with one operand.
-pub(crate) fn cond(attribute: &str, operator: Op, value: pb::AttributeValue) -> pb::Condition {
-    pb::Condition {
-        attribute: attribute.to_owned(),
-        operator: operator as i32,
-        value: Some(value),
-        values: Vec::new(),
-    }
-}
 
 /// A membership test of `attribute` (IN, NOT_IN).
 fn cond_in(attribute: &str, operator: Op, values: Vec<pb::AttributeValue>) -> pb::Condition {
@@ -80,14 +30,6 @@ fn cond_in(attribute: &str, operator: Op, values: Vec<pb::AttributeValue>) -> pb
         value: None,
         values,
     }
-}
-
-/// A request context from pairs.
-pub(crate) fn context(pairs: &[(&str, pb::AttributeValue)]) -> HashMap<String, pb::AttributeValue> {
-    pairs
-        .iter()
-        .map(|(key, value)| ((*key).to_owned(), value.clone()))
-        .collect()
 }
 
 /// Asserts `id` is `prefix` followed by 32 lowercase hex digits.
@@ -121,78 +63,17 @@ fn expect_version_mismatch<T: std::fmt::Debug>(result: Result<T, ClientError>, c
 // ---------------------------------------------------------------------------
 // PolicyService calls.
 
-pub(crate) async fn create_rule(
-    admin: &VaultGuardClient,
-    rule: pb::Rule,
-) -> Result<pb::CreateRuleResponse, ClientError> {
-    let request = admin
-        .request(pb::CreateRuleRequest { rule: Some(rule) })
-        .await?;
-    Ok(admin.policies().create_rule(request).await?.into_inner())
-}
-
-/// Creates `rule`, which must be valid; returns the stored rule.
-pub(crate) async fn add_rule(admin: &VaultGuardClient, rule: pb::Rule) -> pb::Rule {
-    create_rule(admin, rule)
-        .await
-        .expect("create rule")
-        .rule
-        .expect("rule")
-}
-
-async fn get_rule(admin: &VaultGuardClient, rule_id: &str) -> Result<pb::Rule, ClientError> {
-    let request = admin
-        .request(pb::GetRuleRequest {
-            rule_id: rule_id.to_owned(),
-        })
-        .await?;
-    let response = admin.policies().get_rule(request).await?.into_inner();
-    Ok(response.rule.expect("rule"))
-}
-
 async fn list_rules(
     admin: &VaultGuardClient,
     filter: pb::ListRulesRequest,
 ) -> Result<pb::ListRulesResponse, ClientError> {
-    let request = admin.request(filter).await?;
-    Ok(admin.policies().list_rules(request).await?.into_inner())
-}
-
-pub(crate) async fn update_rule(
-    admin: &VaultGuardClient,
-    rule: pb::Rule,
-    expected_version: u64,
-) -> Result<pb::UpdateRuleResponse, ClientError> {
-    let request = admin
-        .request(pb::UpdateRuleRequest {
-            rule: Some(rule),
-            expected_version,
-        })
-        .await?;
-    Ok(admin.policies().update_rule(request).await?.into_inner())
-}
-
-async fn delete_rule(
-    admin: &VaultGuardClient,
-    rule_id: &str,
-    expected_version: u64,
-) -> Result<pb::DeleteRuleResponse, ClientError> {
-    let request = admin
-        .request(pb::DeleteRuleRequest {
-            rule_id: rule_id.to_owned(),
-            expected_version,
-        })
-        .await?;
-    Ok(admin.policies().delete_rule(request).await?.into_inner())
+    admin.list_rules(filter).await
 }
 
 pub(crate) async fn settings(admin: &VaultGuardClient) -> Result<pb::PolicySettings, ClientError> {
-    let request = admin.request(pb::GetPolicySettingsRequest {}).await?;
     let response = admin
-        .policies()
-        .get_policy_settings(request)
-        .await?
-        .into_inner();
+        .get_policy_settings(pb::GetPolicySettingsRequest {})
+        .await?;
     Ok(response.settings.expect("settings"))
 }
 
@@ -201,17 +82,12 @@ pub(crate) async fn set_outbound_default(
     outbound_default: pb::OutboundDefault,
     expected_policy_version: u64,
 ) -> Result<pb::PolicySettings, ClientError> {
-    let request = admin
-        .request(pb::UpdatePolicySettingsRequest {
+    let response = admin
+        .update_policy_settings(pb::UpdatePolicySettingsRequest {
             outbound_default: outbound_default as i32,
             expected_policy_version,
         })
         .await?;
-    let response = admin
-        .policies()
-        .update_policy_settings(request)
-        .await?
-        .into_inner();
     Ok(response.settings.expect("settings"))
 }
 
@@ -219,12 +95,7 @@ pub(crate) async fn evaluate(
     client: &VaultGuardClient,
     input: pb::EvaluatePolicyRequest,
 ) -> Result<pb::PolicyDecision, ClientError> {
-    let request = client.request(input).await?;
-    let response = client
-        .policies()
-        .evaluate_policy(request)
-        .await?
-        .into_inner();
+    let response = client.evaluate_policy(input).await?;
     Ok(response.decision.expect("decision"))
 }
 
@@ -283,6 +154,30 @@ fn assert_side(side: Option<&pb::SideDecision>, outcome: pb::Decision, rule_id: 
         (outcome as i32, rule_id),
         "{what}: {side:?}"
     );
+}
+
+/// `decision`'s outbound side: `outcome`, decided by `rule_id`.
+#[track_caller]
+fn assert_outbound(
+    decision: &pb::PolicyDecision,
+    outcome: pb::Decision,
+    rule_id: &str,
+    what: &str,
+) {
+    assert_side(decision.outbound.as_ref(), outcome, rule_id, what);
+}
+
+/// `decision`'s inbound side as the receiving tenant sees it: `outcome`,
+/// decided by `rule_id`.
+async fn assert_inbound(
+    server: &TestServer,
+    decision: &pb::PolicyDecision,
+    outcome: pb::Decision,
+    rule_id: &str,
+    what: &str,
+) {
+    let seen = owner_view(server, decision.clone()).await;
+    assert_side(seen.inbound.as_ref(), outcome, rule_id, what);
 }
 
 /// The rule without its output-only fields.
@@ -357,13 +252,7 @@ async fn footprint(server: &TestServer) -> (i64, i64) {
 #[tokio::test]
 async fn rule_crud_round_trip_bumps_versions_and_is_audited() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, acme_admin: admin);
     assert_eq!(settings(admin).await.unwrap().policy_version, 0);
 
     let draft = pb::Rule {
@@ -495,12 +384,7 @@ async fn rule_crud_round_trip_bumps_versions_and_is_audited() {
 #[tokio::test]
 async fn policy_settings_default_to_allow_and_updates_bump_the_version() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, acme_admin: admin);
 
     let initial = settings(admin).await.unwrap();
     assert_eq!(initial.outbound_default, pb::OutboundDefault::Allow as i32);
@@ -544,13 +428,7 @@ async fn policy_settings_default_to_allow_and_updates_bump_the_version() {
 #[tokio::test]
 async fn rules_are_listed_in_evaluation_order_and_paged() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        acme_admin: admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, acme_admin: admin, globex_admin);
     let (bot, _, _) = server.create_agent(&globex.id, "bot").await;
     let from_globex = |rule: pb::Rule| with_counterpart(&globex.id, rule);
 
@@ -925,13 +803,7 @@ fn bad_rules(tenant_id: &str) -> Vec<(&'static str, pb::Rule)> {
 #[tokio::test]
 async fn bad_rules_are_refused_naming_the_field_and_write_nothing() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, acme_admin: admin);
     let (globex_bot, _, _) = server.create_agent(&globex.id, "bot").await;
     let before = footprint(server).await;
 
@@ -1024,14 +896,7 @@ async fn bad_rules_are_refused_naming_the_field_and_write_nothing() {
 #[tokio::test]
 async fn evaluate_policy_refuses_bad_input_and_writes_nothing() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        bot,
-        agent,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, bot, agent, acme_admin: admin);
     let before = footprint(server).await;
 
     for (field, bad) in bad_requests(&globex.id) {
@@ -1064,14 +929,7 @@ async fn evaluate_policy_refuses_bad_input_and_writes_nothing() {
 #[tokio::test]
 async fn a_tenant_cannot_read_or_edit_another_tenants_rules() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, acme_admin, globex_admin);
     let rule = add_rule(
         acme_admin,
         with_counterpart(&globex.id, inbound("stock.*", pb::Effect::Allow)),
@@ -1114,21 +972,13 @@ async fn a_tenant_cannot_read_or_edit_another_tenants_rules() {
 #[tokio::test]
 async fn only_admins_manage_policies() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin: admin);
     let (other_bot, _, _) = server.create_agent(&acme.id, "other-bot").await;
     let (globex_bot, _, _) = server.create_agent(&globex.id, "bot").await;
     let rule = add_rule(admin, inbound("stock.*", pb::Effect::Allow)).await;
     let before = footprint(server).await;
 
-    let approver = server.human(&acme.id, "ann", &[pb::Role::Approver]).await;
+    let approver = server.approver(&acme.id, "ann").await;
     let auditor = server.human(&acme.id, "aud", &[pb::Role::Auditor]).await;
     let operator = server.operator().await;
     for (who, client) in [
@@ -1184,15 +1034,7 @@ async fn only_admins_manage_policies() {
 #[tokio::test]
 async fn evaluate_policy_is_a_dry_run_reporting_both_sides() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        globex_admin,
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin, globex_admin);
     let outbound_rule = add_rule(
         acme_admin,
         pb::Rule {
@@ -1288,8 +1130,8 @@ async fn evaluate_policy_is_a_dry_run_reporting_both_sides() {
         "",
         "no inbound match",
     );
-    assert_side(
-        blocked.outbound.as_ref(),
+    assert_outbound(
+        &blocked,
         pb::Decision::Allow,
         &outbound_rule.id,
         "outbound still judged",
@@ -1341,15 +1183,7 @@ fn minute_and_weekday(millis: i64) -> (u32, i32) {
 #[tokio::test]
 async fn evaluation_order_decides_each_side() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, acme_admin, globex_admin);
     let (other_bot, _, _) = server.create_agent(&acme.id, "other-bot").await;
     let add = |rule: pb::Rule| add_rule(globex_admin, rule);
     let from_acme = |rule: pb::Rule| with_counterpart(&acme.id, rule);
@@ -1519,19 +1353,9 @@ async fn evaluation_order_decides_each_side() {
     let out_exact = add_rule(acme_admin, outbound("o.x", pb::Effect::Allow)).await;
     add(inbound("o.*", pb::Effect::Allow)).await;
     let allowed = judge(acme_admin, &bot.id, &globex.id, "o.x", none).await;
-    assert_side(
-        allowed.outbound.as_ref(),
-        Allow,
-        &out_exact.id,
-        "outbound exact",
-    );
+    assert_outbound(&allowed, Allow, &out_exact.id, "outbound exact");
     let refused = judge(acme_admin, &bot.id, &globex.id, "o.y", none).await;
-    assert_side(
-        refused.outbound.as_ref(),
-        Block,
-        &out_wildcard.id,
-        "outbound wildcard",
-    );
+    assert_outbound(&refused, Block, &out_wildcard.id, "outbound wildcard");
     assert_eq!(refused.outcome, Block as i32);
     pair.server.stop().await;
 }
@@ -1539,14 +1363,7 @@ async fn evaluation_order_decides_each_side() {
 #[tokio::test]
 async fn outbound_default_and_the_stricter_side_win() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        bot,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, bot, acme_admin, globex_admin);
     let (initech, initech_admin) = pair.third_tenant().await;
     let globex_any = add_rule(globex_admin, inbound("*", pb::Effect::Allow)).await;
     add_rule(&initech_admin, inbound("*", pb::Effect::Allow)).await;
@@ -1559,12 +1376,7 @@ async fn outbound_default_and_the_stricter_side_win() {
     // A new tenant's agents are not stuck: no outbound rule means ALLOW.
     let open = to(&globex.id, "stock.write").await;
     assert_eq!(open.outcome, pb::Decision::Allow as i32);
-    assert_side(
-        open.outbound.as_ref(),
-        pb::Decision::Allow,
-        "",
-        "outbound default",
-    );
+    assert_outbound(&open, pb::Decision::Allow, "", "outbound default");
     assert_eq!(open.outbound.unwrap().policy_version, 0);
     assert_eq!(open.max_ttl_seconds, 600);
 
@@ -1574,18 +1386,15 @@ async fn outbound_default_and_the_stricter_side_win() {
         .unwrap();
     let closed = to(&globex.id, "stock.write").await;
     assert_eq!(closed.outcome, pb::Decision::Block as i32);
-    assert_side(
-        closed.outbound.as_ref(),
-        pb::Decision::Block,
-        "",
-        "least privilege",
-    );
-    assert_side(
-        owner_view(server, closed.clone()).await.inbound.as_ref(),
+    assert_outbound(&closed, pb::Decision::Block, "", "least privilege");
+    assert_inbound(
+        server,
+        &closed,
         pb::Decision::Allow,
         &globex_any.id,
         "inbound",
-    );
+    )
+    .await;
     assert_eq!(closed.outbound.unwrap().policy_version, 1);
     assert_eq!(closed.max_ttl_seconds, 0);
     let stock_to_globex = add_rule(
@@ -1598,34 +1407,26 @@ async fn outbound_default_and_the_stricter_side_win() {
     .await;
     let reopened = to(&globex.id, "stock.write").await;
     assert_eq!(reopened.outcome, pb::Decision::Allow as i32);
-    assert_side(
-        reopened.outbound.as_ref(),
-        pb::Decision::Allow,
-        &stock_to_globex.id,
-        "rule",
-    );
+    assert_outbound(&reopened, pb::Decision::Allow, &stock_to_globex.id, "rule");
     assert_eq!(reopened.max_ttl_seconds, 300);
     for (receiving, action) in [(&globex.id, "bank.pay"), (&initech.id, "stock.write")] {
         let refused = to(receiving, action).await;
-        assert_side(refused.outbound.as_ref(), pb::Decision::Block, "", action);
+        assert_outbound(&refused, pb::Decision::Block, "", action);
     }
 
     // An outbound BLOCK overrides an inbound ALLOW.
     let no_delete = add_rule(acme_admin, outbound("stock.delete", pb::Effect::Block)).await;
     let refused = to(&globex.id, "stock.delete").await;
     assert_eq!(refused.outcome, pb::Decision::Block as i32);
-    assert_side(
-        refused.outbound.as_ref(),
-        pb::Decision::Block,
-        &no_delete.id,
-        "outbound",
-    );
-    assert_side(
-        owner_view(server, refused.clone()).await.inbound.as_ref(),
+    assert_outbound(&refused, pb::Decision::Block, &no_delete.id, "outbound");
+    assert_inbound(
+        server,
+        &refused,
         pb::Decision::Allow,
         &globex_any.id,
         "inbound",
-    );
+    )
+    .await;
 
     // STEP_UP from either side; the quorum is the larger, the TTL the smaller.
     let out_step_up = add_rule(
@@ -1647,34 +1448,14 @@ async fn outbound_default_and_the_stricter_side_win() {
     .await;
     let both = to(&globex.id, "stock.move").await;
     assert_eq!(both.outcome, pb::Decision::StepUp as i32);
-    assert_side(
-        both.outbound.as_ref(),
-        pb::Decision::StepUp,
-        &out_step_up.id,
-        "out",
-    );
-    assert_side(
-        owner_view(server, both.clone()).await.inbound.as_ref(),
-        pb::Decision::StepUp,
-        &in_step_up.id,
-        "in",
-    );
+    assert_outbound(&both, pb::Decision::StepUp, &out_step_up.id, "out");
+    assert_inbound(server, &both, pb::Decision::StepUp, &in_step_up.id, "in").await;
     assert_eq!((both.approvals_required, both.max_ttl_seconds), (3, 120));
     let inbound_only = add_rule(globex_admin, inbound("stock.count", pb::Effect::StepUp)).await;
     let one = to(&globex.id, "stock.count").await;
     assert_eq!(one.outcome, pb::Decision::StepUp as i32);
-    assert_side(
-        one.outbound.as_ref(),
-        pb::Decision::Allow,
-        &stock_to_globex.id,
-        "out",
-    );
-    assert_side(
-        owner_view(server, one.clone()).await.inbound.as_ref(),
-        pb::Decision::StepUp,
-        &inbound_only.id,
-        "in",
-    );
+    assert_outbound(&one, pb::Decision::Allow, &stock_to_globex.id, "out");
+    assert_inbound(server, &one, pb::Decision::StepUp, &inbound_only.id, "in").await;
     assert_eq!(one.approvals_required, 1, "0 means 1");
     pair.server.stop().await;
 }
@@ -1686,7 +1467,7 @@ async fn an_inbound_rule_never_grants_access_to_a_third_tenant() {
     let bravo = server.create_tenant("bravo").await;
     let charlie = server.create_tenant("charlie").await;
     let (bravo_bot, _, bravo_agent) = server.create_agent(&bravo.id, "bot").await;
-    let alpha_admin = server.human(&alpha.id, "al", &[pb::Role::Admin]).await;
+    let alpha_admin = server.admin(&alpha.id, "al").await;
 
     // Alpha allows everything inbound, names charlie and bravo, and allows
     // its own agents everything outbound.

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use vaultguard_client::{VaultGuardClient, pb};
+use vaultguard_tests::Rpc;
 use vaultguard_tests::TestServer;
 
 /// The three actions and what the receiving tenant's inbound rules make of
@@ -53,15 +54,13 @@ async fn world() -> World {
     let globex = server.create_tenant("globex").await;
     let acme = server.create_tenant("acme").await;
     let (agent, secret, _) = server.create_agent(&globex.id, "polyglot-bot").await;
-    let admin = server
-        .human(&acme.id, "admin@acme.test", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&acme.id, "admin@acme.test").await;
     for (pattern, effect) in [
         (ALLOWED, pb::Effect::Allow),
         (STEPPED_UP, pb::Effect::StepUp),
     ] {
-        let request = admin
-            .request(pb::CreateRuleRequest {
+        admin
+            .create_rule(pb::CreateRuleRequest {
                 rule: Some(pb::Rule {
                     direction: pb::RuleDirection::Inbound as i32,
                     action_pattern: pattern.to_owned(),
@@ -71,16 +70,9 @@ async fn world() -> World {
                 }),
             })
             .await
-            .expect("request");
-        admin
-            .policies()
-            .create_rule(request)
-            .await
             .expect("create rule");
     }
-    let approver = server
-        .human(&acme.id, "approver@acme.test", &[pb::Role::Approver])
-        .await;
+    let approver = server.approver(&acme.id, "approver@acme.test").await;
     World {
         server,
         receiving_tenant_id: acme.id,
@@ -122,22 +114,15 @@ impl World {
     async fn approve(&self, action: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let step_up = loop {
-            let request = self
+            let pending = self
                 .approver
-                .request(pb::ListPendingStepUpsRequest {
+                .list_pending_step_ups(pb::ListPendingStepUpsRequest {
                     requesting_tenant_id: String::new(),
                     action: action.to_owned(),
                     page: None,
                 })
                 .await
-                .expect("request");
-            let pending = self
-                .approver
-                .step_ups()
-                .list_pending_step_ups(request)
-                .await
                 .expect("list pending step-ups")
-                .into_inner()
                 .step_ups;
             if let Some(found) = pending
                 .into_iter()
@@ -151,22 +136,15 @@ impl World {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let request = self
+        let approved = self
             .approver
-            .request(pb::ApproveStepUpRequest {
+            .approve_step_up(pb::ApproveStepUpRequest {
                 step_up_id: step_up.step_up_id.clone(),
                 request_hash: step_up.request_hash.clone(),
                 comment: "checked by the polyglot test".to_owned(),
             })
             .await
-            .expect("request");
-        let approved = self
-            .approver
-            .step_ups()
-            .approve_step_up(request)
-            .await
-            .expect("approve the step-up")
-            .into_inner();
+            .expect("approve the step-up");
         // The agent is streaming, so it may already have taken the token.
         let state = approved.step_up.map(|s| s.state);
         assert!(

@@ -7,11 +7,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
-use vaultguard_tests::{Backend, backend, wait_ready};
+use vaultguard_tests::{Backend, wait_ready};
 
 use crate::cookbook::cli_binary;
 use crate::delegations::{ask, setup_pair};
 use crate::policies::{add_rule, inbound};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 
 /// Kills the child process when the test ends, however it ends.
 pub(crate) struct Running(pub(crate) Child);
@@ -31,11 +33,9 @@ pub(crate) fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_approval_reaches_a_watch_on_another_server_process_within_a_second() {
-    if backend() != Backend::Postgres {
-        // One process owns a SQLite file; replicas need PostgreSQL.
-        return;
-    }
+async fn postgres_only_an_approval_reaches_a_watch_on_another_server_process_within_a_second() {
+    // One process owns a SQLite file; replicas need PostgreSQL.
+    require_backend(Backend::Postgres);
     let pair = setup_pair().await;
     add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
     let (bot, secret, _) = pair.server.create_agent(&pair.acme.id, "far-bot").await;
@@ -71,19 +71,13 @@ async fn an_approval_reaches_a_watch_on_another_server_process_within_a_second()
     else {
         panic!("expected a step-up")
     };
-    let request = far_agent
-        .request(pb::WatchStepUpRequest {
+    let mut watch = far_agent
+        .watch_step_up(pb::WatchStepUpRequest {
             auth_req_id: challenge.auth_req_id.clone(),
             heartbeat_interval_seconds: 30,
         })
         .await
         .unwrap();
-    let mut watch = far_agent
-        .step_ups()
-        .watch_step_up(request)
-        .await
-        .unwrap()
-        .into_inner();
     let first = watch.message().await.unwrap().expect("first status");
     let Some(pb::watch_step_up_response::Event::Status(status)) = first.event else {
         panic!("expected a status first")
@@ -92,20 +86,13 @@ async fn an_approval_reaches_a_watch_on_another_server_process_within_a_second()
 
     // The approver works against the in-process server.
     let step_up_id = challenge.delegation.as_ref().unwrap().step_up_id.clone();
-    let request = pair
+    let shown = pair
         .globex_admin
-        .request(pb::GetStepUpRequest {
+        .get_step_up(pb::GetStepUpRequest {
             step_up_id: step_up_id.clone(),
         })
         .await
-        .unwrap();
-    let shown = pair
-        .globex_admin
-        .step_ups()
-        .get_step_up(request)
-        .await
         .unwrap()
-        .into_inner()
         .step_up
         .unwrap();
     let request = pair

@@ -27,17 +27,17 @@ use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::clock::Clock;
 use vaultguard_server::domain::delegations::sweep_expired;
 use vaultguard_server::store::entities::{delegation, signature, step_up};
-use vaultguard_tests::{
-    Backend, TestServer, approve_step_up, backend, get_step_up, request_step_up,
-};
+use vaultguard_tests::{Backend, TestServer, approve_step_up, get_step_up, request_step_up};
 
 use crate::crash::{AuditIndex, assert_chain_intact, wait_all_sealed};
 use crate::delegations::{ask, grant};
 use crate::policies::{add_rule, inbound, with_counterpart};
-use crate::step_ups::deny;
+use vaultguard_tests::calls::deny;
 
 use pb::PendingStepUpEventType as Kind;
 use pb::StepUpState as State;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 
 /// Callers per idempotency key, half on each replica.
 const CALLERS: usize = 4;
@@ -70,8 +70,8 @@ impl Replicas {
             .await
             .with_client_credentials(bot.id.clone(), secret);
         agent_b.bearer().await.expect("agent token through B");
-        let acme_admin = a.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-        let globex_admin = b.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+        let acme_admin = a.admin(&acme.id, "alice").await;
+        let globex_admin = b.admin(&globex.id, "gina").await;
         Self {
             a,
             b,
@@ -129,30 +129,21 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_key_sent_to_both_replicas_at_once_makes_one_delegation_or_signature() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_one_key_sent_to_both_replicas_at_once_makes_one_delegation_or_signature() {
+    require_backend(Backend::Postgres);
     let started = Instant::now();
     let r = Replicas::start().await;
     add_rule(&r.globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
     add_rule(&r.globex_admin, inbound("stock.write", pb::Effect::StepUp)).await;
-    let request = r
+    let key_id = r
         .acme_admin
-        .request(pb::CreateSigningKeyRequest {
+        .create_signing_key(pb::CreateSigningKeyRequest {
             name: "treasury".to_owned(),
             algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
             description: String::new(),
         })
         .await
-        .unwrap();
-    let key_id = r
-        .acme_admin
-        .vault()
-        .create_signing_key(request)
-        .await
         .unwrap()
-        .into_inner()
         .key
         .unwrap()
         .id;
@@ -311,15 +302,13 @@ async fn one_key_sent_to_both_replicas_at_once_makes_one_delegation_or_signature
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn both_replicas_sweeping_end_each_expired_delegation_once() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_both_replicas_sweeping_end_each_expired_delegation_once() {
+    require_backend(Backend::Postgres);
     let started = Instant::now();
     let r = Replicas::start().await;
     add_rule(&r.globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
     add_rule(&r.globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
-    let approver = r.b.human(&r.globex.id, "ann", &[pb::Role::Approver]).await;
+    let approver = r.b.approver(&r.globex.id, "ann").await;
     let mut ids = Vec::new();
     for n in 0..30 {
         let request = pb::RequestDelegationRequest {
@@ -480,15 +469,13 @@ fn refused<T>(result: Result<T, vaultguard_client::ClientError>) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_revocation_through_one_replica_ends_verify_on_the_other() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_a_revocation_through_one_replica_ends_verify_on_the_other() {
+    require_backend(Backend::Postgres);
     let r = Replicas::start().await;
     add_rule(&r.globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
     // A resource server of globex verifying through A, whose memory then
     // holds the ACTIVE rows; globex's admin revokes through B.
-    let verifier = r.a.human(&r.globex.id, "gate", &[pb::Role::Admin]).await;
+    let verifier = r.a.admin(&r.globex.id, "gate").await;
     let mut lags = Vec::new();
     for n in 0..5 {
         let (delegation, token) = grant(&r.agents[n % 2], ask(&r.globex.id, "stock.read")).await;
@@ -512,10 +499,8 @@ async fn a_revocation_through_one_replica_ends_verify_on_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_a_key_disabled_through_one_replica_stops_signing_on_the_other() {
+    require_backend(Backend::Postgres);
     let r = Replicas::start().await;
     let key = crate::vault_signing::create_key(&r.acme_admin, "hot", pb::KeyAlgorithm::Ed25519, "")
         .await
@@ -538,7 +523,7 @@ async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
     for n in 0..3 {
         r.agents[1].sign(sign(n)).await.unwrap();
     }
-    crate::vault_signing::disable_key(&r.acme_admin, &key.id)
+    vaultguard_tests::calls::disable_key(&r.acme_admin, &key.id)
         .await
         .unwrap();
     let attempts = std::sync::atomic::AtomicUsize::new(3);
@@ -552,10 +537,8 @@ async fn a_key_disabled_through_one_replica_stops_signing_on_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
+    require_backend(Backend::Postgres);
     let r = Replicas::start().await;
     let provider = crate::vault_connections::fake_provider(&r.a, Default::default()).await;
     let registered = crate::vault_connections::register(&r.acme_admin, "mail", &provider).await;
@@ -571,7 +554,7 @@ async fn a_disconnect_through_one_replica_ends_exchanges_on_the_other() {
         let again = r.agents[1].exchange(&connection.id, &[]).await.unwrap();
         assert_eq!(again.access_token, handed.access_token, "the cached token");
     }
-    crate::vault_connections::delete_connection(&r.acme_admin, &connection.id)
+    vaultguard_tests::calls::delete_connection(&r.acme_admin, &connection.id)
         .await
         .unwrap();
     let lag = lag_until(
@@ -595,10 +578,8 @@ enum Fate {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_queue_watch_on_one_replica_sees_every_change_made_through_the_other() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_a_queue_watch_on_one_replica_sees_every_change_made_through_the_other() {
+    require_backend(Backend::Postgres);
     let started = Instant::now();
     let r = Replicas::start().await;
     let quorum = |pattern: &str, approvals_required| pb::Rule {
@@ -608,22 +589,16 @@ async fn a_queue_watch_on_one_replica_sees_every_change_made_through_the_other()
     add_rule(&r.globex_admin, quorum("pay.one", 1)).await;
     add_rule(&r.globex_admin, quorum("pay.two", 2)).await;
     // The watch on B; every request and decision goes through A.
-    let bob_on_b = r.b.human(&r.globex.id, "bob", &[pb::Role::Approver]).await;
-    let request = bob_on_b
-        .request(pb::WatchPendingStepUpsRequest {
+    let bob_on_b = r.b.approver(&r.globex.id, "bob").await;
+    let mut queue = bob_on_b
+        .watch_pending_step_ups(pb::WatchPendingStepUpsRequest {
             cursor: String::new(),
             heartbeat_interval_seconds: 1,
         })
         .await
         .unwrap();
-    let mut queue = bob_on_b
-        .step_ups()
-        .watch_pending_step_ups(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let ann = r.a.human(&r.globex.id, "ann", &[pb::Role::Approver]).await;
-    let carl = r.a.human(&r.globex.id, "carl", &[pb::Role::Approver]).await;
+    let ann = r.a.approver(&r.globex.id, "ann").await;
+    let carl = r.a.approver(&r.globex.id, "carl").await;
     let agent = r.agents[0].clone();
 
     // 24 step-ups created by four concurrent tasks, then decided by four.

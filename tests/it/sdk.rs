@@ -11,20 +11,15 @@ use vaultguard_tests::expect_reason;
 
 use crate::delegations::{ask, setup_pair};
 use crate::policies::{add_rule, inbound};
+use vaultguard_tests::Rpc;
 
 /// The first pending step-up of the approver's queue, once it shows up.
 async fn first_pending(approver: &VaultGuardClient) -> pb::StepUp {
     for _ in 0..100 {
-        let request = approver
-            .request(pb::ListPendingStepUpsRequest::default())
+        let listed = approver
+            .list_pending_step_ups(pb::ListPendingStepUpsRequest::default())
             .await
             .unwrap();
-        let listed = approver
-            .step_ups()
-            .list_pending_step_ups(request)
-            .await
-            .unwrap()
-            .into_inner();
         if let Some(step_up) = listed.step_ups.into_iter().next() {
             return step_up;
         }
@@ -46,18 +41,12 @@ async fn with_delegation_waits_for_the_approval_and_runs_the_work() {
     });
 
     let step_up = first_pending(&pair.globex_admin).await;
-    let request = pair
-        .globex_admin
-        .request(pb::ApproveStepUpRequest {
+    pair.globex_admin
+        .approve_step_up(pb::ApproveStepUpRequest {
             step_up_id: step_up.step_up_id.clone(),
             request_hash: step_up.request_hash.clone(),
             comment: "ok".into(),
         })
-        .await
-        .unwrap();
-    pair.globex_admin
-        .step_ups()
-        .approve_step_up(request)
         .await
         .unwrap();
 
@@ -90,17 +79,7 @@ async fn with_delegation_reports_a_denial_without_running_the_work() {
             .await
     });
     let step_up = first_pending(&pair.globex_admin).await;
-    let request = pair
-        .globex_admin
-        .request(pb::DenyStepUpRequest {
-            step_up_id: step_up.step_up_id.clone(),
-            reason: "not today".into(),
-        })
-        .await
-        .unwrap();
-    pair.globex_admin
-        .step_ups()
-        .deny_step_up(request)
+    vaultguard_tests::calls::deny(&pair.globex_admin, &step_up.step_up_id, "not today")
         .await
         .unwrap();
     let result: Result<(), ClientError> = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -133,14 +112,11 @@ async fn polling_honours_slow_down_and_the_deadline() {
     };
     // Two quick polls: the second is too fast and the interval grows.
     let poll = || async {
-        let request = pair
-            .agent
-            .request(pb::PollStepUpRequest {
+        pair.agent
+            .poll_step_up(pb::PollStepUpRequest {
                 auth_req_id: challenge.auth_req_id.clone(),
             })
             .await
-            .unwrap();
-        pair.agent.step_ups().poll_step_up(request).await
     };
     expect_reason(
         poll().await,

@@ -15,6 +15,7 @@ use crate::delegations::ask;
 use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::vault_connections::{connected, expire_access_tokens};
 use crate::vault_signing::create_key;
+use vaultguard_tests::Rpc;
 
 /// The secrets of the flow, by kind, and every text the server handed back.
 #[derive(Default)]
@@ -137,20 +138,14 @@ async fn secrets_never_reach_logs_audit_or_errors() {
     let operator_token = server.mint("operator", None, &[pb::Role::Operator]).await;
     scan.jwt("operator bearer token", &operator_token);
     let operator = server.with_bearer(&operator_token).await;
-    let request = operator
-        .request(pb::CreateTenantRequest {
+    let tenant = operator
+        .create_tenant(pb::CreateTenantRequest {
             slug: "secrets".to_owned(),
             display_name: "Secrets".to_owned(),
             settings: None,
         })
         .await
-        .expect("request");
-    let tenant = operator
-        .tenants()
-        .create_tenant(request)
-        .await
         .expect("create tenant")
-        .into_inner()
         .tenant
         .expect("tenant");
     let admin_token = server
@@ -160,19 +155,13 @@ async fn secrets_never_reach_logs_audit_or_errors() {
     let admin = server.with_bearer(&admin_token).await;
 
     // An agent, its secret, its access token.
-    let request = admin
-        .request(pb::CreateAgentRequest {
+    let created = admin
+        .create_agent(pb::CreateAgentRequest {
             name: "runner".to_owned(),
             description: "has secrets".to_owned(),
         })
         .await
-        .expect("request");
-    let created = admin
-        .agents()
-        .create_agent(request)
-        .await
-        .expect("create agent")
-        .into_inner();
+        .expect("create agent");
     let agent = created.agent.expect("agent");
     let first_secret = created.client_secret;
     scan.client_secret("client secret from CreateAgent", &first_secret);
@@ -186,18 +175,9 @@ async fn secrets_never_reach_logs_audit_or_errors() {
     assert!(format!("{me:?}").contains(&agent.id));
 
     // Rotation: a new secret and token; the old secret stops working.
-    let request = admin
-        .request(pb::RotateAgentSecretRequest {
-            agent_id: agent.id.clone(),
-        })
+    let rotated = vaultguard_tests::calls::rotate_secret(&admin, &agent.id)
         .await
-        .expect("request");
-    let rotated = admin
-        .agents()
-        .rotate_agent_secret(request)
-        .await
-        .expect("rotate")
-        .into_inner();
+        .expect("rotate");
     let second_secret = rotated.client_secret;
     assert_ne!(second_secret, first_secret);
     scan.client_secret("client secret from RotateAgentSecret", &second_secret);
@@ -389,12 +369,8 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
         .expect_err("a provider token is no delegation token");
     scan.error(&err);
     // The clock moved past the admins' tokens too: fresh ones.
-    let acme_admin = server
-        .human(&pair.acme.id, "alice", &[pb::Role::Admin])
-        .await;
-    let globex_admin = server
-        .human(&pair.globex.id, "gina", &[pb::Role::Admin])
-        .await;
+    let acme_admin = server.admin(&pair.acme.id, "alice").await;
+    let globex_admin = server.admin(&pair.globex.id, "gina").await;
     for token in provider.issued_refresh_tokens() {
         scan.secret("provider refresh token", &token);
     }
@@ -409,19 +385,13 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
     );
     // A started (never finished) connection: its `state` is a bearer of the
     // callback.
-    let request = acme_admin
-        .request(pb::StartConnectionRequest {
+    let started = acme_admin
+        .start_connection(pb::StartConnectionRequest {
             provider_id: fixture.registered.id.clone(),
             ..Default::default()
         })
         .await
-        .expect("request");
-    let started = acme_admin
-        .vault()
-        .start_connection(request)
-        .await
-        .expect("start connection")
-        .into_inner();
+        .expect("start connection");
     let authorize = url::Url::parse(&started.authorize_url).expect("authorize url");
     let state = authorize
         .query_pairs()
@@ -520,18 +490,12 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
     }
 
     // The approval webhook's signing secret.
-    let request = globex_admin
-        .request(pb::SetApprovalWebhookRequest {
+    let webhook = globex_admin
+        .set_approval_webhook(pb::SetApprovalWebhookRequest {
             url: "http://127.0.0.1:9/approvals".to_owned(),
         })
         .await
-        .expect("request");
-    let webhook = globex_admin
-        .step_ups()
-        .set_approval_webhook(request)
-        .await
-        .expect("set webhook")
-        .into_inner();
+        .expect("set webhook");
     scan.secret("webhook signing secret", &webhook.signing_secret);
 
     // Delegation tokens (ALLOW) and a step-up's auth_req_id (STEP_UP),
@@ -564,18 +528,12 @@ async fn vault_and_delegation_secrets_never_reach_logs_audit_or_errors() {
     scan.error(&err);
     // The auth_req_id polled by another agent.
     let (_, _, intruder) = server.create_agent(&pair.acme.id, "intruder").await;
-    let request = intruder
-        .request(pb::PollStepUpRequest {
+    let err: ClientError = intruder
+        .poll_step_up(pb::PollStepUpRequest {
             auth_req_id: challenge.auth_req_id.clone(),
         })
         .await
-        .expect("request");
-    let err: ClientError = intruder
-        .step_ups()
-        .poll_step_up(request)
-        .await
-        .expect_err("another agent's auth_req_id")
-        .into();
+        .expect_err("another agent's auth_req_id");
     scan.error(&err);
     // A tampered delegation token verified by the receiving tenant.
     let (head, _) = grant.token.rsplit_once('.').expect("jwt");

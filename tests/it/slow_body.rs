@@ -9,20 +9,16 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_server::config::Config;
+use vaultguard_tests::TestServer;
 use vaultguard_tests::slow_body::{
     Flood, FloodSpec, call_in_two_parts, call_once, frame_prefix, framed,
 };
-use vaultguard_tests::{TestOptions, TestServer};
 
 const WHO_AM_I: &str = "/vaultguard.v1.AuthService/WhoAmI";
 const WATCH_PENDING: &str = "/vaultguard.v1.StepUpService/WatchPendingStepUps";
 
 async fn server_with(adjust: fn(&mut Config)) -> TestServer {
-    TestServer::start_with(TestOptions {
-        adjust_config: Some(adjust),
-        ..TestOptions::default()
-    })
-    .await
+    TestServer::start_adjusted(adjust).await
 }
 
 /// WhoAmI as `client` must answer OK within `within`.
@@ -105,9 +101,7 @@ async fn authenticated_slow_bodies_hold_no_shared_capacity() {
     let approver_token = server
         .mint("approver@acme", Some(&acme.id), &[pb::Role::Approver])
         .await;
-    let outsider = server
-        .human(&globex.id, "admin@globex", &[pb::Role::Admin])
-        .await;
+    let outsider = server.admin(&globex.id, "admin@globex").await;
     let operator = server.operator().await;
 
     // acme's agent: unary calls whose message never comes, and whole

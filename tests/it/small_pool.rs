@@ -10,9 +10,7 @@ use std::time::Duration;
 use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::config::Config;
 use vaultguard_server::store::{self, MIN_POSTGRES_CONNECTIONS};
-use vaultguard_tests::{
-    TestOptions, TestServer, approve_step_up, next_status, request_step_up, watch_step_up,
-};
+use vaultguard_tests::{TestServer, approve_step_up, next_status, request_step_up, watch_step_up};
 
 use crate::crash::{assert_chain_intact, wait_all_sealed};
 use crate::delegations::ask;
@@ -32,22 +30,18 @@ const STEP_UPS: usize = 4;
 
 #[tokio::test]
 async fn every_hot_path_runs_at_once_on_the_smallest_pool() {
-    let server = TestServer::start_with(TestOptions {
-        adjust_config: Some(small_pool),
-        ..TestOptions::default()
-    })
-    .await;
+    let server = TestServer::start_adjusted(small_pool).await;
     let globex = server.create_tenant("globex").await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let globex_admin = server.admin(&globex.id, "gina").await;
     add_rule(&globex_admin, inbound("stock.read", pb::Effect::Allow)).await;
     add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
-    let approver = server.human(&globex.id, "ann", &[pb::Role::Approver]).await;
+    let approver = server.approver(&globex.id, "ann").await;
 
     let mut requesters: Vec<(pb::Tenant, VaultGuardClient, VaultGuardClient)> = Vec::new();
     for n in 0..REQUESTERS {
         let tenant = server.create_tenant(&format!("req{n}")).await;
         let (_, _, agent) = server.create_agent(&tenant.id, "bot").await;
-        let admin = server.human(&tenant.id, "admin", &[pb::Role::Admin]).await;
+        let admin = server.admin(&tenant.id, "admin").await;
         requesters.push((tenant, agent, admin));
     }
 

@@ -22,6 +22,7 @@ use crate::policies::{add_rule, inbound, with_counterpart};
 use crate::vault_signing::{create_key, sign_message};
 
 use pb::watch_pending_step_ups_response::Event as QueueEvent;
+use vaultguard_tests::Rpc;
 
 /// The cap of the servers in the cap tests.
 const CAP: usize = 3;
@@ -53,20 +54,16 @@ struct Queues {
 }
 
 async fn queues(adjust: fn(&mut Config)) -> Queues {
-    let server = TestServer::start_with(TestOptions {
-        adjust_config: Some(adjust),
-        ..TestOptions::default()
-    })
-    .await;
+    let server = TestServer::start_adjusted(adjust).await;
     let acme = server.create_tenant("acme").await;
     let globex = server.create_tenant("globex").await;
     let initech = server.create_tenant("initech").await;
     let (_, _, bot) = server.create_agent(&acme.id, "bot").await;
     let (_, _, other_bot) = server.create_agent(&acme.id, "other-bot").await;
     let (_, _, initech_bot) = server.create_agent(&initech.id, "ibot").await;
-    let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
-    let initech_admin = server.human(&initech.id, "ian", &[pb::Role::Admin]).await;
+    let acme_admin = server.admin(&acme.id, "alice").await;
+    let globex_admin = server.admin(&globex.id, "gina").await;
+    let initech_admin = server.admin(&initech.id, "ian").await;
     // Tokens first: issuing one is audited, and the refusal tests count
     // events.
     for agent in [&bot, &other_bot, &initech_bot] {
@@ -140,14 +137,9 @@ async fn ledger(server: &TestServer) -> [i64; 5] {
 }
 
 async fn deny(admin: &VaultGuardClient, step_up_id: &str) {
-    let request = admin
-        .request(pb::DenyStepUpRequest {
-            step_up_id: step_up_id.to_owned(),
-            reason: "no".to_owned(),
-        })
+    vaultguard_tests::calls::deny(admin, step_up_id, "no")
         .await
         .unwrap();
-    admin.step_ups().deny_step_up(request).await.unwrap();
 }
 
 #[tokio::test]
@@ -308,8 +300,8 @@ async fn list_all(approver: &VaultGuardClient, page_size: u32) -> Vec<String> {
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
-        let request = approver
-            .request(pb::ListPendingStepUpsRequest {
+        let page = approver
+            .list_pending_step_ups(pb::ListPendingStepUpsRequest {
                 page: Some(pb::PageRequest {
                     page_size,
                     page_token: token.clone(),
@@ -318,12 +310,6 @@ async fn list_all(approver: &VaultGuardClient, page_size: u32) -> Vec<String> {
             })
             .await
             .unwrap();
-        let page = approver
-            .step_ups()
-            .list_pending_step_ups(request)
-            .await
-            .unwrap()
-            .into_inner();
         let limit = if page_size == 0 { 50 } else { page_size };
         assert!(page.step_ups.len() <= usize::try_from(limit).unwrap());
         ids.extend(page.step_ups.into_iter().map(|s| s.step_up_id));
@@ -359,9 +345,9 @@ async fn the_pending_list_pages_every_step_up_exactly_once() {
         );
     }
     // Step-ups decided between two pages leave the others where they were.
-    let request = q
+    let first = q
         .globex_admin
-        .request(pb::ListPendingStepUpsRequest {
+        .list_pending_step_ups(pb::ListPendingStepUpsRequest {
             page: Some(pb::PageRequest {
                 page_size: 5,
                 page_token: String::new(),
@@ -370,21 +356,14 @@ async fn the_pending_list_pages_every_step_up_exactly_once() {
         })
         .await
         .unwrap();
-    let first = q
-        .globex_admin
-        .step_ups()
-        .list_pending_step_ups(request)
-        .await
-        .unwrap()
-        .into_inner();
     deny(&q.globex_admin, &ids[2]).await;
     deny(&q.globex_admin, &ids[7]).await;
     let mut seen: Vec<String> = first.step_ups.into_iter().map(|s| s.step_up_id).collect();
     let mut token = first.page.unwrap_or_default().next_page_token;
     while !token.is_empty() {
-        let request = q
+        let page = q
             .globex_admin
-            .request(pb::ListPendingStepUpsRequest {
+            .list_pending_step_ups(pb::ListPendingStepUpsRequest {
                 page: Some(pb::PageRequest {
                     page_size: 5,
                     page_token: token.clone(),
@@ -393,13 +372,6 @@ async fn the_pending_list_pages_every_step_up_exactly_once() {
             })
             .await
             .unwrap();
-        let page = q
-            .globex_admin
-            .step_ups()
-            .list_pending_step_ups(request)
-            .await
-            .unwrap()
-            .into_inner();
         seen.extend(page.step_ups.into_iter().map(|s| s.step_up_id));
         token = page.page.unwrap_or_default().next_page_token;
     }
@@ -437,9 +409,9 @@ async fn the_queue_snapshot_comes_in_pages_and_ends_with_a_heartbeat() {
     let q = queues(no_cap).await;
     // More than two snapshot pages.
     let ids = park(&q, 230).await;
-    let request = q
+    let mut watch = q
         .globex_admin
-        .request(pb::WatchPendingStepUpsRequest {
+        .watch_pending_step_ups(pb::WatchPendingStepUpsRequest {
             cursor: String::new(),
             // Longer than the test: the heartbeat that ends the snapshot
             // comes at once, not after an idle interval.
@@ -447,13 +419,6 @@ async fn the_queue_snapshot_comes_in_pages_and_ends_with_a_heartbeat() {
         })
         .await
         .unwrap();
-    let mut watch = q
-        .globex_admin
-        .step_ups()
-        .watch_pending_step_ups(request)
-        .await
-        .unwrap()
-        .into_inner();
     let mut snapshot = Vec::new();
     let mut seen = HashSet::new();
     let end = loop {

@@ -23,11 +23,15 @@ use vaultguard_tests::{
 };
 
 use crate::delegations::{Pair, ask, assert_logged, in_both_logs, setup_pair};
-use crate::policies::{add_rule, context, inbound, num, update_rule, with_counterpart};
+use crate::policies::{add_rule, context, inbound, num, with_counterpart};
+use vaultguard_tests::calls::update_rule;
 
 use pb::ErrorReason as Reason;
 use pb::StepUpState as State;
 use pb::watch_pending_step_ups_response::Event as QueueEvent;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::{deny, poll};
+use vaultguard_tests::require_backend;
 
 /// The heartbeat interval of every watch in these tests, in seconds.
 const BEAT: u32 = 1;
@@ -55,9 +59,17 @@ fn payment(pair: &Pair) -> pb::RequestDelegationRequest {
 
 /// A human of globex holding ROLE_APPROVER only.
 async fn approver(pair: &Pair, name: &str) -> VaultGuardClient {
-    pair.server
-        .human(&pair.globex.id, name, &[pb::Role::Approver])
-        .await
+    pair.server.approver(&pair.globex.id, name).await
+}
+
+/// A pair whose globex asks `quorum` approvals for payments (the rule),
+/// its approver ann, and the bot's payment pending ann's decision.
+async fn pending_for_ann(quorum: u32) -> (Pair, pb::Rule, VaultGuardClient, PendingStepUp) {
+    let pair = setup_pair().await;
+    let rule = steps_up(&pair, quorum).await;
+    let ann = approver(&pair, "ann").await;
+    let step = pending(&pair, &ann).await;
+    (pair, rule, ann, step)
 }
 
 /// The bot asks globex for a payment, decided STEP_UP.
@@ -65,49 +77,11 @@ async fn pending(pair: &Pair, approver: &VaultGuardClient) -> PendingStepUp {
     request_step_up(&pair.agent, approver, payment(pair)).await
 }
 
-async fn poll(
-    agent: &VaultGuardClient,
-    auth_req_id: &str,
-) -> Result<pb::PollStepUpResponse, ClientError> {
-    let request = agent
-        .request(pb::PollStepUpRequest {
-            auth_req_id: auth_req_id.to_owned(),
-        })
-        .await?;
-    Ok(agent.step_ups().poll_step_up(request).await?.into_inner())
-}
-
-pub(crate) async fn deny(
-    approver: &VaultGuardClient,
-    step_up_id: &str,
-    reason: &str,
-) -> Result<pb::StepUp, ClientError> {
-    let request = approver
-        .request(pb::DenyStepUpRequest {
-            step_up_id: step_up_id.to_owned(),
-            reason: reason.to_owned(),
-        })
-        .await?;
-    Ok(approver
-        .step_ups()
-        .deny_step_up(request)
-        .await?
-        .into_inner()
-        .step_up
-        .expect("DenyStepUp without step_up"))
-}
-
 async fn list_pending(
     approver: &VaultGuardClient,
     filter: pb::ListPendingStepUpsRequest,
 ) -> Result<Vec<pb::StepUp>, ClientError> {
-    let request = approver.request(filter).await?;
-    Ok(approver
-        .step_ups()
-        .list_pending_step_ups(request)
-        .await?
-        .into_inner()
-        .step_ups)
+    Ok(approver.list_pending_step_ups(filter).await?.step_ups)
 }
 
 /// The ids of the step-ups `filter` lists for `approver`, queue order.
@@ -268,17 +242,12 @@ impl Queue {
     /// Opens the watch as `approver`, after `cursor` (empty: a snapshot
     /// first), with heartbeats every [`BEAT`] seconds.
     async fn open(approver: &VaultGuardClient, cursor: &str) -> Result<Self, ClientError> {
-        let request = approver
-            .request(pb::WatchPendingStepUpsRequest {
+        let stream = approver
+            .watch_pending_step_ups(pb::WatchPendingStepUpsRequest {
                 cursor: cursor.to_owned(),
                 heartbeat_interval_seconds: BEAT,
             })
             .await?;
-        let stream = approver
-            .step_ups()
-            .watch_pending_step_ups(request)
-            .await?
-            .into_inner();
         Ok(Self {
             stream,
             seen: HashSet::new(),
@@ -353,18 +322,8 @@ impl Queue {
 
 #[tokio::test]
 async fn an_approval_reaches_the_agents_watch_with_a_token_handed_out_once() {
-    let pair = setup_pair().await;
-    let Pair {
-        acme,
-        globex,
-        bot,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
-    steps_up(&pair, 0).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(0).await;
+    vaultguard_tests::parts!(pair => acme, globex, bot, agent, globex_admin);
 
     // The queue shows approvers what they decide on, never the auth_req_id.
     let queue = list_pending(&ann, pb::ListPendingStepUpsRequest::default())
@@ -491,16 +450,8 @@ async fn an_approval_reaches_the_agents_watch_with_a_token_handed_out_once() {
 
 #[tokio::test]
 async fn a_denial_reaches_the_watch_and_the_poll_and_ends_the_delegation() {
-    let pair = setup_pair().await;
-    let Pair {
-        server,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
-    steps_up(&pair, 2).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(2).await;
+    vaultguard_tests::parts!(pair => server, agent, globex_admin);
     let mut watch = watch_step_up(agent, &step.auth_req_id, BEAT).await.unwrap();
     assert_eq!(next_status(&mut watch).await.state(), State::Pending);
 
@@ -562,11 +513,8 @@ async fn a_denial_reaches_the_watch_and_the_poll_and_ends_the_delegation() {
 
 #[tokio::test]
 async fn expiry_reaches_the_watch_at_its_next_heartbeat() {
-    let pair = setup_pair().await;
-    let Pair { server, agent, .. } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, agent);
     let mut watch = watch_step_up(agent, &step.auth_req_id, BEAT).await.unwrap();
     let first = next_status(&mut watch).await;
     assert_eq!(first.state(), State::Pending);
@@ -619,11 +567,8 @@ async fn expiry_reaches_the_watch_at_its_next_heartbeat() {
 
 #[tokio::test]
 async fn an_approved_token_not_taken_before_the_delegation_ends_expires() {
-    let pair = setup_pair().await;
-    let Pair { server, agent, .. } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, agent);
     approve_step_up(&ann, &step.step_up_id, &step.request_hash)
         .await
         .unwrap();
@@ -651,11 +596,8 @@ async fn an_approved_token_not_taken_before_the_delegation_ends_expires() {
 
 #[tokio::test]
 async fn polling_faster_than_the_interval_slows_down_for_good() {
-    let pair = setup_pair().await;
-    let Pair { server, agent, .. } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, agent);
     let pending_after = |result| {
         interval(&expect_ciba(
             result,
@@ -720,11 +662,8 @@ async fn polling_faster_than_the_interval_slows_down_for_good() {
 
 #[tokio::test]
 async fn a_watcher_that_went_away_does_not_take_the_token() {
-    let pair = setup_pair().await;
-    let Pair { server, agent, .. } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, agent);
     // The agent watches (heartbeats every 60 s), then gives up on the
     // stream and falls back to polling, as the SDK does when a stream breaks.
     let mut watch = watch_step_up(agent, &step.auth_req_id, 60).await.unwrap();
@@ -748,7 +687,7 @@ async fn a_watcher_that_went_away_does_not_take_the_token() {
 #[tokio::test]
 async fn a_quorum_needs_distinct_approvers() {
     let pair = setup_pair().await;
-    let Pair { server, agent, .. } = &pair;
+    vaultguard_tests::parts!(pair => server, agent);
     steps_up(&pair, 2).await;
     let (ann, bob) = (approver(&pair, "ann").await, approver(&pair, "bob").await);
     let step = pending(&pair, &ann).await;
@@ -860,11 +799,8 @@ async fn a_quorum_needs_distinct_approvers() {
 
 #[tokio::test]
 async fn an_approval_is_bound_to_the_request_it_was_shown() {
-    let pair = setup_pair().await;
-    let Pair { server, .. } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server);
     let other = pending(&pair, &ann).await;
     assert_eq!(
         step.request_hash, other.request_hash,
@@ -925,16 +861,8 @@ async fn an_approval_is_bound_to_the_request_it_was_shown() {
 
 #[tokio::test]
 async fn a_policy_changed_to_block_before_approval_denies_the_step_up() {
-    let pair = setup_pair().await;
-    let Pair {
-        server,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
-    let rule = steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, rule, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, agent, globex_admin);
     let mut watch = watch_step_up(agent, &step.auth_req_id, BEAT).await.unwrap();
     assert_eq!(next_status(&mut watch).await.state(), State::Pending);
 
@@ -1021,19 +949,8 @@ async fn a_policy_changed_to_block_before_approval_denies_the_step_up() {
 
 #[tokio::test]
 async fn only_approvers_of_the_receiving_tenant_decide() {
-    let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        bot,
-        agent,
-        acme_admin,
-        ..
-    } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, acme, globex, bot, agent, acme_admin);
     let (initech, initech_admin) = pair.third_tenant().await;
     let auditor = server.human(&globex.id, "aud", &[pb::Role::Auditor]).await;
     let (_, _, globex_agent) = server.create_agent(&globex.id, "clerk").await;
@@ -1056,9 +973,7 @@ async fn only_approvers_of_the_receiving_tenant_decide() {
         }
     }
     // Another tenant's approvers, and the requesting tenant's, do not see it.
-    let initech_approver = server
-        .human(&initech.id, "ivan", &[pb::Role::Approver])
-        .await;
+    let initech_approver = server.approver(&initech.id, "ivan").await;
     for (who, client) in [
         ("another tenant's admin", &initech_admin),
         ("another tenant's approver", &initech_approver),
@@ -1098,7 +1013,7 @@ async fn only_approvers_of_the_receiving_tenant_decide() {
         with_counterpart(&acme.id, inbound("pay.*", pb::Effect::StepUp)),
     )
     .await;
-    let acme_approver = server.human(&acme.id, "carl", &[pb::Role::Approver]).await;
+    let acme_approver = server.approver(&acme.id, "carl").await;
     let own = request_step_up(agent, &acme_approver, ask(&acme.id, "pay.self")).await;
     let itself = server
         .with_bearer(
@@ -1138,17 +1053,8 @@ async fn only_approvers_of_the_receiving_tenant_decide() {
 
 #[tokio::test]
 async fn only_the_requesting_agent_polls_or_watches_its_step_up() {
-    let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
-    steps_up(&pair, 1).await;
-    let ann = approver(&pair, "ann").await;
-    let step = pending(&pair, &ann).await;
+    let (pair, _, ann, step) = pending_for_ann(1).await;
+    vaultguard_tests::parts!(pair => server, acme, agent, globex_admin);
     let (_, _, other_agent) = server.create_agent(&acme.id, "other").await;
 
     // Someone else's id, and an unknown one, are invalid_grant alike.
@@ -1222,11 +1128,7 @@ async fn sixteen_concurrent_approvals_mint_one_token() {
     const APPROVERS: usize = 16;
     const POLLERS: usize = 8;
     let pair = setup_pair().await;
-    let Pair {
-        agent,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => agent, globex_admin);
     steps_up(&pair, 1).await;
     let mut approvers = Vec::new();
     for n in 0..APPROVERS {
@@ -1344,7 +1246,7 @@ async fn watches_and_polls_racing_for_an_approved_token_take_it_once() {
 async fn the_queue_watch_sends_a_snapshot_then_changes_and_resumes_after_a_cursor() {
     use pb::PendingStepUpEventType::{Added, Removed};
     let pair = setup_pair().await;
-    let Pair { server, .. } = &pair;
+    vaultguard_tests::parts!(pair => server);
     steps_up(&pair, 1).await;
     let ann = approver(&pair, "ann").await;
     let first = pending(&pair, &ann).await;
@@ -1427,12 +1329,7 @@ async fn the_queue_watch_sends_a_snapshot_then_changes_and_resumes_after_a_curso
 #[tokio::test]
 async fn listing_filters_the_queue_and_pages_it_oldest_first() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex);
     steps_up(&pair, 1).await;
     let ann = approver(&pair, "ann").await;
     let mut ids = Vec::new();
@@ -1465,8 +1362,8 @@ async fn listing_filters_the_queue_and_pages_it_oldest_first() {
     let mut paged = Vec::new();
     let mut token = String::new();
     loop {
-        let request = ann
-            .request(pb::ListPendingStepUpsRequest {
+        let response = ann
+            .list_pending_step_ups(pb::ListPendingStepUpsRequest {
                 page: Some(pb::PageRequest {
                     page_size: 3,
                     page_token: token.clone(),
@@ -1475,12 +1372,6 @@ async fn listing_filters_the_queue_and_pages_it_oldest_first() {
             })
             .await
             .unwrap();
-        let response = ann
-            .step_ups()
-            .list_pending_step_ups(request)
-            .await
-            .unwrap()
-            .into_inner();
         assert!(response.step_ups.len() <= 3);
         paged.extend(response.step_ups.into_iter().map(|s| s.step_up_id));
         token = response.page.unwrap_or_default().next_page_token;
@@ -1510,12 +1401,11 @@ async fn listing_filters_the_queue_and_pages_it_oldest_first() {
 // Two replicas.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_watcher_on_one_replica_sees_an_approval_made_through_another_within_a_second() {
+async fn postgres_only_a_watcher_on_one_replica_sees_an_approval_made_through_another_within_a_second()
+ {
     // Two server processes share one database only on PostgreSQL; on SQLite
     // changes fan out in-process and there is no second replica to test.
-    if backend() != Backend::Postgres {
-        return;
-    }
+    require_backend(Backend::Postgres);
     let pair = setup_pair().await;
     steps_up(&pair, 1).await;
     let replica = TestServer::start_replica_of(&pair.server).await;
@@ -1525,9 +1415,7 @@ async fn a_watcher_on_one_replica_sees_an_approval_made_through_another_within_a
         .with_bearer(&pair.agent.bearer().await.unwrap())
         .await;
     let ann_on_a = approver(&pair, "ann").await;
-    let bob_on_b = replica
-        .human(&pair.globex.id, "bob", &[pb::Role::Approver])
-        .await;
+    let bob_on_b = replica.approver(&pair.globex.id, "bob").await;
 
     // The approvers' queue on B sees a request made on A.
     let mut queue_on_b = Queue::open(&bob_on_b, "").await.unwrap();

@@ -26,6 +26,7 @@ use crate::oidc::{LocalIssuer, bind, unbind};
 use crate::policies::{add_rule, inbound};
 
 use pb::StepUpState as State;
+use vaultguard_tests::Rpc;
 
 /// The re-check period of the servers in these tests, in ms.
 const CHECK_MS: u64 = 300;
@@ -87,11 +88,7 @@ async fn token(
 }
 
 async fn world(adjust: fn(&mut Config)) -> World {
-    let server = TestServer::start_with(TestOptions {
-        adjust_config: Some(adjust),
-        ..TestOptions::default()
-    })
-    .await;
+    let server = TestServer::start_adjusted(adjust).await;
     let acme = server.create_tenant("acme").await;
     let globex = server.create_tenant("globex").await;
     let (bot, _, _) = server.create_agent(&acme.id, "bot").await;
@@ -104,8 +101,8 @@ async fn world(adjust: fn(&mut Config)) -> World {
     )
     .await;
     let agent = server.with_bearer(&agent_token).await;
-    let acme_admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
-    let globex_admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let acme_admin = server.admin(&acme.id, "alice").await;
+    let globex_admin = server.admin(&globex.id, "gina").await;
     add_rule(&globex_admin, inbound("pay.*", pb::Effect::StepUp)).await;
     let approver_token = token(&server, "ann", &globex.id, &[pb::Role::Approver], None).await;
     let approver = server.with_bearer(&approver_token).await;
@@ -307,35 +304,28 @@ async fn new_call(client: &VaultGuardClient) -> (Option<Code>, Option<pb::ErrorR
 
 async fn set_agent_enabled(admin: &VaultGuardClient, agent_id: &str, enabled: bool) {
     if enabled {
-        let request = admin
-            .request(pb::EnableAgentRequest {
+        admin
+            .enable_agent(pb::EnableAgentRequest {
                 agent_id: agent_id.to_owned(),
             })
             .await
             .unwrap();
-        admin.agents().enable_agent(request).await.unwrap();
     } else {
-        let request = admin
-            .request(pb::DisableAgentRequest {
+        admin
+            .disable_agent(pb::DisableAgentRequest {
                 agent_id: agent_id.to_owned(),
             })
             .await
             .unwrap();
-        admin.agents().disable_agent(request).await.unwrap();
     }
 }
 
 async fn poll(agent: &VaultGuardClient, auth_req_id: &str) -> Result<String, ClientError> {
-    let request = agent
-        .request(pb::PollStepUpRequest {
+    Ok(agent
+        .poll_step_up(pb::PollStepUpRequest {
             auth_req_id: auth_req_id.to_owned(),
         })
-        .await?;
-    Ok(agent
-        .step_ups()
-        .poll_step_up(request)
         .await?
-        .into_inner()
         .access_token)
 }
 
@@ -351,10 +341,7 @@ async fn a_disabled_agents_watch_is_not_handed_the_approved_token() {
     let mut watch = Open::watch(&w.agent, &step).await;
 
     set_agent_enabled(&w.acme_admin, &w.bot.id, false).await;
-    let approver = w
-        .server
-        .human(&w.globex.id, "ann", &[pb::Role::Approver])
-        .await;
+    let approver = w.server.approver(&w.globex.id, "ann").await;
     let approved = approve_step_up(&approver, &step.step_up_id, &step.request_hash)
         .await
         .expect("the approvers approve");

@@ -3,68 +3,14 @@
 //! garbage bearer, and with a forged token, each answers UNAUTHENTICATED
 //! before any handler runs — except the two public RPCs.
 
-use prost::Message;
 use tonic::Code;
-use tonic_prost::ProstCodec;
 use vaultguard_tests::TestServer;
+use vaultguard_tests::contract::{call_empty, every_method};
 
 const PUBLIC: [&str; 2] = [
     "/vaultguard.v1.AuthService/IssueToken",
     "/vaultguard.v1.IssuerKeyService/GetJwks",
 ];
-
-struct Method {
-    path: String,
-    server_streaming: bool,
-}
-
-fn every_method() -> Vec<Method> {
-    let set =
-        prost_types::FileDescriptorSet::decode(vaultguard_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut methods = Vec::new();
-    for file in &set.file {
-        for service in &file.service {
-            for method in &service.method {
-                methods.push(Method {
-                    path: format!("/{}.{}/{}", file.package(), service.name(), method.name()),
-                    server_streaming: method.server_streaming(),
-                });
-            }
-        }
-    }
-    methods
-}
-
-/// Calls `method` with an empty request message and the given bearer.
-async fn call(
-    server: &TestServer,
-    method: &Method,
-    bearer: Option<&str>,
-) -> Result<(), tonic::Status> {
-    let channel = server.anonymous().await.channel();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let mut request = tonic::Request::new(());
-    if let Some(token) = bearer {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    let path = method.path.parse().unwrap();
-    let codec: ProstCodec<(), ()> = ProstCodec::default();
-    if method.server_streaming {
-        let mut stream = grpc
-            .server_streaming(request, path, codec)
-            .await?
-            .into_inner();
-        stream.message().await?;
-    } else {
-        grpc.unary(request, path, codec).await?;
-    }
-    Ok(())
-}
 
 /// A token with VaultGuard's issuer and a real key id, but a forged signature.
 async fn forged_token(server: &TestServer) -> String {
@@ -94,7 +40,7 @@ async fn every_rpc_refuses_missing_garbage_and_forged_credentials() {
             continue;
         }
         for bearer in [None, Some("garbage"), Some("a.b.c"), Some(forged.as_str())] {
-            let result = call(&server, method, bearer).await;
+            let result = call_empty(&server, &method.path, method.server_streaming, bearer).await;
             let status = result.expect_err(&format!("{} must refuse {bearer:?}", method.path));
             assert_eq!(
                 status.code(),

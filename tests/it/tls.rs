@@ -18,6 +18,7 @@ use vaultguard_tests::{
 
 use crate::delegations::{ask, set_suspended};
 use crate::policies::{add_rule, inbound};
+use vaultguard_tests::Rpc;
 
 /// A certificate authority of the test.
 struct Ca {
@@ -204,9 +205,7 @@ async fn assert_transport_refused(url: String, tls: TlsOptions) {
 /// An agent of a new tenant whose inbound rules allow `stock.*` to anyone.
 async fn tenant_with_agent(server: &TestServer, slug: &str) -> (pb::Tenant, pb::Agent) {
     let tenant = server.create_tenant(slug).await;
-    let admin = server
-        .human(&tenant.id, "admin@test", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&tenant.id, "admin@test").await;
     add_rule(&admin, inbound("stock.*", pb::Effect::Allow)).await;
     let (agent, _, _) = server.create_agent(&tenant.id, "bot").await;
     (tenant, agent)
@@ -471,18 +470,11 @@ async fn mtls_refuses_unknown_disabled_and_ambiguous_certificates() {
     let pair = tls.ca.agent(&[&agent.id]);
     let client = tls.with_certificate(&pair).await;
     client.who_am_i().await.expect("enabled agent");
-    let admin = server
-        .human(&tenant.id, "admin@test", &[pb::Role::Admin])
-        .await;
-    let request = admin
-        .request(pb::DisableAgentRequest {
+    let admin = server.admin(&tenant.id, "admin@test").await;
+    admin
+        .disable_agent(pb::DisableAgentRequest {
             agent_id: agent.id.clone(),
         })
-        .await
-        .expect("request");
-    admin
-        .agents()
-        .disable_agent(request)
         .await
         .expect("disable agent");
     expect_reason(
@@ -497,15 +489,10 @@ async fn mtls_refuses_unknown_disabled_and_ambiguous_certificates() {
         Code::PermissionDenied,
         pb::ErrorReason::AgentDisabled,
     );
-    let request = admin
-        .request(pb::EnableAgentRequest {
+    admin
+        .enable_agent(pb::EnableAgentRequest {
             agent_id: agent.id.clone(),
         })
-        .await
-        .expect("request");
-    admin
-        .agents()
-        .enable_agent(request)
         .await
         .expect("enable agent");
     client.who_am_i().await.expect("re-enabled agent");
@@ -642,9 +629,7 @@ async fn an_mtls_agents_watch_ends_when_its_certificate_expires() {
     let tls = start(Mtls::Optional).await;
     let server = &tls.server;
     let (tenant, agent) = tenant_with_agent(server, "acme").await;
-    let admin = server
-        .human(&tenant.id, "admin@test", &[pb::Role::Admin])
-        .await;
+    let admin = server.admin(&tenant.id, "admin@test").await;
     add_rule(&admin, inbound("pay.*", pb::Effect::StepUp)).await;
     // Valid for two hours of the real clock (the handshake's).
     let now = std::time::SystemTime::now()

@@ -32,6 +32,9 @@ use crate::policies::{add_rule, assert_id, inbound, with_counterpart};
 
 use pb::ConnectionStatus as Status;
 use pb::ErrorReason as Reason;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::create_provider;
+use vaultguard_tests::calls::{delete_connection, delete_provider, get_connection, get_provider};
 
 /// RFC 8693's grant type, the only one ExchangeToken takes.
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -64,15 +67,10 @@ pub(crate) async fn fake_provider(server: &TestServer, options: ProviderOptions)
 
 /// `provider` registered as `name` with [`SCOPES`] and `access_type=offline`.
 pub(crate) fn registration(name: &str, provider: &FakeProvider) -> pb::CreateOAuthProviderRequest {
+    let offline = [("access_type".to_owned(), "offline".to_owned())];
     pb::CreateOAuthProviderRequest {
-        name: name.to_owned(),
-        authorize_url: provider.authorize_url(),
-        token_url: provider.token_url(),
-        revocation_url: provider.revocation_url(),
-        client_id: provider.client_id().to_owned(),
-        client_secret: provider.client_secret().unwrap_or_default().to_owned(),
-        scopes: strings(&SCOPES),
-        extra_authorize_params: HashMap::from([("access_type".to_owned(), "offline".to_owned())]),
+        extra_authorize_params: HashMap::from(offline),
+        ..provider.registration(name, &SCOPES)
     }
 }
 
@@ -166,53 +164,19 @@ pub(crate) async fn connected() -> (Registered, String) {
 // ---------------------------------------------------------------------------
 // VaultService calls.
 
-async fn create_provider(
-    admin: &VaultGuardClient,
-    input: pb::CreateOAuthProviderRequest,
-) -> Result<pb::OAuthProvider, ClientError> {
-    let request = admin.request(input).await?;
-    let response = admin.vault().create_o_auth_provider(request).await?;
-    Ok(response.into_inner().provider.expect("provider"))
-}
-
-async fn get_provider(
-    admin: &VaultGuardClient,
-    provider_id: &str,
-) -> Result<pb::OAuthProvider, ClientError> {
-    let request = admin
-        .request(pb::GetOAuthProviderRequest {
-            provider_id: provider_id.to_owned(),
-        })
-        .await?;
-    let response = admin.vault().get_o_auth_provider(request).await?;
-    Ok(response.into_inner().provider.expect("provider"))
-}
-
 async fn list_providers(admin: &VaultGuardClient) -> Result<Vec<pb::OAuthProvider>, ClientError> {
-    let request = admin
-        .request(pb::ListOAuthProvidersRequest::default())
+    let response = admin
+        .list_o_auth_providers(pb::ListOAuthProvidersRequest::default())
         .await?;
-    let response = admin.vault().list_o_auth_providers(request).await?;
-    Ok(response.into_inner().providers)
+    Ok(response.providers)
 }
 
 pub(crate) async fn update_provider(
     admin: &VaultGuardClient,
     input: pb::UpdateOAuthProviderRequest,
 ) -> Result<pb::OAuthProvider, ClientError> {
-    let request = admin.request(input).await?;
-    let response = admin.vault().update_o_auth_provider(request).await?;
-    Ok(response.into_inner().provider.expect("provider"))
-}
-
-async fn delete_provider(admin: &VaultGuardClient, provider_id: &str) -> Result<(), ClientError> {
-    let request = admin
-        .request(pb::DeleteOAuthProviderRequest {
-            provider_id: provider_id.to_owned(),
-        })
-        .await?;
-    admin.vault().delete_o_auth_provider(request).await?;
-    Ok(())
+    let response = admin.update_o_auth_provider(input).await?;
+    Ok(response.provider.expect("provider"))
 }
 
 /// Registers `provider` as `name`; returns the stored provider.
@@ -230,8 +194,7 @@ pub(crate) async fn start_connection(
     admin: &VaultGuardClient,
     input: pb::StartConnectionRequest,
 ) -> Result<pb::StartConnectionResponse, ClientError> {
-    let request = admin.request(input).await?;
-    Ok(admin.vault().start_connection(request).await?.into_inner())
+    admin.start_connection(input).await
 }
 
 /// StartConnection for `provider_id` with its default scopes; must succeed.
@@ -250,44 +213,13 @@ pub(crate) async fn start(
     .expect("start connection")
 }
 
-pub(crate) async fn get_connection(
-    admin: &VaultGuardClient,
-    connection_id: &str,
-) -> Result<pb::Connection, ClientError> {
-    let request = admin
-        .request(pb::GetConnectionRequest {
-            connection_id: connection_id.to_owned(),
-        })
-        .await?;
-    let response = admin.vault().get_connection(request).await?;
-    Ok(response.into_inner().connection.expect("connection"))
-}
-
 /// The ids ListConnections answers for `filter`.
 async fn listed_connections(
     admin: &VaultGuardClient,
     filter: pb::ListConnectionsRequest,
 ) -> Result<Vec<String>, ClientError> {
-    let request = admin.request(filter).await?;
-    let response = admin.vault().list_connections(request).await?;
-    Ok(response
-        .into_inner()
-        .connections
-        .into_iter()
-        .map(|c| c.id)
-        .collect())
-}
-
-pub(crate) async fn delete_connection(
-    admin: &VaultGuardClient,
-    connection_id: &str,
-) -> Result<pb::DeleteConnectionResponse, ClientError> {
-    let request = admin
-        .request(pb::DeleteConnectionRequest {
-            connection_id: connection_id.to_owned(),
-        })
-        .await?;
-    Ok(admin.vault().delete_connection(request).await?.into_inner())
+    let response = admin.list_connections(filter).await?;
+    Ok(response.connections.into_iter().map(|c| c.id).collect())
 }
 
 /// UpdateVaultSettings: the tenant's return origins become `origins`.
@@ -295,13 +227,12 @@ pub(crate) async fn set_return_origins(
     admin: &VaultGuardClient,
     origins: &[&str],
 ) -> Result<pb::VaultSettings, ClientError> {
-    let request = admin
-        .request(pb::UpdateVaultSettingsRequest {
+    let response = admin
+        .update_vault_settings(pb::UpdateVaultSettingsRequest {
             return_origins: strings(origins),
         })
         .await?;
-    let response = admin.vault().update_vault_settings(request).await?;
-    Ok(response.into_inner().settings.expect("settings"))
+    Ok(response.settings.expect("settings"))
 }
 
 /// A well-formed own-token ExchangeToken for `connection_id`.
@@ -318,8 +249,7 @@ async fn exchange_raw(
     agent: &VaultGuardClient,
     input: pb::ExchangeTokenRequest,
 ) -> Result<pb::ExchangeTokenResponse, ClientError> {
-    let request = agent.request(input).await?;
-    Ok(agent.vault().exchange_token(request).await?.into_inner())
+    agent.exchange_token(input).await
 }
 
 /// `agent.exchange`, retrying the retryable ABORTED answer as the contract
@@ -606,12 +536,7 @@ async fn exchanges_logged(
 #[tokio::test]
 async fn provider_crud_round_trip_never_returns_the_client_secret() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, acme_admin: admin);
     let provider = fake_provider(server, ProviderOptions::default()).await;
     let secret = provider.client_secret().expect("a confidential client");
     let mut answers = Vec::new();
@@ -906,12 +831,7 @@ fn bad_registrations(
 #[tokio::test]
 async fn bad_provider_input_is_refused_naming_the_field_and_writes_nothing() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        acme_admin: admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, acme_admin: admin);
     let provider = fake_provider(server, ProviderOptions::default()).await;
     let footprint = async || {
         (
@@ -983,12 +903,7 @@ async fn bad_provider_input_is_refused_naming_the_field_and_writes_nothing() {
 async fn a_connection_completes_through_the_provider_and_the_callback() {
     let fx = registered(false).await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, acme_admin: admin);
 
     let started = start(admin, &registered.id).await;
     let pending = started.connection.clone().unwrap();
@@ -1128,14 +1043,7 @@ async fn a_connection_completes_through_the_provider_and_the_callback() {
 async fn exchange_hands_out_working_cached_tokens_and_never_the_refresh_token() {
     let (fx, connection_id) = connected().await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent, acme_admin: admin);
     let connected = get_connection(admin, &connection_id).await.unwrap();
     let listed = listed_connections(admin, pb::ListConnectionsRequest::default())
         .await
@@ -1195,12 +1103,7 @@ async fn exchange_hands_out_working_cached_tokens_and_never_the_refresh_token() 
 async fn fifty_concurrent_exchanges_share_one_refresh_and_keep_the_rotated_token() {
     let (fx, connection_id) = connected().await;
     let Registered { pair, provider, .. } = &fx;
-    let Pair {
-        server,
-        acme,
-        agent,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent);
     let cached = agent.exchange(&connection_id, &[]).await.unwrap();
     let original = provider.issued_refresh_tokens();
     assert_eq!(original.len(), 1);
@@ -1245,7 +1148,7 @@ async fn fifty_concurrent_exchanges_share_one_refresh_and_keep_the_rotated_token
         Some(&issued[1]),
         "the rotated token, not the old one"
     );
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     assert_eq!(
         get_connection(&admin, &connection_id)
             .await
@@ -1279,16 +1182,11 @@ async fn fifty_concurrent_exchanges_share_one_refresh_and_keep_the_rotated_token
 async fn invalid_grant_marks_the_connection_needs_reauth_until_reconnected() {
     let (fx, connection_id) = connected().await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        agent,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent);
     agent.exchange(&connection_id, &[]).await.unwrap();
 
     expire_access_tokens(server, agent).await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     provider.set_invalid_grant(true);
     let before = provider.refreshes();
     expect_reason(
@@ -1374,12 +1272,7 @@ async fn invalid_grant_marks_the_connection_needs_reauth_until_reconnected() {
 async fn a_provider_outage_is_unavailable_and_keeps_the_connection() {
     let (fx, connection_id) = connected().await;
     let Registered { pair, provider, .. } = &fx;
-    let Pair {
-        server,
-        acme,
-        agent,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent);
     agent.exchange(&connection_id, &[]).await.unwrap();
 
     expire_access_tokens(server, agent).await;
@@ -1391,7 +1284,7 @@ async fn a_provider_outage_is_unavailable_and_keeps_the_connection() {
         Reason::ProviderError,
     );
     assert_eq!(provider.refreshes(), before + 1);
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let kept = get_connection(&admin, &connection_id).await.unwrap();
     assert_eq!(
         kept.status(),
@@ -1420,13 +1313,7 @@ async fn a_provider_outage_is_unavailable_and_keeps_the_connection() {
 async fn replayed_expired_and_unknown_states_are_refused_at_the_callback() {
     let fx = registered(true).await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent, acme_admin: admin);
     let refused = async || {
         server
             .audit_events(&acme.id, "connection.callback_refused")
@@ -1467,7 +1354,7 @@ async fn replayed_expired_and_unknown_states_are_refused_at_the_callback() {
     let events = refused().await;
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[1].outcome, "denied");
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     assert_eq!(
         get_connection(&admin, &second).await.unwrap().status(),
         Status::Pending
@@ -1491,12 +1378,7 @@ async fn replayed_expired_and_unknown_states_are_refused_at_the_callback() {
 async fn a_refusal_or_failed_code_exchange_fails_the_connection() {
     let fx = registered(false).await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, acme_admin: admin);
 
     // The user says no at the provider.
     provider.set_deny(true);
@@ -1575,15 +1457,7 @@ async fn another_tenant_sees_nothing_and_exchanges_only_with_a_delegation() {
     let pair = setup_pair().await;
     // Globex owns the connection; acme (its admin and its agent `bot`) is
     // the other tenant.
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent: bot,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent: bot, acme_admin, globex_admin);
     let provider = fake_provider(server, ProviderOptions::default()).await;
     let registered = register(globex_admin, "mail", &provider).await;
     allow_own_exchanges(globex_admin, &globex.id).await;
@@ -1713,15 +1587,7 @@ async fn another_tenant_sees_nothing_and_exchanges_only_with_a_delegation() {
 #[tokio::test]
 async fn a_ciphertext_copied_to_another_tenants_row_does_not_decrypt() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent: acme_agent,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent: acme_agent, acme_admin, globex_admin);
     let acme_provider = fake_provider(server, ProviderOptions::default()).await;
     let globex_provider = fake_provider(server, ProviderOptions::default()).await;
     let acme_registered = register(acme_admin, "mail", &acme_provider).await;
@@ -1801,7 +1667,7 @@ async fn a_ciphertext_copied_to_another_tenants_row_does_not_decrypt() {
 async fn scopes_narrow_the_token_and_bad_exchange_input_is_refused() {
     let (fx, connection_id) = connected().await;
     let Registered { pair, provider, .. } = &fx;
-    let Pair { server, agent, .. } = pair;
+    vaultguard_tests::parts!(pair => server, agent);
 
     let narrowed = agent
         .exchange(&connection_id, &strings(&["mail.read"]))
@@ -1878,13 +1744,7 @@ async fn scopes_narrow_the_token_and_bad_exchange_input_is_refused() {
 async fn delete_connection_revokes_at_the_provider_and_erases_the_tokens() {
     let (fx, connection_id) = connected().await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent, acme_admin: admin);
     let answer = agent.exchange(&connection_id, &[]).await.unwrap();
     assert_eq!(userinfo(provider, &answer.access_token).await, 200);
 
@@ -1963,14 +1823,7 @@ async fn delete_connection_revokes_at_the_provider_and_erases_the_tokens() {
 async fn exchange_needs_an_inbound_rule_and_a_step_up_is_redeemed_with_poll() {
     let fx = registered(false).await;
     let (pair, provider, registered) = (&fx.pair, &fx.provider, &fx.registered);
-    let Pair {
-        server,
-        acme,
-        bot,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, bot, agent, acme_admin: admin);
     let connection_id = connect(admin, &registered.id).await.id;
     let refreshes = provider.refreshes();
 
@@ -2007,20 +1860,14 @@ async fn exchange_needs_an_inbound_rule_and_a_step_up_is_redeemed_with_poll() {
     assert_eq!(provider.refreshes(), refreshes, "no provider call yet");
 
     // A human approver of acme approves; the bot redeems and exchanges.
-    let ann = server.human(&acme.id, "ann", &[pb::Role::Approver]).await;
-    let request = ann
-        .request(pb::ListPendingStepUpsRequest {
+    let ann = server.approver(&acme.id, "ann").await;
+    let queue = ann
+        .list_pending_step_ups(pb::ListPendingStepUpsRequest {
             action: EXCHANGE_MAIL.to_owned(),
             ..Default::default()
         })
         .await
-        .unwrap();
-    let queue = ann
-        .step_ups()
-        .list_pending_step_ups(request)
-        .await
         .unwrap()
-        .into_inner()
         .step_ups;
     assert_eq!(queue.len(), 1, "{queue:?}");
     let step_up = &queue[0];
@@ -2034,18 +1881,12 @@ async fn exchange_needs_an_inbound_rule_and_a_step_up_is_redeemed_with_poll() {
     approve_step_up(&ann, &step_up.step_up_id, &step_up.request_hash)
         .await
         .unwrap();
-    let redeem = agent
-        .request(pb::PollStepUpRequest {
+    let granted = agent
+        .poll_step_up(pb::PollStepUpRequest {
             auth_req_id: auth_req_id.clone(),
         })
         .await
-        .unwrap();
-    let granted = agent
-        .step_ups()
-        .poll_step_up(redeem)
-        .await
-        .expect("the approved step-up is redeemed")
-        .into_inner();
+        .expect("the approved step-up is redeemed");
     let answer = agent
         .exchange_delegated(&granted.access_token, &connection_id, &[])
         .await

@@ -25,18 +25,21 @@ use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::clock::Clock;
 use vaultguard_server::store::entities::connection;
 use vaultguard_tests::oauth_provider::{FakeProvider, ProviderOptions};
-use vaultguard_tests::{Backend, TestServer, backend, expect_invalid, expect_reason};
+use vaultguard_tests::{Backend, TestServer, expect_invalid, expect_reason};
 
-use crate::delegations::{Pair, ask};
+use crate::delegations::ask;
 use crate::policies::{add_rule, inbound};
 use crate::vault_connections::{
     Registered, SCOPES, allow_own_exchanges, assert_working_token, callback_url, connect,
-    connected, delete_connection, expire_access_tokens, get_connection, query, register,
-    registered, set_return_origins, start, start_connection, unchanged, update_provider, userinfo,
+    connected, expire_access_tokens, query, register, registered, set_return_origins, start,
+    start_connection, unchanged, update_provider, userinfo,
 };
+use vaultguard_tests::calls::{delete_connection, get_connection};
 
 use pb::ConnectionStatus as Status;
 use pb::ErrorReason as Reason;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::require_backend;
 
 /// Connections refreshed at once against the slow provider.
 const SLOW_EXCHANGES: usize = 32;
@@ -68,7 +71,7 @@ impl Bystander {
         let initech = server.create_tenant("initech").await;
         let (_, _, agent) = server.create_agent(&globex.id, "bot").await;
         agent.bearer().await.expect("globex's agent token");
-        let verifier = server.human(&initech.id, "ivy", &[pb::Role::Admin]).await;
+        let verifier = server.admin(&initech.id, "ivy").await;
         add_rule(&verifier, inbound("stock.read", pb::Effect::Allow)).await;
         Self {
             agent,
@@ -170,7 +173,7 @@ fn assert_sent_nothing(elsewhere: &FakeProvider, provider: &FakeProvider) {
 async fn slow_provider_refreshes_leave_another_tenants_calls_as_fast_as_alone() {
     let server = TestServer::start().await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let (_, _, agent) = server.create_agent(&acme.id, "bot").await;
     // Tokens that live 0 s: every exchange refreshes.
     let clock: Arc<dyn Clock> = server.clock.clone();
@@ -273,14 +276,13 @@ async fn slow_provider_refreshes_leave_another_tenants_calls_as_fast_as_alone() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_replicas_share_one_refresh_and_a_rotating_provider_never_sees_a_token_twice() {
-    if backend() != Backend::Postgres {
-        return;
-    }
+async fn postgres_only_two_replicas_share_one_refresh_and_a_rotating_provider_never_sees_a_token_twice()
+ {
+    require_backend(Backend::Postgres);
     let a = TestServer::start().await;
     let b = TestServer::start_replica_of(&a).await;
     let acme = a.create_tenant("acme").await;
-    let admin = a.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = a.admin(&acme.id, "alice").await;
     let (bot, secret, agent_a) = a.create_agent(&acme.id, "bot").await;
     let agent_b = b
         .anonymous()
@@ -357,7 +359,7 @@ async fn two_replicas_share_one_refresh_and_a_rotating_provider_never_sees_a_tok
 async fn a_dead_holders_refresh_lease_is_waited_out_then_taken_over() {
     let (fx, connection_id) = connected().await;
     let Registered { pair, provider, .. } = &fx;
-    let Pair { server, agent, .. } = pair;
+    vaultguard_tests::parts!(pair => server, agent);
     agent.exchange(&connection_id, &[]).await.expect("cached");
     expire_access_tokens(server, agent).await;
     // A replica took the lease and died before storing anything.
@@ -417,13 +419,7 @@ async fn a_moved_endpoint_never_receives_the_refresh_token_or_the_stored_client_
         provider,
         registered,
     } = &fx;
-    let Pair {
-        server,
-        acme,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent, acme_admin: admin);
     agent.exchange(&connection_id, &[]).await.expect("cached");
     let elsewhere = elsewhere().await;
 
@@ -439,7 +435,7 @@ async fn a_moved_endpoint_never_receives_the_refresh_token_or_the_stored_client_
     )
     .await;
     expire_access_tokens(server, agent).await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let exchanged = agent.exchange(&connection_id, &[]).await;
     // (Checked before the disconnection revokes the grant it belongs to.)
     let works = match &exchanged {
@@ -469,13 +465,7 @@ async fn moving_the_endpoints_discards_the_tokens_they_did_not_issue() {
         provider,
         registered,
     } = &fx;
-    let Pair {
-        server,
-        acme,
-        agent,
-        acme_admin: admin,
-        ..
-    } = pair;
+    vaultguard_tests::parts!(pair => server, acme, agent, acme_admin: admin);
     let second = connect(admin, &registered.id).await.id;
     agent.exchange(&first, &[]).await.expect("cached");
     // A flow started before the change, finished after it.
@@ -751,7 +741,8 @@ async fn a_return_url_off_the_tenants_registered_origins_is_refused() {
 async fn get_vault_settings(
     client: &VaultGuardClient,
 ) -> Result<pb::VaultSettings, vaultguard_client::ClientError> {
-    let request = client.request(pb::GetVaultSettingsRequest {}).await?;
-    let response = client.vault().get_vault_settings(request).await?;
-    Ok(response.into_inner().settings.expect("settings"))
+    let response = client
+        .get_vault_settings(pb::GetVaultSettingsRequest {})
+        .await?;
+    Ok(response.settings.expect("settings"))
 }

@@ -36,6 +36,8 @@ use pb::SigningKeyState as KeyState;
 use pb::SigningScheme as Scheme;
 use pb::sign_request::Payload;
 use pb::sign_response::Outcome;
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::{disable_key, get_key};
 
 type Op = pb::ConditionOperator;
 
@@ -67,10 +69,8 @@ impl Party {
         let tenant = server.create_tenant(slug).await;
         let (bot, _, agent) = server.create_agent(&tenant.id, "bot").await;
         agent.bearer().await.expect("agent token");
-        let admin = server.human(&tenant.id, "alice", &[pb::Role::Admin]).await;
-        let approver = server
-            .human(&tenant.id, "carol", &[pb::Role::Approver])
-            .await;
+        let admin = server.admin(&tenant.id, "alice").await;
+        let approver = server.approver(&tenant.id, "carol").await;
         Self {
             tenant,
             admin,
@@ -127,6 +127,25 @@ impl Party {
         .await;
     }
 
+    /// The key `name`, which the tenant lets its agents sign with.
+    async fn allowed_key(&self, name: &str, algorithm: Alg) -> pb::SigningKey {
+        let key = self.key(name, algorithm).await;
+        self.allows(&key).await;
+        key
+    }
+
+    /// The key `name` under the [`Self::treasury_policy`].
+    async fn treasury_key(&self, name: &str, algorithm: Alg) -> pb::SigningKey {
+        let key = self.key(name, algorithm).await;
+        self.treasury_policy(&key).await;
+        key
+    }
+
+    /// Signs `request` as the agent, which must sign at once.
+    async fn sign_now(&self, request: pb::SignRequest) -> pb::SignedPayload {
+        sign_now(&self.agent, request).await
+    }
+
     /// What the admin expects as `create_actor` and `disable_actor`.
     fn alice(&self) -> pb::Actor {
         pb::Actor {
@@ -153,54 +172,29 @@ pub(crate) async fn create_key(
     algorithm: Alg,
     description: &str,
 ) -> Result<pb::SigningKey, ClientError> {
-    let request = admin
-        .request(pb::CreateSigningKeyRequest {
+    admin
+        .create_signing_key(pb::CreateSigningKeyRequest {
             name: name.to_owned(),
             algorithm: algorithm as i32,
             description: description.to_owned(),
         })
-        .await?;
-    admin
-        .vault()
-        .create_signing_key(request)
         .await?
-        .into_inner()
         .key
         .ok_or(ClientError::MalformedResponse(
             "CreateSigningKey without key",
         ))
 }
 
-async fn get_key(client: &VaultGuardClient, key_id: &str) -> Result<pb::SigningKey, ClientError> {
-    let request = client
-        .request(pb::GetSigningKeyRequest {
-            key_id: key_id.to_owned(),
-        })
-        .await?;
-    client
-        .vault()
-        .get_signing_key(request)
-        .await?
-        .into_inner()
-        .key
-        .ok_or(ClientError::MalformedResponse("GetSigningKey without key"))
-}
-
 async fn list_keys(
     client: &VaultGuardClient,
     state: KeyState,
 ) -> Result<Vec<pb::SigningKey>, ClientError> {
-    let request = client
-        .request(pb::ListSigningKeysRequest {
+    Ok(client
+        .list_signing_keys(pb::ListSigningKeysRequest {
             state: state as i32,
             page: None,
         })
-        .await?;
-    Ok(client
-        .vault()
-        .list_signing_keys(request)
         .await?
-        .into_inner()
         .keys)
 }
 
@@ -214,52 +208,15 @@ async fn listed_names(client: &VaultGuardClient, state: KeyState) -> Vec<String>
         .collect()
 }
 
-pub(crate) async fn disable_key(
-    admin: &VaultGuardClient,
-    key_id: &str,
-) -> Result<pb::SigningKey, ClientError> {
-    let request = admin
-        .request(pb::DisableSigningKeyRequest {
-            key_id: key_id.to_owned(),
-            reason: "rotated out".to_owned(),
-        })
-        .await?;
-    admin
-        .vault()
-        .disable_signing_key(request)
-        .await?
-        .into_inner()
-        .key
-        .ok_or(ClientError::MalformedResponse(
-            "DisableSigningKey without key",
-        ))
-}
-
-/// Sign through the generated client, exactly as given (the SDK's `sign` is
-/// used everywhere else; this one keeps an empty idempotency key empty).
-async fn raw_sign(
-    client: &VaultGuardClient,
-    message: pb::SignRequest,
-) -> Result<pb::SignResponse, ClientError> {
-    let request = client.request(message).await?;
-    Ok(client.vault().sign(request).await?.into_inner())
-}
-
 /// The step-up behind a Sign's STEP_UP as `approver` sees it (through the
 /// PENDING delegation the answer names).
 async fn step_up_of(approver: &VaultGuardClient, pending: &pb::SignStepUp) -> pb::StepUp {
-    let request = approver
-        .request(pb::GetDelegationRequest {
+    let delegation = approver
+        .raw_get_delegation(pb::GetDelegationRequest {
             delegation_id: pending.delegation_id.clone(),
         })
         .await
-        .expect("request");
-    let delegation = approver
-        .delegations()
-        .get_delegation(request)
-        .await
         .expect("the approver reads the sign delegation")
-        .into_inner()
         .delegation
         .expect("delegation");
     get_step_up(approver, &delegation.step_up_id)
@@ -750,7 +707,9 @@ async fn created_keys_carry_only_their_public_parts_in_every_encoding() {
         acme.allows(key).await;
         let message = format!("proof of possession by {}", key.name).into_bytes();
         let scheme = native_scheme(key.algorithm());
-        let payload = sign_now(&acme.agent, sign_message(&key.id, &message, scheme, "pop")).await;
+        let payload = acme
+            .sign_now(sign_message(&key.id, &message, scheme, "pop"))
+            .await;
         assert_signs_message(key, &message, &payload);
         assert_signed_event(&server, &acme.tenant.id, &payload, Some(&message)).await;
     }
@@ -763,24 +722,19 @@ async fn created_keys_carry_only_their_public_parts_in_every_encoding() {
 #[tokio::test]
 async fn ed25519_signs_the_message_itself() {
     let (server, acme) = acme().await;
-    let key = acme.key("ed-key", Alg::Ed25519).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("ed-key", Alg::Ed25519).await;
     let message = b"attest: build 4711 is ours";
-    let first = sign_now(
-        &acme.agent,
-        sign_message(&key.id, message, Scheme::Ed25519Pure, "ed-1"),
-    )
-    .await;
+    let first = acme
+        .sign_now(sign_message(&key.id, message, Scheme::Ed25519Pure, "ed-1"))
+        .await;
     assert_signs_message(&key, message, &first);
     assert_signed_event(&server, &acme.tenant.id, &first, Some(message)).await;
 
     // Ed25519 is deterministic: another request signs the same bytes as a
     // new signature record.
-    let second = sign_now(
-        &acme.agent,
-        sign_message(&key.id, message, Scheme::Ed25519Pure, "ed-2"),
-    )
-    .await;
+    let second = acme
+        .sign_now(sign_message(&key.id, message, Scheme::Ed25519Pure, "ed-2"))
+        .await;
     assert_eq!(second.signature, first.signature);
     assert_ne!(second.signature_id, first.signature_id);
     assert_signatures(&server, &acme.tenant.id, 2).await;
@@ -790,15 +744,12 @@ async fn ed25519_signs_the_message_itself() {
 #[tokio::test]
 async fn p256_signs_messages_and_digests_verifiably() {
     let (server, acme) = acme().await;
-    let key = acme.key("p256-key", Alg::P256).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("p256-key", Alg::P256).await;
 
     let message = b"POST /v1/payments amount=12.00";
-    let of_message = sign_now(
-        &acme.agent,
-        sign_message(&key.id, message, Scheme::RawSha256, "p-msg"),
-    )
-    .await;
+    let of_message = acme
+        .sign_now(sign_message(&key.id, message, Scheme::RawSha256, "p-msg"))
+        .await;
     assert_signs_message(&key, message, &of_message);
     assert_signed_event(&server, &acme.tenant.id, &of_message, Some(message)).await;
 
@@ -806,18 +757,16 @@ async fn p256_signs_messages_and_digests_verifiably() {
     // ECDSA-SHA256 over m, which aws-lc verifies.
     let preimage = b"a document hashed by the caller";
     let digest = sha256(preimage);
-    let of_digest = sign_now(&acme.agent, sign_digest(&key.id, &digest, "p-dig")).await;
+    let of_digest = acme.sign_now(sign_digest(&key.id, &digest, "p-dig")).await;
     assert_p256(&key, preimage, &of_digest);
     assert_eq!(of_digest.payload_hash, digest);
     assert_signed_event(&server, &acme.tenant.id, &of_digest, None).await;
 
     // RFC 6979: the message whose SHA-256 is that digest signs to the same
     // r || s.
-    let same = sign_now(
-        &acme.agent,
-        sign_message(&key.id, preimage, Scheme::RawSha256, "p-same"),
-    )
-    .await;
+    let same = acme
+        .sign_now(sign_message(&key.id, preimage, Scheme::RawSha256, "p-same"))
+        .await;
     assert_eq!(same.signature, of_digest.signature);
     assert_eq!(same.payload_hash, of_digest.payload_hash);
     server.stop().await;
@@ -826,10 +775,9 @@ async fn p256_signs_messages_and_digests_verifiably() {
 #[tokio::test]
 async fn secp256k1_digest_signatures_recover_to_the_advertised_address() {
     let (server, acme) = acme().await;
-    let key = acme.key("eth-hot", Alg::Secp256k1).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("eth-hot", Alg::Secp256k1).await;
     let digest = keccak256(b"an unsigned transaction, RLP-encoded elsewhere");
-    let payload = sign_now(&acme.agent, sign_digest(&key.id, &digest, "tx-1")).await;
+    let payload = acme.sign_now(sign_digest(&key.id, &digest, "tx-1")).await;
     assert_eq!(payload.key_id, key.id);
     assert_id(&payload.signature_id, "sig_");
     assert_secp256k1(&key, &digest, &payload);
@@ -837,7 +785,7 @@ async fn secp256k1_digest_signatures_recover_to_the_advertised_address() {
 
     // RFC 6979: the same digest under another idempotency key signs the
     // same bytes.
-    let again = sign_now(&acme.agent, sign_digest(&key.id, &digest, "tx-2")).await;
+    let again = acme.sign_now(sign_digest(&key.id, &digest, "tx-2")).await;
     assert_eq!(again.signature, payload.signature);
     assert_ne!(again.signature_id, payload.signature_id);
     server.stop().await;
@@ -846,14 +794,16 @@ async fn secp256k1_digest_signatures_recover_to_the_advertised_address() {
 #[tokio::test]
 async fn secp256k1_personal_sign_follows_eip191() {
     let (server, acme) = acme().await;
-    let key = acme.key("eth-login", Alg::Secp256k1).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("eth-login", Alg::Secp256k1).await;
     let message = b"Sign in to example.org\nNonce: 8f3c2a";
-    let payload = sign_now(
-        &acme.agent,
-        sign_message(&key.id, message, Scheme::Eip191PersonalSign, "login-1"),
-    )
-    .await;
+    let payload = acme
+        .sign_now(sign_message(
+            &key.id,
+            message,
+            Scheme::Eip191PersonalSign,
+            "login-1",
+        ))
+        .await;
     // The EIP-191 hash computed here is the payload hash, and the signature
     // over it recovers the advertised address.
     let hash = eip191_hash(message);
@@ -862,11 +812,14 @@ async fn secp256k1_personal_sign_follows_eip191() {
     assert_signed_event(&server, &acme.tenant.id, &payload, Some(message)).await;
 
     // RAW_SHA256 also suits secp256k1: the hash is SHA-256 of the message.
-    let raw = sign_now(
-        &acme.agent,
-        sign_message(&key.id, message, Scheme::RawSha256, "login-raw"),
-    )
-    .await;
+    let raw = acme
+        .sign_now(sign_message(
+            &key.id,
+            message,
+            Scheme::RawSha256,
+            "login-raw",
+        ))
+        .await;
     assert_secp256k1(&key, &sha256(message), &raw);
     server.stop().await;
 }
@@ -877,18 +830,17 @@ async fn secp256k1_personal_sign_follows_eip191() {
 #[tokio::test]
 async fn a_retry_returns_the_stored_signature_and_another_payload_conflicts() {
     let (server, acme) = acme().await;
-    let key = acme.key("eth-hot", Alg::Secp256k1).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("eth-hot", Alg::Secp256k1).await;
     let digest = keccak256(b"transfer 1 ETH");
     let request = pb::SignRequest {
         binding_message: "transfer 1 ETH".to_owned(),
         ..for_amount(1.0, sign_digest(&key.id, &digest, "retry-me"))
     };
-    let first = sign_now(&acme.agent, request.clone()).await;
+    let first = acme.sign_now(request.clone()).await;
     assert_secp256k1(&key, &digest, &first);
 
     server.clock.advance(5_000);
-    let retried = sign_now(&acme.agent, request.clone()).await;
+    let retried = acme.sign_now(request.clone()).await;
     assert_eq!(retried, first, "the stored signature, same id and time");
     assert_signatures(&server, &acme.tenant.id, 1).await;
 
@@ -938,8 +890,7 @@ async fn a_retry_returns_the_stored_signature_and_another_payload_conflicts() {
 async fn twenty_concurrent_duplicates_sign_once() {
     const CALLS: usize = 20;
     let (server, acme) = acme().await;
-    let key = acme.key("p256-key", Alg::P256).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("p256-key", Alg::P256).await;
     let message = b"one payload, twenty callers";
     let request = sign_message(&key.id, message, Scheme::RawSha256, "together");
 
@@ -1014,8 +965,7 @@ async fn without_an_inbound_rule_about_itself_nothing_is_signed() {
 #[tokio::test]
 async fn a_block_rule_refuses_to_sign() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::P256).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("treasury", Alg::P256).await;
     let block = pb::Rule {
         priority: 5,
         ..with_counterpart(&acme.tenant.id, inbound("sign:treasury", pb::Effect::Block))
@@ -1041,15 +991,15 @@ async fn a_block_rule_refuses_to_sign() {
 #[tokio::test]
 async fn large_amounts_wait_for_an_approver_and_then_sign_once() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::Secp256k1).await;
-    acme.treasury_policy(&key).await;
+    let key = acme.treasury_key("treasury", Alg::Secp256k1).await;
 
     // A small amount signs at once.
-    let small = sign_now(
-        &acme.agent,
-        for_amount(50.0, sign_digest(&key.id, &keccak256(b"pay 50"), "pay-50")),
-    )
-    .await;
+    let small = acme
+        .sign_now(for_amount(
+            50.0,
+            sign_digest(&key.id, &keccak256(b"pay 50"), "pay-50"),
+        ))
+        .await;
     assert_secp256k1(&key, &keccak256(b"pay 50"), &small);
 
     // A large one waits for a human; nothing is signed yet, and asking again
@@ -1116,8 +1066,7 @@ async fn large_amounts_wait_for_an_approver_and_then_sign_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_and_wait_signs_after_the_approval_in_one_call() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::P256).await;
-    acme.treasury_policy(&key).await;
+    let key = acme.treasury_key("treasury", Alg::P256).await;
     let message = b"wire 25000 EUR";
     let request = for_amount(
         25_000.0,
@@ -1131,21 +1080,14 @@ async fn sign_and_wait_signs_after_the_approval_in_one_call() {
     // The approver finds the step-up in its queue once the SDK asked.
     let mut queued = None;
     for _ in 0..200 {
-        let listing = acme
+        let step_ups = acme
             .approver
-            .request(pb::ListPendingStepUpsRequest {
+            .list_pending_step_ups(pb::ListPendingStepUpsRequest {
                 action: "sign:treasury".to_owned(),
                 ..Default::default()
             })
             .await
-            .unwrap();
-        let step_ups = acme
-            .approver
-            .step_ups()
-            .list_pending_step_ups(listing)
-            .await
             .unwrap()
-            .into_inner()
             .step_ups;
         if let Some(step_up) = step_ups.into_iter().next() {
             queued = Some(step_up);
@@ -1177,8 +1119,7 @@ async fn sign_and_wait_signs_after_the_approval_in_one_call() {
 #[tokio::test]
 async fn a_denied_step_up_signs_nothing() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::Ed25519).await;
-    acme.treasury_policy(&key).await;
+    let key = acme.treasury_key("treasury", Alg::Ed25519).await;
     let request = for_amount(
         9000.0,
         sign_message(&key.id, b"release 9000", Scheme::Ed25519Pure, "deny-me"),
@@ -1186,15 +1127,9 @@ async fn a_denied_step_up_signs_nothing() {
     let before = ledger(&server, &acme.tenant.id).await;
     let pending = stepped_up(&acme.agent.sign(request.clone()).await.unwrap());
     let step_up = step_up_of(&acme.approver, &pending).await;
-    let deny = acme
-        .approver
-        .request(pb::DenyStepUpRequest {
-            step_up_id: step_up.step_up_id.clone(),
-            reason: "not this quarter".to_owned(),
-        })
+    vaultguard_tests::calls::deny(&acme.approver, &step_up.step_up_id, "not this quarter")
         .await
         .unwrap();
-    acme.approver.step_ups().deny_step_up(deny).await.unwrap();
 
     let mut refusals = Vec::new();
     for _ in 0..2 {
@@ -1218,8 +1153,7 @@ async fn a_denied_step_up_signs_nothing() {
 #[tokio::test]
 async fn an_expired_step_up_signs_nothing() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::P256).await;
-    acme.treasury_policy(&key).await;
+    let key = acme.treasury_key("treasury", Alg::P256).await;
     let request = for_amount(
         4000.0,
         sign_message(&key.id, b"release 4000", Scheme::RawSha256, "too-late"),
@@ -1337,7 +1271,7 @@ async fn bad_sign_requests_change_nothing() {
     ];
     let before = ledger(&server, &acme.tenant.id).await;
     for (field, request) in cases {
-        expect_invalid(raw_sign(&acme.agent, request).await, field);
+        expect_invalid(acme.agent.raw_sign(request).await, field);
         assert_eq!(ledger(&server, &acme.tenant.id).await, before, "{field}");
     }
 
@@ -1346,7 +1280,7 @@ async fn bad_sign_requests_change_nothing() {
         key_id: format!("key_{}", "0".repeat(32)),
         ..digest(32)
     };
-    expect_code(raw_sign(&acme.agent, unknown).await, Code::NotFound);
+    expect_code(acme.agent.raw_sign(unknown).await, Code::NotFound);
     assert_eq!(ledger(&server, &acme.tenant.id).await, before);
 
     // The limits are inclusive: 64 KiB and a 256-character binding message
@@ -1355,7 +1289,7 @@ async fn bad_sign_requests_change_nothing() {
         binding_message: "x".repeat(256),
         ..message(&p256, &vec![1; 64 * 1024], Scheme::RawSha256)
     };
-    let payload = sign_now(&acme.agent, largest).await;
+    let payload = acme.sign_now(largest).await;
     assert_signs_message(&p256, &vec![1; 64 * 1024], &payload);
     assert_eq!(
         ledger(&server, &acme.tenant.id).await,
@@ -1460,7 +1394,7 @@ async fn a_disabled_key_never_signs_again() {
     let kept = acme.key("new-key", Alg::P256).await;
     acme.allows(&key).await;
     let request = sign_message(&key.id, b"before", Scheme::RawSha256, "before");
-    let earlier = sign_now(&acme.agent, request.clone()).await;
+    let earlier = acme.sign_now(request.clone()).await;
 
     server.clock.advance(1_000);
     let disabled = disable_key(&acme.admin, &key.id).await.unwrap();
@@ -1543,8 +1477,7 @@ async fn a_disabled_key_never_signs_again() {
 #[tokio::test]
 async fn an_approved_step_up_for_a_key_disabled_meanwhile_signs_nothing() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::Secp256k1).await;
-    acme.treasury_policy(&key).await;
+    let key = acme.treasury_key("treasury", Alg::Secp256k1).await;
     let request = for_amount(
         7500.0,
         sign_digest(&key.id, &keccak256(b"drain"), "waiting"),
@@ -1606,7 +1539,9 @@ async fn another_tenants_keys_are_not_found() {
 
     // Each tenant signs with its own key only.
     let digest = keccak256(b"mine");
-    let signed_by_acme = sign_now(&acme.agent, sign_digest(&theirs.id, &digest, "mine")).await;
+    let signed_by_acme = acme
+        .sign_now(sign_digest(&theirs.id, &digest, "mine"))
+        .await;
     assert_secp256k1(&theirs, &digest, &signed_by_acme);
     let signed_by_globex = sign_now(&globex.agent, sign_digest(&ours.id, &digest, "mine")).await;
     assert_secp256k1(&ours, &digest, &signed_by_globex);
@@ -1617,8 +1552,7 @@ async fn another_tenants_keys_are_not_found() {
 #[tokio::test]
 async fn each_role_calls_only_its_own_rpcs() {
     let (server, acme) = acme().await;
-    let key = acme.key("treasury", Alg::Ed25519).await;
-    acme.allows(&key).await;
+    let key = acme.allowed_key("treasury", Alg::Ed25519).await;
     let request = sign_message(&key.id, b"hello", Scheme::Ed25519Pure, "roles");
     let role_required = |result: Result<_, ClientError>| {
         expect_reason(result, Code::PermissionDenied, Reason::RoleRequired);
@@ -1636,7 +1570,7 @@ async fn each_role_calls_only_its_own_rpcs() {
         .human(&acme.tenant.id, "dave", &[pb::Role::Auditor])
         .await;
     for human in [&acme.admin, &acme.approver, &auditor] {
-        role_required(raw_sign(human, request.clone()).await.map(|_| ()));
+        role_required(human.raw_sign(request.clone()).await.map(|_| ()));
     }
     // Only admins and agents read keys; the operator touches none.
     let operator = server.operator().await;
@@ -1654,7 +1588,7 @@ async fn each_role_calls_only_its_own_rpcs() {
     assert_eq!(get_key(&acme.admin, &key.id).await.unwrap(), key);
     assert_signatures(&server, &acme.tenant.id, 0).await;
     // The agent does sign.
-    let payload = sign_now(&acme.agent, request).await;
+    let payload = acme.sign_now(request).await;
     assert_signs_message(&key, b"hello", &payload);
     server.stop().await;
 }
@@ -1700,7 +1634,9 @@ async fn a_private_key_ciphertext_moved_to_another_tenants_key_does_not_decrypt(
     assert_eq!(ledger(&server, &acme.tenant.id).await, acme_before);
 
     // Acme's key, whose row is untouched, still signs.
-    let payload = sign_now(&acme.agent, sign_digest(&theirs.id, &digest, "genuine")).await;
+    let payload = acme
+        .sign_now(sign_digest(&theirs.id, &digest, "genuine"))
+        .await;
     assert_secp256k1(&theirs, &digest, &payload);
     server.stop().await;
 }

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
+use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_server::clock::Clock;
 use vaultguard_server::domain::webhooks;
 use vaultguard_server::store::entities::{step_up_change, tenant_webhook};
@@ -30,6 +30,8 @@ use vaultguard_tests::{TestServer, captured_logs, expect_code, expect_invalid};
 
 use crate::delegations::{Pair, ask, setup_pair};
 use crate::policies::{add_rule, context, inbound, text};
+use vaultguard_tests::Rpc;
+use vaultguard_tests::calls::{get_webhook, set_webhook, webhook};
 
 /// What the requester tells the approvers; must never reach a webhook.
 const BINDING_MESSAGE: &str = "pay invoice 7 to ACME-WIRE-4411";
@@ -186,42 +188,6 @@ fn closed_port() -> u16 {
 // ---------------------------------------------------------------------------
 // StepUpService calls and checks.
 
-async fn set_webhook(
-    admin: &VaultGuardClient,
-    url: &str,
-) -> Result<pb::SetApprovalWebhookResponse, ClientError> {
-    let request = admin
-        .request(pb::SetApprovalWebhookRequest {
-            url: url.to_owned(),
-        })
-        .await?;
-    Ok(admin
-        .step_ups()
-        .set_approval_webhook(request)
-        .await?
-        .into_inner())
-}
-
-async fn get_webhook(
-    admin: &VaultGuardClient,
-) -> Result<pb::GetApprovalWebhookResponse, ClientError> {
-    let request = admin.request(pb::GetApprovalWebhookRequest {}).await?;
-    Ok(admin
-        .step_ups()
-        .get_approval_webhook(request)
-        .await?
-        .into_inner())
-}
-
-/// The webhook as GetApprovalWebhook shows it.
-async fn webhook(admin: &VaultGuardClient) -> pb::ApprovalWebhook {
-    get_webhook(admin)
-        .await
-        .expect("get webhook")
-        .webhook
-        .expect("webhook")
-}
-
 /// Sets `url` and returns the webhook and its secret.
 async fn set_ok(admin: &VaultGuardClient, url: &str) -> (pb::ApprovalWebhook, String) {
     let response = set_webhook(admin, url).await.expect("set webhook");
@@ -337,7 +303,7 @@ async fn wait_webhook(
 async fn set_shows_the_secret_once_and_get_never_does() {
     let server = TestServer::start().await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     expect_code(get_webhook(&admin).await, Code::NotFound);
     let before = server.clock.now_millis();
 
@@ -404,7 +370,7 @@ async fn set_shows_the_secret_once_and_get_never_does() {
 async fn bad_urls_are_refused_naming_url_and_write_nothing() {
     let server = TestServer::start().await;
     let acme = server.create_tenant("acme").await;
-    let admin = server.human(&acme.id, "alice", &[pb::Role::Admin]).await;
+    let admin = server.admin(&acme.id, "alice").await;
     let too_long = format!("https://hooks.example.com/{}", "a".repeat(2049 - 26));
     assert_eq!(too_long.chars().count(), 2049);
     for bad in [
@@ -441,19 +407,11 @@ async fn bad_urls_are_refused_naming_url_and_write_nothing() {
 #[tokio::test]
 async fn only_admins_of_the_tenant_manage_its_webhook() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        agent,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, agent, acme_admin, globex_admin);
     let (acme_hook, _) = set_ok(acme_admin, "https://hooks.acme.example/vg").await;
 
     // Other roles of the same tenant may neither set nor read it.
-    let approver = server.human(&acme.id, "ann", &[pb::Role::Approver]).await;
+    let approver = server.approver(&acme.id, "ann").await;
     let auditor = server.human(&acme.id, "aud", &[pb::Role::Auditor]).await;
     let operator = server.operator().await;
     for (who, client) in [
@@ -512,14 +470,7 @@ async fn only_admins_of_the_tenant_manage_its_webhook() {
 #[tokio::test]
 async fn a_step_up_is_delivered_signed_with_ids_only() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        acme,
-        globex,
-        acme_admin,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, acme, globex, acme_admin, globex_admin);
     globex_steps_up(&pair).await;
     // A step-up from before the webhook existed is not replayed.
     let old = request_step_up(&pair).await;
@@ -588,16 +539,11 @@ async fn a_step_up_is_delivered_signed_with_ids_only() {
     );
 
     // Leaving the queue (a denial) follows, in order, as `step_up.removed`.
-    let request = globex_admin
-        .request(pb::DenyStepUpRequest {
+    globex_admin
+        .deny_step_up(pb::DenyStepUpRequest {
             step_up_id: delegation.step_up_id.clone(),
             reason: "no".into(),
         })
-        .await
-        .unwrap();
-    globex_admin
-        .step_ups()
-        .deny_step_up(request)
         .await
         .expect("deny");
     let deliveries = receiver.wait_for(2).await;
@@ -622,12 +568,7 @@ async fn a_step_up_is_delivered_signed_with_ids_only() {
 #[tokio::test]
 async fn a_failed_delivery_is_retried_with_the_same_delivery_id() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, globex_admin);
     globex_steps_up(&pair).await;
     let receiver = Receiver::start().await;
     receiver.answer(503);
@@ -677,12 +618,7 @@ async fn a_failed_delivery_is_retried_with_the_same_delivery_id() {
 #[tokio::test]
 async fn an_endpoint_not_listening_yet_gets_the_change_when_it_starts() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, globex_admin);
     globex_steps_up(&pair).await;
     let port = closed_port();
     set_ok(
@@ -715,12 +651,7 @@ async fn an_endpoint_not_listening_yet_gets_the_change_when_it_starts() {
 #[tokio::test]
 async fn a_change_failing_every_attempt_is_skipped_after_the_maximum() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, globex_admin);
     globex_steps_up(&pair).await;
     let receiver = Receiver::start().await;
     receiver.answer(500);
@@ -764,7 +695,7 @@ async fn a_change_failing_every_attempt_is_skipped_after_the_maximum() {
     assert!(captured_logs().contains("skipping the change"));
 
     // Tokens minted before the clock moved an hour have expired.
-    let admin = server.human(&globex.id, "gina", &[pb::Role::Admin]).await;
+    let admin = server.admin(&globex.id, "gina").await;
     let shown = webhook(&admin).await;
     assert_eq!(shown.last_failure_reason, "HTTP 500");
     assert!(shown.last_success_time.is_none());
@@ -777,12 +708,7 @@ async fn a_change_failing_every_attempt_is_skipped_after_the_maximum() {
 #[tokio::test]
 async fn concurrent_deliverers_deliver_each_change_once_in_order() {
     let pair = setup_pair().await;
-    let Pair {
-        server,
-        globex,
-        globex_admin,
-        ..
-    } = &pair;
+    vaultguard_tests::parts!(pair => server, globex, globex_admin);
     globex_steps_up(&pair).await;
     let receiver = Receiver::start().await;
     let (_, secret) = set_ok(globex_admin, &receiver.url).await;

@@ -24,9 +24,15 @@ use vaultguard_server::domain::tokens;
 use vaultguard_server::state::AppState;
 use vaultguard_server::store::entities::audit_event;
 
+pub use calls::{approve_step_up, get_step_up};
+pub use rpc::{Rpc, Tag};
 pub use vaultguard_client::ClientError;
 
+pub mod calls;
+pub mod contract;
+pub mod fixtures;
 pub mod oauth_provider;
+pub mod rpc;
 pub mod slow_body;
 
 /// The database backend under test.
@@ -41,6 +47,21 @@ pub fn backend() -> Backend {
         Ok("postgres") => Backend::Postgres,
         _ => Backend::Sqlite,
     }
+}
+
+/// Panics unless the suite runs on `wanted`. A test for one backend only
+/// is named `postgres_only_…` or `sqlite_only_…` and starts with this
+/// guard: scripts/test.sh's nextest filters leave it out on the other
+/// backend (reported as skipped), and a selection that runs it there anyway
+/// fails loudly instead of passing without having tested anything.
+#[track_caller]
+pub fn require_backend(wanted: Backend) {
+    assert_eq!(
+        backend(),
+        wanted,
+        "a {wanted:?}-only test ran on another backend: select it out with \
+         `not test(/::postgres_only_/)` or `not test(/::sqlite_only_/)`"
+    );
 }
 
 /// The PostgreSQL server URL without a database name.
@@ -224,6 +245,16 @@ impl TestServer {
         Self::start_with(TestOptions::default()).await
     }
 
+    /// A server whose configuration `adjust` changes before it starts.
+    pub async fn start_adjusted(adjust: fn(&mut Config)) -> Self {
+        let adjust_config = Some(adjust);
+        Self::start_with(TestOptions {
+            adjust_config,
+            ..TestOptions::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: TestOptions) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -378,13 +409,17 @@ impl TestServer {
         }
     }
 
-    pub fn grpc_url(&self) -> String {
-        let scheme = if self.tls_client.is_some() {
+    /// `https` when the server serves TLS, else `http`.
+    fn scheme(&self) -> &'static str {
+        if self.tls_client.is_some() {
             "https"
         } else {
             "http"
-        };
-        format!("{scheme}://{}", self.grpc_addr)
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.grpc_addr)
     }
 
     /// The server's data directory (it holds the generated `master.key`).
@@ -393,12 +428,7 @@ impl TestServer {
     }
 
     pub fn http_url(&self) -> String {
-        let scheme = if self.tls_client.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{}", self.http_addr)
+        format!("{}://{}", self.scheme(), self.http_addr)
     }
 
     /// A client without credentials (over TLS as [`TestTls::client`] says,
@@ -439,6 +469,22 @@ impl TestServer {
     ) -> VaultGuardClient {
         let token = self.mint(subject, Some(tenant_id), roles).await;
         self.with_bearer(&token).await
+    }
+
+    /// A client authenticated as `subject`, an admin of `tenant_id`.
+    pub async fn admin(&self, tenant_id: &str, subject: &str) -> VaultGuardClient {
+        self.human(tenant_id, subject, &[pb::Role::Admin]).await
+    }
+
+    /// A client authenticated as `subject`, an approver of `tenant_id`.
+    pub async fn approver(&self, tenant_id: &str, subject: &str) -> VaultGuardClient {
+        self.human(tenant_id, subject, &[pb::Role::Approver]).await
+    }
+
+    /// A client authenticated as `auditor@test`, the auditor of `tenant_id`.
+    pub async fn auditor(&self, tenant_id: &str) -> VaultGuardClient {
+        self.human(tenant_id, "auditor@test", &[pb::Role::Auditor])
+            .await
     }
 
     /// Creates a tenant as the operator and returns it.
@@ -741,45 +787,6 @@ pub async fn request_step_up(
         delegation_id: delegation.id,
         request_hash: shown.request_hash,
     }
-}
-
-/// GetStepUp as `approver`.
-pub async fn get_step_up(
-    approver: &VaultGuardClient,
-    step_up_id: &str,
-) -> Result<pb::StepUp, ClientError> {
-    let request = approver
-        .request(pb::GetStepUpRequest {
-            step_up_id: step_up_id.to_owned(),
-        })
-        .await?;
-    approver
-        .step_ups()
-        .get_step_up(request)
-        .await?
-        .into_inner()
-        .step_up
-        .ok_or(ClientError::MalformedResponse("GetStepUp without step_up"))
-}
-
-/// ApproveStepUp as `approver`, echoing `request_hash`.
-pub async fn approve_step_up(
-    approver: &VaultGuardClient,
-    step_up_id: &str,
-    request_hash: &str,
-) -> Result<pb::ApproveStepUpResponse, ClientError> {
-    let request = approver
-        .request(pb::ApproveStepUpRequest {
-            step_up_id: step_up_id.to_owned(),
-            request_hash: request_hash.to_owned(),
-            comment: String::new(),
-        })
-        .await?;
-    Ok(approver
-        .step_ups()
-        .approve_step_up(request)
-        .await?
-        .into_inner())
 }
 
 // ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use vaultguard_client::pb;
 use vaultguard_server::clock::{Clock, SystemClock};
 
 /// How a provider is set up when it starts.
@@ -309,6 +310,21 @@ impl FakeProvider {
     /// The configured client secret (`None`: a public client).
     pub fn client_secret(&self) -> Option<&str> {
         self.shared.client_secret.as_deref()
+    }
+
+    /// A CreateOAuthProvider request registering this provider as `name`
+    /// with its endpoints, client credentials and the default `scopes`.
+    pub fn registration(&self, name: &str, scopes: &[&str]) -> pb::CreateOAuthProviderRequest {
+        pb::CreateOAuthProviderRequest {
+            name: name.to_owned(),
+            authorize_url: self.authorize_url(),
+            token_url: self.token_url(),
+            revocation_url: self.revocation_url(),
+            client_id: self.client_id().to_owned(),
+            client_secret: self.client_secret().unwrap_or_default().to_owned(),
+            scopes: scopes.iter().map(|&scope| scope.to_owned()).collect(),
+            extra_authorize_params: HashMap::new(),
+        }
     }
 
     /// The `sub` of the account that logs in.
