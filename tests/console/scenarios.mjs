@@ -46,6 +46,29 @@ if (!args.world) {
 const world = JSON.parse(readFileSync(args.world, "utf8"));
 const base = world.base;
 
+/** focusedIs: whether the focused element (or its nearest ancestor with a
+ * test id) carries `id`. */
+async function focusedIs(page, id) {
+  return page.evaluate((want) => {
+    const el = document.activeElement;
+    return !!el && !!el.closest(`[data-testid='${want}']`);
+  }, id);
+}
+
+/** tabTo presses Tab until the element with test id `id` has focus. */
+async function tabTo(page, id) {
+  const seen = [];
+  for (let i = 0; i < 40; i += 1) {
+    if (await focusedIs(page, id)) return;
+    await page.keyboard.press("Tab");
+    seen.push(await page.evaluate(() => {
+      const el = document.activeElement;
+      return el ? `${el.tagName}[${el.getAttribute("data-testid") ?? ""}]` : "none";
+    }));
+  }
+  throw new Failure(`Tab never reached ${id}; it went ${seen.slice(0, 16).join(" ")}`);
+}
+
 /** shoot saves a README picture of `page` when the world asks for them. */
 async function shoot(page, name) {
   if (!world.screenshots) return;
@@ -194,11 +217,25 @@ const scenarios = [
       const id = await a.pending();
       made.denied = id;
       await alice.locator(queueItem(id)).waitFor({ timeout: 1_000 });
-      await openRequest(alice, id);
+      // On a phone-sized screen (the list and a request are separate
+      // screens there), with the keyboard only: Tab to Approvals, Enter, Tab
+      // to the request, Enter, Tab to the comment, type, Tab to Deny, Enter.
+      await alice.setViewportSize({ width: 390, height: 844 });
+      await tabTo(alice, "nav-approvals");
+      await alice.keyboard.press("Enter");
+      await alice.locator(queueItem(id)).waitFor();
+      await tabTo(alice, "queue-item");
+      await alice.keyboard.press("Enter");
+      await alice.locator(tid("step-up-detail")).waitFor();
       await a.line(/^STEP_UP \S+ watching/);
-      await alice.locator(tid("decision-comment")).fill("not this quarter");
-      await alice.locator(tid("deny-button")).click();
+      await tabTo(alice, "decision-comment");
+      await alice.keyboard.type("not this quarter");
+      await tabTo(alice, "deny-button");
+      await alice.keyboard.press("Enter");
       await alice.locator(tid("decision-result")).waitFor();
+      const overflow = await alice.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      check(overflow <= 0, `the page scrolls sideways on a phone by ${overflow}px`);
+      await alice.setViewportSize({ width: 1280, height: 900 });
       await a.line(/^STEP_UP \S+ ended state=STEP_UP_STATE_DENIED/);
       check((await a.exit()) === 1, "the agent did not report its step-up refused");
       // The comment is the server's, not the page's memory: read it anew.

@@ -115,6 +115,22 @@ async fn console_token(server: &TestServer, cookie: &str) -> (StatusCode, Value)
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A console access token of a person of `tenant_id` with `roles`, signed
+/// in by a one-time link.
+async fn signed_in_token(server: &TestServer, tenant_id: &str, roles: &[&str]) -> String {
+    let secret = link_secret(server, tenant_id, roles).await;
+    let cookie = redeem(server, &secret).await.1.expect("cookie");
+    console_token(server, &cookie).await.1["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
+}
+
+/// How many `event_type` events `tenant_id`'s log holds.
+async fn events(server: &TestServer, tenant_id: &str, event_type: &str) -> usize {
+    server.audit_events(tenant_id, event_type).await.len()
+}
+
 /// One unary gRPC-Web call on the HTTP listener: the grpc-status and the
 /// message, decoded.
 async fn grpc_web<Req: Message, Res: Message + Default>(
@@ -261,13 +277,7 @@ async fn a_one_time_link_signs_in_once_and_the_session_mints_short_tokens() {
     let server = TestServer::start().await;
     let acme = server.create_tenant("acme").await;
     let secret = link_secret(&server, &acme.id, &["approver", "auditor"]).await;
-    assert_eq!(
-        server
-            .audit_events(&acme.id, "console.link_created")
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(events(&server, &acme.id, "console.link_created").await, 1);
 
     let (status, cookie) = redeem(&server, &secret).await;
     assert_eq!(status, StatusCode::OK);
@@ -341,20 +351,8 @@ async fn a_one_time_link_signs_in_once_and_the_session_mints_short_tokens() {
         console_token(&server, &cookie).await.0,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(
-        server
-            .audit_events(&acme.id, "console.signed_in")
-            .await
-            .len(),
-        2
-    );
-    assert_eq!(
-        server
-            .audit_events(&acme.id, "console.signed_out")
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(events(&server, &acme.id, "console.signed_in").await, 2);
+    assert_eq!(events(&server, &acme.id, "console.signed_out").await, 1);
     // The log holds hashes, never a secret.
     for event in server.audit_events(&acme.id, "console.link_created").await {
         assert!(!event.details.contains(&secret), "secret in the audit log");
@@ -487,12 +485,7 @@ async fn grpc_web_calls_meet_the_same_authentication_roles_and_tenant_walls() {
     .await;
     assert_eq!(code, tonic::Code::Unauthenticated as i32);
     // An auditor's session token may not approve: PERMISSION_DENIED.
-    let secret = link_secret(&server, &acme.id, &["auditor"]).await;
-    let cookie = redeem(&server, &secret).await.1.expect("cookie");
-    let token = console_token(&server, &cookie).await.1["access_token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let token = signed_in_token(&server, &acme.id, &["auditor"]).await;
     let (code, _) = grpc_web::<_, pb::ApproveStepUpResponse>(
         &server,
         "StepUpService/ApproveStepUp",
@@ -505,12 +498,7 @@ async fn grpc_web_calls_meet_the_same_authentication_roles_and_tenant_walls() {
     .await;
     assert_eq!(code, tonic::Code::PermissionDenied as i32);
     // Another tenant's approver sees nothing of acme's agents.
-    let beta_secret = link_secret(&server, &beta.id, &["admin"]).await;
-    let beta_cookie = redeem(&server, &beta_secret).await.1.expect("cookie");
-    let beta_token = console_token(&server, &beta_cookie).await.1["access_token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let beta_token = signed_in_token(&server, &beta.id, &["admin"]).await;
     let (code, _) = grpc_web::<_, pb::GetAgentResponse>(
         &server,
         "AgentService/GetAgent",
@@ -624,13 +612,7 @@ async fn an_issuer_sign_in_maps_organisation_and_roles_like_a_bearer_token() {
     // Operator and agent are never a human's from an issuer.
     assert_eq!(who["roles"], serde_json::json!(["approver"]));
     assert_eq!(issuer.codes_redeemed(), 1);
-    assert_eq!(
-        server
-            .audit_events(&acme.id, "console.signed_in")
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(events(&server, &acme.id, "console.signed_in").await, 1);
 
     // Unbinding the organisation ends the session at its next token.
     assert_eq!(console_token(&server, &session).await.0, StatusCode::OK);

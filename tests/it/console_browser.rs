@@ -23,13 +23,13 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vaultguard_client::pb;
 use vaultguard_server::config::TrustedIssuer;
-use vaultguard_tests::{TestOptions, TestServer};
+use vaultguard_tests::{Running, TestOptions, TestServer};
 
 use crate::cookbook::cli_binary;
 
@@ -53,18 +53,6 @@ fn repo_root() -> PathBuf {
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
-}
-
-/// Kills a child process when the test ends or gives up.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// The provider's users: `(key in the world, username, org, roles)`.

@@ -15,14 +15,14 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_tests::Rpc;
-use vaultguard_tests::TestServer;
+use vaultguard_tests::{Running, TestServer};
 
 /// The three actions and what the receiving tenant's inbound rules make of
 /// them: an ALLOW rule, a STEP_UP rule, and no rule at all (BLOCK).
@@ -192,18 +192,6 @@ async fn generate_stubs(out: &Path) {
         repo_root(),
     )
     .await;
-}
-
-/// Kills the agent if the test gives up on it.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// What an agent run printed, and how it ended.

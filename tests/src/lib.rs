@@ -35,6 +35,18 @@ pub mod oauth_provider;
 pub mod rpc;
 pub mod slow_body;
 
+/// A child process killed (and reaped) when the test ends or gives up.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The database backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
