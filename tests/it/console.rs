@@ -28,6 +28,27 @@ fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// GET `url` without following redirects.
+async fn get(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    http().get(url).send().await.expect("GET")
+}
+
+/// POST `body` to the server's `path` with one extra header.
+async fn post_body(
+    server: &TestServer,
+    path: &str,
+    header: (&str, &str),
+    body: &'static str,
+) -> reqwest::Response {
+    http()
+        .post(format!("{}{path}", server.http_url()))
+        .header(header.0, header.1)
+        .body(body)
+        .send()
+        .await
+        .expect("POST")
+}
+
 /// `name=value` of cookie `name` among `Set-Cookie` headers, and the whole
 /// header (for its attributes).
 fn set_cookie(headers: &HeaderMap, name: &str) -> Option<(String, String)> {
@@ -139,7 +160,20 @@ async fn grpc_web<Req: Message, Res: Message + Default>(
     bearer: Option<&str>,
     request: &Req,
 ) -> (i32, Option<Res>) {
-    let body = request.encode_to_vec();
+    let (status, message) = grpc_web_bytes(server, method, bearer, request.encode_to_vec()).await;
+    (
+        status,
+        message.map(|bytes| Res::decode(&bytes[..]).expect("decode message")),
+    )
+}
+
+/// [`grpc_web`] on an encoded request; the answer's message undecoded.
+async fn grpc_web_bytes(
+    server: &TestServer,
+    method: &str,
+    bearer: Option<&str>,
+    body: Vec<u8>,
+) -> (i32, Option<Vec<u8>>) {
     let mut framed = vec![0u8];
     framed.extend_from_slice(&u32::try_from(body.len()).expect("len").to_be_bytes());
     framed.extend_from_slice(&body);
@@ -166,7 +200,7 @@ async fn grpc_web<Req: Message, Res: Message + Default>(
         let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
         let frame = &rest[5..5 + len];
         if flag & 0x80 == 0 {
-            message = Some(Res::decode(frame).expect("decode message"));
+            message = Some(frame.to_vec());
         } else {
             let trailers = String::from_utf8_lossy(frame);
             status = trailers
@@ -189,11 +223,7 @@ async fn the_console_is_served_from_the_binary_with_strict_headers() {
         "/console/admin/agents",
         "/console/link",
     ] {
-        let response = http()
-            .get(format!("{base}{page}"))
-            .send()
-            .await
-            .expect("GET page");
+        let response = get(format!("{base}{page}")).await;
         assert_eq!(response.status(), StatusCode::OK, "{page}");
         let headers = response.headers().clone();
         let csp = headers["content-security-policy"].to_str().expect("csp");
@@ -216,11 +246,7 @@ async fn the_console_is_served_from_the_binary_with_strict_headers() {
         );
         assert!(!html.contains("<script>"), "no inline script");
     }
-    let js = http()
-        .get(format!("{base}/console/assets/app.js"))
-        .send()
-        .await
-        .expect("js");
+    let js = get(format!("{base}/console/assets/app.js")).await;
     assert_eq!(js.status(), StatusCode::OK);
     assert!(
         js.headers()["content-type"]
@@ -228,11 +254,7 @@ async fn the_console_is_served_from_the_binary_with_strict_headers() {
             .expect("type")
             .starts_with("text/javascript")
     );
-    let css = http()
-        .get(format!("{base}/console/assets/app.css"))
-        .send()
-        .await
-        .expect("css");
+    let css = get(format!("{base}/console/assets/app.css")).await;
     assert!(
         css.headers()["content-type"]
             .to_str()
@@ -244,28 +266,17 @@ async fn the_console_is_served_from_the_binary_with_strict_headers() {
         "/console/assets/nope.js",
         "/console/api/nope",
     ] {
-        let response = http()
-            .get(format!("{base}{missing}"))
-            .send()
-            .await
-            .expect("GET");
+        let response = get(format!("{base}{missing}")).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{missing}");
     }
-    let bare = http()
-        .get(format!("{base}/console"))
-        .send()
-        .await
-        .expect("GET /console");
+    let bare = get(format!("{base}/console")).await;
     assert_eq!(bare.status(), StatusCode::PERMANENT_REDIRECT);
     assert_eq!(bare.headers()[LOCATION], "/console/");
     // Without a session the app is told to sign in; no issuer is configured.
     let (status, _) = me(&server, "vg_console=nothing").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let issuers: Value = http()
-        .get(format!("{base}/console/api/issuers"))
-        .send()
+    let issuers: Value = get(format!("{base}/console/api/issuers"))
         .await
-        .expect("issuers")
         .json()
         .await
         .expect("json");
@@ -409,13 +420,8 @@ async fn links_expire_and_refuse_what_they_cannot_be() {
             "{secret:.20}"
         );
     }
-    let not_json = http()
-        .post(format!("{}/console/api/link", server.http_url()))
-        .header("X-VaultGuard-CSRF", "1")
-        .body("secret=abc")
-        .send()
-        .await
-        .expect("POST");
+    let csrf = ("X-VaultGuard-CSRF", "1");
+    let not_json = post_body(&server, "/console/api/link", csrf, "secret=abc").await;
     assert_eq!(not_json.status(), StatusCode::BAD_REQUEST);
     let problem: Value = not_json.json().await.expect("json");
     assert_eq!(problem["field"], "secret");
@@ -475,51 +481,43 @@ async fn grpc_web_calls_meet_the_same_authentication_roles_and_tenant_walls() {
     let acme = server.create_tenant("acme").await;
     let beta = server.create_tenant("beta").await;
     let (agent, _, _) = server.create_agent(&acme.id, "crm-bot").await;
-    // No credential: UNAUTHENTICATED.
-    let (code, _) = grpc_web::<_, pb::WhoAmIResponse>(
-        &server,
-        "AuthService/WhoAmI",
-        None,
-        &pb::WhoAmIRequest {},
-    )
-    .await;
-    assert_eq!(code, tonic::Code::Unauthenticated as i32);
-    // An auditor's session token may not approve: PERMISSION_DENIED.
-    let token = signed_in_token(&server, &acme.id, &["auditor"]).await;
-    let (code, _) = grpc_web::<_, pb::ApproveStepUpResponse>(
-        &server,
-        "StepUpService/ApproveStepUp",
-        Some(&token),
-        &pb::ApproveStepUpRequest {
-            step_up_id: "stp_x".to_owned(),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(code, tonic::Code::PermissionDenied as i32);
-    // Another tenant's approver sees nothing of acme's agents.
-    let beta_token = signed_in_token(&server, &beta.id, &["admin"]).await;
-    let (code, _) = grpc_web::<_, pb::GetAgentResponse>(
-        &server,
-        "AgentService/GetAgent",
-        Some(&beta_token),
-        &pb::GetAgentRequest {
-            agent_id: agent.id.clone(),
-        },
-    )
-    .await;
-    assert_eq!(code, tonic::Code::NotFound as i32);
+    // An auditor's session token may not approve; another tenant's admin
+    // sees nothing of acme's agents; no credential is no caller.
+    let auditor = signed_in_token(&server, &acme.id, &["auditor"]).await;
+    let beta_admin = signed_in_token(&server, &beta.id, &["admin"]).await;
+    let approve = pb::ApproveStepUpRequest {
+        step_up_id: "stp_x".to_owned(),
+        ..Default::default()
+    };
+    let get_agent = pb::GetAgentRequest {
+        agent_id: agent.id.clone(),
+    };
+    for (method, bearer, request, expected) in [
+        (
+            "AuthService/WhoAmI",
+            None,
+            pb::WhoAmIRequest {}.encode_to_vec(),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "StepUpService/ApproveStepUp",
+            Some(auditor.as_str()),
+            approve.encode_to_vec(),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "AgentService/GetAgent",
+            Some(beta_admin.as_str()),
+            get_agent.encode_to_vec(),
+            tonic::Code::NotFound,
+        ),
+    ] {
+        let (code, _) = grpc_web_bytes(&server, method, bearer, request).await;
+        assert_eq!(code, expected as i32, "{method}");
+    }
     // Anything else on the HTTP listener that is not gRPC-Web is 404.
-    let plain = http()
-        .post(format!(
-            "{}/vaultguard.v1.AuthService/WhoAmI",
-            server.http_url()
-        ))
-        .header("Content-Type", "application/json")
-        .body("{}")
-        .send()
-        .await
-        .expect("POST");
+    let json = ("Content-Type", "application/json");
+    let plain = post_body(&server, "/vaultguard.v1.AuthService/WhoAmI", json, "{}").await;
     assert_eq!(plain.status(), StatusCode::NOT_FOUND);
 }
 
@@ -540,11 +538,7 @@ async fn with_issuer() -> (LocalIssuer, TestServer, pb::Tenant) {
 /// The browser's round trip: /console/login → the issuer → the callback.
 /// Returns the callback's answer and the login cookie the browser kept.
 async fn sign_in(server: &TestServer) -> (reqwest::Response, String) {
-    let start = http()
-        .get(format!("{}/console/login?issuer=0", server.http_url()))
-        .send()
-        .await
-        .expect("GET login");
+    let start = get(format!("{}/console/login?issuer=0", server.http_url())).await;
     assert_eq!(start.status(), StatusCode::SEE_OTHER);
     let (login_cookie, whole) =
         set_cookie(start.headers(), "vg_console_login").expect("login cookie");
@@ -566,7 +560,7 @@ async fn sign_in(server: &TestServer) -> (reqwest::Response, String) {
         format!("{}/console/callback", server.http_url())
     );
     assert!(!query["nonce"].is_empty() && !query["state"].is_empty());
-    let at_issuer = http().get(&authorize).send().await.expect("authorize");
+    let at_issuer = get(&authorize).await;
     assert_eq!(at_issuer.status(), StatusCode::FOUND);
     let callback = at_issuer.headers()[LOCATION]
         .to_str()
@@ -584,11 +578,8 @@ async fn sign_in(server: &TestServer) -> (reqwest::Response, String) {
 #[tokio::test]
 async fn an_issuer_sign_in_maps_organisation_and_roles_like_a_bearer_token() {
     let (issuer, server, acme) = with_issuer().await;
-    let issuers: Value = http()
-        .get(format!("{}/console/api/issuers", server.http_url()))
-        .send()
+    let issuers: Value = get(format!("{}/console/api/issuers", server.http_url()))
         .await
-        .expect("issuers")
         .json()
         .await
         .expect("json");
@@ -648,21 +639,17 @@ async fn an_issuer_sign_in_is_refused_without_role_binding_or_the_browser_that_b
     // Login CSRF: a callback URL carried to another browser (no login
     // cookie) signs nobody in, and is spent for nobody either.
     issuer.set_user("auth0|mallory", ORG_ACME, &["admin"]);
-    let start = http()
-        .get(format!("{}/console/login?issuer=0", server.http_url()))
-        .send()
-        .await
-        .expect("login");
+    let start = get(format!("{}/console/login?issuer=0", server.http_url())).await;
     let authorize = start.headers()[LOCATION]
         .to_str()
         .expect("location")
         .to_owned();
-    let at_issuer = http().get(&authorize).send().await.expect("authorize");
+    let at_issuer = get(&authorize).await;
     let callback = at_issuer.headers()[LOCATION]
         .to_str()
         .expect("callback")
         .to_owned();
-    let victim = http().get(&callback).send().await.expect("callback");
+    let victim = get(&callback).await;
     assert_eq!(victim.status(), StatusCode::BAD_REQUEST);
     assert!(
         set_cookie(victim.headers(), "vg_console").is_none_or(|(pair, _)| pair == "vg_console=")
@@ -673,7 +660,7 @@ async fn an_issuer_sign_in_is_refused_without_role_binding_or_the_browser_that_b
     issuer.set_user("auth0|alice", ORG_ACME, &["approver"]);
     let (answer, callback) = sign_in(&server).await;
     assert_eq!(answer.status(), StatusCode::SEE_OTHER);
-    let replay = http().get(&callback).send().await.expect("replay");
+    let replay = get(&callback).await;
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
     assert_eq!(server.count("console_sessions").await, 1);
 

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vaultguard_client::pb;
 use vaultguard_server::config::TrustedIssuer;
-use vaultguard_tests::{Running, TestOptions, TestServer};
+use vaultguard_tests::{Running, TestOptions, TestServer, run_to_end};
 
 use crate::cookbook::cli_binary;
 
@@ -130,32 +130,17 @@ async fn create_rule(admin: &vaultguard_client::VaultGuardClient, action: &str, 
         .expect("create rule");
 }
 
-/// Runs a command to its end; panics with its output unless it succeeds.
-fn run(command: &mut Command) -> String {
-    let shown = format!("{command:?}");
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {shown}: {err}"));
-    assert!(
-        output.status.success(),
-        "{shown} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_works_in_a_real_browser() {
     let started = Instant::now();
     let out = tempfile::tempdir().expect("temp dir");
     // The Python agent's stubs, from proto/ as scripts/gen-stubs.sh makes them.
-    run(Command::new("bash")
-        .arg(repo_root().join("scripts/gen-stubs.sh"))
-        .arg(out.path())
-        .current_dir(repo_root()));
+    run_to_end(
+        Command::new("bash")
+            .arg(repo_root().join("scripts/gen-stubs.sh"))
+            .arg(out.path())
+            .current_dir(repo_root()),
+    );
     let stubs = out.path().join("examples/python-agent/gen");
 
     let (_provider, issuer) = start_provider();
@@ -195,13 +180,15 @@ async fn the_console_works_in_a_real_browser() {
     create_rule(&initech_admin, "payment.send", 1).await;
 
     let token_issuer = server.state.keys.issuer().to_owned();
-    let link = run(Command::new(cli_binary())
-        .arg("--data-dir")
-        .arg(server.data_dir())
-        .args(["--database-url", &server.database_url])
-        .args(["--issuer", &token_issuer])
-        .args(["console-link", "--tenant", &acme.id, "--role", "approver"])
-        .args(["--subject", "linked-approver"]));
+    let link = run_to_end(
+        Command::new(cli_binary())
+            .arg("--data-dir")
+            .arg(server.data_dir())
+            .args(["--database-url", &server.database_url])
+            .args(["--issuer", &token_issuer])
+            .args(["console-link", "--tenant", &acme.id, "--role", "approver"])
+            .args(["--subject", "linked-approver"]),
+    );
     let link = link.trim().to_owned();
     assert!(
         link.starts_with(&format!("{}/console/link#", server.http_url())),

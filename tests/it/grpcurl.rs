@@ -116,16 +116,8 @@ async fn grpcurl_creates_a_tenant_only_with_a_bearer() {
     assert_eq!(server.count("tenants").await, 0, "nothing was written");
 
     let header = format!("authorization: Bearer {token}");
-    let run = grpcurl(args(&[
-        "-plaintext",
-        "-H",
-        &header,
-        "-d",
-        body,
-        &addr,
-        method,
-    ]))
-    .await;
+    let create = args(&["-plaintext", "-H", &header, "-d", body, &addr, method]);
+    let run = grpcurl(create.clone()).await;
     assert!(
         run.success,
         "CreateTenant with the operator's bearer failed:\n{}",
@@ -151,16 +143,7 @@ async fn grpcurl_creates_a_tenant_only_with_a_bearer() {
     assert_eq!(fetched.tenant.expect("tenant").slug, "acme");
 
     // A second create with the same slug is refused, and grpcurl shows why.
-    let run = grpcurl(args(&[
-        "-plaintext",
-        "-H",
-        &header,
-        "-d",
-        body,
-        &addr,
-        method,
-    ]))
-    .await;
+    let run = grpcurl(create).await;
     assert!(!run.success);
     assert!(
         run.output().contains("AlreadyExists"),

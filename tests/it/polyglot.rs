@@ -158,27 +158,12 @@ impl World {
 /// Runs `program args…` and writes nothing to it; panics with its output
 /// unless it succeeds.
 async fn run_tool(program: &str, args: Vec<String>, cwd: PathBuf) {
-    let shown = format!("{program} {}", args.join(" "));
-    let output = tokio::task::spawn_blocking({
-        let program = program.to_owned();
-        move || {
-            Command::new(program)
-                .args(&args)
-                .current_dir(cwd)
-                .stdin(Stdio::null())
-                .output()
-        }
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        vaultguard_tests::run_to_end(Command::new(program).args(&args).current_dir(cwd))
     })
     .await
-    .expect("tool task")
-    .unwrap_or_else(|err| panic!("cannot run `{shown}`: {err}"));
-    assert!(
-        output.status.success(),
-        "`{shown}` failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    .expect("tool task");
 }
 
 /// Generates the Python and TypeScript stubs from proto/ into `out`

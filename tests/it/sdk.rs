@@ -9,7 +9,7 @@ use tonic::Code;
 use vaultguard_client::{ClientError, DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_tests::expect_reason;
 
-use crate::delegations::{ask, setup_pair};
+use crate::delegations::{Pair, ask, setup_pair};
 use crate::policies::{add_rule, inbound};
 use vaultguard_tests::Rpc;
 
@@ -28,12 +28,19 @@ async fn first_pending(approver: &VaultGuardClient) -> pb::StepUp {
     panic!("no pending step-up appeared");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_delegation_waits_for_the_approval_and_runs_the_work() {
+/// A pair whose receiving tenant asks a human for `stock.*`, its agent and
+/// the receiving tenant's id (to move into the task that waits).
+async fn stepped_up_pair() -> (Pair, VaultGuardClient, String) {
     let pair = setup_pair().await;
     add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
     let agent = pair.agent.clone();
     let globex_id = pair.globex.id.clone();
+    (pair, agent, globex_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_delegation_waits_for_the_approval_and_runs_the_work() {
+    let (pair, agent, globex_id) = stepped_up_pair().await;
     let waiting = tokio::spawn(async move {
         agent
             .with_delegation(ask(&globex_id, "stock.write"), |token| async move { token })
@@ -67,10 +74,7 @@ async fn with_delegation_waits_for_the_approval_and_runs_the_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_delegation_reports_a_denial_without_running_the_work() {
-    let pair = setup_pair().await;
-    add_rule(&pair.globex_admin, inbound("stock.*", pb::Effect::StepUp)).await;
-    let agent = pair.agent.clone();
-    let globex_id = pair.globex.id.clone();
+    let (pair, agent, globex_id) = stepped_up_pair().await;
     let waiting = tokio::spawn(async move {
         agent
             .with_delegation(ask(&globex_id, "stock.write"), |_token| async move {

@@ -35,6 +35,24 @@ pub mod oauth_provider;
 pub mod rpc;
 pub mod slow_body;
 
+/// Runs `command` to its end with nothing on its stdin; its stdout, or a
+/// panic with its whole output unless it succeeds.
+pub fn run_to_end(command: &mut std::process::Command) -> String {
+    let shown = format!("{command:?}");
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {shown}: {err}"));
+    assert!(
+        output.status.success(),
+        "{shown} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
 /// A child process killed (and reaped) when the test ends or gives up.
 pub struct Running(pub std::process::Child);
 
