@@ -136,10 +136,17 @@ impl std::fmt::Debug for OidcVerifier {
     }
 }
 
+/// What VaultGuard reads of an issuer's discovery document.
 #[derive(Deserialize)]
 struct Discovery {
     issuer: String,
     jwks_uri: String,
+    /// The code flow's endpoints (the console's sign-in); an issuer that
+    /// only verifies bearer tokens need not name them.
+    #[serde(default)]
+    authorization_endpoint: Option<String>,
+    #[serde(default)]
+    token_endpoint: Option<String>,
 }
 
 fn seconds_to_millis(seconds: u64) -> Millis {
@@ -282,17 +289,14 @@ impl OidcVerifier {
     /// document (fetched each time: sign-ins are rare).
     pub async fn endpoints(&self, issuer: &str) -> anyhow::Result<Endpoints> {
         let state = self.issuer_state(issuer)?;
-        let discovery_url = format!(
-            "{}/.well-known/openid-configuration",
-            state.config.issuer.trim_end_matches('/')
-        );
-        let (body, _) = get_document(&self.fetcher.http, &discovery_url).await?;
-        let endpoints: Endpoints = serde_json::from_slice(&body)?;
-        anyhow::ensure!(
-            endpoints.issuer.trim_end_matches('/') == state.config.issuer.trim_end_matches('/'),
-            "discovery document names another issuer"
-        );
-        Ok(endpoints)
+        let discovery = fetch_discovery(&self.fetcher.http, &state.config).await?;
+        match (discovery.authorization_endpoint, discovery.token_endpoint) {
+            (Some(authorization_endpoint), Some(token_endpoint)) => Ok(Endpoints {
+                authorization_endpoint,
+                token_endpoint,
+            }),
+            _ => anyhow::bail!("discovery document names no authorization or token endpoint"),
+        }
     }
 
     fn issuer_state(&self, issuer: &str) -> Result<&Arc<IssuerState>> {
@@ -496,9 +500,8 @@ async fn get_document(
 }
 
 /// An issuer's endpoints for the authorization-code flow.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Endpoints {
-    pub issuer: String,
     pub authorization_endpoint: String,
     pub token_endpoint: String,
 }
@@ -538,12 +541,11 @@ fn identity_from_claims(config: &TrustedIssuer, claims: &Value) -> Result<Extern
     })
 }
 
-/// The issuer's key set (through its discovery document) and the JWKS
-/// answer's `max-age`.
-async fn fetch_jwks(
+/// The issuer's discovery document, which must name the issuer itself.
+async fn fetch_discovery(
     http: &outbound::Client,
     config: &TrustedIssuer,
-) -> anyhow::Result<(JwkSet, Option<u64>)> {
+) -> anyhow::Result<Discovery> {
     let discovery_url = format!(
         "{}/.well-known/openid-configuration",
         config.issuer.trim_end_matches('/')
@@ -554,6 +556,16 @@ async fn fetch_jwks(
         discovery.issuer.trim_end_matches('/') == config.issuer.trim_end_matches('/'),
         "discovery document names another issuer"
     );
+    Ok(discovery)
+}
+
+/// The issuer's key set (through its discovery document) and the JWKS
+/// answer's `max-age`.
+async fn fetch_jwks(
+    http: &outbound::Client,
+    config: &TrustedIssuer,
+) -> anyhow::Result<(JwkSet, Option<u64>)> {
+    let discovery = fetch_discovery(http, config).await?;
     let (body, headers) = get_document(http, &discovery.jwks_uri).await?;
     let set: JwkSet = serde_json::from_slice(&body)?;
     let max_age = headers

@@ -290,6 +290,15 @@ pub async fn redeem_link(
 
 // ------------------------------------------------------------------ OIDC
 
+/// `issuer`'s authorization and token endpoints, or why not (logged here,
+/// said to the person in plain words).
+async fn endpoints(state: &AppState, issuer: &str) -> Result<crate::oidc::Endpoints> {
+    state.oidc.endpoints(issuer).await.map_err(|err| {
+        tracing::warn!(issuer = %issuer, error = %err, "console sign-in: discovery failed");
+        ConsoleError::Provider("the identity provider cannot be reached".to_owned())
+    })
+}
+
 /// A sign-in started: where to send the browser, and what the browser keeps
 /// (in a cookie) to prove at the callback that it started this sign-in.
 pub struct StartedLogin {
@@ -312,10 +321,7 @@ pub async fn start_login(
         .ok_or(ConsoleError::IssuerUnknown)?
         .config;
     let client_id = issuer.console_client_id.clone().unwrap_or_default();
-    let endpoints = state.oidc.endpoints(&issuer.issuer).await.map_err(|err| {
-        tracing::warn!(issuer = %issuer.issuer, error = %err, "console sign-in: discovery failed");
-        ConsoleError::Provider("the identity provider cannot be reached".to_owned())
-    })?;
+    let endpoints = endpoints(state, &issuer.issuer).await?;
     let state_value = random_token(32)?;
     let verifier = random_token(48)?;
     let nonce = random_token(24)?;
@@ -424,10 +430,7 @@ pub async fn finish_login(
     )?;
     let verifier = String::from_utf8(verifier)
         .map_err(|_| Error::internal("sealed PKCE verifier is not text"))?;
-    let endpoints = state.oidc.endpoints(&issuer.issuer).await.map_err(|err| {
-        tracing::warn!(issuer = %issuer.issuer, error = %err, "console sign-in: discovery failed");
-        ConsoleError::Provider("the identity provider cannot be reached".to_owned())
-    })?;
+    let endpoints = endpoints(state, &issuer.issuer).await?;
     let grant = state
         .oauth
         .token(
