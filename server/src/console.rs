@@ -62,22 +62,38 @@ pub fn router(state: AppState) -> Router {
         .route("/console/login", get(login))
         .route("/console/callback", get(callback))
         .route("/console/{*page}", get(index))
+        .layer(axum::middleware::map_response(with_security_headers))
         .with_state(state)
 }
 
-/// The security headers of every console answer, and its type.
+/// An answer's type and caching.
 fn headers(
     content_type: &'static str,
     cache: &'static str,
-) -> [(header::HeaderName, &'static str); 6] {
+) -> [(header::HeaderName, &'static str); 2] {
     [
         (header::CONTENT_TYPE, content_type),
-        (header::CONTENT_SECURITY_POLICY, CSP),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, cache),
     ]
+}
+
+/// The headers every console answer carries, pages, JSON, redirects and
+/// errors alike (set by [`with_security_headers`] on the whole router).
+const SECURITY_HEADERS: [(header::HeaderName, &str); 4] = [
+    (header::CONTENT_SECURITY_POLICY, CSP),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+];
+
+/// Adds [`SECURITY_HEADERS`] to an answer of the console's router.
+async fn with_security_headers(mut response: Response) -> Response {
+    for (name, value) in SECURITY_HEADERS {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn json_answer(status: StatusCode, value: serde_json::Value) -> Response {
@@ -325,11 +341,9 @@ fn signed_in(
     ) {
         response.headers_mut().append(header::SET_COOKIE, value);
     }
-    for (name, value) in headers("application/json", "no-store").into_iter().skip(1) {
-        response
-            .headers_mut()
-            .insert(name, HeaderValue::from_static(value));
-    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -527,10 +541,11 @@ mod tests {
 
     #[tokio::test]
     async fn failure_pages_escape_what_they_say() {
-        let page = failure_page(
+        let page = with_security_headers(failure_page(
             StatusCode::BAD_REQUEST,
             "<img src=x onerror=alert(1)> & \"'",
-        );
+        ))
+        .await;
         assert_eq!(page.status(), StatusCode::BAD_REQUEST);
         assert_eq!(page.headers()[header::CONTENT_SECURITY_POLICY], CSP);
         let body = axum::body::to_bytes(page.into_body(), 64 * 1024)

@@ -271,6 +271,7 @@ async fn the_console_is_served_from_the_binary_with_strict_headers() {
     }
     let bare = get(format!("{base}/console")).await;
     assert_eq!(bare.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(bare.headers()["x-frame-options"], "DENY", "redirects too");
     assert_eq!(bare.headers()[LOCATION], "/console/");
     // Without a session the app is told to sign in; no issuer is configured.
     let (status, _) = me(&server, "vg_console=nothing").await;
@@ -685,6 +686,11 @@ async fn an_issuer_sign_in_is_refused_without_role_binding_or_the_browser_that_b
             .await
             .expect("GET");
         assert_eq!(response.status(), status, "{path}");
+        assert_eq!(
+            response.headers()["content-security-policy"],
+            vaultguard_server::console::CSP,
+            "{path}"
+        );
         let page = response.text().await.expect("page");
         assert!(
             !page.contains("<script>") && !page.contains("<img"),
