@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vaultguard_client::pb;
 use vaultguard_server::config::TrustedIssuer;
+use vaultguard_tests::fixtures::{add_rule, inbound};
 use vaultguard_tests::{Running, TestOptions, TestServer, run_to_end};
 
 use crate::cookbook::cli_binary;
@@ -109,25 +110,14 @@ fn start_provider() -> (Running, String) {
     (child, issuer)
 }
 
+/// A STEP_UP inbound rule for `action` needing `quorum` approvers.
 async fn create_rule(admin: &vaultguard_client::VaultGuardClient, action: &str, quorum: u32) {
-    let request = admin
-        .request(pb::CreateRuleRequest {
-            rule: Some(pb::Rule {
-                direction: pb::RuleDirection::Inbound as i32,
-                action_pattern: action.to_owned(),
-                effect: pb::Effect::StepUp as i32,
-                max_ttl_seconds: 600,
-                approvals_required: quorum,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("request");
-    admin
-        .policies()
-        .create_rule(request)
-        .await
-        .expect("create rule");
+    let rule = pb::Rule {
+        max_ttl_seconds: 600,
+        approvals_required: quorum,
+        ..inbound(action, pb::Effect::StepUp)
+    };
+    add_rule(admin, rule).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
