@@ -22,16 +22,13 @@ import {
   Time,
   useLoad,
 } from "../components/ui";
+import { allPages } from "../paging";
 
 async function listAll(): Promise<Agent[]> {
-  const out: Agent[] = [];
-  let token = "";
-  do {
+  return allPages(async (token) => {
     const res = await agents.listAgents({ page: { pageSize: 500, pageToken: token } });
-    out.push(...res.agents);
-    token = res.page?.nextPageToken ?? "";
-  } while (token);
-  return out;
+    return { items: res.agents, next: res.page?.nextPageToken ?? "" };
+  });
 }
 
 interface Secret {

@@ -15,6 +15,7 @@ import { me, type Me } from "../session";
 import { useStore } from "../store";
 import { useTitle } from "../title";
 import { Empty, ErrorBanner, Id, Loading, PageHeader, Time, useLoad } from "../components/ui";
+import { readPages } from "../paging";
 
 const ANY = "*";
 const MAX_PAGES = 4;
@@ -36,34 +37,23 @@ interface GraphData {
 }
 
 async function loadGraph(who: Me): Promise<GraphData> {
-  const dels: Delegation[] = [];
-  let token = "";
-  let truncated = false;
-  for (let i = 0; ; i++) {
+  const { items: dels, truncated } = await readPages<Delegation>(async (token) => {
     const res = await delegations.listDelegations({
       side: DelegationSide.ANY,
       statuses: [DelegationStatus.ACTIVE],
       page: { pageSize: 500, pageToken: token },
     });
-    dels.push(...res.delegations);
-    token = res.page?.nextPageToken ?? "";
-    if (!token) break;
-    if (i + 1 >= MAX_PAGES) {
-      truncated = true;
-      break;
-    }
-  }
-  const rules: Rule[] = [];
+    return { items: res.delegations, next: res.page?.nextPageToken ?? "" };
+  }, MAX_PAGES);
   const rulesShown = who.roles.includes("admin");
-  if (rulesShown) {
-    token = "";
-    for (let i = 0; i < MAX_PAGES; i++) {
-      const res = await policies.listRules({ page: { pageSize: 500, pageToken: token } });
-      rules.push(...res.rules);
-      token = res.page?.nextPageToken ?? "";
-      if (!token) break;
-    }
-  }
+  const rules: Rule[] = rulesShown
+    ? (
+        await readPages<Rule>(async (token) => {
+          const res = await policies.listRules({ page: { pageSize: 500, pageToken: token } });
+          return { items: res.rules, next: res.page?.nextPageToken ?? "" };
+        }, MAX_PAGES)
+      ).items
+    : [];
   const edges = new Map<string, Edge>();
   const edge = (from: string, to: string): Edge => {
     const key = `${from}>${to}`;

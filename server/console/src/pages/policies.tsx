@@ -50,6 +50,7 @@ import {
   splitList,
   useLoad,
 } from "../components/ui";
+import { allPages } from "../paging";
 
 // ---- shared helpers -----------------------------------------------------------
 
@@ -488,15 +489,12 @@ function RuleEditor(props: { ruleId: string; onSaved: () => void }) {
 // ---- the page ---------------------------------------------------------------------
 
 async function allRules(): Promise<{ rules: Rule[]; version: bigint }> {
-  const rules: Rule[] = [];
-  let token = "";
   let version = 0n;
-  do {
+  const rules = await allPages(async (token) => {
     const res = await policies.listRules({ page: { pageSize: 500, pageToken: token } });
-    rules.push(...res.rules);
     version = res.policyVersion;
-    token = res.page?.nextPageToken ?? "";
-  } while (token);
+    return { items: res.rules, next: res.page?.nextPageToken ?? "" };
+  });
   return { rules, version };
 }
 

@@ -32,17 +32,7 @@ import {
   Time,
   useLoad,
 } from "../components/ui";
-
-async function pages<T>(fetch: (token: string) => Promise<{ items: T[]; next: string }>): Promise<T[]> {
-  const out: T[] = [];
-  let token = "";
-  do {
-    const res = await fetch(token);
-    out.push(...res.items);
-    token = res.next;
-  } while (token);
-  return out;
-}
+import { allPages } from "../paging";
 
 interface VaultData {
   providers: OAuthProvider[];
@@ -51,11 +41,11 @@ interface VaultData {
 
 async function loadConnections(): Promise<VaultData> {
   const [providers, connections] = await Promise.all([
-    pages(async (t) => {
+    allPages(async (t) => {
       const r = await vault.listOAuthProviders({ page: { pageSize: 500, pageToken: t } });
       return { items: r.providers, next: r.page?.nextPageToken ?? "" };
     }),
-    pages(async (t) => {
+    allPages(async (t) => {
       const r = await vault.listConnections({ page: { pageSize: 500, pageToken: t } });
       return { items: r.connections, next: r.page?.nextPageToken ?? "" };
     }),
@@ -226,7 +216,7 @@ function Connections() {
 }
 
 async function loadKeys(): Promise<SigningKey[]> {
-  return pages(async (t) => {
+  return allPages(async (t) => {
     const r = await vault.listSigningKeys({ page: { pageSize: 500, pageToken: t } });
     return { items: r.keys, next: r.page?.nextPageToken ?? "" };
   });
