@@ -18,6 +18,8 @@ pub enum IdKind {
     Signature,
     AuditEvent,
     IssuerKey,
+    Budget,
+    BudgetCharge,
 }
 
 impl IdKind {
@@ -34,6 +36,8 @@ impl IdKind {
             Self::Signature => "sig",
             Self::AuditEvent => "evt",
             Self::IssuerKey => "kid",
+            Self::Budget => "bgt",
+            Self::BudgetCharge => "chg",
         }
     }
 }
@@ -96,7 +100,7 @@ mod props {
     use super::*;
     use crate::props::{PURE_CASES, config};
 
-    const KINDS: [IdKind; 11] = [
+    const KINDS: [IdKind; 13] = [
         IdKind::Tenant,
         IdKind::Agent,
         IdKind::Rule,
@@ -108,6 +112,8 @@ mod props {
         IdKind::Signature,
         IdKind::AuditEvent,
         IdKind::IssuerKey,
+        IdKind::Budget,
+        IdKind::BudgetCharge,
     ];
 
     proptest! {

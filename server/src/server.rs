@@ -99,6 +99,7 @@ pub async fn prepare(
         oauth: Arc::new(oauth),
         outbound,
         policy_cache: Arc::default(),
+        budget_cache: Arc::default(),
         directory: Arc::new(crate::directory::Directory::new(db.get_database_backend())),
         db,
         clock,

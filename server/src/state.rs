@@ -36,6 +36,8 @@ pub struct AppState {
     pub oauth: Arc<crate::oauth_client::OAuthClient>,
     /// Parsed policy rules by tenant, side and version.
     pub policy_cache: Arc<crate::domain::policy_cache::PolicyCache>,
+    /// Each tenant's parsed budgets, by policy version.
+    pub budget_cache: Arc<crate::domain::policy_cache::BudgetCache>,
     /// The group-commit writer of stand-alone audit events.
     pub recorder: audit::Recorder,
     /// Tenant and agent rows, kept current on every replica.

@@ -3591,6 +3591,7 @@ async fn event_details_stay_within_16_kib() {
             operator: pb::ConditionOperator::In as i32,
             value: None,
             values: values.clone(),
+            ..Default::default()
         })
         .collect();
     add_rule(

@@ -62,6 +62,7 @@ pub(crate) fn evaluation(
         requested_ttl_seconds: request.requested_ttl_seconds,
         binding_message: request.binding_message,
         context: request.context,
+        authorization_details: request.authorization_details,
     }
 }
 

@@ -429,6 +429,7 @@ async fn an_oversized_request_is_refused_and_writes_nothing() {
                 operator: pb::ConditionOperator::In as i32,
                 value: None,
                 values: values.clone(),
+                ..Default::default()
             })
             .collect(),
         ..inbound("big.*", pb::Effect::Allow)

@@ -24,6 +24,7 @@ mod issuer_keys;
 mod jwt_attacks;
 mod limits;
 mod log_growth;
+mod money;
 mod oidc;
 mod outage;
 mod outbound;

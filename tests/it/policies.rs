@@ -29,6 +29,7 @@ fn cond_in(attribute: &str, operator: Op, values: Vec<pb::AttributeValue>) -> pb
         operator: operator as i32,
         value: None,
         values,
+        ..Default::default()
     }
 }
 

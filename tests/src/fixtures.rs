@@ -67,6 +67,7 @@ pub fn cond(
         operator: operator as i32,
         value: Some(value),
         values: Vec::new(),
+        ..Default::default()
     }
 }
 

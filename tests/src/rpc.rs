@@ -123,6 +123,11 @@ rpcs! {
     evaluate_policy => policies.evaluate_policy(pb::EvaluatePolicyRequest) -> pb::EvaluatePolicyResponse;
     get_policy_settings => policies.get_policy_settings(pb::GetPolicySettingsRequest) -> pb::GetPolicySettingsResponse;
     update_policy_settings => policies.update_policy_settings(pb::UpdatePolicySettingsRequest) -> pb::UpdatePolicySettingsResponse;
+    create_budget => policies.create_budget(pb::CreateBudgetRequest) -> pb::CreateBudgetResponse;
+    get_budget => policies.get_budget(pb::GetBudgetRequest) -> pb::GetBudgetResponse;
+    list_budgets => policies.list_budgets(pb::ListBudgetsRequest) -> pb::ListBudgetsResponse;
+    update_budget => policies.update_budget(pb::UpdateBudgetRequest) -> pb::UpdateBudgetResponse;
+    delete_budget => policies.delete_budget(pb::DeleteBudgetRequest) -> pb::DeleteBudgetResponse;
     poll_step_up => step_ups.poll_step_up(pb::PollStepUpRequest) -> pb::PollStepUpResponse;
     watch_step_up => step_ups.watch_step_up(pb::WatchStepUpRequest) -> tonic::Streaming<pb::WatchStepUpResponse>;
     get_step_up => step_ups.get_step_up(pb::GetStepUpRequest) -> pb::GetStepUpResponse;

@@ -1217,6 +1217,7 @@ async fn own_grant(
             "vg_connection_id".to_owned(),
             Attr::String(connection.id.clone()),
         )]),
+        authorization_details: Vec::new(),
         vault_made: true,
     };
     let decision = delegations::judge_between(state, &own, agent_id, &own, &input).await?;

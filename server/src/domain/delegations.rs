@@ -26,6 +26,8 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
 use crate::directory;
+use crate::domain::authorization_details::{self as details, Detail};
+use crate::domain::budgets;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
@@ -98,6 +100,11 @@ pub struct Input {
     pub requested_ttl_seconds: u32,
     pub binding_message: String,
     pub context: BTreeMap<String, Attr>,
+    /// The RFC 9396 details, in the request's order. Absent from the
+    /// request hash's encoding when empty, so hashes of requests without
+    /// any are what they always were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_details: Vec<Detail>,
     /// The request is VaultGuard's own, for a vault operation (Sign, a
     /// tenant's own ExchangeToken): its `resource` names the vault object
     /// (`key:…`, `connection:…`), which the action and the reserved `vg_`
@@ -116,6 +123,7 @@ pub struct RawInput<'a> {
     pub requested_ttl_seconds: u32,
     pub binding_message: &'a str,
     pub context: &'a std::collections::HashMap<String, pb::AttributeValue>,
+    pub authorization_details: &'a [pb::AuthorizationDetail],
 }
 
 /// Checks every field, adding violations to `v`; `None` when any failed.
@@ -155,6 +163,13 @@ pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> O
             None
         }
     };
+    let authorization_details = match details::check(raw.authorization_details) {
+        Ok(details) => Some(details),
+        Err(errors) => {
+            errors.into_iter().for_each(|e| v.check(Err(e)));
+            None
+        }
+    };
     let mut scopes = raw.scopes.to_vec();
     scopes.sort();
     Some(Input {
@@ -165,6 +180,7 @@ pub fn check_input(raw: &RawInput<'_>, server_cap: u32, v: &mut Violations) -> O
         requested_ttl_seconds: raw.requested_ttl_seconds,
         binding_message: raw.binding_message.to_owned(),
         context: context?,
+        authorization_details: authorization_details?,
         vault_made: false,
     })
 }
@@ -278,6 +294,12 @@ fn token_claims(state: &AppState, row: &delegation::Model) -> Result<Value> {
     if !row.resource.is_empty() {
         claims["resource"] = json!(row.resource);
     }
+    let details = details_of(row)?;
+    if !details.is_empty() {
+        // RFC 9396 section 9.1: what was judged (and approved), exactly.
+        claims["authorization_details"] =
+            serde_json::to_value(&details).map_err(Error::internal)?;
+    }
     Ok(claims)
 }
 
@@ -377,7 +399,16 @@ pub(crate) fn blocked_error_for(
         metadata.insert("rule_id".to_owned(), side.rule_id.clone());
         metadata.insert("policy_version".to_owned(), side.policy_version.to_string());
     }
-    let reason = if !side.scopes_not_granted.is_empty() {
+    let budget_id = match direction {
+        Direction::Inbound => &decision.inbound.budget_id,
+        Direction::Outbound => &decision.outbound.budget_id,
+    };
+    let reason = if !budget_id.is_empty() {
+        if side.tenant_id == requesting_tenant_id {
+            metadata.insert("budget_id".to_owned(), budget_id.clone());
+        }
+        ErrorReason::BudgetExceeded
+    } else if !side.scopes_not_granted.is_empty() {
         metadata.insert(
             "scopes_not_granted".to_owned(),
             side.scopes_not_granted.join(" "),
@@ -435,6 +466,7 @@ pub async fn request(
             requested_ttl_seconds: req.requested_ttl_seconds,
             binding_message: &req.binding_message,
             context: &req.context,
+            authorization_details: &req.authorization_details,
         },
         state.config.max_token_ttl_seconds,
         &mut v,
@@ -463,30 +495,50 @@ pub async fn request(
             .await?;
         return Err(suspended());
     }
-    let decision = judge_input(state, &tenant_id, &agent_id, &receiving, &input).await?;
+    let requesting = tenant_row(state, &tenant_id).await?;
+    let decision = judge_between(state, &requesting, &agent_id, &receiving, &input).await?;
+    let new = NewDelegation {
+        tenant_id: &tenant_id,
+        agent_id: &agent_id,
+        receiving: &receiving,
+        input: &input,
+        // The caller's order; a request naming none stores the scopes
+        // the inbound rule gave it by default.
+        scopes_json: if req.scopes.is_empty() {
+            to_json(&decision.scopes)?
+        } else {
+            to_json(&req.scopes)?
+        },
+        idempotency_key: &req.idempotency_key,
+        request_hash: &request_hash,
+    };
+    // Budgets apply to what the rules let through; a request no budget
+    // applies to takes the path below, which reads none.
+    if decision.outcome != Outcome::Block {
+        let applicable = budgets::applicable(
+            state,
+            &requesting,
+            &receiving,
+            &budgets::Subject {
+                requesting_tenant_id: &tenant_id,
+                requesting_agent_id: &agent_id,
+                receiving_tenant_id: &receiving.id,
+                action: &input.action,
+                context: &input.context,
+                details: &input.authorization_details,
+                signing_key_id: None,
+                connection_id: None,
+                vault_made: false,
+            },
+        )
+        .await?;
+        if !applicable.is_empty() {
+            return request_charged(state, ctx, &new, decision, &applicable).await;
+        }
+    }
 
     let now = state.clock.now_millis();
-    let row = new_row(
-        state,
-        &NewDelegation {
-            tenant_id: &tenant_id,
-            agent_id: &agent_id,
-            receiving: &receiving,
-            input: &input,
-            // The caller's order; a request naming none stores the scopes
-            // the inbound rule gave it by default.
-            scopes_json: if req.scopes.is_empty() {
-                to_json(&decision.scopes)?
-            } else {
-                to_json(&req.scopes)?
-            },
-            idempotency_key: &req.idempotency_key,
-            request_hash: &request_hash,
-        },
-        &decision,
-        now,
-    )?;
-    let expires_at = row.expires_at;
+    let row = new_row(state, &new, &decision, now)?;
     // Sign before committing, so the stored kid is the one used; a failed
     // commit simply discards the token.
     let signed = if decision.outcome == Outcome::Allow {
@@ -496,31 +548,7 @@ pub async fn request(
     };
     let mut row = row;
     row.signing_kid = signed.as_ref().map(|(_, kid)| kid.clone());
-
-    let audit_ctx = ctx.audit();
-    let outcome = if decision.outcome == Outcome::Block {
-        AuditOutcome::Denied
-    } else {
-        AuditOutcome::Success
-    };
-    let mut events = party_events(
-        &audit_ctx,
-        &row,
-        "delegation.decided",
-        outcome,
-        &json!({"outcome": decision.outcome.as_str(), "requesting_agent_id": agent_id}),
-        Some(&decision),
-    );
-    if let Some((_, kid)) = &signed {
-        events.extend(party_events(
-            &audit_ctx,
-            &row,
-            "delegation.token_issued",
-            AuditOutcome::Success,
-            &json!({"kid": kid, "alg": row.token_algorithm, "jti": row.id, "exp": expires_at.map(|e| e / 1000)}),
-            None,
-        ));
-    }
+    let events = decided_events(ctx, &row, &decision, signed.as_ref(), None);
     let active: delegation::ActiveModel = row.clone().into();
     let stored = if decision.outcome == Outcome::StepUp {
         store_step_up(state, active, &row, events).await?
@@ -532,14 +560,68 @@ pub async fn request(
             audit::Written::Conflict => Stored::Lost,
         }
     };
+    answer(state, ctx, &new, row, &decision, signed, stored).await
+}
+
+/// The audit events of a decided request: `delegation.decided` in both
+/// parties' logs, and `delegation.token_issued` when a token was signed.
+fn decided_events(
+    ctx: &CallContext,
+    row: &delegation::Model,
+    decision: &Decision,
+    signed: Option<&(String, String)>,
+    charges: Option<Value>,
+) -> Vec<NewEvent> {
+    let audit_ctx = ctx.audit();
+    let outcome = if decision.outcome == Outcome::Block {
+        AuditOutcome::Denied
+    } else {
+        AuditOutcome::Success
+    };
+    let mut details = json!({"outcome": decision.outcome.as_str(), "requesting_agent_id": row.requesting_agent_id});
+    if let Some(charges) = charges {
+        details["budget_charges"] = charges;
+    }
+    let mut events = party_events(
+        &audit_ctx,
+        row,
+        "delegation.decided",
+        outcome,
+        &details,
+        Some(decision),
+    );
+    if let Some((_, kid)) = signed {
+        events.extend(party_events(
+            &audit_ctx,
+            row,
+            "delegation.token_issued",
+            AuditOutcome::Success,
+            &json!({"kid": kid, "alg": row.token_algorithm, "jti": row.id, "exp": row.expires_at.map(|e| e / 1000)}),
+            None,
+        ));
+    }
+    events
+}
+
+/// RequestDelegation's answer once its row is stored (or lost to a request
+/// with the same key, which then answers).
+async fn answer(
+    state: &AppState,
+    ctx: &CallContext,
+    new: &NewDelegation<'_>,
+    row: delegation::Model,
+    decision: &Decision,
+    signed: Option<(String, String)>,
+    stored: Stored,
+) -> Result<Requested> {
     let auth_req = match stored {
         Stored::Inserted(auth_req) => auth_req,
         Stored::Lost => {
             // A request with the same key was stored first: answer from it.
-            let winner = find_by_key(state, &agent_id, &req.idempotency_key)
+            let winner = find_by_key(state, new.agent_id, new.idempotency_key)
                 .await?
                 .ok_or(Error::Conflict("concurrent idempotent request"))?;
-            return replay(state, ctx, winner, &request_hash).await;
+            return replay(state, ctx, winner, new.request_hash).await;
         }
     };
     state.audit_committed();
@@ -547,7 +629,7 @@ pub async fn request(
         .increment(1);
 
     match (decision.outcome, signed, auth_req) {
-        (Outcome::Block, _, _) => Err(blocked_error(&row, &decision)),
+        (Outcome::Block, _, _) => Err(blocked_error(&row, decision)),
         (Outcome::Allow, Some((token, _)), _) => Ok(Requested::Allowed {
             expires_in: decision.max_ttl_seconds,
             row,
@@ -561,6 +643,75 @@ pub async fn request(
         }),
         _ => Err(Error::internal("delegation outcome without its artefact")),
     }
+}
+
+/// RequestDelegation when budgets apply: in one transaction, lock the
+/// budgets, add up their windows, let any the request would pass turn the
+/// decision into their over-limit effect, and store the delegation with its
+/// charges (held while a step-up waits), its step-up and its events.
+async fn request_charged(
+    state: &AppState,
+    ctx: &CallContext,
+    new: &NewDelegation<'_>,
+    decision: Decision,
+    applicable: &[budgets::Applicable],
+) -> Result<Requested> {
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let checked = budgets::check_in(&txn, applicable, now).await?;
+    let decision = budgets::apply(decision, &checked);
+    let mut row = new_row(state, new, &decision, now)?;
+    let signed = if decision.outcome == Outcome::Allow {
+        Some(sign(state, &row).await?)
+    } else {
+        None
+    };
+    row.signing_kid = signed.as_ref().map(|(_, kid)| kid.clone());
+    let events = decided_events(
+        ctx,
+        &row,
+        &decision,
+        signed.as_ref(),
+        Some(checked.details()),
+    );
+    let active: delegation::ActiveModel = row.clone().into();
+    match delegation::Entity::insert(active).exec(&txn).await {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            txn.rollback().await?;
+            return answer(state, ctx, new, row, &decision, signed, Stored::Lost).await;
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let mut change = None;
+    if decision.outcome != Outcome::Block {
+        let held = (decision.outcome == Outcome::StepUp)
+            .then_some(row.expires_at)
+            .flatten();
+        budgets::record_in(&txn, &checked, &row.id, held, now).await?;
+    }
+    let auth_req = if decision.outcome == Outcome::StepUp {
+        let (handle, announced) = insert_step_up(state, &txn, &row).await?;
+        change = Some(announced);
+        Some(handle)
+    } else {
+        None
+    };
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    txn.commit().await?;
+    if let Some(change) = change {
+        state.hub.committed(vec![change]);
+    }
+    answer(
+        state,
+        ctx,
+        new,
+        row,
+        &decision,
+        signed,
+        Stored::Inserted(auth_req),
+    )
+    .await
 }
 
 /// How storing a new delegation ended.
@@ -641,6 +792,7 @@ pub(crate) fn new_row(
         resource: new.input.resource.clone(),
         binding_message: new.input.binding_message.clone(),
         context: to_json(&new.input.context)?,
+        authorization_details: to_json(&new.input.authorization_details)?,
         status,
         decision: to_json(decision)?,
         idempotency_key: new.idempotency_key.to_owned(),
@@ -763,6 +915,7 @@ pub(crate) async fn judge_between(
             scopes: &input.scopes,
             resource: (!input.vault_made && !input.resource.is_empty())
                 .then_some(input.resource.as_str()),
+            authorization_details: &input.authorization_details,
         },
     )
     .await
@@ -782,8 +935,17 @@ pub(crate) fn input_of(row: &delegation::Model) -> Result<Input> {
         requested_ttl_seconds: u32::try_from(row.ttl_seconds).unwrap_or_default(),
         binding_message: row.binding_message.clone(),
         context,
+        authorization_details: details_of(row)?,
         vault_made: is_vault_made(row),
     })
+}
+
+/// A delegation's stored RFC 9396 details (none for rows older than them).
+pub(crate) fn details_of(row: &delegation::Model) -> Result<Vec<Detail>> {
+    if row.authorization_details.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&row.authorization_details).map_err(Error::internal)
 }
 
 /// Whether a delegation row is VaultGuard's own, standing for a vault
@@ -1447,6 +1609,7 @@ pub async fn evaluate(
             requested_ttl_seconds: req.requested_ttl_seconds,
             binding_message: &req.binding_message,
             context: &req.context,
+            authorization_details: &req.authorization_details,
         },
         state.config.max_token_ttl_seconds,
         &mut v,
@@ -1578,6 +1741,7 @@ mod props {
                 requested_ttl_seconds: ttl,
                 binding_message: &binding,
                 context: &context,
+                authorization_details: &[],
             };
             let mut v = Violations::new();
             let input = check_input(&raw, 3_600, &mut v);

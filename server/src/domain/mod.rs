@@ -4,6 +4,8 @@
 
 pub mod agents;
 pub mod audit_log;
+pub mod authorization_details;
+pub mod budgets;
 pub mod connections;
 pub mod console_sessions;
 pub mod delegations;

@@ -334,7 +334,7 @@ async fn find_rule(state: &AppState, tenant_id: &str, rule_id: &str) -> Result<p
 
 /// Finishes a rule edit inside `txn`: bumps the tenant's policy version,
 /// audits the edit with that version, commits. Returns the new version.
-async fn commit_edit(
+pub(crate) async fn commit_edit(
     txn: sea_orm::DatabaseTransaction,
     state: &AppState,
     ctx: &CallContext,

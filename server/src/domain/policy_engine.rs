@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vaultguard_proto::v1 as pb;
 
 use crate::clock::Millis;
+use crate::domain::authorization_details::{self as details, Detail};
 use crate::error::FieldViolation;
 use crate::store::entities::policy_rule;
 
@@ -487,14 +488,43 @@ pub struct Condition {
     pub value: Option<Attr>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<Attr>,
+    /// When set, the condition tests the request's authorization details of
+    /// this type at `detail_path` instead of the context attribute.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail_type: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detail_path: Vec<String>,
 }
 
 impl Condition {
     /// Checks a proto condition; `field` is its path (`rule.conditions[0]`).
     pub fn from_proto(field: &str, c: &pb::Condition) -> Result<Self, Vec<FieldViolation>> {
         let mut violations = Vec::new();
-        if let Err(v) = check_attribute_name(&format!("{field}.attribute"), &c.attribute) {
-            violations.push(v);
+        let mut detail_path = Vec::new();
+        if c.detail_type.is_empty() {
+            if let Err(v) = check_attribute_name(&format!("{field}.attribute"), &c.attribute) {
+                violations.push(v);
+            }
+            if !c.detail_path.is_empty() {
+                violations.push(violation(
+                    &format!("{field}.detail_path"),
+                    "must be empty unless detail_type is set",
+                ));
+            }
+        } else {
+            if !c.attribute.is_empty() {
+                violations.push(violation(
+                    &format!("{field}.attribute"),
+                    "must be empty when detail_type is set",
+                ));
+            }
+            if let Err(v) = details::check_type(&format!("{field}.detail_type"), &c.detail_type) {
+                violations.push(v);
+            }
+            match details::check_path(&format!("{field}.detail_path"), &c.detail_path) {
+                Ok(path) => detail_path = path,
+                Err(v) => violations.push(v),
+            }
         }
         let op = match pb::ConditionOperator::try_from(c.operator)
             .ok()
@@ -568,6 +598,8 @@ impl Condition {
                 op,
                 value,
                 values,
+                detail_type: c.detail_type.clone(),
+                detail_path,
             })
         } else {
             Err(violations)
@@ -580,6 +612,57 @@ impl Condition {
             operator: self.op.to_proto() as i32,
             value: self.value.as_ref().map(Attr::to_proto),
             values: self.values.iter().map(Attr::to_proto).collect(),
+            detail_type: self.detail_type.clone(),
+            detail_path: self.detail_path.join("."),
+        }
+    }
+
+    /// Whether the condition holds for `request` in a rule of `effect`: a
+    /// context condition as [`Self::holds`]; a detail condition over every
+    /// value at its path, all of them for ALLOW (and at least one), any of
+    /// them for STEP_UP and BLOCK, so the most restrictive reading wins.
+    pub fn matches(&self, request: &Request<'_>, effect: Outcome) -> bool {
+        if self.detail_type.is_empty() {
+            return self.holds(request.context);
+        }
+        let values: Vec<Attr> = details::values_of(
+            request.authorization_details,
+            &self.detail_type,
+            &self.detail_path,
+        )
+        .into_iter()
+        .filter_map(|v| detail_attr(v, self.numeric()))
+        .collect();
+        let one = |attr: &Attr| {
+            let mut context = BTreeMap::new();
+            context.insert(String::new(), attr.clone());
+            Condition {
+                attribute: String::new(),
+                detail_type: String::new(),
+                detail_path: Vec::new(),
+                ..self.clone()
+            }
+            .holds(&context)
+        };
+        match effect {
+            Outcome::Allow => !values.is_empty() && values.iter().all(one),
+            Outcome::StepUp | Outcome::Block => values.iter().any(one),
+        }
+    }
+
+    /// Whether the operands are numbers (so decimal strings in details
+    /// compare as numbers).
+    fn numeric(&self) -> bool {
+        matches!(self.value, Some(Attr::Number(_)))
+            || self.values.iter().any(|v| matches!(v, Attr::Number(_)))
+    }
+
+    /// What the condition tests, for explanations.
+    fn subject(&self) -> String {
+        if self.detail_type.is_empty() {
+            self.attribute.clone()
+        } else {
+            format!("{}.{}", self.detail_type, self.detail_path.join("."))
         }
     }
 
@@ -636,16 +719,31 @@ impl Condition {
         }
     }
 
-    fn describe(&self, context: &BTreeMap<String, Attr>) -> String {
-        let actual = context
-            .get(&self.attribute)
-            .map(Attr::display)
-            .unwrap_or_default();
+    fn describe(&self, request: &Request<'_>) -> String {
+        let actual = if self.detail_type.is_empty() {
+            request
+                .context
+                .get(&self.attribute)
+                .map(Attr::display)
+                .unwrap_or_default()
+        } else {
+            details::values_of(
+                request.authorization_details,
+                &self.detail_type,
+                &self.detail_path,
+            )
+            .into_iter()
+            .filter_map(|v| detail_attr(v, self.numeric()))
+            .map(|a| a.display())
+            .collect::<Vec<_>>()
+            .join("|")
+        };
+        let subject = self.subject();
         match self.op {
-            Op::Exists => format!("{} exists", self.attribute),
+            Op::Exists => format!("{subject} exists"),
             Op::In | Op::NotIn => format!(
                 "{} {} {} [{}]",
-                self.attribute,
+                subject,
                 actual,
                 self.op.symbol(),
                 self.values
@@ -656,7 +754,7 @@ impl Condition {
             ),
             _ => format!(
                 "{} {} {} {}",
-                self.attribute,
+                subject,
                 actual,
                 self.op.symbol(),
                 self.value.as_ref().map(Attr::display).unwrap_or_default()
@@ -820,7 +918,7 @@ impl Outcome {
         }
     }
 
-    const fn label(self) -> &'static str {
+    pub(crate) const fn label(self) -> &'static str {
         match self {
             Self::Allow => "ALLOW",
             Self::StepUp => "STEP_UP",
@@ -910,6 +1008,24 @@ pub struct Request<'a> {
     /// resource, or a vault operation whose object the action and the
     /// reserved `vg_` attributes already name).
     pub resource: Option<&'a str>,
+    /// The request's RFC 9396 authorization details.
+    pub authorization_details: &'a [Detail],
+}
+
+/// A detail value as a condition compares it: strings, booleans and
+/// numbers; against `numeric` operands a decimal string is a number.
+fn detail_attr(value: &serde_json::Value, numeric: bool) -> Option<Attr> {
+    match value {
+        serde_json::Value::Bool(b) => Some(Attr::Bool(*b)),
+        serde_json::Value::Number(_) => details::as_number(value).map(Attr::Number),
+        serde_json::Value::String(s) => Some(
+            details::as_number(value)
+                .filter(|_| numeric)
+                .map(Attr::Number)
+                .unwrap_or_else(|| Attr::String(s.clone())),
+        ),
+        _ => None,
+    }
 }
 
 /// How one side judged a request, as recorded with the delegation and in
@@ -936,6 +1052,10 @@ pub struct SideDecision {
     /// or its deciding rule's defaults when the request named none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
+    /// The budget of this side that made it BLOCK, if one did
+    /// (`budgets::apply`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub budget_id: String,
 }
 
 /// The combined decision.
@@ -958,7 +1078,7 @@ pub struct Decision {
     pub resource: String,
 }
 
-fn truncate(mut text: String) -> String {
+pub(crate) fn truncate(mut text: String) -> String {
     if text.chars().count() > MAX_EXPLANATION {
         text = text.chars().take(MAX_EXPLANATION - 1).collect();
         text.push('…');
@@ -997,7 +1117,10 @@ pub fn judge_side(
                     .agent_id
                     .as_deref()
                     .is_none_or(|a| a == request.requesting_agent_id)
-                && rule.conditions.iter().all(|c| c.holds(request.context))
+                && rule
+                    .conditions
+                    .iter()
+                    .all(|c| c.matches(request, rule.effect))
                 && rule.time_window.as_ref().is_none_or(|w| w.contains(now))
         })
         .min_by(|a, b| a.evaluation_order(b));
@@ -1005,7 +1128,7 @@ pub fn judge_side(
         Some(rule) => {
             let mut because = Vec::new();
             if !rule.conditions.is_empty() {
-                because.extend(rule.conditions.iter().map(|c| c.describe(request.context)));
+                because.extend(rule.conditions.iter().map(|c| c.describe(request)));
             }
             if let Some(w) = &rule.time_window {
                 because.push(format!(
@@ -1069,6 +1192,7 @@ pub fn judge_side(
                 },
                 resource_not_granted: rule.effect != Outcome::Block && granted.resource_not_granted,
                 scopes: granted.scopes,
+                budget_id: String::new(),
             }
         }
         None => SideDecision {
@@ -1081,6 +1205,7 @@ pub fn judge_side(
             scopes_not_granted: Vec::new(),
             resource_not_granted: false,
             scopes: request.scopes.to_vec(),
+            budget_id: String::new(),
             explanation: match direction {
                 Direction::Inbound => {
                     "no inbound rule matched → BLOCK (inbound default)".to_owned()
@@ -1240,6 +1365,7 @@ impl Decision {
             side.rule_id = String::new();
             side.policy_version = 0;
             side.max_ttl_seconds = 0;
+            side.budget_id = String::new();
         }
         let mut out = self.clone();
         if out.outbound.tenant_id != viewer_tenant {
@@ -1316,6 +1442,7 @@ mod tests {
             requested_ttl_seconds: 600,
             scopes: &[],
             resource: None,
+            authorization_details: &[],
         };
         judge_side(
             "tnt_b",
@@ -1444,6 +1571,8 @@ mod tests {
             op: Op::Gt,
             value: Some(Attr::Number(n)),
             values: Vec::new(),
+            detail_type: String::new(),
+            detail_path: Vec::new(),
         };
         let ctx = |v: Attr| BTreeMap::from([("amount".to_owned(), v)]);
         assert!(gt(1000.0).holds(&ctx(Attr::Number(1200.0))));
@@ -1455,6 +1584,8 @@ mod tests {
             op: Op::NotIn,
             value: None,
             values: vec![Attr::String("EUR".into())],
+            detail_type: String::new(),
+            detail_path: Vec::new(),
         };
         assert!(not_in.holds(&ctx(Attr::String("USD".into()))));
         assert!(!not_in.holds(&ctx(Attr::String("EUR".into()))));
@@ -1464,6 +1595,8 @@ mod tests {
             op: Op::Ne,
             value: Some(Attr::Bool(true)),
             values: Vec::new(),
+            detail_type: String::new(),
+            detail_path: Vec::new(),
         };
         assert!(ne.holds(&ctx(Attr::Bool(false))));
         assert!(!ne.holds(&ctx(Attr::Number(1.0))));
@@ -1511,6 +1644,7 @@ mod tests {
             scopes_not_granted: Vec::new(),
             resource_not_granted: false,
             scopes: Vec::new(),
+            budget_id: String::new(),
         };
         let d = combine(
             side(Outcome::Allow, 300, 0),
@@ -1577,6 +1711,7 @@ mod tests {
             requested_ttl_seconds: 600,
             scopes: &scopes,
             resource,
+            authorization_details: &[],
         };
         let default = match direction {
             Direction::Inbound => Outcome::Block,
@@ -1767,6 +1902,7 @@ mod tests {
             scopes_not_granted: vec!["admin".into()],
             resource_not_granted: false,
             scopes: Vec::new(),
+            budget_id: String::new(),
         };
         let decision = combine(side("tnt_a"), side("tnt_b"), None, 600, 86_400, 0);
         let seen = decision.redacted_for("tnt_a");
@@ -1868,6 +2004,8 @@ mod props {
             op,
             value,
             values,
+            detail_type: String::new(),
+            detail_path: Vec::new(),
         }
     }
 
@@ -1911,6 +2049,7 @@ mod props {
                 operator,
                 value,
                 values,
+                ..Default::default()
             })
     }
 
@@ -2120,6 +2259,7 @@ mod props {
                 requested_ttl_seconds: 60,
                 scopes: &[],
                 resource: None,
+                authorization_details: &[],
             };
             let side = judge_side("tnt_b", 1, Direction::Inbound, &rules, &request, Outcome::Block, 0);
             let mut matching: Vec<&Rule> = rules
@@ -2149,7 +2289,18 @@ mod props {
             let c = condition(op, value, values);
             let ctx = context(actual);
             let _ = c.holds(&ctx);
-            let _ = c.describe(&ctx);
+            let request = Request {
+                requesting_tenant_id: "tnt_a",
+                requesting_agent_id: "agt_1",
+                receiving_tenant_id: "tnt_b",
+                action: "x",
+                context: &ctx,
+                requested_ttl_seconds: 1,
+                scopes: &[],
+                resource: None,
+                authorization_details: &[],
+            };
+            let _ = c.describe(&request);
         }
 
         #[test]
@@ -2272,6 +2423,7 @@ mod props {
                 requested_ttl_seconds: 60,
                 scopes: &requested,
                 resource: None,
+                authorization_details: &[],
             };
             let side = judge_side("tnt_b", 1, Direction::Inbound, &[rule], &request, Outcome::Block, 0);
             if side.outcome != Outcome::Block {

@@ -320,6 +320,7 @@ pub enum Signed {
 struct SignInput {
     payload: OwnedPayload,
     context: std::collections::BTreeMap<String, Attr>,
+    authorization_details: Vec<crate::domain::authorization_details::Detail>,
 }
 
 enum OwnedPayload {
@@ -402,9 +403,20 @@ fn check_sign(req: &pb::SignRequest) -> Result<SignInput> {
             None
         }
     };
+    let details = match crate::domain::authorization_details::check(&req.authorization_details) {
+        Ok(details) => Some(details),
+        Err(errors) => {
+            errors.into_iter().for_each(|e| v.check(Err(e)));
+            None
+        }
+    };
     v.finish()?;
-    match (payload, context) {
-        (Some(payload), Some(context)) => Ok(SignInput { payload, context }),
+    match (payload, context, details) {
+        (Some(payload), Some(context), Some(authorization_details)) => Ok(SignInput {
+            payload,
+            context,
+            authorization_details,
+        }),
         _ => Err(Error::internal("validated sign input missing")),
     }
 }
@@ -446,16 +458,18 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     check_suits(algorithm, &input.payload)?;
     let payload_hash = custody::payload_hash(&input.payload.borrow()).map_err(custody_error)?;
     let payload_hex = hex::encode(payload_hash);
-    let request_hash = sha256_hex(
-        to_json(&json!({
-            "key_id": key.id,
-            "scheme": input.payload.scheme().as_str(),
-            "payload_hash": payload_hex,
-            "context": input.context,
-            "binding_message": req.binding_message,
-        }))?
-        .as_bytes(),
-    );
+    let mut hashed = json!({
+        "key_id": key.id,
+        "scheme": input.payload.scheme().as_str(),
+        "payload_hash": payload_hex,
+        "context": input.context,
+        "binding_message": req.binding_message,
+    });
+    if !input.authorization_details.is_empty() {
+        hashed["authorization_details"] =
+            serde_json::to_value(&input.authorization_details).map_err(Error::internal)?;
+    }
+    let request_hash = sha256_hex(to_json(&hashed)?.as_bytes());
 
     // The idempotency key is looked up only on the paths that refuse; a
     // first request that is stored loses to an earlier row of its key at
@@ -490,6 +504,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         requested_ttl_seconds: SIGN_APPROVAL_TTL_SECONDS.min(state.config.max_token_ttl_seconds),
         binding_message: req.binding_message.clone(),
         context,
+        authorization_details: input.authorization_details.clone(),
         vault_made: true,
     };
     let decision = delegations::judge_between(state, &own, &agent_id, &own, &policy_input).await?;

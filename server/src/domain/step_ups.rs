@@ -23,6 +23,7 @@ use crate::audit::{self, AuditCtx, Outcome as AuditOutcome};
 use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::sha256_hex;
+use crate::domain::budgets;
 use crate::domain::delegations::{
     self, effective_status, judge_input, party_events, sign, system_actor_json,
 };
@@ -671,6 +672,8 @@ async fn deny_in(
         decision,
     } = denial;
     let now = state.clock.now_millis();
+    // What the request held of its budgets no longer counts.
+    budgets::release_held(txn, &row.id).await?;
     let deny = step_up::Entity::update_many()
         .into_state(State::Denied)
         .col_expr(step_up::Column::DecidedAt, Expr::value(now))
@@ -830,6 +833,8 @@ pub async fn approve(
     let settled = approvals >= quorum;
     let mut minting = None;
     let mut change = if settled {
+        // What the request held of its budgets is spent.
+        budgets::spend_held(&txn, &row.id).await?;
         let expires_at = now + i64::from(decision.max_ttl_seconds) * 1000;
         row_after.status = delegation::Status::Active;
         row_after.activated_at = Some(now);

@@ -128,6 +128,26 @@ pub const MATRIX: &[(&str, Access)] = &[
         "/vaultguard.v1.PolicyService/UpdatePolicySettings",
         Access::Roles(ADMIN),
     ),
+    (
+        "/vaultguard.v1.PolicyService/CreateBudget",
+        Access::Roles(ADMIN),
+    ),
+    (
+        "/vaultguard.v1.PolicyService/GetBudget",
+        Access::Roles(AUDIT_READERS),
+    ),
+    (
+        "/vaultguard.v1.PolicyService/ListBudgets",
+        Access::Roles(AUDIT_READERS),
+    ),
+    (
+        "/vaultguard.v1.PolicyService/UpdateBudget",
+        Access::Roles(ADMIN),
+    ),
+    (
+        "/vaultguard.v1.PolicyService/DeleteBudget",
+        Access::Roles(ADMIN),
+    ),
     // Delegations
     (
         "/vaultguard.v1.DelegationService/RequestDelegation",

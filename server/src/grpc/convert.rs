@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use vaultguard_proto::v1 as pb;
 
 use crate::clock::{Millis, to_timestamp};
+use crate::domain::authorization_details::Detail;
 use crate::domain::delegations;
 use crate::domain::parse_actor;
 use crate::domain::policies::parse_rule;
@@ -127,6 +128,7 @@ pub fn delegation(
         serde_json::from_str(&row.context).map_err(Error::internal)?;
     let scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(Error::internal)?;
     let expired_now = status == pb::DelegationStatus::Expired && row.ended_at.is_none();
+    let details = delegations::details_of(&row)?;
     Ok(pb::Delegation {
         requesting_tenant_id: row.requesting_tenant_id,
         requesting_agent_id: row.requesting_agent_id,
@@ -165,6 +167,7 @@ pub fn delegation(
         } else {
             row.end_reason.unwrap_or_default()
         },
+        authorization_details: details.iter().map(Detail::to_proto).collect(),
         token_algorithm: row.token_algorithm,
         id: row.id,
     })
@@ -186,6 +189,7 @@ pub fn step_up(
     let context: BTreeMap<String, Attr> =
         serde_json::from_str(&delegation.context).map_err(Error::internal)?;
     let scopes: Vec<String> = serde_json::from_str(&delegation.scopes).map_err(Error::internal)?;
+    let details = delegations::details_of(&delegation)?;
     let expired_now = state == step_up::State::Expired && step.ended_at.is_none();
     Ok(pb::StepUp {
         step_up_id: step.id,
@@ -223,5 +227,6 @@ pub fn step_up(
         },
         denied_by: step.denied_by.as_deref().and_then(parse_actor),
         deny_reason: step.deny_reason.unwrap_or_default(),
+        authorization_details: details.iter().map(Detail::to_proto).collect(),
     })
 }

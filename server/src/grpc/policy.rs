@@ -7,7 +7,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::policy_service_server::PolicyService;
 
 use super::{Reply, call_context, convert};
-use crate::domain::{delegations, policies};
+use crate::domain::{budgets, delegations, policies};
 use crate::state::AppState;
 
 fn version(v: i64) -> u64 {
@@ -125,5 +125,61 @@ impl PolicyService for PolicyApi {
         Ok(Response::new(pb::UpdatePolicySettingsResponse {
             settings: Some(convert::policy_settings(tenant)),
         }))
+    }
+
+    async fn create_budget(
+        &self,
+        request: Request<pb::CreateBudgetRequest>,
+    ) -> Reply<pb::CreateBudgetResponse> {
+        let ctx = call_context(&request)?;
+        let view = budgets::create(&self.0, &ctx, request.get_ref().budget.as_ref()).await?;
+        Ok(Response::new(pb::CreateBudgetResponse {
+            budget: Some(view.to_proto()),
+        }))
+    }
+
+    async fn get_budget(
+        &self,
+        request: Request<pb::GetBudgetRequest>,
+    ) -> Reply<pb::GetBudgetResponse> {
+        let ctx = call_context(&request)?;
+        let view = budgets::get(&self.0, &ctx, &request.get_ref().budget_id).await?;
+        Ok(Response::new(pb::GetBudgetResponse {
+            budget: Some(view.to_proto()),
+        }))
+    }
+
+    async fn list_budgets(
+        &self,
+        request: Request<pb::ListBudgetsRequest>,
+    ) -> Reply<pb::ListBudgetsResponse> {
+        let ctx = call_context(&request)?;
+        let (views, next) = budgets::list(&self.0, &ctx, request.get_ref()).await?;
+        Ok(Response::new(pb::ListBudgetsResponse {
+            budgets: views.iter().map(budgets::BudgetView::to_proto).collect(),
+            page: Some(pb::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+
+    async fn update_budget(
+        &self,
+        request: Request<pb::UpdateBudgetRequest>,
+    ) -> Reply<pb::UpdateBudgetResponse> {
+        let ctx = call_context(&request)?;
+        let view = budgets::update(&self.0, &ctx, request.get_ref()).await?;
+        Ok(Response::new(pb::UpdateBudgetResponse {
+            budget: Some(view.to_proto()),
+        }))
+    }
+
+    async fn delete_budget(
+        &self,
+        request: Request<pb::DeleteBudgetRequest>,
+    ) -> Reply<pb::DeleteBudgetResponse> {
+        let ctx = call_context(&request)?;
+        budgets::delete(&self.0, &ctx, &request.get_ref().budget_id).await?;
+        Ok(Response::new(pb::DeleteBudgetResponse {}))
     }
 }

@@ -270,6 +270,8 @@ pub mod delegation {
         pub binding_message: String,
         /// JSON object of context attributes.
         pub context: String,
+        /// JSON array of the RFC 9396 authorization details (`[]` if none).
+        pub authorization_details: String,
         /// Expiry is also applied at read time (`effective_status`).
         pub status: Status,
         /// JSON of the policy decision taken at request time.
@@ -874,4 +876,105 @@ pub mod console_login {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod budget {
+    use sea_orm::entity::prelude::*;
+
+    pub use super::policy_rule::{Direction, Effect};
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "budgets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub tenant_id: String,
+        pub name: String,
+        pub description: String,
+        pub direction: Direction,
+        pub measure: Measure,
+        pub sum_attribute: String,
+        pub sum_detail_type: String,
+        /// Dot-separated.
+        pub sum_detail_path: String,
+        pub currency: String,
+        pub scope_agent_id: String,
+        pub scope_counterpart_tenant_id: String,
+        pub scope_action_pattern: String,
+        pub scope_signing_key_id: String,
+        pub scope_connection_id: String,
+        pub window_seconds: i64,
+        /// A decimal string (`budgets::Amount`).
+        pub limit_amount: String,
+        pub over_limit: Effect,
+        pub version: i64,
+        /// Bumped by every charge: the update that takes the row's lock.
+        pub charges: i64,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// What a budget counts.
+        pub enum Measure {
+            Count = "count",
+            Sum = "sum",
+        }
+    }
+}
+
+pub mod budget_charge {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "budget_charges")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub budget_id: String,
+        pub tenant_id: String,
+        /// A decimal string (`budgets::Amount`).
+        pub amount: String,
+        pub charged_at: i64,
+        /// The delegation or signature it pays for.
+        pub subject_id: String,
+        pub state: State,
+        /// A held charge counts until then (its step-up's deadline).
+        pub hold_expires_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+
+    super::stored_enum! {
+        /// A charge's state.
+        pub enum State {
+            /// Paid for an allowed delegation or a signature.
+            Spent = "spent",
+            /// Held by a request waiting on its step-up.
+            Held = "held",
+            /// The step-up was denied: it no longer counts.
+            Released = "released",
+        }
+    }
+
+    impl super::Lifecycle for State {
+        type Entity = Entity;
+        const COLUMN: Column = Column::State;
+        const INITIAL: &'static [Self] = &[Self::Spent, Self::Held];
+        const TRANSITIONS: &'static [(Self, Self)] = &[
+            // The step-up approved: the hold becomes the spend.
+            (Self::Held, Self::Spent),
+            // The step-up denied (by a human, the policy re-check or a
+            // freeze); an expired hold simply stops counting.
+            (Self::Held, Self::Released),
+        ];
+    }
 }
