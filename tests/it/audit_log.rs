@@ -175,6 +175,7 @@ const AUDITED: &[(&str, &[&str])] = &[
         ],
     ),
     ("VaultService/CreateSigningKey", &["key.created"]),
+    ("VaultService/UpdateSigningKey", &["key.updated"]),
     ("VaultService/DisableSigningKey", &["key.disabled"]),
     (
         "VaultService/Sign",
@@ -1042,6 +1043,7 @@ async fn walk_vault(
         name: "walk-key".to_owned(),
         algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
         description: "audit walk".to_owned(),
+        disable_digest_signing: false,
     };
     let key = walk
         .call(
@@ -1077,6 +1079,20 @@ async fn walk_vault(
         signed.outcome,
         Some(pb::sign_response::Outcome::Signed(_))
     ));
+    let request = pb::UpdateSigningKeyRequest {
+        key_id: key.id.clone(),
+        disable_digest_signing: Some(true),
+        reason: "audit walk".to_owned(),
+    };
+    walk.call(
+        admin,
+        "VaultService/UpdateSigningKey",
+        &[acme],
+        &["key.updated"],
+    )
+    .update_signing_key(request)
+    .await
+    .expect("update key");
     let request = pb::DisableSigningKeyRequest {
         key_id: key.id.clone(),
         reason: "audit walk".to_owned(),

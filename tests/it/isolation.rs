@@ -1244,6 +1244,15 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
             .expect("globex lists its keys");
             assert!(listed.keys.iter().all(|k| k.id != a.key.id));
         }
+        "/vaultguard.v1.VaultService/UpdateSigningKey" => not_found(rpc!(
+            c,
+            vault.update_signing_key,
+            pb::UpdateSigningKeyRequest {
+                key_id: a.key.id.clone(),
+                disable_digest_signing: Some(true),
+                reason: "hostile".to_owned(),
+            }
+        )),
         "/vaultguard.v1.VaultService/DisableSigningKey" => not_found(rpc!(
             c,
             vault.disable_signing_key,
