@@ -624,7 +624,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let input = check_sign(req)?;
-    let signed = sign_checked(state, ctx, req, &input, &agent_id, &tenant_id).await?;
+    let signed = sign_checked(state, ctx, req, &input, agent_id, tenant_id).await?;
     with_transaction(&input, signed)
 }
 
@@ -662,15 +662,16 @@ fn with_transaction(input: &SignInput, signed: Signed) -> Result<Signed> {
     })
 }
 
+/// Sign once the request is validated: the key, the refusals that need no
+/// policy, the judgement, and the signature, step-up or replay.
 async fn sign_checked(
     state: &AppState,
     ctx: &CallContext,
     req: &pb::SignRequest,
     input: &SignInput,
-    agent_id: &str,
-    tenant_id: &str,
+    agent_id: String,
+    tenant_id: String,
 ) -> Result<Signed> {
-    let (agent_id, tenant_id) = (agent_id.to_owned(), tenant_id.to_owned());
     let key = find_own(state, &tenant_id, &req.key_id).await?;
     let algorithm =
         Algorithm::parse(&key.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
