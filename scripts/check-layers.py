@@ -45,6 +45,7 @@ LAYERS = [
     (3, "audit.rs"),
     (3, "auth.rs"),
     (3, "custody.rs"),
+    (3, "ethereum.rs"),
     (3, "crypto.rs"),
     (3, "directory.rs"),
     (3, "health.rs"),

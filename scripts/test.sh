@@ -37,8 +37,9 @@ fi
 command -v grpcurl >/dev/null || { echo "grpcurl not installed" >&2; exit 1; }
 # PyJWT verifies delegation tokens offline in the tests, independently of the
 # server; grpcio-tools generates the Python stubs (scripts/gen-stubs.sh), which
-# the Python example agent runs on grpcio and grpcio-status.
-python3 -c 'import jwt, cryptography, grpc, grpc_status, grpc_tools.protoc' 2>/dev/null ||
+# the Python example agent runs on grpcio and grpcio-status; eth-account checks
+# signed Ethereum transactions and EIP-712 signatures (tests/py/verify_eth.py).
+python3 -c 'import jwt, cryptography, grpc, grpc_status, grpc_tools.protoc, eth_account' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check -r examples/python-agent/requirements.txt
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

@@ -11,6 +11,7 @@ pub mod custody;
 pub mod directory;
 pub mod domain;
 pub mod error;
+pub mod ethereum;
 pub mod grpc;
 pub mod health;
 pub mod http;

@@ -161,6 +161,7 @@ impl Fixture {
                     name: key_name.clone(),
                     algorithm: algorithm as i32,
                     description: String::new(),
+                    disable_digest_signing: false,
                 })
                 .await?;
             let key = required(

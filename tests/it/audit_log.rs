@@ -58,6 +58,8 @@ const READ_ONLY: &[&str] = &[
     "IssuerKeyService/ListIssuerKeys",
     "PolicyService/GetRule",
     "PolicyService/ListRules",
+    "PolicyService/GetBudget",
+    "PolicyService/ListBudgets",
     "PolicyService/GetPolicySettings",
     "DelegationService/GetDelegation",
     "DelegationService/ListDelegations",
@@ -108,6 +110,9 @@ const AUDITED: &[(&str, &[&str])] = &[
     ("PolicyService/CreateRule", &["rule.created"]),
     ("PolicyService/UpdateRule", &["rule.updated"]),
     ("PolicyService/DeleteRule", &["rule.deleted"]),
+    ("PolicyService/CreateBudget", &["budget.created"]),
+    ("PolicyService/UpdateBudget", &["budget.updated"]),
+    ("PolicyService/DeleteBudget", &["budget.deleted"]),
     ("PolicyService/EvaluatePolicy", &["policy.evaluated"]),
     (
         "PolicyService/UpdatePolicySettings",
@@ -175,6 +180,7 @@ const AUDITED: &[(&str, &[&str])] = &[
         ],
     ),
     ("VaultService/CreateSigningKey", &["key.created"]),
+    ("VaultService/UpdateSigningKey", &["key.updated"]),
     ("VaultService/DisableSigningKey", &["key.disabled"]),
     (
         "VaultService/Sign",
@@ -192,6 +198,7 @@ const AREAS: &[&str] = &[
     "agent",
     "auth",
     "rule",
+    "budget",
     "policy",
     "delegation",
     "step_up",
@@ -1042,6 +1049,7 @@ async fn walk_vault(
         name: "walk-key".to_owned(),
         algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
         description: "audit walk".to_owned(),
+        disable_digest_signing: false,
     };
     let key = walk
         .call(
@@ -1077,6 +1085,20 @@ async fn walk_vault(
         signed.outcome,
         Some(pb::sign_response::Outcome::Signed(_))
     ));
+    let request = pb::UpdateSigningKeyRequest {
+        key_id: key.id.clone(),
+        disable_digest_signing: Some(true),
+        reason: "audit walk".to_owned(),
+    };
+    walk.call(
+        admin,
+        "VaultService/UpdateSigningKey",
+        &[acme],
+        &["key.updated"],
+    )
+    .update_signing_key(request)
+    .await
+    .expect("update key");
     let request = pb::DisableSigningKeyRequest {
         key_id: key.id.clone(),
         reason: "audit walk".to_owned(),
@@ -1393,6 +1415,90 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
     .update_policy_settings(request)
     .await
     .expect("update policy settings");
+    let request = pb::CreateBudgetRequest {
+        budget: Some(pb::Budget {
+            name: "walk".to_owned(),
+            direction: pb::RuleDirection::Inbound as i32,
+            measure: pb::BudgetMeasure::Count as i32,
+            scope: Some(pb::BudgetScope {
+                action_pattern: "walk.budget".to_owned(),
+                ..Default::default()
+            }),
+            window_seconds: 3600,
+            limit: "10".to_owned(),
+            over_limit: pb::Effect::Block as i32,
+            ..Default::default()
+        }),
+    };
+    let budget = walk
+        .call(
+            &globex_admin,
+            "PolicyService/CreateBudget",
+            &[globex.as_str()],
+            &["budget.created"],
+        )
+        .create_budget(request)
+        .await
+        .expect("create budget")
+        .budget
+        .expect("budget");
+    let request = pb::UpdateBudgetRequest {
+        budget_id: budget.id.clone(),
+        expected_version: budget.version,
+        limit: "20".to_owned(),
+        window_seconds: 3600,
+        over_limit: pb::Effect::StepUp as i32,
+        description: String::new(),
+    };
+    walk.call(
+        &globex_admin,
+        "PolicyService/UpdateBudget",
+        &[globex.as_str()],
+        &["budget.updated"],
+    )
+    .update_budget(request)
+    .await
+    .expect("update budget");
+    let request = pb::DeleteBudgetRequest {
+        budget_id: budget.id.clone(),
+    };
+    walk.call(
+        &globex_admin,
+        "PolicyService/DeleteBudget",
+        &[globex.as_str()],
+        &["budget.deleted"],
+    )
+    .delete_budget(request)
+    .await
+    .expect("delete budget");
+    // A budget the reads below find.
+    let request = pb::CreateBudgetRequest {
+        budget: Some(pb::Budget {
+            name: "kept".to_owned(),
+            ..budget
+        }),
+    };
+    let request = pb::CreateBudgetRequest {
+        budget: request.budget.map(|b| pb::Budget {
+            id: String::new(),
+            used: String::new(),
+            remaining: String::new(),
+            next_release_time: None,
+            version: 0,
+            create_time: None,
+            update_time: None,
+            ..b
+        }),
+    };
+    walk.call(
+        &globex_admin,
+        "PolicyService/CreateBudget",
+        &[globex.as_str()],
+        &["budget.created"],
+    )
+    .create_budget(request)
+    .await
+    .expect("create a second budget");
     let request = pb::EvaluatePolicyRequest {
         requesting_agent_id: bot.id.clone(),
         receiving_tenant_id: globex.clone(),
@@ -1802,6 +1908,11 @@ async fn reads_write_nothing(
     walk.reads("PolicyService/GetRule", rule).await;
     let rules = globex_admin.list_rules(pb::ListRulesRequest::default());
     walk.reads("PolicyService/ListRules", rules).await;
+    let budgets = globex_admin.list_budgets(pb::ListBudgetsRequest::default());
+    let budgets = walk.reads("PolicyService/ListBudgets", budgets).await;
+    let budget_id = budgets.budgets.first().expect("a budget").id.clone();
+    let budget = globex_admin.get_budget(pb::GetBudgetRequest { budget_id });
+    walk.reads("PolicyService/GetBudget", budget).await;
     let settings = globex_admin.get_policy_settings(pb::GetPolicySettingsRequest {});
     walk.reads("PolicyService/GetPolicySettings", settings)
         .await;

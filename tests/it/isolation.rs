@@ -108,6 +108,8 @@ struct Victim {
     agent: VaultGuardClient,
     disabled: pb::Agent,
     rules: Vec<pb::Rule>,
+    /// Two budgets of acme (on an action nothing else asks for).
+    budgets: Vec<pb::Budget>,
     /// An ACTIVE delegation within acme, its idempotency key and token.
     active: pb::DelegationGrant,
     active_key: String,
@@ -128,6 +130,7 @@ struct Victim {
     /// Page tokens acme's own listings handed out (page size 1).
     agents_page: String,
     rules_page: String,
+    budgets_page: String,
     delegations_page: String,
     audit_page: String,
 }
@@ -340,6 +343,44 @@ async fn setup() -> Fixture {
     .page
     .expect("page")
     .next_page_token;
+    let mut budgets = Vec::new();
+    for name in ["orders", "payments"] {
+        let budget = pb::Budget {
+            name: name.to_owned(),
+            direction: pb::RuleDirection::Outbound as i32,
+            measure: pb::BudgetMeasure::Count as i32,
+            scope: Some(pb::BudgetScope {
+                action_pattern: format!("budgets.{name}"),
+                agent_id: bot.id.clone(),
+                ..Default::default()
+            }),
+            window_seconds: 3600,
+            limit: "100".to_owned(),
+            over_limit: pb::Effect::Block as i32,
+            ..Default::default()
+        };
+        budgets.push(
+            rpc!(
+                &admin,
+                policies.create_budget,
+                pb::CreateBudgetRequest {
+                    budget: Some(budget)
+                }
+            )
+            .expect("acme creates a budget")
+            .budget
+            .expect("budget"),
+        );
+    }
+    let budgets_page = rpc!(
+        &admin,
+        policies.list_budgets,
+        pb::ListBudgetsRequest { page: page("") }
+    )
+    .expect("acme lists budgets")
+    .page
+    .expect("page")
+    .next_page_token;
     let delegations_page = rpc!(
         &admin,
         delegations.list_delegations,
@@ -365,7 +406,13 @@ async fn setup() -> Fixture {
     .page
     .expect("page")
     .next_page_token;
-    for token in [&agents_page, &rules_page, &delegations_page, &audit_page] {
+    for token in [
+        &agents_page,
+        &rules_page,
+        &budgets_page,
+        &delegations_page,
+        &audit_page,
+    ] {
         assert!(!token.is_empty(), "acme has more than one of each");
     }
 
@@ -389,6 +436,7 @@ async fn setup() -> Fixture {
         agent,
         disabled,
         rules,
+        budgets,
         active,
         active_key,
         pending,
@@ -404,6 +452,7 @@ async fn setup() -> Fixture {
         head_hash: head.head_hash,
         agents_page,
         rules_page,
+        budgets_page,
         delegations_page,
         audit_page,
     };
@@ -820,6 +869,110 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
                     expected_version: rule.version,
                 }
             ));
+        }
+        // An output-only `id` naming acme's budget is INVALID_ARGUMENT; an
+        // OUTBOUND budget naming acme's agent, an agent that is not
+        // globex's, is NOT_FOUND; acme's budgets are out of reach.
+        "/vaultguard.v1.PolicyService/CreateBudget" => {
+            let ours = |scope: pb::BudgetScope| pb::Budget {
+                name: "hijack".to_owned(),
+                id: String::new(),
+                scope: Some(scope),
+                version: 0,
+                create_time: None,
+                update_time: None,
+                used: String::new(),
+                remaining: String::new(),
+                next_release_time: None,
+                ..a.budgets[0].clone()
+            };
+            vaultguard_tests::expect_invalid(
+                rpc!(
+                    c,
+                    policies.create_budget,
+                    pb::CreateBudgetRequest {
+                        budget: Some(pb::Budget {
+                            id: a.budgets[0].id.clone(),
+                            ..ours(pb::BudgetScope::default())
+                        }),
+                    }
+                ),
+                "budget.id",
+            );
+            not_found(rpc!(
+                c,
+                policies.create_budget,
+                pb::CreateBudgetRequest {
+                    budget: Some(ours(pb::BudgetScope {
+                        agent_id: a.bot.id.clone(),
+                        ..Default::default()
+                    })),
+                }
+            ));
+            not_found(rpc!(
+                c,
+                policies.create_budget,
+                pb::CreateBudgetRequest {
+                    budget: Some(ours(pb::BudgetScope {
+                        signing_key_id: a.key.id.clone(),
+                        ..Default::default()
+                    })),
+                }
+            ));
+        }
+        "/vaultguard.v1.PolicyService/GetBudget" => {
+            for budget in &a.budgets {
+                not_found(rpc!(
+                    c,
+                    policies.get_budget,
+                    pb::GetBudgetRequest {
+                        budget_id: budget.id.clone(),
+                    }
+                ));
+            }
+        }
+        "/vaultguard.v1.PolicyService/ListBudgets" => {
+            let listed = rpc!(c, policies.list_budgets, pb::ListBudgetsRequest::default())
+                .expect("globex lists its budgets");
+            for budget in &listed.budgets {
+                assert!(
+                    a.budgets.iter().all(|own| own.id != budget.id),
+                    "{budget:?}"
+                );
+            }
+            foreign_page_token(rpc!(
+                c,
+                policies.list_budgets,
+                pb::ListBudgetsRequest {
+                    page: page(&a.budgets_page),
+                }
+            ));
+        }
+        "/vaultguard.v1.PolicyService/UpdateBudget" => {
+            let budget = &a.budgets[0];
+            not_found(rpc!(
+                c,
+                policies.update_budget,
+                pb::UpdateBudgetRequest {
+                    budget_id: budget.id.clone(),
+                    expected_version: budget.version,
+                    limit: "1000000".to_owned(),
+                    window_seconds: 60,
+                    over_limit: pb::Effect::StepUp as i32,
+                    description: String::new(),
+                }
+            ));
+        }
+        "/vaultguard.v1.PolicyService/DeleteBudget" => {
+            for budget in &a.budgets {
+                not_found(rpc!(
+                    c,
+                    policies.delete_budget,
+                    pb::DeleteBudgetRequest {
+                        budget_id: budget.id.clone(),
+                    }
+                ));
+            }
         }
         // An admin naming acme's agent: NOT_FOUND (not an agent of its
         // tenant); an agent naming another agent: PERMISSION_DENIED
@@ -1244,6 +1397,15 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
             .expect("globex lists its keys");
             assert!(listed.keys.iter().all(|k| k.id != a.key.id));
         }
+        "/vaultguard.v1.VaultService/UpdateSigningKey" => not_found(rpc!(
+            c,
+            vault.update_signing_key,
+            pb::UpdateSigningKeyRequest {
+                key_id: a.key.id.clone(),
+                disable_digest_signing: Some(true),
+                reason: "hostile".to_owned(),
+            }
+        )),
         "/vaultguard.v1.VaultService/DisableSigningKey" => not_found(rpc!(
             c,
             vault.disable_signing_key,

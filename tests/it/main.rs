@@ -41,6 +41,7 @@ mod step_ups;
 mod stream_standing;
 mod sweep;
 mod tls;
+mod transaction_signing;
 mod vault_connections;
 mod vault_io;
 mod vault_signing;

@@ -830,3 +830,57 @@ async fn bad_budgets_name_the_field_and_store_nothing() {
     }
     assert_eq!(server.count("budgets").await, 0);
 }
+
+/// A budget on a signing key: what the key's signatures state as `amount`
+/// may sum to 1,000 a day; past that a human decides. The step-up holds its
+/// amount, its denial releases it, and a refused signature costs nothing.
+#[tokio::test]
+async fn a_budget_on_a_signing_key_limits_its_signatures() {
+    use crate::vault_signing::{Party, approve, sign_message, sign_now, step_up_of, stepped_up};
+    let server = TestServer::start().await;
+    let acme = Party::new(&server, "acme").await;
+    let key = acme.key("treasury", pb::KeyAlgorithm::Ed25519).await;
+    acme.allows(&key).await;
+    let cap = create_budget(
+        &acme.admin,
+        pb::Budget {
+            measure: pb::BudgetMeasure::Sum as i32,
+            sum_attribute: "amount".into(),
+            scope: Some(pb::BudgetScope {
+                signing_key_id: key.id.clone(),
+                ..Default::default()
+            }),
+            window_seconds: 86_400,
+            ..budget(
+                "treasury-daily",
+                pb::RuleDirection::Outbound,
+                "1000",
+                pb::Effect::StepUp,
+            )
+        },
+    )
+    .await;
+    let paying = |amount: f64, idempotency_key: &str| pb::SignRequest {
+        context: vaultguard_tests::fixtures::context(&[("amount", num(amount))]),
+        ..sign_message(
+            &key.id,
+            b"pay",
+            pb::SigningScheme::Ed25519Pure,
+            idempotency_key,
+        )
+    };
+    sign_now(&acme.agent, paying(600.0, "s1")).await;
+    let over = stepped_up(&acme.agent.sign(paying(600.0, "s2")).await.unwrap());
+    assert_eq!(get_budget(&acme.admin, &cap.id).await.used, "1200");
+    let step_up = step_up_of(&acme.approver, &over).await;
+    deny(&acme.approver, &step_up.step_up_id, "not today")
+        .await
+        .unwrap();
+    assert_eq!(get_budget(&acme.admin, &cap.id).await.used, "600");
+    // A request that states no amount is not let past the budget either.
+    let unstated = sign_message(&key.id, b"pay", pb::SigningScheme::Ed25519Pure, "s3");
+    stepped_up(&acme.agent.sign(unstated).await.unwrap());
+    let approved = stepped_up(&acme.agent.sign(paying(500.0, "s4")).await.unwrap());
+    approve(&acme.approver, &approved).await;
+    assert_eq!(get_budget(&acme.admin, &cap.id).await.used, "1100");
+}

@@ -141,6 +141,7 @@ async fn postgres_only_one_key_sent_to_both_replicas_at_once_makes_one_delegatio
             name: "treasury".to_owned(),
             algorithm: pb::KeyAlgorithm::Secp256k1 as i32,
             description: String::new(),
+            disable_digest_signing: false,
         })
         .await
         .unwrap()

@@ -53,19 +53,19 @@ const SPKI_PREFIX_P256: &str = "3059301306072a8648ce3d020106082a8648ce3d03010703
 // ---------------------------------------------------------------------------
 // A tenant with its admin, approver and agent.
 
-struct Party {
-    tenant: pb::Tenant,
+pub(crate) struct Party {
+    pub(crate) tenant: pb::Tenant,
     /// `alice`, ROLE_ADMIN.
-    admin: VaultGuardClient,
+    pub(crate) admin: VaultGuardClient,
     /// `carol`, ROLE_APPROVER.
-    approver: VaultGuardClient,
+    pub(crate) approver: VaultGuardClient,
     /// The agent `bot` and a client authenticated as it.
-    bot: pb::Agent,
-    agent: VaultGuardClient,
+    pub(crate) bot: pb::Agent,
+    pub(crate) agent: VaultGuardClient,
 }
 
 impl Party {
-    async fn new(server: &TestServer, slug: &str) -> Self {
+    pub(crate) async fn new(server: &TestServer, slug: &str) -> Self {
         let tenant = server.create_tenant(slug).await;
         let (bot, _, agent) = server.create_agent(&tenant.id, "bot").await;
         agent.bearer().await.expect("agent token");
@@ -81,7 +81,7 @@ impl Party {
     }
 
     /// Creates the key `name`, which must succeed.
-    async fn key(&self, name: &str, algorithm: Alg) -> pb::SigningKey {
+    pub(crate) async fn key(&self, name: &str, algorithm: Alg) -> pb::SigningKey {
         create_key(&self.admin, name, algorithm, "")
             .await
             .expect("create signing key")
@@ -89,7 +89,7 @@ impl Party {
 
     /// An inbound rule of the tenant about itself (counterpart = its own id)
     /// for `sign:<key name>` with `effect` when all `conditions` hold.
-    async fn rule(
+    pub(crate) async fn rule(
         &self,
         key: &pb::SigningKey,
         effect: pb::Effect,
@@ -101,7 +101,7 @@ impl Party {
     }
 
     /// The tenant lets its agents sign with `key` without a human.
-    async fn allows(&self, key: &pb::SigningKey) -> pb::Rule {
+    pub(crate) async fn allows(&self, key: &pb::SigningKey) -> pb::Rule {
         self.rule(key, pb::Effect::Allow, Vec::new()).await
     }
 
@@ -177,6 +177,7 @@ pub(crate) async fn create_key(
             name: name.to_owned(),
             algorithm: algorithm as i32,
             description: description.to_owned(),
+            disable_digest_signing: false,
         })
         .await?
         .key
@@ -210,7 +211,10 @@ async fn listed_names(client: &VaultGuardClient, state: KeyState) -> Vec<String>
 
 /// The step-up behind a Sign's STEP_UP as `approver` sees it (through the
 /// PENDING delegation the answer names).
-async fn step_up_of(approver: &VaultGuardClient, pending: &pb::SignStepUp) -> pb::StepUp {
+pub(crate) async fn step_up_of(
+    approver: &VaultGuardClient,
+    pending: &pb::SignStepUp,
+) -> pb::StepUp {
     let delegation = approver
         .raw_get_delegation(pb::GetDelegationRequest {
             delegation_id: pending.delegation_id.clone(),
@@ -271,7 +275,7 @@ fn for_amount(amount: f64, request: pb::SignRequest) -> pb::SignRequest {
 
 /// The signature of a Sign answer that must have signed.
 #[track_caller]
-fn signed(response: &pb::SignResponse) -> pb::SignedPayload {
+pub(crate) fn signed(response: &pb::SignResponse) -> pb::SignedPayload {
     match &response.outcome {
         Some(Outcome::Signed(payload)) => payload.clone(),
         other => panic!("expected a signature, got {other:?}"),
@@ -280,7 +284,7 @@ fn signed(response: &pb::SignResponse) -> pb::SignedPayload {
 
 /// The step-up of a Sign answer that must have stepped up.
 #[track_caller]
-fn stepped_up(response: &pb::SignResponse) -> pb::SignStepUp {
+pub(crate) fn stepped_up(response: &pb::SignResponse) -> pb::SignStepUp {
     match &response.outcome {
         Some(Outcome::StepUp(step_up)) => step_up.clone(),
         other => panic!("expected a step-up, got {other:?}"),
@@ -288,7 +292,7 @@ fn stepped_up(response: &pb::SignResponse) -> pb::SignStepUp {
 }
 
 #[track_caller]
-fn outcome_of(response: &pb::SignResponse) -> pb::Decision {
+pub(crate) fn outcome_of(response: &pb::SignResponse) -> pb::Decision {
     response.decision.as_ref().expect("decision").outcome()
 }
 
@@ -1334,6 +1338,7 @@ async fn bad_key_requests_are_refused_and_names_stay_taken() {
             name: "treasury".to_owned(),
             algorithm: 99,
             description: String::new(),
+            disable_digest_signing: false,
         })
         .await
         .unwrap();

@@ -230,6 +230,22 @@ pub async fn get_key(
     present(response.key, "GetSigningKey without key")
 }
 
+/// UpdateSigningKey setting `disable_digest_signing`, with the reason
+/// "transactions only": the key with its settings now.
+pub async fn set_digest_signing_disabled(
+    admin: &VaultGuardClient,
+    key_id: &str,
+    disabled: bool,
+) -> Result<pb::SigningKey, ClientError> {
+    let request = pb::UpdateSigningKeyRequest {
+        key_id: key_id.to_owned(),
+        disable_digest_signing: Some(disabled),
+        reason: "transactions only".to_owned(),
+    };
+    let response = admin.update_signing_key(request).await?;
+    present(response.key, "UpdateSigningKey without key")
+}
+
 /// DisableSigningKey with the reason "rotated out": the disabled key.
 pub async fn disable_key(
     admin: &VaultGuardClient,

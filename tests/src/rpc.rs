@@ -158,6 +158,7 @@ rpcs! {
     create_signing_key => vault.create_signing_key(pb::CreateSigningKeyRequest) -> pb::CreateSigningKeyResponse;
     get_signing_key => vault.get_signing_key(pb::GetSigningKeyRequest) -> pb::GetSigningKeyResponse;
     list_signing_keys => vault.list_signing_keys(pb::ListSigningKeysRequest) -> pb::ListSigningKeysResponse;
+    update_signing_key => vault.update_signing_key(pb::UpdateSigningKeyRequest) -> pb::UpdateSigningKeyResponse;
     disable_signing_key => vault.disable_signing_key(pb::DisableSigningKeyRequest) -> pb::DisableSigningKeyResponse;
     raw_sign => vault.sign(pb::SignRequest) -> pb::SignResponse;
     get_vault_settings => vault.get_vault_settings(pb::GetVaultSettingsRequest) -> pb::GetVaultSettingsResponse;

@@ -36,7 +36,7 @@ use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Ou
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
-use crate::store::entities::{budget, budget_charge, tenant};
+use crate::store::entities::{agent, budget, budget_charge, connection, custody_key, tenant};
 use crate::store::lifecycle::Transitions;
 use crate::validate;
 
@@ -903,6 +903,7 @@ pub async fn create(
     let (Some(direction), Some(measure), Some(terms)) = (direction, measure, terms) else {
         return Err(Error::internal("validated budget missing"));
     };
+    check_references(state, &tenant_id, direction, &scope).await?;
     let now = state.clock.now_millis();
     let model = budget::ActiveModel {
         id: Set(new_id(IdKind::Budget)),
@@ -955,6 +956,57 @@ pub async fn create(
     )
     .await?;
     view(&state.db, model, now).await
+}
+
+/// The scope's references as the rules check theirs: the counterpart
+/// tenant exists; an OUTBOUND budget's agent, and the key and connection,
+/// are the tenant's own (NOT_FOUND otherwise, as for an unknown one).
+async fn check_references(
+    state: &AppState,
+    tenant_id: &str,
+    direction: Direction,
+    scope: &pb::BudgetScope,
+) -> Result<()> {
+    if !scope.counterpart_tenant_id.is_empty()
+        && tenant::Entity::find_by_id(scope.counterpart_tenant_id.clone())
+            .one(&state.db)
+            .await?
+            .is_none()
+    {
+        return Err(Error::invalid(
+            "budget.scope.counterpart_tenant_id",
+            "names no tenant",
+        ));
+    }
+    if direction == Direction::Outbound
+        && !scope.agent_id.is_empty()
+        && agent::Entity::find_by_id(scope.agent_id.clone())
+            .filter(agent::Column::TenantId.eq(tenant_id))
+            .one(&state.db)
+            .await?
+            .is_none()
+    {
+        return Err(Error::NotFound("agent"));
+    }
+    if !scope.signing_key_id.is_empty()
+        && custody_key::Entity::find_by_id(scope.signing_key_id.clone())
+            .filter(custody_key::Column::TenantId.eq(tenant_id))
+            .one(&state.db)
+            .await?
+            .is_none()
+    {
+        return Err(Error::NotFound("signing key"));
+    }
+    if !scope.connection_id.is_empty()
+        && connection::Entity::find_by_id(scope.connection_id.clone())
+            .filter(connection::Column::TenantId.eq(tenant_id))
+            .one(&state.db)
+            .await?
+            .is_none()
+    {
+        return Err(Error::NotFound("connection"));
+    }
+    Ok(())
 }
 
 fn audit_details(row: &budget::Model) -> Value {

@@ -657,14 +657,24 @@ async fn request_charged(
     applicable: &[budgets::Applicable],
 ) -> Result<Requested> {
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
-    let checked = budgets::check_in(&txn, applicable, now).await?;
-    let decision = budgets::apply(decision, &checked);
+    // Signed before the transaction, as on the path without budgets (on
+    // SQLite the transaction holds the one connection, and signing may read
+    // the key ring); dropped if a budget turns the decision.
     let mut row = new_row(state, new, &decision, now)?;
-    let signed = if decision.outcome == Outcome::Allow {
+    let mut signed = if decision.outcome == Outcome::Allow {
         Some(sign(state, &row).await?)
     } else {
         None
+    };
+    let txn = state.db.begin().await?;
+    let checked = budgets::check_in(&txn, applicable, now).await?;
+    let judged = budgets::apply(decision.clone(), &checked);
+    let decision = if judged == decision {
+        decision
+    } else {
+        row = new_row(state, new, &judged, now)?;
+        signed = None;
+        judged
     };
     row.signing_kid = signed.as_ref().map(|(_, kid)| kid.clone());
     let events = decided_events(

@@ -26,11 +26,13 @@ use crate::clock::Millis;
 use crate::crypto::{SealContext, random_bytes, sha256_hex};
 use crate::custody::{self, Algorithm, CustodyError, Payload, Scheme};
 use crate::directory;
+use crate::domain::budgets;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
 use crate::domain::step_ups;
 use crate::domain::{actor_json, insert_audited, page, to_json};
 use crate::error::{Error, Result, Violations, is_unique_violation};
+use crate::ethereum;
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
 use crate::store::entities::{custody_key, delegation, signature, step_up};
@@ -169,6 +171,7 @@ pub async fn create(
         disabled_at: None,
         disabled_by: None,
         disable_reason: String::new(),
+        disable_digest_signing: req.disable_digest_signing,
     };
     let event = ctx.audit().event(
         &tenant_id,
@@ -181,6 +184,7 @@ pub async fn create(
             "algorithm": row.algorithm,
             "public_key": hex::encode(&row.public_key),
             "ethereum_address": row.ethereum_address,
+            "disable_digest_signing": row.disable_digest_signing,
         }),
     );
     let active: custody_key::ActiveModel = row.clone().into();
@@ -238,6 +242,90 @@ fn key_disabled(row: &custody_key::Model) -> Error {
     Error::FailedPrecondition {
         reason: ErrorReason::KeyDisabled,
         message: "the signing key is disabled".to_owned(),
+        metadata: HashMap::from([("key_id".to_owned(), row.id.clone())]),
+    }
+}
+
+/// UpdateSigningKey: changes the settings the request sets (today
+/// `disable_digest_signing`) on an enabled key, audited with the values
+/// before and after, and forgotten by every replica's directory at once.
+pub async fn update(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::UpdateSigningKeyRequest,
+) -> Result<custody_key::Model> {
+    let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    let mut v = Violations::new();
+    v.check(check_id("key_id", &req.key_id, IdKind::SigningKey));
+    v.check(validate::optional_text("reason", &req.reason, 512));
+    if req.disable_digest_signing.is_none() {
+        v.add(
+            "disable_digest_signing",
+            "is required: name at least one setting to change",
+        );
+    }
+    v.finish()?;
+    let Some(disable_digest_signing) = req.disable_digest_signing else {
+        return Err(Error::internal("validated update input missing"));
+    };
+    let row = find_own(state, &tenant_id, &req.key_id).await?;
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    // Read under the transaction for the audited "before"; the UPDATE is
+    // conditional on the key still being enabled.
+    let before = custody_key::Entity::find_by_id(row.id.clone())
+        .one(&txn)
+        .await?
+        .ok_or(Error::NotFound("signing key"))?;
+    let updated = custody_key::Entity::update_many()
+        .col_expr(
+            custody_key::Column::DisableDigestSigning,
+            Expr::value(disable_digest_signing),
+        )
+        .col_expr(custody_key::Column::UpdatedAt, Expr::value(now))
+        .filter(custody_key::Column::Id.eq(row.id.clone()))
+        .filter(custody_key::Column::Status.eq(custody_key::Status::Enabled))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected == 0 {
+        txn.rollback().await?;
+        return Err(key_disabled(&row));
+    }
+    audit::append(
+        &txn,
+        state.clock.as_ref(),
+        ctx.audit().event(
+            &tenant_id,
+            "key.updated",
+            vec![row.id.clone()],
+            AuditOutcome::Success,
+            json!({
+                "key_id": row.id,
+                "name": row.name,
+                "reason": req.reason,
+                "before": {"disable_digest_signing": before.disable_digest_signing},
+                "after": {"disable_digest_signing": disable_digest_signing},
+            }),
+        ),
+    )
+    .await?;
+    // Every replica's Sign must see the new setting at once.
+    let changed = directory::Entry::SigningKey(row.id.clone());
+    directory::announce(&txn, &changed).await?;
+    txn.commit().await?;
+    state.directory_changed(&[changed]);
+    state.audit_committed();
+    find_own(state, &tenant_id, &row.id)
+        .await
+        .map(Arc::unwrap_or_clone)
+}
+
+fn digest_signing_disabled(row: &custody_key::Model) -> Error {
+    Error::FailedPrecondition {
+        reason: ErrorReason::DigestSigningDisabled,
+        message:
+            "this signing key does not sign digests: sign the transaction or typed data itself"
+                .to_owned(),
         metadata: HashMap::from([("key_id".to_owned(), row.id.clone())]),
     }
 }
@@ -306,6 +394,8 @@ pub enum Signed {
     Signed {
         row: Box<signature::Model>,
         decision: Decision,
+        /// For an Ethereum transaction: the signed raw transaction.
+        transaction: Option<SignedTransaction>,
     },
     StepUp {
         auth_req_id: String,
@@ -314,6 +404,15 @@ pub enum Signed {
         delegation_id: String,
         decision: Decision,
     },
+}
+
+/// A signed Ethereum transaction, as `eth_sendRawTransaction` takes it.
+#[derive(Debug, Clone)]
+pub struct SignedTransaction {
+    /// `0x02 ‖ rlp([..fields, y_parity, r, s])`.
+    pub raw: Vec<u8>,
+    /// keccak256 of `raw`.
+    pub hash: [u8; 32],
 }
 
 /// A validated Sign request.
@@ -325,10 +424,29 @@ struct SignInput {
 
 enum OwnedPayload {
     Digest(Vec<u8>),
-    Message { scheme: Scheme, data: Vec<u8> },
+    Message {
+        scheme: Scheme,
+        data: Vec<u8>,
+    },
+    /// A decoded EIP-1559 transaction and its signing hash.
+    Transaction {
+        transaction: Box<ethereum::Transaction>,
+        hash: [u8; 32],
+    },
+    /// Checked EIP-712 typed data and its signing hash.
+    TypedData {
+        typed: Box<ethereum::TypedData>,
+        hash: [u8; 32],
+    },
 }
 
+/// The stored scheme names of the Ethereum payloads.
+const SCHEME_EIP1559_TRANSACTION: &str = "eip1559_transaction";
+const SCHEME_EIP712_TYPED_DATA: &str = "eip712_typed_data";
+
 impl OwnedPayload {
+    /// What the key signs: the Ethereum payloads as the 32-byte hash
+    /// VaultGuard computed from them.
     fn borrow(&self) -> Payload<'_> {
         match self {
             Self::Digest(digest) => Payload::Digest(digest),
@@ -336,14 +454,41 @@ impl OwnedPayload {
                 scheme: *scheme,
                 data,
             },
+            Self::Transaction { hash, .. } | Self::TypedData { hash, .. } => Payload::Digest(hash),
         }
     }
 
+    /// The custody scheme the payload is signed under.
     fn scheme(&self) -> Scheme {
         match self {
-            Self::Digest(_) => Scheme::Digest,
+            Self::Digest(_) | Self::Transaction { .. } | Self::TypedData { .. } => Scheme::Digest,
             Self::Message { scheme, .. } => *scheme,
         }
+    }
+
+    /// The scheme's stored name (`signatures.scheme`, `vg_sign_scheme`).
+    fn scheme_name(&self) -> &'static str {
+        match self {
+            Self::Transaction { .. } => SCHEME_EIP1559_TRANSACTION,
+            Self::TypedData { .. } => SCHEME_EIP712_TYPED_DATA,
+            _ => self.scheme().as_str(),
+        }
+    }
+
+    /// The attributes VaultGuard decoded from the payload.
+    fn decoded_attributes(&self) -> ethereum::Attributes {
+        match self {
+            Self::Transaction { transaction, .. } => transaction.attributes(),
+            Self::TypedData { typed, .. } => typed.attributes(),
+            Self::Digest(_) | Self::Message { .. } => ethereum::Attributes::new(),
+        }
+    }
+}
+
+fn attr_of(attribute: ethereum::Attribute) -> Attr {
+    match attribute {
+        ethereum::Attribute::String(text) => Attr::String(text),
+        ethereum::Attribute::Number(number) => Attr::Number(number),
     }
 }
 
@@ -359,9 +504,32 @@ fn check_sign(req: &pb::SignRequest) -> Result<SignInput> {
     }
     let payload = match &req.payload {
         None => {
-            v.add("payload", "is required: a digest or a message");
+            v.add(
+                "payload",
+                "is required: a digest, a message, an ethereum_transaction or typed_data",
+            );
             None
         }
+        Some(P::EthereumTransaction(raw)) => match ethereum::Transaction::decode(raw) {
+            Ok(transaction) => Some(OwnedPayload::Transaction {
+                hash: transaction.signing_hash(),
+                transaction: Box::new(transaction),
+            }),
+            Err(err) => {
+                v.add(err.field, err.message);
+                None
+            }
+        },
+        Some(P::TypedData(json)) => match ethereum::TypedData::decode(json) {
+            Ok(typed) => Some(OwnedPayload::TypedData {
+                hash: typed.signing_hash(),
+                typed: Box::new(typed),
+            }),
+            Err(err) => {
+                v.add(err.field, err.message);
+                None
+            }
+        },
         Some(P::Digest(digest)) => {
             if digest.len() == 32 {
                 Some(OwnedPayload::Digest(digest.clone()))
@@ -423,6 +591,23 @@ fn check_sign(req: &pb::SignRequest) -> Result<SignInput> {
 
 /// The field that names an unsuitable payload for `algorithm`.
 fn check_suits(algorithm: Algorithm, payload: &OwnedPayload) -> Result<()> {
+    let ethereum_field = match payload {
+        OwnedPayload::Transaction { .. } => Some(ethereum::TRANSACTION_FIELD),
+        OwnedPayload::TypedData { .. } => Some(ethereum::TYPED_DATA_FIELD),
+        OwnedPayload::Digest(_) | OwnedPayload::Message { .. } => None,
+    };
+    if let Some(field) = ethereum_field {
+        if algorithm == Algorithm::Secp256k1 {
+            return Ok(());
+        }
+        return Err(Error::invalid(
+            field,
+            format!(
+                "only a secp256k1 key signs Ethereum payloads, not a {} key",
+                algorithm.as_str()
+            ),
+        ));
+    }
     let scheme = payload.scheme();
     if scheme.suits(algorithm) {
         return Ok(());
@@ -452,6 +637,54 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let input = check_sign(req)?;
+    let signed = sign_checked(state, ctx, req, &input, agent_id, tenant_id).await?;
+    with_transaction(&input, signed)
+}
+
+/// For a signed Ethereum transaction, the raw transaction built from the
+/// stored signature (so a replay rebuilds the same bytes).
+fn with_transaction(input: &SignInput, signed: Signed) -> Result<Signed> {
+    let OwnedPayload::Transaction { transaction, .. } = &input.payload else {
+        return Ok(signed);
+    };
+    let Signed::Signed { row, decision, .. } = signed else {
+        return Ok(signed);
+    };
+    let bytes = row
+        .signature
+        .as_deref()
+        .ok_or_else(|| Error::internal("signed row without signature"))?;
+    let (Some(r), Some(s)) = (
+        bytes.get(..32).and_then(|r| <&[u8; 32]>::try_from(r).ok()),
+        bytes
+            .get(32..64)
+            .and_then(|s| <&[u8; 32]>::try_from(s).ok()),
+    ) else {
+        return Err(Error::internal(
+            "stored secp256k1 signature is not r || s || v",
+        ));
+    };
+    let raw = transaction.signed(row.recovery_id == Some(1), r, s);
+    Ok(Signed::Signed {
+        transaction: Some(SignedTransaction {
+            hash: ethereum::transaction_hash(&raw),
+            raw,
+        }),
+        row,
+        decision,
+    })
+}
+
+/// Sign once the request is validated: the key, the refusals that need no
+/// policy, the judgement, and the signature, step-up or replay.
+async fn sign_checked(
+    state: &AppState,
+    ctx: &CallContext,
+    req: &pb::SignRequest,
+    input: &SignInput,
+    agent_id: String,
+    tenant_id: String,
+) -> Result<Signed> {
     let key = find_own(state, &tenant_id, &req.key_id).await?;
     let algorithm =
         Algorithm::parse(&key.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
@@ -460,7 +693,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     let payload_hex = hex::encode(payload_hash);
     let mut hashed = json!({
         "key_id": key.id,
-        "scheme": input.payload.scheme().as_str(),
+        "scheme": input.payload.scheme_name(),
         "payload_hash": payload_hex,
         "context": input.context,
         "binding_message": req.binding_message,
@@ -474,10 +707,24 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     // The idempotency key is looked up only on the paths that refuse; a
     // first request that is stored loses to an earlier row of its key at
     // the unique index and answers from that row.
+    // A key that refuses digests refuses every one, retries of earlier ones
+    // included: it signs only what VaultGuard hashed itself.
+    if key.disable_digest_signing && matches!(input.payload, OwnedPayload::Digest(_)) {
+        refuse(
+            state,
+            ctx,
+            &key,
+            &agent_id,
+            &payload_hex,
+            "digest signing disabled",
+        )
+        .await?;
+        return Err(digest_signing_disabled(&key));
+    }
     if key.status != custody_key::Status::Enabled {
         if let Some(existing) = find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await?
         {
-            return replay(state, ctx, &key, &input, existing, &request_hash).await;
+            return replay(state, ctx, &key, input, existing, &request_hash).await;
         }
         refuse(state, ctx, &key, &agent_id, &payload_hex, "key disabled").await?;
         return Err(key_disabled(&key));
@@ -496,6 +743,13 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         "vg_key_algorithm".to_owned(),
         Attr::String(key.algorithm.clone()),
     );
+    context.insert(
+        "vg_sign_scheme".to_owned(),
+        Attr::String(input.payload.scheme_name().to_owned()),
+    );
+    for (name, attribute) in input.payload.decoded_attributes() {
+        context.insert(name.to_owned(), attr_of(attribute));
+    }
     let policy_input = Input {
         receiving_tenant_id: tenant_id.clone(),
         action: format!("sign:{}", key.name),
@@ -509,6 +763,43 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     };
     let decision = delegations::judge_between(state, &own, &agent_id, &own, &policy_input).await?;
     let now = state.clock.now_millis();
+    // The tenant's budgets on this key (or on its agents' signing): checked
+    // and charged in the transaction that stores the signature.
+    let applicable = if decision.outcome == Outcome::Block {
+        Vec::new()
+    } else {
+        budgets::applicable(
+            state,
+            &own,
+            &own,
+            &budgets::Subject {
+                requesting_tenant_id: &tenant_id,
+                requesting_agent_id: &agent_id,
+                receiving_tenant_id: &tenant_id,
+                action: &policy_input.action,
+                context: &policy_input.context,
+                details: &policy_input.authorization_details,
+                signing_key_id: Some(&key.id),
+                connection_id: None,
+                vault_made: true,
+            },
+        )
+        .await?
+    };
+    let (decision, mut charged) = if applicable.is_empty() {
+        (decision, None)
+    } else {
+        let txn = state.db.begin().await?;
+        let checked = budgets::check_in(&txn, &applicable, now).await?;
+        (budgets::apply(decision, &checked), Some((txn, checked)))
+    };
+    if decision.outcome == Outcome::Block
+        && let Some((txn, _)) = charged.take()
+    {
+        // Nothing is charged for a refusal; the refusal below writes
+        // through the pool.
+        txn.rollback().await?;
+    }
     let row = signature::Model {
         id: new_id(IdKind::Signature),
         tenant_id: tenant_id.clone(),
@@ -522,7 +813,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         created_at: now,
         updated_at: now,
         request_hash: request_hash.clone(),
-        scheme: input.payload.scheme().as_str().to_owned(),
+        scheme: input.payload.scheme_name().to_owned(),
         decision: to_json(&decision)?,
         recovery_id: None,
         signed_at: None,
@@ -532,7 +823,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             if let Some(existing) =
                 find_by_key(state, &key.id, &agent_id, &req.idempotency_key).await?
             {
-                return replay(state, ctx, &key, &input, existing, &request_hash).await;
+                return replay(state, ctx, &key, input, existing, &request_hash).await;
             }
             refuse(
                 state,
@@ -556,25 +847,34 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             row.signature = Some(produced.bytes.clone());
             row.recovery_id = recovery_id_of(algorithm, &produced);
             row.signed_at = Some(now);
-            // The signature row (the idempotency record) and its event in
-            // one statement, shared with whatever else is being written.
-            let active: signature::ActiveModel = row.clone().into();
-            let written = state
-                .recorder
-                .insert_with_events(
-                    active,
-                    vec![signed_event(
-                        &ctx.audit(),
-                        &key,
-                        &row,
-                        &agent_id,
-                        &input.context,
-                    )],
-                )
-                .await?;
+            let event = signed_event(&ctx.audit(), &key, &row, &agent_id, &input.context);
+            let written = match charged {
+                // The signature row, its event and its charges in the
+                // transaction that holds the budgets' locks.
+                Some((txn, checked)) => {
+                    if insert_signature(&txn, &row).await? {
+                        budgets::record_in(&txn, &checked, &row.id, None, now).await?;
+                        audit::append_all(&txn, state.clock.as_ref(), vec![event]).await?;
+                        txn.commit().await?;
+                        audit::Written::Inserted
+                    } else {
+                        txn.rollback().await?;
+                        audit::Written::Conflict
+                    }
+                }
+                // The signature row (the idempotency record) and its event
+                // in one statement, shared with whatever else is being
+                // written.
+                None => {
+                    let active: signature::ActiveModel = row.clone().into();
+                    state
+                        .recorder
+                        .insert_with_events(active, vec![event])
+                        .await?
+                }
+            };
             if written == audit::Written::Conflict {
-                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                    .await;
+                return replay_winner(state, ctx, &key, input, &agent_id, req, &request_hash).await;
             }
             state.audit_committed();
             metrics::counter!("vaultguard_signatures_total", "algorithm" => algorithm.as_str())
@@ -582,6 +882,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             Ok(Signed::Signed {
                 row: Box::new(row),
                 decision,
+                transaction: None,
             })
         }
         Outcome::StepUp => {
@@ -603,14 +904,29 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
             )?;
             let mut row = row;
             row.delegation_id = Some(delegation_row.id.clone());
-            let Some(txn) = begin_with_signature(state, &row).await? else {
-                return replay_winner(state, ctx, &key, &input, &agent_id, req, &request_hash)
-                    .await;
+            let (txn, checked) = match charged {
+                Some((txn, checked)) => (txn, Some(checked)),
+                None => (state.db.begin().await?, None),
             };
+            if !insert_signature(&txn, &row).await? {
+                txn.rollback().await?;
+                return replay_winner(state, ctx, &key, input, &agent_id, req, &request_hash).await;
+            }
             let active: delegation::ActiveModel = delegation_row.clone().into();
             delegation::Entity::insert(active).exec(&txn).await?;
             let (auth_req_id, change) =
                 delegations::insert_step_up(state, &txn, &delegation_row).await?;
+            if let Some(checked) = &checked {
+                // Held by the step-up's delegation until it is decided.
+                budgets::record_in(
+                    &txn,
+                    checked,
+                    &delegation_row.id,
+                    delegation_row.expires_at,
+                    now,
+                )
+                .await?;
+            }
             let events = delegations::party_events(
                 &ctx.audit(),
                 &delegation_row,
@@ -641,21 +957,17 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
     }
 }
 
-/// Opens the transaction of a first Sign with its signature row inserted;
-/// `None` when a concurrent request with the same idempotency key inserted
-/// first (its row answers, see [`replay_winner`]).
-async fn begin_with_signature(
-    state: &AppState,
+/// Inserts a first Sign's signature row in `txn`; `false` when a
+/// concurrent request with the same idempotency key inserted first (its row
+/// answers, see [`replay_winner`]).
+async fn insert_signature(
+    txn: &sea_orm::DatabaseTransaction,
     row: &signature::Model,
-) -> Result<Option<sea_orm::DatabaseTransaction>> {
-    let txn = state.db.begin().await?;
+) -> Result<bool> {
     let active: signature::ActiveModel = row.clone().into();
-    match signature::Entity::insert(active).exec(&txn).await {
-        Ok(_) => Ok(Some(txn)),
-        Err(err) if is_unique_violation(&err) => {
-            txn.rollback().await?;
-            Ok(None)
-        }
+    match signature::Entity::insert(active).exec(txn).await {
+        Ok(_) => Ok(true),
+        Err(err) if is_unique_violation(&err) => Ok(false),
         Err(err) => Err(err.into()),
     }
 }
@@ -782,6 +1094,7 @@ async fn replay(
         return Ok(Signed::Signed {
             row: Box::new(row),
             decision,
+            transaction: None,
         });
     }
     let delegation_id = row
@@ -948,5 +1261,6 @@ async fn sign_approved(
     Ok(Signed::Signed {
         row: Box::new(stored),
         decision,
+        transaction: None,
     })
 }

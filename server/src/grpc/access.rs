@@ -264,6 +264,10 @@ pub const MATRIX: &[(&str, Access)] = &[
         Access::Roles(ADMIN_OR_AGENT),
     ),
     (
+        "/vaultguard.v1.VaultService/UpdateSigningKey",
+        Access::Roles(ADMIN),
+    ),
+    (
         "/vaultguard.v1.VaultService/DisableSigningKey",
         Access::Roles(ADMIN),
     ),

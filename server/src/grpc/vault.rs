@@ -73,12 +73,20 @@ fn signing_key(row: custody_key::Model) -> Result<pb::SigningKey, Error> {
         description: row.description,
         create_time: Some(to_timestamp(row.created_at)),
         disable_time: row.disabled_at.map(to_timestamp),
+        disable_digest_signing: row.disable_digest_signing,
     })
 }
 
 /// A stored signature as the proto lays it out: r and s are the first two
-/// 32-byte halves of an ECDSA signature; v follows for secp256k1.
-fn signed_payload(row: signature::Model) -> Result<pb::SignedPayload, Error> {
+/// 32-byte halves of an ECDSA signature; v follows for secp256k1. A signed
+/// Ethereum transaction comes with its raw form and hash.
+fn signed_payload(
+    row: signature::Model,
+    transaction: Option<signing_keys::SignedTransaction>,
+) -> Result<pb::SignedPayload, Error> {
+    let (signed_transaction, transaction_hash) = transaction
+        .map(|signed| (signed.raw, signed.hash.to_vec()))
+        .unwrap_or_default();
     let bytes = row
         .signature
         .ok_or_else(|| Error::internal("signed row without signature"))?;
@@ -107,6 +115,8 @@ fn signed_payload(row: signature::Model) -> Result<pb::SignedPayload, Error> {
         payload_hash,
         sign_time: row.signed_at.map(to_timestamp),
         signature_id: row.id,
+        signed_transaction,
+        transaction_hash,
     })
 }
 
@@ -275,6 +285,17 @@ impl VaultService for VaultApi {
         }))
     }
 
+    async fn update_signing_key(
+        &self,
+        request: Request<pb::UpdateSigningKeyRequest>,
+    ) -> Reply<pb::UpdateSigningKeyResponse> {
+        let ctx = call_context(&request)?;
+        let row = signing_keys::update(&self.0, &ctx, request.get_ref()).await?;
+        Ok(Response::new(pb::UpdateSigningKeyResponse {
+            key: Some(signing_key(row)?),
+        }))
+    }
+
     async fn disable_signing_key(
         &self,
         request: Request<pb::DisableSigningKeyRequest>,
@@ -291,9 +312,16 @@ impl VaultService for VaultApi {
         let viewer = ctx.principal.tenant_id().map_err(Status::from)?.to_owned();
         let signed = signing_keys::sign(&self.0, &ctx, request.get_ref()).await?;
         Ok(Response::new(match signed {
-            Signed::Signed { row, decision } => pb::SignResponse {
+            Signed::Signed {
+                row,
+                decision,
+                transaction,
+            } => pb::SignResponse {
                 decision: Some(decision.redacted_for(&viewer).to_proto()),
-                outcome: Some(pb::sign_response::Outcome::Signed(signed_payload(*row)?)),
+                outcome: Some(pb::sign_response::Outcome::Signed(signed_payload(
+                    *row,
+                    transaction,
+                )?)),
             },
             Signed::StepUp {
                 auth_req_id,

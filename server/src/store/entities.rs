@@ -690,6 +690,8 @@ pub mod custody_key {
         /// JSON of the admin who disabled it.
         pub disabled_by: Option<String>,
         pub disable_reason: String,
+        /// Sign refuses `digest` payloads for this key.
+        pub disable_digest_signing: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

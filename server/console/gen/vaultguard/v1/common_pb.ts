@@ -5,14 +5,14 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Message } from "@bufbuild/protobuf";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file vaultguard/v1/common.proto.
  */
 export const file_vaultguard_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("Chp2YXVsdGd1YXJkL3YxL2NvbW1vbi5wcm90bxINdmF1bHRndWFyZC52MSJXCgVBY3RvchIqCgRraW5kGAEgASgOMhwudmF1bHRndWFyZC52MS5QcmluY2lwYWxLaW5kEg8KB3N1YmplY3QYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJIl4KDkF0dHJpYnV0ZVZhbHVlEhYKDHN0cmluZ192YWx1ZRgBIAEoCUgAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEhQKCmJvb2xfdmFsdWUYAyABKAhIAEIGCgRraW5kIjQKC1BhZ2VSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJIicKDFBhZ2VSZXNwb25zZRIXCg9uZXh0X3BhZ2VfdG9rZW4YASABKAkiNQoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKsIHCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIgChxFUlJPUl9SRUFTT05fVU5BVVRIRU5USUNBVEVEEAESHgoaRVJST1JfUkVBU09OX1JPTEVfUkVRVUlSRUQQAhIhCh1FUlJPUl9SRUFTT05fVEVOQU5UX1NVU1BFTkRFRBADEh8KG0VSUk9SX1JFQVNPTl9BR0VOVF9ESVNBQkxFRBAEEiAKHEVSUk9SX1JFQVNPTl9URU5BTlRfTUlTTUFUQ0gQBRIlCiFFUlJPUl9SRUFTT05fVU5LTk9XTl9PUkdBTklaQVRJT04QBhIfChtFUlJPUl9SRUFTT05fUE9MSUNZX0JMT0NLRUQQBxIhCh1FUlJPUl9SRUFTT05fTk9fTUFUQ0hJTkdfUlVMRRAIEiUKIUVSUk9SX1JFQVNPTl9JREVNUE9URU5DWV9DT05GTElDVBAJEh4KGkVSUk9SX1JFQVNPTl9JTlZBTElEX1NUQVRFEAoSJgoiRVJST1JfUkVBU09OX0FVVEhPUklaQVRJT05fUEVORElORxALEhoKFkVSUk9SX1JFQVNPTl9TTE9XX0RPV04QDBIeChpFUlJPUl9SRUFTT05fQUNDRVNTX0RFTklFRBANEh4KGkVSUk9SX1JFQVNPTl9FWFBJUkVEX1RPS0VOEA4SHgoaRVJST1JfUkVBU09OX0lOVkFMSURfR1JBTlQQDxIeChpFUlJPUl9SRUFTT05fU0VMRl9BUFBST1ZBTBAQEh0KGUVSUk9SX1JFQVNPTl9ORUVEU19SRUFVVEgQERIdChlFUlJPUl9SRUFTT05fS0VZX0RJU0FCTEVEEBISIQodRVJST1JfUkVBU09OX1NURVBfVVBfUkVRVUlSRUQQExIdChlFUlJPUl9SRUFTT05fUkFURV9MSU1JVEVEEBQSHwobRVJST1JfUkVBU09OX1BST1ZJREVSX0VSUk9SEBUSIQodRVJST1JfUkVBU09OX1NUT1JBR0VfQ09ORkxJQ1QQFhIcChhFUlJPUl9SRUFTT05fVU5BVkFJTEFCTEUQFxIiCh5FUlJPUl9SRUFTT05fU0NPUEVfTk9UX0dSQU5URUQQGBIlCiFFUlJPUl9SRUFTT05fUkVTT1VSQ0VfTk9UX0dSQU5URUQQGRIjCh9FUlJPUl9SRUFTT05fU1RFUF9VUF9RVUVVRV9GVUxMEBoSJQohRVJST1JfUkVBU09OX1JFUVVFU1RfQk9EWV9USU1FT1VUEBwqdAoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASEQoNUk9MRV9PUEVSQVRPUhABEg4KClJPTEVfQURNSU4QAhIRCg1ST0xFX0FQUFJPVkVSEAMSEAoMUk9MRV9BVURJVE9SEAQSDgoKUk9MRV9BR0VOVBAFKpsBCg1QcmluY2lwYWxLaW5kEh4KGlBSSU5DSVBBTF9LSU5EX1VOU1BFQ0lGSUVEEAASGwoXUFJJTkNJUEFMX0tJTkRfT1BFUkFUT1IQARIYChRQUklOQ0lQQUxfS0lORF9IVU1BThACEhgKFFBSSU5DSVBBTF9LSU5EX0FHRU5UEAMSGQoVUFJJTkNJUEFMX0tJTkRfU1lTVEVNEARiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("Chp2YXVsdGd1YXJkL3YxL2NvbW1vbi5wcm90bxINdmF1bHRndWFyZC52MSJXCgVBY3RvchIqCgRraW5kGAEgASgOMhwudmF1bHRndWFyZC52MS5QcmluY2lwYWxLaW5kEg8KB3N1YmplY3QYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJIl4KDkF0dHJpYnV0ZVZhbHVlEhYKDHN0cmluZ192YWx1ZRgBIAEoCUgAEhYKDG51bWJlcl92YWx1ZRgCIAEoAUgAEhQKCmJvb2xfdmFsdWUYAyABKAhIAEIGCgRraW5kIqsBChNBdXRob3JpemF0aW9uRGV0YWlsEgwKBHR5cGUYASABKAkSEQoJbG9jYXRpb25zGAIgAygJEg8KB2FjdGlvbnMYAyADKAkSEQoJZGF0YXR5cGVzGAQgAygJEhIKCmlkZW50aWZpZXIYBSABKAkSEgoKcHJpdmlsZWdlcxgGIAMoCRInCgZmaWVsZHMYByABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IjQKC1BhZ2VSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJIicKDFBhZ2VSZXNwb25zZRIXCg9uZXh0X3BhZ2VfdG9rZW4YASABKAkiNQoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKo4ICgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIgChxFUlJPUl9SRUFTT05fVU5BVVRIRU5USUNBVEVEEAESHgoaRVJST1JfUkVBU09OX1JPTEVfUkVRVUlSRUQQAhIhCh1FUlJPUl9SRUFTT05fVEVOQU5UX1NVU1BFTkRFRBADEh8KG0VSUk9SX1JFQVNPTl9BR0VOVF9ESVNBQkxFRBAEEiAKHEVSUk9SX1JFQVNPTl9URU5BTlRfTUlTTUFUQ0gQBRIlCiFFUlJPUl9SRUFTT05fVU5LTk9XTl9PUkdBTklaQVRJT04QBhIfChtFUlJPUl9SRUFTT05fUE9MSUNZX0JMT0NLRUQQBxIhCh1FUlJPUl9SRUFTT05fTk9fTUFUQ0hJTkdfUlVMRRAIEiUKIUVSUk9SX1JFQVNPTl9JREVNUE9URU5DWV9DT05GTElDVBAJEh4KGkVSUk9SX1JFQVNPTl9JTlZBTElEX1NUQVRFEAoSJgoiRVJST1JfUkVBU09OX0FVVEhPUklaQVRJT05fUEVORElORxALEhoKFkVSUk9SX1JFQVNPTl9TTE9XX0RPV04QDBIeChpFUlJPUl9SRUFTT05fQUNDRVNTX0RFTklFRBANEh4KGkVSUk9SX1JFQVNPTl9FWFBJUkVEX1RPS0VOEA4SHgoaRVJST1JfUkVBU09OX0lOVkFMSURfR1JBTlQQDxIeChpFUlJPUl9SRUFTT05fU0VMRl9BUFBST1ZBTBAQEh0KGUVSUk9SX1JFQVNPTl9ORUVEU19SRUFVVEgQERIdChlFUlJPUl9SRUFTT05fS0VZX0RJU0FCTEVEEBISIQodRVJST1JfUkVBU09OX1NURVBfVVBfUkVRVUlSRUQQExIdChlFUlJPUl9SRUFTT05fUkFURV9MSU1JVEVEEBQSHwobRVJST1JfUkVBU09OX1BST1ZJREVSX0VSUk9SEBUSIQodRVJST1JfUkVBU09OX1NUT1JBR0VfQ09ORkxJQ1QQFhIcChhFUlJPUl9SRUFTT05fVU5BVkFJTEFCTEUQFxIiCh5FUlJPUl9SRUFTT05fU0NPUEVfTk9UX0dSQU5URUQQGBIlCiFFUlJPUl9SRUFTT05fUkVTT1VSQ0VfTk9UX0dSQU5URUQQGRIjCh9FUlJPUl9SRUFTT05fU1RFUF9VUF9RVUVVRV9GVUxMEBoSJQohRVJST1JfUkVBU09OX1JFUVVFU1RfQk9EWV9USU1FT1VUEBwSKAokRVJST1JfUkVBU09OX0RJR0VTVF9TSUdOSU5HX0RJU0FCTEVEEB8SIAocRVJST1JfUkVBU09OX0JVREdFVF9FWENFRURFRBAiKnQKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEhEKDVJPTEVfT1BFUkFUT1IQARIOCgpST0xFX0FETUlOEAISEQoNUk9MRV9BUFBST1ZFUhADEhAKDFJPTEVfQVVESVRPUhAEEg4KClJPTEVfQUdFTlQQBSqbAQoNUHJpbmNpcGFsS2luZBIeChpQUklOQ0lQQUxfS0lORF9VTlNQRUNJRklFRBAAEhsKF1BSSU5DSVBBTF9LSU5EX09QRVJBVE9SEAESGAoUUFJJTkNJUEFMX0tJTkRfSFVNQU4QAhIYChRQUklOQ0lQQUxfS0lORF9BR0VOVBADEhkKFVBSSU5DSVBBTF9LSU5EX1NZU1RFTRAEYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Actor names who did something, as recorded on objects and audit events.
@@ -97,6 +97,99 @@ export const AttributeValueSchema: GenMessage<AttributeValue> = /*@__PURE__*/
   messageDesc(file_vaultguard_v1_common, 1);
 
 /**
+ * AuthorizationDetail is one object of an RFC 9396 `authorization_details`
+ * array: what exactly an agent wants to do (pay 120.00 EUR to ACME, create an
+ * order), beyond an action and scopes. Policy conditions address its fields
+ * (`Condition.detail_type` / `detail_path`), budgets sum its amounts, step-up
+ * approvers see it, and the delegation token carries the array as its
+ * `authorization_details` claim, exactly as judged and approved. A request
+ * carries at most 8 details, at most 16 KiB in all as JSON; bad shapes answer
+ * INVALID_ARGUMENT naming the path, for example
+ * `authorization_details[0].instructedAmount.currency`.
+ *
+ * @generated from message vaultguard.v1.AuthorizationDetail
+ */
+export type AuthorizationDetail = Message<"vaultguard.v1.AuthorizationDetail"> & {
+  /**
+   * type is the kind of detail (RFC 9396 `type`): 1 to 128 characters of
+   * `[A-Za-z0-9._:/-]`, starting with a letter or digit. Required. Known
+   * types have their `fields` checked strictly:
+   * - `payment_initiation`: `instructedAmount` (required) is an object
+   *   `{currency, amount}` with `currency` three upper-case letters (ISO
+   *   4217) and `amount` a decimal string of at most 15 integer and 6
+   *   fraction digits (for example "120.00"); optional `creditorName` and
+   *   `remittanceInformationUnstructured` (strings, at most 140 characters)
+   *   and `creditorAccount` (an object of strings `iban`, `bic`,
+   *   `accountNumber`, each at most 34 characters). Other members are refused.
+   * Any other type takes any JSON object as `fields`, within the limits.
+   *
+   * @generated from field: string type = 1;
+   */
+  type: string;
+
+  /**
+   * locations are where the resource lives (RFC 9396 `locations`), for
+   * example API URIs: at most 16, each 1 to 512 printable characters.
+   *
+   * @generated from field: repeated string locations = 2;
+   */
+  locations: string[];
+
+  /**
+   * actions are the kinds of action wanted on it (RFC 9396 `actions`), for
+   * example `initiate`, `status`: at most 16, each 1 to 128 printable
+   * characters.
+   *
+   * @generated from field: repeated string actions = 3;
+   */
+  actions: string[];
+
+  /**
+   * datatypes are the kinds of data wanted (RFC 9396 `datatypes`): at most 16,
+   * each 1 to 128 printable characters.
+   *
+   * @generated from field: repeated string datatypes = 4;
+   */
+  datatypes: string[];
+
+  /**
+   * identifier names one specific resource (RFC 9396 `identifier`), at most
+   * 256 printable characters; optional.
+   *
+   * @generated from field: string identifier = 5;
+   */
+  identifier: string;
+
+  /**
+   * privileges are the levels of privilege wanted (RFC 9396 `privileges`): at
+   * most 16, each 1 to 128 printable characters.
+   *
+   * @generated from field: repeated string privileges = 6;
+   */
+  privileges: string[];
+
+  /**
+   * fields are the type's own members (for `payment_initiation`:
+   * `instructedAmount`, `creditorName`, …), which the token's claim carries
+   * beside the common ones above. Member names are 1 to 64 characters of
+   * `[A-Za-z_][A-Za-z0-9_]*` and may not repeat a common member (`type`,
+   * `locations`, `actions`, `datatypes`, `identifier`, `privileges`);
+   * nesting at most 6 deep, arrays at most 64 items, strings at most 1,024
+   * bytes, numbers finite.
+   *
+   * @generated from field: google.protobuf.Struct fields = 7;
+   */
+  fields?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.AuthorizationDetail.
+ * Use `create(AuthorizationDetailSchema)` to create a new message.
+ */
+export const AuthorizationDetailSchema: GenMessage<AuthorizationDetail> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_common, 2);
+
+/**
  * PageRequest is embedded in List requests.
  *
  * @generated from message vaultguard.v1.PageRequest
@@ -123,7 +216,7 @@ export type PageRequest = Message<"vaultguard.v1.PageRequest"> & {
  * Use `create(PageRequestSchema)` to create a new message.
  */
 export const PageRequestSchema: GenMessage<PageRequest> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_common, 2);
+  messageDesc(file_vaultguard_v1_common, 3);
 
 /**
  * PageResponse is embedded in List responses.
@@ -145,7 +238,7 @@ export type PageResponse = Message<"vaultguard.v1.PageResponse"> & {
  * Use `create(PageResponseSchema)` to create a new message.
  */
 export const PageResponseSchema: GenMessage<PageResponse> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_common, 3);
+  messageDesc(file_vaultguard_v1_common, 4);
 
 /**
  * Heartbeat is sent on idle server streams so that proxies keep them open and
@@ -167,7 +260,7 @@ export type Heartbeat = Message<"vaultguard.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_common, 4);
+  messageDesc(file_vaultguard_v1_common, 5);
 
 /**
  * ErrorReason is the machine-readable cause of a failed RPC. It is sent as the
@@ -442,6 +535,28 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_REQUEST_BODY_TIMEOUT = 28;
    */
   REQUEST_BODY_TIMEOUT = 28,
+
+  /**
+   * ERROR_REASON_DIGEST_SIGNING_DISABLED: the custodied key does not sign
+   * caller-computed digests (`SigningKey.disable_digest_signing`); sign the
+   * transaction or typed data itself, which VaultGuard decodes and judges.
+   * Code FAILED_PRECONDITION. Metadata: `key_id`.
+   *
+   * @generated from enum value: ERROR_REASON_DIGEST_SIGNING_DISABLED = 31;
+   */
+  DIGEST_SIGNING_DISABLED = 31,
+
+  /**
+   * ERROR_REASON_BUDGET_EXCEEDED: the request would take a budget past its
+   * limit and the budget's `over_limit` is BLOCK (or a SUM budget applies and
+   * the request does not state the measured value). Code PERMISSION_DENIED.
+   * Metadata: `policy_side` ("inbound" or "outbound"); `budget_id` only when
+   * the budget is the caller's own tenant's; `delegation_id` as for
+   * ERROR_REASON_POLICY_BLOCKED.
+   *
+   * @generated from enum value: ERROR_REASON_BUDGET_EXCEEDED = 34;
+   */
+  BUDGET_EXCEEDED = 34,
 }
 
 /**

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Actor, AttributeValue, PageRequest, PageResponse } from "./common_pb";
+import type { Actor, AttributeValue, AuthorizationDetail, PageRequest, PageResponse } from "./common_pb";
 import { file_vaultguard_v1_common } from "./common_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vaultguard/v1/policy_service.proto.
  */
 export const file_vaultguard_v1_policy_service: GenFile = /*@__PURE__*/
-  fileDesc("CiJ2YXVsdGd1YXJkL3YxL3BvbGljeV9zZXJ2aWNlLnByb3RvEg12YXVsdGd1YXJkLnYxIq8BCglDb25kaXRpb24SEQoJYXR0cmlidXRlGAEgASgJEjIKCG9wZXJhdG9yGAIgASgOMiAudmF1bHRndWFyZC52MS5Db25kaXRpb25PcGVyYXRvchIsCgV2YWx1ZRgDIAEoCzIdLnZhdWx0Z3VhcmQudjEuQXR0cmlidXRlVmFsdWUSLQoGdmFsdWVzGAQgAygLMh0udmF1bHRndWFyZC52MS5BdHRyaWJ1dGVWYWx1ZSJkCgpUaW1lV2luZG93EhQKDHN0YXJ0X21pbnV0ZRgBIAEoDRISCgplbmRfbWludXRlGAIgASgNEiwKDGRheXNfb2Zfd2VlaxgDIAMoDjIWLnZhdWx0Z3VhcmQudjEuV2Vla2RheSLHBAoEUnVsZRIKCgJpZBgBIAEoCRIvCglkaXJlY3Rpb24YAiABKA4yHC52YXVsdGd1YXJkLnYxLlJ1bGVEaXJlY3Rpb24SFgoOYWN0aW9uX3BhdHRlcm4YAyABKAkSHQoVY291bnRlcnBhcnRfdGVuYW50X2lkGAQgASgJEhAKCGFnZW50X2lkGAUgASgJEiwKCmNvbmRpdGlvbnMYBiADKAsyGC52YXVsdGd1YXJkLnYxLkNvbmRpdGlvbhIuCgt0aW1lX3dpbmRvdxgHIAEoCzIZLnZhdWx0Z3VhcmQudjEuVGltZVdpbmRvdxIlCgZlZmZlY3QYCCABKA4yFS52YXVsdGd1YXJkLnYxLkVmZmVjdBIXCg9tYXhfdHRsX3NlY29uZHMYCSABKA0SEAoIcHJpb3JpdHkYCiABKAUSGgoSYXBwcm92YWxzX3JlcXVpcmVkGAsgASgNEhMKC2Rlc2NyaXB0aW9uGAwgASgJEi8KC2NyZWF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgPIAEoBBIqCgx1cGRhdGVfYWN0b3IYECABKAsyFC52YXVsdGd1YXJkLnYxLkFjdG9yEg4KBnNjb3BlcxgRIAMoCRIWCg5kZWZhdWx0X3Njb3BlcxgSIAMoCRIRCglyZXNvdXJjZXMYEyADKAki3AEKDFNpZGVEZWNpc2lvbhIRCgl0ZW5hbnRfaWQYASABKAkSKAoHb3V0Y29tZRgCIAEoDjIXLnZhdWx0Z3VhcmQudjEuRGVjaXNpb24SDwoHcnVsZV9pZBgDIAEoCRIWCg5wb2xpY3lfdmVyc2lvbhgEIAEoBBIXCg9tYXhfdHRsX3NlY29uZHMYBSABKA0SEwoLZXhwbGFuYXRpb24YBiABKAkSGgoSc2NvcGVzX25vdF9ncmFudGVkGAcgAygJEhwKFHJlc291cmNlX25vdF9ncmFudGVkGAggASgIIqECCg5Qb2xpY3lEZWNpc2lvbhIoCgdvdXRjb21lGAEgASgOMhcudmF1bHRndWFyZC52MS5EZWNpc2lvbhItCghvdXRib3VuZBgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuU2lkZURlY2lzaW9uEiwKB2luYm91bmQYAyABKAsyGy52YXVsdGd1YXJkLnYxLlNpZGVEZWNpc2lvbhIXCg9tYXhfdHRsX3NlY29uZHMYBCABKA0SGgoSYXBwcm92YWxzX3JlcXVpcmVkGAUgASgNEjEKDWV2YWx1YXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnNjb3BlcxgHIAMoCRIQCghyZXNvdXJjZRgIIAEoCSK/AQoOUG9saWN5U2V0dGluZ3MSOAoQb3V0Ym91bmRfZGVmYXVsdBgBIAEoDjIeLnZhdWx0Z3VhcmQudjEuT3V0Ym91bmREZWZhdWx0EhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEi8KC3VwZGF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgx1cGRhdGVfYWN0b3IYBCABKAsyFC52YXVsdGd1YXJkLnYxLkFjdG9yIjYKEUNyZWF0ZVJ1bGVSZXF1ZXN0EiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUiTwoSQ3JlYXRlUnVsZVJlc3BvbnNlEiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUSFgoOcG9saWN5X3ZlcnNpb24YAiABKAQiIQoOR2V0UnVsZVJlcXVlc3QSDwoHcnVsZV9pZBgBIAEoCSI0Cg9HZXRSdWxlUmVzcG9uc2USIQoEcnVsZRgBIAEoCzITLnZhdWx0Z3VhcmQudjEuUnVsZSKeAQoQTGlzdFJ1bGVzUmVxdWVzdBIvCglkaXJlY3Rpb24YASABKA4yHC52YXVsdGd1YXJkLnYxLlJ1bGVEaXJlY3Rpb24SHQoVY291bnRlcnBhcnRfdGVuYW50X2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEigKBHBhZ2UYBCABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0InoKEUxpc3RSdWxlc1Jlc3BvbnNlEiIKBXJ1bGVzGAEgAygLMhMudmF1bHRndWFyZC52MS5SdWxlEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEikKBHBhZ2UYAyABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSJQChFVcGRhdGVSdWxlUmVxdWVzdBIhCgRydWxlGAEgASgLMhMudmF1bHRndWFyZC52MS5SdWxlEhgKEGV4cGVjdGVkX3ZlcnNpb24YAiABKAQiTwoSVXBkYXRlUnVsZVJlc3BvbnNlEiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUSFgoOcG9saWN5X3ZlcnNpb24YAiABKAQiPgoRRGVsZXRlUnVsZVJlcXVlc3QSDwoHcnVsZV9pZBgBIAEoCRIYChBleHBlY3RlZF92ZXJzaW9uGAIgASgEIiwKEkRlbGV0ZVJ1bGVSZXNwb25zZRIWCg5wb2xpY3lfdmVyc2lvbhgBIAEoBCLOAgoVRXZhbHVhdGVQb2xpY3lSZXF1ZXN0EhsKE3JlcXVlc3RpbmdfYWdlbnRfaWQYASABKAkSGwoTcmVjZWl2aW5nX3RlbmFudF9pZBgCIAEoCRIOCgZhY3Rpb24YAyABKAkSDgoGc2NvcGVzGAQgAygJEhAKCHJlc291cmNlGAUgASgJEh0KFXJlcXVlc3RlZF90dGxfc2Vjb25kcxgGIAEoDRIXCg9iaW5kaW5nX21lc3NhZ2UYByABKAkSQgoHY29udGV4dBgIIAMoCzIxLnZhdWx0Z3VhcmQudjEuRXZhbHVhdGVQb2xpY3lSZXF1ZXN0LkNvbnRleHRFbnRyeRpNCgxDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEiwKBXZhbHVlGAIgASgLMh0udmF1bHRndWFyZC52MS5BdHRyaWJ1dGVWYWx1ZToCOAEiSQoWRXZhbHVhdGVQb2xpY3lSZXNwb25zZRIvCghkZWNpc2lvbhgBIAEoCzIdLnZhdWx0Z3VhcmQudjEuUG9saWN5RGVjaXNpb24iGgoYR2V0UG9saWN5U2V0dGluZ3NSZXF1ZXN0IkwKGUdldFBvbGljeVNldHRpbmdzUmVzcG9uc2USLwoIc2V0dGluZ3MYASABKAsyHS52YXVsdGd1YXJkLnYxLlBvbGljeVNldHRpbmdzIngKG1VwZGF0ZVBvbGljeVNldHRpbmdzUmVxdWVzdBI4ChBvdXRib3VuZF9kZWZhdWx0GAEgASgOMh4udmF1bHRndWFyZC52MS5PdXRib3VuZERlZmF1bHQSHwoXZXhwZWN0ZWRfcG9saWN5X3ZlcnNpb24YAiABKAQiTwocVXBkYXRlUG9saWN5U2V0dGluZ3NSZXNwb25zZRIvCghzZXR0aW5ncxgBIAEoCzIdLnZhdWx0Z3VhcmQudjEuUG9saWN5U2V0dGluZ3MqaAoNUnVsZURpcmVjdGlvbhIeChpSVUxFX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEhoKFlJVTEVfRElSRUNUSU9OX0lOQk9VTkQQARIbChdSVUxFX0RJUkVDVElPTl9PVVRCT1VORBACKlgKBkVmZmVjdBIWChJFRkZFQ1RfVU5TUEVDSUZJRUQQABIQCgxFRkZFQ1RfQUxMT1cQARISCg5FRkZFQ1RfU1RFUF9VUBACEhAKDEVGRkVDVF9CTE9DSxADKmIKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASEgoOREVDSVNJT05fQUxMT1cQARIUChBERUNJU0lPTl9TVEVQX1VQEAISEgoOREVDSVNJT05fQkxPQ0sQAyq0AgoRQ29uZGl0aW9uT3BlcmF0b3ISIgoeQ09ORElUSU9OX09QRVJBVE9SX1VOU1BFQ0lGSUVEEAASGQoVQ09ORElUSU9OX09QRVJBVE9SX0VREAESGQoVQ09ORElUSU9OX09QRVJBVE9SX05FEAISGQoVQ09ORElUSU9OX09QRVJBVE9SX0xUEAMSGgoWQ09ORElUSU9OX09QRVJBVE9SX0xURRAEEhkKFUNPTkRJVElPTl9PUEVSQVRPUl9HVBAFEhoKFkNPTkRJVElPTl9PUEVSQVRPUl9HVEUQBhIZChVDT05ESVRJT05fT1BFUkFUT1JfSU4QBxIdChlDT05ESVRJT05fT1BFUkFUT1JfTk9UX0lOEAgSHQoZQ09ORElUSU9OX09QRVJBVE9SX0VYSVNUUxAJKrYBCgdXZWVrZGF5EhcKE1dFRUtEQVlfVU5TUEVDSUZJRUQQABISCg5XRUVLREFZX01PTkRBWRABEhMKD1dFRUtEQVlfVFVFU0RBWRACEhUKEVdFRUtEQVlfV0VETkVTREFZEAMSFAoQV0VFS0RBWV9USFVSU0RBWRAEEhIKDldFRUtEQVlfRlJJREFZEAUSFAoQV0VFS0RBWV9TQVRVUkRBWRAGEhIKDldFRUtEQVlfU1VOREFZEAcqawoPT3V0Ym91bmREZWZhdWx0EiAKHE9VVEJPVU5EX0RFRkFVTFRfVU5TUEVDSUZJRUQQABIaChZPVVRCT1VORF9ERUZBVUxUX0FMTE9XEAESGgoWT1VUQk9VTkRfREVGQVVMVF9CTE9DSxACMtoFCg1Qb2xpY3lTZXJ2aWNlElEKCkNyZWF0ZVJ1bGUSIC52YXVsdGd1YXJkLnYxLkNyZWF0ZVJ1bGVSZXF1ZXN0GiEudmF1bHRndWFyZC52MS5DcmVhdGVSdWxlUmVzcG9uc2USSAoHR2V0UnVsZRIdLnZhdWx0Z3VhcmQudjEuR2V0UnVsZVJlcXVlc3QaHi52YXVsdGd1YXJkLnYxLkdldFJ1bGVSZXNwb25zZRJOCglMaXN0UnVsZXMSHy52YXVsdGd1YXJkLnYxLkxpc3RSdWxlc1JlcXVlc3QaIC52YXVsdGd1YXJkLnYxLkxpc3RSdWxlc1Jlc3BvbnNlElEKClVwZGF0ZVJ1bGUSIC52YXVsdGd1YXJkLnYxLlVwZGF0ZVJ1bGVSZXF1ZXN0GiEudmF1bHRndWFyZC52MS5VcGRhdGVSdWxlUmVzcG9uc2USUQoKRGVsZXRlUnVsZRIgLnZhdWx0Z3VhcmQudjEuRGVsZXRlUnVsZVJlcXVlc3QaIS52YXVsdGd1YXJkLnYxLkRlbGV0ZVJ1bGVSZXNwb25zZRJdCg5FdmFsdWF0ZVBvbGljeRIkLnZhdWx0Z3VhcmQudjEuRXZhbHVhdGVQb2xpY3lSZXF1ZXN0GiUudmF1bHRndWFyZC52MS5FdmFsdWF0ZVBvbGljeVJlc3BvbnNlEmYKEUdldFBvbGljeVNldHRpbmdzEicudmF1bHRndWFyZC52MS5HZXRQb2xpY3lTZXR0aW5nc1JlcXVlc3QaKC52YXVsdGd1YXJkLnYxLkdldFBvbGljeVNldHRpbmdzUmVzcG9uc2USbwoUVXBkYXRlUG9saWN5U2V0dGluZ3MSKi52YXVsdGd1YXJkLnYxLlVwZGF0ZVBvbGljeVNldHRpbmdzUmVxdWVzdBorLnZhdWx0Z3VhcmQudjEuVXBkYXRlUG9saWN5U2V0dGluZ3NSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
+  fileDesc("CiJ2YXVsdGd1YXJkL3YxL3BvbGljeV9zZXJ2aWNlLnByb3RvEg12YXVsdGd1YXJkLnYxItkBCglDb25kaXRpb24SEQoJYXR0cmlidXRlGAEgASgJEjIKCG9wZXJhdG9yGAIgASgOMiAudmF1bHRndWFyZC52MS5Db25kaXRpb25PcGVyYXRvchIsCgV2YWx1ZRgDIAEoCzIdLnZhdWx0Z3VhcmQudjEuQXR0cmlidXRlVmFsdWUSLQoGdmFsdWVzGAQgAygLMh0udmF1bHRndWFyZC52MS5BdHRyaWJ1dGVWYWx1ZRITCgtkZXRhaWxfdHlwZRgFIAEoCRITCgtkZXRhaWxfcGF0aBgGIAEoCSJkCgpUaW1lV2luZG93EhQKDHN0YXJ0X21pbnV0ZRgBIAEoDRISCgplbmRfbWludXRlGAIgASgNEiwKDGRheXNfb2Zfd2VlaxgDIAMoDjIWLnZhdWx0Z3VhcmQudjEuV2Vla2RheSLHBAoEUnVsZRIKCgJpZBgBIAEoCRIvCglkaXJlY3Rpb24YAiABKA4yHC52YXVsdGd1YXJkLnYxLlJ1bGVEaXJlY3Rpb24SFgoOYWN0aW9uX3BhdHRlcm4YAyABKAkSHQoVY291bnRlcnBhcnRfdGVuYW50X2lkGAQgASgJEhAKCGFnZW50X2lkGAUgASgJEiwKCmNvbmRpdGlvbnMYBiADKAsyGC52YXVsdGd1YXJkLnYxLkNvbmRpdGlvbhIuCgt0aW1lX3dpbmRvdxgHIAEoCzIZLnZhdWx0Z3VhcmQudjEuVGltZVdpbmRvdxIlCgZlZmZlY3QYCCABKA4yFS52YXVsdGd1YXJkLnYxLkVmZmVjdBIXCg9tYXhfdHRsX3NlY29uZHMYCSABKA0SEAoIcHJpb3JpdHkYCiABKAUSGgoSYXBwcm92YWxzX3JlcXVpcmVkGAsgASgNEhMKC2Rlc2NyaXB0aW9uGAwgASgJEi8KC2NyZWF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgPIAEoBBIqCgx1cGRhdGVfYWN0b3IYECABKAsyFC52YXVsdGd1YXJkLnYxLkFjdG9yEg4KBnNjb3BlcxgRIAMoCRIWCg5kZWZhdWx0X3Njb3BlcxgSIAMoCRIRCglyZXNvdXJjZXMYEyADKAki3AEKDFNpZGVEZWNpc2lvbhIRCgl0ZW5hbnRfaWQYASABKAkSKAoHb3V0Y29tZRgCIAEoDjIXLnZhdWx0Z3VhcmQudjEuRGVjaXNpb24SDwoHcnVsZV9pZBgDIAEoCRIWCg5wb2xpY3lfdmVyc2lvbhgEIAEoBBIXCg9tYXhfdHRsX3NlY29uZHMYBSABKA0SEwoLZXhwbGFuYXRpb24YBiABKAkSGgoSc2NvcGVzX25vdF9ncmFudGVkGAcgAygJEhwKFHJlc291cmNlX25vdF9ncmFudGVkGAggASgIIqECCg5Qb2xpY3lEZWNpc2lvbhIoCgdvdXRjb21lGAEgASgOMhcudmF1bHRndWFyZC52MS5EZWNpc2lvbhItCghvdXRib3VuZBgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuU2lkZURlY2lzaW9uEiwKB2luYm91bmQYAyABKAsyGy52YXVsdGd1YXJkLnYxLlNpZGVEZWNpc2lvbhIXCg9tYXhfdHRsX3NlY29uZHMYBCABKA0SGgoSYXBwcm92YWxzX3JlcXVpcmVkGAUgASgNEjEKDWV2YWx1YXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnNjb3BlcxgHIAMoCRIQCghyZXNvdXJjZRgIIAEoCSK/AQoOUG9saWN5U2V0dGluZ3MSOAoQb3V0Ym91bmRfZGVmYXVsdBgBIAEoDjIeLnZhdWx0Z3VhcmQudjEuT3V0Ym91bmREZWZhdWx0EhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEi8KC3VwZGF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgx1cGRhdGVfYWN0b3IYBCABKAsyFC52YXVsdGd1YXJkLnYxLkFjdG9yIjYKEUNyZWF0ZVJ1bGVSZXF1ZXN0EiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUiTwoSQ3JlYXRlUnVsZVJlc3BvbnNlEiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUSFgoOcG9saWN5X3ZlcnNpb24YAiABKAQiIQoOR2V0UnVsZVJlcXVlc3QSDwoHcnVsZV9pZBgBIAEoCSI0Cg9HZXRSdWxlUmVzcG9uc2USIQoEcnVsZRgBIAEoCzITLnZhdWx0Z3VhcmQudjEuUnVsZSKeAQoQTGlzdFJ1bGVzUmVxdWVzdBIvCglkaXJlY3Rpb24YASABKA4yHC52YXVsdGd1YXJkLnYxLlJ1bGVEaXJlY3Rpb24SHQoVY291bnRlcnBhcnRfdGVuYW50X2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEigKBHBhZ2UYBCABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0InoKEUxpc3RSdWxlc1Jlc3BvbnNlEiIKBXJ1bGVzGAEgAygLMhMudmF1bHRndWFyZC52MS5SdWxlEhYKDnBvbGljeV92ZXJzaW9uGAIgASgEEikKBHBhZ2UYAyABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSJQChFVcGRhdGVSdWxlUmVxdWVzdBIhCgRydWxlGAEgASgLMhMudmF1bHRndWFyZC52MS5SdWxlEhgKEGV4cGVjdGVkX3ZlcnNpb24YAiABKAQiTwoSVXBkYXRlUnVsZVJlc3BvbnNlEiEKBHJ1bGUYASABKAsyEy52YXVsdGd1YXJkLnYxLlJ1bGUSFgoOcG9saWN5X3ZlcnNpb24YAiABKAQiPgoRRGVsZXRlUnVsZVJlcXVlc3QSDwoHcnVsZV9pZBgBIAEoCRIYChBleHBlY3RlZF92ZXJzaW9uGAIgASgEIiwKEkRlbGV0ZVJ1bGVSZXNwb25zZRIWCg5wb2xpY3lfdmVyc2lvbhgBIAEoBCKRAwoVRXZhbHVhdGVQb2xpY3lSZXF1ZXN0EhsKE3JlcXVlc3RpbmdfYWdlbnRfaWQYASABKAkSGwoTcmVjZWl2aW5nX3RlbmFudF9pZBgCIAEoCRIOCgZhY3Rpb24YAyABKAkSDgoGc2NvcGVzGAQgAygJEhAKCHJlc291cmNlGAUgASgJEh0KFXJlcXVlc3RlZF90dGxfc2Vjb25kcxgGIAEoDRIXCg9iaW5kaW5nX21lc3NhZ2UYByABKAkSQgoHY29udGV4dBgIIAMoCzIxLnZhdWx0Z3VhcmQudjEuRXZhbHVhdGVQb2xpY3lSZXF1ZXN0LkNvbnRleHRFbnRyeRJBChVhdXRob3JpemF0aW9uX2RldGFpbHMYCSADKAsyIi52YXVsdGd1YXJkLnYxLkF1dGhvcml6YXRpb25EZXRhaWwaTQoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRIsCgV2YWx1ZRgCIAEoCzIdLnZhdWx0Z3VhcmQudjEuQXR0cmlidXRlVmFsdWU6AjgBIkkKFkV2YWx1YXRlUG9saWN5UmVzcG9uc2USLwoIZGVjaXNpb24YASABKAsyHS52YXVsdGd1YXJkLnYxLlBvbGljeURlY2lzaW9uIhoKGEdldFBvbGljeVNldHRpbmdzUmVxdWVzdCJMChlHZXRQb2xpY3lTZXR0aW5nc1Jlc3BvbnNlEi8KCHNldHRpbmdzGAEgASgLMh0udmF1bHRndWFyZC52MS5Qb2xpY3lTZXR0aW5ncyJ4ChtVcGRhdGVQb2xpY3lTZXR0aW5nc1JlcXVlc3QSOAoQb3V0Ym91bmRfZGVmYXVsdBgBIAEoDjIeLnZhdWx0Z3VhcmQudjEuT3V0Ym91bmREZWZhdWx0Eh8KF2V4cGVjdGVkX3BvbGljeV92ZXJzaW9uGAIgASgEIk8KHFVwZGF0ZVBvbGljeVNldHRpbmdzUmVzcG9uc2USLwoIc2V0dGluZ3MYASABKAsyHS52YXVsdGd1YXJkLnYxLlBvbGljeVNldHRpbmdzIoUBCgtCdWRnZXRTY29wZRIQCghhZ2VudF9pZBgBIAEoCRIdChVjb3VudGVycGFydF90ZW5hbnRfaWQYAiABKAkSFgoOYWN0aW9uX3BhdHRlcm4YAyABKAkSFgoOc2lnbmluZ19rZXlfaWQYBCABKAkSFQoNY29ubmVjdGlvbl9pZBgFIAEoCSK6BAoGQnVkZ2V0EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSLwoJZGlyZWN0aW9uGAQgASgOMhwudmF1bHRndWFyZC52MS5SdWxlRGlyZWN0aW9uEi0KB21lYXN1cmUYBSABKA4yHC52YXVsdGd1YXJkLnYxLkJ1ZGdldE1lYXN1cmUSFQoNc3VtX2F0dHJpYnV0ZRgGIAEoCRIXCg9zdW1fZGV0YWlsX3R5cGUYByABKAkSFwoPc3VtX2RldGFpbF9wYXRoGAggASgJEhAKCGN1cnJlbmN5GAkgASgJEikKBXNjb3BlGAogASgLMhoudmF1bHRndWFyZC52MS5CdWRnZXRTY29wZRIWCg53aW5kb3dfc2Vjb25kcxgLIAEoDRINCgVsaW1pdBgMIAEoCRIpCgpvdmVyX2xpbWl0GA0gASgOMhUudmF1bHRndWFyZC52MS5FZmZlY3QSDAoEdXNlZBgOIAEoCRIRCglyZW1haW5pbmcYDyABKAkSNQoRbmV4dF9yZWxlYXNlX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YESABKAQSLwoLY3JlYXRlX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI8ChNDcmVhdGVCdWRnZXRSZXF1ZXN0EiUKBmJ1ZGdldBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuQnVkZ2V0Ij0KFENyZWF0ZUJ1ZGdldFJlc3BvbnNlEiUKBmJ1ZGdldBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuQnVkZ2V0IiUKEEdldEJ1ZGdldFJlcXVlc3QSEQoJYnVkZ2V0X2lkGAEgASgJIjoKEUdldEJ1ZGdldFJlc3BvbnNlEiUKBmJ1ZGdldBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuQnVkZ2V0Ij4KEkxpc3RCdWRnZXRzUmVxdWVzdBIoCgRwYWdlGAEgASgLMhoudmF1bHRndWFyZC52MS5QYWdlUmVxdWVzdCJoChNMaXN0QnVkZ2V0c1Jlc3BvbnNlEiYKB2J1ZGdldHMYASADKAsyFS52YXVsdGd1YXJkLnYxLkJ1ZGdldBIpCgRwYWdlGAIgASgLMhsudmF1bHRndWFyZC52MS5QYWdlUmVzcG9uc2UiqQEKE1VwZGF0ZUJ1ZGdldFJlcXVlc3QSEQoJYnVkZ2V0X2lkGAEgASgJEhgKEGV4cGVjdGVkX3ZlcnNpb24YAiABKAQSDQoFbGltaXQYAyABKAkSFgoOd2luZG93X3NlY29uZHMYBCABKA0SKQoKb3Zlcl9saW1pdBgFIAEoDjIVLnZhdWx0Z3VhcmQudjEuRWZmZWN0EhMKC2Rlc2NyaXB0aW9uGAYgASgJIj0KFFVwZGF0ZUJ1ZGdldFJlc3BvbnNlEiUKBmJ1ZGdldBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuQnVkZ2V0IigKE0RlbGV0ZUJ1ZGdldFJlcXVlc3QSEQoJYnVkZ2V0X2lkGAEgASgJIhYKFERlbGV0ZUJ1ZGdldFJlc3BvbnNlKmgKDVJ1bGVEaXJlY3Rpb24SHgoaUlVMRV9ESVJFQ1RJT05fVU5TUEVDSUZJRUQQABIaChZSVUxFX0RJUkVDVElPTl9JTkJPVU5EEAESGwoXUlVMRV9ESVJFQ1RJT05fT1VUQk9VTkQQAipYCgZFZmZlY3QSFgoSRUZGRUNUX1VOU1BFQ0lGSUVEEAASEAoMRUZGRUNUX0FMTE9XEAESEgoORUZGRUNUX1NURVBfVVAQAhIQCgxFRkZFQ1RfQkxPQ0sQAypiCghEZWNpc2lvbhIYChRERUNJU0lPTl9VTlNQRUNJRklFRBAAEhIKDkRFQ0lTSU9OX0FMTE9XEAESFAoQREVDSVNJT05fU1RFUF9VUBACEhIKDkRFQ0lTSU9OX0JMT0NLEAMqtAIKEUNvbmRpdGlvbk9wZXJhdG9yEiIKHkNPTkRJVElPTl9PUEVSQVRPUl9VTlNQRUNJRklFRBAAEhkKFUNPTkRJVElPTl9PUEVSQVRPUl9FURABEhkKFUNPTkRJVElPTl9PUEVSQVRPUl9ORRACEhkKFUNPTkRJVElPTl9PUEVSQVRPUl9MVBADEhoKFkNPTkRJVElPTl9PUEVSQVRPUl9MVEUQBBIZChVDT05ESVRJT05fT1BFUkFUT1JfR1QQBRIaChZDT05ESVRJT05fT1BFUkFUT1JfR1RFEAYSGQoVQ09ORElUSU9OX09QRVJBVE9SX0lOEAcSHQoZQ09ORElUSU9OX09QRVJBVE9SX05PVF9JThAIEh0KGUNPTkRJVElPTl9PUEVSQVRPUl9FWElTVFMQCSq2AQoHV2Vla2RheRIXChNXRUVLREFZX1VOU1BFQ0lGSUVEEAASEgoOV0VFS0RBWV9NT05EQVkQARITCg9XRUVLREFZX1RVRVNEQVkQAhIVChFXRUVLREFZX1dFRE5FU0RBWRADEhQKEFdFRUtEQVlfVEhVUlNEQVkQBBISCg5XRUVLREFZX0ZSSURBWRAFEhQKEFdFRUtEQVlfU0FUVVJEQVkQBhISCg5XRUVLREFZX1NVTkRBWRAHKmsKD091dGJvdW5kRGVmYXVsdBIgChxPVVRCT1VORF9ERUZBVUxUX1VOU1BFQ0lGSUVEEAASGgoWT1VUQk9VTkRfREVGQVVMVF9BTExPVxABEhoKFk9VVEJPVU5EX0RFRkFVTFRfQkxPQ0sQAiphCg1CdWRnZXRNZWFzdXJlEh4KGkJVREdFVF9NRUFTVVJFX1VOU1BFQ0lGSUVEEAASGAoUQlVER0VUX01FQVNVUkVfQ09VTlQQARIWChJCVURHRVRfTUVBU1VSRV9TVU0QAjKLCQoNUG9saWN5U2VydmljZRJRCgpDcmVhdGVSdWxlEiAudmF1bHRndWFyZC52MS5DcmVhdGVSdWxlUmVxdWVzdBohLnZhdWx0Z3VhcmQudjEuQ3JlYXRlUnVsZVJlc3BvbnNlEkgKB0dldFJ1bGUSHS52YXVsdGd1YXJkLnYxLkdldFJ1bGVSZXF1ZXN0Gh4udmF1bHRndWFyZC52MS5HZXRSdWxlUmVzcG9uc2USTgoJTGlzdFJ1bGVzEh8udmF1bHRndWFyZC52MS5MaXN0UnVsZXNSZXF1ZXN0GiAudmF1bHRndWFyZC52MS5MaXN0UnVsZXNSZXNwb25zZRJRCgpVcGRhdGVSdWxlEiAudmF1bHRndWFyZC52MS5VcGRhdGVSdWxlUmVxdWVzdBohLnZhdWx0Z3VhcmQudjEuVXBkYXRlUnVsZVJlc3BvbnNlElEKCkRlbGV0ZVJ1bGUSIC52YXVsdGd1YXJkLnYxLkRlbGV0ZVJ1bGVSZXF1ZXN0GiEudmF1bHRndWFyZC52MS5EZWxldGVSdWxlUmVzcG9uc2USXQoORXZhbHVhdGVQb2xpY3kSJC52YXVsdGd1YXJkLnYxLkV2YWx1YXRlUG9saWN5UmVxdWVzdBolLnZhdWx0Z3VhcmQudjEuRXZhbHVhdGVQb2xpY3lSZXNwb25zZRJmChFHZXRQb2xpY3lTZXR0aW5ncxInLnZhdWx0Z3VhcmQudjEuR2V0UG9saWN5U2V0dGluZ3NSZXF1ZXN0GigudmF1bHRndWFyZC52MS5HZXRQb2xpY3lTZXR0aW5nc1Jlc3BvbnNlEm8KFFVwZGF0ZVBvbGljeVNldHRpbmdzEioudmF1bHRndWFyZC52MS5VcGRhdGVQb2xpY3lTZXR0aW5nc1JlcXVlc3QaKy52YXVsdGd1YXJkLnYxLlVwZGF0ZVBvbGljeVNldHRpbmdzUmVzcG9uc2USVwoMQ3JlYXRlQnVkZ2V0EiIudmF1bHRndWFyZC52MS5DcmVhdGVCdWRnZXRSZXF1ZXN0GiMudmF1bHRndWFyZC52MS5DcmVhdGVCdWRnZXRSZXNwb25zZRJOCglHZXRCdWRnZXQSHy52YXVsdGd1YXJkLnYxLkdldEJ1ZGdldFJlcXVlc3QaIC52YXVsdGd1YXJkLnYxLkdldEJ1ZGdldFJlc3BvbnNlElQKC0xpc3RCdWRnZXRzEiEudmF1bHRndWFyZC52MS5MaXN0QnVkZ2V0c1JlcXVlc3QaIi52YXVsdGd1YXJkLnYxLkxpc3RCdWRnZXRzUmVzcG9uc2USVwoMVXBkYXRlQnVkZ2V0EiIudmF1bHRndWFyZC52MS5VcGRhdGVCdWRnZXRSZXF1ZXN0GiMudmF1bHRndWFyZC52MS5VcGRhdGVCdWRnZXRSZXNwb25zZRJXCgxEZWxldGVCdWRnZXQSIi52YXVsdGd1YXJkLnYxLkRlbGV0ZUJ1ZGdldFJlcXVlc3QaIy52YXVsdGd1YXJkLnYxLkRlbGV0ZUJ1ZGdldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
 
 /**
  * Condition is a test on one attribute of the request's `context`. A
@@ -65,6 +65,35 @@ export type Condition = Message<"vaultguard.v1.Condition"> & {
    * @generated from field: repeated vaultguard.v1.AttributeValue values = 4;
    */
   values: AttributeValue[];
+
+  /**
+   * detail_type, when set, makes the condition test the request's
+   * authorization details (RFC 9396) of this `type` instead of a context
+   * attribute: `attribute` must then be empty and `detail_path` set
+   * (INVALID_ARGUMENT otherwise). Same grammar as `AuthorizationDetail.type`.
+   *
+   * Every value found at `detail_path` in every detail of the type is
+   * tested; arrays (such as `actions`) contribute each item. A rule whose
+   * effect is ALLOW matches only when there is at least one value and every
+   * value passes; a STEP_UP or BLOCK rule matches when any value passes. So
+   * a second, larger payment in the same request cannot hide behind the
+   * first. A decimal string (such as `instructedAmount.amount` "120.00")
+   * compares numerically with a number operand.
+   *
+   * @generated from field: string detail_type = 5;
+   */
+  detailType: string;
+
+  /**
+   * detail_path is the member tested, dot-separated: a common member
+   * (`actions`, `locations`, `datatypes`, `identifier`, `privileges`) or a
+   * path into the type's fields, for example `instructedAmount.amount` or
+   * `creditorName`; at most 6 segments of `[A-Za-z_][A-Za-z0-9_]*`. Required
+   * with `detail_type`, empty otherwise (INVALID_ARGUMENT).
+   *
+   * @generated from field: string detail_path = 6;
+   */
+  detailPath: string;
 };
 
 /**
@@ -891,6 +920,14 @@ export type EvaluatePolicyRequest = Message<"vaultguard.v1.EvaluatePolicyRequest
    * @generated from field: map<string, vaultguard.v1.AttributeValue> context = 8;
    */
   context: { [key: string]: AttributeValue };
+
+  /**
+   * authorization_details are the request's RFC 9396 details, as on
+   * RequestDelegationRequest.
+   *
+   * @generated from field: repeated vaultguard.v1.AuthorizationDetail authorization_details = 9;
+   */
+  authorizationDetails: AuthorizationDetail[];
 };
 
 /**
@@ -1010,6 +1047,492 @@ export type UpdatePolicySettingsResponse = Message<"vaultguard.v1.UpdatePolicySe
  */
 export const UpdatePolicySettingsResponseSchema: GenMessage<UpdatePolicySettingsResponse> = /*@__PURE__*/
   messageDesc(file_vaultguard_v1_policy_service, 21);
+
+/**
+ * BudgetScope selects the requests a budget applies to. Every field set must
+ * match; an empty scope matches every request of the budget's direction.
+ *
+ * @generated from message vaultguard.v1.BudgetScope
+ */
+export type BudgetScope = Message<"vaultguard.v1.BudgetScope"> & {
+  /**
+   * agent_id limits the budget to one requesting agent (`agt_…`): for an
+   * OUTBOUND budget one of the tenant's agents, for INBOUND another tenant's.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * counterpart_tenant_id limits the budget to requests with this other
+   * tenant (`tnt_…`): the receiving tenant for OUTBOUND, the requesting one
+   * for INBOUND.
+   *
+   * @generated from field: string counterpart_tenant_id = 2;
+   */
+  counterpartTenantId: string;
+
+  /**
+   * action_pattern limits the budget to actions it matches, same grammar as
+   * `Rule.action_pattern` (for example `payments.*`). Sign's actions are
+   * `sign:<key name>`, ExchangeToken's `exchange:<provider name>`.
+   *
+   * @generated from field: string action_pattern = 3;
+   */
+  actionPattern: string;
+
+  /**
+   * signing_key_id limits the budget to Sign with this key (`key_…`).
+   *
+   * @generated from field: string signing_key_id = 4;
+   */
+  signingKeyId: string;
+
+  /**
+   * connection_id limits the budget to ExchangeToken on this connection
+   * (`con_…`).
+   *
+   * @generated from field: string connection_id = 5;
+   */
+  connectionId: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.BudgetScope.
+ * Use `create(BudgetScopeSchema)` to create a new message.
+ */
+export const BudgetScopeSchema: GenMessage<BudgetScope> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 22);
+
+/**
+ * Budget is a limit over a rolling window on what a tenant's agents may spend
+ * (OUTBOUND), or on what other tenants' agents may spend with it (INBOUND):
+ * "at most 10,000.00 USD a day through this key, anything above goes to a
+ * human". Every request a budget applies to (RequestDelegation, Sign) is
+ * charged its cost in the same transaction as the delegation or signature it
+ * pays for; a request that would take the budget past its limit gets the
+ * budget's `over_limit` effect instead (STEP_UP: a human decides; BLOCK:
+ * refused with ERROR_REASON_BUDGET_EXCEEDED). Budgets are checked after the
+ * rules: a request the rules BLOCK costs nothing. A request waiting on a
+ * step-up holds its cost, so concurrent requests cannot overspend; the hold
+ * is released when the step-up is denied or expires, and kept when it is
+ * approved. Charges are serialised per budget across replicas, so the sum
+ * of what was allowed never passes the limit. A request a SUM budget applies
+ * to that does not state the measured value gets the budget's `over_limit`
+ * effect.
+ *
+ * @generated from message vaultguard.v1.Budget
+ */
+export type Budget = Message<"vaultguard.v1.Budget"> & {
+  /**
+   * id is the budget's opaque id: `bgt_` followed by 32 lowercase hex
+   * digits. Output only.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * name is unique within the tenant: 1 to 64 characters of `[a-z0-9_-]`.
+   * Required; immutable.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * description is free text, at most 256 characters, no control characters.
+   *
+   * @generated from field: string description = 3;
+   */
+  description: string;
+
+  /**
+   * direction says whose requests are charged: OUTBOUND the tenant's own
+   * agents (including their Sign and ExchangeToken calls), INBOUND other
+   * tenants' agents asking this tenant. Required; immutable.
+   *
+   * @generated from field: vaultguard.v1.RuleDirection direction = 4;
+   */
+  direction: RuleDirection;
+
+  /**
+   * measure is what is counted. Required; immutable.
+   *
+   * @generated from field: vaultguard.v1.BudgetMeasure measure = 5;
+   */
+  measure: BudgetMeasure;
+
+  /**
+   * sum_attribute is the context attribute a SUM budget adds up (same
+   * grammar as `Condition.attribute`, `vg_` names allowed). Exactly one of
+   * `sum_attribute` and `sum_detail_type` is set for SUM, neither for COUNT.
+   * Immutable.
+   *
+   * @generated from field: string sum_attribute = 6;
+   */
+  sumAttribute: string;
+
+  /**
+   * sum_detail_type is the authorization detail type a SUM budget reads
+   * (grammar of `AuthorizationDetail.type`). Immutable.
+   *
+   * @generated from field: string sum_detail_type = 7;
+   */
+  sumDetailType: string;
+
+  /**
+   * sum_detail_path is the member summed in those details, grammar of
+   * `Condition.detail_path` (for example `instructedAmount.amount`);
+   * required with `sum_detail_type`. Immutable.
+   *
+   * @generated from field: string sum_detail_path = 8;
+   */
+  sumDetailPath: string;
+
+  /**
+   * currency limits a SUM budget to amounts in this unit, 1 to 16
+   * characters of `[A-Za-z0-9]` (for example `USD`, `ETH`). For a detail sum
+   * the member `currency` beside the summed one must equal it (an
+   * `instructedAmount` in EUR does not count against a USD budget); for an
+   * attribute sum the request's `currency` attribute must equal it. Empty:
+   * every amount counts. Immutable.
+   *
+   * @generated from field: string currency = 9;
+   */
+  currency: string;
+
+  /**
+   * scope selects the requests the budget applies to. Immutable.
+   *
+   * @generated from field: vaultguard.v1.BudgetScope scope = 10;
+   */
+  scope?: BudgetScope | undefined;
+
+  /**
+   * window_seconds is the rolling window: a charge counts until this long
+   * after it was made. 60 to 7,776,000 (90 days). Required.
+   *
+   * @generated from field: uint32 window_seconds = 11;
+   */
+  windowSeconds: number;
+
+  /**
+   * limit is the most the window may hold, a positive decimal string of at
+   * most 30 integer and 6 fraction digits (for example "10000.00"; "200"
+   * for a COUNT budget, which takes integers only). Required.
+   *
+   * @generated from field: string limit = 12;
+   */
+  limit: string;
+
+  /**
+   * over_limit is what a request that would pass the limit gets: EFFECT_STEP_UP
+   * or EFFECT_BLOCK. Required.
+   *
+   * @generated from field: vaultguard.v1.Effect over_limit = 13;
+   */
+  overLimit: Effect;
+
+  /**
+   * used is what the window holds now (charges made within `window_seconds`,
+   * including those held by pending step-ups), as a decimal string. Output
+   * only.
+   *
+   * @generated from field: string used = 14;
+   */
+  used: string;
+
+  /**
+   * remaining is `limit` minus `used`, never below "0". Output only.
+   *
+   * @generated from field: string remaining = 15;
+   */
+  remaining: string;
+
+  /**
+   * next_release_time is when the oldest charge in the window leaves it (or
+   * a held charge's step-up expires), so capacity frees up; unset when
+   * nothing is used. Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp next_release_time = 16;
+   */
+  nextReleaseTime?: Timestamp | undefined;
+
+  /**
+   * version increments on every update, starting at 1. Output only.
+   *
+   * @generated from field: uint64 version = 17;
+   */
+  version: bigint;
+
+  /**
+   * create_time is when the budget was created. Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 18;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * update_time is when it was last changed. Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 19;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.Budget.
+ * Use `create(BudgetSchema)` to create a new message.
+ */
+export const BudgetSchema: GenMessage<Budget> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 23);
+
+/**
+ * CreateBudgetRequest is the input of CreateBudget.
+ *
+ * @generated from message vaultguard.v1.CreateBudgetRequest
+ */
+export type CreateBudgetRequest = Message<"vaultguard.v1.CreateBudgetRequest"> & {
+  /**
+   * budget is the budget to create; output-only fields must be unset.
+   *
+   * @generated from field: vaultguard.v1.Budget budget = 1;
+   */
+  budget?: Budget | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.CreateBudgetRequest.
+ * Use `create(CreateBudgetRequestSchema)` to create a new message.
+ */
+export const CreateBudgetRequestSchema: GenMessage<CreateBudgetRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 24);
+
+/**
+ * CreateBudgetResponse is the output of CreateBudget.
+ *
+ * @generated from message vaultguard.v1.CreateBudgetResponse
+ */
+export type CreateBudgetResponse = Message<"vaultguard.v1.CreateBudgetResponse"> & {
+  /**
+   * budget is the created budget, with its use (nothing yet).
+   *
+   * @generated from field: vaultguard.v1.Budget budget = 1;
+   */
+  budget?: Budget | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.CreateBudgetResponse.
+ * Use `create(CreateBudgetResponseSchema)` to create a new message.
+ */
+export const CreateBudgetResponseSchema: GenMessage<CreateBudgetResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 25);
+
+/**
+ * GetBudgetRequest is the input of GetBudget.
+ *
+ * @generated from message vaultguard.v1.GetBudgetRequest
+ */
+export type GetBudgetRequest = Message<"vaultguard.v1.GetBudgetRequest"> & {
+  /**
+   * budget_id is the budget to read (`bgt_…`). Required.
+   *
+   * @generated from field: string budget_id = 1;
+   */
+  budgetId: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.GetBudgetRequest.
+ * Use `create(GetBudgetRequestSchema)` to create a new message.
+ */
+export const GetBudgetRequestSchema: GenMessage<GetBudgetRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 26);
+
+/**
+ * GetBudgetResponse is the output of GetBudget.
+ *
+ * @generated from message vaultguard.v1.GetBudgetResponse
+ */
+export type GetBudgetResponse = Message<"vaultguard.v1.GetBudgetResponse"> & {
+  /**
+   * budget is the budget with its use now.
+   *
+   * @generated from field: vaultguard.v1.Budget budget = 1;
+   */
+  budget?: Budget | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.GetBudgetResponse.
+ * Use `create(GetBudgetResponseSchema)` to create a new message.
+ */
+export const GetBudgetResponseSchema: GenMessage<GetBudgetResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 27);
+
+/**
+ * ListBudgetsRequest is the input of ListBudgets.
+ *
+ * @generated from message vaultguard.v1.ListBudgetsRequest
+ */
+export type ListBudgetsRequest = Message<"vaultguard.v1.ListBudgetsRequest"> & {
+  /**
+   * page is the page to read.
+   *
+   * @generated from field: vaultguard.v1.PageRequest page = 1;
+   */
+  page?: PageRequest | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.ListBudgetsRequest.
+ * Use `create(ListBudgetsRequestSchema)` to create a new message.
+ */
+export const ListBudgetsRequestSchema: GenMessage<ListBudgetsRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 28);
+
+/**
+ * ListBudgetsResponse is the output of ListBudgets.
+ *
+ * @generated from message vaultguard.v1.ListBudgetsResponse
+ */
+export type ListBudgetsResponse = Message<"vaultguard.v1.ListBudgetsResponse"> & {
+  /**
+   * budgets are the budgets of this page, by name, each with its use now.
+   *
+   * @generated from field: repeated vaultguard.v1.Budget budgets = 1;
+   */
+  budgets: Budget[];
+
+  /**
+   * page says how to read the next page.
+   *
+   * @generated from field: vaultguard.v1.PageResponse page = 2;
+   */
+  page?: PageResponse | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.ListBudgetsResponse.
+ * Use `create(ListBudgetsResponseSchema)` to create a new message.
+ */
+export const ListBudgetsResponseSchema: GenMessage<ListBudgetsResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 29);
+
+/**
+ * UpdateBudgetRequest is the input of UpdateBudget.
+ *
+ * @generated from message vaultguard.v1.UpdateBudgetRequest
+ */
+export type UpdateBudgetRequest = Message<"vaultguard.v1.UpdateBudgetRequest"> & {
+  /**
+   * budget_id is the budget to change (`bgt_…`). Required.
+   *
+   * @generated from field: string budget_id = 1;
+   */
+  budgetId: string;
+
+  /**
+   * expected_version is the budget's current `version`. Required.
+   *
+   * @generated from field: uint64 expected_version = 2;
+   */
+  expectedVersion: bigint;
+
+  /**
+   * limit is the new limit, as on Budget. Required.
+   *
+   * @generated from field: string limit = 3;
+   */
+  limit: string;
+
+  /**
+   * window_seconds is the new window, as on Budget. Required.
+   *
+   * @generated from field: uint32 window_seconds = 4;
+   */
+  windowSeconds: number;
+
+  /**
+   * over_limit is the new over-limit effect, as on Budget. Required.
+   *
+   * @generated from field: vaultguard.v1.Effect over_limit = 5;
+   */
+  overLimit: Effect;
+
+  /**
+   * description is the new description, as on Budget.
+   *
+   * @generated from field: string description = 6;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.UpdateBudgetRequest.
+ * Use `create(UpdateBudgetRequestSchema)` to create a new message.
+ */
+export const UpdateBudgetRequestSchema: GenMessage<UpdateBudgetRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 30);
+
+/**
+ * UpdateBudgetResponse is the output of UpdateBudget.
+ *
+ * @generated from message vaultguard.v1.UpdateBudgetResponse
+ */
+export type UpdateBudgetResponse = Message<"vaultguard.v1.UpdateBudgetResponse"> & {
+  /**
+   * budget is the updated budget with its use now.
+   *
+   * @generated from field: vaultguard.v1.Budget budget = 1;
+   */
+  budget?: Budget | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.UpdateBudgetResponse.
+ * Use `create(UpdateBudgetResponseSchema)` to create a new message.
+ */
+export const UpdateBudgetResponseSchema: GenMessage<UpdateBudgetResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 31);
+
+/**
+ * DeleteBudgetRequest is the input of DeleteBudget.
+ *
+ * @generated from message vaultguard.v1.DeleteBudgetRequest
+ */
+export type DeleteBudgetRequest = Message<"vaultguard.v1.DeleteBudgetRequest"> & {
+  /**
+   * budget_id is the budget to delete (`bgt_…`). Required.
+   *
+   * @generated from field: string budget_id = 1;
+   */
+  budgetId: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.DeleteBudgetRequest.
+ * Use `create(DeleteBudgetRequestSchema)` to create a new message.
+ */
+export const DeleteBudgetRequestSchema: GenMessage<DeleteBudgetRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 32);
+
+/**
+ * DeleteBudgetResponse is the output of DeleteBudget.
+ *
+ * @generated from message vaultguard.v1.DeleteBudgetResponse
+ */
+export type DeleteBudgetResponse = Message<"vaultguard.v1.DeleteBudgetResponse"> & {
+};
+
+/**
+ * Describes the message vaultguard.v1.DeleteBudgetResponse.
+ * Use `create(DeleteBudgetResponseSchema)` to create a new message.
+ */
+export const DeleteBudgetResponseSchema: GenMessage<DeleteBudgetResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_policy_service, 33);
 
 /**
  * RuleDirection says which side of a delegation a rule judges.
@@ -1326,6 +1849,45 @@ export const OutboundDefaultSchema: GenEnum<OutboundDefault> = /*@__PURE__*/
   enumDesc(file_vaultguard_v1_policy_service, 5);
 
 /**
+ * BudgetMeasure is what a budget counts.
+ *
+ * @generated from enum vaultguard.v1.BudgetMeasure
+ */
+export enum BudgetMeasure {
+  /**
+   * BUDGET_MEASURE_UNSPECIFIED is refused (INVALID_ARGUMENT).
+   *
+   * @generated from enum value: BUDGET_MEASURE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * BUDGET_MEASURE_COUNT counts requests: each one it applies to costs 1.
+   *
+   * @generated from enum value: BUDGET_MEASURE_COUNT = 1;
+   */
+  COUNT = 1,
+
+  /**
+   * BUDGET_MEASURE_SUM sums a numeric value of the request: a context
+   * attribute (`sum_attribute`, for example `amount`, or on Sign of a
+   * transaction `vg_tx_value`) or a field of its authorization details
+   * (`sum_detail_type` and `sum_detail_path`, for example
+   * `payment_initiation` and `instructedAmount.amount`, summed over every
+   * detail of the type).
+   *
+   * @generated from enum value: BUDGET_MEASURE_SUM = 2;
+   */
+  SUM = 2,
+}
+
+/**
+ * Describes the enum vaultguard.v1.BudgetMeasure.
+ */
+export const BudgetMeasureSchema: GenEnum<BudgetMeasure> = /*@__PURE__*/
+  enumDesc(file_vaultguard_v1_policy_service, 6);
+
+/**
  * PolicyService manages a tenant's delegation policy: the rules about what the
  * tenant RECEIVES (inbound) and what its own agents may ASK FOR (outbound), the
  * tenant's outbound default, and a side-effect-free dry run.
@@ -1520,6 +2082,73 @@ export const PolicyService: GenService<{
     methodKind: "unary";
     input: typeof UpdatePolicySettingsRequestSchema;
     output: typeof UpdatePolicySettingsResponseSchema;
+  },
+  /**
+   * CreateBudget adds a spend budget to the caller's tenant (see Budget) and
+   * bumps its policy version; audited as `budget.created`. Roles: ROLE_ADMIN.
+   * Errors: INVALID_ARGUMENT for any field that breaks the limits on Budget
+   * or sets an output-only field; ALREADY_EXISTS when the tenant already has
+   * a budget of this `name`.
+   *
+   * @generated from rpc vaultguard.v1.PolicyService.CreateBudget
+   */
+  createBudget: {
+    methodKind: "unary";
+    input: typeof CreateBudgetRequestSchema;
+    output: typeof CreateBudgetResponseSchema;
+  },
+  /**
+   * GetBudget returns one budget of the caller's tenant with its use now:
+   * `used`, `remaining` and `next_release_time`. Roles: ROLE_ADMIN,
+   * ROLE_AUDITOR. Errors: NOT_FOUND when the budget does not exist or
+   * belongs to another tenant.
+   *
+   * @generated from rpc vaultguard.v1.PolicyService.GetBudget
+   */
+  getBudget: {
+    methodKind: "unary";
+    input: typeof GetBudgetRequestSchema;
+    output: typeof GetBudgetResponseSchema;
+  },
+  /**
+   * ListBudgets lists the caller's tenant's budgets by name, each with its use
+   * now. Roles: ROLE_ADMIN, ROLE_AUDITOR. Errors: INVALID_ARGUMENT for a bad
+   * page token.
+   *
+   * @generated from rpc vaultguard.v1.PolicyService.ListBudgets
+   */
+  listBudgets: {
+    methodKind: "unary";
+    input: typeof ListBudgetsRequestSchema;
+    output: typeof ListBudgetsResponseSchema;
+  },
+  /**
+   * UpdateBudget changes a budget's limit, window, over-limit effect and
+   * description, guarded by its `version`, and bumps the tenant's policy
+   * version; audited as `budget.updated` with the old and new values. What
+   * was already charged stays charged. Roles: ROLE_ADMIN. Errors: NOT_FOUND;
+   * INVALID_ARGUMENT; FAILED_PRECONDITION with ERROR_REASON_INVALID_STATE
+   * (metadata `state` = "version_mismatch", `current_version`) when
+   * `expected_version` is stale.
+   *
+   * @generated from rpc vaultguard.v1.PolicyService.UpdateBudget
+   */
+  updateBudget: {
+    methodKind: "unary";
+    input: typeof UpdateBudgetRequestSchema;
+    output: typeof UpdateBudgetResponseSchema;
+  },
+  /**
+   * DeleteBudget removes a budget and its charges and bumps the tenant's
+   * policy version; audited as `budget.deleted`. Roles: ROLE_ADMIN. Errors:
+   * NOT_FOUND.
+   *
+   * @generated from rpc vaultguard.v1.PolicyService.DeleteBudget
+   */
+  deleteBudget: {
+    methodKind: "unary";
+    input: typeof DeleteBudgetRequestSchema;
+    output: typeof DeleteBudgetResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_vaultguard_v1_policy_service, 0);

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Actor, AttributeValue, PageRequest, PageResponse } from "./common_pb";
+import type { Actor, AttributeValue, AuthorizationDetail, PageRequest, PageResponse } from "./common_pb";
 import { file_vaultguard_v1_common } from "./common_pb";
 import type { PolicyDecision } from "./policy_service_pb";
 import { file_vaultguard_v1_policy_service } from "./policy_service_pb";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vaultguard/v1/vault_service.proto.
  */
 export const file_vaultguard_v1_vault_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF2YXVsdGd1YXJkL3YxL3ZhdWx0X3NlcnZpY2UucHJvdG8SDXZhdWx0Z3VhcmQudjEioAMKDU9BdXRoUHJvdmlkZXISCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIVCg1hdXRob3JpemVfdXJsGAMgASgJEhEKCXRva2VuX3VybBgEIAEoCRIWCg5yZXZvY2F0aW9uX3VybBgFIAEoCRIRCgljbGllbnRfaWQYBiABKAkSGQoRY2xpZW50X3NlY3JldF9zZXQYByABKAgSDgoGc2NvcGVzGAggAygJElYKFmV4dHJhX2F1dGhvcml6ZV9wYXJhbXMYCSADKAsyNi52YXVsdGd1YXJkLnYxLk9BdXRoUHJvdmlkZXIuRXh0cmFBdXRob3JpemVQYXJhbXNFbnRyeRIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjsKGUV4dHJhQXV0aG9yaXplUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASK4AwoKQ29ubmVjdGlvbhIKCgJpZBgBIAEoCRITCgtwcm92aWRlcl9pZBgCIAEoCRIvCgZzdGF0dXMYAyABKA4yHy52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb25TdGF0dXMSGAoQcmVxdWVzdGVkX3Njb3BlcxgEIAMoCRIWCg5ncmFudGVkX3Njb3BlcxgFIAMoCRIYChBleHRlcm5hbF9zdWJqZWN0GAYgASgJEi8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb25uZWN0X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjUKEWxhc3RfcmVmcmVzaF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoMY29ubmVjdGVkX2J5GAsgASgLMhQudmF1bHRndWFyZC52MS5BY3RvchIVCg1zdGF0dXNfcmVhc29uGAwgASgJIrQDCgpTaWduaW5nS2V5EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSLgoJYWxnb3JpdGhtGAMgASgOMhsudmF1bHRndWFyZC52MS5LZXlBbGdvcml0aG0SLQoFc3RhdGUYBCABKA4yHi52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXlTdGF0ZRISCgpwdWJsaWNfa2V5GAUgASgMEhYKDnB1YmxpY19rZXlfcGVtGAYgASgJEhYKDnB1YmxpY19rZXlfandrGAcgASgJEhgKEGV0aGVyZXVtX2FkZHJlc3MYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEioKDGNyZWF0ZV9hY3RvchgLIAEoCzIULnZhdWx0Z3VhcmQudjEuQWN0b3ISMAoMZGlzYWJsZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCg1kaXNhYmxlX2FjdG9yGA0gASgLMhQudmF1bHRndWFyZC52MS5BY3RvciLIAgoaQ3JlYXRlT0F1dGhQcm92aWRlclJlcXVlc3QSDAoEbmFtZRgBIAEoCRIVCg1hdXRob3JpemVfdXJsGAIgASgJEhEKCXRva2VuX3VybBgDIAEoCRIWCg5yZXZvY2F0aW9uX3VybBgEIAEoCRIRCgljbGllbnRfaWQYBSABKAkSFQoNY2xpZW50X3NlY3JldBgGIAEoCRIOCgZzY29wZXMYByADKAkSYwoWZXh0cmFfYXV0aG9yaXplX3BhcmFtcxgIIAMoCzJDLnZhdWx0Z3VhcmQudjEuQ3JlYXRlT0F1dGhQcm92aWRlclJlcXVlc3QuRXh0cmFBdXRob3JpemVQYXJhbXNFbnRyeRo7ChlFeHRyYUF1dGhvcml6ZVBhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQobQ3JlYXRlT0F1dGhQcm92aWRlclJlc3BvbnNlEi4KCHByb3ZpZGVyGAEgASgLMhwudmF1bHRndWFyZC52MS5PQXV0aFByb3ZpZGVyIi4KF0dldE9BdXRoUHJvdmlkZXJSZXF1ZXN0EhMKC3Byb3ZpZGVyX2lkGAEgASgJIkoKGEdldE9BdXRoUHJvdmlkZXJSZXNwb25zZRIuCghwcm92aWRlchgBIAEoCzIcLnZhdWx0Z3VhcmQudjEuT0F1dGhQcm92aWRlciJFChlMaXN0T0F1dGhQcm92aWRlcnNSZXF1ZXN0EigKBHBhZ2UYASABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0IngKGkxpc3RPQXV0aFByb3ZpZGVyc1Jlc3BvbnNlEi8KCXByb3ZpZGVycxgBIAMoCzIcLnZhdWx0Z3VhcmQudjEuT0F1dGhQcm92aWRlchIpCgRwYWdlGAIgASgLMhsudmF1bHRndWFyZC52MS5QYWdlUmVzcG9uc2Ui7AIKGlVwZGF0ZU9BdXRoUHJvdmlkZXJSZXF1ZXN0EhMKC3Byb3ZpZGVyX2lkGAEgASgJEhUKDWF1dGhvcml6ZV91cmwYAiABKAkSEQoJdG9rZW5fdXJsGAMgASgJEhYKDnJldm9jYXRpb25fdXJsGAQgASgJEhEKCWNsaWVudF9pZBgFIAEoCRIVCg1jbGllbnRfc2VjcmV0GAYgASgJEhsKE2NsZWFyX2NsaWVudF9zZWNyZXQYByABKAgSDgoGc2NvcGVzGAggAygJEmMKFmV4dHJhX2F1dGhvcml6ZV9wYXJhbXMYCSADKAsyQy52YXVsdGd1YXJkLnYxLlVwZGF0ZU9BdXRoUHJvdmlkZXJSZXF1ZXN0LkV4dHJhQXV0aG9yaXplUGFyYW1zRW50cnkaOwoZRXh0cmFBdXRob3JpemVQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KG1VwZGF0ZU9BdXRoUHJvdmlkZXJSZXNwb25zZRIuCghwcm92aWRlchgBIAEoCzIcLnZhdWx0Z3VhcmQudjEuT0F1dGhQcm92aWRlciIxChpEZWxldGVPQXV0aFByb3ZpZGVyUmVxdWVzdBITCgtwcm92aWRlcl9pZBgBIAEoCSIdChtEZWxldGVPQXV0aFByb3ZpZGVyUmVzcG9uc2UiaAoWU3RhcnRDb25uZWN0aW9uUmVxdWVzdBITCgtwcm92aWRlcl9pZBgBIAEoCRIOCgZzY29wZXMYAiADKAkSFQoNY29ubmVjdGlvbl9pZBgDIAEoCRISCgpyZXR1cm5fdXJsGAQgASgJIpABChdTdGFydENvbm5lY3Rpb25SZXNwb25zZRItCgpjb25uZWN0aW9uGAEgASgLMhkudmF1bHRndWFyZC52MS5Db25uZWN0aW9uEhUKDWF1dGhvcml6ZV91cmwYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIi0KFEdldENvbm5lY3Rpb25SZXF1ZXN0EhUKDWNvbm5lY3Rpb25faWQYASABKAkiRgoVR2V0Q29ubmVjdGlvblJlc3BvbnNlEi0KCmNvbm5lY3Rpb24YASABKAsyGS52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb24iiAEKFkxpc3RDb25uZWN0aW9uc1JlcXVlc3QSEwoLcHJvdmlkZXJfaWQYASABKAkSLwoGc3RhdHVzGAIgASgOMh8udmF1bHRndWFyZC52MS5Db25uZWN0aW9uU3RhdHVzEigKBHBhZ2UYAyABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0InQKF0xpc3RDb25uZWN0aW9uc1Jlc3BvbnNlEi4KC2Nvbm5lY3Rpb25zGAEgAygLMhkudmF1bHRndWFyZC52MS5Db25uZWN0aW9uEikKBHBhZ2UYAiABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSIwChdEZWxldGVDb25uZWN0aW9uUmVxdWVzdBIVCg1jb25uZWN0aW9uX2lkGAEgASgJImYKGERlbGV0ZUNvbm5lY3Rpb25SZXNwb25zZRItCgpjb25uZWN0aW9uGAEgASgLMhkudmF1bHRndWFyZC52MS5Db25uZWN0aW9uEhsKE3Jldm9rZWRfYXRfcHJvdmlkZXIYAiABKAgihAEKFEV4Y2hhbmdlVG9rZW5SZXF1ZXN0EhIKCmdyYW50X3R5cGUYASABKAkSFQoNc3ViamVjdF90b2tlbhgCIAEoCRIaChJzdWJqZWN0X3Rva2VuX3R5cGUYAyABKAkSFQoNY29ubmVjdGlvbl9pZBgEIAEoCRIOCgZzY29wZXMYBSADKAkifwoVRXhjaGFuZ2VUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIZChFpc3N1ZWRfdG9rZW5fdHlwZRgCIAEoCRISCgp0b2tlbl90eXBlGAMgASgJEhIKCmV4cGlyZXNfaW4YBCABKA0SDQoFc2NvcGUYBSABKAkibAoXQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIuCglhbGdvcml0aG0YAiABKA4yGy52YXVsdGd1YXJkLnYxLktleUFsZ29yaXRobRITCgtkZXNjcmlwdGlvbhgDIAEoCSJCChhDcmVhdGVTaWduaW5nS2V5UmVzcG9uc2USJgoDa2V5GAEgASgLMhkudmF1bHRndWFyZC52MS5TaWduaW5nS2V5IiYKFEdldFNpZ25pbmdLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCSI/ChVHZXRTaWduaW5nS2V5UmVzcG9uc2USJgoDa2V5GAEgASgLMhkudmF1bHRndWFyZC52MS5TaWduaW5nS2V5InEKFkxpc3RTaWduaW5nS2V5c1JlcXVlc3QSLQoFc3RhdGUYASABKA4yHi52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXlTdGF0ZRIoCgRwYWdlGAIgASgLMhoudmF1bHRndWFyZC52MS5QYWdlUmVxdWVzdCJtChdMaXN0U2lnbmluZ0tleXNSZXNwb25zZRInCgRrZXlzGAEgAygLMhkudmF1bHRndWFyZC52MS5TaWduaW5nS2V5EikKBHBhZ2UYAiABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSI6ChhEaXNhYmxlU2lnbmluZ0tleVJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJDChlEaXNhYmxlU2lnbmluZ0tleVJlc3BvbnNlEiYKA2tleRgBIAEoCzIZLnZhdWx0Z3VhcmQudjEuU2lnbmluZ0tleSJJCgtTaWduTWVzc2FnZRIMCgRkYXRhGAEgASgMEiwKBnNjaGVtZRgCIAEoDjIcLnZhdWx0Z3VhcmQudjEuU2lnbmluZ1NjaGVtZSKkAgoLU2lnblJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEhAKBmRpZ2VzdBgCIAEoDEgAEi0KB21lc3NhZ2UYAyABKAsyGi52YXVsdGd1YXJkLnYxLlNpZ25NZXNzYWdlSAASOAoHY29udGV4dBgEIAMoCzInLnZhdWx0Z3VhcmQudjEuU2lnblJlcXVlc3QuQ29udGV4dEVudHJ5EhcKD2lkZW1wb3RlbmN5X2tleRgFIAEoCRIXCg9iaW5kaW5nX21lc3NhZ2UYBiABKAkaTQoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRIsCgV2YWx1ZRgCIAEoCzIdLnZhdWx0Z3VhcmQudjEuQXR0cmlidXRlVmFsdWU6AjgBQgkKB3BheWxvYWQiwwEKDVNpZ25lZFBheWxvYWQSDgoGa2V5X2lkGAEgASgJEhEKCXNpZ25hdHVyZRgCIAEoDBIJCgFyGAMgASgMEgkKAXMYBCABKAwSCQoBdhgFIAEoDRITCgtyZWNvdmVyeV9pZBgGIAEoDRIUCgxwYXlsb2FkX2hhc2gYByABKAwSLQoJc2lnbl90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxzaWduYXR1cmVfaWQYCSABKAkiXgoKU2lnblN0ZXBVcBITCgthdXRoX3JlcV9pZBgBIAEoCRISCgpleHBpcmVzX2luGAIgASgNEhAKCGludGVydmFsGAMgASgNEhUKDWRlbGVnYXRpb25faWQYBCABKAkiqAEKDFNpZ25SZXNwb25zZRIvCghkZWNpc2lvbhgBIAEoCzIdLnZhdWx0Z3VhcmQudjEuUG9saWN5RGVjaXNpb24SLgoGc2lnbmVkGAIgASgLMhwudmF1bHRndWFyZC52MS5TaWduZWRQYXlsb2FkSAASLAoHc3RlcF91cBgDIAEoCzIZLnZhdWx0Z3VhcmQudjEuU2lnblN0ZXBVcEgAQgkKB291dGNvbWUihAEKDVZhdWx0U2V0dGluZ3MSFgoOcmV0dXJuX29yaWdpbnMYASADKAkSLwoLdXBkYXRlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEioKDHVwZGF0ZV9hY3RvchgDIAEoCzIULnZhdWx0Z3VhcmQudjEuQWN0b3IiGQoXR2V0VmF1bHRTZXR0aW5nc1JlcXVlc3QiSgoYR2V0VmF1bHRTZXR0aW5nc1Jlc3BvbnNlEi4KCHNldHRpbmdzGAEgASgLMhwudmF1bHRndWFyZC52MS5WYXVsdFNldHRpbmdzIjQKGlVwZGF0ZVZhdWx0U2V0dGluZ3NSZXF1ZXN0EhYKDnJldHVybl9vcmlnaW5zGAEgAygJIk0KG1VwZGF0ZVZhdWx0U2V0dGluZ3NSZXNwb25zZRIuCghzZXR0aW5ncxgBIAEoCzIcLnZhdWx0Z3VhcmQudjEuVmF1bHRTZXR0aW5ncyq9AQoQQ29ubmVjdGlvblN0YXR1cxIhCh1DT05ORUNUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEh0KGUNPTk5FQ1RJT05fU1RBVFVTX1BFTkRJTkcQARIfChtDT05ORUNUSU9OX1NUQVRVU19DT05ORUNURUQQAhIiCh5DT05ORUNUSU9OX1NUQVRVU19ORUVEU19SRUFVVEgQAxIiCh5DT05ORUNUSU9OX1NUQVRVU19ESVNDT05ORUNURUQQBCp9CgxLZXlBbGdvcml0aG0SHQoZS0VZX0FMR09SSVRITV9VTlNQRUNJRklFRBAAEhkKFUtFWV9BTEdPUklUSE1fRUQyNTUxORABEhsKF0tFWV9BTEdPUklUSE1fU0VDUDI1NksxEAISFgoSS0VZX0FMR09SSVRITV9QMjU2EAMqcwoPU2lnbmluZ0tleVN0YXRlEiEKHVNJR05JTkdfS0VZX1NUQVRFX1VOU1BFQ0lGSUVEEAASHQoZU0lHTklOR19LRVlfU1RBVEVfRU5BQkxFRBABEh4KGlNJR05JTkdfS0VZX1NUQVRFX0RJU0FCTEVEEAIqmAEKDVNpZ25pbmdTY2hlbWUSHgoaU0lHTklOR19TQ0hFTUVfVU5TUEVDSUZJRUQQABIdChlTSUdOSU5HX1NDSEVNRV9SQVdfU0hBMjU2EAESJwojU0lHTklOR19TQ0hFTUVfRUlQMTkxX1BFUlNPTkFMX1NJR04QAhIfChtTSUdOSU5HX1NDSEVNRV9FRDI1NTE5X1BVUkUQAzKoDQoMVmF1bHRTZXJ2aWNlEmwKE0NyZWF0ZU9BdXRoUHJvdmlkZXISKS52YXVsdGd1YXJkLnYxLkNyZWF0ZU9BdXRoUHJvdmlkZXJSZXF1ZXN0GioudmF1bHRndWFyZC52MS5DcmVhdGVPQXV0aFByb3ZpZGVyUmVzcG9uc2USYwoQR2V0T0F1dGhQcm92aWRlchImLnZhdWx0Z3VhcmQudjEuR2V0T0F1dGhQcm92aWRlclJlcXVlc3QaJy52YXVsdGd1YXJkLnYxLkdldE9BdXRoUHJvdmlkZXJSZXNwb25zZRJpChJMaXN0T0F1dGhQcm92aWRlcnMSKC52YXVsdGd1YXJkLnYxLkxpc3RPQXV0aFByb3ZpZGVyc1JlcXVlc3QaKS52YXVsdGd1YXJkLnYxLkxpc3RPQXV0aFByb3ZpZGVyc1Jlc3BvbnNlEmwKE1VwZGF0ZU9BdXRoUHJvdmlkZXISKS52YXVsdGd1YXJkLnYxLlVwZGF0ZU9BdXRoUHJvdmlkZXJSZXF1ZXN0GioudmF1bHRndWFyZC52MS5VcGRhdGVPQXV0aFByb3ZpZGVyUmVzcG9uc2USbAoTRGVsZXRlT0F1dGhQcm92aWRlchIpLnZhdWx0Z3VhcmQudjEuRGVsZXRlT0F1dGhQcm92aWRlclJlcXVlc3QaKi52YXVsdGd1YXJkLnYxLkRlbGV0ZU9BdXRoUHJvdmlkZXJSZXNwb25zZRJgCg9TdGFydENvbm5lY3Rpb24SJS52YXVsdGd1YXJkLnYxLlN0YXJ0Q29ubmVjdGlvblJlcXVlc3QaJi52YXVsdGd1YXJkLnYxLlN0YXJ0Q29ubmVjdGlvblJlc3BvbnNlEloKDUdldENvbm5lY3Rpb24SIy52YXVsdGd1YXJkLnYxLkdldENvbm5lY3Rpb25SZXF1ZXN0GiQudmF1bHRndWFyZC52MS5HZXRDb25uZWN0aW9uUmVzcG9uc2USYAoPTGlzdENvbm5lY3Rpb25zEiUudmF1bHRndWFyZC52MS5MaXN0Q29ubmVjdGlvbnNSZXF1ZXN0GiYudmF1bHRndWFyZC52MS5MaXN0Q29ubmVjdGlvbnNSZXNwb25zZRJjChBEZWxldGVDb25uZWN0aW9uEiYudmF1bHRndWFyZC52MS5EZWxldGVDb25uZWN0aW9uUmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuRGVsZXRlQ29ubmVjdGlvblJlc3BvbnNlEloKDUV4Y2hhbmdlVG9rZW4SIy52YXVsdGd1YXJkLnYxLkV4Y2hhbmdlVG9rZW5SZXF1ZXN0GiQudmF1bHRndWFyZC52MS5FeGNoYW5nZVRva2VuUmVzcG9uc2USYwoQQ3JlYXRlU2lnbmluZ0tleRImLnZhdWx0Z3VhcmQudjEuQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QaJy52YXVsdGd1YXJkLnYxLkNyZWF0ZVNpZ25pbmdLZXlSZXNwb25zZRJaCg1HZXRTaWduaW5nS2V5EiMudmF1bHRndWFyZC52MS5HZXRTaWduaW5nS2V5UmVxdWVzdBokLnZhdWx0Z3VhcmQudjEuR2V0U2lnbmluZ0tleVJlc3BvbnNlEmAKD0xpc3RTaWduaW5nS2V5cxIlLnZhdWx0Z3VhcmQudjEuTGlzdFNpZ25pbmdLZXlzUmVxdWVzdBomLnZhdWx0Z3VhcmQudjEuTGlzdFNpZ25pbmdLZXlzUmVzcG9uc2USZgoRRGlzYWJsZVNpZ25pbmdLZXkSJy52YXVsdGd1YXJkLnYxLkRpc2FibGVTaWduaW5nS2V5UmVxdWVzdBooLnZhdWx0Z3VhcmQudjEuRGlzYWJsZVNpZ25pbmdLZXlSZXNwb25zZRI/CgRTaWduEhoudmF1bHRndWFyZC52MS5TaWduUmVxdWVzdBobLnZhdWx0Z3VhcmQudjEuU2lnblJlc3BvbnNlEmMKEEdldFZhdWx0U2V0dGluZ3MSJi52YXVsdGd1YXJkLnYxLkdldFZhdWx0U2V0dGluZ3NSZXF1ZXN0GicudmF1bHRndWFyZC52MS5HZXRWYXVsdFNldHRpbmdzUmVzcG9uc2USbAoTVXBkYXRlVmF1bHRTZXR0aW5ncxIpLnZhdWx0Z3VhcmQudjEuVXBkYXRlVmF1bHRTZXR0aW5nc1JlcXVlc3QaKi52YXVsdGd1YXJkLnYxLlVwZGF0ZVZhdWx0U2V0dGluZ3NSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_vaultguard_v1_common, file_vaultguard_v1_policy_service]);
+  fileDesc("CiF2YXVsdGd1YXJkL3YxL3ZhdWx0X3NlcnZpY2UucHJvdG8SDXZhdWx0Z3VhcmQudjEioAMKDU9BdXRoUHJvdmlkZXISCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIVCg1hdXRob3JpemVfdXJsGAMgASgJEhEKCXRva2VuX3VybBgEIAEoCRIWCg5yZXZvY2F0aW9uX3VybBgFIAEoCRIRCgljbGllbnRfaWQYBiABKAkSGQoRY2xpZW50X3NlY3JldF9zZXQYByABKAgSDgoGc2NvcGVzGAggAygJElYKFmV4dHJhX2F1dGhvcml6ZV9wYXJhbXMYCSADKAsyNi52YXVsdGd1YXJkLnYxLk9BdXRoUHJvdmlkZXIuRXh0cmFBdXRob3JpemVQYXJhbXNFbnRyeRIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjsKGUV4dHJhQXV0aG9yaXplUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASK4AwoKQ29ubmVjdGlvbhIKCgJpZBgBIAEoCRITCgtwcm92aWRlcl9pZBgCIAEoCRIvCgZzdGF0dXMYAyABKA4yHy52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb25TdGF0dXMSGAoQcmVxdWVzdGVkX3Njb3BlcxgEIAMoCRIWCg5ncmFudGVkX3Njb3BlcxgFIAMoCRIYChBleHRlcm5hbF9zdWJqZWN0GAYgASgJEi8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb25uZWN0X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjUKEWxhc3RfcmVmcmVzaF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoMY29ubmVjdGVkX2J5GAsgASgLMhQudmF1bHRndWFyZC52MS5BY3RvchIVCg1zdGF0dXNfcmVhc29uGAwgASgJItQDCgpTaWduaW5nS2V5EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSLgoJYWxnb3JpdGhtGAMgASgOMhsudmF1bHRndWFyZC52MS5LZXlBbGdvcml0aG0SLQoFc3RhdGUYBCABKA4yHi52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXlTdGF0ZRISCgpwdWJsaWNfa2V5GAUgASgMEhYKDnB1YmxpY19rZXlfcGVtGAYgASgJEhYKDnB1YmxpY19rZXlfandrGAcgASgJEhgKEGV0aGVyZXVtX2FkZHJlc3MYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEioKDGNyZWF0ZV9hY3RvchgLIAEoCzIULnZhdWx0Z3VhcmQudjEuQWN0b3ISMAoMZGlzYWJsZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCg1kaXNhYmxlX2FjdG9yGA0gASgLMhQudmF1bHRndWFyZC52MS5BY3RvchIeChZkaXNhYmxlX2RpZ2VzdF9zaWduaW5nGA4gASgIIsgCChpDcmVhdGVPQXV0aFByb3ZpZGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEhUKDWF1dGhvcml6ZV91cmwYAiABKAkSEQoJdG9rZW5fdXJsGAMgASgJEhYKDnJldm9jYXRpb25fdXJsGAQgASgJEhEKCWNsaWVudF9pZBgFIAEoCRIVCg1jbGllbnRfc2VjcmV0GAYgASgJEg4KBnNjb3BlcxgHIAMoCRJjChZleHRyYV9hdXRob3JpemVfcGFyYW1zGAggAygLMkMudmF1bHRndWFyZC52MS5DcmVhdGVPQXV0aFByb3ZpZGVyUmVxdWVzdC5FeHRyYUF1dGhvcml6ZVBhcmFtc0VudHJ5GjsKGUV4dHJhQXV0aG9yaXplUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJNChtDcmVhdGVPQXV0aFByb3ZpZGVyUmVzcG9uc2USLgoIcHJvdmlkZXIYASABKAsyHC52YXVsdGd1YXJkLnYxLk9BdXRoUHJvdmlkZXIiLgoXR2V0T0F1dGhQcm92aWRlclJlcXVlc3QSEwoLcHJvdmlkZXJfaWQYASABKAkiSgoYR2V0T0F1dGhQcm92aWRlclJlc3BvbnNlEi4KCHByb3ZpZGVyGAEgASgLMhwudmF1bHRndWFyZC52MS5PQXV0aFByb3ZpZGVyIkUKGUxpc3RPQXV0aFByb3ZpZGVyc1JlcXVlc3QSKAoEcGFnZRgBIAEoCzIaLnZhdWx0Z3VhcmQudjEuUGFnZVJlcXVlc3QieAoaTGlzdE9BdXRoUHJvdmlkZXJzUmVzcG9uc2USLwoJcHJvdmlkZXJzGAEgAygLMhwudmF1bHRndWFyZC52MS5PQXV0aFByb3ZpZGVyEikKBHBhZ2UYAiABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSLsAgoaVXBkYXRlT0F1dGhQcm92aWRlclJlcXVlc3QSEwoLcHJvdmlkZXJfaWQYASABKAkSFQoNYXV0aG9yaXplX3VybBgCIAEoCRIRCgl0b2tlbl91cmwYAyABKAkSFgoOcmV2b2NhdGlvbl91cmwYBCABKAkSEQoJY2xpZW50X2lkGAUgASgJEhUKDWNsaWVudF9zZWNyZXQYBiABKAkSGwoTY2xlYXJfY2xpZW50X3NlY3JldBgHIAEoCBIOCgZzY29wZXMYCCADKAkSYwoWZXh0cmFfYXV0aG9yaXplX3BhcmFtcxgJIAMoCzJDLnZhdWx0Z3VhcmQudjEuVXBkYXRlT0F1dGhQcm92aWRlclJlcXVlc3QuRXh0cmFBdXRob3JpemVQYXJhbXNFbnRyeRo7ChlFeHRyYUF1dGhvcml6ZVBhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQobVXBkYXRlT0F1dGhQcm92aWRlclJlc3BvbnNlEi4KCHByb3ZpZGVyGAEgASgLMhwudmF1bHRndWFyZC52MS5PQXV0aFByb3ZpZGVyIjEKGkRlbGV0ZU9BdXRoUHJvdmlkZXJSZXF1ZXN0EhMKC3Byb3ZpZGVyX2lkGAEgASgJIh0KG0RlbGV0ZU9BdXRoUHJvdmlkZXJSZXNwb25zZSJoChZTdGFydENvbm5lY3Rpb25SZXF1ZXN0EhMKC3Byb3ZpZGVyX2lkGAEgASgJEg4KBnNjb3BlcxgCIAMoCRIVCg1jb25uZWN0aW9uX2lkGAMgASgJEhIKCnJldHVybl91cmwYBCABKAkikAEKF1N0YXJ0Q29ubmVjdGlvblJlc3BvbnNlEi0KCmNvbm5lY3Rpb24YASABKAsyGS52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb24SFQoNYXV0aG9yaXplX3VybBgCIAEoCRIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiLQoUR2V0Q29ubmVjdGlvblJlcXVlc3QSFQoNY29ubmVjdGlvbl9pZBgBIAEoCSJGChVHZXRDb25uZWN0aW9uUmVzcG9uc2USLQoKY29ubmVjdGlvbhgBIAEoCzIZLnZhdWx0Z3VhcmQudjEuQ29ubmVjdGlvbiKIAQoWTGlzdENvbm5lY3Rpb25zUmVxdWVzdBITCgtwcm92aWRlcl9pZBgBIAEoCRIvCgZzdGF0dXMYAiABKA4yHy52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb25TdGF0dXMSKAoEcGFnZRgDIAEoCzIaLnZhdWx0Z3VhcmQudjEuUGFnZVJlcXVlc3QidAoXTGlzdENvbm5lY3Rpb25zUmVzcG9uc2USLgoLY29ubmVjdGlvbnMYASADKAsyGS52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb24SKQoEcGFnZRgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuUGFnZVJlc3BvbnNlIjAKF0RlbGV0ZUNvbm5lY3Rpb25SZXF1ZXN0EhUKDWNvbm5lY3Rpb25faWQYASABKAkiZgoYRGVsZXRlQ29ubmVjdGlvblJlc3BvbnNlEi0KCmNvbm5lY3Rpb24YASABKAsyGS52YXVsdGd1YXJkLnYxLkNvbm5lY3Rpb24SGwoTcmV2b2tlZF9hdF9wcm92aWRlchgCIAEoCCKEAQoURXhjaGFuZ2VUb2tlblJlcXVlc3QSEgoKZ3JhbnRfdHlwZRgBIAEoCRIVCg1zdWJqZWN0X3Rva2VuGAIgASgJEhoKEnN1YmplY3RfdG9rZW5fdHlwZRgDIAEoCRIVCg1jb25uZWN0aW9uX2lkGAQgASgJEg4KBnNjb3BlcxgFIAMoCSJ/ChVFeGNoYW5nZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhkKEWlzc3VlZF90b2tlbl90eXBlGAIgASgJEhIKCnRva2VuX3R5cGUYAyABKAkSEgoKZXhwaXJlc19pbhgEIAEoDRINCgVzY29wZRgFIAEoCSKMAQoXQ3JlYXRlU2lnbmluZ0tleVJlcXVlc3QSDAoEbmFtZRgBIAEoCRIuCglhbGdvcml0aG0YAiABKA4yGy52YXVsdGd1YXJkLnYxLktleUFsZ29yaXRobRITCgtkZXNjcmlwdGlvbhgDIAEoCRIeChZkaXNhYmxlX2RpZ2VzdF9zaWduaW5nGAQgASgIIkIKGENyZWF0ZVNpZ25pbmdLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXkiJgoUR2V0U2lnbmluZ0tleVJlcXVlc3QSDgoGa2V5X2lkGAEgASgJIj8KFUdldFNpZ25pbmdLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXkicQoWTGlzdFNpZ25pbmdLZXlzUmVxdWVzdBItCgVzdGF0ZRgBIAEoDjIeLnZhdWx0Z3VhcmQudjEuU2lnbmluZ0tleVN0YXRlEigKBHBhZ2UYAiABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0Im0KF0xpc3RTaWduaW5nS2V5c1Jlc3BvbnNlEicKBGtleXMYASADKAsyGS52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXkSKQoEcGFnZRgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuUGFnZVJlc3BvbnNlInkKF1VwZGF0ZVNpZ25pbmdLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIjChZkaXNhYmxlX2RpZ2VzdF9zaWduaW5nGAIgASgISACIAQESDgoGcmVhc29uGAMgASgJQhkKF19kaXNhYmxlX2RpZ2VzdF9zaWduaW5nIkIKGFVwZGF0ZVNpZ25pbmdLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXkiOgoYRGlzYWJsZVNpZ25pbmdLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiQwoZRGlzYWJsZVNpZ25pbmdLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS52YXVsdGd1YXJkLnYxLlNpZ25pbmdLZXkiSQoLU2lnbk1lc3NhZ2USDAoEZGF0YRgBIAEoDBIsCgZzY2hlbWUYAiABKA4yHC52YXVsdGd1YXJkLnYxLlNpZ25pbmdTY2hlbWUinQMKC1NpZ25SZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIQCgZkaWdlc3QYAiABKAxIABItCgdtZXNzYWdlGAMgASgLMhoudmF1bHRndWFyZC52MS5TaWduTWVzc2FnZUgAEh4KFGV0aGVyZXVtX3RyYW5zYWN0aW9uGAcgASgMSAASFAoKdHlwZWRfZGF0YRgIIAEoCUgAEjgKB2NvbnRleHQYBCADKAsyJy52YXVsdGd1YXJkLnYxLlNpZ25SZXF1ZXN0LkNvbnRleHRFbnRyeRIXCg9pZGVtcG90ZW5jeV9rZXkYBSABKAkSFwoPYmluZGluZ19tZXNzYWdlGAYgASgJEkEKFWF1dGhvcml6YXRpb25fZGV0YWlscxgJIAMoCzIiLnZhdWx0Z3VhcmQudjEuQXV0aG9yaXphdGlvbkRldGFpbBpNCgxDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEiwKBXZhbHVlGAIgASgLMh0udmF1bHRndWFyZC52MS5BdHRyaWJ1dGVWYWx1ZToCOAFCCQoHcGF5bG9hZCL5AQoNU2lnbmVkUGF5bG9hZBIOCgZrZXlfaWQYASABKAkSEQoJc2lnbmF0dXJlGAIgASgMEgkKAXIYAyABKAwSCQoBcxgEIAEoDBIJCgF2GAUgASgNEhMKC3JlY292ZXJ5X2lkGAYgASgNEhQKDHBheWxvYWRfaGFzaBgHIAEoDBItCglzaWduX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHNpZ25hdHVyZV9pZBgJIAEoCRIaChJzaWduZWRfdHJhbnNhY3Rpb24YCiABKAwSGAoQdHJhbnNhY3Rpb25faGFzaBgLIAEoDCJeCgpTaWduU3RlcFVwEhMKC2F1dGhfcmVxX2lkGAEgASgJEhIKCmV4cGlyZXNfaW4YAiABKA0SEAoIaW50ZXJ2YWwYAyABKA0SFQoNZGVsZWdhdGlvbl9pZBgEIAEoCSKoAQoMU2lnblJlc3BvbnNlEi8KCGRlY2lzaW9uGAEgASgLMh0udmF1bHRndWFyZC52MS5Qb2xpY3lEZWNpc2lvbhIuCgZzaWduZWQYAiABKAsyHC52YXVsdGd1YXJkLnYxLlNpZ25lZFBheWxvYWRIABIsCgdzdGVwX3VwGAMgASgLMhkudmF1bHRndWFyZC52MS5TaWduU3RlcFVwSABCCQoHb3V0Y29tZSKEAQoNVmF1bHRTZXR0aW5ncxIWCg5yZXR1cm5fb3JpZ2lucxgBIAMoCRIvCgt1cGRhdGVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoMdXBkYXRlX2FjdG9yGAMgASgLMhQudmF1bHRndWFyZC52MS5BY3RvciIZChdHZXRWYXVsdFNldHRpbmdzUmVxdWVzdCJKChhHZXRWYXVsdFNldHRpbmdzUmVzcG9uc2USLgoIc2V0dGluZ3MYASABKAsyHC52YXVsdGd1YXJkLnYxLlZhdWx0U2V0dGluZ3MiNAoaVXBkYXRlVmF1bHRTZXR0aW5nc1JlcXVlc3QSFgoOcmV0dXJuX29yaWdpbnMYASADKAkiTQobVXBkYXRlVmF1bHRTZXR0aW5nc1Jlc3BvbnNlEi4KCHNldHRpbmdzGAEgASgLMhwudmF1bHRndWFyZC52MS5WYXVsdFNldHRpbmdzKr0BChBDb25uZWN0aW9uU3RhdHVzEiEKHUNPTk5FQ1RJT05fU1RBVFVTX1VOU1BFQ0lGSUVEEAASHQoZQ09OTkVDVElPTl9TVEFUVVNfUEVORElORxABEh8KG0NPTk5FQ1RJT05fU1RBVFVTX0NPTk5FQ1RFRBACEiIKHkNPTk5FQ1RJT05fU1RBVFVTX05FRURTX1JFQVVUSBADEiIKHkNPTk5FQ1RJT05fU1RBVFVTX0RJU0NPTk5FQ1RFRBAEKn0KDEtleUFsZ29yaXRobRIdChlLRVlfQUxHT1JJVEhNX1VOU1BFQ0lGSUVEEAASGQoVS0VZX0FMR09SSVRITV9FRDI1NTE5EAESGwoXS0VZX0FMR09SSVRITV9TRUNQMjU2SzEQAhIWChJLRVlfQUxHT1JJVEhNX1AyNTYQAypzCg9TaWduaW5nS2V5U3RhdGUSIQodU0lHTklOR19LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIdChlTSUdOSU5HX0tFWV9TVEFURV9FTkFCTEVEEAESHgoaU0lHTklOR19LRVlfU1RBVEVfRElTQUJMRUQQAiqYAQoNU2lnbmluZ1NjaGVtZRIeChpTSUdOSU5HX1NDSEVNRV9VTlNQRUNJRklFRBAAEh0KGVNJR05JTkdfU0NIRU1FX1JBV19TSEEyNTYQARInCiNTSUdOSU5HX1NDSEVNRV9FSVAxOTFfUEVSU09OQUxfU0lHThACEh8KG1NJR05JTkdfU0NIRU1FX0VEMjU1MTlfUFVSRRADMo0OCgxWYXVsdFNlcnZpY2USbAoTQ3JlYXRlT0F1dGhQcm92aWRlchIpLnZhdWx0Z3VhcmQudjEuQ3JlYXRlT0F1dGhQcm92aWRlclJlcXVlc3QaKi52YXVsdGd1YXJkLnYxLkNyZWF0ZU9BdXRoUHJvdmlkZXJSZXNwb25zZRJjChBHZXRPQXV0aFByb3ZpZGVyEiYudmF1bHRndWFyZC52MS5HZXRPQXV0aFByb3ZpZGVyUmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuR2V0T0F1dGhQcm92aWRlclJlc3BvbnNlEmkKEkxpc3RPQXV0aFByb3ZpZGVycxIoLnZhdWx0Z3VhcmQudjEuTGlzdE9BdXRoUHJvdmlkZXJzUmVxdWVzdBopLnZhdWx0Z3VhcmQudjEuTGlzdE9BdXRoUHJvdmlkZXJzUmVzcG9uc2USbAoTVXBkYXRlT0F1dGhQcm92aWRlchIpLnZhdWx0Z3VhcmQudjEuVXBkYXRlT0F1dGhQcm92aWRlclJlcXVlc3QaKi52YXVsdGd1YXJkLnYxLlVwZGF0ZU9BdXRoUHJvdmlkZXJSZXNwb25zZRJsChNEZWxldGVPQXV0aFByb3ZpZGVyEikudmF1bHRndWFyZC52MS5EZWxldGVPQXV0aFByb3ZpZGVyUmVxdWVzdBoqLnZhdWx0Z3VhcmQudjEuRGVsZXRlT0F1dGhQcm92aWRlclJlc3BvbnNlEmAKD1N0YXJ0Q29ubmVjdGlvbhIlLnZhdWx0Z3VhcmQudjEuU3RhcnRDb25uZWN0aW9uUmVxdWVzdBomLnZhdWx0Z3VhcmQudjEuU3RhcnRDb25uZWN0aW9uUmVzcG9uc2USWgoNR2V0Q29ubmVjdGlvbhIjLnZhdWx0Z3VhcmQudjEuR2V0Q29ubmVjdGlvblJlcXVlc3QaJC52YXVsdGd1YXJkLnYxLkdldENvbm5lY3Rpb25SZXNwb25zZRJgCg9MaXN0Q29ubmVjdGlvbnMSJS52YXVsdGd1YXJkLnYxLkxpc3RDb25uZWN0aW9uc1JlcXVlc3QaJi52YXVsdGd1YXJkLnYxLkxpc3RDb25uZWN0aW9uc1Jlc3BvbnNlEmMKEERlbGV0ZUNvbm5lY3Rpb24SJi52YXVsdGd1YXJkLnYxLkRlbGV0ZUNvbm5lY3Rpb25SZXF1ZXN0GicudmF1bHRndWFyZC52MS5EZWxldGVDb25uZWN0aW9uUmVzcG9uc2USWgoNRXhjaGFuZ2VUb2tlbhIjLnZhdWx0Z3VhcmQudjEuRXhjaGFuZ2VUb2tlblJlcXVlc3QaJC52YXVsdGd1YXJkLnYxLkV4Y2hhbmdlVG9rZW5SZXNwb25zZRJjChBDcmVhdGVTaWduaW5nS2V5EiYudmF1bHRndWFyZC52MS5DcmVhdGVTaWduaW5nS2V5UmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuQ3JlYXRlU2lnbmluZ0tleVJlc3BvbnNlEloKDUdldFNpZ25pbmdLZXkSIy52YXVsdGd1YXJkLnYxLkdldFNpZ25pbmdLZXlSZXF1ZXN0GiQudmF1bHRndWFyZC52MS5HZXRTaWduaW5nS2V5UmVzcG9uc2USYAoPTGlzdFNpZ25pbmdLZXlzEiUudmF1bHRndWFyZC52MS5MaXN0U2lnbmluZ0tleXNSZXF1ZXN0GiYudmF1bHRndWFyZC52MS5MaXN0U2lnbmluZ0tleXNSZXNwb25zZRJjChBVcGRhdGVTaWduaW5nS2V5EiYudmF1bHRndWFyZC52MS5VcGRhdGVTaWduaW5nS2V5UmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuVXBkYXRlU2lnbmluZ0tleVJlc3BvbnNlEmYKEURpc2FibGVTaWduaW5nS2V5EicudmF1bHRndWFyZC52MS5EaXNhYmxlU2lnbmluZ0tleVJlcXVlc3QaKC52YXVsdGd1YXJkLnYxLkRpc2FibGVTaWduaW5nS2V5UmVzcG9uc2USPwoEU2lnbhIaLnZhdWx0Z3VhcmQudjEuU2lnblJlcXVlc3QaGy52YXVsdGd1YXJkLnYxLlNpZ25SZXNwb25zZRJjChBHZXRWYXVsdFNldHRpbmdzEiYudmF1bHRndWFyZC52MS5HZXRWYXVsdFNldHRpbmdzUmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuR2V0VmF1bHRTZXR0aW5nc1Jlc3BvbnNlEmwKE1VwZGF0ZVZhdWx0U2V0dGluZ3MSKS52YXVsdGd1YXJkLnYxLlVwZGF0ZVZhdWx0U2V0dGluZ3NSZXF1ZXN0GioudmF1bHRndWFyZC52MS5VcGRhdGVWYXVsdFNldHRpbmdzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_vaultguard_v1_common, file_vaultguard_v1_policy_service]);
 
 /**
  * OAuthProvider is a tenant's registration of an OAuth 2.0 authorization
@@ -331,6 +331,20 @@ export type SigningKey = Message<"vaultguard.v1.SigningKey"> & {
    * @generated from field: vaultguard.v1.Actor disable_actor = 13;
    */
   disableActor?: Actor | undefined;
+
+  /**
+   * disable_digest_signing is true when Sign refuses `digest` payloads for
+   * this key (FAILED_PRECONDITION with ERROR_REASON_DIGEST_SIGNING_DISABLED):
+   * it then signs only what VaultGuard hashes itself, so a policy written
+   * over decoded transactions cannot be bypassed by signing a transaction's
+   * hash as a digest. The message schemes stay allowed: RAW_SHA256 signs a
+   * SHA-256 and EIP191_PERSONAL_SIGN a prefixed keccak256, neither of which
+   * can equal a transaction's or EIP-712 signing hash without breaking the
+   * hash function. Set by CreateSigningKey or UpdateSigningKey.
+   *
+   * @generated from field: bool disable_digest_signing = 14;
+   */
+  disableDigestSigning: boolean;
 };
 
 /**
@@ -1051,6 +1065,14 @@ export type CreateSigningKeyRequest = Message<"vaultguard.v1.CreateSigningKeyReq
    * @generated from field: string description = 3;
    */
   description: string;
+
+  /**
+   * disable_digest_signing makes the key refuse `digest` payloads from the
+   * start (see `SigningKey.disable_digest_signing`).
+   *
+   * @generated from field: bool disable_digest_signing = 4;
+   */
+  disableDigestSigning: boolean;
 };
 
 /**
@@ -1180,6 +1202,65 @@ export const ListSigningKeysResponseSchema: GenMessage<ListSigningKeysResponse> 
   messageDesc(file_vaultguard_v1_vault_service, 28);
 
 /**
+ * UpdateSigningKeyRequest is the input of UpdateSigningKey: the settings set
+ * here change, the others are kept.
+ *
+ * @generated from message vaultguard.v1.UpdateSigningKeyRequest
+ */
+export type UpdateSigningKeyRequest = Message<"vaultguard.v1.UpdateSigningKeyRequest"> & {
+  /**
+   * key_id is the key to change (`key_…`). Required.
+   *
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * disable_digest_signing, when set, becomes the key's
+   * `disable_digest_signing`; unset keeps it. At least one setting is
+   * required (INVALID_ARGUMENT naming `disable_digest_signing` otherwise).
+   *
+   * @generated from field: optional bool disable_digest_signing = 2;
+   */
+  disableDigestSigning?: boolean | undefined;
+
+  /**
+   * reason says why, at most 512 characters; audited.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.UpdateSigningKeyRequest.
+ * Use `create(UpdateSigningKeyRequestSchema)` to create a new message.
+ */
+export const UpdateSigningKeyRequestSchema: GenMessage<UpdateSigningKeyRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_vault_service, 29);
+
+/**
+ * UpdateSigningKeyResponse is the output of UpdateSigningKey.
+ *
+ * @generated from message vaultguard.v1.UpdateSigningKeyResponse
+ */
+export type UpdateSigningKeyResponse = Message<"vaultguard.v1.UpdateSigningKeyResponse"> & {
+  /**
+   * key is the key with its settings now.
+   *
+   * @generated from field: vaultguard.v1.SigningKey key = 1;
+   */
+  key?: SigningKey | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.UpdateSigningKeyResponse.
+ * Use `create(UpdateSigningKeyResponseSchema)` to create a new message.
+ */
+export const UpdateSigningKeyResponseSchema: GenMessage<UpdateSigningKeyResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_vault_service, 30);
+
+/**
  * DisableSigningKeyRequest is the input of DisableSigningKey.
  *
  * @generated from message vaultguard.v1.DisableSigningKeyRequest
@@ -1205,7 +1286,7 @@ export type DisableSigningKeyRequest = Message<"vaultguard.v1.DisableSigningKeyR
  * Use `create(DisableSigningKeyRequestSchema)` to create a new message.
  */
 export const DisableSigningKeyRequestSchema: GenMessage<DisableSigningKeyRequest> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 29);
+  messageDesc(file_vaultguard_v1_vault_service, 31);
 
 /**
  * DisableSigningKeyResponse is the output of DisableSigningKey.
@@ -1226,7 +1307,7 @@ export type DisableSigningKeyResponse = Message<"vaultguard.v1.DisableSigningKey
  * Use `create(DisableSigningKeyResponseSchema)` to create a new message.
  */
 export const DisableSigningKeyResponseSchema: GenMessage<DisableSigningKeyResponse> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 30);
+  messageDesc(file_vaultguard_v1_vault_service, 32);
 
 /**
  * SignMessage is a message to be hashed and signed by a scheme.
@@ -1255,7 +1336,7 @@ export type SignMessage = Message<"vaultguard.v1.SignMessage"> & {
  * Use `create(SignMessageSchema)` to create a new message.
  */
 export const SignMessageSchema: GenMessage<SignMessage> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 31);
+  messageDesc(file_vaultguard_v1_vault_service, 33);
 
 /**
  * SignRequest is the input of Sign.
@@ -1293,13 +1374,78 @@ export type SignRequest = Message<"vaultguard.v1.SignRequest"> & {
      */
     value: SignMessage;
     case: "message";
+  } | {
+    /**
+     * ethereum_transaction is an unsigned EIP-1559 transaction, `0x02 ‖
+     * rlp([chain_id, nonce, max_priority_fee_per_gas, max_fee_per_gas,
+     * gas_limit, to, value, data, access_list])`, at most 128 KiB, in
+     * canonical RLP with nothing after it; chain id not 0; unsigned (a
+     * transaction that already carries y_parity, r and s is refused).
+     * VaultGuard decodes it, exposes it to the policy (see `context`), signs
+     * keccak256 of these bytes (low-S, y-parity 0 or 1) and answers the
+     * signed raw transaction in `SignedPayload.signed_transaction`.
+     * secp256k1 keys only. INVALID_ARGUMENT naming `ethereum_transaction`,
+     * with the part in the description, otherwise.
+     *
+     * @generated from field: bytes ethereum_transaction = 7;
+     */
+    value: Uint8Array;
+    case: "ethereumTransaction";
+  } | {
+    /**
+     * typed_data is EIP-712 typed data as `eth_signTypedData_v4` takes it: a
+     * JSON object with exactly `types`, `primaryType`, `domain` and
+     * `message`, at most 128 KiB; the domain has only EIP-712's fields
+     * (`name`, `version`, `chainId` — not 0 —, `verifyingContract`, `salt`)
+     * and, when `types.EIP712Domain` is given, it declares exactly those
+     * present, in that order; at most 64 types. VaultGuard signs the EIP-712
+     * signing hash keccak256("\x19\x01" ‖ domainSeparator ‖
+     * hashStruct(message)), which is also `SignedPayload.payload_hash`.
+     * secp256k1 keys only. INVALID_ARGUMENT naming `typed_data` otherwise.
+     *
+     * @generated from field: string typed_data = 8;
+     */
+    value: string;
+    case: "typedData";
   } | { case: undefined; value?: undefined };
 
   /**
    * context are attributes that policy conditions test (for example
    * `amount`, `chain_id`, `to`): limits as for
    * `RequestDelegationRequest.context`; `vg_` keys are reserved and set by
-   * VaultGuard (`vg_payload_hash`, `vg_key_algorithm`).
+   * VaultGuard. Every Sign has `vg_payload_hash` (hex of
+   * `SignedPayload.payload_hash`), `vg_key_algorithm` (`ed25519`,
+   * `secp256k1`, `p256`) and `vg_sign_scheme` (`digest`, `raw_sha256`,
+   * `eip191_personal_sign`, `ed25519_pure`, `eip1559_transaction`,
+   * `eip712_typed_data`).
+   *
+   * An `ethereum_transaction` adds, decoded from it: `vg_tx_type`
+   * ("eip1559"), `vg_tx_chain_id`, `vg_tx_nonce`, `vg_tx_gas_limit` (numbers),
+   * `vg_tx_to` (lowercase `0x` address; "" for a contract creation),
+   * `vg_tx_value` (wei), `vg_tx_max_fee_per_gas`,
+   * `vg_tx_max_priority_fee_per_gas` (wei), `vg_tx_data_length` (bytes),
+   * `vg_tx_selector` (`0x` + 8 lowercase hex digits of the calldata's first 4
+   * bytes; "" when shorter or a creation) and `vg_tx_value_decimal` (the
+   * exact wei as a decimal string). When the calldata is an ERC-20
+   * `transfer(address,uint256)` also `vg_erc20_token` (= `vg_tx_to`),
+   * `vg_erc20_recipient`, `vg_erc20_amount` (token base units) and
+   * `vg_erc20_amount_decimal`; a transfer call shorter than 68 bytes or with
+   * bits above the address in its first word is INVALID_ARGUMENT. Other
+   * calls (approve, transferFrom, any contract) are not decoded: allow-list
+   * `vg_tx_selector` in rules that limit amounts.
+   *
+   * A `typed_data` adds `vg_eip712_primary_type`, and when the domain has
+   * them `vg_eip712_domain_name`, `vg_eip712_domain_version`,
+   * `vg_eip712_chain_id` (number) and `vg_eip712_verifying_contract`
+   * (lowercase `0x` address).
+   *
+   * Amounts are unsigned 256-bit integers and numbers are doubles: each
+   * number above is the smallest double that is at least the exact value
+   * (exact up to 2^53, rounded up beyond, never down), so a value above a
+   * limit never passes `LTE`/`LT` against it and always passes `GT`/`GTE`;
+   * a value just under a limit past 2^53 may round up onto or over it
+   * (refused rather than allowed). Compare the `_decimal` strings with
+   * `EQ`/`IN` when exactness matters.
    *
    * @generated from field: map<string, vaultguard.v1.AttributeValue> context = 4;
    */
@@ -1321,6 +1467,16 @@ export type SignRequest = Message<"vaultguard.v1.SignRequest"> & {
    * @generated from field: string binding_message = 6;
    */
   bindingMessage: string;
+
+  /**
+   * authorization_details say what the signature is for (RFC 9396), for
+   * example a `payment_initiation`; policy conditions and budgets may test
+   * them, and approvers of a step-up see them. Optional; limits as on
+   * AuthorizationDetail.
+   *
+   * @generated from field: repeated vaultguard.v1.AuthorizationDetail authorization_details = 9;
+   */
+  authorizationDetails: AuthorizationDetail[];
 };
 
 /**
@@ -1328,7 +1484,7 @@ export type SignRequest = Message<"vaultguard.v1.SignRequest"> & {
  * Use `create(SignRequestSchema)` to create a new message.
  */
 export const SignRequestSchema: GenMessage<SignRequest> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 32);
+  messageDesc(file_vaultguard_v1_vault_service, 34);
 
 /**
  * SignedPayload is a produced signature.
@@ -1388,7 +1544,9 @@ export type SignedPayload = Message<"vaultguard.v1.SignedPayload"> & {
   /**
    * payload_hash is the 32-byte hash that identifies the payload: the digest
    * itself, SHA-256(message) for RAW_SHA256, the EIP-191 keccak256 hash for
-   * EIP191_PERSONAL_SIGN, and SHA-256(message) for ED25519_PURE (for
+   * EIP191_PERSONAL_SIGN, keccak256 of the unsigned transaction for an
+   * `ethereum_transaction`, the EIP-712 signing hash for `typed_data`
+   * (both what the key signed), and SHA-256(message) for ED25519_PURE (for
    * reference only: Ed25519 signs the message itself). This is what the
    * audit log records.
    *
@@ -1412,6 +1570,25 @@ export type SignedPayload = Message<"vaultguard.v1.SignedPayload"> & {
    * @generated from field: string signature_id = 9;
    */
   signatureId: string;
+
+  /**
+   * signed_transaction is, for an `ethereum_transaction`, the signed raw
+   * transaction `0x02 ‖ rlp([...the nine fields, y_parity, r, s])` with
+   * y_parity = `recovery_id` (0 or 1) and low-S, ready for
+   * `eth_sendRawTransaction`; empty for other payloads. `payload_hash` is
+   * then keccak256 of the unsigned transaction (what was signed).
+   *
+   * @generated from field: bytes signed_transaction = 10;
+   */
+  signedTransaction: Uint8Array;
+
+  /**
+   * transaction_hash is keccak256(`signed_transaction`), the hash the
+   * network knows the transaction by; empty for other payloads.
+   *
+   * @generated from field: bytes transaction_hash = 11;
+   */
+  transactionHash: Uint8Array;
 };
 
 /**
@@ -1419,7 +1596,7 @@ export type SignedPayload = Message<"vaultguard.v1.SignedPayload"> & {
  * Use `create(SignedPayloadSchema)` to create a new message.
  */
 export const SignedPayloadSchema: GenMessage<SignedPayload> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 33);
+  messageDesc(file_vaultguard_v1_vault_service, 35);
 
 /**
  * SignStepUp says a Sign needs human approval first.
@@ -1463,7 +1640,7 @@ export type SignStepUp = Message<"vaultguard.v1.SignStepUp"> & {
  * Use `create(SignStepUpSchema)` to create a new message.
  */
 export const SignStepUpSchema: GenMessage<SignStepUp> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 34);
+  messageDesc(file_vaultguard_v1_vault_service, 36);
 
 /**
  * SignResponse is the output of Sign.
@@ -1507,7 +1684,7 @@ export type SignResponse = Message<"vaultguard.v1.SignResponse"> & {
  * Use `create(SignResponseSchema)` to create a new message.
  */
 export const SignResponseSchema: GenMessage<SignResponse> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 35);
+  messageDesc(file_vaultguard_v1_vault_service, 37);
 
 /**
  * VaultSettings are a tenant's settings of its connected accounts.
@@ -1550,7 +1727,7 @@ export type VaultSettings = Message<"vaultguard.v1.VaultSettings"> & {
  * Use `create(VaultSettingsSchema)` to create a new message.
  */
 export const VaultSettingsSchema: GenMessage<VaultSettings> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 36);
+  messageDesc(file_vaultguard_v1_vault_service, 38);
 
 /**
  * GetVaultSettingsRequest is the input of GetVaultSettings; the tenant is
@@ -1566,7 +1743,7 @@ export type GetVaultSettingsRequest = Message<"vaultguard.v1.GetVaultSettingsReq
  * Use `create(GetVaultSettingsRequestSchema)` to create a new message.
  */
 export const GetVaultSettingsRequestSchema: GenMessage<GetVaultSettingsRequest> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 37);
+  messageDesc(file_vaultguard_v1_vault_service, 39);
 
 /**
  * GetVaultSettingsResponse is the output of GetVaultSettings.
@@ -1587,7 +1764,7 @@ export type GetVaultSettingsResponse = Message<"vaultguard.v1.GetVaultSettingsRe
  * Use `create(GetVaultSettingsResponseSchema)` to create a new message.
  */
 export const GetVaultSettingsResponseSchema: GenMessage<GetVaultSettingsResponse> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 38);
+  messageDesc(file_vaultguard_v1_vault_service, 40);
 
 /**
  * UpdateVaultSettingsRequest is the input of UpdateVaultSettings: a full
@@ -1610,7 +1787,7 @@ export type UpdateVaultSettingsRequest = Message<"vaultguard.v1.UpdateVaultSetti
  * Use `create(UpdateVaultSettingsRequestSchema)` to create a new message.
  */
 export const UpdateVaultSettingsRequestSchema: GenMessage<UpdateVaultSettingsRequest> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 39);
+  messageDesc(file_vaultguard_v1_vault_service, 41);
 
 /**
  * UpdateVaultSettingsResponse is the output of UpdateVaultSettings.
@@ -1631,7 +1808,7 @@ export type UpdateVaultSettingsResponse = Message<"vaultguard.v1.UpdateVaultSett
  * Use `create(UpdateVaultSettingsResponseSchema)` to create a new message.
  */
 export const UpdateVaultSettingsResponseSchema: GenMessage<UpdateVaultSettingsResponse> = /*@__PURE__*/
-  messageDesc(file_vaultguard_v1_vault_service, 40);
+  messageDesc(file_vaultguard_v1_vault_service, 42);
 
 /**
  * ConnectionStatus is the state of a connected account.
@@ -1837,10 +2014,15 @@ export const SigningSchemeSchema: GenEnum<SigningScheme> = /*@__PURE__*/
  * matching inbound rule = BLOCK). The deciding rule must also grant the
  * provider scopes an exchange hands out (`Rule.scopes`); the vault object
  * itself is named by the action and the reserved context attributes
- * (`vg_connection_id`; `vg_payload_hash`, `vg_key_algorithm`), so rules'
- * `resources` do not apply to these calls. Context attributes such as
- * `amount` or `chain_id` are asserted by the agent; VaultGuard does not
- * parse payloads. Every vault operation is judged when it runs: a Sign
+ * (`vg_connection_id`; `vg_payload_hash`, `vg_key_algorithm`,
+ * `vg_sign_scheme`), so rules' `resources` do not apply to these calls.
+ * Context attributes such as `amount` or `chain_id` are asserted by the
+ * agent; VaultGuard parses only the Ethereum payloads (an EIP-1559
+ * transaction or EIP-712 typed data, see `SignRequest.context` for the
+ * `vg_tx_*`, `vg_erc20_*` and `vg_eip712_*` attributes it exposes), and a
+ * key can refuse caller-computed digests (`disable_digest_signing`) so that
+ * what such a rule refuses cannot be signed as a digest instead. Every vault
+ * operation is judged when it runs: a Sign
  * answered after its step-up was approved, and an ExchangeToken presenting a
  * delegation token, are judged again at that moment, and a BLOCK then wins.
  *
@@ -1850,7 +2032,7 @@ export const SigningSchemeSchema: GenEnum<SigningScheme> = /*@__PURE__*/
  * Roles. Providers, connections and vault settings (read and write):
  * ROLE_ADMIN.
  * ExchangeToken: ROLE_AGENT (agents learn connection ids from their
- * configuration). Signing keys: Create/Disable ROLE_ADMIN; Get/List
+ * configuration). Signing keys: Create/Update/Disable ROLE_ADMIN; Get/List
  * ROLE_ADMIN, ROLE_AGENT (public parts only). Sign: ROLE_AGENT. Every object is the caller's tenant's; other
  * tenants' ids answer NOT_FOUND. ROLE_OPERATOR may call none of them.
  *
@@ -2084,6 +2266,22 @@ export const VaultService: GenService<{
     output: typeof ListSigningKeysResponseSchema;
   },
   /**
+   * UpdateSigningKey changes a key's settings: the fields set in the request
+   * (`disable_digest_signing`) are changed, the others kept. Takes effect at
+   * once on every replica (a Sign already past its checks may still finish).
+   * Audited as `key.updated` with the setting before and after and the
+   * reason. Roles: ROLE_ADMIN. Errors: NOT_FOUND (another tenant's key too);
+   * INVALID_ARGUMENT when no setting is given; FAILED_PRECONDITION with
+   * ERROR_REASON_KEY_DISABLED when the key is disabled.
+   *
+   * @generated from rpc vaultguard.v1.VaultService.UpdateSigningKey
+   */
+  updateSigningKey: {
+    methodKind: "unary";
+    input: typeof UpdateSigningKeyRequestSchema;
+    output: typeof UpdateSigningKeyResponseSchema;
+  },
+  /**
    * DisableSigningKey permanently disables a key: Sign answers
    * FAILED_PRECONDITION with ERROR_REASON_KEY_DISABLED from then on, pending
    * step-ups for it can no longer produce a signature, and the private key is
@@ -2099,9 +2297,14 @@ export const VaultService: GenService<{
     output: typeof DisableSigningKeyResponseSchema;
   },
   /**
-   * Sign signs a digest or message with a custodied key, after the policy
-   * check for action `sign:<key name>` (context such as `amount` and
-   * `chain_id` lets rules require STEP_UP for large amounts).
+   * Sign signs a digest, a message, an Ethereum transaction or EIP-712 typed
+   * data with a custodied key, after the policy check for action
+   * `sign:<key name>` (context such as `amount` and `chain_id` lets rules
+   * require STEP_UP for large amounts). A transaction or typed data is
+   * decoded first and judged on what it says (the `vg_tx_*`, `vg_erc20_*`
+   * and `vg_eip712_*` attributes of `SignRequest.context`), which approvers
+   * of a step-up see in the request's context; the answer carries the
+   * signed raw transaction and its hash.
    *
    * Outcomes: ALLOW → `signed`. STEP_UP → `step_up`; the agent waits (PollStepUp
    * or WatchStepUp; redeeming the token is optional) and then calls Sign again
@@ -2119,13 +2322,20 @@ export const VaultService: GenService<{
    *
    * Roles: ROLE_AGENT. Errors: NOT_FOUND for an unknown key;
    * FAILED_PRECONDITION with ERROR_REASON_KEY_DISABLED (metadata `key_id`);
+   * FAILED_PRECONDITION with ERROR_REASON_DIGEST_SIGNING_DISABLED (metadata
+   * `key_id`) for a `digest` when the key disables digest signing (every such
+   * request, retries of earlier ones included; nothing is written but the
+   * `key.sign_refused` audit event);
    * PERMISSION_DENIED with ERROR_REASON_POLICY_BLOCKED,
    * ERROR_REASON_NO_MATCHING_RULE, or ERROR_REASON_ACCESS_DENIED when the
    * step-up was denied; FAILED_PRECONDITION with ERROR_REASON_EXPIRED_TOKEN
    * when the step-up expired; ALREADY_EXISTS with
    * ERROR_REASON_IDEMPOTENCY_CONFLICT; INVALID_ARGUMENT for a digest that is
-   * not 32 bytes, a message over 64 KiB, or a scheme the key's algorithm does
-   * not support; RESOURCE_EXHAUSTED with ERROR_REASON_STEP_UP_QUEUE_FULL when
+   * not 32 bytes, a message over 64 KiB, a scheme the key's algorithm does
+   * not support, or an `ethereum_transaction` or `typed_data` that is
+   * malformed or not for a secp256k1 key (the violation names the field and
+   * its description the part, e.g. `chain_id: must not be 0`; nothing is
+   * written); RESOURCE_EXHAUSTED with ERROR_REASON_STEP_UP_QUEUE_FULL when
    * the policy decided STEP_UP but the tenant's own queue already holds the
    * maximum of its PENDING step-ups (nothing is written; see StepUpService,
    * "Queue limits").
