@@ -15,6 +15,8 @@ use vaultguard_tests::Rpc;
 /// The action every ALLOW delegation asks for (an inbound ALLOW rule of each
 /// receiving tenant matches `bench.*`).
 pub const ALLOW_ACTION: &str = "bench.read";
+/// An action the requester's budget counts (its receivers allow `bench.*`).
+pub const BUDGET_ACTION: &str = "bench.budgeted";
 /// The action the step-up scenario asks for (`pay.*`: STEP_UP, quorum 1).
 pub const STEP_UP_ACTION: &str = "pay.invoice";
 /// The provider the exchange scenario uses (action `exchange:benchmail`).
@@ -145,6 +147,27 @@ impl Fixture {
             create_rule(&tenant, "bench.*", pb::Effect::Allow, "").await?;
             receivers.insert(name, tenant);
         }
+        // A budget on BUDGET_ACTION: at most a billion a day, so it counts
+        // every request and refuses none.
+        let request = requester
+            .admin
+            .request(pb::CreateBudgetRequest {
+                budget: Some(pb::Budget {
+                    name: "bench-budget".to_owned(),
+                    direction: pb::RuleDirection::Outbound as i32,
+                    measure: pb::BudgetMeasure::Count as i32,
+                    scope: Some(pb::BudgetScope {
+                        action_pattern: BUDGET_ACTION.to_owned(),
+                        ..Default::default()
+                    }),
+                    window_seconds: 86_400,
+                    limit: "1000000000".to_owned(),
+                    over_limit: pb::Effect::Block as i32,
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        requester.admin.policies().create_budget(request).await?;
         let rs256 = receivers.get("rs256").context("rs256 receiver")?;
         create_rule(rs256, "pay.*", pb::Effect::StepUp, "").await?;
         let approver = server.human("approver", Some(&rs256.id)).await?;

@@ -208,6 +208,24 @@ fn print_rows(title: &str, rows: &[&Row]) {
     }
 }
 
+/// ALLOW with a budget check beside the same ALLOW without one, when both
+/// ran: the budget's cost as ratios of the same run.
+fn print_budget_overhead(rows: &[Row]) {
+    let find = |name: &str| rows.iter().find(|row| row.scenario == name);
+    if let (Some(with), Some(without)) = (
+        find("delegation.allow.eddsa.budget"),
+        find("delegation.allow.eddsa"),
+    ) {
+        let cpu = |row: &Row| row.server_cpu / row.measured.ops.max(1) as f64;
+        println!(
+            "budget check: ops/s {:.2}x, p99 {:.2}x, server CPU per op {:.2}x of ALLOW EdDSA without one",
+            with.measured.throughput() / without.measured.throughput().max(f64::EPSILON),
+            with.measured.millis(0.99) / without.measured.millis(0.99).max(f64::EPSILON),
+            cpu(with) / cpu(without).max(f64::EPSILON),
+        );
+    }
+}
+
 fn server_binary(args: &Args) -> Result<PathBuf> {
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
@@ -565,6 +583,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
         ),
         &rows,
     );
+    print_budget_overhead(&rows);
     if args.peer {
         let scene = scenarios::Scene {
             fixture: &fixture,

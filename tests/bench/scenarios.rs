@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use vaultguard_client::{DelegationOutcome, VaultGuardClient, pb};
 use vaultguard_tests::{approve_step_up, get_step_up, watch_step_up};
 
-use crate::fixture::{Fixture, STEP_UP_ACTION};
+use crate::fixture::{BUDGET_ACTION, Fixture, STEP_UP_ACTION};
 use crate::load::{Op, op};
 use crate::server::ServerProcess;
 
@@ -20,6 +20,7 @@ pub const ALL: &[&str] = &[
     "delegation.allow.rs256",
     "delegation.allow.es256",
     "delegation.allow.eddsa",
+    "delegation.allow.eddsa.budget",
     "verify",
     "exchange.cached",
     "sign.ed25519",
@@ -88,6 +89,14 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
         "delegation.allow.rs256" => delegation_allow(cx, "rs256").await,
         "delegation.allow.es256" => delegation_allow(cx, "es256").await,
         "delegation.allow.eddsa" => delegation_allow(cx, "eddsa").await,
+        // The same ALLOW on an action a budget of the requester counts.
+        "delegation.allow.eddsa.budget" => {
+            let request = pb::RequestDelegationRequest {
+                action: BUDGET_ACTION.to_owned(),
+                ..cx.fixture.allow_request("eddsa")?
+            };
+            allow_op(cx, request).await
+        }
         "verify" => verify(cx).await,
         "exchange.cached" => exchange_cached(cx).await,
         "sign.ed25519" => sign(cx, "ed25519").await,
@@ -158,10 +167,13 @@ async fn allow(
 }
 
 async fn delegation_allow(cx: &Scene<'_>, algorithm: &str) -> Result<Op> {
+    allow_op(cx, cx.fixture.allow_request(algorithm)?).await
+}
+
+async fn allow_op(cx: &Scene<'_>, request: pb::RequestDelegationRequest) -> Result<Op> {
     let agents = Pool::agents(cx.fixture, cx.server, cx.connections)
         .await?
         .handle();
-    let request = cx.fixture.allow_request(algorithm)?;
     Ok(op(move |seq| {
         let (agents, request) = (agents.clone(), request.clone());
         async move {

@@ -383,6 +383,9 @@ async fn usage<C: ConnectionTrait>(
     now: Millis,
 ) -> Result<(Amount, Option<Millis>)> {
     let since = now - budget.window_millis();
+    if budget.row.measure == budget::Measure::Count {
+        return count_usage(db, budget, since, now).await;
+    }
     let rows: Vec<(String, i64, budget_charge::State, Option<i64>)> = budget_charge::Entity::find()
         .select_only()
         .column(budget_charge::Column::Amount)
@@ -412,6 +415,45 @@ async fn usage<C: ConnectionTrait>(
             .ok_or_else(|| Error::internal("budget use overflows"))?;
         next = Some(next.map_or(leaves, |n| n.min(leaves)));
     }
+    Ok((used, next))
+}
+
+/// A COUNT budget's window, added up by the database: the charges that
+/// count (spent, or held until a deadline still ahead) are each worth one.
+async fn count_usage<C: ConnectionTrait>(
+    db: &C,
+    budget: &Budget,
+    since: Millis,
+    now: Millis,
+) -> Result<(Amount, Option<Millis>)> {
+    use sea_orm::sea_query::Condition;
+    let counted = Condition::any()
+        .add(budget_charge::Column::State.eq(budget_charge::State::Spent))
+        .add(
+            Condition::all()
+                .add(budget_charge::Column::State.eq(budget_charge::State::Held))
+                .add(budget_charge::Column::HoldExpiresAt.gt(now)),
+        );
+    let row: Option<(i64, Option<i64>, Option<i64>)> = budget_charge::Entity::find()
+        .select_only()
+        .column_as(budget_charge::Column::Id.count(), "n")
+        .column_as(budget_charge::Column::ChargedAt.min(), "oldest")
+        .column_as(budget_charge::Column::HoldExpiresAt.min(), "hold")
+        .filter(budget_charge::Column::BudgetId.eq(&budget.row.id))
+        .filter(budget_charge::Column::ChargedAt.gt(since))
+        .filter(counted)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let (n, oldest, hold) = row.unwrap_or((0, None, None));
+    let used = i128::from(n)
+        .checked_mul(SCALE)
+        .map(Amount)
+        .ok_or_else(|| Error::internal("budget use overflows"))?;
+    let next = match (oldest.map(|t| t + budget.window_millis()), hold) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok((used, next))
 }
 
