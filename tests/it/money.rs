@@ -884,3 +884,43 @@ async fn a_budget_on_a_signing_key_limits_its_signatures() {
     approve(&acme.approver, &approved).await;
     assert_eq!(get_budget(&acme.admin, &cap.id).await.used, "1100");
 }
+
+/// A budget on a connection: its tenant's agents may exchange its token at
+/// most twice an hour; the third exchange is refused, naming the budget.
+#[tokio::test]
+async fn a_budget_on_a_connection_limits_its_exchanges() {
+    use crate::vault_connections::{connected, exchange_request};
+    let (fixture, connection_id) = connected().await;
+    let pair = &fixture.pair;
+    let budget = create_budget(
+        &pair.acme_admin,
+        pb::Budget {
+            scope: Some(pb::BudgetScope {
+                connection_id: connection_id.clone(),
+                ..Default::default()
+            }),
+            ..budget(
+                "mail-exchanges",
+                pb::RuleDirection::Outbound,
+                "2",
+                pb::Effect::Block,
+            )
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        pair.agent
+            .exchange_token(exchange_request(&connection_id))
+            .await
+            .expect("exchange within the budget");
+    }
+    let metadata = expect_reason(
+        pair.agent
+            .exchange_token(exchange_request(&connection_id))
+            .await,
+        Code::PermissionDenied,
+        Reason::BudgetExceeded,
+    );
+    assert_eq!(metadata["budget_id"], budget.id);
+    assert_eq!(get_budget(&pair.acme_admin, &budget.id).await.used, "2");
+}

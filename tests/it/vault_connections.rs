@@ -236,7 +236,7 @@ pub(crate) async fn set_return_origins(
 }
 
 /// A well-formed own-token ExchangeToken for `connection_id`.
-fn exchange_request(connection_id: &str) -> pb::ExchangeTokenRequest {
+pub(crate) fn exchange_request(connection_id: &str) -> pb::ExchangeTokenRequest {
     pb::ExchangeTokenRequest {
         grant_type: TOKEN_EXCHANGE.to_owned(),
         connection_id: connection_id.to_owned(),

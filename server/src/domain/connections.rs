@@ -48,6 +48,7 @@ use crate::auth::CallContext;
 use crate::clock::Millis;
 use crate::crypto::{SealContext, random_token, sha256_hex};
 use crate::directory::{self, Entry};
+use crate::domain::budgets;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
 use crate::domain::{
@@ -1221,6 +1222,7 @@ async fn own_grant(
         vault_made: true,
     };
     let decision = delegations::judge_between(state, &own, agent_id, &own, &input).await?;
+    let decision = charge_exchange(state, &own, agent_id, &connection, &input, decision).await?;
     match decision.outcome {
         Outcome::Allow => Ok(Grant {
             connection,
@@ -1235,6 +1237,54 @@ async fn own_grant(
             Err(exchange_step_up(state, ctx, (&own, &own), agent_id, &input, &decision).await?)
         }
     }
+}
+
+/// The tenant's budgets on this connection (or on its agents' exchanges):
+/// an allowed exchange is charged, in a transaction that holds the budgets'
+/// locks, before the token is handed out; one that would pass a limit gets
+/// the budget's over-limit effect instead.
+async fn charge_exchange(
+    state: &AppState,
+    own: &tenant::Model,
+    agent_id: &str,
+    connection: &connection::Model,
+    input: &Input,
+    decision: crate::domain::policy_engine::Decision,
+) -> Result<crate::domain::policy_engine::Decision> {
+    if decision.outcome == Outcome::Block {
+        return Ok(decision);
+    }
+    let applicable = budgets::applicable(
+        state,
+        own,
+        own,
+        &budgets::Subject {
+            requesting_tenant_id: &own.id,
+            requesting_agent_id: agent_id,
+            receiving_tenant_id: &own.id,
+            action: &input.action,
+            context: &input.context,
+            details: &input.authorization_details,
+            signing_key_id: None,
+            connection_id: Some(&connection.id),
+            vault_made: true,
+        },
+    )
+    .await?;
+    if applicable.is_empty() {
+        return Ok(decision);
+    }
+    let now = state.clock.now_millis();
+    let txn = state.db.begin().await?;
+    let checked = budgets::check_in(&txn, &applicable, now).await?;
+    let decision = budgets::apply(decision, &checked);
+    if decision.outcome == Outcome::Allow {
+        budgets::record_in(&txn, &checked, &connection.id, None, now).await?;
+        txn.commit().await?;
+    } else {
+        txn.rollback().await?;
+    }
+    Ok(decision)
 }
 
 /// Records a refused exchange in the log of the connection's tenant (and
