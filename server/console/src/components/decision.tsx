@@ -1,6 +1,6 @@
 // How both tenants' policies judged a request, and the request's context
 // attributes: shown on a step-up, a delegation and a dry run alike.
-import type { AttributeValue } from "../../gen/vaultguard/v1/common_pb";
+import type { AttributeValue, AuthorizationDetail } from "../../gen/vaultguard/v1/common_pb";
 import type { PolicyDecision, SideDecision } from "../../gen/vaultguard/v1/policy_service_pb";
 import { attributeText, attributeType, decisionLabel, decisionTone, formatDuration } from "../format";
 import { Chip, Id } from "./ui";
@@ -117,5 +117,53 @@ export function ContextTable(props: { context: { [key: string]: AttributeValue }
         ))}
       </tbody>
     </table>
+  );
+}
+
+/** The one-line reading of a payment: "120.00 EUR to ACME Supplies". */
+function paymentLine(d: AuthorizationDetail): string | null {
+  if (d.type !== "payment_initiation" || !d.fields) return null;
+  const amount = d.fields["instructedAmount"];
+  if (!amount || typeof amount !== "object" || Array.isArray(amount)) return null;
+  const creditor = typeof d.fields["creditorName"] === "string" ? ` to ${d.fields["creditorName"]}` : "";
+  return `${String(amount["amount"])} ${String(amount["currency"])}${creditor}`;
+}
+
+/**
+ * A request's RFC 9396 authorization details: exactly what the token will
+ * carry as its `authorization_details` claim, so an approver sees what they
+ * approve (a payment's amount and creditor first, then every member).
+ */
+export function AuthorizationDetails(props: { details: AuthorizationDetail[]; testid?: string }) {
+  if (props.details.length === 0) return <p class="muted">No authorization details.</p>;
+  return (
+    <ol class="details" data-testid={props.testid ?? "authorization-details"}>
+      {props.details.map((d, i) => {
+        const payment = paymentLine(d);
+        const common: [string, string][] = [
+          ["actions", d.actions.join(", ")],
+          ["locations", d.locations.join(", ")],
+          ["datatypes", d.datatypes.join(", ")],
+          ["identifier", d.identifier],
+          ["privileges", d.privileges.join(", ")],
+        ];
+        return (
+          <li key={i}>
+            <p>
+              <code>{d.type}</code>
+              {payment ? <strong class="payment"> {payment}</strong> : null}
+            </p>
+            <dl class="facts">
+              {common
+                .filter(([, v]) => v)
+                .map(([k, v]) => [<dt key={`${k}-t`}>{k}</dt>, <dd key={`${k}-d`}>{v}</dd>])}
+            </dl>
+            {d.fields && Object.keys(d.fields).length ? (
+              <pre class="pre-wrap">{JSON.stringify(d.fields, null, 2)}</pre>
+            ) : null}
+          </li>
+        );
+      })}
+    </ol>
   );
 }

@@ -19,7 +19,7 @@ import { stepUps } from "../rpc";
 import { me } from "../session";
 import { clearDraft, useDraft, useStore } from "../store";
 import { useTitle } from "../title";
-import { ContextTable, DecisionView } from "../components/decision";
+import { AuthorizationDetails, ContextTable, DecisionView } from "../components/decision";
 import { Chip, Countdown, Empty, ErrorBanner, Id, Loading, Notice, TextArea, Time, useNow } from "../components/ui";
 
 function isTyping(target: EventTarget | null): boolean {
@@ -480,6 +480,8 @@ function StepUpDetail(props: { id: string }) {
 
       <h3>Context values</h3>
       <ContextTable context={s.context} />
+      <h3>Authorization details</h3>
+      <AuthorizationDetails details={s.authorizationDetails} />
 
       <h3>Why it needs a human</h3>
       <DecisionView decision={s.decision} myTenantId={who.tenantId} />

@@ -14,7 +14,7 @@ import { delegations } from "../rpc";
 import { me, type Me } from "../session";
 import { useDraft, useStore } from "../store";
 import { useTitle } from "../title";
-import { ContextTable, DecisionView } from "../components/decision";
+import { AuthorizationDetails, ContextTable, DecisionView } from "../components/decision";
 import {
   Chip,
   Dialog,
@@ -383,6 +383,8 @@ function DelegationDetail(props: { id: string; who: Me; onChanged: () => void })
       </div>
       <h2 class="h3">Context values</h2>
       <ContextTable context={x.context} />
+      <h3>Authorization details</h3>
+      <AuthorizationDetails details={x.authorizationDetails} />
       <h2 class="h3">Policy decision</h2>
       <DecisionView decision={x.decision} myTenantId={who.tenantId} level={3} />
 

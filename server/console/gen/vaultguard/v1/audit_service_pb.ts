@@ -737,7 +737,7 @@ export const ExportFormatSchema: GenEnum<ExportFormat> = /*@__PURE__*/
  * VerifyAuditChain reports.
  *
  * Event types are named `<area>.<verb>`: lowercase, `area` one of tenant,
- * agent, auth, rule, policy, delegation, step_up, webhook, provider,
+ * agent, auth, rule, budget, policy, delegation, step_up, webhook, provider,
  * connection, key, issuer_key, audit, vault, and `verb` a past-tense verb or
  * `<noun>_<verb>` in snake_case. Examples: `delegation.decided` (details:
  * `outcome` allow/step_up/block and the decision), `delegation.token_issued`,
@@ -745,7 +745,8 @@ export const ExportFormatSchema: GenEnum<ExportFormat> = /*@__PURE__*/
  * `delegation.relinquished`, `delegation.expired`, `delegation.verified`,
  * `delegation.not_found`, `step_up.approval_recorded`, `step_up.approved`,
  * `step_up.denied`, `step_up.redeemed`, `rule.created`, `rule.updated`,
- * `rule.deleted`,
+ * `rule.deleted`, `budget.created`, `budget.updated`, `budget.deleted`
+ * (a delegation's `delegation.decided` names the budget charges it made),
  * `policy.settings_updated`, `policy.evaluated`, `connection.connected`,
  * `connection.needs_reauth`, `connection.token_exchanged`, `key.created`,
  * `key.disabled`, `key.signed`, `auth.not_found`, `audit.exported`. New
