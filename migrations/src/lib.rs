@@ -21,6 +21,7 @@ mod m20261204_000012_index_step_up_queues;
 mod m20261206_000013_rule_grants;
 mod m20261206_000014_vault_leases_bindings_return_origins;
 mod m20261206_000015_console_sessions;
+mod m20261206_000016_kill_switch;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -47,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000013_rule_grants::Migration),
             Box::new(m20261206_000014_vault_leases_bindings_return_origins::Migration),
             Box::new(m20261206_000015_console_sessions::Migration),
+            Box::new(m20261206_000016_kill_switch::Migration),
         ]
     }
 }

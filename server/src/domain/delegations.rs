@@ -29,7 +29,7 @@ use crate::directory;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, page, step_up_queue, to_json};
+use crate::domain::{actor_json, kill_switch, page, step_up_queue, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -424,6 +424,7 @@ pub async fn request(
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents request delegations"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    kill_switch::check_requester(state, &tenant_id, &agent_id).await?;
     let mut v = Violations::new();
     v.check(check_idempotency_key(&req.idempotency_key));
     let input = check_input(
@@ -536,9 +537,16 @@ pub async fn request(
         Stored::Inserted(auth_req) => auth_req,
         Stored::Lost => {
             // A request with the same key was stored first: answer from it.
-            let winner = find_by_key(state, &agent_id, &req.idempotency_key)
-                .await?
-                .ok_or(Error::Conflict("concurrent idempotent request"))?;
+            // Or the requester was frozen since it was judged: the
+            // storing statement refused the row.
+            let Some(winner) = find_by_key(state, &agent_id, &req.idempotency_key).await? else {
+                if let Some(frozen) =
+                    kill_switch::frozen_now(&state.db, &tenant_id, &agent_id).await?
+                {
+                    return Err(frozen);
+                }
+                return Err(Error::Conflict("concurrent idempotent request"));
+            };
             return replay(state, ctx, winner, &request_hash).await;
         }
     };
@@ -676,6 +684,10 @@ pub(crate) async fn insert_step_up(
         .step_up_id
         .clone()
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
+    // The kill switch: the freeze is read again after the row is in `txn`
+    // (`kill_switch` explains why that closes the race).
+    kill_switch::check_not_frozen_in(txn, &row.requesting_tenant_id, &row.requesting_agent_id)
+        .await?;
     step_up_queue::check_queue_room(
         state,
         txn,
@@ -1349,7 +1361,7 @@ pub async fn verify(
     } else if !required_action.is_empty() && row.action != required_action {
         Some("action differs from required_action")
     } else if !standing_ok(state, &row).await? {
-        Some("requesting tenant suspended or agent disabled")
+        Some("requesting tenant suspended or frozen, or agent disabled or frozen")
     } else {
         None
     };
@@ -1381,13 +1393,15 @@ pub async fn verify(
     }
 }
 
-/// The requesting tenant is active and the requesting agent enabled.
+/// The requesting tenant is active and the requesting agent enabled, and
+/// neither is frozen (the freeze also revoked the delegation; this answers
+/// for any row a replica still holds from before).
 pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
     let tenant_ok = state
         .directory
         .tenant(&state.db, &row.requesting_tenant_id)
         .await?
-        .is_some_and(|t| is_active(&t));
+        .is_some_and(|t| is_active(&t) && t.traffic_frozen_at.is_none());
     if !tenant_ok {
         return Ok(false);
     }
@@ -1395,7 +1409,7 @@ pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Re
         .directory
         .agent(&state.db, &row.requesting_agent_id)
         .await?
-        .is_some_and(|a| a.status == agent::Status::Active))
+        .is_some_and(|a| a.status == agent::Status::Active && a.frozen_at.is_none()))
 }
 
 async fn record_verification(
