@@ -567,11 +567,14 @@ async fn after_commit(
 /// statement that could have read the requester as not frozen has ended, and
 /// its rows are visible to the next statement.
 async fn wait_for_older_writers(state: &AppState) -> Result<()> {
+    // A transaction id assigned now is newer than every one assigned
+    // before, running or not (a snapshot's `xmax` is not: it is the newest
+    // *completed* one, and a writer can hold an id past it).
     let horizon = state
         .db
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
-            "SELECT (pg_snapshot_xmax(pg_current_snapshot())::text::bigint % 4294967296)::text AS horizon",
+            "SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS horizon",
         ))
         .await?
         .ok_or_else(|| Error::internal("no snapshot horizon"))?
