@@ -51,7 +51,7 @@ use crate::directory::{self, Entry};
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
 use crate::domain::{
-    actor_json, kill_switch, page, parse_actor, provider_reads, tenants::audience, to_json,
+    actor_json, frozen, page, parse_actor, provider_reads, tenants::audience, to_json,
     vault_settings,
 };
 use crate::error::{Error, Result, Violations, is_unique_violation};
@@ -1020,7 +1020,7 @@ pub async fn exchange(
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents exchange tokens"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
-    kill_switch::check_requester(state, &tenant_id, &agent_id).await?;
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let mut v = Violations::new();
     if req.grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
         v.add("grant_type", format!("must be {GRANT_TYPE_TOKEN_EXCHANGE}"));

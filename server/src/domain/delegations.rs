@@ -29,7 +29,7 @@ use crate::directory;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, kill_switch, page, step_up_queue, to_json};
+use crate::domain::{actor_json, frozen, page, step_up_queue, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -424,7 +424,7 @@ pub async fn request(
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents request delegations"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
-    kill_switch::check_requester(state, &tenant_id, &agent_id).await?;
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let mut v = Violations::new();
     v.check(check_idempotency_key(&req.idempotency_key));
     let input = check_input(
@@ -540,9 +540,7 @@ pub async fn request(
             // Or the requester was frozen since it was judged: the
             // storing statement refused the row.
             let Some(winner) = find_by_key(state, &agent_id, &req.idempotency_key).await? else {
-                if let Some(frozen) =
-                    kill_switch::frozen_now(&state.db, &tenant_id, &agent_id).await?
-                {
+                if let Some(frozen) = frozen::frozen_now(&state.db, &tenant_id, &agent_id).await? {
                     return Err(frozen);
                 }
                 return Err(Error::Conflict("concurrent idempotent request"));
@@ -686,8 +684,7 @@ pub(crate) async fn insert_step_up(
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
     // The kill switch: the freeze is read again after the row is in `txn`
     // (`kill_switch` explains why that closes the race).
-    kill_switch::check_not_frozen_in(txn, &row.requesting_tenant_id, &row.requesting_agent_id)
-        .await?;
+    frozen::check_not_frozen_in(txn, &row.requesting_tenant_id, &row.requesting_agent_id).await?;
     step_up_queue::check_queue_room(
         state,
         txn,

@@ -7,6 +7,7 @@ pub mod audit_log;
 pub mod connections;
 pub mod console_sessions;
 pub mod delegations;
+pub mod frozen;
 pub mod kill_switch;
 pub mod page;
 pub mod policies;

@@ -29,7 +29,7 @@ use crate::directory;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
 use crate::domain::step_ups;
-use crate::domain::{actor_json, insert_audited, kill_switch, page, to_json};
+use crate::domain::{actor_json, frozen, insert_audited, page, to_json};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::state::AppState;
@@ -439,7 +439,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents sign"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
-    kill_switch::check_requester(state, &tenant_id, &agent_id).await?;
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let input = check_sign(req)?;
     let key = find_own(state, &tenant_id, &req.key_id).await?;
     let algorithm =
@@ -673,7 +673,7 @@ async fn replay_winner(
     let Some(winner) = find_by_key(state, &key.id, agent_id, &req.idempotency_key).await? else {
         // Or the requester was frozen since it was judged: the storing
         // statement refused the row.
-        if let Some(frozen) = kill_switch::frozen_now(&state.db, &key.tenant_id, agent_id).await? {
+        if let Some(frozen) = frozen::frozen_now(&state.db, &key.tenant_id, agent_id).await? {
             return Err(frozen);
         }
         return Err(Error::Conflict("concurrent idempotent sign"));
@@ -909,7 +909,7 @@ async fn sign_approved(
         .await?;
     // The kill switch: the freeze is read again once the row is written
     // (`kill_switch` explains why that closes the race).
-    kill_switch::check_not_frozen_in(&txn, &row.tenant_id, &row.requester_subject).await?;
+    frozen::check_not_frozen_in(&txn, &row.tenant_id, &row.requester_subject).await?;
     if updated.rows_affected == 1 {
         let mut signed = row.clone();
         signed.status = signature::Status::Signed;
