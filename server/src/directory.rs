@@ -39,6 +39,12 @@
 //! keyed by a digest of the issuer and the organisation id, which may hold
 //! any character.
 //!
+//! A freeze (the kill switch) ends every delegation of a requester at once;
+//! it announces the requester once ([`Entry::AgentDelegations`],
+//! [`Entry::TenantDelegations`]) and every replica drops each held
+//! delegation of that agent or tenant in one pass, instead of one
+//! notification per delegation.
+//!
 //! Connection and OAuth-provider rows are held for ExchangeToken. Only
 //! CONNECTED connections are held; every write to a connection (callback,
 //! refresh, narrowed refresh that rotates, NEEDS_REAUTH, disconnect) and to a

@@ -14,10 +14,11 @@
 //! the requester's standing from memory):
 //! - an ACTIVE delegation or a signature is stored by one statement (the
 //!   recorder's group commit) that inserts only rows whose requester is not
-//!   frozen as that statement sees it (`audit::RowInsert`'s gate); a step-up
-//!   opens in a transaction that re-reads the freeze after inserting its
-//!   rows ([`check_not_frozen_in`]); an approval locks its step-up, which the
-//!   freeze's denial locks too;
+//!   frozen as that statement sees it (`audit::requester_gate`); a step-up
+//!   opens (and an approved signature is made) in a transaction that
+//!   re-reads the freeze after writing its rows
+//!   (`frozen::check_not_frozen_in`); an approval locks its step-up, which
+//!   the freeze's denial locks too;
 //! - SQLite has one writer: each of those is wholly before the freeze (and
 //!   swept by it) or wholly after (and sees it);
 //! - on PostgreSQL a statement whose snapshot predates the freeze's commit
