@@ -154,6 +154,16 @@ pub async fn run(backend: Backend, spec: &ServerSpec, settings: &Settings) -> Re
                 reason: format!("bench round {round} done"),
             })
             .await?;
+        // B learns of the unfreeze by the same notification; wait for it
+        // before the next round asks through B.
+        let unfrozen = Instant::now();
+        while refused_as_frozen(&agent_on_b.sign(sign_request(&key_id, round, 0)).await) {
+            ensure!(
+                unfrozen.elapsed() < Duration::from_secs(10),
+                "replica B still refuses 10 s after the unfreeze"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     propagation.sort();
     freezing.sort();
