@@ -21,6 +21,7 @@ mod m20261204_000012_index_step_up_queues;
 mod m20261206_000013_rule_grants;
 mod m20261206_000014_vault_leases_bindings_return_origins;
 mod m20261206_000015_console_sessions;
+mod m20261206_000016_kill_switch;
 mod m20261206_000017_transaction_signing;
 mod m20261206_000018_authorization_details;
 mod m20261206_000019_budgets;
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000013_rule_grants::Migration),
             Box::new(m20261206_000014_vault_leases_bindings_return_origins::Migration),
             Box::new(m20261206_000015_console_sessions::Migration),
+            Box::new(m20261206_000016_kill_switch::Migration),
             Box::new(m20261206_000017_transaction_signing::Migration),
             Box::new(m20261206_000018_authorization_details::Migration),
             Box::new(m20261206_000019_budgets::Migration),

@@ -764,7 +764,8 @@ pub enum Written {
     /// Its row and events are committed.
     Inserted,
     /// Its row met an existing one on a unique key (the same idempotency
-    /// key, stored first by another request): nothing of it was written.
+    /// key, stored first by another request), or its requester is frozen
+    /// ([`requester_gate`]): nothing of it was written.
     Conflict,
 }
 
@@ -850,10 +851,20 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(String, Vec<Col
     let mut kept = Vec::with_capacity(tables.len());
     for (index, (table, names, rows)) in tables.into_iter().enumerate() {
         let unnest = unnest_of(rows, &mut arrays);
+        let names = names.join(", ");
+        let gate = requester_gate(table)
+            .map(|(agent, tenant)| {
+                format!(
+                    " WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.id = u.{agent} \
+                       AND a.frozen_at IS NOT NULL) \
+                     AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = u.{tenant} \
+                       AND t.traffic_frozen_at IS NOT NULL)"
+                )
+            })
+            .unwrap_or_default();
         sql.push_str(&format!(
-            "r{index} AS (INSERT INTO {table} ({}) SELECT * FROM {unnest} \
+            "r{index} AS (INSERT INTO {table} ({names}) SELECT * FROM {unnest} AS u({names}){gate} \
              ON CONFLICT DO NOTHING RETURNING id), ",
-            names.join(", ")
         ));
         kept.push(format!("SELECT id FROM r{index}"));
     }
@@ -873,6 +884,20 @@ fn group_statement(clock: &dyn Clock, units: &[Unit]) -> Result<(String, Vec<Col
         kept.join(" UNION ALL "),
     ));
     Ok((sql, arrays))
+}
+
+/// The requester columns (agent, tenant) of a table whose rows a frozen
+/// requester may not add (the kill switch, `domain::kill_switch`): an ACTIVE
+/// delegation or a signature is stored only if, as the storing statement or
+/// transaction sees it, neither its agent nor its tenant's traffic is
+/// frozen. A row refused so is reported as [`Written::Conflict`]; its caller
+/// finds no row of its idempotency key and asks the database why.
+pub fn requester_gate(table: &str) -> Option<(&'static str, &'static str)> {
+    match table {
+        "delegations" => Some(("requesting_agent_id", "requesting_tenant_id")),
+        "signatures" => Some(("requester_subject", "tenant_id")),
+        _ => None,
+    }
 }
 
 /// `unnest($k::T[], …)` of `columns`, whose arrays join `arrays` (the
@@ -1022,6 +1047,34 @@ fn sqlx_error(err: sea_orm::sqlx::Error) -> Error {
 /// SQLite (one writer at a time anyway): one transaction per unit.
 async fn write_one(db: &DatabaseConnection, clock: &dyn Clock, unit: &Unit) -> Result<Written> {
     let txn = db.begin().await?;
+    if let Some(insert) = &unit.insert
+        && let Some((agent, tenant)) = requester_gate(insert.table)
+    {
+        let value_of = |name: &str| {
+            insert
+                .columns
+                .iter()
+                .find(|(column, _)| *column == name)
+                .map(|(_, value)| value.clone())
+                .ok_or_else(|| Error::internal(format!("a gated insert without {name}")))
+        };
+        let frozen = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                "SELECT EXISTS (SELECT 1 FROM agents WHERE id = ? AND frozen_at IS NOT NULL) \
+                   OR EXISTS (SELECT 1 FROM tenants WHERE id = ? AND traffic_frozen_at IS NOT NULL) \
+                   AS frozen",
+                [value_of(agent)?, value_of(tenant)?],
+            ))
+            .await?
+            .map(|row| row.try_get::<bool>("", "frozen"))
+            .transpose()?
+            .unwrap_or(false);
+        if frozen {
+            txn.rollback().await?;
+            return Ok(Written::Conflict);
+        }
+    }
     if let Some(insert) = &unit.insert {
         match txn.execute(&insert.statement).await {
             Ok(_) => {}

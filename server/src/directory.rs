@@ -39,6 +39,12 @@
 //! keyed by a digest of the issuer and the organisation id, which may hold
 //! any character.
 //!
+//! A freeze (the kill switch) ends every delegation of a requester at once;
+//! it announces the requester once ([`Entry::AgentDelegations`],
+//! [`Entry::TenantDelegations`]) and every replica drops each held
+//! delegation of that agent or tenant in one pass, instead of one
+//! notification per delegation.
+//!
 //! Connection and OAuth-provider rows are held for ExchangeToken. Only
 //! CONNECTED connections are held; every write to a connection (callback,
 //! refresh, narrowed refresh that rotates, NEEDS_REAUTH, disconnect) and to a
@@ -81,6 +87,11 @@ pub enum Entry {
     Provider(String),
     /// An external organisation binding, by [`Entry::organization`]'s key.
     Organization(String),
+    /// Every delegation the agent requested (a freeze ended them at once).
+    AgentDelegations(String),
+    /// Every delegation the tenant's agents requested (a freeze of its
+    /// traffic ended them at once).
+    TenantDelegations(String),
 }
 
 impl Entry {
@@ -98,6 +109,8 @@ impl Entry {
             Self::Connection(id) => format!("connection|{id}"),
             Self::Provider(id) => format!("provider|{id}"),
             Self::Organization(key) => format!("org|{key}"),
+            Self::AgentDelegations(id) => format!("agent_delegations|{id}"),
+            Self::TenantDelegations(id) => format!("tenant_delegations|{id}"),
         }
     }
 
@@ -111,6 +124,8 @@ impl Entry {
             ("connection", id) => Some(Self::Connection(id.to_owned())),
             ("provider", id) => Some(Self::Provider(id.to_owned())),
             ("org", key) => Some(Self::Organization(key.to_owned())),
+            ("agent_delegations", id) => Some(Self::AgentDelegations(id.to_owned())),
+            ("tenant_delegations", id) => Some(Self::TenantDelegations(id.to_owned())),
             _ => None,
         }
     }
@@ -352,6 +367,12 @@ impl Directory {
             Entry::Connection(id) => self.drop_key(&self.connections, id),
             Entry::Provider(id) => self.drop_key(&self.providers, id),
             Entry::Organization(key) => self.drop_key(&self.organizations, key),
+            Entry::AgentDelegations(id) => {
+                self.drop_where(&self.delegations, |row| row.requesting_agent_id == *id);
+            }
+            Entry::TenantDelegations(id) => {
+                self.drop_where(&self.delegations, |row| row.requesting_tenant_id == *id);
+            }
         }
     }
 
@@ -431,6 +452,14 @@ impl Directory {
         map.insert(id.to_owned(), row.clone());
     }
 
+    /// Drops every entry of `map` that `matches` (one pass over at most
+    /// `MAX_DELEGATIONS` rows: a freeze, not a hot path).
+    fn drop_where<T>(&self, map: &RwLock<HashMap<String, T>>, matches: impl Fn(&T) -> bool) {
+        let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, row| !matches(row));
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn drop_key<T>(&self, map: &RwLock<HashMap<String, T>>, id: &str) {
         let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
         map.remove(id);
@@ -452,6 +481,8 @@ mod tests {
             Entry::Connection("con_1".to_owned()),
             Entry::Provider("prv_1".to_owned()),
             Entry::organization("https://idp.example/", "org|1"),
+            Entry::AgentDelegations("agt_1".to_owned()),
+            Entry::TenantDelegations("tnt_1".to_owned()),
         ] {
             assert_eq!(Entry::parse(&entry.payload()), Some(entry));
         }

@@ -14,6 +14,7 @@
 mod fairness;
 mod fixture;
 mod flood;
+mod freeze;
 mod load;
 mod peer;
 mod scenarios;
@@ -124,6 +125,13 @@ struct Args {
     /// flood.slow_body: IssueToken calls the flood holds on each connection.
     #[arg(long, default_value_t = 256)]
     flood_streams: usize,
+    /// freeze.cross_replica: freezes measured.
+    #[arg(long, default_value_t = 30)]
+    freeze_rounds: usize,
+    /// freeze.cross_replica: ACTIVE delegations the agent holds at each
+    /// freeze.
+    #[arg(long, default_value_t = 1_000)]
+    freeze_delegations: usize,
 }
 
 /// One line of a table.
@@ -260,7 +268,7 @@ fn selected(args: &Args, backend: Backend) -> Result<Vec<String>> {
     }
     if backend == Backend::Sqlite {
         // One process per SQLite file: there is no second replica.
-        names.retain(|name| name != "stepup.cross_replica");
+        names.retain(|name| name != "stepup.cross_replica" && name != "freeze.cross_replica");
     }
     Ok(names)
 }
@@ -472,6 +480,9 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
     let (slow_body, names): (Vec<String>, Vec<String>) = names
         .into_iter()
         .partition(|name| name == "flood.slow_body");
+    let (freezes, names): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| name == "freeze.cross_replica");
     let mut outcome = if names.is_empty() {
         Ok(())
     } else {
@@ -509,6 +520,14 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
             warmup: args.warmup,
         };
         outcome = flood::run(backend, &spec, &settings).await;
+    }
+    if outcome.is_ok() && !freezes.is_empty() {
+        let settings = freeze::Settings {
+            rounds: args.freeze_rounds,
+            delegations: args.freeze_delegations,
+            concurrency: args.concurrency,
+        };
+        outcome = freeze::run(backend, &spec, &settings).await;
     }
     if let Some(database) = database {
         database.drop_now().await?;

@@ -30,6 +30,7 @@ pub const ALL: &[&str] = &[
     "fairness",
     "vault.slow_provider",
     "flood.slow_body",
+    "freeze.cross_replica",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -113,6 +114,9 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
             bail!("vault.slow_provider runs on a server of its own (slow_provider.rs)")
         }
         "flood.slow_body" => bail!("flood.slow_body runs on a server of its own (flood.rs)"),
+        "freeze.cross_replica" => {
+            bail!("freeze.cross_replica runs on servers of its own (freeze.rs)")
+        }
         other => bail!("unknown scenario {other}; known: {}", ALL.join(", ")),
     }
 }

@@ -87,6 +87,14 @@ const AUDITED: &[(&str, &[&str])] = &[
     ("TenantService/SuspendTenant", &["tenant.suspended"]),
     ("TenantService/ReactivateTenant", &["tenant.reactivated"]),
     (
+        "TenantService/FreezeTenantTraffic",
+        &["tenant.traffic_frozen"],
+    ),
+    (
+        "TenantService/UnfreezeTenantTraffic",
+        &["tenant.traffic_unfrozen"],
+    ),
+    (
         "TenantService/BindExternalOrganization",
         &["tenant.organization_bound"],
     ),
@@ -102,6 +110,8 @@ const AUDITED: &[(&str, &[&str])] = &[
     ("AgentService/DisableAgent", &["agent.disabled"]),
     ("AgentService/EnableAgent", &["agent.enabled"]),
     ("AgentService/RotateAgentSecret", &["agent.secret_rotated"]),
+    ("AgentService/FreezeAgent", &["agent.frozen"]),
+    ("AgentService/UnfreezeAgent", &["agent.unfrozen"]),
     (
         "AuthService/IssueToken",
         &["auth.token_issued", "auth.token_refused"],
@@ -1193,6 +1203,35 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
         }
         walk.expect(rpc, &rid, &[globex.as_str(), PLATFORM_LOG], &[event_type]);
     }
+    // The kill switch on a tenant that holds nothing: one event each, in
+    // the tenant's log and (the operator's doing) the platform's.
+    for (rpc, event_type) in [
+        ("TenantService/FreezeTenantTraffic", "tenant.traffic_frozen"),
+        (
+            "TenantService/UnfreezeTenantTraffic",
+            "tenant.traffic_unfrozen",
+        ),
+    ] {
+        let rid = walk.rid(rpc);
+        let tenant_id = globex.clone();
+        let reason = "audit walk".to_owned();
+        if rpc.ends_with("/FreezeTenantTraffic") {
+            let request = pb::FreezeTenantTrafficRequest { tenant_id, reason };
+            operator
+                .tagged(&rid)
+                .freeze_tenant_traffic(request)
+                .await
+                .expect("freeze");
+        } else {
+            let request = pb::UnfreezeTenantTrafficRequest { tenant_id, reason };
+            operator
+                .tagged(&rid)
+                .unfreeze_tenant_traffic(request)
+                .await
+                .expect("unfreeze");
+        }
+        walk.expect(rpc, &rid, &[globex.as_str(), PLATFORM_LOG], &[event_type]);
+    }
     let organization = pb::ExternalOrganization {
         issuer: IDP.to_owned(),
         organization_id: "org_walk".to_owned(),
@@ -1290,6 +1329,22 @@ async fn every_state_changing_rpc_leaves_its_audit_event_in_the_right_log() {
                     .expect("rotate");
                 walk.secrets.push(rotated.client_secret);
             }
+        }
+        walk.expect(rpc, &rid, &[acme.as_str()], &[event_type]);
+    }
+    for (rpc, event_type) in [
+        ("AgentService/FreezeAgent", "agent.frozen"),
+        ("AgentService/UnfreezeAgent", "agent.unfrozen"),
+    ] {
+        let rid = walk.rid(rpc);
+        let admin = acme_admin.tagged(&rid);
+        let (agent_id, reason) = (spare.clone(), "audit walk".to_owned());
+        if rpc.ends_with("/FreezeAgent") {
+            let request = pb::FreezeAgentRequest { agent_id, reason };
+            admin.freeze_agent(request).await.expect("freeze");
+        } else {
+            let request = pb::UnfreezeAgentRequest { agent_id, reason };
+            admin.unfreeze_agent(request).await.expect("unfreeze");
         }
         walk.expect(rpc, &rid, &[acme.as_str()], &[event_type]);
     }

@@ -708,6 +708,52 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
                 agent_id: a.disabled.id.clone(),
             }
         )),
+        // The kill switch: another tenant's agent does not exist for
+        // globex, and globex may not name acme's traffic.
+        "/vaultguard.v1.AgentService/FreezeAgent" => not_found(rpc!(
+            c,
+            agents.freeze_agent,
+            pb::FreezeAgentRequest {
+                agent_id: a.bot.id.clone(),
+                reason: "probe".to_owned(),
+            }
+        )),
+        "/vaultguard.v1.AgentService/UnfreezeAgent" => not_found(rpc!(
+            c,
+            agents.unfreeze_agent,
+            pb::UnfreezeAgentRequest {
+                agent_id: a.bot.id.clone(),
+                reason: "probe".to_owned(),
+            }
+        )),
+        "/vaultguard.v1.TenantService/FreezeTenantTraffic" => {
+            expect_reason(
+                rpc!(
+                    c,
+                    tenants.freeze_tenant_traffic,
+                    pb::FreezeTenantTrafficRequest {
+                        tenant_id: a.tenant.id.clone(),
+                        reason: "probe".to_owned(),
+                    }
+                ),
+                Code::PermissionDenied,
+                Reason::TenantMismatch,
+            );
+        }
+        "/vaultguard.v1.TenantService/UnfreezeTenantTraffic" => {
+            expect_reason(
+                rpc!(
+                    c,
+                    tenants.unfreeze_tenant_traffic,
+                    pb::UnfreezeTenantTrafficRequest {
+                        tenant_id: a.tenant.id.clone(),
+                        reason: "probe".to_owned(),
+                    }
+                ),
+                Code::PermissionDenied,
+                Reason::TenantMismatch,
+            );
+        }
         "/vaultguard.v1.AgentService/RotateAgentSecret" => not_found(rpc!(
             c,
             agents.rotate_agent_secret,

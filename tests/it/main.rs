@@ -22,6 +22,7 @@ mod identity;
 mod isolation;
 mod issuer_keys;
 mod jwt_attacks;
+mod kill_switch;
 mod limits;
 mod log_growth;
 mod money;

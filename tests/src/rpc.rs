@@ -100,6 +100,8 @@ rpcs! {
     disable_agent => agents.disable_agent(pb::DisableAgentRequest) -> pb::DisableAgentResponse;
     enable_agent => agents.enable_agent(pb::EnableAgentRequest) -> pb::EnableAgentResponse;
     rotate_agent_secret => agents.rotate_agent_secret(pb::RotateAgentSecretRequest) -> pb::RotateAgentSecretResponse;
+    freeze_agent => agents.freeze_agent(pb::FreezeAgentRequest) -> pb::FreezeAgentResponse;
+    unfreeze_agent => agents.unfreeze_agent(pb::UnfreezeAgentRequest) -> pb::UnfreezeAgentResponse;
     list_audit_events => audit.list_audit_events(pb::ListAuditEventsRequest) -> pb::ListAuditEventsResponse;
     tail_audit_events => audit.tail_audit_events(pb::TailAuditEventsRequest) -> tonic::Streaming<pb::TailAuditEventsResponse>;
     export_audit_events => audit.export_audit_events(pb::ExportAuditEventsRequest) -> tonic::Streaming<pb::ExportAuditEventsResponse>;
@@ -145,6 +147,8 @@ rpcs! {
     bind_external_organization => tenants.bind_external_organization(pb::BindExternalOrganizationRequest) -> pb::BindExternalOrganizationResponse;
     unbind_external_organization => tenants.unbind_external_organization(pb::UnbindExternalOrganizationRequest) -> pb::UnbindExternalOrganizationResponse;
     update_tenant_settings => tenants.update_tenant_settings(pb::UpdateTenantSettingsRequest) -> pb::UpdateTenantSettingsResponse;
+    freeze_tenant_traffic => tenants.freeze_tenant_traffic(pb::FreezeTenantTrafficRequest) -> pb::FreezeTenantTrafficResponse;
+    unfreeze_tenant_traffic => tenants.unfreeze_tenant_traffic(pb::UnfreezeTenantTrafficRequest) -> pb::UnfreezeTenantTrafficResponse;
     create_o_auth_provider => vault.create_o_auth_provider(pb::CreateOAuthProviderRequest) -> pb::CreateOAuthProviderResponse;
     get_o_auth_provider => vault.get_o_auth_provider(pb::GetOAuthProviderRequest) -> pb::GetOAuthProviderResponse;
     list_o_auth_providers => vault.list_o_auth_providers(pb::ListOAuthProvidersRequest) -> pb::ListOAuthProvidersResponse;

@@ -84,6 +84,9 @@ pub async fn create(
         secret_rotated_at: Set(now),
         created_at: Set(now),
         updated_at: Set(now),
+        frozen_at: Set(None),
+        freeze_reason: Set(String::new()),
+        frozen_by: Set(None),
     }
     .insert(&txn)
     .await;

@@ -52,7 +52,8 @@ use crate::domain::budgets;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{Attr, Outcome};
 use crate::domain::{
-    actor_json, page, parse_actor, provider_reads, tenants::audience, to_json, vault_settings,
+    actor_json, frozen, page, parse_actor, provider_reads, tenants::audience, to_json,
+    vault_settings,
 };
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
@@ -1020,6 +1021,7 @@ pub async fn exchange(
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents exchange tokens"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let mut v = Violations::new();
     if req.grant_type != GRANT_TYPE_TOKEN_EXCHANGE {
         v.add("grant_type", format!("must be {GRANT_TYPE_TOKEN_EXCHANGE}"));

@@ -31,7 +31,7 @@ use crate::domain::budgets;
 use crate::domain::policies::{self, is_active};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Direction, Outcome, Request};
 use crate::domain::tenants::audience;
-use crate::domain::{actor_json, page, step_up_queue, to_json};
+use crate::domain::{actor_json, frozen, page, step_up_queue, to_json};
 use crate::error::{Error, FieldViolation, Result, Violations, is_unique_violation};
 use crate::ids::{IdKind, check_id, new_id};
 use crate::issuer::parse_algorithm;
@@ -455,6 +455,7 @@ pub async fn request(
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents request delegations"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let mut v = Violations::new();
     v.check(check_idempotency_key(&req.idempotency_key));
     let input = check_input(
@@ -618,9 +619,16 @@ async fn answer(
         Stored::Inserted(auth_req) => auth_req,
         Stored::Lost => {
             // A request with the same key was stored first: answer from it.
-            let winner = find_by_key(state, new.agent_id, new.idempotency_key)
-                .await?
-                .ok_or(Error::Conflict("concurrent idempotent request"))?;
+            // Or the requester was frozen since it was judged: the
+            // storing statement refused the row.
+            let Some(winner) = find_by_key(state, new.agent_id, new.idempotency_key).await? else {
+                if let Some(frozen) =
+                    frozen::frozen_now(&state.db, new.tenant_id, new.agent_id).await?
+                {
+                    return Err(frozen);
+                }
+                return Err(Error::Conflict("concurrent idempotent request"));
+            };
             return replay(state, ctx, winner, new.request_hash).await;
         }
     };
@@ -692,6 +700,11 @@ async fn request_charged(
             return answer(state, ctx, new, row, &decision, signed, Stored::Lost).await;
         }
         Err(err) => return Err(err.into()),
+    }
+    if decision.outcome == Outcome::Allow {
+        // A freeze that committed since the request was judged refuses it
+        // here (a step-up's opening checks the same in insert_step_up).
+        frozen::check_not_frozen_in(&txn, new.tenant_id, new.agent_id).await?;
     }
     let mut change = None;
     if decision.outcome != Outcome::Block {
@@ -838,6 +851,9 @@ pub(crate) async fn insert_step_up(
         .step_up_id
         .clone()
         .ok_or_else(|| Error::internal("pending delegation without step-up id"))?;
+    // The kill switch: the freeze is read again after the row is in `txn`
+    // (`kill_switch` explains why that closes the race).
+    frozen::check_not_frozen_in(txn, &row.requesting_tenant_id, &row.requesting_agent_id).await?;
     step_up_queue::check_queue_room(
         state,
         txn,
@@ -1521,7 +1537,7 @@ pub async fn verify(
     } else if !required_action.is_empty() && row.action != required_action {
         Some("action differs from required_action")
     } else if !standing_ok(state, &row).await? {
-        Some("requesting tenant suspended or agent disabled")
+        Some("requesting tenant suspended or frozen, or agent disabled or frozen")
     } else {
         None
     };
@@ -1553,13 +1569,15 @@ pub async fn verify(
     }
 }
 
-/// The requesting tenant is active and the requesting agent enabled.
+/// The requesting tenant is active and the requesting agent enabled, and
+/// neither is frozen (the freeze also revoked the delegation; this answers
+/// for any row a replica still holds from before).
 pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Result<bool> {
     let tenant_ok = state
         .directory
         .tenant(&state.db, &row.requesting_tenant_id)
         .await?
-        .is_some_and(|t| is_active(&t));
+        .is_some_and(|t| is_active(&t) && t.traffic_frozen_at.is_none());
     if !tenant_ok {
         return Ok(false);
     }
@@ -1567,7 +1585,7 @@ pub(crate) async fn standing_ok(state: &AppState, row: &delegation::Model) -> Re
         .directory
         .agent(&state.db, &row.requesting_agent_id)
         .await?
-        .is_some_and(|a| a.status == agent::Status::Active))
+        .is_some_and(|a| a.status == agent::Status::Active && a.frozen_at.is_none()))
 }
 
 async fn record_verification(

@@ -9,6 +9,8 @@ pub mod budgets;
 pub mod connections;
 pub mod console_sessions;
 pub mod delegations;
+pub mod frozen;
+pub mod kill_switch;
 pub mod page;
 pub mod policies;
 pub mod policy_cache;

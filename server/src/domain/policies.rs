@@ -951,6 +951,9 @@ mod tests {
             updated_at: 0,
             policy_updated_at: None,
             policy_updated_by: None,
+            traffic_frozen_at: None,
+            traffic_freeze_reason: String::new(),
+            traffic_frozen_by: None,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::domain::budgets;
 use crate::domain::delegations::{self, Input, NewDelegation};
 use crate::domain::policy_engine::{self as engine, Attr, Decision, Outcome};
 use crate::domain::step_ups;
-use crate::domain::{actor_json, insert_audited, page, to_json};
+use crate::domain::{actor_json, frozen, insert_audited, page, to_json};
 use crate::error::{Error, Result, Violations, is_unique_violation};
 use crate::ethereum;
 use crate::ids::{IdKind, check_id, new_id};
@@ -636,6 +636,7 @@ pub async fn sign(state: &AppState, ctx: &CallContext, req: &pb::SignRequest) ->
         .ok_or_else(|| Error::denied(ErrorReason::RoleRequired, "only agents sign"))?
         .to_owned();
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
+    frozen::check_requester(state, &tenant_id, &agent_id).await?;
     let input = check_sign(req)?;
     let signed = sign_checked(state, ctx, req, &input, agent_id, tenant_id).await?;
     with_transaction(&input, signed)
@@ -853,6 +854,9 @@ async fn sign_checked(
                 // transaction that holds the budgets' locks.
                 Some((txn, checked)) => {
                     if insert_signature(&txn, &row).await? {
+                        // A freeze committed since the request was judged
+                        // refuses it here, as the group insert does.
+                        frozen::check_not_frozen_in(&txn, &tenant_id, &agent_id).await?;
                         budgets::record_in(&txn, &checked, &row.id, None, now).await?;
                         audit::append_all(&txn, state.clock.as_ref(), vec![event]).await?;
                         txn.commit().await?;
@@ -996,9 +1000,14 @@ async fn replay_winner(
     req: &pb::SignRequest,
     request_hash: &str,
 ) -> Result<Signed> {
-    let winner = find_by_key(state, &key.id, agent_id, &req.idempotency_key)
-        .await?
-        .ok_or(Error::Conflict("concurrent idempotent sign"))?;
+    let Some(winner) = find_by_key(state, &key.id, agent_id, &req.idempotency_key).await? else {
+        // Or the requester was frozen since it was judged: the storing
+        // statement refused the row.
+        if let Some(frozen) = frozen::frozen_now(&state.db, &key.tenant_id, agent_id).await? {
+            return Err(frozen);
+        }
+        return Err(Error::Conflict("concurrent idempotent sign"));
+    };
     replay(state, ctx, key, input, winner, request_hash).await
 }
 
@@ -1229,6 +1238,9 @@ async fn sign_approved(
         .filter(signature::Column::Id.eq(row.id.clone()))
         .exec(&txn)
         .await?;
+    // The kill switch: the freeze is read again once the row is written
+    // (`kill_switch` explains why that closes the race).
+    frozen::check_not_frozen_in(&txn, &row.tenant_id, &row.requester_subject).await?;
     if updated.rows_affected == 1 {
         let mut signed = row.clone();
         signed.status = signature::Status::Signed;

@@ -148,6 +148,9 @@ pub async fn create(
         updated_at: Set(now),
         policy_updated_at: Set(None),
         policy_updated_by: Set(None),
+        traffic_frozen_at: Set(None),
+        traffic_freeze_reason: Set(String::new()),
+        traffic_frozen_by: Set(None),
     }
     .insert(&txn)
     .await;
@@ -185,6 +188,12 @@ pub async fn get(state: &AppState, ctx: &CallContext, tenant_id: &str) -> Result
         return Err(Error::NotFound("tenant"));
     }
     let model = find(state, &wanted).await?;
+    view(state, model).await
+}
+
+/// Returns any tenant by id (the caller has checked it may see it).
+pub async fn get_any(state: &AppState, tenant_id: &str) -> Result<TenantView> {
+    let model = find(state, tenant_id).await?;
     view(state, model).await
 }
 

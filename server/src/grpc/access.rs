@@ -20,6 +20,7 @@ const OPERATOR: &[Role] = &[Role::Operator];
 const ADMIN: &[Role] = &[Role::Admin];
 const AGENT: &[Role] = &[Role::Agent];
 const ADMIN_OR_AGENT: &[Role] = &[Role::Admin, Role::Agent];
+const ADMIN_OR_OPERATOR: &[Role] = &[Role::Admin, Role::Operator];
 const APPROVERS: &[Role] = &[Role::Admin, Role::Approver];
 const AUDIT_READERS: &[Role] = &[Role::Admin, Role::Auditor];
 const DELEGATION_READERS: &[Role] = &[Role::Admin, Role::Approver, Role::Auditor, Role::Agent];
@@ -67,6 +68,14 @@ pub const MATRIX: &[(&str, Access)] = &[
         Access::Roles(ADMIN),
     ),
     (
+        "/vaultguard.v1.TenantService/FreezeTenantTraffic",
+        Access::Roles(ADMIN_OR_OPERATOR),
+    ),
+    (
+        "/vaultguard.v1.TenantService/UnfreezeTenantTraffic",
+        Access::Roles(ADMIN_OR_OPERATOR),
+    ),
+    (
         "/vaultguard.v1.AgentService/CreateAgent",
         Access::Roles(ADMIN),
     ),
@@ -86,6 +95,14 @@ pub const MATRIX: &[(&str, Access)] = &[
     (
         "/vaultguard.v1.AgentService/RotateAgentSecret",
         Access::Roles(ADMIN),
+    ),
+    (
+        "/vaultguard.v1.AgentService/FreezeAgent",
+        Access::Roles(ADMIN_OR_OPERATOR),
+    ),
+    (
+        "/vaultguard.v1.AgentService/UnfreezeAgent",
+        Access::Roles(ADMIN_OR_OPERATOR),
     ),
     ("/vaultguard.v1.AuthService/IssueToken", Access::Public),
     ("/vaultguard.v1.AuthService/WhoAmI", Access::Roles(ANYONE)),

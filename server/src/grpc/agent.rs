@@ -6,7 +6,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::agent_service_server::AgentService;
 
 use super::{Reply, call_context, convert};
-use crate::domain::agents;
+use crate::domain::{agents, kill_switch};
 use crate::state::AppState;
 
 /// AgentService over the domain layer.
@@ -75,6 +75,33 @@ impl AgentService for AgentApi {
         let ctx = call_context(&request)?;
         let agent = agents::set_disabled(&self.0, &ctx, &request.get_ref().agent_id, false).await?;
         Ok(Response::new(pb::EnableAgentResponse {
+            agent: Some(convert::agent(agent)),
+        }))
+    }
+
+    async fn freeze_agent(
+        &self,
+        request: Request<pb::FreezeAgentRequest>,
+    ) -> Reply<pb::FreezeAgentResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let (agent, swept) =
+            kill_switch::freeze_agent(&self.0, &ctx, &req.agent_id, &req.reason).await?;
+        Ok(Response::new(pb::FreezeAgentResponse {
+            agent: Some(convert::agent(agent)),
+            delegations_revoked: swept.delegations_revoked,
+            step_ups_denied: swept.step_ups_denied,
+        }))
+    }
+
+    async fn unfreeze_agent(
+        &self,
+        request: Request<pb::UnfreezeAgentRequest>,
+    ) -> Reply<pb::UnfreezeAgentResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let agent = kill_switch::unfreeze_agent(&self.0, &ctx, &req.agent_id, &req.reason).await?;
+        Ok(Response::new(pb::UnfreezeAgentResponse {
             agent: Some(convert::agent(agent)),
         }))
     }

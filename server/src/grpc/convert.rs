@@ -40,6 +40,9 @@ pub fn tenant(view: TenantView) -> pb::Tenant {
             .collect(),
         create_time: Some(to_timestamp(tenant.created_at)),
         update_time: Some(to_timestamp(tenant.updated_at)),
+        traffic_frozen: tenant.traffic_frozen_at.is_some(),
+        traffic_freeze_reason: tenant.traffic_freeze_reason,
+        traffic_freeze_time: tenant.traffic_frozen_at.map(to_timestamp),
     }
 }
 
@@ -53,6 +56,9 @@ pub fn agent(model: agent::Model) -> pb::Agent {
         create_time: Some(to_timestamp(model.created_at)),
         update_time: Some(to_timestamp(model.updated_at)),
         secret_rotate_time: Some(to_timestamp(model.secret_rotated_at)),
+        frozen: model.frozen_at.is_some(),
+        freeze_reason: model.freeze_reason,
+        freeze_time: model.frozen_at.map(to_timestamp),
     }
 }
 

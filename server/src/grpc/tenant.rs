@@ -6,7 +6,7 @@ use vaultguard_proto::v1 as pb;
 use vaultguard_proto::v1::tenant_service_server::TenantService;
 
 use super::{Reply, call_context, convert};
-use crate::domain::tenants;
+use crate::domain::{kill_switch, tenants};
 use crate::state::AppState;
 
 /// TenantService over the domain layer.
@@ -116,6 +116,33 @@ impl TenantService for TenantApi {
         )
         .await?;
         Ok(Response::new(pb::UnbindExternalOrganizationResponse {
+            tenant: Some(convert::tenant(view)),
+        }))
+    }
+
+    async fn freeze_tenant_traffic(
+        &self,
+        request: Request<pb::FreezeTenantTrafficRequest>,
+    ) -> Reply<pb::FreezeTenantTrafficResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let (view, swept) =
+            kill_switch::freeze_tenant(&self.0, &ctx, &req.tenant_id, &req.reason).await?;
+        Ok(Response::new(pb::FreezeTenantTrafficResponse {
+            tenant: Some(convert::tenant(view)),
+            delegations_revoked: swept.delegations_revoked,
+            step_ups_denied: swept.step_ups_denied,
+        }))
+    }
+
+    async fn unfreeze_tenant_traffic(
+        &self,
+        request: Request<pb::UnfreezeTenantTrafficRequest>,
+    ) -> Reply<pb::UnfreezeTenantTrafficResponse> {
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let view = kill_switch::unfreeze_tenant(&self.0, &ctx, &req.tenant_id, &req.reason).await?;
+        Ok(Response::new(pb::UnfreezeTenantTrafficResponse {
             tenant: Some(convert::tenant(view)),
         }))
     }

@@ -25,6 +25,13 @@ pub mod tenant {
         pub policy_updated_at: Option<i64>,
         /// JSON of the actor who last changed the policy settings.
         pub policy_updated_by: Option<String>,
+        /// When FreezeTenantTraffic froze the tenant's outbound traffic
+        /// (none of its agents may ask, sign or exchange); NULL: not frozen.
+        pub traffic_frozen_at: Option<i64>,
+        /// Why it was frozen (empty when it is not).
+        pub traffic_freeze_reason: String,
+        /// JSON of the actor who froze it.
+        pub traffic_frozen_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -98,6 +105,13 @@ pub mod agent {
         pub secret_rotated_at: i64,
         pub created_at: i64,
         pub updated_at: i64,
+        /// When FreezeAgent froze it (it may not ask, sign or exchange);
+        /// NULL: not frozen.
+        pub frozen_at: Option<i64>,
+        /// Why it was frozen (empty when it is not).
+        pub freeze_reason: String,
+        /// JSON of the actor who froze it.
+        pub frozen_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

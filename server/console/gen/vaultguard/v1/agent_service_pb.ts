@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vaultguard/v1/agent_service.proto.
  */
 export const file_vaultguard_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF2YXVsdGd1YXJkL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SDXZhdWx0Z3VhcmQudjEijwIKBUFnZW50EgoKAmlkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEioKBnN0YXR1cxgFIAEoDjIaLnZhdWx0Z3VhcmQudjEuQWdlbnRTdGF0dXMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2ChJzZWNyZXRfcm90YXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjcKEkNyZWF0ZUFnZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJIlEKE0NyZWF0ZUFnZW50UmVzcG9uc2USIwoFYWdlbnQYASABKAsyFC52YXVsdGd1YXJkLnYxLkFnZW50EhUKDWNsaWVudF9zZWNyZXQYAiABKAkiIwoPR2V0QWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIjcKEEdldEFnZW50UmVzcG9uc2USIwoFYWdlbnQYASABKAsyFC52YXVsdGd1YXJkLnYxLkFnZW50ImkKEUxpc3RBZ2VudHNSZXF1ZXN0EigKBHBhZ2UYASABKAsyGi52YXVsdGd1YXJkLnYxLlBhZ2VSZXF1ZXN0EioKBnN0YXR1cxgCIAEoDjIaLnZhdWx0Z3VhcmQudjEuQWdlbnRTdGF0dXMiZQoSTGlzdEFnZW50c1Jlc3BvbnNlEiQKBmFnZW50cxgBIAMoCzIULnZhdWx0Z3VhcmQudjEuQWdlbnQSKQoEcGFnZRgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuUGFnZVJlc3BvbnNlIicKE0Rpc2FibGVBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiOwoURGlzYWJsZUFnZW50UmVzcG9uc2USIwoFYWdlbnQYASABKAsyFC52YXVsdGd1YXJkLnYxLkFnZW50IiYKEkVuYWJsZUFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSI6ChNFbmFibGVBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudCIsChhSb3RhdGVBZ2VudFNlY3JldFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiVwoZUm90YXRlQWdlbnRTZWNyZXRSZXNwb25zZRIjCgVhZ2VudBgBIAEoCzIULnZhdWx0Z3VhcmQudjEuQWdlbnQSFQoNY2xpZW50X3NlY3JldBgCIAEoCSpfCgtBZ2VudFN0YXR1cxIcChhBR0VOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNBR0VOVF9TVEFUVVNfQUNUSVZFEAESGQoVQUdFTlRfU1RBVFVTX0RJU0FCTEVEEAIymwQKDEFnZW50U2VydmljZRJUCgtDcmVhdGVBZ2VudBIhLnZhdWx0Z3VhcmQudjEuQ3JlYXRlQWdlbnRSZXF1ZXN0GiIudmF1bHRndWFyZC52MS5DcmVhdGVBZ2VudFJlc3BvbnNlEksKCEdldEFnZW50Eh4udmF1bHRndWFyZC52MS5HZXRBZ2VudFJlcXVlc3QaHy52YXVsdGd1YXJkLnYxLkdldEFnZW50UmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLnZhdWx0Z3VhcmQudjEuTGlzdEFnZW50c1JlcXVlc3QaIS52YXVsdGd1YXJkLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJXCgxEaXNhYmxlQWdlbnQSIi52YXVsdGd1YXJkLnYxLkRpc2FibGVBZ2VudFJlcXVlc3QaIy52YXVsdGd1YXJkLnYxLkRpc2FibGVBZ2VudFJlc3BvbnNlElQKC0VuYWJsZUFnZW50EiEudmF1bHRndWFyZC52MS5FbmFibGVBZ2VudFJlcXVlc3QaIi52YXVsdGd1YXJkLnYxLkVuYWJsZUFnZW50UmVzcG9uc2USZgoRUm90YXRlQWdlbnRTZWNyZXQSJy52YXVsdGd1YXJkLnYxLlJvdGF0ZUFnZW50U2VjcmV0UmVxdWVzdBooLnZhdWx0Z3VhcmQudjEuUm90YXRlQWdlbnRTZWNyZXRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
+  fileDesc("CiF2YXVsdGd1YXJkL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SDXZhdWx0Z3VhcmQudjEi5wIKBUFnZW50EgoKAmlkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEioKBnN0YXR1cxgFIAEoDjIaLnZhdWx0Z3VhcmQudjEuQWdlbnRTdGF0dXMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2ChJzZWNyZXRfcm90YXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmZyb3plbhgJIAEoCBIVCg1mcmVlemVfcmVhc29uGAogASgJEi8KC2ZyZWV6ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI3ChJDcmVhdGVBZ2VudFJlcXVlc3QSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSJRChNDcmVhdGVBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudBIVCg1jbGllbnRfc2VjcmV0GAIgASgJIiMKD0dldEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSI3ChBHZXRBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudCJpChFMaXN0QWdlbnRzUmVxdWVzdBIoCgRwYWdlGAEgASgLMhoudmF1bHRndWFyZC52MS5QYWdlUmVxdWVzdBIqCgZzdGF0dXMYAiABKA4yGi52YXVsdGd1YXJkLnYxLkFnZW50U3RhdHVzImUKEkxpc3RBZ2VudHNSZXNwb25zZRIkCgZhZ2VudHMYASADKAsyFC52YXVsdGd1YXJkLnYxLkFnZW50EikKBHBhZ2UYAiABKAsyGy52YXVsdGd1YXJkLnYxLlBhZ2VSZXNwb25zZSInChNEaXNhYmxlQWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIjsKFERpc2FibGVBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudCImChJFbmFibGVBZ2VudFJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkiOgoTRW5hYmxlQWdlbnRSZXNwb25zZRIjCgVhZ2VudBgBIAEoCzIULnZhdWx0Z3VhcmQudjEuQWdlbnQiLAoYUm90YXRlQWdlbnRTZWNyZXRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIlcKGVJvdGF0ZUFnZW50U2VjcmV0UmVzcG9uc2USIwoFYWdlbnQYASABKAsyFC52YXVsdGd1YXJkLnYxLkFnZW50EhUKDWNsaWVudF9zZWNyZXQYAiABKAkiNgoSRnJlZXplQWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJwChNGcmVlemVBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudBIbChNkZWxlZ2F0aW9uc19yZXZva2VkGAIgASgNEhcKD3N0ZXBfdXBzX2RlbmllZBgDIAEoDSI4ChRVbmZyZWV6ZUFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiPAoVVW5mcmVlemVBZ2VudFJlc3BvbnNlEiMKBWFnZW50GAEgASgLMhQudmF1bHRndWFyZC52MS5BZ2VudCpfCgtBZ2VudFN0YXR1cxIcChhBR0VOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNBR0VOVF9TVEFUVVNfQUNUSVZFEAESGQoVQUdFTlRfU1RBVFVTX0RJU0FCTEVEEAIyzQUKDEFnZW50U2VydmljZRJUCgtDcmVhdGVBZ2VudBIhLnZhdWx0Z3VhcmQudjEuQ3JlYXRlQWdlbnRSZXF1ZXN0GiIudmF1bHRndWFyZC52MS5DcmVhdGVBZ2VudFJlc3BvbnNlEksKCEdldEFnZW50Eh4udmF1bHRndWFyZC52MS5HZXRBZ2VudFJlcXVlc3QaHy52YXVsdGd1YXJkLnYxLkdldEFnZW50UmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLnZhdWx0Z3VhcmQudjEuTGlzdEFnZW50c1JlcXVlc3QaIS52YXVsdGd1YXJkLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJXCgxEaXNhYmxlQWdlbnQSIi52YXVsdGd1YXJkLnYxLkRpc2FibGVBZ2VudFJlcXVlc3QaIy52YXVsdGd1YXJkLnYxLkRpc2FibGVBZ2VudFJlc3BvbnNlElQKC0VuYWJsZUFnZW50EiEudmF1bHRndWFyZC52MS5FbmFibGVBZ2VudFJlcXVlc3QaIi52YXVsdGd1YXJkLnYxLkVuYWJsZUFnZW50UmVzcG9uc2USZgoRUm90YXRlQWdlbnRTZWNyZXQSJy52YXVsdGd1YXJkLnYxLlJvdGF0ZUFnZW50U2VjcmV0UmVxdWVzdBooLnZhdWx0Z3VhcmQudjEuUm90YXRlQWdlbnRTZWNyZXRSZXNwb25zZRJUCgtGcmVlemVBZ2VudBIhLnZhdWx0Z3VhcmQudjEuRnJlZXplQWdlbnRSZXF1ZXN0GiIudmF1bHRndWFyZC52MS5GcmVlemVBZ2VudFJlc3BvbnNlEloKDVVuZnJlZXplQWdlbnQSIy52YXVsdGd1YXJkLnYxLlVuZnJlZXplQWdlbnRSZXF1ZXN0GiQudmF1bHRndWFyZC52MS5VbmZyZWV6ZUFnZW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
 
 /**
  * Agent is a machine client of a tenant.
@@ -79,6 +79,30 @@ export type Agent = Message<"vaultguard.v1.Agent"> & {
    * @generated from field: google.protobuf.Timestamp secret_rotate_time = 8;
    */
   secretRotateTime?: Timestamp | undefined;
+
+  /**
+   * frozen is true while the agent is frozen (FreezeAgent): it may not
+   * request delegations, sign or exchange vault tokens. Output only.
+   *
+   * @generated from field: bool frozen = 9;
+   */
+  frozen: boolean;
+
+  /**
+   * freeze_reason is the reason given to FreezeAgent; empty when the agent
+   * is not frozen. Output only.
+   *
+   * @generated from field: string freeze_reason = 10;
+   */
+  freezeReason: string;
+
+  /**
+   * freeze_time is when the agent was frozen; unset when it is not. Output
+   * only.
+   *
+   * @generated from field: google.protobuf.Timestamp freeze_time = 11;
+   */
+  freezeTime?: Timestamp | undefined;
 };
 
 /**
@@ -376,6 +400,122 @@ export const RotateAgentSecretResponseSchema: GenMessage<RotateAgentSecretRespon
   messageDesc(file_vaultguard_v1_agent_service, 12);
 
 /**
+ * FreezeAgentRequest freezes an agent.
+ *
+ * @generated from message vaultguard.v1.FreezeAgentRequest
+ */
+export type FreezeAgentRequest = Message<"vaultguard.v1.FreezeAgentRequest"> & {
+  /**
+   * agent_id is the agent to freeze.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * reason says why, for people: 1 to 256 characters without control
+   * characters. It is the `end_reason` of every delegation the freeze
+   * revokes, the deny reason of every step-up it denies, and is in every
+   * audit event it writes.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.FreezeAgentRequest.
+ * Use `create(FreezeAgentRequestSchema)` to create a new message.
+ */
+export const FreezeAgentRequestSchema: GenMessage<FreezeAgentRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_agent_service, 13);
+
+/**
+ * FreezeAgentResponse returns the frozen agent and what the freeze ended.
+ *
+ * @generated from message vaultguard.v1.FreezeAgentResponse
+ */
+export type FreezeAgentResponse = Message<"vaultguard.v1.FreezeAgentResponse"> & {
+  /**
+   * agent is the agent after the change.
+   *
+   * @generated from field: vaultguard.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * delegations_revoked is how many ACTIVE delegations this call revoked.
+   *
+   * @generated from field: uint32 delegations_revoked = 2;
+   */
+  delegationsRevoked: number;
+
+  /**
+   * step_ups_denied is how many PENDING step-ups this call denied.
+   *
+   * @generated from field: uint32 step_ups_denied = 3;
+   */
+  stepUpsDenied: number;
+};
+
+/**
+ * Describes the message vaultguard.v1.FreezeAgentResponse.
+ * Use `create(FreezeAgentResponseSchema)` to create a new message.
+ */
+export const FreezeAgentResponseSchema: GenMessage<FreezeAgentResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_agent_service, 14);
+
+/**
+ * UnfreezeAgentRequest lets a frozen agent ask again.
+ *
+ * @generated from message vaultguard.v1.UnfreezeAgentRequest
+ */
+export type UnfreezeAgentRequest = Message<"vaultguard.v1.UnfreezeAgentRequest"> & {
+  /**
+   * agent_id is the agent to unfreeze.
+   *
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * reason says why, for people: 1 to 256 characters without control
+   * characters; recorded in the audit log.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.UnfreezeAgentRequest.
+ * Use `create(UnfreezeAgentRequestSchema)` to create a new message.
+ */
+export const UnfreezeAgentRequestSchema: GenMessage<UnfreezeAgentRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_agent_service, 15);
+
+/**
+ * UnfreezeAgentResponse returns the agent after the change.
+ *
+ * @generated from message vaultguard.v1.UnfreezeAgentResponse
+ */
+export type UnfreezeAgentResponse = Message<"vaultguard.v1.UnfreezeAgentResponse"> & {
+  /**
+   * agent is the agent after the change.
+   *
+   * @generated from field: vaultguard.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.UnfreezeAgentResponse.
+ * Use `create(UnfreezeAgentResponseSchema)` to create a new message.
+ */
+export const UnfreezeAgentResponseSchema: GenMessage<UnfreezeAgentResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_agent_service, 16);
+
+/**
  * AgentStatus is the lifecycle state of an agent.
  *
  * @generated from enum vaultguard.v1.AgentStatus
@@ -413,8 +553,10 @@ export const AgentStatusSchema: GenEnum<AgentStatus> = /*@__PURE__*/
  * AgentService manages a tenant's agents: machine clients that authenticate
  * with client credentials (AuthService.IssueToken).
  *
- * Roles: ROLE_ADMIN of the agent's tenant for every RPC. The tenant is always
- * the caller's own; an agent id of another tenant answers NOT_FOUND.
+ * Roles: ROLE_ADMIN of the agent's tenant for every RPC; FreezeAgent and
+ * UnfreezeAgent also ROLE_OPERATOR, for any tenant's agent. For an admin the
+ * tenant is always the caller's own; an agent id of another tenant answers
+ * NOT_FOUND.
  *
  * Client secrets are 256-bit random values generated by the server, returned
  * once by CreateAgent and RotateAgentSecret, and stored only as a keyed
@@ -485,6 +627,43 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof RotateAgentSecretRequestSchema;
     output: typeof RotateAgentSecretResponseSchema;
+  },
+  /**
+   * FreezeAgent is the kill switch for one agent: at once, and on every
+   * replica, it may no longer request delegations, sign or exchange vault
+   * tokens (ERROR_REASON_AGENT_FROZEN), every ACTIVE delegation it holds is
+   * revoked (its `end_reason` is the freeze's reason; VerifyDelegationToken
+   * answers inactive), and its PENDING step-ups are denied. A request judged
+   * just before the freeze leaves no ACTIVE delegation and no signature once
+   * this call has answered. The agent can still authenticate and read.
+   * Freezing a frozen agent is allowed: it keeps the first freeze's time and
+   * reason and ends whatever is still open. Audited: one event for the agent,
+   * one per revoked delegation in both parties' logs, one per denied step-up.
+   *
+   * Roles: ROLE_ADMIN of the agent's tenant, or ROLE_OPERATOR for any agent.
+   * An agent of another tenant answers NOT_FOUND.
+   *
+   * @generated from rpc vaultguard.v1.AgentService.FreezeAgent
+   */
+  freezeAgent: {
+    methodKind: "unary";
+    input: typeof FreezeAgentRequestSchema;
+    output: typeof FreezeAgentResponseSchema;
+  },
+  /**
+   * UnfreezeAgent lets a frozen agent ask again. It restores the ability to
+   * ask, not what the freeze ended: revoked delegations and denied step-ups
+   * stay so. Unfreezing an agent that is not frozen answers
+   * FAILED_PRECONDITION with ERROR_REASON_INVALID_STATE.
+   *
+   * Roles: as FreezeAgent.
+   *
+   * @generated from rpc vaultguard.v1.AgentService.UnfreezeAgent
+   */
+  unfreezeAgent: {
+    methodKind: "unary";
+    input: typeof UnfreezeAgentRequestSchema;
+    output: typeof UnfreezeAgentResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_vaultguard_v1_agent_service, 0);

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vaultguard/v1/tenant_service.proto.
  */
 export const file_vaultguard_v1_tenant_service: GenFile = /*@__PURE__*/
-  fileDesc("CiJ2YXVsdGd1YXJkL3YxL3RlbmFudF9zZXJ2aWNlLnByb3RvEg12YXVsdGd1YXJkLnYxIs8CCgZUZW5hbnQSCgoCaWQYASABKAkSDAoEc2x1ZxgCIAEoCRIUCgxkaXNwbGF5X25hbWUYAyABKAkSKwoGc3RhdHVzGAQgASgOMhsudmF1bHRndWFyZC52MS5UZW5hbnRTdGF0dXMSEAoIYXVkaWVuY2UYBSABKAkSLwoIc2V0dGluZ3MYBiABKAsyHS52YXVsdGd1YXJkLnYxLlRlbmFudFNldHRpbmdzEkMKFmV4dGVybmFsX29yZ2FuaXphdGlvbnMYByADKAsyIy52YXVsdGd1YXJkLnYxLkV4dGVybmFsT3JnYW5pemF0aW9uEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSAoOVGVuYW50U2V0dGluZ3MSNgoPdG9rZW5fYWxnb3JpdGhtGAEgASgOMh0udmF1bHRndWFyZC52MS5Ub2tlbkFsZ29yaXRobSI/ChRFeHRlcm5hbE9yZ2FuaXphdGlvbhIOCgZpc3N1ZXIYASABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAIgASgJImoKE0NyZWF0ZVRlbmFudFJlcXVlc3QSDAoEc2x1ZxgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSLwoIc2V0dGluZ3MYAyABKAsyHS52YXVsdGd1YXJkLnYxLlRlbmFudFNldHRpbmdzIj0KFENyZWF0ZVRlbmFudFJlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50IiUKEEdldFRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIjoKEUdldFRlbmFudFJlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50ImsKEkxpc3RUZW5hbnRzUmVxdWVzdBIoCgRwYWdlGAEgASgLMhoudmF1bHRndWFyZC52MS5QYWdlUmVxdWVzdBIrCgZzdGF0dXMYAiABKA4yGy52YXVsdGd1YXJkLnYxLlRlbmFudFN0YXR1cyJoChNMaXN0VGVuYW50c1Jlc3BvbnNlEiYKB3RlbmFudHMYASADKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudBIpCgRwYWdlGAIgASgLMhsudmF1bHRndWFyZC52MS5QYWdlUmVzcG9uc2UiOQoUU3VzcGVuZFRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI+ChVTdXNwZW5kVGVuYW50UmVzcG9uc2USJQoGdGVuYW50GAEgASgLMhUudmF1bHRndWFyZC52MS5UZW5hbnQiPAoXUmVhY3RpdmF0ZVRlbmFudFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJBChhSZWFjdGl2YXRlVGVuYW50UmVzcG9uc2USJQoGdGVuYW50GAEgASgLMhUudmF1bHRndWFyZC52MS5UZW5hbnQibwofQmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSOQoMb3JnYW5pemF0aW9uGAIgASgLMiMudmF1bHRndWFyZC52MS5FeHRlcm5hbE9yZ2FuaXphdGlvbiJJCiBCaW5kRXh0ZXJuYWxPcmdhbml6YXRpb25SZXNwb25zZRIlCgZ0ZW5hbnQYASABKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudCJxCiFVbmJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEjkKDG9yZ2FuaXphdGlvbhgCIAEoCzIjLnZhdWx0Z3VhcmQudjEuRXh0ZXJuYWxPcmdhbml6YXRpb24iSwoiVW5iaW5kRXh0ZXJuYWxPcmdhbml6YXRpb25SZXNwb25zZRIlCgZ0ZW5hbnQYASABKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudCJOChtVcGRhdGVUZW5hbnRTZXR0aW5nc1JlcXVlc3QSLwoIc2V0dGluZ3MYASABKAsyHS52YXVsdGd1YXJkLnYxLlRlbmFudFNldHRpbmdzIkUKHFVwZGF0ZVRlbmFudFNldHRpbmdzUmVzcG9uc2USJQoGdGVuYW50GAEgASgLMhUudmF1bHRndWFyZC52MS5UZW5hbnQqZAoMVGVuYW50U3RhdHVzEh0KGVRFTkFOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIYChRURU5BTlRfU1RBVFVTX0FDVElWRRABEhsKF1RFTkFOVF9TVEFUVVNfU1VTUEVOREVEEAIqggEKDlRva2VuQWxnb3JpdGhtEh8KG1RPS0VOX0FMR09SSVRITV9VTlNQRUNJRklFRBAAEhkKFVRPS0VOX0FMR09SSVRITV9SUzI1NhABEhkKFVRPS0VOX0FMR09SSVRITV9FUzI1NhACEhkKFVRPS0VOX0FMR09SSVRITV9FRERTQRADMsEGCg1UZW5hbnRTZXJ2aWNlElcKDENyZWF0ZVRlbmFudBIiLnZhdWx0Z3VhcmQudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBojLnZhdWx0Z3VhcmQudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2USTgoJR2V0VGVuYW50Eh8udmF1bHRndWFyZC52MS5HZXRUZW5hbnRSZXF1ZXN0GiAudmF1bHRndWFyZC52MS5HZXRUZW5hbnRSZXNwb25zZRJUCgtMaXN0VGVuYW50cxIhLnZhdWx0Z3VhcmQudjEuTGlzdFRlbmFudHNSZXF1ZXN0GiIudmF1bHRndWFyZC52MS5MaXN0VGVuYW50c1Jlc3BvbnNlEloKDVN1c3BlbmRUZW5hbnQSIy52YXVsdGd1YXJkLnYxLlN1c3BlbmRUZW5hbnRSZXF1ZXN0GiQudmF1bHRndWFyZC52MS5TdXNwZW5kVGVuYW50UmVzcG9uc2USYwoQUmVhY3RpdmF0ZVRlbmFudBImLnZhdWx0Z3VhcmQudjEuUmVhY3RpdmF0ZVRlbmFudFJlcXVlc3QaJy52YXVsdGd1YXJkLnYxLlJlYWN0aXZhdGVUZW5hbnRSZXNwb25zZRJ7ChhCaW5kRXh0ZXJuYWxPcmdhbml6YXRpb24SLi52YXVsdGd1YXJkLnYxLkJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlcXVlc3QaLy52YXVsdGd1YXJkLnYxLkJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlc3BvbnNlEoEBChpVbmJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvbhIwLnZhdWx0Z3VhcmQudjEuVW5iaW5kRXh0ZXJuYWxPcmdhbml6YXRpb25SZXF1ZXN0GjEudmF1bHRndWFyZC52MS5VbmJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlc3BvbnNlEm8KFFVwZGF0ZVRlbmFudFNldHRpbmdzEioudmF1bHRndWFyZC52MS5VcGRhdGVUZW5hbnRTZXR0aW5nc1JlcXVlc3QaKy52YXVsdGd1YXJkLnYxLlVwZGF0ZVRlbmFudFNldHRpbmdzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
+  fileDesc("CiJ2YXVsdGd1YXJkL3YxL3RlbmFudF9zZXJ2aWNlLnByb3RvEg12YXVsdGd1YXJkLnYxIr8DCgZUZW5hbnQSCgoCaWQYASABKAkSDAoEc2x1ZxgCIAEoCRIUCgxkaXNwbGF5X25hbWUYAyABKAkSKwoGc3RhdHVzGAQgASgOMhsudmF1bHRndWFyZC52MS5UZW5hbnRTdGF0dXMSEAoIYXVkaWVuY2UYBSABKAkSLwoIc2V0dGluZ3MYBiABKAsyHS52YXVsdGd1YXJkLnYxLlRlbmFudFNldHRpbmdzEkMKFmV4dGVybmFsX29yZ2FuaXphdGlvbnMYByADKAsyIy52YXVsdGd1YXJkLnYxLkV4dGVybmFsT3JnYW5pemF0aW9uEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdHJhZmZpY19mcm96ZW4YCiABKAgSHQoVdHJhZmZpY19mcmVlemVfcmVhc29uGAsgASgJEjcKE3RyYWZmaWNfZnJlZXplX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkgKDlRlbmFudFNldHRpbmdzEjYKD3Rva2VuX2FsZ29yaXRobRgBIAEoDjIdLnZhdWx0Z3VhcmQudjEuVG9rZW5BbGdvcml0aG0iPwoURXh0ZXJuYWxPcmdhbml6YXRpb24SDgoGaXNzdWVyGAEgASgJEhcKD29yZ2FuaXphdGlvbl9pZBgCIAEoCSJqChNDcmVhdGVUZW5hbnRSZXF1ZXN0EgwKBHNsdWcYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEi8KCHNldHRpbmdzGAMgASgLMh0udmF1bHRndWFyZC52MS5UZW5hbnRTZXR0aW5ncyI9ChRDcmVhdGVUZW5hbnRSZXNwb25zZRIlCgZ0ZW5hbnQYASABKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudCIlChBHZXRUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSI6ChFHZXRUZW5hbnRSZXNwb25zZRIlCgZ0ZW5hbnQYASABKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudCJrChJMaXN0VGVuYW50c1JlcXVlc3QSKAoEcGFnZRgBIAEoCzIaLnZhdWx0Z3VhcmQudjEuUGFnZVJlcXVlc3QSKwoGc3RhdHVzGAIgASgOMhsudmF1bHRndWFyZC52MS5UZW5hbnRTdGF0dXMiaAoTTGlzdFRlbmFudHNSZXNwb25zZRImCgd0ZW5hbnRzGAEgAygLMhUudmF1bHRndWFyZC52MS5UZW5hbnQSKQoEcGFnZRgCIAEoCzIbLnZhdWx0Z3VhcmQudjEuUGFnZVJlc3BvbnNlIjkKFFN1c3BlbmRUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiPgoVU3VzcGVuZFRlbmFudFJlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50IjwKF1JlYWN0aXZhdGVUZW5hbnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiQQoYUmVhY3RpdmF0ZVRlbmFudFJlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50Im8KH0JpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEjkKDG9yZ2FuaXphdGlvbhgCIAEoCzIjLnZhdWx0Z3VhcmQudjEuRXh0ZXJuYWxPcmdhbml6YXRpb24iSQogQmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVzcG9uc2USJQoGdGVuYW50GAEgASgLMhUudmF1bHRndWFyZC52MS5UZW5hbnQicQohVW5iaW5kRXh0ZXJuYWxPcmdhbml6YXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRI5Cgxvcmdhbml6YXRpb24YAiABKAsyIy52YXVsdGd1YXJkLnYxLkV4dGVybmFsT3JnYW5pemF0aW9uIksKIlVuYmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVzcG9uc2USJQoGdGVuYW50GAEgASgLMhUudmF1bHRndWFyZC52MS5UZW5hbnQiTgobVXBkYXRlVGVuYW50U2V0dGluZ3NSZXF1ZXN0Ei8KCHNldHRpbmdzGAEgASgLMh0udmF1bHRndWFyZC52MS5UZW5hbnRTZXR0aW5ncyJFChxVcGRhdGVUZW5hbnRTZXR0aW5nc1Jlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50Ij8KGkZyZWV6ZVRlbmFudFRyYWZmaWNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiegobRnJlZXplVGVuYW50VHJhZmZpY1Jlc3BvbnNlEiUKBnRlbmFudBgBIAEoCzIVLnZhdWx0Z3VhcmQudjEuVGVuYW50EhsKE2RlbGVnYXRpb25zX3Jldm9rZWQYAiABKA0SFwoPc3RlcF91cHNfZGVuaWVkGAMgASgNIkEKHFVuZnJlZXplVGVuYW50VHJhZmZpY1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJGCh1VbmZyZWV6ZVRlbmFudFRyYWZmaWNSZXNwb25zZRIlCgZ0ZW5hbnQYASABKAsyFS52YXVsdGd1YXJkLnYxLlRlbmFudCpkCgxUZW5hbnRTdGF0dXMSHQoZVEVOQU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFFRFTkFOVF9TVEFUVVNfQUNUSVZFEAESGwoXVEVOQU5UX1NUQVRVU19TVVNQRU5ERUQQAiqCAQoOVG9rZW5BbGdvcml0aG0SHwobVE9LRU5fQUxHT1JJVEhNX1VOU1BFQ0lGSUVEEAASGQoVVE9LRU5fQUxHT1JJVEhNX1JTMjU2EAESGQoVVE9LRU5fQUxHT1JJVEhNX0VTMjU2EAISGQoVVE9LRU5fQUxHT1JJVEhNX0VERFNBEAMyowgKDVRlbmFudFNlcnZpY2USVwoMQ3JlYXRlVGVuYW50EiIudmF1bHRndWFyZC52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GiMudmF1bHRndWFyZC52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJOCglHZXRUZW5hbnQSHy52YXVsdGd1YXJkLnYxLkdldFRlbmFudFJlcXVlc3QaIC52YXVsdGd1YXJkLnYxLkdldFRlbmFudFJlc3BvbnNlElQKC0xpc3RUZW5hbnRzEiEudmF1bHRndWFyZC52MS5MaXN0VGVuYW50c1JlcXVlc3QaIi52YXVsdGd1YXJkLnYxLkxpc3RUZW5hbnRzUmVzcG9uc2USWgoNU3VzcGVuZFRlbmFudBIjLnZhdWx0Z3VhcmQudjEuU3VzcGVuZFRlbmFudFJlcXVlc3QaJC52YXVsdGd1YXJkLnYxLlN1c3BlbmRUZW5hbnRSZXNwb25zZRJjChBSZWFjdGl2YXRlVGVuYW50EiYudmF1bHRndWFyZC52MS5SZWFjdGl2YXRlVGVuYW50UmVxdWVzdBonLnZhdWx0Z3VhcmQudjEuUmVhY3RpdmF0ZVRlbmFudFJlc3BvbnNlEnsKGEJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvbhIuLnZhdWx0Z3VhcmQudjEuQmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVxdWVzdBovLnZhdWx0Z3VhcmQudjEuQmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVzcG9uc2USgQEKGlVuYmluZEV4dGVybmFsT3JnYW5pemF0aW9uEjAudmF1bHRndWFyZC52MS5VbmJpbmRFeHRlcm5hbE9yZ2FuaXphdGlvblJlcXVlc3QaMS52YXVsdGd1YXJkLnYxLlVuYmluZEV4dGVybmFsT3JnYW5pemF0aW9uUmVzcG9uc2USbwoUVXBkYXRlVGVuYW50U2V0dGluZ3MSKi52YXVsdGd1YXJkLnYxLlVwZGF0ZVRlbmFudFNldHRpbmdzUmVxdWVzdBorLnZhdWx0Z3VhcmQudjEuVXBkYXRlVGVuYW50U2V0dGluZ3NSZXNwb25zZRJsChNGcmVlemVUZW5hbnRUcmFmZmljEikudmF1bHRndWFyZC52MS5GcmVlemVUZW5hbnRUcmFmZmljUmVxdWVzdBoqLnZhdWx0Z3VhcmQudjEuRnJlZXplVGVuYW50VHJhZmZpY1Jlc3BvbnNlEnIKFVVuZnJlZXplVGVuYW50VHJhZmZpYxIrLnZhdWx0Z3VhcmQudjEuVW5mcmVlemVUZW5hbnRUcmFmZmljUmVxdWVzdBosLnZhdWx0Z3VhcmQudjEuVW5mcmVlemVUZW5hbnRUcmFmZmljUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_vaultguard_v1_common]);
 
 /**
  * Tenant is an organisation using VaultGuard.
@@ -86,6 +86,31 @@ export type Tenant = Message<"vaultguard.v1.Tenant"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 9;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * traffic_frozen is true while the tenant's outbound traffic is frozen
+   * (FreezeTenantTraffic): none of its agents may request delegations, sign
+   * or exchange vault tokens. Output only.
+   *
+   * @generated from field: bool traffic_frozen = 10;
+   */
+  trafficFrozen: boolean;
+
+  /**
+   * traffic_freeze_reason is the reason given to FreezeTenantTraffic; empty
+   * when the traffic is not frozen. Output only.
+   *
+   * @generated from field: string traffic_freeze_reason = 11;
+   */
+  trafficFreezeReason: string;
+
+  /**
+   * traffic_freeze_time is when the traffic was frozen; unset when it is
+   * not. Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp traffic_freeze_time = 12;
+   */
+  trafficFreezeTime?: Timestamp | undefined;
 };
 
 /**
@@ -543,6 +568,126 @@ export const UpdateTenantSettingsResponseSchema: GenMessage<UpdateTenantSettings
   messageDesc(file_vaultguard_v1_tenant_service, 18);
 
 /**
+ * FreezeTenantTrafficRequest freezes a tenant's outbound traffic.
+ *
+ * @generated from message vaultguard.v1.FreezeTenantTrafficRequest
+ */
+export type FreezeTenantTrafficRequest = Message<"vaultguard.v1.FreezeTenantTrafficRequest"> & {
+  /**
+   * tenant_id is the tenant whose outbound traffic is frozen. A tenant admin
+   * may leave it empty to mean its own tenant.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * reason says why, for people: 1 to 256 characters without control
+   * characters. It is the `end_reason` of every delegation the freeze
+   * revokes, the deny reason of every step-up it denies, and is in every
+   * audit event it writes.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.FreezeTenantTrafficRequest.
+ * Use `create(FreezeTenantTrafficRequestSchema)` to create a new message.
+ */
+export const FreezeTenantTrafficRequestSchema: GenMessage<FreezeTenantTrafficRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_tenant_service, 19);
+
+/**
+ * FreezeTenantTrafficResponse returns the tenant and what the freeze ended.
+ *
+ * @generated from message vaultguard.v1.FreezeTenantTrafficResponse
+ */
+export type FreezeTenantTrafficResponse = Message<"vaultguard.v1.FreezeTenantTrafficResponse"> & {
+  /**
+   * tenant is the tenant after the change.
+   *
+   * @generated from field: vaultguard.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+
+  /**
+   * delegations_revoked is how many ACTIVE delegations requested by the
+   * tenant's agents this call revoked.
+   *
+   * @generated from field: uint32 delegations_revoked = 2;
+   */
+  delegationsRevoked: number;
+
+  /**
+   * step_ups_denied is how many PENDING step-ups of the tenant's agents this
+   * call denied.
+   *
+   * @generated from field: uint32 step_ups_denied = 3;
+   */
+  stepUpsDenied: number;
+};
+
+/**
+ * Describes the message vaultguard.v1.FreezeTenantTrafficResponse.
+ * Use `create(FreezeTenantTrafficResponseSchema)` to create a new message.
+ */
+export const FreezeTenantTrafficResponseSchema: GenMessage<FreezeTenantTrafficResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_tenant_service, 20);
+
+/**
+ * UnfreezeTenantTrafficRequest lets a tenant's agents ask again.
+ *
+ * @generated from message vaultguard.v1.UnfreezeTenantTrafficRequest
+ */
+export type UnfreezeTenantTrafficRequest = Message<"vaultguard.v1.UnfreezeTenantTrafficRequest"> & {
+  /**
+   * tenant_id is the tenant to unfreeze. A tenant admin may leave it empty to
+   * mean its own tenant.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * reason says why, for people: 1 to 256 characters without control
+   * characters; recorded in the audit log.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message vaultguard.v1.UnfreezeTenantTrafficRequest.
+ * Use `create(UnfreezeTenantTrafficRequestSchema)` to create a new message.
+ */
+export const UnfreezeTenantTrafficRequestSchema: GenMessage<UnfreezeTenantTrafficRequest> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_tenant_service, 21);
+
+/**
+ * UnfreezeTenantTrafficResponse returns the tenant after the change.
+ *
+ * @generated from message vaultguard.v1.UnfreezeTenantTrafficResponse
+ */
+export type UnfreezeTenantTrafficResponse = Message<"vaultguard.v1.UnfreezeTenantTrafficResponse"> & {
+  /**
+   * tenant is the tenant after the change.
+   *
+   * @generated from field: vaultguard.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message vaultguard.v1.UnfreezeTenantTrafficResponse.
+ * Use `create(UnfreezeTenantTrafficResponseSchema)` to create a new message.
+ */
+export const UnfreezeTenantTrafficResponseSchema: GenMessage<UnfreezeTenantTrafficResponse> = /*@__PURE__*/
+  messageDesc(file_vaultguard_v1_tenant_service, 22);
+
+/**
  * TenantStatus is the lifecycle state of a tenant.
  *
  * @generated from enum vaultguard.v1.TenantStatus
@@ -627,6 +772,9 @@ export const TokenAlgorithmSchema: GenEnum<TokenAlgorithm> = /*@__PURE__*/
  * ROLE_OPERATOR only. GetTenant answers the operator for any tenant and a
  * tenant's own principals for their tenant (another tenant's id answers
  * NOT_FOUND). UpdateTenantSettings is for ROLE_ADMIN of the tenant itself.
+ * FreezeTenantTraffic and UnfreezeTenantTraffic are for ROLE_ADMIN of the
+ * tenant itself and for ROLE_OPERATOR (any tenant); another tenant's admin
+ * is refused with PERMISSION_DENIED and ERROR_REASON_TENANT_MISMATCH.
  *
  * Errors: INVALID_ARGUMENT with a google.rpc.BadRequest naming the field;
  * NOT_FOUND for unknown or other tenants; PERMISSION_DENIED with
@@ -721,6 +869,40 @@ export const TenantService: GenService<{
     methodKind: "unary";
     input: typeof UpdateTenantSettingsRequestSchema;
     output: typeof UpdateTenantSettingsResponseSchema;
+  },
+  /**
+   * FreezeTenantTraffic is the kill switch for a tenant's outbound traffic:
+   * what FreezeAgent does to one agent, for every agent of the tenant as a
+   * requester (ERROR_REASON_TENANT_TRAFFIC_FROZEN). Delegations addressed TO
+   * the tenant are not touched. Freezing a frozen tenant is allowed and ends
+   * whatever is still open. Audited: one event for the tenant (also in the
+   * platform log when the operator does it), one per revoked delegation in
+   * both parties' logs, one per denied step-up.
+   *
+   * Roles: ROLE_ADMIN of the tenant itself, or ROLE_OPERATOR for any tenant.
+   * Another tenant's admin is refused with PERMISSION_DENIED and
+   * ERROR_REASON_TENANT_MISMATCH.
+   *
+   * @generated from rpc vaultguard.v1.TenantService.FreezeTenantTraffic
+   */
+  freezeTenantTraffic: {
+    methodKind: "unary";
+    input: typeof FreezeTenantTrafficRequestSchema;
+    output: typeof FreezeTenantTrafficResponseSchema;
+  },
+  /**
+   * UnfreezeTenantTraffic lets the tenant's agents ask again; what the freeze
+   * ended stays ended. Unfreezing a tenant that is not frozen answers
+   * FAILED_PRECONDITION with ERROR_REASON_INVALID_STATE.
+   *
+   * Roles: as FreezeTenantTraffic.
+   *
+   * @generated from rpc vaultguard.v1.TenantService.UnfreezeTenantTraffic
+   */
+  unfreezeTenantTraffic: {
+    methodKind: "unary";
+    input: typeof UnfreezeTenantTrafficRequestSchema;
+    output: typeof UnfreezeTenantTrafficResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_vaultguard_v1_tenant_service, 0);
