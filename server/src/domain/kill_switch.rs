@@ -203,6 +203,49 @@ fn subject_events(
         .collect()
 }
 
+/// A freeze just marked in its transaction.
+struct Freeze<'a> {
+    requester: Requester<'a>,
+    reason: &'a str,
+    by: &'a str,
+    now: Millis,
+    /// Whether this call froze it (not already frozen).
+    newly: bool,
+}
+
+/// The rest of a freeze once its mark is written in `txn`: the sweep, the
+/// freeze's own event (`event`, in `log`'s log, about `subject`), the
+/// commit and the sweep after it.
+async fn sweep_and_record(
+    state: &AppState,
+    ctx: &CallContext,
+    txn: sea_orm::DatabaseTransaction,
+    freeze: &Freeze<'_>,
+    (log, subject, event): (&str, &str, &'static str),
+) -> Result<Swept> {
+    let Freeze {
+        requester,
+        reason,
+        by,
+        now,
+        newly,
+    } = *freeze;
+    let mut swept = sweep(state, &txn, &ctx.audit(), requester, reason, by, now).await?;
+    let details = json!({
+        "reason": reason,
+        "already_frozen": !newly,
+        "delegations_revoked": swept.counts.delegations_revoked,
+        "step_ups_denied": swept.counts.step_ups_denied,
+    });
+    let events = subject_events(ctx, log, subject, event, &details);
+    audit::append_all(&txn, state.clock.as_ref(), events).await?;
+    finish(state, txn, requester, swept.changes).await?;
+    swept
+        .counts
+        .add(after_commit(state, ctx, requester, reason, by).await?);
+    Ok(swept.counts)
+}
+
 /// FreezeAgent.
 pub async fn freeze_agent(
     state: &AppState,
@@ -230,30 +273,26 @@ pub async fn freeze_agent(
         .await?
         .rows_affected
         > 0;
-    let mut swept = sweep(state, &txn, &ctx.audit(), requester, reason, &by, now).await?;
-    let details = json!({
-        "reason": reason,
-        "already_frozen": !newly,
-        "delegations_revoked": swept.counts.delegations_revoked,
-        "step_ups_denied": swept.counts.step_ups_denied,
-    });
-    let events = subject_events(
+    let freeze = Freeze {
+        requester,
+        reason,
+        by: &by,
+        now,
+        newly,
+    };
+    let swept = sweep_and_record(
+        state,
         ctx,
-        &current.tenant_id,
-        &current.id,
-        "agent.frozen",
-        &details,
-    );
-    audit::append_all(&txn, state.clock.as_ref(), events).await?;
-    finish(state, txn, requester, swept.changes).await?;
-    swept
-        .counts
-        .add(after_commit(state, ctx, requester, reason, &by).await?);
+        txn,
+        &freeze,
+        (&current.tenant_id, &current.id, "agent.frozen"),
+    )
+    .await?;
     let agent = agent::Entity::find_by_id(current.id.clone())
         .one(&state.db)
         .await?
         .ok_or(Error::NotFound("agent"))?;
-    Ok((agent, swept.counts))
+    Ok((agent, swept))
 }
 
 /// UnfreezeAgent.
@@ -339,27 +378,23 @@ pub async fn freeze_tenant(
         .await?
         .rows_affected
         > 0;
-    let mut swept = sweep(state, &txn, &ctx.audit(), requester, reason, &by, now).await?;
-    let details = json!({
-        "reason": reason,
-        "already_frozen": !newly,
-        "delegations_revoked": swept.counts.delegations_revoked,
-        "step_ups_denied": swept.counts.step_ups_denied,
-    });
-    let events = subject_events(
+    let freeze = Freeze {
+        requester,
+        reason,
+        by: &by,
+        now,
+        newly,
+    };
+    let swept = sweep_and_record(
+        state,
         ctx,
-        &current.id,
-        &current.id,
-        "tenant.traffic_frozen",
-        &details,
-    );
-    audit::append_all(&txn, state.clock.as_ref(), events).await?;
-    finish(state, txn, requester, swept.changes).await?;
-    swept
-        .counts
-        .add(after_commit(state, ctx, requester, reason, &by).await?);
+        txn,
+        &freeze,
+        (&current.id, &current.id, "tenant.traffic_frozen"),
+    )
+    .await?;
     let view = tenants::get_any(state, &current.id).await?;
-    Ok((view, swept.counts))
+    Ok((view, swept))
 }
 
 /// UnfreezeTenantTraffic.
