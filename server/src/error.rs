@@ -220,6 +220,12 @@ fn classify_storage(err: &sea_orm::DbErr) -> StorageClass {
         sea_orm::sqlx::Error::Database(db) => match db.code().as_deref() {
             // PostgreSQL serialization_failure, deadlock_detected; SQLite BUSY, LOCKED.
             Some("40001" | "40P01" | "5" | "6" | "517" | "262") => StorageClass::Conflict,
+            // A failover under way: the host is a standby now
+            // (read_only_sql_transaction), is shutting down or crashing
+            // (admin_shutdown, crash_shutdown), still starting
+            // (cannot_connect_now), or the connection broke (class 08).
+            Some("25006" | "57P01" | "57P02" | "57P03") => StorageClass::Unavailable,
+            Some(code) if code.starts_with("08") => StorageClass::Unavailable,
             _ => StorageClass::Other,
         },
         _ => StorageClass::Other,

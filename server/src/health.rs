@@ -1,15 +1,20 @@
 //! Database-driven health: every service is SERVING while the database
-//! answers and NOT_SERVING while it does not, per `grpc.health.v1`.
+//! takes writes and NOT_SERVING while it does not, per `grpc.health.v1`.
+//! On PostgreSQL with standbys the probe is also what follows a failover
+//! ([`Failover::check`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sea_orm::DatabaseConnection;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::store;
+use crate::store::failover::{Failover, Probe};
+
+/// How often the probe looks again while no writable host is known, so
+/// service resumes soon after a standby is promoted.
+const RETRY_WHILE_DOWN: Duration = Duration::from_millis(100);
 
 /// The fully qualified names of every VaultGuard service.
 pub const SERVICE_NAMES: [&str; 9] = [
@@ -33,11 +38,12 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
 }
 
-/// Probes the database every `interval` until `shutdown` flips, updating the
-/// reporter and `healthy` on every change. On shutdown every service turns
-/// NOT_SERVING, so load balancers stop routing before the listener closes.
+/// Probes the database every `interval` (every [`RETRY_WHILE_DOWN`] while
+/// it is down) until `shutdown` flips, updating the reporter and `healthy`
+/// on every change. On shutdown every service turns NOT_SERVING, so load
+/// balancers stop routing before the listener closes.
 pub async fn run_probe(
-    db: DatabaseConnection,
+    failover: Arc<Failover>,
     reporter: HealthReporter,
     healthy: Arc<AtomicBool>,
     interval: Duration,
@@ -45,10 +51,7 @@ pub async fn run_probe(
 ) {
     let mut last: Option<bool> = None;
     loop {
-        let ok = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), store::ping(&db)).await,
-            Ok(Ok(()))
-        );
+        let ok = failover.check().await != Probe::NoWritableHost;
         if last != Some(ok) {
             if ok {
                 tracing::info!("database reachable; services SERVING");
@@ -67,8 +70,13 @@ pub async fn run_probe(
             .await;
             last = Some(ok);
         }
+        let wait = if ok {
+            interval
+        } else {
+            interval.min(RETRY_WHILE_DOWN)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {
                 set_all(&reporter, ServingStatus::NotServing).await;
                 return;

@@ -191,6 +191,9 @@ pub async fn run_listener(
         .acquire_timeout(shared.options().get_acquire_timeout())
         .connect_lazy_with(shared.connect_options().as_ref().clone());
     loop {
+        // The pool's host of the moment: after a failover the request pool
+        // points at the new primary, and so does the next subscription.
+        pool.set_connect_options(shared.connect_options().as_ref().clone());
         let listener = async {
             let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;
             listener

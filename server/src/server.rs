@@ -55,7 +55,7 @@ pub async fn prepare(
         config.master_key_file.clone()
     };
     let master = Arc::new(MasterKey::load_or_generate(&config.master_key, &key_file)?);
-    let db = store::connect(&config)
+    let store::Opened { db, failover } = store::open(&config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open database: {e}"))?;
     if migrate {
@@ -102,6 +102,7 @@ pub async fn prepare(
         budget_cache: Arc::default(),
         directory: Arc::new(crate::directory::Directory::new(db.get_database_backend())),
         db,
+        failover,
         clock,
         master,
         keys: Arc::new(keys),
@@ -167,7 +168,7 @@ pub async fn serve(
     health::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
     let healthy = Arc::new(AtomicBool::new(false));
     let probe_task = tokio::spawn(health::run_probe(
-        state.db.clone(),
+        state.failover.clone(),
         reporter,
         healthy.clone(),
         probe_interval,

@@ -17,6 +17,9 @@ use crate::oidc::OidcVerifier;
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub db: DatabaseConnection,
+    /// Follows the database's writable host (PostgreSQL with standbys);
+    /// the health probe drives it.
+    pub failover: Arc<crate::store::failover::Failover>,
     pub clock: Arc<dyn Clock>,
     pub master: Arc<MasterKey>,
     pub keys: Arc<IssuerKeys>,

@@ -111,7 +111,7 @@ fn assigned_names(script: &str) -> Vec<String> {
 
 /// The repository root (the cookbook's commands run there, as a human runs
 /// them from the checkout).
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")

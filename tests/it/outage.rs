@@ -174,7 +174,9 @@ async fn watch_load(
     }
 }
 
-async fn overall_health(health: &mut HealthClient<tonic::transport::Channel>) -> ServingStatus {
+pub(crate) async fn overall_health(
+    health: &mut HealthClient<tonic::transport::Channel>,
+) -> ServingStatus {
     let response = health
         .check(HealthCheckRequest {
             service: String::new(),
@@ -203,7 +205,10 @@ async fn wait_health(
 
 /// The next status of a watch that must stay open, skipping heartbeats;
 /// panics when it ends, fails or says nothing for `within`.
-async fn next_status_within(watch: &mut StepUpWatch, within: Duration) -> pb::StepUpStatus {
+pub(crate) async fn next_status_within(
+    watch: &mut StepUpWatch,
+    within: Duration,
+) -> pb::StepUpStatus {
     use pb::watch_step_up_response::Event;
     let deadline = Instant::now() + within;
     loop {

@@ -3,8 +3,10 @@
 //! see an entity.
 
 pub mod entities;
+pub mod failover;
 pub mod lifecycle;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{
@@ -23,12 +25,50 @@ use crate::config::Config;
 /// this pool, and fails on one connection).
 pub const MIN_POSTGRES_CONNECTIONS: u32 = 2;
 
+/// An opened database and what follows its writable host.
+#[derive(Debug)]
+pub struct Opened {
+    pub db: DatabaseConnection,
+    pub failover: Arc<failover::Failover>,
+}
+
+/// Opens the configured database (see [`open`]).
+pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
+    open(config).await.map(|opened| opened.db)
+}
+
 /// Opens the configured database. SQLite gets WAL, a busy timeout, foreign
 /// keys, and one pooled connection (SQLite serializes writers anyway; one
 /// connection turns lock contention into queueing instead of SQLITE_BUSY).
-pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
-    let url = config.effective_database_url();
-    let is_sqlite = url.starts_with("sqlite:");
+/// PostgreSQL's URL may name several hosts: the pool goes to the one that
+/// takes writes, and [`failover::Failover`] follows it from there.
+pub async fn open(config: &Config) -> Result<Opened, DbErr> {
+    let configured = config.effective_database_url();
+    let is_sqlite = configured.starts_with("sqlite:");
+    let timeout = Duration::from_millis(config.database_acquire_timeout_ms);
+    let mark = Arc::new(failover::SwitchMark::new());
+    let (url, hosts, current) = if is_sqlite {
+        (configured, Vec::new(), 0)
+    } else {
+        if config.database_max_connections < MIN_POSTGRES_CONNECTIONS {
+            return Err(DbErr::Custom(format!(
+                "database_max_connections must be at least {MIN_POSTGRES_CONNECTIONS} on PostgreSQL (it is {})",
+                config.database_max_connections
+            )));
+        }
+        let parsed = failover::parse_hosts(&configured).map_err(DbErr::Custom)?;
+        let base = parsed.urls[0]
+            .parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
+            .map_err(|_| DbErr::Custom("database_url: not a valid PostgreSQL URL".to_owned()))?;
+        let Some((current, _)) = failover::find_writable(&base, &parsed.hosts, timeout).await
+        else {
+            return Err(DbErr::Custom(format!(
+                "no writable database host among the {} configured (each was unreachable or in recovery)",
+                parsed.hosts.len()
+            )));
+        };
+        (parsed.urls[current].clone(), parsed.hosts, current)
+    };
     if is_sqlite {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| DbErr::Custom(format!("cannot create data dir: {e}")))?;
@@ -50,13 +90,14 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
                     .foreign_keys(true)
             });
     } else {
-        if config.database_max_connections < MIN_POSTGRES_CONNECTIONS {
-            return Err(DbErr::Custom(format!(
-                "database_max_connections must be at least {MIN_POSTGRES_CONNECTIONS} on PostgreSQL (it is {})",
-                config.database_max_connections
-            )));
-        }
+        // After a failover the pool drops, instead of reusing, every
+        // connection opened before it (one atomic load per acquire).
+        let keep = mark.clone();
         options
+            .map_sqlx_postgres_before_acquire(move |_, meta| {
+                let keeps = keep.keeps(meta.age);
+                Box::pin(async move { Ok(keeps) })
+            })
             .max_connections(config.database_max_connections)
             .min_connections(1)
             // Every statement is prepared once per connection and then
@@ -86,7 +127,15 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
                 ])
             });
     }
-    Database::connect(options).await
+    let db = Database::connect(options).await?;
+    let failover = Arc::new(failover::Failover::new(
+        db.clone(),
+        hosts,
+        current,
+        mark,
+        timeout,
+    ));
+    Ok(Opened { db, failover })
 }
 
 /// Applies every pending migration.
