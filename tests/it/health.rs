@@ -179,3 +179,76 @@ async fn postgres_outage_is_detected() {
     server.stop().await;
     proxy.stop();
 }
+
+/// With a libpq multi-host URL the server starts on the first host that
+/// takes writes (the first one listed is down), and when that one goes
+/// away it moves to the other by itself: health NOT_SERVING while no host
+/// answers, then SERVING again and writes succeed, without a restart, and
+/// `/metrics` counts the move. (The real thing, a promoted standby, is
+/// `failover.rs`; here both hosts are proxies to one database.)
+#[tokio::test]
+async fn postgres_only_a_multi_host_url_follows_the_host_that_takes_writes() {
+    require_backend(Backend::Postgres);
+    let (first, second) = (Proxy::to_postgres().await, Proxy::to_postgres().await);
+    first.cut();
+    let server = TestServer::start_with(TestOptions {
+        database_hosts: vec![first.addr, second.addr],
+        ..TestOptions::default()
+    })
+    .await;
+    let operator = server.operator().await;
+    let mut health = health_client(server.grpc_addr).await;
+    wait_for_status(&mut health, &[""], ServingStatus::Serving).await;
+    create_tenant(&operator, "on-the-second")
+        .await
+        .expect("a write through the second host");
+
+    // The second host goes; the first is back.
+    first.restore();
+    second.cut();
+    let moved = wait_for_status(&mut health, &[""], ServingStatus::Serving).await;
+    let started = Instant::now();
+    loop {
+        match create_tenant(&operator, "on-the-first").await {
+            Ok(_) => break,
+            Err(err) => {
+                assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+                assert!(
+                    started.elapsed() < DEADLINE,
+                    "no write through the first host within {DEADLINE:?}"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    eprintln!(
+        "moved to the first host: SERVING after {moved:?}, a write after {:?} more",
+        started.elapsed()
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("vaultguard_database_failovers_total 1"),
+        "the move is counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("database"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // No host at all: NOT_SERVING, and calls fail with UNAVAILABLE.
+    first.cut();
+    wait_for_status(&mut health, &[""], ServingStatus::NotServing).await;
+    let err = create_tenant(&operator, "nowhere")
+        .await
+        .expect_err("no host takes writes");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+    first.restore();
+    wait_for_status(&mut health, &[""], ServingStatus::Serving).await;
+    server.stop().await;
+}

@@ -150,6 +150,10 @@ pub struct TestOptions {
     /// The server reaches PostgreSQL through this address (a proxy the test
     /// controls) instead of directly; the test's own state stays direct.
     pub database_proxy: Option<SocketAddr>,
+    /// The server's database URL names these hosts, in order, in libpq's
+    /// multi-host form (each a proxy the test controls), instead of the
+    /// database's own host; the test's own state stays direct.
+    pub database_hosts: Vec<SocketAddr>,
     /// Join an existing server as another replica instead of starting on a
     /// fresh database (see [`TestServer::start_replica_of`]).
     pub replica_of: Option<Primary>,
@@ -224,6 +228,23 @@ fn through_proxy(url: &str, proxy: SocketAddr) -> String {
     url.set_ip_host(proxy.ip()).expect("proxy host");
     url.set_port(Some(proxy.port())).expect("proxy port");
     url.to_string()
+}
+
+/// `url` with its host and port replaced by `hosts`, libpq's multi-host
+/// form (`postgres://user@h1:p1,h2:p2/db`).
+fn through_hosts(url: &str, hosts: &[SocketAddr]) -> String {
+    let parsed = reqwest::Url::parse(url).expect("database url");
+    let authority = format!(
+        "{}:{}",
+        parsed.host_str().expect("database host"),
+        parsed.port().unwrap_or(5432)
+    );
+    let listed = hosts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    url.replacen(&authority, &listed, 1)
 }
 
 /// A running server and its fresh database.
@@ -311,6 +332,9 @@ impl TestServer {
             data_dir: dir.path().to_path_buf(),
             database_url: match options.database_proxy {
                 Some(proxy) => through_proxy(&database_url, proxy),
+                None if !options.database_hosts.is_empty() => {
+                    through_hosts(&database_url, &options.database_hosts)
+                }
                 None => database_url.clone(),
             },
             trusted_issuers: options.trusted_issuers.clone(),
