@@ -21,7 +21,7 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ActiveModelTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityName, EntityTrait,
-    IdenStatic, Iterable, QueryTrait, Statement, TransactionTrait,
+    IdenStatic, Iterable, QueryTrait, Statement,
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -424,7 +424,7 @@ impl Sealer {
     }
 
     async fn seal_tenant(&self, tenant_id: &str) -> Result<u64> {
-        let txn = self.db.begin().await?;
+        let txn = crate::store::begin(&self.db).await?;
         let backend = txn.get_database_backend();
         let postgres = is_postgres(&txn);
         let now = self.clock.now_millis();
@@ -1046,7 +1046,7 @@ fn sqlx_error(err: sea_orm::sqlx::Error) -> Error {
 
 /// SQLite (one writer at a time anyway): one transaction per unit.
 async fn write_one(db: &DatabaseConnection, clock: &dyn Clock, unit: &Unit) -> Result<Written> {
-    let txn = db.begin().await?;
+    let txn = crate::store::begin(db).await?;
     if let Some(insert) = &unit.insert
         && let Some((agent, tenant)) = requester_gate(insert.table)
     {

@@ -224,7 +224,11 @@ fn classify_storage(err: &sea_orm::DbErr) -> StorageClass {
             // (read_only_sql_transaction), is shutting down or crashing
             // (admin_shutdown, crash_shutdown), still starting
             // (cannot_connect_now), or the connection broke (class 08).
-            Some("25006" | "57P01" | "57P02" | "57P03") => StorageClass::Unavailable,
+            // in_failed_sql_transaction follows one of those inside the
+            // same transaction (seen in tests/it/failover.rs while a
+            // promoted standby still refused writes): nothing of the
+            // transaction can commit, so a retry is safe.
+            Some("25006" | "25P02" | "57P01" | "57P02" | "57P03") => StorageClass::Unavailable,
             Some(code) if code.starts_with("08") => StorageClass::Unavailable,
             _ => StorageClass::Other,
         },

@@ -24,7 +24,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, TransactionTrait,
+    QueryOrder,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -295,7 +295,7 @@ impl IssuerKeys {
         let now = self.clock.now_millis();
         let alg_name = algorithm_name(algorithm);
 
-        let txn = self.db.begin().await?;
+        let txn = crate::store::begin(&self.db).await?;
         let current = issuer_key::Entity::find()
             .filter(issuer_key::Column::Algorithm.eq(alg_name))
             .filter(issuer_key::Column::Status.eq(issuer_key::Status::Active))

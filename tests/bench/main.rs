@@ -17,6 +17,7 @@ mod flood;
 mod freeze;
 mod load;
 mod peer;
+mod replication;
 mod scenarios;
 mod server;
 mod slow_provider;
@@ -268,7 +269,12 @@ fn selected(args: &Args, backend: Backend) -> Result<Vec<String>> {
     }
     if backend == Backend::Sqlite {
         // One process per SQLite file: there is no second replica.
-        names.retain(|name| name != "stepup.cross_replica" && name != "freeze.cross_replica");
+        names.retain(|name| {
+            !matches!(
+                name.as_str(),
+                "stepup.cross_replica" | "freeze.cross_replica" | "replication.sync_standby"
+            )
+        });
     }
     Ok(names)
 }
@@ -483,6 +489,9 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
     let (freezes, names): (Vec<String>, Vec<String>) = names
         .into_iter()
         .partition(|name| name == "freeze.cross_replica");
+    let (replication, names): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| name == "replication.sync_standby");
     let mut outcome = if names.is_empty() {
         Ok(())
     } else {
@@ -528,6 +537,9 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
             concurrency: args.concurrency,
         };
         outcome = freeze::run(backend, &spec, &settings).await;
+    }
+    if outcome.is_ok() && !replication.is_empty() {
+        outcome = replication::run(args, &spec).await;
     }
     if let Some(database) = database {
         database.drop_now().await?;

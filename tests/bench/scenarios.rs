@@ -31,6 +31,7 @@ pub const ALL: &[&str] = &[
     "vault.slow_provider",
     "flood.slow_body",
     "freeze.cross_replica",
+    "replication.sync_standby",
 ];
 
 /// `connections` clients; the one for operation `n` is `n % connections`.
@@ -114,6 +115,9 @@ pub async fn prepare(name: &str, cx: &Scene<'_>) -> Result<Op> {
             bail!("vault.slow_provider runs on a server of its own (slow_provider.rs)")
         }
         "flood.slow_body" => bail!("flood.slow_body runs on a server of its own (flood.rs)"),
+        "replication.sync_standby" => {
+            bail!("replication.sync_standby runs on a formation of its own (replication.rs)")
+        }
         "freeze.cross_replica" => {
             bail!("freeze.cross_replica runs on servers of its own (freeze.rs)")
         }

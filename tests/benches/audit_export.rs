@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sea_orm::{ConnectionTrait, Statement, TransactionTrait, Value as DbValue};
+use sea_orm::{ConnectionTrait, Statement, Value as DbValue};
 use vaultguard_client::{VaultGuardClient, pb};
 use vaultguard_server::audit::placeholders;
 use vaultguard_server::clock::Clock;
@@ -145,7 +145,7 @@ async fn insert_range(
         .await?
         .expect("row")
         .try_get("", "m")?;
-    let txn = db.begin().await?;
+    let txn = vaultguard_server::store::begin(db).await?;
     let mut next = from;
     while next < upto {
         let rows = ROWS_PER_STATEMENT.min(upto - next);

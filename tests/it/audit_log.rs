@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement};
 use serde_json::{Value, json};
 use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
@@ -600,7 +598,7 @@ async fn tamper(server: &TestServer, statements: &[String]) {
     } else {
         Vec::new()
     };
-    let txn = db.begin().await.expect("begin");
+    let txn = vaultguard_server::store::begin(&db).await.expect("begin");
     if sqlite {
         assert!(
             triggers.len() >= 4,
@@ -3596,7 +3594,7 @@ async fn unsealed_events_come_after_the_sealed_ones_oldest_first_and_before_them
             .expect("verify")
             .head_sequence;
         let db = &server.state.db;
-        let holder = db.begin().await.expect("begin");
+        let holder = vaultguard_server::store::begin(db).await.expect("begin");
         holder
             .execute_unprepared(&format!(
                 "SELECT seq FROM audit_heads WHERE tenant_id = '{}' FOR UPDATE",

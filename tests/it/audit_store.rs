@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
-    Statement, TransactionTrait,
+    Statement,
 };
 use vaultguard_client::pb;
 use vaultguard_server::audit::{
@@ -334,7 +334,9 @@ async fn postgres_only_sealing_reads_pending_events_by_key_whatever_the_statisti
     let server = TestServer::start().await;
     // The server's own pool, with its session settings.
     let db = &server.state.db;
-    let txn = db.begin().await.expect("one connection");
+    let txn = vaultguard_server::store::begin(db)
+        .await
+        .expect("one connection");
     let sql = pending_events_sql(DbBackend::Postgres);
     for statement in [
         // The statistics of a young database: a handful of events.

@@ -16,6 +16,7 @@ mod console_browser;
 mod cookbook;
 mod crash;
 mod delegations;
+mod failover;
 mod grpcurl;
 mod health;
 mod identity;

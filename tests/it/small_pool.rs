@@ -143,3 +143,54 @@ async fn a_postgres_pool_below_the_smallest_is_refused_before_connecting() {
         );
     }
 }
+
+/// A BEGIN cut short (the caller's future dropped once BEGIN is on the
+/// wire: a client that cancels, a deadline, a dropped stream) must not
+/// leave the server-side transaction open on a pooled connection. If it
+/// did, the next callers' statements would run inside it: an autocommit
+/// write answered OK would stay uncommitted until someone else's COMMIT
+/// (or be lost with the connection), and after one failed statement every
+/// later one fails with `in_failed_sql_transaction` (seen in the failover
+/// test as "there is already a transaction in progress" and INTERNAL).
+#[tokio::test]
+async fn postgres_only_a_cancelled_begin_leaves_no_transaction_open_on_the_pool() {
+    use sea_orm::sqlx::Executor;
+    vaultguard_tests::require_backend(vaultguard_tests::Backend::Postgres);
+    let server = TestServer::start_adjusted(small_pool).await;
+    let db = server.state.db.clone();
+    let pool = db.get_postgres_connection_pool().clone();
+    let mut cut = 0;
+    for round in 0..120 {
+        // Polled a few times (a different number each round): the
+        // connection is taken and BEGIN sent, then the caller goes away
+        // before the answer.
+        let mut begin = Box::pin(store::begin(&db));
+        let mut finished = false;
+        for _ in 0..=(round % 12) {
+            if futures::poll!(begin.as_mut()).is_ready() {
+                finished = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(begin);
+        cut += usize::from(!finished);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every connection of the pool at once. SAVEPOINT works only inside
+        // a transaction block: it fails on a clean connection.
+        let mut held = Vec::new();
+        for _ in 0..MIN_POSTGRES_CONNECTIONS {
+            held.push(pool.acquire().await.expect("a connection"));
+        }
+        for connection in &mut held {
+            let inside = connection.execute("SAVEPOINT vg_probe").await.is_ok();
+            assert!(
+                !inside,
+                "round {round}: a pooled connection is inside a transaction nobody owns \
+                 ({cut} BEGINs cut short so far)"
+            );
+        }
+    }
+    assert!(cut > 0, "no BEGIN was cut short");
+    server.stop().await;
+}

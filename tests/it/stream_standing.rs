@@ -11,7 +11,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use sea_orm::TransactionTrait;
 use tonic::Code;
 use vaultguard_client::{ClientError, VaultGuardClient, pb};
 use vaultguard_server::audit::{AuditCtx, Outcome};
@@ -544,7 +543,9 @@ async fn an_export_stops_at_the_next_chunk_once_its_tenant_is_suspended() {
     // A log of about 1.2 MB, 19 chunks of 64 KiB.
     let audit = AuditCtx::system("bulk");
     let padding = "x".repeat(4_000);
-    let txn = w.server.state.db.begin().await.unwrap();
+    let txn = vaultguard_server::store::begin(&w.server.state.db)
+        .await
+        .unwrap();
     let events = (0..300)
         .map(|n| {
             audit.event(

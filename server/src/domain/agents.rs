@@ -4,7 +4,7 @@
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    QuerySelect,
 };
 use serde_json::json;
 use vaultguard_proto::v1::AgentStatus;
@@ -73,7 +73,7 @@ pub async fn create(
     let secret = new_secret()?;
     let now = state.clock.now_millis();
     let id = new_id(IdKind::Agent);
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let inserted = agent::ActiveModel {
         id: Set(id.clone()),
         tenant_id: Set(tenant_id.clone()),
@@ -166,7 +166,7 @@ pub async fn set_disabled(
     } else {
         (agent::Status::Active, "agent.enabled")
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = agent::Entity::update_many()
         .into_state(to)
         .col_expr(
@@ -213,7 +213,7 @@ pub async fn rotate_secret(
     let current = find_own(state, &tenant_id, agent_id).await?;
     let secret = new_secret()?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let mut active: agent::ActiveModel = current.into();
     active.secret_digest = Set(state.master.secret_digest(&secret));
     active.secret_rotated_at = Set(now);

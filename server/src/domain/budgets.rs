@@ -22,7 +22,7 @@ use std::sync::Arc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, TransactionTrait,
+    QuerySelect, Set,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1 as pb;
@@ -978,7 +978,7 @@ pub async fn create(
         created_at: Set(now),
         updated_at: Set(now),
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let model = match model.insert(&txn).await {
         Ok(model) => model,
         Err(err) if is_unique_violation(&err) => {
@@ -1148,7 +1148,7 @@ pub async fn update(
     let expected = i64::try_from(req.expected_version)
         .map_err(|_| Error::invalid("expected_version", "is out of range"))?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let result = budget::Entity::update_many()
         .col_expr(
             budget::Column::LimitAmount,
@@ -1205,7 +1205,7 @@ pub async fn update(
 pub async fn delete(state: &AppState, ctx: &CallContext, budget_id: &str) -> Result<()> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let current = find(state, &tenant_id, budget_id).await?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     budget_charge::Entity::delete_many()
         .filter(budget_charge::Column::BudgetId.eq(&current.id))
         .exec(&txn)

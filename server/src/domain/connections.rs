@@ -38,7 +38,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1::{self as pb, ConnectionStatus, ErrorReason};
@@ -385,7 +385,7 @@ pub async fn start(
     let state_hash = sha256_hex(state_value.as_bytes());
     let initiator = actor_json(&ctx.principal.actor())?;
 
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let row = match existing {
         Some(row) => row,
         None => {
@@ -706,7 +706,7 @@ pub async fn callback(
         .map(|t| seal(state, Sealed::RefreshToken, &row.tenant_id, &row.id, t))
         .transpose()?;
     let has_refresh = refresh.is_some();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let update = without_lease(connection::Entity::update_many())
         .into_state(Status::Connected)
         .col_expr(
@@ -916,7 +916,7 @@ pub async fn delete(
         _ => (false, String::new()),
     };
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let erase = erasing(
         without_lease(connection::Entity::update_many()),
         Discard::Tokens,
@@ -1277,7 +1277,7 @@ async fn charge_exchange(
         return Ok(decision);
     }
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let checked = budgets::check_in(&txn, &applicable, now).await?;
     let decision = budgets::apply(decision, &checked);
     if decision.outcome == Outcome::Allow {
@@ -1380,7 +1380,7 @@ async fn exchange_step_up(
             decision,
             now,
         )?;
-        let txn = state.db.begin().await?;
+        let txn = crate::store::begin(&state.db).await?;
         let active: delegation::ActiveModel = row.clone().into();
         match delegation::Entity::insert(active).exec(&txn).await {
             Ok(_) => {}
@@ -2062,7 +2062,7 @@ async fn mark_needs_reauth(
 ) -> Result<Error> {
     let now = state.clock.now_millis();
     let reason = tidy(reason, 256);
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = needing_reauth(&[Status::Connected], &reason, discard, now)
         .filter(connection::Column::Id.eq(row.id.clone()))
         .filter(connection::Column::TokenVersion.eq(row.token_version))

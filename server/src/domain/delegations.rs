@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    QueryOrder, QuerySelect, Statement,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1::{self as pb, DelegationStatus, ErrorReason, Role};
@@ -674,7 +674,7 @@ async fn request_charged(
     } else {
         None
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let checked = budgets::check_in(&txn, applicable, now).await?;
     let judged = budgets::apply(decision.clone(), &checked);
     let decision = if judged == decision {
@@ -753,7 +753,7 @@ async fn store_step_up(
     row: &delegation::Model,
     events: Vec<audit::NewEvent>,
 ) -> Result<Stored> {
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     match delegation::Entity::insert(active).exec(&txn).await {
         Ok(_) => {}
         Err(err) if is_unique_violation(&err) => {
@@ -1271,7 +1271,7 @@ async fn end_active(
     reason: &str,
 ) -> Result<delegation::Model> {
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = delegation::Entity::update_many()
         .into_state(to)
         .col_expr(delegation::Column::EndedAt, Expr::value(now))
@@ -1383,7 +1383,7 @@ pub async fn relinquish(
 /// PostgreSQL only one replica sweeps at a time (a transaction-scoped
 /// advisory lock); the others return 0 at once.
 pub async fn sweep_expired(state: &AppState, now: Millis) -> Result<u64> {
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     if is_postgres(&state.db) {
         let row = txn
             .query_one_raw(Statement::from_sql_and_values(

@@ -35,7 +35,7 @@ use std::time::Duration;
 use sea_orm::sea_query::{Condition, Expr, SimpleExpr};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, Select,
-    Statement, TransactionTrait, UpdateMany,
+    Statement, UpdateMany,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{ErrorReason, Role};
@@ -261,7 +261,7 @@ pub async fn freeze_agent(
     let now = state.clock.now_millis();
     let by = actor_json(&ctx.principal.actor())?;
     let requester = Requester::Agent(&current.id);
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let newly = agent::Entity::update_many()
         .col_expr(agent::Column::FrozenAt, Expr::value(now))
         .col_expr(agent::Column::FreezeReason, Expr::value(reason))
@@ -308,7 +308,7 @@ pub async fn unfreeze_agent(
     v.finish()?;
     let current = find_agent(state, ctx, agent_id).await?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = agent::Entity::update_many()
         .col_expr(agent::Column::FrozenAt, Expr::value(Option::<i64>::None))
         .col_expr(agent::Column::FreezeReason, Expr::value(""))
@@ -366,7 +366,7 @@ pub async fn freeze_tenant(
     let now = state.clock.now_millis();
     let by = actor_json(&ctx.principal.actor())?;
     let requester = Requester::Tenant(&current.id);
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let newly = tenant::Entity::update_many()
         .col_expr(tenant::Column::TrafficFrozenAt, Expr::value(now))
         .col_expr(tenant::Column::TrafficFreezeReason, Expr::value(reason))
@@ -412,7 +412,7 @@ pub async fn unfreeze_tenant(
     v.finish()?;
     let current = find_tenant(state, ctx, tenant_id).await?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = tenant::Entity::update_many()
         .col_expr(
             tenant::Column::TrafficFrozenAt,
@@ -496,7 +496,7 @@ async fn after_commit(
     }
     wait_for_older_writers(state).await?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let swept = sweep(state, &txn, &ctx.audit(), requester, reason, by, now).await?;
     let counts = swept.counts;
     finish(state, txn, requester, swept.changes).await?;

@@ -61,8 +61,8 @@ pub(crate) async fn insert_audited<A>(
 where
     A: sea_orm::ActiveModelTrait + Send,
 {
-    use sea_orm::{EntityTrait, TransactionTrait};
-    let txn = state.db.begin().await?;
+    use sea_orm::EntityTrait;
+    let txn = crate::store::begin(&state.db).await?;
     if let Err(err) = <A::Entity as EntityTrait>::insert(active).exec(&txn).await {
         return Err(if crate::error::is_unique_violation(&err) {
             Error::already_exists(taken())

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    TransactionTrait,
 };
 use serde_json::{Value, json};
 use vaultguard_proto::v1 as pb;
@@ -414,7 +413,7 @@ pub async fn create_rule(
         updated_by: Set(actor_json(&ctx.principal.actor())?),
         grants: Set(to_json(&spec.grants)?),
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let model = model.insert(&txn).await?;
     let details = json!({"rule": rule_details(&model)});
     let version = commit_edit(
@@ -481,7 +480,7 @@ pub async fn list_rules(
     if let Some(agent_id) = &agent_id {
         query = query.filter(policy_rule::Column::AgentId.eq(agent_id.clone()));
     }
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let rows = query.all(&txn).await?;
     let version = tenant::Entity::find_by_id(tenant_id.clone())
         .one(&txn)
@@ -557,7 +556,7 @@ pub async fn update_rule(
         return Err(version_mismatch(current.version));
     }
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = policy_rule::Entity::update_many()
         .col_expr(
             policy_rule::Column::ActionPattern,
@@ -645,7 +644,7 @@ pub async fn delete_rule(
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let expected = positive(expected_version, "expected_version")?;
     let current = find_rule(state, &tenant_id, rule_id).await?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let mut delete = policy_rule::Entity::delete_many()
         .filter(policy_rule::Column::Id.eq(current.id.clone()))
         .filter(policy_rule::Column::TenantId.eq(tenant_id.clone()));
@@ -703,7 +702,7 @@ pub async fn update_settings(
             tenant::OutboundDefault::Allow
         }
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let version = bump_version(
         &txn,
         &tenant_id,
@@ -873,7 +872,7 @@ pub async fn grant_legacy_scopes(
             continue;
         }
         let now = state.clock.now_millis();
-        let txn = state.db.begin().await?;
+        let txn = crate::store::begin(&state.db).await?;
         let updated = policy_rule::Entity::update_many()
             .col_expr(policy_rule::Column::Grants, Expr::value(to_json(&legacy)?))
             .col_expr(

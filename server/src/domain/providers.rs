@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 use serde_json::json;
 use vaultguard_proto::v1 as pb;
@@ -303,7 +303,7 @@ pub async fn update(
     } else {
         seal_secret(state, &tenant_id, &current.id, &req.client_secret)?
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = oauth_provider::ActiveModel {
         id: Set(current.id.clone()),
         authorize_url: Set(settings.authorize_url),
@@ -366,7 +366,7 @@ pub async fn update(
 pub async fn delete(state: &AppState, ctx: &CallContext, id: &str) -> Result<()> {
     let tenant_id = ctx.principal.tenant_id()?.to_owned();
     let current = find(state, &tenant_id, "provider_id", id).await?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let live = connection::Entity::find()
         .filter(connection::Column::ProviderId.eq(current.id.clone()))
         .filter(connection::Column::Status.ne(connection::Status::Disconnected))

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, KeyAlgorithm, SigningKeyState, SigningScheme};
 use zeroize::Zeroizing;
@@ -270,7 +270,7 @@ pub async fn update(
     };
     let row = find_own(state, &tenant_id, &req.key_id).await?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     // Read under the transaction for the audited "before"; the UPDATE is
     // conditional on the key still being enabled.
     let before = custody_key::Entity::find_by_id(row.id.clone())
@@ -343,7 +343,7 @@ pub async fn disable(
     v.finish()?;
     let row = find_own(state, &tenant_id, &req.key_id).await?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = custody_key::Entity::update_many()
         .into_state(custody_key::Status::Disabled)
         .col_expr(custody_key::Column::DisabledAt, Expr::value(Some(now)))
@@ -790,7 +790,7 @@ async fn sign_checked(
     let (decision, mut charged) = if applicable.is_empty() {
         (decision, None)
     } else {
-        let txn = state.db.begin().await?;
+        let txn = crate::store::begin(&state.db).await?;
         let checked = budgets::check_in(&txn, &applicable, now).await?;
         (budgets::apply(decision, &checked), Some((txn, checked)))
     };
@@ -910,7 +910,7 @@ async fn sign_checked(
             row.delegation_id = Some(delegation_row.id.clone());
             let (txn, checked) = match charged {
                 Some((txn, checked)) => (txn, Some(checked)),
-                None => (state.db.begin().await?, None),
+                None => (crate::store::begin(&state.db).await?, None),
             };
             if !insert_signature(&txn, &row).await? {
                 txn.rollback().await?;
@@ -1222,7 +1222,7 @@ async fn sign_approved(
     let algorithm =
         Algorithm::parse(&key.algorithm).ok_or_else(|| Error::internal("unknown key algorithm"))?;
     let produced = produce(state, key, algorithm, &input.payload)?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = signature::Entity::update_many()
         .into_state(signature::Status::Signed)
         .col_expr(

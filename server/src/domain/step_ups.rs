@@ -14,7 +14,7 @@ use sea_orm::sea_query::{Alias, Expr, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
     FromQueryResult, IntoActiveModel, JoinType, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    Statement, TransactionTrait,
+    Statement,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{self as pb, ErrorReason, StepUpState};
@@ -322,7 +322,7 @@ pub async fn redeem(
         )?;
         state.db.query_one_raw(statement).await?.is_some()
     } else {
-        let txn = state.db.begin().await?;
+        let txn = crate::store::begin(&state.db).await?;
         if txn.execute(&update).await?.rows_affected() == 0 {
             txn.rollback().await?;
             false
@@ -722,7 +722,7 @@ pub async fn deny(
     v.finish()?;
     let found = find_receiving(state, ctx, step_up_id).await?;
     check_not_requester(ctx, &found)?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let (step, row) = lock_pending(state, &txn, &found.receiving_tenant_id, step_up_id).await?;
     let denial = Denial {
         by: actor_json(&ctx.principal.actor())?,
@@ -787,7 +787,7 @@ pub async fn approve(
     };
 
     let audit_ctx = ctx.audit();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let (step, row) = lock_step_up(state, &txn, &tenant_id, step_up_id).await?;
     check_approvable(state, ctx, (&step, &row), request_hash)?;
     let decision = match early {

@@ -2,7 +2,7 @@
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    QuerySelect,
 };
 use serde_json::json;
 use vaultguard_proto::v1::{ErrorReason, Role, TenantStatus, TokenAlgorithm};
@@ -135,7 +135,7 @@ pub async fn create(
 
     let now = state.clock.now_millis();
     let id = new_id(IdKind::Tenant);
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let inserted = tenant::ActiveModel {
         id: Set(id.clone()),
         slug: Set(slug.to_owned()),
@@ -250,7 +250,7 @@ pub async fn set_suspended(
         (tenant::Status::Active, "tenant.reactivated")
     };
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let updated = tenant::Entity::update_many()
         .into_state(to)
         .col_expr(
@@ -324,7 +324,7 @@ pub async fn bind_org(
         .to_owned();
     let organization_id = organization_id.unwrap_or_default().to_owned();
     find(state, tenant_id).await?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let inserted = external_org::ActiveModel {
         issuer: Set(issuer.clone()),
         organization_id: Set(organization_id.clone()),
@@ -382,7 +382,7 @@ pub async fn unbind_org(
         .unwrap_or(given)
         .to_owned();
     let organization_id = organization_id.unwrap_or_default().to_owned();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let deleted = external_org::Entity::delete_many()
         .filter(external_org::Column::Issuer.eq(issuer.clone()))
         .filter(external_org::Column::OrganizationId.eq(organization_id.clone()))
@@ -424,7 +424,7 @@ pub async fn update_settings(
         return Err(Error::invalid("settings", "is required"));
     };
     let algorithm = check_algorithm("settings.token_algorithm", raw)?;
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let current = tenant::Entity::find_by_id(tenant_id.clone())
         .one(&txn)
         .await?

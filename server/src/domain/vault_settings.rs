@@ -11,7 +11,7 @@
 //! allows plain-HTTP OAuth endpoints (`oauth_allow_http`, development).
 
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, EntityTrait, TransactionTrait};
+use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::json;
 
 use crate::audit::{self, Outcome as AuditOutcome};
@@ -187,7 +187,7 @@ pub async fn update(
         updated_at: now,
         updated_by: actor_json(&ctx.principal.actor())?,
     };
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let before = vault_settings::Entity::find_by_id(tenant_id.clone())
         .one(&txn)
         .await?

@@ -60,7 +60,7 @@ use aws_lc_rs::hmac;
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    QueryOrder, QuerySelect,
 };
 use serde_json::json;
 use vaultguard_proto::v1 as pb;
@@ -202,7 +202,7 @@ pub async fn set(
         .master
         .seal(seal_context(&tenant_id), secret.as_bytes())?;
     let now = state.clock.now_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let start_after = max_change_id(&txn, &tenant_id).await?;
     let existing = tenant_webhook::Entity::find_by_id(tenant_id.clone())
         .one(&txn)
@@ -259,7 +259,7 @@ async fn remove(
     ctx: &CallContext,
     tenant_id: &str,
 ) -> Result<Option<(tenant_webhook::Model, String)>> {
-    let txn = state.db.begin().await?;
+    let txn = crate::store::begin(&state.db).await?;
     let Some(existing) = tenant_webhook::Entity::find_by_id(tenant_id.to_owned())
         .one(&txn)
         .await?

@@ -182,15 +182,22 @@ impl Default for SwitchMark {
     }
 }
 
+/// True on a host that does not take writes: a standby (in recovery), or a
+/// primary that refuses them for now (pg_auto_failover holds a promoted
+/// standby read-only until the monitor confirms it; libpq's
+/// `target_session_attrs=read-write` asks the same two questions).
+const READ_ONLY: &str =
+    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'";
+
 /// What one host said when asked whether it takes writes.
 async fn is_writable(options: &PgConnectOptions, timeout: Duration) -> Result<bool, String> {
     let ask = async {
         let mut conn = PgConnection::connect_with(options).await?;
-        let in_recovery: bool = sea_orm::sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        let read_only: bool = sea_orm::sqlx::query_scalar(READ_ONLY)
             .fetch_one(&mut conn)
             .await?;
         let _ = conn.close().await;
-        Ok::<_, sea_orm::sqlx::Error>(!in_recovery)
+        Ok::<_, sea_orm::sqlx::Error>(!read_only)
     };
     match tokio::time::timeout(timeout, ask).await {
         Ok(Ok(writable)) => Ok(writable),
@@ -214,7 +221,7 @@ pub async fn find_writable(
             .disable_statement_logging();
         match is_writable(&options, timeout).await {
             Ok(true) => return Some((index, options)),
-            Ok(false) => tracing::info!(%host, "database host is a standby (in recovery)"),
+            Ok(false) => tracing::info!(%host, "database host takes no writes (a standby)"),
             Err(error) => tracing::info!(%host, %error, "database host unreachable"),
         }
     }
@@ -278,7 +285,7 @@ impl Failover {
         let pool = self.db.get_postgres_connection_pool();
         let asked = tokio::time::timeout(
             self.timeout,
-            sea_orm::sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(pool),
+            sea_orm::sqlx::query_scalar::<_, bool>(READ_ONLY).fetch_one(pool),
         )
         .await;
         let (busy, reason) = match asked {

@@ -148,17 +148,49 @@ pub fn is_postgres(db: &impl ConnectionTrait) -> bool {
     db.get_database_backend() == DatabaseBackend::Postgres
 }
 
+/// Begins a transaction. Every transaction of the server starts here
+/// (clippy's `disallowed-methods` refuses sea-orm's own `begin` elsewhere).
+///
+/// BEGIN runs in a task of its own, to its end whatever happens to the
+/// caller: sqlx counts a transaction only once BEGIN's answer is read, so a
+/// caller that went away in between (a cancelled call, a dropped stream, a
+/// deadline) returned its connection to the pool inside a transaction
+/// nobody owned. The next callers' statements then ran inside it (an
+/// autocommit write answered OK stayed uncommitted until someone else's
+/// COMMIT, or was lost with the connection), and after one failed statement
+/// every later one failed (`tests/it/small_pool.rs`). Now a transaction
+/// nobody takes is dropped by the task, which rolls it back. Costs one task
+/// spawn per transaction.
+pub async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    begin_with(db, None, None).await
+}
+
+/// [`begin`] with an isolation level and access mode.
+pub async fn begin_with(
+    db: &DatabaseConnection,
+    isolation: Option<sea_orm::IsolationLevel>,
+    access: Option<sea_orm::AccessMode>,
+) -> Result<DatabaseTransaction, DbErr> {
+    let db = db.clone();
+    #[allow(clippy::disallowed_methods)]
+    let begun = tokio::spawn(async move { db.begin_with_config(isolation, access).await });
+    begun
+        .await
+        .map_err(|err| DbErr::Custom(format!("BEGIN's task failed: {err}")))?
+}
+
 /// A read-only transaction whose reads all see one snapshot: REPEATABLE READ
 /// on PostgreSQL; on SQLite every transaction reads one snapshot.
 pub async fn begin_snapshot(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
     if is_postgres(db) {
-        db.begin_with_config(
+        begin_with(
+            db,
             Some(sea_orm::IsolationLevel::RepeatableRead),
             Some(sea_orm::AccessMode::ReadOnly),
         )
         .await
     } else {
-        db.begin().await
+        begin(db).await
     }
 }
 
