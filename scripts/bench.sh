@@ -15,6 +15,10 @@ cargo build --release --locked -q \
   -p vaultguard-server --bin vaultguard \
   -p vaultguard-tests --bin vaultguard-bench
 
+# replication.sync_standby runs a pg_auto_failover formation
+# (scripts/pg-ha.sh); its packages are installed when missing.
+scripts/pg-ha.sh install
+
 # Two benchmarks at once on one machine distort each other's figures: a
 # second run waits here for the first.
 exec 9>"${TMPDIR:-/tmp}/vaultguard-bench.lock"

