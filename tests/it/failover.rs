@@ -121,6 +121,8 @@ impl Drop for Formation {
 /// succeeded again.
 struct Recovery {
     not_serving: Option<Duration>,
+    /// When health said SERVING again after NOT_SERVING.
+    serving: Option<Duration>,
     writable: Duration,
 }
 
@@ -133,6 +135,7 @@ async fn recovery(fx: &Fixture, replica: usize, killed_at: Instant, round: usize
     let mut health = HealthClient::new(channel);
     let agent = fx.reader_on(replica).await;
     let mut not_serving = None;
+    let mut serving = None;
     for attempt in 0.. {
         assert!(
             killed_at.elapsed() < Duration::from_secs(90),
@@ -141,6 +144,9 @@ async fn recovery(fx: &Fixture, replica: usize, killed_at: Instant, round: usize
         if overall_health(&mut health).await == ServingStatus::NotServing {
             not_serving.get_or_insert(killed_at.elapsed());
         } else {
+            if not_serving.is_some() {
+                serving.get_or_insert(killed_at.elapsed());
+            }
             let key = format!("probe-{round}-{replica}-{attempt}");
             let wrote = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -151,6 +157,7 @@ async fn recovery(fx: &Fixture, replica: usize, killed_at: Instant, round: usize
             if let Ok(DelegationOutcome::Allowed { .. }) = wrote {
                 return Recovery {
                     not_serving,
+                    serving,
                     writable: killed_at.elapsed(),
                 };
             }
@@ -182,6 +189,9 @@ async fn held_watch(fx: &Fixture, replica: usize, round: usize) -> (PendingStepU
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
@@ -227,6 +237,7 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
     )));
 
     let mut recovered: Vec<Duration> = Vec::new();
+    let mut serving_again: Vec<Duration> = Vec::new();
     let mut noticed = 0;
     let mut promoted: Vec<String> = Vec::new();
     let mut rejoins: Vec<String> = Vec::new();
@@ -249,6 +260,7 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
         promoted.push(promotion);
         for replica in [a, b] {
             noticed += usize::from(replica.not_serving.is_some());
+            serving_again.extend(replica.serving);
             recovered.push(replica.writable);
         }
 
@@ -296,6 +308,7 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
     } = assert_nothing_lost(&fx, &seen).await;
 
     recovered.sort();
+    serving_again.sort();
     let acknowledged = seen.allowed.len()
         + seen.revoked.len()
         + seen.stepped_up.len()
@@ -305,7 +318,8 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
         "failover: {failovers} primary losses (SIGKILL of keeper and postmaster), formation up in \
          {formed:?}, total {total:?}\n  \
          SIGKILL → a write succeeds through the replica (both replicas, {n} samples): p50 \
-         {p50:?}, p99 {p99:?}, max {max:?}; health NOT_SERVING seen {noticed} of {n} times\n  \
+         {p50:?}, p99 {p99:?}, max {max:?}; health NOT_SERVING seen {noticed} of {n} times, SERVING again \
+         after p50 {s50:?}, p99 {s99:?}\n  \
          promotion seen by the monitor after (s): {promoted:?}; rejoin as synchronous standby \
          (s): {rejoins:?}\n  \
          acknowledged writes: {acknowledged} ({allowed} ALLOW, {revoked} revokes, {stepped} \
@@ -319,6 +333,8 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
         p50 = percentile(&recovered, 0.50),
         p99 = percentile(&recovered, 0.99),
         max = recovered.last().copied().unwrap_or_default(),
+        s50 = percentile(&serving_again, 0.50),
+        s99 = percentile(&serving_again, 0.99),
         allowed = seen.allowed.len(),
         revoked = seen.revoked.len(),
         stepped = seen.stepped_up.len(),

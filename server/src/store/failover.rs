@@ -228,6 +228,9 @@ pub async fn find_writable(
     None
 }
 
+/// How long the probe's question may wait for the pool.
+const POOL_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// What the probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
@@ -283,8 +286,12 @@ impl Failover {
             };
         }
         let pool = self.db.get_postgres_connection_pool();
+        // Briefly: while the host is gone the pool keeps retrying its
+        // connect until the acquire timeout; the hosts are asked directly
+        // below. A pool only busy answers through that path too (and keeps
+        // its connections).
         let asked = tokio::time::timeout(
-            self.timeout,
+            POOL_CHECK_TIMEOUT.min(self.timeout),
             sea_orm::sqlx::query_scalar::<_, bool>(READ_ONLY).fetch_one(pool),
         )
         .await;
