@@ -166,6 +166,24 @@ fn percent(part: f64, whole: f64) -> f64 {
     }
 }
 
+/// A scenario's setting on `server` (and `replica`), with a fresh nonce.
+fn scene<'a>(
+    args: &Args,
+    fixture: &'a Fixture,
+    server: &'a ServerProcess,
+    replica: Option<&'a ServerProcess>,
+) -> scenarios::Scene<'a> {
+    scenarios::Scene {
+        fixture,
+        server,
+        replica,
+        connections: args.connections,
+        concurrency: args.concurrency,
+        verify_pool: args.verify_pool,
+        nonce: uuid::Uuid::new_v4().simple().to_string(),
+    }
+}
+
 fn print_table(title: &str, rows: &[Row]) {
     print_rows(title, &rows.iter().collect::<Vec<_>>());
 }
@@ -575,15 +593,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
     };
     let mut rows = Vec::new();
     for name in names {
-        let scene = scenarios::Scene {
-            fixture: &fixture,
-            server: &server,
-            replica: replica.as_ref(),
-            connections: args.connections,
-            concurrency: args.concurrency,
-            verify_pool: args.verify_pool,
-            nonce: uuid::Uuid::new_v4().simple().to_string(),
-        };
+        let scene = scene(args, &fixture, &server, replica.as_ref());
         eprintln!("[{}] {name}", backend.name());
         let op = scenarios::prepare(name, &scene).await?;
         let mut servers: Vec<&dyn CpuSource> = vec![&server];
@@ -616,15 +626,7 @@ async fn run_on(args: &Args, backend: Backend, spec: &ServerSpec, names: &[Strin
     );
     print_budget_overhead(&rows);
     if args.peer {
-        let scene = scenarios::Scene {
-            fixture: &fixture,
-            server: &server,
-            replica: None,
-            connections: args.connections,
-            concurrency: args.concurrency,
-            verify_pool: args.verify_pool,
-            nonce: uuid::Uuid::new_v4().simple().to_string(),
-        };
+        let scene = scene(args, &fixture, &server, None);
         compare_with_peer(args, backend, &scene, names, &backlog).await?;
     }
     if args.watch_streams > 0 {

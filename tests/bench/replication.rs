@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::fixture::Fixture;
 use crate::server::{ServerProcess, ServerSpec};
-use crate::{Args, Row, measure, print_table, scenarios};
+use crate::{Args, Row, measure, print_table, scenarios, scene};
 
 /// The formation's monitor port; its nodes take the next two.
 const BASE_PORT: u16 = 56_432;
@@ -101,15 +101,7 @@ pub async fn run(args: &Args, template: &ServerSpec) -> Result<()> {
     std::fs::create_dir_all(&spec.work_dir)?;
     let server = ServerProcess::start(&spec, "ha").await?;
     let fixture = Fixture::set_up(&server).await?;
-    let scene = scenarios::Scene {
-        fixture: &fixture,
-        server: &server,
-        replica: None,
-        connections: args.connections,
-        concurrency: args.concurrency,
-        verify_pool: args.verify_pool,
-        nonce: uuid::Uuid::new_v4().simple().to_string(),
-    };
+    let scene = scene(args, &fixture, &server, None);
     let op = scenarios::prepare(SCENARIO, &scene).await?;
 
     let mut rows: Vec<Row> = Vec::new();

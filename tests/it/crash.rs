@@ -504,7 +504,7 @@ pub(crate) struct Seen {
     pub(crate) failed_attempts: u64,
 }
 
-pub(crate) type Shared = Arc<Mutex<Seen>>;
+type Shared = Arc<Mutex<Seen>>;
 
 fn note(seen: &Shared, edit: impl FnOnce(&mut Seen)) {
     edit(&mut seen.lock().expect("seen"));
@@ -542,12 +542,7 @@ async fn allow_once(agent: &VaultGuardClient, globex: &str, key: &str, seen: &Sh
     id
 }
 
-pub(crate) async fn reader_load(
-    fx: Arc<Fixture>,
-    lane: usize,
-    stop: Arc<AtomicBool>,
-    seen: Shared,
-) {
+async fn reader_load(fx: Arc<Fixture>, lane: usize, stop: Arc<AtomicBool>, seen: Shared) {
     let agent = fx.agent(&fx.reader).await;
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -556,7 +551,7 @@ pub(crate) async fn reader_load(
     }
 }
 
-pub(crate) async fn churner_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
+async fn churner_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
     let agent = fx.agent(&fx.churner).await;
     let admin = fx.human(&fx.globex_admin).await;
     let mut n = 0;
@@ -618,7 +613,7 @@ async fn take_token(agent: &VaultGuardClient, auth_req_id: &str, seen: &Shared) 
     panic!("no token after 50 watches")
 }
 
-pub(crate) async fn stepper_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
+async fn stepper_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
     let agent = fx.agent(&fx.stepper).await;
     let approver = fx.human(&fx.globex_approver).await;
     let mut n = 0;
@@ -666,7 +661,7 @@ pub(crate) async fn stepper_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: 
     }
 }
 
-pub(crate) async fn signer_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
+async fn signer_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: Shared) {
     let agent = fx.agent(&fx.signer).await;
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -689,6 +684,62 @@ pub(crate) async fn signer_load(fx: Arc<Fixture>, stop: Arc<AtomicBool>, seen: S
             s.failed_attempts += u64::from(failed);
             s.signed.insert(signed.signature_id, key);
         });
+    }
+}
+
+/// The mixed load of the crash and failover tests: two readers, the
+/// churner, the stepper and the signer, until [`Load::finish`].
+pub(crate) struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Shared,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub(crate) fn start(fx: &Arc<Fixture>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Shared = Arc::default();
+        let mut tasks = Vec::new();
+        for lane in 0..2 {
+            tasks.push(tokio::spawn(reader_load(
+                fx.clone(),
+                lane,
+                stop.clone(),
+                seen.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(churner_load(
+            fx.clone(),
+            stop.clone(),
+            seen.clone(),
+        )));
+        tasks.push(tokio::spawn(stepper_load(
+            fx.clone(),
+            stop.clone(),
+            seen.clone(),
+        )));
+        tasks.push(tokio::spawn(signer_load(
+            fx.clone(),
+            stop.clone(),
+            seen.clone(),
+        )));
+        Self { stop, seen, tasks }
+    }
+
+    /// Stops the load, waits for every client's last call, and answers
+    /// what the clients saw succeed.
+    pub(crate) async fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("the load stops")
+                .expect("a load task failed");
+        }
+        Arc::try_unwrap(self.seen)
+            .expect("load done")
+            .into_inner()
+            .expect("seen")
     }
 }
 
@@ -902,32 +953,7 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
     let fx = Arc::new(Fixture::set_up().await);
     let mut child = fx.spawn(0).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen: Shared = Arc::default();
-    let mut load = Vec::new();
-    for lane in 0..2 {
-        load.push(tokio::spawn(reader_load(
-            fx.clone(),
-            lane,
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    load.push(tokio::spawn(churner_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
-    load.push(tokio::spawn(stepper_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
-    load.push(tokio::spawn(signer_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
+    let load = Load::start(&fx);
 
     let mut downtime = Duration::ZERO;
     for _ in 0..KILLS {
@@ -941,19 +967,8 @@ async fn killed_mid_load_the_server_loses_nothing_a_client_saw_succeed() {
         downtime += killed_at.elapsed();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("the load stops")
-            .expect("a load task failed");
-    }
+    let seen = load.finish().await;
     let load_done = started.elapsed();
-
-    let seen = Arc::try_unwrap(seen)
-        .expect("load done")
-        .into_inner()
-        .expect("seen");
 
     let checked = assert_nothing_lost(&fx, &seen).await;
     let Checked {

@@ -26,7 +26,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Endpoint;
@@ -39,10 +38,7 @@ use vaultguard_tests::{
 };
 
 use crate::cookbook::repo_root;
-use crate::crash::{
-    Checked, Fixture, Shared, allow_request, assert_nothing_lost, churner_load, jitter,
-    reader_load, signer_load, stepper_load,
-};
+use crate::crash::{Checked, Fixture, Load, allow_request, assert_nothing_lost, jitter};
 use crate::outage::{next_status_within, overall_health};
 
 /// Failovers when `VAULTGUARD_FAILOVERS` is not set.
@@ -209,32 +205,7 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
     let fx = Arc::new(Fixture::set_up_on(Some(formation.url.clone()), 2).await);
     let _replicas = [fx.spawn(0).await, fx.spawn(1).await];
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen: Shared = Arc::default();
-    let mut load = Vec::new();
-    for lane in 0..2 {
-        load.push(tokio::spawn(reader_load(
-            fx.clone(),
-            lane,
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    load.push(tokio::spawn(churner_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
-    load.push(tokio::spawn(stepper_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
-    load.push(tokio::spawn(signer_load(
-        fx.clone(),
-        stop.clone(),
-        seen.clone(),
-    )));
+    let load = Load::start(&fx);
 
     let mut recovered: Vec<Duration> = Vec::new();
     let mut serving_again: Vec<Duration> = Vec::new();
@@ -286,17 +257,7 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
     }
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("the load stops")
-            .expect("a load task failed");
-    }
-    let seen = Arc::try_unwrap(seen)
-        .expect("load done")
-        .into_inner()
-        .expect("seen");
+    let seen = load.finish().await;
     let Checked {
         delegations,
         active,
