@@ -99,6 +99,10 @@ pub struct Config {
     pub database_max_connections: u32,
     /// How long a request waits for a database connection before UNAVAILABLE.
     pub database_acquire_timeout_ms: u64,
+    /// PostgreSQL: how long start-up waits for a host that takes writes (a
+    /// replica restarted during a failover waits for the promotion instead
+    /// of exiting); 0: fail at once.
+    pub database_startup_wait_ms: u64,
     /// PostgreSQL: group commits of the hot writes (delegations, signatures,
     /// audit events) in flight at once. A writer takes whatever queued
     /// while it waited; one starts a group beside another's only once 16
@@ -288,6 +292,7 @@ impl Default for Config {
             database_url: String::new(),
             database_max_connections: 16,
             database_acquire_timeout_ms: 2_000,
+            database_startup_wait_ms: 30_000,
             audit_group_writers: 2,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),

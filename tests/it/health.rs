@@ -252,3 +252,36 @@ async fn postgres_only_a_multi_host_url_follows_the_host_that_takes_writes() {
     wait_for_status(&mut health, &[""], ServingStatus::Serving).await;
     server.stop().await;
 }
+
+/// A replica (re)started while no host takes writes (during a failover)
+/// waits for one (`database_startup_wait_ms`) instead of exiting, and
+/// serves once a host answers.
+#[tokio::test]
+async fn postgres_only_a_server_started_while_no_host_takes_writes_waits_for_one() {
+    require_backend(Backend::Postgres);
+    let (first, second) = (Proxy::to_postgres().await, Proxy::to_postgres().await);
+    first.cut();
+    second.cut();
+    let hosts = vec![first.addr, second.addr];
+    let restore = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        second.restore();
+        second
+    });
+    let started = Instant::now();
+    let server = TestServer::start_with(TestOptions {
+        database_hosts: hosts,
+        ..TestOptions::default()
+    })
+    .await;
+    let waited = started.elapsed();
+    let _second = restore.await.expect("restore");
+    assert!(
+        waited >= Duration::from_millis(1_500),
+        "it served before any host answered ({waited:?})"
+    );
+    create_tenant(&server.operator().await, "after-the-wait")
+        .await
+        .expect("a write once the host answers");
+    server.stop().await;
+}

@@ -60,12 +60,25 @@ pub async fn open(config: &Config) -> Result<Opened, DbErr> {
         let base = parsed.urls[0]
             .parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
             .map_err(|_| DbErr::Custom("database_url: not a valid PostgreSQL URL".to_owned()))?;
-        let Some((current, _)) = failover::find_writable(&base, &parsed.hosts, timeout).await
-        else {
-            return Err(DbErr::Custom(format!(
-                "no writable database host among the {} configured (each was unreachable or in recovery)",
-                parsed.hosts.len()
-            )));
+        let wait = Duration::from_millis(config.database_startup_wait_ms);
+        let started = std::time::Instant::now();
+        let current = loop {
+            if let Some((current, _)) = failover::find_writable(&base, &parsed.hosts, timeout).await
+            {
+                break current;
+            }
+            if started.elapsed() >= wait {
+                return Err(DbErr::Custom(format!(
+                    "no writable database host among the {} configured (each was unreachable or in recovery) after {} ms",
+                    parsed.hosts.len(),
+                    started.elapsed().as_millis()
+                )));
+            }
+            tracing::warn!(
+                hosts = parsed.hosts.len(),
+                "no writable database host yet; waiting (database_startup_wait_ms)"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
         (parsed.urls[current].clone(), parsed.hosts, current)
     };
