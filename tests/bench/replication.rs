@@ -12,10 +12,8 @@
 //! whatever it is), so both sides share the server, the database and the
 //! machine. Both figures and their ratio are printed.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::Result;
+use vaultguard_tests::pg_ha::Formation;
 
 use crate::fixture::Fixture;
 use crate::server::{ServerProcess, ServerSpec};
@@ -27,76 +25,11 @@ const BASE_PORT: u16 = 56_432;
 /// The scenario measured on both sides.
 const SCENARIO: &str = "delegation.allow.eddsa";
 
-fn pg_ha(script: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new(script)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "pg-ha.sh {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
-}
-
-/// The formation, torn down on drop.
-struct Formation {
-    script: PathBuf,
-    dir: String,
-}
-
-impl Formation {
-    fn sync(&self, on: bool) -> Result<()> {
-        pg_ha(
-            &self.script,
-            &["sync", &self.dir, if on { "on" } else { "off" }],
-        )
-        .map(|_| ())
-    }
-}
-
-impl Drop for Formation {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.script)
-            .args(["down", &self.dir])
-            .output();
-    }
-}
-
-/// `scripts/pg-ha.sh`, found from the working directory (`scripts/bench.sh`
-/// runs from the repository root).
-fn script() -> Result<PathBuf> {
-    let script = std::env::current_dir()?.join("scripts/pg-ha.sh");
-    ensure!(
-        script.is_file(),
-        "{} not found: run from the repository root",
-        script.display()
-    );
-    Ok(script)
-}
-
 pub async fn run(args: &Args, template: &ServerSpec) -> Result<()> {
-    let script = script()?;
-    let dir = format!("/var/tmp/vg-bench-ha-{}", uuid::Uuid::new_v4().simple());
     eprintln!("[postgres-ha] replication.sync_standby: starting a pg_auto_failover formation");
-    let url = {
-        let (script, dir) = (script.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || {
-            pg_ha(&script, &["up", &dir, &BASE_PORT.to_string(), "--async"])
-        })
-        .await??
-    };
-    let formation = Formation { script, dir };
+    let formation = Formation::up(BASE_PORT, false).await?;
     let mut spec = template.clone();
-    spec.database_url = url;
+    spec.database_url = formation.url.clone();
     spec.work_dir = template.work_dir.join("ha");
     std::fs::create_dir_all(&spec.work_dir)?;
     let server = ServerProcess::start(&spec, "ha").await?;
@@ -113,7 +46,9 @@ pub async fn run(args: &Args, template: &ServerSpec) -> Result<()> {
             [true, false]
         };
         for synchronous in order {
-            formation.sync(synchronous)?;
+            formation
+                .call(&["sync", if synchronous { "on" } else { "off" }])
+                .await?;
             let label = if synchronous {
                 "allow.eddsa · sync standby"
             } else {

@@ -23,8 +23,6 @@
 //! `VAULTGUARD_FAILOVERS` sets how many failovers (2 by default, so the
 //! suite stays quick; the closing figures use more).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,12 +30,12 @@ use tonic::transport::Endpoint;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use vaultguard_client::{DelegationOutcome, pb};
+use vaultguard_tests::pg_ha::Formation;
 use vaultguard_tests::{
     Backend, PendingStepUp, StepUpWatch, approve_step_up, get_step_up, request_step_up,
     require_backend, watch_step_up,
 };
 
-use crate::cookbook::repo_root;
 use crate::crash::{Checked, Fixture, Load, allow_request, assert_nothing_lost, jitter};
 use crate::outage::{next_status_within, overall_health};
 
@@ -46,71 +44,6 @@ const DEFAULT_FAILOVERS: usize = 2;
 
 /// The formation's monitor port; the nodes take the next two.
 const BASE_PORT: u16 = 55_432;
-
-/// A pg_auto_failover formation run by `scripts/pg-ha.sh`, torn down on drop.
-struct Formation {
-    script: PathBuf,
-    dir: PathBuf,
-    /// The multi-host URL of both data nodes.
-    url: String,
-}
-
-fn run(script: &PathBuf, args: &[&str]) -> String {
-    let output = Command::new(script)
-        .args(args)
-        .output()
-        .expect("run scripts/pg-ha.sh");
-    assert!(
-        output.status.success(),
-        "pg-ha.sh {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-impl Formation {
-    async fn up() -> Self {
-        let script = repo_root().join("scripts/pg-ha.sh");
-        let dir = PathBuf::from(format!("/var/tmp/vg-ha-{}", uuid::Uuid::new_v4().simple()));
-        let (script2, dir2) = (script.clone(), dir.clone());
-        let url = tokio::task::spawn_blocking(move || {
-            run(
-                &script2,
-                &["up", dir2.to_str().expect("path"), &BASE_PORT.to_string()],
-            )
-        })
-        .await
-        .expect("pg-ha up");
-        assert!(url.starts_with("postgres://"), "pg-ha.sh up printed {url}");
-        Self { script, dir, url }
-    }
-
-    async fn call(&self, args: &[&str]) -> String {
-        let script = self.script.clone();
-        let mut all = vec![args[0].to_owned(), self.dir.display().to_string()];
-        all.extend(args[1..].iter().map(|a| (*a).to_owned()));
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-            run(&script, &refs)
-        })
-        .await
-        .expect("pg-ha")
-    }
-}
-
-impl Drop for Formation {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.script)
-            .args(["down", self.dir.to_str().unwrap_or_default()])
-            .output();
-    }
-}
 
 /// When replica `replica`'s health first said NOT_SERVING after the kill
 /// (if the probe saw the outage at all), and when a write through it first
@@ -200,7 +133,9 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_FAILOVERS);
     let started = Instant::now();
-    let formation = Formation::up().await;
+    let formation = Formation::up(BASE_PORT, true)
+        .await
+        .expect("a pg_auto_failover formation");
     let formed = started.elapsed();
     let fx = Arc::new(Fixture::set_up_on(Some(formation.url.clone()), 2).await);
     let _replicas = [fx.spawn(0).await, fx.spawn(1).await];
@@ -221,8 +156,16 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
         ];
 
         let killed_at = Instant::now();
-        let node = formation.call(&["kill-primary"]).await;
-        let promotion = formation.call(&["wait-primary"]);
+        let node = formation
+            .call(&["kill-primary"])
+            .await
+            .expect("kill the primary");
+        let promotion = async {
+            formation
+                .call(&["wait-primary"])
+                .await
+                .expect("the standby promoted")
+        };
         let (a, b, promotion) = tokio::join!(
             recovery(&fx, 0, killed_at, round),
             recovery(&fx, 1, killed_at, round),
@@ -253,7 +196,12 @@ async fn postgres_only_losing_the_primary_loses_nothing_acknowledged() {
             );
             watches_resumed += 1;
         }
-        rejoins.push(formation.call(&["rejoin", &node]).await);
+        rejoins.push(
+            formation
+                .call(&["rejoin", &node])
+                .await
+                .expect("the old primary rejoins"),
+        );
     }
 
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -32,6 +32,7 @@ pub mod calls;
 pub mod contract;
 pub mod fixtures;
 pub mod oauth_provider;
+pub mod pg_ha;
 pub mod rpc;
 pub mod slow_body;
 
