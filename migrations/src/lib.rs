@@ -25,6 +25,7 @@ mod m20261206_000016_kill_switch;
 mod m20261206_000017_transaction_signing;
 mod m20261206_000018_authorization_details;
 mod m20261206_000019_budgets;
+mod m20261207_000020_audit_chain_filters;
 mod sql;
 
 pub use sea_orm_migration::MigratorTrait;
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000017_transaction_signing::Migration),
             Box::new(m20261206_000018_authorization_details::Migration),
             Box::new(m20261206_000019_budgets::Migration),
+            Box::new(m20261207_000020_audit_chain_filters::Migration),
         ]
     }
 }

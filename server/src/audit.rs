@@ -472,6 +472,9 @@ impl Sealer {
                 event_row_id: event.id,
                 prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
                 hash,
+                occurred_at: event.occurred_at,
+                event_type: event.event_type.clone(),
+                actor_subject: event.actor_subject.clone(),
             });
         }
         if postgres {
@@ -484,10 +487,13 @@ impl Sealer {
                 backend,
                 "WITH links AS (\
                    SELECT * FROM json_to_recordset($1::json) \
-                   AS l(seq BIGINT, event_row_id BIGINT, prev_hash TEXT, hash TEXT)\
+                   AS l(seq BIGINT, event_row_id BIGINT, prev_hash TEXT, hash TEXT, \
+                        occurred_at BIGINT, event_type TEXT, actor_subject TEXT)\
                  ), chained AS (\
-                   INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) \
-                   SELECT $2, seq, event_row_id, prev_hash, hash, $3 FROM links\
+                   INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at, \
+                     occurred_at, event_type, actor_subject) \
+                   SELECT $2, seq, event_row_id, prev_hash, hash, $3, occurred_at, event_type, actor_subject \
+                   FROM links\
                  ), sealed AS (\
                    DELETE FROM audit_pending WHERE tenant_id = $2 \
                    AND event_row_id = ANY (ARRAY(SELECT event_row_id FROM links))\
@@ -505,13 +511,14 @@ impl Sealer {
         } else {
             // One multi-row insert of the links and one delete of the
             // pending rows per batch, not two statements per event.
-            let rows = vec!["(?, ?, ?, ?, ?, ?)"; links.len()].join(", ");
+            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; links.len()].join(", ");
             txn.execute_raw(Statement::from_sql_and_values(
                 backend,
                 placeholders(
                     backend,
                     &format!(
-                        "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at) VALUES {rows}"
+                        "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at, \
+                         occurred_at, event_type, actor_subject) VALUES {rows}"
                     ),
                 ),
                 links.iter().flat_map(|link| {
@@ -522,6 +529,9 @@ impl Sealer {
                         link.prev_hash.clone().into(),
                         link.hash.clone().into(),
                         now.into(),
+                        link.occurred_at.into(),
+                        link.event_type.clone().into(),
+                        link.actor_subject.clone().into(),
                     ]
                 }),
             ))
@@ -590,6 +600,11 @@ struct Link {
     event_row_id: i64,
     prev_hash: String,
     hash: String,
+    /// Copies of the event's fields that filtered listings read from the
+    /// chain's indexes (not hashed; VerifyAuditChain compares them).
+    occurred_at: i64,
+    event_type: String,
+    actor_subject: String,
 }
 
 /// One write of a group commit: at most one row to insert (an idempotency

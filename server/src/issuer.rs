@@ -497,6 +497,60 @@ impl IssuerKeys {
         if header.typ.as_deref() != Some("at+jwt") {
             return Err(Error::Unauthenticated("token typ is not at+jwt"));
         }
+        let (kid, key, algorithm) = self.key_of(header).await?;
+        // Everything above is re-checked on every call (the key may have
+        // left the JWKS since); the signature, issuer and audience of a
+        // byte-identical token are not, once they passed.
+        let fingerprint = VerifiedCache::fingerprint(token, audience);
+        let claims = match self.verified.get(&fingerprint) {
+            Some(claims) => claims,
+            None => {
+                let mut validation = Validation::new(algorithm);
+                validation.set_issuer(&[&self.issuer]);
+                validation.set_audience(&[audience]);
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+                let data = jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
+                    .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))?;
+                let claims = Arc::new(data.claims);
+                self.verified
+                    .insert(fingerprint, claims.clone(), self.clock.now_seconds());
+                claims
+            }
+        };
+        check_time_claims(&claims, self.clock.now_seconds())?;
+        Ok(VerifiedToken { kid, claims })
+    }
+
+    /// Verifies a statement this issuer signed with [`Self::sign_typed`]
+    /// (an audit receipt): header `typ`, a published key of its `kid` and
+    /// that key's algorithm, the signature and our `iss`. Statements carry
+    /// no audience or expiry; the caller checks their claims.
+    pub async fn verify_typed(&self, token: &str, typ: &str) -> Result<Value> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Error::Unauthenticated("malformed token header"))?;
+        if header.typ.as_deref() != Some(typ) {
+            return Err(Error::Unauthenticated("token typ does not match"));
+        }
+        let (_, key, algorithm) = self.key_of(header).await?;
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&self.issuer]);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["iss"]);
+        jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))
+    }
+
+    /// The published key a token's header names, with its algorithm, which
+    /// the header's `alg` must be.
+    async fn key_of(
+        &self,
+        header: jsonwebtoken::Header,
+    ) -> Result<(String, Arc<PublishedKey>, jsonwebtoken::Algorithm)> {
         let kid = header
             .kid
             .ok_or(Error::Unauthenticated("token has no kid"))?;
@@ -523,29 +577,7 @@ impl IssuerKeys {
         if key.publish_until.is_some_and(|until| until <= now) {
             return Err(Error::Unauthenticated("signing key no longer published"));
         }
-        // Everything above is re-checked on every call (the key may have
-        // left the JWKS since); the signature, issuer and audience of a
-        // byte-identical token are not, once they passed.
-        let fingerprint = VerifiedCache::fingerprint(token, audience);
-        let claims = match self.verified.get(&fingerprint) {
-            Some(claims) => claims,
-            None => {
-                let mut validation = Validation::new(algorithm);
-                validation.set_issuer(&[&self.issuer]);
-                validation.set_audience(&[audience]);
-                validation.validate_exp = false;
-                validation.validate_nbf = false;
-                validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-                let data = jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
-                    .map_err(|_| Error::Unauthenticated("token signature or claims invalid"))?;
-                let claims = Arc::new(data.claims);
-                self.verified
-                    .insert(fingerprint, claims.clone(), self.clock.now_seconds());
-                claims
-            }
-        };
-        check_time_claims(&claims, self.clock.now_seconds())?;
-        Ok(VerifiedToken { kid, claims })
+        Ok((kid, key, algorithm))
     }
 
     async fn published_key(&self, kid: &str) -> Option<Arc<PublishedKey>> {

@@ -309,6 +309,21 @@ async fn verify(
             from_sequence,
             to_sequence,
             include_receipt,
+            ..Default::default()
+        })
+        .await
+}
+
+/// VerifyAuditChain from `receipt` on, with a new receipt.
+async fn verify_since(
+    reader: &VaultGuardClient,
+    receipt: &str,
+) -> Result<pb::VerifyAuditChainResponse, ClientError> {
+    reader
+        .verify_audit_chain(pb::VerifyAuditChainRequest {
+            since_receipt: receipt.to_owned(),
+            include_receipt: true,
+            ..Default::default()
         })
         .await
 }
@@ -2093,6 +2108,121 @@ async fn a_changed_event_is_named_by_verification_and_an_intact_chain_verifies_w
     assert_eq!(
         (grown.ok, grown.first_broken_sequence, grown.head_sequence),
         (false, 4, 10)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_since() {
+    let server = TestServer::start().await;
+    let (tenant, auditor) = sealed_tenant(&server, "incremental", 8).await;
+    let first = verify(&auditor, 0, 0, true).await.expect("verify");
+    assert_eq!((first.ok, first.checked_count), (true, 9), "{first:?}");
+
+    // Nothing new: nothing to check, and the receipt's head still holds.
+    let same = verify_since(&auditor, &first.receipt).await.expect("since");
+    assert_eq!((same.ok, same.checked_count, same.head_sequence), (true, 0, 9), "{same:?}");
+
+    // Three new events: only they are checked, and the new receipt goes on.
+    for n in 0..3 {
+        server.create_agent(&tenant.id, &format!("later-{n}")).await;
+    }
+    server.wait_sealed().await;
+    let grown = verify_since(&auditor, &first.receipt).await.expect("since");
+    assert_eq!((grown.ok, grown.checked_count, grown.head_sequence), (true, 3, 12), "{grown:?}");
+    check_receipt(&server, &tenant.id, &grown).await;
+    let again = verify_since(&auditor, &grown.receipt).await.expect("since");
+    assert_eq!((again.ok, again.checked_count), (true, 0), "{again:?}");
+
+    // Not a receipt of this tenant's log signed by this server: refused,
+    // naming the field, and so is a receipt combined with from_sequence.
+    let (other, other_auditor) = sealed_tenant(&server, "other", 1).await;
+    let other_receipt = verify(&other_auditor, 0, 0, true).await.expect("verify").receipt;
+    assert!(!other_receipt.is_empty(), "{}", other.id);
+    let parts: Vec<&str> = first.receipt.split('.').collect();
+    let forged_payload = {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut claims: Value = serde_json::from_slice(&engine.decode(parts[1]).expect("b64")).expect("claims");
+        claims["head_sequence"] = json!(2);
+        engine.encode(serde_json::to_vec(&claims).expect("json"))
+    };
+    let forged = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+    for bad in [other_receipt.as_str(), forged.as_str(), "not a receipt", &"x".repeat(9000)] {
+        expect_invalid(verify_since(&auditor, bad).await, "since_receipt");
+    }
+    expect_invalid(
+        auditor
+            .verify_audit_chain(pb::VerifyAuditChainRequest {
+                since_receipt: first.receipt.clone(),
+                from_sequence: 3,
+                ..Default::default()
+            })
+            .await,
+        "since_receipt",
+    );
+
+    // A change after the receipt is named; one before it is for the full
+    // verification (the receipt vouches for what it covered).
+    let row = row_id(&server, &tenant.id, 11).await;
+    tamper(
+        &server,
+        &[format!("UPDATE audit_events SET request_id = 'rewritten' WHERE id = {row}")],
+    )
+    .await;
+    let broken = verify_since(&auditor, &first.receipt).await.expect("since");
+    assert_eq!(
+        (broken.ok, broken.first_broken_sequence, broken.failure.as_str(), broken.checked_count),
+        (false, 11, "hash mismatch", 1),
+        "{broken:?}"
+    );
+    // The receipt's own head rewritten (hash and the next link with it):
+    // the receipt no longer matches the chain.
+    tamper(
+        &server,
+        &[
+            format!("UPDATE audit_chain SET hash = '{}' WHERE tenant_id = '{}' AND seq = 9", "a".repeat(64), tenant.id),
+            format!("UPDATE audit_chain SET prev_hash = '{}' WHERE tenant_id = '{}' AND seq = 10", "a".repeat(64), tenant.id),
+        ],
+    )
+    .await;
+    let moved = verify_since(&auditor, &first.receipt).await.expect("since");
+    assert_eq!(
+        (moved.ok, moved.first_broken_sequence, moved.failure.as_str()),
+        (false, 9, "receipt head mismatch"),
+        "{moved:?}"
+    );
+    server.stop().await;
+}
+
+/// The chain row's copies of an event's time, type and actor drive the
+/// filtered listings; an edited copy would hide the event from them, so
+/// verification compares each copy with its event.
+#[tokio::test]
+async fn an_edited_chain_copy_that_would_hide_an_event_from_a_filter_is_named() {
+    let server = TestServer::start().await;
+    let (tenant, auditor) = sealed_tenant(&server, "copies", 4).await;
+    let agents_created = || pb::ListAuditEventsRequest {
+        event_types: vec!["agent.created".to_owned()],
+        ..Default::default()
+    };
+    let before = list(&auditor, agents_created()).await.expect("list").events;
+    assert_eq!(before.len(), 4);
+    tamper(
+        &server,
+        &[format!(
+            "UPDATE audit_chain SET event_type = 'tenant.created' WHERE tenant_id = '{}' AND seq = 3",
+            tenant.id
+        )],
+    )
+    .await;
+    let hidden = list(&auditor, agents_created()).await.expect("list").events;
+    assert_eq!(hidden.len(), 3, "the edited copy hides sequence 3 from the filter");
+    let found = verify(&auditor, 0, 0, false).await.expect("verify");
+    assert_eq!(
+        (found.ok, found.first_broken_sequence, found.failure.as_str(), found.checked_count),
+        (false, 3, "chain copy mismatch", 2),
+        "{found:?}"
     );
     server.stop().await;
 }

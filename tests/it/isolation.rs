@@ -127,6 +127,8 @@ struct Victim {
     org: pb::ExternalOrganization,
     head_sequence: u64,
     head_hash: String,
+    /// A receipt of acme's chain head.
+    head_receipt: String,
     /// Page tokens acme's own listings handed out (page size 1).
     agents_page: String,
     rules_page: String,
@@ -420,7 +422,10 @@ async fn setup() -> Fixture {
     let head = rpc!(
         &auditor,
         audit.verify_audit_chain,
-        pb::VerifyAuditChainRequest::default()
+        pb::VerifyAuditChainRequest {
+            include_receipt: true,
+            ..Default::default()
+        }
     )
     .expect("acme's chain");
     assert!(head.ok && head.head_sequence > 0, "{head:?}");
@@ -450,6 +455,7 @@ async fn setup() -> Fixture {
         org,
         head_sequence: head.head_sequence,
         head_hash: head.head_hash,
+        head_receipt: head.receipt,
         agents_page,
         rules_page,
         budgets_page,
@@ -1614,6 +1620,18 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
                     assert_ne!(from_acme_head.expect("verify").head_hash, a.head_hash);
                 }
             }
+            // acme's receipt does not continue globex's verification.
+            let since_acme = rpc!(
+                c,
+                audit.verify_audit_chain,
+                pb::VerifyAuditChainRequest {
+                    since_receipt: a.head_receipt.clone(),
+                    ..Default::default()
+                }
+            )
+            .expect_err("acme's receipt is refused");
+            assert_eq!(since_acme.code(), Some(Code::InvalidArgument), "{since_acme:?}");
+            assert!(format!("{since_acme:?}").contains("since_receipt"), "{since_acme:?}");
         }
         _ => return false,
     }

@@ -89,18 +89,19 @@ impl TypeFilter {
                 .any(|a| event_type.starts_with(a.as_str()))
     }
 
-    /// `(sql, values)` restricting `e.event_type`, or nothing when empty.
-    fn sql(&self, values: &mut Vec<DbValue>) -> String {
+    /// `(sql, values)` restricting `column` (an event type), or nothing
+    /// when empty.
+    fn sql(&self, column: &str, values: &mut Vec<DbValue>) -> String {
         if self.is_empty() {
             return String::new();
         }
         let mut parts = Vec::new();
         for t in &self.exact {
-            parts.push("e.event_type = ?".to_owned());
+            parts.push(format!("{column} = ?"));
             values.push(t.clone().into());
         }
         for a in &self.areas {
-            parts.push("e.event_type LIKE ? ESCAPE '\\'".to_owned());
+            parts.push(format!("{column} LIKE ? ESCAPE '\\'"));
             values.push(format!("{}%", escape_like(a)).into());
         }
         format!(" AND ({})", parts.join(" OR "))
@@ -230,14 +231,14 @@ pub async fn sealed_after(
         values.push(upto.into());
     }
     if let Some(start) = range.0 {
-        sql.push_str(" AND e.occurred_at >= ?");
+        sql.push_str(" AND c.occurred_at >= ?");
         values.push(start.into());
     }
     if let Some(end) = range.1 {
-        sql.push_str(" AND e.occurred_at < ?");
+        sql.push_str(" AND c.occurred_at < ?");
         values.push(end.into());
     }
-    sql.push_str(&types.sql(&mut values));
+    sql.push_str(&types.sql("c.event_type", &mut values));
     sql.push_str(" ORDER BY c.seq ASC LIMIT ?");
     values.push(limit(max));
     query(state, &sql, values).await
@@ -360,17 +361,20 @@ pub async fn list(
                 select_unsealed()
             )
         };
+        // Sealed events are filtered on the chain row's indexed copies of
+        // time, type and actor (migration 20), unsealed ones on the event.
+        let table = if sealed { "c" } else { "e" };
         if let Some(start) = range.0 {
-            sql.push_str(" AND e.occurred_at >= ?");
+            sql.push_str(&format!(" AND {table}.occurred_at >= ?"));
             values.push(start.into());
         }
         if let Some(end) = range.1 {
-            sql.push_str(" AND e.occurred_at < ?");
+            sql.push_str(&format!(" AND {table}.occurred_at < ?"));
             values.push(end.into());
         }
-        sql.push_str(&types.sql(&mut values));
+        sql.push_str(&types.sql(&format!("{table}.event_type"), &mut values));
         if !req.actor_subject.is_empty() {
-            sql.push_str(" AND e.actor_subject = ?");
+            sql.push_str(&format!(" AND {table}.actor_subject = ?"));
             values.push(req.actor_subject.clone().into());
         }
         if !req.subject_id.is_empty() {
@@ -493,27 +497,52 @@ pub fn to_proto(row: &AuditRow) -> pb::AuditEvent {
 /// name, timestamps in RFC 3339).
 pub fn ndjson_line(row: &AuditRow, out: &mut Vec<u8>) -> Result<()> {
     let e = &row.event;
-    let line = json!({
-        "tenant_id": e.tenant_id,
-        "sequence": row.seq.unwrap_or(0).to_string(),
-        "event_id": e.event_id,
-        "time": to_timestamp(e.occurred_at).to_string(),
-        "actor": {
-            "kind": kind_proto(&e.actor_kind).as_str_name(),
-            "subject": e.actor_subject,
-            "tenant_id": e.actor_tenant_id,
-        },
-        "event_type": e.event_type,
-        "subject_ids": serde_json::from_str::<Value>(&e.subject_ids).unwrap_or(Value::Array(Vec::new())),
-        "outcome": outcome_proto(&e.outcome).as_str_name(),
-        "request_id": e.request_id,
-        "details": serde_json::from_str::<Value>(&e.details).unwrap_or(Value::Null),
-        "prev_hash": row.prev_hash.clone().unwrap_or_default(),
-        "hash": row.hash.clone().unwrap_or_default(),
-    });
-    serde_json::to_writer(&mut *out, &line).map_err(Error::internal)?;
-    out.push(b'\n');
+    // Written field by field (no `Value` tree per event: the export's
+    // cost); strings through serde_json's escaping, the stored JSON texts
+    // verbatim when they are valid single-line JSON.
+    let field = |name: &str, value: &str, out: &mut Vec<u8>| -> Result<()> {
+        out.extend_from_slice(name.as_bytes());
+        serde_json::to_writer(&mut *out, value).map_err(Error::internal)
+    };
+    field("{\"tenant_id\":", &e.tenant_id, out)?;
+    field(",\"sequence\":", &row.seq.unwrap_or(0).to_string(), out)?;
+    field(",\"event_id\":", &e.event_id, out)?;
+    field(",\"time\":", &to_timestamp(e.occurred_at).to_string(), out)?;
+    field(
+        ",\"actor\":{\"kind\":",
+        kind_proto(&e.actor_kind).as_str_name(),
+        out,
+    )?;
+    field(",\"subject\":", &e.actor_subject, out)?;
+    field(",\"tenant_id\":", &e.actor_tenant_id, out)?;
+    field("},\"event_type\":", &e.event_type, out)?;
+    out.extend_from_slice(b",\"subject_ids\":");
+    stored_json(&e.subject_ids, Value::Array(Vec::new()), out)?;
+    field(
+        ",\"outcome\":",
+        outcome_proto(&e.outcome).as_str_name(),
+        out,
+    )?;
+    field(",\"request_id\":", &e.request_id, out)?;
+    out.extend_from_slice(b",\"details\":");
+    stored_json(&e.details, Value::Null, out)?;
+    field(",\"prev_hash\":", row.prev_hash.as_deref().unwrap_or_default(), out)?;
+    field(",\"hash\":", row.hash.as_deref().unwrap_or_default(), out)?;
+    out.extend_from_slice(b"}\n");
     Ok(())
+}
+
+/// A stored JSON text (`subject_ids`, `details`) into a line: verbatim when
+/// it parses and holds no line break (the server stores compact JSON), else
+/// re-serialized, or `fallback` when it does not parse.
+fn stored_json(text: &str, fallback: Value, out: &mut Vec<u8>) -> Result<()> {
+    let parses = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+    if parses && !text.contains(['\n', '\r']) {
+        out.extend_from_slice(text.trim().as_bytes());
+        return Ok(());
+    }
+    let value = serde_json::from_str::<Value>(text).unwrap_or(fallback);
+    serde_json::to_writer(&mut *out, &value).map_err(Error::internal)
 }
 
 /// The CSV header row (CRLF-terminated).
@@ -538,7 +567,9 @@ pub fn csv_cell(value: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// The cells of one event's CSV record, in [`CSV_HEADER`] order, unescaped.
+/// The cells of one event's CSV record, in [`CSV_HEADER`] order, unescaped
+/// (what [`csv_line`] writes, as the tests read it back).
+#[cfg(test)]
 fn csv_cells(row: &AuditRow) -> [String; 14] {
     let e = &row.event;
     let subjects: Vec<String> = serde_json::from_str(&e.subject_ids).unwrap_or_default();
@@ -560,9 +591,30 @@ fn csv_cells(row: &AuditRow) -> [String; 14] {
     ]
 }
 
-/// One event as a CSV record (CRLF-terminated).
+/// One event as a CSV record (CRLF-terminated), written cell by cell.
 pub fn csv_line(row: &AuditRow, out: &mut Vec<u8>) {
-    let cells = csv_cells(row);
+    let e = &row.event;
+    let subjects: Vec<String> = serde_json::from_str(&e.subject_ids).unwrap_or_default();
+    let (seq, time) = (
+        row.seq.unwrap_or(0).to_string(),
+        to_timestamp(e.occurred_at).to_string(),
+    );
+    let cells: [&str; 14] = [
+        &e.tenant_id,
+        &seq,
+        &e.event_id,
+        &time,
+        &e.actor_kind,
+        &e.actor_subject,
+        &e.actor_tenant_id,
+        &e.event_type,
+        &subjects.join(" "),
+        &e.outcome,
+        &e.request_id,
+        &e.details,
+        row.prev_hash.as_deref().unwrap_or_default(),
+        row.hash.as_deref().unwrap_or_default(),
+    ];
     for (i, cell) in cells.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -586,6 +638,18 @@ pub struct Verification {
     pub verified_at: Millis,
 }
 
+/// One chain row as verification reads it: the link, the chain's copies of
+/// the filtered fields, and the event it links (absent if deleted).
+struct ChainRow {
+    seq: i64,
+    prev_hash: String,
+    hash: String,
+    occurred_at: i64,
+    event_type: String,
+    actor_subject: String,
+    event: Option<audit_event::Model>,
+}
+
 /// Chain rows (with their events, if still there) by sequence.
 async fn chain_rows(
     state: &AppState,
@@ -593,12 +657,12 @@ async fn chain_rows(
     after: i64,
     upto: i64,
     max: u64,
-) -> Result<Vec<(i64, String, String, Option<AuditRow>)>> {
+) -> Result<Vec<ChainRow>> {
     let backend = state.db.get_database_backend();
     let sql = "SELECT c.seq AS chain_seq, c.prev_hash AS chain_prev, c.hash AS chain_hash, \
+         c.occurred_at AS chain_time, c.event_type AS chain_type, c.actor_subject AS chain_actor, \
          e.id, e.event_id, e.tenant_id, e.occurred_at, e.actor_kind, e.actor_subject, \
-         e.actor_tenant_id, e.event_type, e.subject_ids, e.outcome, e.request_id, e.details, \
-         c.seq, c.prev_hash, c.hash \
+         e.actor_tenant_id, e.event_type, e.subject_ids, e.outcome, e.request_id, e.details \
          FROM audit_chain c LEFT JOIN audit_events e ON e.id = c.event_row_id \
          WHERE c.tenant_id = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq ASC LIMIT ?";
     let rows = state
@@ -611,38 +675,150 @@ async fn chain_rows(
         .await?;
     rows.iter()
         .map(|row| {
-            let seq: i64 = row.try_get("", "chain_seq")?;
-            let prev: String = row.try_get("", "chain_prev")?;
-            let hash: String = row.try_get("", "chain_hash")?;
-            let event_id: Option<String> = row.try_get("", "event_id")?;
-            let event = match event_id {
-                Some(_) => Some(row_of(row)?),
+            let event = match row.try_get::<Option<i64>>("", "id")? {
+                Some(id) => Some(audit_event::Model {
+                    id,
+                    event_id: row.try_get("", "event_id")?,
+                    tenant_id: row.try_get("", "tenant_id")?,
+                    occurred_at: row.try_get("", "occurred_at")?,
+                    actor_kind: row.try_get("", "actor_kind")?,
+                    actor_subject: row.try_get("", "actor_subject")?,
+                    actor_tenant_id: row.try_get("", "actor_tenant_id")?,
+                    event_type: row.try_get("", "event_type")?,
+                    subject_ids: row.try_get("", "subject_ids")?,
+                    outcome: row.try_get("", "outcome")?,
+                    request_id: row.try_get("", "request_id")?,
+                    details: row.try_get("", "details")?,
+                }),
                 None => None,
             };
-            Ok((seq, prev, hash, event))
+            Ok(ChainRow {
+                seq: row.try_get("", "chain_seq")?,
+                prev_hash: row.try_get("", "chain_prev")?,
+                hash: row.try_get("", "chain_hash")?,
+                occurred_at: row.try_get("", "chain_time")?,
+                event_type: row.try_get("", "chain_type")?,
+                actor_subject: row.try_get("", "chain_actor")?,
+                event,
+            })
         })
         .collect()
 }
+
+/// Rows verification reads per query: large enough that a round trip is
+/// a small part of a batch's cost.
+const VERIFY_BATCH: u64 = 10_000;
+
+/// Where a batch check stopped: the sequence and what was wrong there.
+type Break = (i64, &'static str);
+
+/// Checks one batch of chain rows, in order, starting at `next` with the
+/// link `expected_prev`. Returns how many held, the next sequence and link,
+/// and the first break if any. Pure CPU: runs on a blocking thread while the
+/// next batch is read.
+fn check_batch(
+    tenant: &str,
+    rows: &[ChainRow],
+    mut next: i64,
+    mut expected_prev: String,
+) -> Result<(u64, i64, String, Option<Break>)> {
+    let mut checked = 0;
+    for row in rows {
+        let failure = if row.seq != next {
+            Some((next, "missing sequence"))
+        } else if row.prev_hash != expected_prev {
+            Some((row.seq, "prev_hash mismatch"))
+        } else {
+            match &row.event {
+                None => Some((row.seq, "missing event")),
+                Some(event) if chain_hash(event, row.seq, &row.prev_hash)? != row.hash => {
+                    Some((row.seq, "hash mismatch"))
+                }
+                Some(event) if event.tenant_id != tenant => {
+                    Some((row.seq, "event of another tenant"))
+                }
+                Some(event)
+                    if event.occurred_at != row.occurred_at
+                        || event.event_type != row.event_type
+                        || event.actor_subject != row.actor_subject =>
+                {
+                    Some((row.seq, "chain copy mismatch"))
+                }
+                Some(_) => None,
+            }
+        };
+        if failure.is_some() {
+            return Ok((checked, next, expected_prev, failure));
+        }
+        checked += 1;
+        expected_prev.clone_from(&row.hash);
+        next = row.seq + 1;
+    }
+    Ok((checked, next, expected_prev, None))
+}
+
+/// The (sequence, hash) a receipt this server signed for `tenant` commits
+/// to; any other text is a violation of `since_receipt`.
+async fn receipt_head(state: &AppState, tenant: &str, receipt: &str) -> Result<(i64, String)> {
+    const MAX_RECEIPT: usize = 8 * 1024;
+    let refused = || {
+        Error::invalid(
+            "since_receipt",
+            "is not an audit receipt of this tenant signed by a key this server publishes",
+        )
+    };
+    if receipt.len() > MAX_RECEIPT {
+        return Err(Error::invalid("since_receipt", "must be at most 8 KiB"));
+    }
+    let claims = state
+        .keys
+        .verify_typed(receipt, RECEIPT_TYPE)
+        .await
+        .map_err(|_| refused())?;
+    if claims["tenant_id"].as_str() != Some(tenant) {
+        return Err(refused());
+    }
+    match (claims["head_sequence"].as_i64(), claims["head_hash"].as_str()) {
+        (Some(seq), Some(hash)) if seq >= 0 => Ok((seq, hash.to_owned())),
+        _ => Err(refused()),
+    }
+}
+
+/// The JWS `typ` of audit receipts.
+const RECEIPT_TYPE: &str = "vaultguard-audit-receipt+jwt";
 
 /// VerifyAuditChain.
 pub async fn verify(
     state: &AppState,
     ctx: &CallContext,
-    from: u64,
-    to: u64,
-    include_receipt: bool,
+    req: &pb::VerifyAuditChainRequest,
 ) -> Result<Verification> {
     let tenant = ctx.principal.tenant_id()?.to_owned();
+    let (from, to) = (req.from_sequence, req.to_sequence);
     if to != 0 && to < from {
         return Err(Error::invalid(
             "to_sequence",
             "must not be below from_sequence",
         ));
     }
+    let since = if req.since_receipt.is_empty() {
+        None
+    } else if from != 0 {
+        return Err(Error::invalid(
+            "since_receipt",
+            "must not be combined with from_sequence",
+        ));
+    } else {
+        Some(receipt_head(state, &tenant, &req.since_receipt).await?)
+    };
     let (head_seq, head_hash) = head(state, &tenant).await?;
-    let from = i64::try_from(from.max(1))
-        .map_err(|_| Error::OutOfRange(format!("from_sequence is beyond the head ({head_seq})")))?;
-    if from > head_seq.max(1) && !(from == 1 && head_seq == 0) {
+    let from = match &since {
+        Some((seq, _)) => seq.saturating_add(1),
+        None => i64::try_from(from.max(1)).map_err(|_| {
+            Error::OutOfRange(format!("from_sequence is beyond the head ({head_seq})"))
+        })?,
+    };
+    if since.is_none() && from > head_seq.max(1) && !(from == 1 && head_seq == 0) {
         return Err(Error::OutOfRange(format!(
             "from_sequence {from} is beyond the head ({head_seq})"
         )));
@@ -660,7 +836,8 @@ pub async fn verify(
         verified_at: now,
         ..Verification::default()
     };
-    // The link into the range: the hash of the event before `from`.
+    // The link into the range: the hash of the event before `from` (which
+    // a receipt, when given, must agree with).
     let mut expected_prev = if from == 1 {
         GENESIS_HASH.to_owned()
     } else {
@@ -669,48 +846,62 @@ pub async fn verify(
             .into_iter()
             .next()
         {
-            Some((_, _, hash, _)) => hash,
+            Some(row) => match &since {
+                Some((_, hash)) if *hash != row.hash => {
+                    result.ok = false;
+                    result.first_broken = from - 1;
+                    result.failure = "receipt head mismatch".to_owned();
+                    row.hash
+                }
+                _ => row.hash,
+            },
             None => {
                 result.ok = false;
                 result.first_broken = from - 1;
-                result.failure = "missing sequence".to_owned();
+                result.failure = if since.is_some() {
+                    "receipt head missing"
+                } else {
+                    "missing sequence"
+                }
+                .to_owned();
                 String::new()
             }
         }
     };
+    // Reading and hashing overlap: the next batch is read while a blocking
+    // thread checks the current one, so a full verification uses one core
+    // for the hashes beside the database's reads.
     let mut next = from;
-    'scan: while result.ok && next <= upto {
-        let rows = chain_rows(state, &tenant, next - 1, upto, BATCH).await?;
-        if rows.is_empty() {
+    let mut batch = if result.ok && next <= upto {
+        chain_rows(state, &tenant, next - 1, upto, VERIFY_BATCH).await?
+    } else {
+        Vec::new()
+    };
+    while result.ok && !batch.is_empty() {
+        let after = batch.last().map_or(next - 1, |row| row.seq);
+        let owned_tenant = tenant.clone();
+        let check = tokio::task::spawn_blocking(move || {
+            check_batch(&owned_tenant, &batch, next, expected_prev)
+        });
+        let read_ahead = async {
+            if after < upto {
+                chain_rows(state, &tenant, after, upto, VERIFY_BATCH).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let (checked, read) = tokio::join!(check, read_ahead);
+        let (count, at, prev, broken) = checked.map_err(Error::internal)??;
+        result.checked += count;
+        next = at;
+        expected_prev = prev;
+        if let Some((seq, what)) = broken {
+            result.ok = false;
+            result.first_broken = seq;
+            result.failure = what.to_owned();
             break;
         }
-        for (seq, prev, hash, event) in rows {
-            let failure = if seq != next {
-                Some((next, "missing sequence"))
-            } else if prev != expected_prev {
-                Some((seq, "prev_hash mismatch"))
-            } else {
-                match &event {
-                    None => Some((seq, "missing event")),
-                    Some(row) if chain_hash(&row.event, seq, &prev)? != hash => {
-                        Some((seq, "hash mismatch"))
-                    }
-                    Some(row) if row.event.tenant_id != tenant => {
-                        Some((seq, "event of another tenant"))
-                    }
-                    Some(_) => None,
-                }
-            };
-            if let Some((at, what)) = failure {
-                result.ok = false;
-                result.first_broken = at;
-                result.failure = what.to_owned();
-                break 'scan;
-            }
-            result.checked += 1;
-            expected_prev = hash;
-            next = seq + 1;
-        }
+        batch = read?;
     }
     if result.ok && next <= upto {
         result.ok = false;
@@ -723,7 +914,7 @@ pub async fn verify(
         result.failure = "head hash mismatch".to_owned();
     }
     result.unsealed = unsealed_count(state, &tenant).await?;
-    if include_receipt {
+    if req.include_receipt {
         let claims = json!({
             "iss": state.keys.issuer(),
             "tenant_id": tenant,
@@ -735,7 +926,7 @@ pub async fn verify(
             .keys
             .sign_typed(
                 vaultguard_proto::v1::TokenAlgorithm::Rs256,
-                "vaultguard-audit-receipt+jwt",
+                RECEIPT_TYPE,
                 &claims,
             )
             .await?;
@@ -1085,7 +1276,7 @@ mod props {
                     });
                 prop_assert_eq!(matched, expected);
                 let mut values = Vec::new();
-                let _ = filter.sql(&mut values);
+                let _ = filter.sql("e.event_type", &mut values);
             }
         }
     }

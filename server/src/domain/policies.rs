@@ -755,7 +755,7 @@ async fn side_at(
     state: &AppState,
     current: tenant::Model,
     direction: Direction,
-) -> Result<(tenant::Model, Arc<Vec<engine::Rule>>)> {
+) -> Result<(tenant::Model, Arc<engine::RuleSet>)> {
     if let Some(rules) = state.policy_cache.get(&current, direction) {
         return Ok((current, rules));
     }
@@ -766,7 +766,7 @@ async fn side_at(
             .one(&state.db)
             .await?
             .ok_or(Error::NotFound("tenant"))?;
-        let rules = Arc::new(rules);
+        let rules = Arc::new(engine::RuleSet::new(rules));
         if after.policy_version == before.policy_version {
             state.policy_cache.put(&after, direction, rules.clone());
             return Ok((after, rules));
@@ -797,7 +797,7 @@ pub async fn judge(
         &receiving.id,
         u64::try_from(receiving.policy_version).unwrap_or_default(),
         Direction::Inbound,
-        &inbound_rules,
+        inbound_rules.candidates(request.action),
         request,
         Outcome::Block,
         now,
@@ -810,7 +810,7 @@ pub async fn judge(
         &requesting.id,
         u64::try_from(requesting.policy_version).unwrap_or_default(),
         Direction::Outbound,
-        &outbound_rules,
+        outbound_rules.candidates(request.action),
         &settled,
         outbound_default,
         now,
@@ -959,7 +959,7 @@ mod tests {
     #[test]
     fn the_cache_answers_only_at_the_version_it_was_read_with() {
         let cache = PolicyCache::default();
-        let rules = Arc::new(Vec::new());
+        let rules = Arc::new(engine::RuleSet::default());
         cache.put(&tenant_at(3), Direction::Inbound, rules.clone());
         assert!(cache.get(&tenant_at(3), Direction::Inbound).is_some());
         assert!(cache.get(&tenant_at(4), Direction::Inbound).is_none());

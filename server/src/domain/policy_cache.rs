@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::domain::policy_engine::{Direction, Rule};
+use crate::domain::policy_engine::{Direction, RuleSet};
 use crate::store::entities::{budget, tenant};
 
 /// Parsed rules of one side of one tenant, with the tenant row they were read
@@ -25,7 +25,7 @@ pub struct PolicyCache {
 /// A tenant id and a direction name.
 type SideKey = (String, &'static str);
 /// The tenant row the rules were read with, and the parsed rules.
-type CachedSide = (tenant::Model, Arc<Vec<Rule>>);
+type CachedSide = (tenant::Model, Arc<RuleSet>);
 
 impl PolicyCache {
     /// The rules of `direction` at `current`'s policy version, if held.
@@ -33,7 +33,7 @@ impl PolicyCache {
         &self,
         current: &tenant::Model,
         direction: Direction,
-    ) -> Option<Arc<Vec<Rule>>> {
+    ) -> Option<Arc<RuleSet>> {
         let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
         entries
             .get(&(current.id.clone(), direction.as_str()))
@@ -42,7 +42,7 @@ impl PolicyCache {
     }
 
     /// Holds `rules`, read at `at`'s version, unless newer ones are held.
-    pub(crate) fn put(&self, at: &tenant::Model, direction: Direction, rules: Arc<Vec<Rule>>) {
+    pub(crate) fn put(&self, at: &tenant::Model, direction: Direction, rules: Arc<RuleSet>) {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         let key = (at.id.clone(), direction.as_str());
         let newer = entries

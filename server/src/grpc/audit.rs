@@ -3,8 +3,9 @@
 //! The tail follows the same level-triggered pattern as the step-up
 //! watches: subscribe to the hub, read what was sealed after the cursor,
 //! wait for the tenant's next "sealed" notification or a heartbeat. The
-//! export reads in batches of [`audit_log::BATCH`] and never holds more than
-//! one batch and one chunk in memory.
+//! export reads in batches of [`EXPORT_BATCH`], formatting one on a blocking
+//! thread while the next is read, and never holds more than two batches and
+//! one batch's chunks in memory.
 
 use std::time::Duration;
 
@@ -135,78 +136,101 @@ impl AuditApi {
         tx: StreamTx<pb::ExportAuditEventsResponse>,
     ) {
         use pb::export_audit_events_response::Part;
-        let mut digest = digest::Context::new(&digest::SHA256);
-        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK * 2);
-        let (mut count, mut bytes, mut first, mut last) = (0u64, 0u64, 0i64, 0i64);
-        if plan.csv {
-            buffer.extend_from_slice(audit_log::CSV_HEADER.as_bytes());
-        }
-        let mut after = 0;
-        loop {
-            let rows = match audit_log::sealed_after(
+        let read = |after: i64| {
+            audit_log::sealed_after(
                 &self.0,
                 &plan.tenant_id,
                 after,
                 Some(plan.upto),
                 plan.range,
                 &plan.types,
-                audit_log::BATCH,
+                EXPORT_BATCH,
             )
-            .await
-            {
+        };
+        let mut out = Formatted {
+            csv: plan.csv,
+            digest: digest::Context::new(&digest::SHA256),
+            buffer: Vec::with_capacity(CHUNK * 2),
+            chunks: Vec::new(),
+            count: 0,
+            bytes: 0,
+            first: 0,
+            last: 0,
+        };
+        if plan.csv {
+            out.buffer
+                .extend_from_slice(audit_log::CSV_HEADER.as_bytes());
+        }
+        let mut rows = match read(0).await {
+            Ok(rows) => rows,
+            Err(err) => {
+                let _ = tx.send(Err(err.into())).await;
+                return;
+            }
+        };
+        // Formatting (a blocking thread) and the next batch's read overlap;
+        // memory holds two batches and one batch's chunks at most.
+        loop {
+            let done = u64::try_from(rows.len()).unwrap_or(0) < EXPORT_BATCH;
+            let after = rows.last().and_then(|row| row.seq).unwrap_or(0);
+            let format = tokio::task::spawn_blocking(move || out.format(&rows).map(|()| out));
+            let read_ahead = async {
+                if done {
+                    Ok(Vec::new())
+                } else {
+                    read(after).await
+                }
+            };
+            let (formatted, next) = tokio::join!(format, read_ahead);
+            out = match formatted {
+                Ok(Ok(out)) => out,
+                Ok(Err(err)) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+                Err(err) => {
+                    let _ = tx.send(Err(crate::error::Error::internal(err).into())).await;
+                    return;
+                }
+            };
+            for chunk in std::mem::take(&mut out.chunks) {
+                let message = pb::ExportAuditEventsResponse {
+                    part: Some(Part::Data(chunk)),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            if done {
+                break;
+            }
+            rows = match next {
                 Ok(rows) => rows,
                 Err(err) => {
                     let _ = tx.send(Err(err.into())).await;
                     return;
                 }
             };
-            let done = u64::try_from(rows.len()).unwrap_or(0) < audit_log::BATCH;
-            for row in &rows {
-                let seq = row.seq.unwrap_or(0);
-                if first == 0 {
-                    first = seq;
-                }
-                last = seq;
-                after = seq;
-                count += 1;
-                if plan.csv {
-                    audit_log::csv_line(row, &mut buffer);
-                } else if let Err(err) = audit_log::ndjson_line(row, &mut buffer) {
-                    let _ = tx.send(Err(err.into())).await;
-                    return;
-                }
-                while buffer.len() >= CHUNK {
-                    let chunk: Vec<u8> = buffer.drain(..CHUNK).collect();
-                    digest.update(&chunk);
-                    bytes += u64::try_from(chunk.len()).unwrap_or(0);
-                    let message = pb::ExportAuditEventsResponse {
-                        part: Some(Part::Data(chunk)),
-                    };
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            if done {
-                break;
-            }
         }
-        if !buffer.is_empty() {
-            digest.update(&buffer);
-            bytes += u64::try_from(buffer.len()).unwrap_or(0);
+        if !out.buffer.is_empty() {
+            let last = std::mem::take(&mut out.buffer);
+            out.digest.update(&last);
+            out.bytes += u64::try_from(last.len()).unwrap_or(0);
             let message = pb::ExportAuditEventsResponse {
-                part: Some(Part::Data(std::mem::take(&mut buffer))),
+                part: Some(Part::Data(last)),
             };
             if tx.send(Ok(message)).await.is_err() {
                 return;
             }
         }
-        let sha256: String = digest
+        let sha256: String = out
+            .digest
             .finish()
             .as_ref()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        let (count, bytes) = (out.count, out.bytes);
         if let Err(err) =
             audit_log::record_export(&self.0, &ctx, &plan, count, bytes, &sha256).await
         {
@@ -215,8 +239,8 @@ impl AuditApi {
         }
         let summary = pb::ExportSummary {
             event_count: count,
-            first_sequence: u64::try_from(first).unwrap_or(0),
-            last_sequence: u64::try_from(last).unwrap_or(0),
+            first_sequence: u64::try_from(out.first).unwrap_or(0),
+            last_sequence: u64::try_from(out.last).unwrap_or(0),
             byte_count: bytes,
             sha256,
         };
@@ -225,6 +249,49 @@ impl AuditApi {
                 part: Some(Part::Summary(summary)),
             }))
             .await;
+    }
+}
+
+/// Rows an export reads per query.
+const EXPORT_BATCH: u64 = 5_000;
+
+/// An export's running state: the text not yet cut into a chunk, the
+/// chunks cut from the last batch, and the digest and counts of what was.
+struct Formatted {
+    csv: bool,
+    digest: digest::Context,
+    buffer: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+    count: u64,
+    bytes: u64,
+    first: i64,
+    last: i64,
+}
+
+impl Formatted {
+    /// Formats `rows` and cuts full chunks (hashed and counted as cut).
+    fn format(&mut self, rows: &[audit_log::AuditRow]) -> crate::error::Result<()> {
+        for row in rows {
+            let seq = row.seq.unwrap_or(0);
+            if self.first == 0 {
+                self.first = seq;
+            }
+            self.last = seq;
+            self.count += 1;
+            if self.csv {
+                audit_log::csv_line(row, &mut self.buffer);
+            } else {
+                audit_log::ndjson_line(row, &mut self.buffer)?;
+            }
+            while self.buffer.len() >= CHUNK {
+                let rest = self.buffer.split_off(CHUNK);
+                let chunk = std::mem::replace(&mut self.buffer, rest);
+                self.digest.update(&chunk);
+                self.bytes += u64::try_from(chunk.len()).unwrap_or(0);
+                self.chunks.push(chunk);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -278,14 +345,7 @@ impl AuditService for AuditApi {
     ) -> Reply<pb::VerifyAuditChainResponse> {
         let ctx = call_context(&request)?;
         let req = request.get_ref();
-        let found = audit_log::verify(
-            &self.0,
-            &ctx,
-            req.from_sequence,
-            req.to_sequence,
-            req.include_receipt,
-        )
-        .await?;
+        let found = audit_log::verify(&self.0, &ctx, req).await?;
         Ok(Response::new(pb::VerifyAuditChainResponse {
             ok: found.ok,
             first_broken_sequence: u64::try_from(found.first_broken).unwrap_or(0),
