@@ -3615,23 +3615,70 @@ async fn rule_events_record_the_whole_rule() {
     server.stop().await;
 }
 
-/// Inserts an event row of `tenant_id` that the sealer will never see (no
-/// `audit_pending` row): to readers, a committed event not sealed yet.
+/// Inserts a committed event of `tenant_id` with its `audit_pending` row, as
+/// the server writes one, for the sealer to link (see [`hold_sealing`]).
 async fn unsealed_row(server: &TestServer, tenant_id: &str, n: usize) -> String {
     let event_id = format!("evt_{}", uuid::Uuid::new_v4().simple());
     let now = server.clock.now_millis();
+    let db = &server.state.db;
+    let txn = vaultguard_server::store::begin(db).await.expect("begin");
+    txn.execute_unprepared(&format!(
+        "INSERT INTO audit_events (event_id, tenant_id, occurred_at, actor_kind, actor_subject, \
+         actor_tenant_id, event_type, subject_ids, outcome, request_id, details) VALUES \
+         ('{event_id}', '{tenant_id}', {now}, 'system', 'system', '', 'agent.created', \
+         '[\"agt_unsealed{n}\"]', 'success', '', '{{\"n\":{n}}}')"
+    ))
+    .await
+    .expect("insert unsealed event");
+    txn.execute_unprepared(&format!(
+        "INSERT INTO audit_pending (event_row_id, tenant_id) \
+         SELECT id, tenant_id FROM audit_events WHERE event_id = '{event_id}'"
+    ))
+    .await
+    .expect("insert its pending row");
+    txn.commit().await.expect("commit");
+    event_id
+}
+
+/// Makes the database refuse `tenant_id`'s chain links until
+/// [`release_sealing`]: the sealer's rounds for it fail and its events stay
+/// committed but unsealed, on either backend.
+async fn hold_sealing(server: &TestServer, tenant_id: &str) {
+    let db = &server.state.db;
+    let statements = if backend() == Backend::Postgres {
+        vec![
+            format!(
+                "CREATE FUNCTION test_hold_sealing() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF NEW.tenant_id = '{tenant_id}' THEN RAISE EXCEPTION 'sealing held'; END IF; \
+                 RETURN NEW; END $$"
+            ),
+            "CREATE TRIGGER test_hold_sealing BEFORE INSERT ON audit_chain FOR EACH ROW \
+             EXECUTE FUNCTION test_hold_sealing()"
+                .to_owned(),
+        ]
+    } else {
+        vec![format!(
+            "CREATE TRIGGER test_hold_sealing BEFORE INSERT ON audit_chain \
+             WHEN NEW.tenant_id = '{tenant_id}' BEGIN SELECT RAISE(ABORT, 'sealing held'); END"
+        )]
+    };
+    for sql in statements {
+        db.execute_unprepared(&sql).await.expect("hold sealing");
+    }
+}
+
+async fn release_sealing(server: &TestServer) {
+    let sql = if backend() == Backend::Postgres {
+        "DROP TRIGGER test_hold_sealing ON audit_chain"
+    } else {
+        "DROP TRIGGER test_hold_sealing"
+    };
     server
         .state
         .db
-        .execute_unprepared(&format!(
-            "INSERT INTO audit_events (event_id, tenant_id, occurred_at, actor_kind, actor_subject, \
-             actor_tenant_id, event_type, subject_ids, outcome, request_id, details) VALUES \
-             ('{event_id}', '{tenant_id}', {now}, 'system', 'system', '', 'agent.created', \
-             '[\"agt_unsealed{n}\"]', 'success', '', '{{\"n\":{n}}}')"
-        ))
+        .execute_unprepared(sql)
         .await
-        .expect("insert unsealed event");
-    event_id
+        .expect("release sealing");
 }
 
 #[tokio::test]
@@ -3644,6 +3691,7 @@ async fn unsealed_events_come_after_the_sealed_ones_oldest_first_and_before_them
         .map(|e| e.event_id)
         .collect();
     assert_eq!(sealed.len(), 4);
+    hold_sealing(&server, &tenant.id).await;
     let mut unsealed = Vec::new();
     for n in 0..3 {
         unsealed.push(unsealed_row(&server, &tenant.id, n).await);
@@ -3714,6 +3762,19 @@ async fn unsealed_events_come_after_the_sealed_ones_oldest_first_and_before_them
         .await
         .expect("export");
     assert_eq!(exported.summary.event_count, 4);
+    // Released, the sealer links them after the sealed ones.
+    release_sealing(&server).await;
+    server.wait_sealed().await;
+    let linked = whole_log(&auditor).await;
+    assert_eq!(
+        linked
+            .iter()
+            .take(oldest.len())
+            .map(|e| e.event_id.clone())
+            .collect::<Vec<_>>(),
+        oldest,
+        "then the export's own event"
+    );
 
     // On PostgreSQL, a real committed-but-unsealed event: hold the tenant's
     // chain head so the sealer waits, write through the API, look, release.

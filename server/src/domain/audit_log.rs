@@ -129,9 +129,15 @@ fn select_sealed() -> String {
     format!("{COLUMNS} FROM audit_chain c JOIN audit_events e ON e.id = c.event_row_id")
 }
 
-/// Events without a chain link yet (only listed on request).
+/// Events without a chain link yet (only listed on request), found through
+/// the sealer's queue `audit_pending` (one row per unsealed event, keyed by
+/// tenant and event row), so a listing reads the few unsealed events, not
+/// every event of the tenant looking for those without a link.
 fn select_unsealed() -> String {
-    format!("{COLUMNS} FROM audit_events e LEFT JOIN audit_chain c ON c.event_row_id = e.id")
+    format!(
+        "{COLUMNS} FROM audit_pending p JOIN audit_events e ON e.id = p.event_row_id \
+         LEFT JOIN audit_chain c ON c.event_row_id = e.id"
+    )
 }
 
 fn row_of(row: &QueryResult) -> Result<AuditRow> {
@@ -357,7 +363,7 @@ pub async fn list(
             format!("{} WHERE c.tenant_id = ?", select_sealed())
         } else {
             format!(
-                "{} WHERE e.tenant_id = ? AND c.seq IS NULL",
+                "{} WHERE p.tenant_id = ? AND e.tenant_id = p.tenant_id AND c.seq IS NULL",
                 select_unsealed()
             )
         };
@@ -385,7 +391,7 @@ pub async fn list(
             sql.push_str(" AND e.outcome = ?");
             values.push(outcome_name(outcome).into());
         }
-        let key = if sealed { "c.seq" } else { "e.id" };
+        let key = if sealed { "c.seq" } else { "p.event_row_id" };
         if let Some(after) = after {
             sql.push_str(&format!(" AND {key} {} ?", if oldest { ">" } else { "<" }));
             values.push(after.into());
