@@ -5,6 +5,9 @@
 # backend. Arguments go to vaultguard-bench (`--help`), for example
 #   scripts/bench.sh --duration 5
 #   scripts/bench.sh --backend postgres --scenarios delegation.allow.eddsa --rate 2000
+#   scripts/bench.sh --backend postgres --scale 1e5,1e6,1e7   # the hot paths and audit
+#     reads at 10^5..10^7 audit events (and L/10 delegations, L/100 agents, L/1000
+#     tenants), seeded by COPY through the real schema (tests/bench/scale.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

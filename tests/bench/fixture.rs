@@ -259,6 +259,28 @@ impl Fixture {
         Ok(())
     }
 
+    /// The same parties on `server`, a restart of the server the fixture was
+    /// set up on (same database, new ports): every human client gets a
+    /// channel to it, with the bearer token it had (tokens are signed by
+    /// the issuer keys in the database, so they stay valid).
+    pub async fn reconnect(&mut self, server: &ServerProcess) -> Result<()> {
+        async fn moved(
+            client: &VaultGuardClient,
+            server: &ServerProcess,
+        ) -> Result<VaultGuardClient> {
+            Ok(server
+                .anonymous()
+                .await?
+                .with_bearer(client.bearer().await?))
+        }
+        self.requester.admin = moved(&self.requester.admin, server).await?;
+        for tenant in self.receivers.values_mut() {
+            tenant.admin = moved(&tenant.admin, server).await?;
+        }
+        self.approver = moved(&self.approver, server).await?;
+        Ok(())
+    }
+
     /// The agent, on `server`, with its own channel.
     pub async fn agent_on(&self, server: &ServerProcess) -> Result<VaultGuardClient> {
         Ok(server

@@ -18,6 +18,7 @@ mod freeze;
 mod load;
 mod peer;
 mod replication;
+mod scale;
 mod scenarios;
 mod server;
 mod slow_provider;
@@ -133,6 +134,33 @@ struct Args {
     /// freeze.
     #[arg(long, default_value_t = 1_000)]
     freeze_delegations: usize,
+    /// Scale mode (PostgreSQL only; see tests/bench/scale.rs): the audit
+    /// log sizes to measure at, e.g. `1e5,1e6,1e7`. Each level also seeds
+    /// L/10 delegations, L/100 agents and L/1000 tenants in all; the hot
+    /// scenarios (or --scenarios) and the audit reads are measured empty
+    /// and at each level, then printed as one table.
+    #[arg(long, value_delimiter = ',', value_parser = scale::parse_count)]
+    scale: Vec<u64>,
+    /// Scale mode: inbound rules of the EdDSA receiver for the rules
+    /// measurement (ALLOW EdDSA with 10 rules, then with this many; 0 skips).
+    /// The rules stay for the rest of the run.
+    #[arg(long, default_value_t = 10_000)]
+    scale_rules: usize,
+    /// Scale mode: how many times each ListAuditEvents query runs per level
+    /// (sequentially; at most 30 s per query and level).
+    #[arg(long, default_value_t = 100)]
+    scale_list_rounds: usize,
+    /// Scale mode: measure the empty level only (its events are the seeded
+    /// events' templates), then seed each level and restart the server,
+    /// printing the seeding rates, time to SERVING and RSS.
+    #[arg(long)]
+    scale_seed_only: bool,
+    /// Scale mode: keep the seeded database under this name instead of
+    /// dropping it (to look at query plans, or to serve it:
+    /// `postgres://postgres@127.0.0.1:5432/<name>`); an existing database of
+    /// that name is replaced.
+    #[arg(long)]
+    scale_keep: Option<String>,
 }
 
 /// One line of a table.
@@ -706,6 +734,15 @@ async fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let binary = server_binary(&args)?;
+    if !args.scale.is_empty() {
+        if !args.backend.contains(&Backend::Postgres) {
+            bail!("--scale runs on PostgreSQL only: use --backend postgres");
+        }
+        if args.backend.contains(&Backend::Sqlite) {
+            eprintln!("--scale: PostgreSQL only, sqlite skipped");
+        }
+        return scale::run(&args, binary).await;
+    }
     for backend in &args.backend {
         run_backend(&args, *backend, binary.clone()).await?;
     }

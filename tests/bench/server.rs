@@ -244,6 +244,28 @@ impl PgDatabase {
         }
     }
 
+    /// Renames the database to `name` (replacing one of that name) instead
+    /// of dropping it.
+    pub async fn keep_as(self, name: &str) -> Result<()> {
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "--scale-keep takes a database name of a-z, 0-9 and _"
+        );
+        let admin = Database::connect(format!("{}/postgres", self.base_url)).await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .execute_unprepared(&format!("ALTER DATABASE {} RENAME TO {name}", self.name))
+            .await?;
+        admin.close().await.ok();
+        eprintln!("database kept: {}/{name}", self.base_url);
+        Ok(())
+    }
+
     pub async fn drop_now(self) -> Result<()> {
         let admin = Database::connect(format!("{}/postgres", self.base_url)).await?;
         admin
