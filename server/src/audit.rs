@@ -1124,6 +1124,11 @@ pub struct Recorder {
 struct Writing {
     busy: std::sync::atomic::AtomicUsize,
     finished: Notify,
+    /// A writer starts a group while another is writing only once this
+    /// many units queued (`audit_group_overlap_min`): a smaller group would
+    /// only add a statement's fixed work (executor start-up, commit, WAL
+    /// flush) where waiting for the other writer would let it grow.
+    overlap_min: usize,
 }
 
 /// One writer's group in flight: counted in [`Writing::busy`] until
@@ -1147,12 +1152,6 @@ impl Drop for Busy<'_> {
         self.0.finished.notify_one();
     }
 }
-
-/// A writer starts a group while another is writing only once this many
-/// units queued: a smaller group would only add a statement's fixed work
-/// (executor start-up, commit, WAL flush) where waiting for the other
-/// writer would let it grow.
-const OVERLAP_MIN: usize = 16;
 
 /// How often a waiting writer looks at the queue again.
 const OVERLAP_POLL: Duration = Duration::from_millis(1);
@@ -1181,10 +1180,14 @@ impl Recorder {
         clock: Arc<dyn Clock>,
         wake: Arc<Notify>,
         writers: u32,
+        overlap_min: u32,
     ) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(4_096);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        let writing = Arc::new(Writing::default());
+        let writing = Arc::new(Writing {
+            overlap_min: usize::try_from(overlap_min.max(1)).unwrap_or(usize::MAX),
+            ..Writing::default()
+        });
         for _ in 0..writers.max(1) {
             tokio::spawn(Self::run(
                 db.clone(),
@@ -1262,7 +1265,7 @@ impl Recorder {
                 // a statement of its own; else let the queue gather until
                 // that writer is done.
                 while writing.busy.load(std::sync::atomic::Ordering::Acquire) > 0
-                    && rx.len() + 1 < OVERLAP_MIN
+                    && rx.len() + 1 < writing.overlap_min
                 {
                     tokio::select! {
                         () = writing.finished.notified() => {}

@@ -105,10 +105,13 @@ pub struct Config {
     pub database_startup_wait_ms: u64,
     /// PostgreSQL: group commits of the hot writes (delegations, signatures,
     /// audit events) in flight at once. A writer takes whatever queued
-    /// while it waited; one starts a group beside another's only once 16
-    /// units queued (docs/performance.md). More writers
-    /// suit a database with cores to spare.
+    /// while it waited; one starts a group beside another's only once
+    /// `audit_group_overlap_min` units queued (docs/performance.md). More
+    /// writers suit a database with cores to spare.
     pub audit_group_writers: u32,
+    /// PostgreSQL: how many units must be queued before a writer starts a
+    /// group beside another writer's (1: whenever one is free).
+    pub audit_group_overlap_min: u32,
     /// The gRPC listener.
     pub grpc_addr: SocketAddr,
     /// The HTTP listener: JWKS, discovery, /healthz, /metrics.
@@ -294,6 +297,7 @@ impl Default for Config {
             database_acquire_timeout_ms: 2_000,
             database_startup_wait_ms: 30_000,
             audit_group_writers: 2,
+            audit_group_overlap_min: 16,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             issuer: String::new(),

@@ -94,6 +94,7 @@ pub async fn prepare(
             clock.clone(),
             audit_wake.clone(),
             config.audit_group_writers,
+            config.audit_group_overlap_min,
         ),
         audit_wake,
         oauth: Arc::new(oauth),

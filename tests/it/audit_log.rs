@@ -2121,7 +2121,11 @@ async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_sin
 
     // Nothing new: nothing to check, and the receipt's head still holds.
     let same = verify_since(&auditor, &first.receipt).await.expect("since");
-    assert_eq!((same.ok, same.checked_count, same.head_sequence), (true, 0, 9), "{same:?}");
+    assert_eq!(
+        (same.ok, same.checked_count, same.head_sequence),
+        (true, 0, 9),
+        "{same:?}"
+    );
 
     // Three new events: only they are checked, and the new receipt goes on.
     for n in 0..3 {
@@ -2129,7 +2133,11 @@ async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_sin
     }
     server.wait_sealed().await;
     let grown = verify_since(&auditor, &first.receipt).await.expect("since");
-    assert_eq!((grown.ok, grown.checked_count, grown.head_sequence), (true, 3, 12), "{grown:?}");
+    assert_eq!(
+        (grown.ok, grown.checked_count, grown.head_sequence),
+        (true, 3, 12),
+        "{grown:?}"
+    );
     check_receipt(&server, &tenant.id, &grown).await;
     let again = verify_since(&auditor, &grown.receipt).await.expect("since");
     assert_eq!((again.ok, again.checked_count), (true, 0), "{again:?}");
@@ -2137,18 +2145,27 @@ async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_sin
     // Not a receipt of this tenant's log signed by this server: refused,
     // naming the field, and so is a receipt combined with from_sequence.
     let (other, other_auditor) = sealed_tenant(&server, "other", 1).await;
-    let other_receipt = verify(&other_auditor, 0, 0, true).await.expect("verify").receipt;
+    let other_receipt = verify(&other_auditor, 0, 0, true)
+        .await
+        .expect("verify")
+        .receipt;
     assert!(!other_receipt.is_empty(), "{}", other.id);
     let parts: Vec<&str> = first.receipt.split('.').collect();
     let forged_payload = {
         use base64::Engine;
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let mut claims: Value = serde_json::from_slice(&engine.decode(parts[1]).expect("b64")).expect("claims");
+        let mut claims: Value =
+            serde_json::from_slice(&engine.decode(parts[1]).expect("b64")).expect("claims");
         claims["head_sequence"] = json!(2);
         engine.encode(serde_json::to_vec(&claims).expect("json"))
     };
     let forged = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
-    for bad in [other_receipt.as_str(), forged.as_str(), "not a receipt", &"x".repeat(9000)] {
+    for bad in [
+        other_receipt.as_str(),
+        forged.as_str(),
+        "not a receipt",
+        &"x".repeat(9000),
+    ] {
         expect_invalid(verify_since(&auditor, bad).await, "since_receipt");
     }
     expect_invalid(
@@ -2167,12 +2184,19 @@ async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_sin
     let row = row_id(&server, &tenant.id, 11).await;
     tamper(
         &server,
-        &[format!("UPDATE audit_events SET request_id = 'rewritten' WHERE id = {row}")],
+        &[format!(
+            "UPDATE audit_events SET request_id = 'rewritten' WHERE id = {row}"
+        )],
     )
     .await;
     let broken = verify_since(&auditor, &first.receipt).await.expect("since");
     assert_eq!(
-        (broken.ok, broken.first_broken_sequence, broken.failure.as_str(), broken.checked_count),
+        (
+            broken.ok,
+            broken.first_broken_sequence,
+            broken.failure.as_str(),
+            broken.checked_count
+        ),
         (false, 11, "hash mismatch", 1),
         "{broken:?}"
     );
@@ -2181,14 +2205,26 @@ async fn verification_goes_on_from_a_receipt_and_checks_only_what_was_sealed_sin
     tamper(
         &server,
         &[
-            format!("UPDATE audit_chain SET hash = '{}' WHERE tenant_id = '{}' AND seq = 9", "a".repeat(64), tenant.id),
-            format!("UPDATE audit_chain SET prev_hash = '{}' WHERE tenant_id = '{}' AND seq = 10", "a".repeat(64), tenant.id),
+            format!(
+                "UPDATE audit_chain SET hash = '{}' WHERE tenant_id = '{}' AND seq = 9",
+                "a".repeat(64),
+                tenant.id
+            ),
+            format!(
+                "UPDATE audit_chain SET prev_hash = '{}' WHERE tenant_id = '{}' AND seq = 10",
+                "a".repeat(64),
+                tenant.id
+            ),
         ],
     )
     .await;
     let moved = verify_since(&auditor, &first.receipt).await.expect("since");
     assert_eq!(
-        (moved.ok, moved.first_broken_sequence, moved.failure.as_str()),
+        (
+            moved.ok,
+            moved.first_broken_sequence,
+            moved.failure.as_str()
+        ),
         (false, 9, "receipt head mismatch"),
         "{moved:?}"
     );
@@ -2217,12 +2253,219 @@ async fn an_edited_chain_copy_that_would_hide_an_event_from_a_filter_is_named() 
     )
     .await;
     let hidden = list(&auditor, agents_created()).await.expect("list").events;
-    assert_eq!(hidden.len(), 3, "the edited copy hides sequence 3 from the filter");
+    assert_eq!(
+        hidden.len(),
+        3,
+        "the edited copy hides sequence 3 from the filter"
+    );
     let found = verify(&auditor, 0, 0, false).await.expect("verify");
     assert_eq!(
-        (found.ok, found.first_broken_sequence, found.failure.as_str(), found.checked_count),
+        (
+            found.ok,
+            found.first_broken_sequence,
+            found.failure.as_str(),
+            found.checked_count
+        ),
         (false, 3, "chain copy mismatch", 2),
         "{found:?}"
+    );
+    server.stop().await;
+}
+
+/// Appends `count` sealed events to `tenant_id`'s chain straight into the
+/// tables (what the sealer would have written: valid links, the chain's
+/// copies of time, type and actor, the head moved), in multi-row inserts;
+/// one in a hundred is `rule.created`, the rest `delegation.decided`.
+async fn append_sealed(server: &TestServer, tenant_id: &str, count: usize) {
+    let db = &server.state.db;
+    let backend = db.get_database_backend();
+    let one = |sql: String| async move {
+        db.query_one_raw(Statement::from_string(backend, sql))
+            .await
+            .expect("query")
+            .expect("a row")
+    };
+    let head = one(format!(
+        "SELECT seq, hash FROM audit_heads WHERE tenant_id = '{tenant_id}'"
+    ))
+    .await;
+    let (mut seq, mut prev): (i64, String) = (
+        head.try_get("", "seq").expect("seq"),
+        head.try_get("", "hash").expect("hash"),
+    );
+    let mut id: i64 = one("SELECT COALESCE(MAX(id), 0) AS id FROM audit_events".to_owned())
+        .await
+        .try_get("", "id")
+        .expect("id");
+    let now = server.clock.now_millis();
+    let txn = vaultguard_server::store::begin(db).await.expect("begin");
+    for chunk in 0..count.div_ceil(400) {
+        let (mut events, mut links) = (Vec::new(), Vec::new());
+        for n in chunk * 400..((chunk + 1) * 400).min(count) {
+            id += 1;
+            seq += 1;
+            let event = audit_event::Model {
+                id,
+                event_id: format!("evt_seeded{n:08}"),
+                tenant_id: tenant_id.to_owned(),
+                occurred_at: now + i64::try_from(n).expect("n"),
+                actor_kind: "agent".to_owned(),
+                actor_subject: format!("agt_seeded{}", n % 7),
+                actor_tenant_id: tenant_id.to_owned(),
+                event_type: if n % 100 == 0 {
+                    "rule.created"
+                } else {
+                    "delegation.decided"
+                }
+                .to_owned(),
+                subject_ids: format!("[\"dlg_seeded{n}\"]"),
+                outcome: "success".to_owned(),
+                request_id: "seeded".to_owned(),
+                details: format!("{{\"n\":{n}}}"),
+            };
+            let hash = vaultguard_server::audit::chain_hash(&event, seq, &prev).expect("hash");
+            events.push(format!(
+                "({id}, '{}', '{tenant_id}', {}, 'agent', '{}', '{tenant_id}', '{}', '{}', 'success', 'seeded', '{}')",
+                event.event_id, event.occurred_at, event.actor_subject, event.event_type,
+                event.subject_ids, event.details
+            ));
+            links.push(format!(
+                "('{tenant_id}', {seq}, {id}, '{prev}', '{hash}', {now}, {}, '{}', '{}')",
+                event.occurred_at, event.event_type, event.actor_subject
+            ));
+            prev = hash;
+        }
+        txn.execute_unprepared(&format!(
+            "INSERT INTO audit_events (id, event_id, tenant_id, occurred_at, actor_kind, actor_subject, \
+             actor_tenant_id, event_type, subject_ids, outcome, request_id, details) VALUES {}",
+            events.join(", ")
+        ))
+        .await
+        .expect("events");
+        txn.execute_unprepared(&format!(
+            "INSERT INTO audit_chain (tenant_id, seq, event_row_id, prev_hash, hash, sealed_at, \
+             occurred_at, event_type, actor_subject) VALUES {}",
+            links.join(", ")
+        ))
+        .await
+        .expect("links");
+    }
+    txn.execute_unprepared(&format!(
+        "UPDATE audit_heads SET seq = {seq}, hash = '{prev}' WHERE tenant_id = '{tenant_id}'"
+    ))
+    .await
+    .expect("head");
+    if backend == sea_orm::DbBackend::Postgres {
+        txn.execute_unprepared(
+            "SELECT setval(pg_get_serial_sequence('audit_events', 'id'), (SELECT MAX(id) FROM audit_events))",
+        )
+        .await
+        .expect("sequence");
+    }
+    txn.commit().await.expect("commit");
+}
+
+/// A log longer than one read: verification and export read it in batches
+/// of sequence ranges, several at once, and must still check every link
+/// in order, name the first break exactly, and export every event once, in
+/// order.
+#[tokio::test]
+async fn a_log_of_many_batches_verifies_and_exports_whole_and_in_order() {
+    let server = TestServer::start().await;
+    let (tenant, auditor) = sealed_tenant(&server, "long", 1).await;
+    append_sealed(&server, &tenant.id, 25_000).await;
+    let head = 25_002;
+
+    let full = verify(&auditor, 0, 0, true).await.expect("verify");
+    assert_eq!(
+        (full.ok, full.checked_count, full.head_sequence),
+        (true, head, head),
+        "{full:?}"
+    );
+    let part = verify(&auditor, 9_990, 20_010, false)
+        .await
+        .expect("verify");
+    assert_eq!((part.ok, part.checked_count), (true, 10_021), "{part:?}");
+
+    let exported = export(&auditor, export_all(pb::ExportFormat::Ndjson))
+        .await
+        .expect("export");
+    assert_eq!(exported.summary.event_count, head);
+    let sequences: Vec<u64> = String::from_utf8(exported.file)
+        .expect("utf-8")
+        .lines()
+        .map(|line| {
+            let event: Value = serde_json::from_str(line).expect("json");
+            event["sequence"]
+                .as_str()
+                .expect("sequence")
+                .parse()
+                .expect("number")
+        })
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=head).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let rare = export(
+        &auditor,
+        pb::ExportAuditEventsRequest {
+            event_types: vec!["rule.created".to_owned()],
+            ..export_all(pb::ExportFormat::Csv)
+        },
+    )
+    .await
+    .expect("filtered export");
+    assert_eq!(rare.summary.event_count, 250);
+    let listed = list(
+        &auditor,
+        pb::ListAuditEventsRequest {
+            event_types: vec!["rule.created".to_owned()],
+            actor_subject: "agt_seeded0".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("list");
+    assert_eq!(
+        listed.events.len(),
+        36,
+        "n % 700 == 0, newest first: a page of 50 holds all"
+    );
+    assert!(
+        listed
+            .events
+            .windows(2)
+            .all(|w| w[0].sequence > w[1].sequence)
+    );
+
+    // A change in the third batch is named at its sequence, the links
+    // before it counted, whichever read finished first.
+    let row = row_id(&server, &tenant.id, 21_234).await;
+    tamper(
+        &server,
+        &[format!(
+            "UPDATE audit_events SET details = '{{}}' WHERE id = {row}"
+        )],
+    )
+    .await;
+    let broken = verify(&auditor, 0, 0, false).await.expect("verify");
+    assert_eq!(
+        (
+            broken.ok,
+            broken.first_broken_sequence,
+            broken.failure.as_str(),
+            broken.checked_count
+        ),
+        (false, 21_234, "hash mismatch", 21_233),
+        "{broken:?}"
+    );
+    let since = verify_since(&auditor, &full.receipt).await.expect("since");
+    assert_eq!(
+        (since.ok, since.checked_count),
+        (true, since.head_sequence - head),
+        "{since:?}"
     );
     server.stop().await;
 }

@@ -1630,8 +1630,15 @@ async fn case(f: &Fixture, path: &str, who: &Principal<'_>) -> bool {
                 }
             )
             .expect_err("acme's receipt is refused");
-            assert_eq!(since_acme.code(), Some(Code::InvalidArgument), "{since_acme:?}");
-            assert!(format!("{since_acme:?}").contains("since_receipt"), "{since_acme:?}");
+            assert_eq!(
+                since_acme.code(),
+                Some(Code::InvalidArgument),
+                "{since_acme:?}"
+            );
+            assert!(
+                format!("{since_acme:?}").contains("since_receipt"),
+                "{since_acme:?}"
+            );
         }
         _ => return false,
     }

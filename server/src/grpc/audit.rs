@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use aws_lc_rs::digest;
+use futures::StreamExt;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 use vaultguard_proto::v1 as pb;
@@ -136,17 +137,53 @@ impl AuditApi {
         tx: StreamTx<pb::ExportAuditEventsResponse>,
     ) {
         use pb::export_audit_events_response::Part;
-        let read = |after: i64| {
-            audit_log::sealed_after(
-                &self.0,
-                &plan.tenant_id,
-                after,
-                Some(plan.upto),
-                plan.range,
-                &plan.types,
-                EXPORT_BATCH,
-            )
+        // An unfiltered export reads the chain's sequence ranges, two at
+        // once; a filtered one pages by the last sequence it got, so a rare
+        // type is read through its index instead of range by range.
+        let state = &self.0;
+        let plan_ref = &plan;
+        let batches: futures::stream::BoxStream<
+            '_,
+            crate::error::Result<Vec<audit_log::AuditRow>>,
+        > = if plan.types.is_empty() && plan.range == (None, None) {
+            futures::stream::iter(audit_log::seq_ranges(0, plan.upto, EXPORT_BATCH))
+                .map(|(after, end)| {
+                    audit_log::sealed_after(
+                        state,
+                        &plan.tenant_id,
+                        after,
+                        Some(end),
+                        plan.range,
+                        &plan.types,
+                        EXPORT_BATCH,
+                    )
+                })
+                .buffered(audit_log::READERS)
+                .boxed()
+        } else {
+            futures::stream::try_unfold(Some(0), |after| async move {
+                let Some(after) = after else {
+                    return Ok(None);
+                };
+                let rows = audit_log::sealed_after(
+                    state,
+                    &plan_ref.tenant_id,
+                    after,
+                    Some(plan_ref.upto),
+                    plan_ref.range,
+                    &plan_ref.types,
+                    EXPORT_BATCH,
+                )
+                .await?;
+                let next = match rows.last() {
+                    Some(row) if u64::try_from(rows.len()).unwrap_or(0) >= EXPORT_BATCH => row.seq,
+                    _ => None,
+                };
+                Ok(Some((rows, next)))
+            })
+            .boxed()
         };
+        let mut batches = batches;
         let mut out = Formatted {
             csv: plan.csv,
             digest: digest::Context::new(&digest::SHA256),
@@ -161,27 +198,19 @@ impl AuditApi {
             out.buffer
                 .extend_from_slice(audit_log::CSV_HEADER.as_bytes());
         }
-        let mut rows = match read(0).await {
-            Ok(rows) => rows,
+        let mut batch = match batches.next().await.transpose() {
+            Ok(batch) => batch,
             Err(err) => {
                 let _ = tx.send(Err(err.into())).await;
                 return;
             }
         };
-        // Formatting (a blocking thread) and the next batch's read overlap;
-        // memory holds two batches and one batch's chunks at most.
-        loop {
-            let done = u64::try_from(rows.len()).unwrap_or(0) < EXPORT_BATCH;
-            let after = rows.last().and_then(|row| row.seq).unwrap_or(0);
+        // Formatting (a blocking thread) and the next batches' reads
+        // overlap; memory holds the batches in flight and one batch's
+        // chunks at most.
+        while let Some(rows) = batch {
             let format = tokio::task::spawn_blocking(move || out.format(&rows).map(|()| out));
-            let read_ahead = async {
-                if done {
-                    Ok(Vec::new())
-                } else {
-                    read(after).await
-                }
-            };
-            let (formatted, next) = tokio::join!(format, read_ahead);
+            let (formatted, next) = tokio::join!(format, batches.next());
             out = match formatted {
                 Ok(Ok(out)) => out,
                 Ok(Err(err)) => {
@@ -189,7 +218,9 @@ impl AuditApi {
                     return;
                 }
                 Err(err) => {
-                    let _ = tx.send(Err(crate::error::Error::internal(err).into())).await;
+                    let _ = tx
+                        .send(Err(crate::error::Error::internal(err).into()))
+                        .await;
                     return;
                 }
             };
@@ -201,11 +232,8 @@ impl AuditApi {
                     return;
                 }
             }
-            if done {
-                break;
-            }
-            rows = match next {
-                Ok(rows) => rows,
+            batch = match next.transpose() {
+                Ok(batch) => batch,
                 Err(err) => {
                     let _ = tx.send(Err(err.into())).await;
                     return;
