@@ -104,6 +104,10 @@ struct Args {
     /// The server's RUST_LOG.
     #[arg(long, default_value = "warn")]
     server_log: String,
+    /// A line of TOML added to every server's config, e.g.
+    /// `--server-config 'audit_group_overlap_min = 4'` (repeatable).
+    #[arg(long)]
+    server_config: Vec<String>,
     /// fairness: the per-tenant rate limit (calls per second, and burst).
     #[arg(long, default_value_t = 200)]
     tenant_limit: u32,
@@ -521,6 +525,7 @@ async fn run_backend(args: &Args, backend: Backend, binary: PathBuf) -> Result<(
         .unwrap_or_default();
     let mut spec = ServerSpec::new(binary, work_dir.path(), url)?;
     spec.log_filter = args.server_log.clone();
+    spec.extra_config = args.server_config.clone();
     // fairness runs on a server of its own, with a tenant limit, and so do
     // vault.slow_provider and flood.slow_body (the latter with the default
     // limits).

@@ -271,6 +271,9 @@ struct Session<'a> {
     db: DatabaseConnection,
     backlog: AuditBacklog,
     requester: String,
+    /// The receipt of the last level's full verification: the next level
+    /// verifies from it (what was seeded and written since).
+    receipt: std::sync::Mutex<Option<String>>,
 }
 
 async fn run_on(
@@ -284,6 +287,7 @@ async fn run_on(
     let url = database.url(&args.pg_options);
     let mut spec = ServerSpec::new(binary, work_dir, url.clone())?;
     spec.log_filter = args.server_log.clone();
+    spec.extra_config = args.server_config.clone();
     let mut server = ServerProcess::start(&spec, "primary").await?;
     let idle_rss = settle(&server).await?;
     let mut fixture = Fixture::set_up(&server).await?;
@@ -296,6 +300,7 @@ async fn run_on(
         db: Database::connect(&url).await?,
         backlog: AuditBacklog::connect(&url).await?,
         requester: fixture.requester.id.clone(),
+        receipt: std::sync::Mutex::new(None),
     };
     let rules = if args.scale_rules > 0 && !args.scale_seed_only {
         Some(measure_rules(&session, &fixture, &server).await?)
@@ -505,7 +510,12 @@ impl Session<'_> {
         };
         let actor = seeded_actor.unwrap_or_else(|| fixture.agent_id.clone());
         eprintln!("[scale {label}] audit reads");
-        audit_paths(
+        let previous = self
+            .receipt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let figures = audit_paths(
             &fixture.requester.admin,
             server,
             &AuditQueries {
@@ -513,8 +523,14 @@ impl Session<'_> {
                 actor,
                 rounds: self.args.scale_list_rounds,
             },
+            previous,
         )
-        .await
+        .await?;
+        *self
+            .receipt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(figures.receipt.clone());
+        Ok(figures)
     }
 }
 
@@ -638,6 +654,11 @@ pub struct AuditFigures {
     pub lists: Vec<ListFigures>,
     pub exports: Vec<ExportFigures>,
     pub verify: VerifyFigures,
+    /// From the previous level's receipt (what was written since).
+    pub since_previous: Option<VerifyFigures>,
+    /// From this level's own receipt, after the exports' two events.
+    pub since_own: VerifyFigures,
+    pub receipt: String,
 }
 
 pub struct ListFigures {
@@ -661,6 +682,7 @@ pub struct ExportFigures {
 pub struct VerifyFigures {
     pub checked: u64,
     pub elapsed: Duration,
+    pub receipt: String,
 }
 
 /// Every audit read, in turn, as `admin` (an admin of the tenant whose log
@@ -671,6 +693,7 @@ pub async fn audit_paths(
     admin: &VaultGuardClient,
     server: &ServerProcess,
     queries: &AuditQueries,
+    previous_receipt: Option<String>,
 ) -> Result<AuditFigures> {
     let page = Some(pb::PageRequest {
         page_size: PAGE_SIZE,
@@ -716,16 +739,47 @@ pub async fn audit_paths(
         };
         lists.push(list_latency(admin, name, request, queries.rounds).await?);
     }
+    let since_previous = match previous_receipt {
+        Some(receipt) => Some(
+            verify_chain(
+                admin,
+                pb::VerifyAuditChainRequest {
+                    since_receipt: receipt,
+                    ..Default::default()
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let verify = verify_chain(
+        admin,
+        pb::VerifyAuditChainRequest {
+            include_receipt: true,
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut exports = Vec::new();
     for format in [pb::ExportFormat::Csv, pb::ExportFormat::Ndjson] {
         exports.push(export(admin, server, format).await?);
     }
-    let verify = verify_chain(admin, pb::VerifyAuditChainRequest::default()).await?;
+    let since_own = verify_chain(
+        admin,
+        pb::VerifyAuditChainRequest {
+            since_receipt: verify.receipt.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     Ok(AuditFigures {
         hour: queries.hour,
         lists,
         exports,
+        receipt: verify.receipt.clone(),
         verify,
+        since_previous,
+        since_own,
     })
 }
 
@@ -829,6 +883,7 @@ pub async fn verify_chain(
     Ok(VerifyFigures {
         checked: answer.checked_count,
         elapsed,
+        receipt: answer.receipt,
     })
 }
 
@@ -2014,19 +2069,30 @@ fn print_audit(levels: &[Level]) {
             label.clear();
         }
     }
-    let mut label = "VerifyAuditChain (full)";
-    for (level, audit) in &audited {
-        let seconds = audit.verify.elapsed.as_secs_f64().max(f64::EPSILON);
-        println!(
-            "{:<26} {:<8} {:>12} {:>9} {:>8.1} {:>10.0}",
-            label,
-            level.label,
-            thousands(audit.verify.checked),
-            "-",
-            seconds,
-            audit.verify.checked as f64 / seconds
-        );
-        label = "";
+    let verifications: [(&str, fn(&AuditFigures) -> Option<&VerifyFigures>); 3] = [
+        ("VerifyAuditChain (full)", |audit| Some(&audit.verify)),
+        ("  since previous level", |audit| {
+            audit.since_previous.as_ref()
+        }),
+        ("  since own receipt", |audit| Some(&audit.since_own)),
+    ];
+    for (mut label, figures) in verifications {
+        for (level, audit) in &audited {
+            let Some(verify) = figures(audit) else {
+                continue;
+            };
+            let seconds = verify.elapsed.as_secs_f64().max(f64::EPSILON);
+            println!(
+                "{:<26} {:<8} {:>12} {:>9} {:>8.3} {:>10.0}",
+                label,
+                level.label,
+                thousands(verify.checked),
+                "-",
+                seconds,
+                verify.checked as f64 / seconds
+            );
+            label = "";
+        }
     }
 }
 

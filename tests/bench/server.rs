@@ -331,6 +331,8 @@ pub struct ServerSpec {
     /// Every limit at the server's defaults instead (`tenant_limit` is
     /// ignored): the overload scenarios measure the server as it ships.
     pub default_limits: bool,
+    /// TOML lines appended to the server's config (`--server-config`).
+    pub extra_config: Vec<String>,
 }
 
 impl ServerSpec {
@@ -345,6 +347,7 @@ impl ServerSpec {
             log_filter: "warn".to_owned(),
             tenant_limit: None,
             default_limits: false,
+            extra_config: Vec::new(),
         })
     }
 }
@@ -409,6 +412,10 @@ impl ServerProcess {
             database_url = spec.database_url,
             master_key = spec.master_key,
         );
+        let config = spec
+            .extra_config
+            .iter()
+            .fold(config, |config, line| format!("{config}{line}\n"));
         let config_path = spec.work_dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(spec.work_dir.join(format!("{name}.log")))?;
