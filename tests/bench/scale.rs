@@ -2069,7 +2069,8 @@ fn print_audit(levels: &[Level]) {
             label.clear();
         }
     }
-    let verifications: [(&str, fn(&AuditFigures) -> Option<&VerifyFigures>); 3] = [
+    type Pick = fn(&AuditFigures) -> Option<&VerifyFigures>;
+    let verifications: [(&str, Pick); 3] = [
         ("VerifyAuditChain (full)", |audit| Some(&audit.verify)),
         ("  since previous level", |audit| {
             audit.since_previous.as_ref()
