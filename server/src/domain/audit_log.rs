@@ -141,22 +141,28 @@ fn select_unsealed() -> String {
     )
 }
 
+/// The event columns of a row (selected as [`COLUMNS`] names them), with
+/// its row id `id`.
+fn event_of(row: &QueryResult, id: i64) -> Result<audit_event::Model> {
+    Ok(audit_event::Model {
+        id,
+        event_id: row.try_get("", "event_id")?,
+        tenant_id: row.try_get("", "tenant_id")?,
+        occurred_at: row.try_get("", "occurred_at")?,
+        actor_kind: row.try_get("", "actor_kind")?,
+        actor_subject: row.try_get("", "actor_subject")?,
+        actor_tenant_id: row.try_get("", "actor_tenant_id")?,
+        event_type: row.try_get("", "event_type")?,
+        subject_ids: row.try_get("", "subject_ids")?,
+        outcome: row.try_get("", "outcome")?,
+        request_id: row.try_get("", "request_id")?,
+        details: row.try_get("", "details")?,
+    })
+}
+
 fn row_of(row: &QueryResult) -> Result<AuditRow> {
     Ok(AuditRow {
-        event: audit_event::Model {
-            id: row.try_get("", "id")?,
-            event_id: row.try_get("", "event_id")?,
-            tenant_id: row.try_get("", "tenant_id")?,
-            occurred_at: row.try_get("", "occurred_at")?,
-            actor_kind: row.try_get("", "actor_kind")?,
-            actor_subject: row.try_get("", "actor_subject")?,
-            actor_tenant_id: row.try_get("", "actor_tenant_id")?,
-            event_type: row.try_get("", "event_type")?,
-            subject_ids: row.try_get("", "subject_ids")?,
-            outcome: row.try_get("", "outcome")?,
-            request_id: row.try_get("", "request_id")?,
-            details: row.try_get("", "details")?,
-        },
+        event: event_of(row, row.try_get("", "id")?)?,
         seq: row.try_get("", "seq")?,
         prev_hash: row.try_get("", "prev_hash")?,
         hash: row.try_get("", "hash")?,
@@ -711,20 +717,7 @@ async fn chain_rows(
     rows.iter()
         .map(|row| {
             let event = match row.try_get::<Option<i64>>("", "id")? {
-                Some(id) => Some(audit_event::Model {
-                    id,
-                    event_id: row.try_get("", "event_id")?,
-                    tenant_id: row.try_get("", "tenant_id")?,
-                    occurred_at: row.try_get("", "occurred_at")?,
-                    actor_kind: row.try_get("", "actor_kind")?,
-                    actor_subject: row.try_get("", "actor_subject")?,
-                    actor_tenant_id: row.try_get("", "actor_tenant_id")?,
-                    event_type: row.try_get("", "event_type")?,
-                    subject_ids: row.try_get("", "subject_ids")?,
-                    outcome: row.try_get("", "outcome")?,
-                    request_id: row.try_get("", "request_id")?,
-                    details: row.try_get("", "details")?,
-                }),
+                Some(id) => Some(event_of(row, id)?),
                 None => None,
             };
             Ok(ChainRow {
