@@ -19,8 +19,6 @@ use crate::state::AppState;
 use crate::store::entities::audit_event;
 use crate::validate;
 
-/// Rows read per round by tails, exports and verification.
-pub const BATCH: u64 = 1_000;
 /// Most event-type filters.
 const MAX_TYPES: usize = 32;
 
